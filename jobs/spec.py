@@ -1,0 +1,392 @@
+"""The training spec: defined once, shared by the launcher and the job.
+
+Importable without torch or the Kubernetes client. Every field is typed, has a
+default from ``docs/lora-training-guide.md`` where the guide gives one, and a
+description that the docs are written from. Unknown keys are errors, and
+:func:`load_spec` reports every problem at once, each with its field path and,
+for YAML files, its line.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from jobs.errors import Problem, SpecError
+
+#: A run name becomes a Job name, label values and an S3 key segment. 40 leaves
+#: room for the "-<hash>" suffix inside the 63-character label limit.
+RUN_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?$")
+ALL_LINEAR = "all-linear"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+def _check_uri(value: str, what: str, *, allow_hub: bool = False) -> str:
+    value = value.strip()
+    if not value:
+        raise ValueError(f"{what} is empty")
+    if value.startswith("s3://"):
+        rest = value[5:]
+        bucket = rest.split("/", 1)[0]
+        if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
+            raise ValueError(f"'{bucket}' is not a valid bucket name (3-63 lowercase letters, digits, '.', '-')")
+        if ".." in rest.split("/"):
+            raise ValueError("'..' is not allowed in an S3 key")
+        return value
+    if "://" in value and not value.startswith("file://"):
+        scheme = value.split("://", 1)[0]
+        raise ValueError(f"unsupported scheme '{scheme}://'; use s3://bucket/key or a local path")
+    if allow_hub and value.startswith("hf:"):
+        return value
+    return value
+
+
+class BaseModelSpec(_Strict):
+    uri: str = Field(description="Where the base model is: s3://bucket/prefix/ (a folder of safetensors + config + "
+                                 "tokenizer), a local path, or hf:org/name for clusters that can reach a model hub.")
+    max_context: int | None = Field(None, ge=16, description="Override the model's context length (rarely needed).")
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        return _check_uri(v, "base_model.uri", allow_hub=True)
+
+
+class DatasetSpec(_Strict):
+    train: str = Field(description="JSONL with {'instruction', 'output'} rows (optional 'input', 'persona'/'tone').")
+    validation: str | None = Field(None, description="Optional validation JSONL; else validation_split is used.")
+    validation_split: float = Field(0.1, ge=0.0, le=0.5, description="Fraction held out when no validation file.")
+
+    @field_validator("train", "validation")
+    @classmethod
+    def _uri(cls, v: str | None) -> str | None:
+        return None if v is None else _check_uri(v, "dataset path")
+
+
+class LoraSpec(_Strict):
+    rank: int = Field(16, ge=16, le=64, description="LoRA rank r (guide: 16-64).")
+    alpha: int = Field(16, ge=16, le=64, description="LoRA alpha (guide: 16-64).")
+    dropout: float = Field(0.05, ge=0.0, le=0.5, description="LoRA dropout (guide: 0.05).")
+    target_modules: Literal["all-linear"] | list[Annotated[str, Field(min_length=1)]] = Field(
+        ALL_LINEAR, description="'all-linear' or a list of module names such as [q_proj, v_proj].")
+    use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha/sqrt(r).")
+    use_dora: bool = Field(False, description="Weight-decomposed LoRA (slower; not with 4-bit).")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _targets(cls, v: Any) -> Any:
+        if isinstance(v, list) and not v:
+            raise ValueError("is empty; use 'all-linear' or name at least one module")
+        return v
+
+
+class TrainingSpec(_Strict):
+    epochs: int = Field(1, ge=1, le=3, description="Passes over the training data (guide: 1-3).")
+    learning_rate: float = Field(2e-4, ge=1e-4, le=2e-4, description="AdamW learning rate (guide: 1e-4 to 2e-4).")
+    weight_decay: float = Field(0.01, ge=0.0, le=0.1, description="AdamW weight decay (guide: 0.01).")
+    optimizer: Literal["adamw_torch", "adamw_torch_fused", "paged_adamw_8bit"] = Field(
+        "adamw_torch", description="An AdamW variant (guide: AdamW).")
+    per_device_batch_size: int = Field(4, ge=1, le=256, description="Micro-batch size per GPU.")
+    gradient_accumulation_steps: int | Literal["auto"] = Field(
+        "auto", description="'auto' aims at an effective batch of 16 (guide: 4-16).")
+    max_seq_length: int = Field(1024, ge=32, le=131072, description="Token cap per example; capped again by the "
+                                                                     "model's context length.")
+    packing: bool = Field(True, description="Pack examples into full rows (no padding); attention stays per example.")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 where the GPU "
+                                                                                   "supports it, else fp16, fp32 on CPU.")
+    seed: int = Field(42, ge=0, description="Seed for shuffling, splits and initialisation.")
+    warmup_ratio: float = Field(0.03, ge=0.0, le=0.5, description="Linear warm-up as a fraction of steps.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate schedule.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (for smoke runs).")
+    eval_interval_steps: int = Field(50, ge=1, description="Validation loss every N optimizer steps.")
+    early_stopping_patience: int | None = Field(3, ge=1, description="Stop after N evaluations without a better "
+                                                                      "validation loss; null turns it off.")
+    checkpoint_interval_steps: int = Field(50, ge=1, description="Checkpoint to object storage every N steps.")
+    gradient_checkpointing: bool | Literal["auto"] = Field("auto", description="auto: on when memory is tight.")
+    logging_interval_steps: int = Field(1, ge=1, description="Progress line every N optimizer steps.")
+
+    @field_validator("gradient_accumulation_steps")
+    @classmethod
+    def _ga(cls, v: Any) -> Any:
+        if isinstance(v, int) and not 1 <= v <= 256:
+            raise ValueError("must be between 1 and 256, or 'auto'")
+        return v
+
+    def accumulation_for(self, world_size: int = 1) -> int:
+        """Gradient accumulation steps; 'auto' aims at an effective batch of 16."""
+        if self.gradient_accumulation_steps != "auto":
+            return int(self.gradient_accumulation_steps)
+        per_step = self.per_device_batch_size * max(1, world_size)
+        return max(1, 16 // per_step)
+
+
+class DataRules(_Strict):
+    """The golden rules of data preparation; each switchable."""
+
+    strip_boilerplate: bool = Field(True, description="Remove 'As an AI…' boilerplate and disclaimers.")
+    remove_urls: bool = Field(True, description="Remove URLs from outputs (kept when a row is about the URL).")
+    long_sentences: Literal["flag", "trim", "drop", "off"] = Field(
+        "flag", description="Sentences over max_sentence_words: flag in the report, trim them, or drop the row.")
+    max_sentence_words: int = Field(28, ge=5, le=200, description="Guide: sentences of at most 28 words.")
+    dedup_exact: bool = Field(True, description="Drop exact duplicates (after normalising case and spaces).")
+    dedup_near: bool = Field(True, description="Drop near-duplicates (MinHash LSH).")
+    near_dup_threshold: float = Field(0.85, gt=0.0, le=1.0, description="Jaccard similarity counted as near-dup.")
+    pii: Literal["redact", "drop", "off"] = Field("redact", description="Emails, phones, card and ID numbers in "
+                                                                        "outputs: redact, drop the row, or off.")
+    balance: bool = Field(True, description="Cap each persona/tone at max_group_share of the rows.")
+    balance_field: str = Field("persona", description="Row field naming the persona or tone ('tone' also read).")
+    max_group_share: float = Field(0.5, gt=0.0, le=1.0, description="Largest share one persona may keep.")
+    min_rows: int = Field(8, ge=1, description="Fewer valid rows than this fails the run (bad data).")
+    max_output_words: int | None = Field(None, ge=1, description="Drop rows whose output is longer (concise outputs).")
+
+
+class LengthBands(_Strict):
+    short: tuple[int, int] = Field((1, 40), description="Word range of a short answer.")
+    medium: tuple[int, int] = Field((41, 120), description="Word range of a medium answer.")
+    long: tuple[int, int] = Field((121, 400), description="Word range of a long answer.")
+
+
+class EvalPrompt(_Strict):
+    prompt: str = Field(min_length=1)
+    band: Literal["short", "medium", "long"] | None = Field(None, description="Expected length band.")
+    reference: str | None = Field(None, description="Expected facts, compared for faithfulness.")
+
+
+class EvalSpec(_Strict):
+    enabled: bool = True
+    prompts: str | list[EvalPrompt] | None = Field(
+        None, description="A JSONL file of {prompt, band?, reference?} or an inline list; default: the first "
+                          "validation instructions.")
+    num_prompts: int = Field(8, ge=0, le=512, description="How many prompts to generate for when none are given.")
+    temperature: float = Field(0.3, ge=0.0, le=2.0, description="Guide: 0.2-0.4.")
+    top_p: float = Field(0.9, gt=0.0, le=1.0, description="Guide: 0.9.")
+    top_k: int = Field(40, ge=0, description="Guide: 40.")
+    max_new_tokens: int = Field(128, ge=1, le=4096)
+    length_bands: LengthBands = Field(default_factory=LengthBands)
+
+
+class MergeSpec(_Strict):
+    enabled: bool = Field(True, description="Also publish the adapter merged into the base model.")
+    dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="dtype of the merged weights.")
+    tolerance: float = Field(1e-3, gt=0.0, description="Max |logit| difference allowed between merged and "
+                                                       "base+adapter, relative to the logit scale.")
+
+
+class ResourcesSpec(_Strict):
+    """What the Job asks of the cluster. The only pod settings a spec controls."""
+
+    gpus: int = Field(1, ge=0, le=16, description="GPUs for the one training pod.")
+    cpu: str = Field("4", pattern=r"^\d+(\.\d+)?m?$", description="CPU request, e.g. '8' or '500m'.")
+    memory: str = Field("32Gi", pattern=r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$", description="Memory request.")
+    scratch: str = Field("100Gi", pattern=r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$",
+                         description="Scratch volume size (data, base model, checkpoints).")
+    timeout_hours: float = Field(24, gt=0, le=720, description="activeDeadlineSeconds of the Job.")
+    retries: int = Field(3, ge=0, le=20, description="backoffLimit: retries of transient failures.")
+    priority_class: str | None = Field(None, description="PriorityClass name for the pod.")
+
+
+class Quantization(_Strict):
+    mode: Literal["none", "8bit", "4bit"] = Field("none", description="4bit = QLoRA with NF4 via bitsandbytes.")
+    double_quant: bool = Field(True, description="Nested quantisation of the 4-bit scales.")
+
+
+class TrainingRunSpec(_Strict):
+    """One training run: the whole of a spec file."""
+
+    name: str = Field(description="Run name: lowercase letters, digits and '-', at most 40 characters.")
+    base_model: BaseModelSpec
+    dataset: DatasetSpec
+    output: str = Field(description="Prefix under which versions are published: s3://bucket/prefix or a folder.")
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    quantization: Quantization = Field(default_factory=Quantization)
+    training: TrainingSpec = Field(default_factory=TrainingSpec)
+    data: DataRules = Field(default_factory=DataRules)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    merge: MergeSpec = Field(default_factory=MergeSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    labels: dict[Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9_.]{0,61}[a-z0-9])?$")],
+                 Annotated[str, Field(pattern=r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")]] = Field(
+        default_factory=dict, description="Extra labels for the Job (team, project).")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not RUN_NAME_RE.match(v):
+            raise ValueError(f"'{v}' is not a valid run name: use lowercase letters, digits and '-', "
+                             "start and end with a letter or digit, at most 40 characters")
+        return v
+
+    @field_validator("output")
+    @classmethod
+    def _output(cls, v: str) -> str:
+        return _check_uri(v, "output").rstrip("/")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainingRunSpec":
+        if self.quantization.mode == "4bit" and self.lora.use_dora:
+            raise ValueError("lora.use_dora cannot be combined with quantization.mode 4bit; turn one off")
+        if self.quantization.mode != "none" and self.resources.gpus == 0:
+            raise ValueError("quantization needs a GPU: set resources.gpus >= 1 or quantization.mode: none")
+        return self
+
+    def spec_hash(self) -> str:
+        """Content hash of the spec (defaults filled in): same spec, same run."""
+        canon = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canon.encode()).hexdigest()[:10]
+
+
+# ---------------------------------------------------------------------------- loading
+
+_FIXES = {
+    "extra_forbidden": "remove it, or check its spelling against `launcher validate --explain`",
+    "missing": "add it",
+    "greater_than_equal": None,
+    "less_than_equal": None,
+}
+
+
+def _yaml_lines(text: str) -> dict[tuple, int]:
+    """Map field paths to 1-based line numbers in a YAML document."""
+    import yaml
+
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return {}
+    out: dict[tuple, int] = {}
+
+    def walk(node, path):
+        out[path] = node.start_mark.line + 1
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = k.value
+                out[path + (key,)] = k.start_mark.line + 1
+                walk(v, path + (key,)) if not isinstance(v, yaml.ScalarNode) else None
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                out[path + (i,)] = v.start_mark.line + 1
+                walk(v, path + (i,))
+
+    if root is not None:
+        walk(root, ())
+    return out
+
+
+def problems_from_validation(err: ValidationError, lines: dict[tuple, int] | None = None) -> list[Problem]:
+    lines = lines or {}
+    problems = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p in ("function-after", "literal")))
+        # pydantic puts union branches in the location ("str", "list[...]"): drop them.
+        loc = tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p in ("str", "int", "bool"))))
+        where = ".".join(str(p) for p in loc) or "(spec)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        fix = _FIXES.get(e["type"])
+        line = None
+        for n in range(len(loc), -1, -1):
+            if loc[:n] in lines:
+                line = lines[loc[:n]]
+                break
+        problems.append(Problem(where=where, message=msg, fix=fix, line=line))
+    # The same location can fail in several union branches; keep the first.
+    seen, unique = set(), []
+    for p in problems:
+        if p.where not in seen:
+            seen.add(p.where)
+            unique.append(p)
+    return unique
+
+
+def parse_spec(data: Any, *, source: str | None = None, lines: dict[tuple, int] | None = None) -> TrainingRunSpec:
+    """Validate a parsed spec; raise :class:`SpecError` listing every problem."""
+    if not isinstance(data, dict):
+        got = "an empty file" if data is None else f"a {type(data).__name__}"
+        raise SpecError([Problem("(spec)", f"expected a mapping of fields, got {got}",
+                                 "start from examples/spec.yaml")], source)
+    try:
+        return TrainingRunSpec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(problems_from_validation(err, lines), source) from None
+
+
+def load_spec_text(text: str, source: str | None = None) -> TrainingRunSpec:
+    import yaml
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = mark.line + 1 if mark else None
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise SpecError([Problem(f"line {line}" if line else "(yaml)", f"not valid YAML: {problem}",
+                                 "check indentation and quoting on that line")], source) from None
+    return parse_spec(data, source=source, lines=_yaml_lines(text))
+
+
+def load_spec(path: str | Path) -> TrainingRunSpec:
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise SpecError([Problem(str(p), "file not found", "check the path")]) from None
+    except UnicodeDecodeError as err:
+        raise SpecError([Problem(str(p), f"not UTF-8 text (byte {err.start})", "save the spec as UTF-8")]) from None
+    except OSError as err:
+        raise SpecError([Problem(str(p), f"cannot be read: {err.strerror}", "check permissions")]) from None
+    return load_spec_text(text, source=str(p))
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``key.path=value`` overrides (values parsed as YAML scalars) to a raw spec mapping."""
+    import copy
+
+    import yaml
+
+    data = copy.deepcopy(data) if isinstance(data, dict) else {}
+    problems = []
+    for item in overrides:
+        if "=" not in item:
+            problems.append(Problem(f"--set {item}", "expected key.path=value", "e.g. --set training.epochs=2"))
+            continue
+        key, raw = item.split("=", 1)
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            problems.append(Problem(f"--set {item}", "empty key", "e.g. --set training.epochs=2"))
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict):
+                node[p] = {}
+            node = node[p]
+        node[parts[-1]] = value
+    if problems:
+        raise SpecError(problems)
+    return data
+
+
+def field_docs(model: type[BaseModel] = TrainingRunSpec, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(path, default, description) for every field: the reference that docs and --explain print."""
+    rows = []
+    for name, f in model.model_fields.items():
+        path = f"{prefix}{name}"
+        ann = f.annotation
+        sub = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if sub is not None:
+            rows.extend(field_docs(sub, path + "."))
+            continue
+        default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))
+        rows.append((path, default, f.description or ""))
+    return rows

@@ -1,0 +1,272 @@
+"""The one storage module: S3-compatible object stores and local folders behind one interface.
+
+``s3://bucket/key`` goes to boto3, configured only from the standard AWS
+environment variables (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+``AWS_ENDPOINT_URL``, ``AWS_REGION``), so any S3 endpoint works. Anything else is
+a local folder, which is what ``make demo`` uses. boto3 is imported lazily.
+
+Errors name the bucket and key and never a credential: access denied and not
+found raise :class:`StorageError` (never retried); 5xx, throttling and
+connection failures are retried with backoff and then raise :class:`TransientError`.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from jobs.errors import StorageError, TransientError
+
+_PERMANENT = {"AccessDenied", "403", "NoSuchBucket", "NoSuchKey", "404", "NotFound", "InvalidAccessKeyId",
+              "SignatureDoesNotMatch", "InvalidBucketName", "AllAccessDisabled", "AccountProblem"}
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+
+
+def parse_uri(uri: str) -> tuple[str, str, str]:
+    """('s3', bucket, key) or ('file', '', absolute-path)."""
+    if uri.startswith("s3://"):
+        rest = uri[5:]
+        bucket, _, key = rest.partition("/")
+        return "s3", bucket, key
+    if uri.startswith("file://"):
+        uri = uri[7:]
+    return "file", "", str(Path(uri).expanduser().resolve())
+
+
+def join(*parts: str) -> str:
+    return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
+
+
+class LocalStore:
+    """A folder that behaves like a bucket: keys are relative paths."""
+
+    def __init__(self, root: str):
+        self.root = Path(root)
+        self.label = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        p = (self.root / key).resolve()
+        if self.root.resolve() not in (p, *p.parents):
+            raise StorageError(f"key '{key}' escapes the store root {self.root}")
+        return p
+
+    def put_file(self, path: str | Path, key: str) -> None:
+        dest = self._path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".part")
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, dest)
+
+    def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None:
+        dest = self._path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(dest.name + ".part")
+        tmp.write_bytes(data)
+        os.replace(tmp, dest)
+
+    def get_file(self, key: str, dest: str | Path) -> None:
+        src = self._path(key)
+        if not src.is_file():
+            raise StorageError(f"{self.root}/{key} not found", hint="check the path in the spec")
+        Path(dest).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dest)
+
+    def get_bytes(self, key: str) -> bytes:
+        src = self._path(key)
+        if not src.is_file():
+            raise StorageError(f"{self.root}/{key} not found", hint="check the path in the spec")
+        return src.read_bytes()
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        base = self._path(prefix) if prefix else self.root
+        if base.is_file():
+            return [ObjectInfo(prefix, base.stat().st_size)]
+        if not base.is_dir():
+            return []
+        out = []
+        for p in sorted(base.rglob("*")):
+            if p.is_file() and not p.name.endswith(".part"):
+                out.append(ObjectInfo(str(p.relative_to(self.root)), p.stat().st_size))
+        return out
+
+    def list_dirs(self, prefix: str = "") -> list[str]:
+        base = self._path(prefix) if prefix else self.root
+        if not base.is_dir():
+            return []
+        return sorted(p.name for p in base.iterdir() if p.is_dir())
+
+
+class S3Store:
+    """One bucket on an S3-compatible endpoint."""
+
+    def __init__(self, bucket: str, client=None):
+        self.bucket = bucket
+        self.label = f"s3://{bucket}"
+        self._client = client
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = make_s3_client()
+        return self._client
+
+    # -- error mapping
+    def _call(self, what: str, key: str, fn, *args, **kwargs):
+        from botocore.exceptions import (BotoCoreError, ClientError, ConnectionClosedError,
+                                         EndpointConnectionError, NoCredentialsError, ReadTimeoutError)
+        delay, attempts = 1.0, int(os.environ.get("LORA_JOBS_S3_ATTEMPTS", "6"))
+        where = f"s3://{self.bucket}/{key}"
+        for attempt in range(1, attempts + 1):
+            try:
+                return fn(*args, **kwargs)
+            except NoCredentialsError:
+                raise StorageError(f"no S3 credentials to {what} {where}",
+                                   hint="set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (in a pod: the "
+                                        "credentials Secret)") from None
+            except ClientError as err:
+                code = str(err.response.get("Error", {}).get("Code", ""))
+                status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+                if code in _PERMANENT or status in (400, 401, 403, 404):
+                    raise StorageError(f"cannot {what} {where}: {_explain(code, status)}",
+                                       hint=_fix_for(code, status)) from None
+                last = f"{code or status}"
+            except (EndpointConnectionError, ConnectionClosedError, ReadTimeoutError, BotoCoreError) as err:
+                last = type(err).__name__
+            if attempt < attempts:
+                time.sleep(delay)
+                delay = min(delay * 2, 20.0)
+        raise TransientError(f"cannot {what} {where}: storage unavailable ({last}) after {attempts} attempts",
+                             hint="check that the S3 endpoint is up; the Job retries transient failures")
+
+    def put_file(self, path: str | Path, key: str) -> None:
+        self._call("upload to", key, self.client.upload_file, str(path), self.bucket, key)
+
+    def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None:
+        extra = {"ContentType": content_type} if content_type else {}
+        self._call("write", key, self.client.put_object, Bucket=self.bucket, Key=key, Body=data, **extra)
+
+    def get_file(self, key: str, dest: str | Path) -> None:
+        Path(dest).parent.mkdir(parents=True, exist_ok=True)
+        tmp = f"{dest}.part"
+        self._call("download", key, self.client.download_file, self.bucket, key, tmp)
+        os.replace(tmp, dest)
+
+    def get_bytes(self, key: str) -> bytes:
+        resp = self._call("read", key, self.client.get_object, Bucket=self.bucket, Key=key)
+        return resp["Body"].read()
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=key)
+            return True
+        except ClientError as err:
+            status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            if status == 404:
+                return False
+            self._call("check", key, self.client.head_object, Bucket=self.bucket, Key=key)
+            return True
+
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        def run():
+            out = []
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+                out.extend(ObjectInfo(o["Key"], o["Size"]) for o in page.get("Contents", []))
+            return out
+        return self._call("list", prefix, run)
+
+    def list_dirs(self, prefix: str = "") -> list[str]:
+        pre = prefix.rstrip("/") + "/" if prefix else ""
+
+        def run():
+            out = []
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                    Bucket=self.bucket, Prefix=pre, Delimiter="/"):
+                out.extend(p["Prefix"][len(pre):].rstrip("/") for p in page.get("CommonPrefixes", []))
+            return sorted(out)
+        return self._call("list", pre, run)
+
+
+def _explain(code: str, status: int) -> str:
+    if code in ("NoSuchBucket",):
+        return "the bucket does not exist"
+    if code in ("NoSuchKey", "404", "NotFound") or status == 404:
+        return "no such object"
+    if code in ("InvalidAccessKeyId",):
+        return "the access key is not known to the endpoint"
+    if code in ("SignatureDoesNotMatch",):
+        return "the secret key does not match the access key"
+    return "access denied" if status in (401, 403) or code == "AccessDenied" else f"refused ({code or status})"
+
+
+def _fix_for(code: str, status: int) -> str:
+    if code == "NoSuchBucket":
+        return "create the bucket or fix the bucket name in the spec"
+    if code in ("NoSuchKey", "404", "NotFound") or status == 404:
+        return "check the key in the spec; `aws s3 ls` the prefix to see what is there"
+    if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch"):
+        return "check the credentials Secret (keys AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY)"
+    return "grant the credentials read/write on this bucket and prefix"
+
+
+def make_s3_client():
+    """A boto3 S3 client from the standard AWS environment; path-style for MinIO and friends."""
+    import boto3
+    from botocore.config import Config
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+    cfg = Config(s3={"addressing_style": "path"}, retries={"max_attempts": 3, "mode": "standard"},
+                 connect_timeout=10, read_timeout=120, max_pool_connections=32,
+                 # checksum-on-every-request is not supported by every S3-compatible server
+                 request_checksum_calculation="when_required", response_checksum_validation="when_required")
+    return boto3.client("s3", endpoint_url=endpoint, region_name=os.environ.get("AWS_REGION", "us-east-1"),
+                        config=cfg)
+
+
+def open_store(uri: str):
+    """(store, key_prefix) for an s3:// URI or a local path."""
+    scheme, bucket, key = parse_uri(uri)
+    if scheme == "s3":
+        return S3Store(bucket), key.strip("/")
+    return LocalStore(key), ""
+
+
+def download_prefix(store, prefix: str, dest: str | Path, workers: int = 8) -> list[Path]:
+    """Download every object under ``prefix`` into ``dest`` (keys relative to the prefix)."""
+    objs = [o for o in store.list(prefix) if not o.key.endswith("/")]
+    if not objs:
+        raise StorageError(f"nothing found under {store.label}/{prefix}", hint="check the path in the spec")
+    dest = Path(dest)
+    pre = prefix.strip("/")
+
+    def one(o: ObjectInfo) -> Path:
+        rel = o.key[len(pre):].lstrip("/") if pre and o.key != pre else Path(o.key).name
+        target = dest / rel
+        store.get_file(o.key, target)
+        return target
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(one, objs))
+
+
+def upload_dir(store, src: str | Path, prefix: str, files: Iterable[Path] | None = None, workers: int = 8) -> None:
+    src = Path(src)
+    files = list(files) if files is not None else sorted(p for p in src.rglob("*") if p.is_file())
+
+    def one(p: Path) -> None:
+        store.put_file(p, join(prefix, str(p.relative_to(src))))
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(one, files))
