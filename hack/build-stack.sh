@@ -23,59 +23,55 @@ build_go() {  # build_go PIECE VERSION -- go-install-args...
   touch "$dest/.complete"
 }
 
-build_kube() {
-  # k8s.io/kubernetes pins its staging modules with replace => ./staging, which
-  # 'go install pkg@version' refuses. A wrapper module replaces each of them with
-  # the published v0.X.Y of the same release instead.
-  local dest; dest=$(piece_dir kube "$KUBE_VERSION")
+build_wrapped() {
+  # build_wrapped PIECE VERSION MODULE DEP_VERSION LDFLAGS PKG...
+  # Modules like k8s.io/kubernetes and etcd's server pin their sibling modules with
+  # `replace => ./staging/...` or `=> ../api`, which `go install pkg@version` refuses.
+  # A wrapper module replaces each such sibling with its published release instead.
+  local piece=$1 version=$2 module=$3 dep_version=$4 ldflags=$5; shift 5
+  local dest; dest=$(piece_dir "$piece" "$version")
   if [ -f "$dest/.complete" ]; then return 0; fi
-  local log="$STACK_LOGS/build-kube.log" work="$STACK_CACHE/src/kube-wrapper-$KUBE_VERSION"
-  say "building kube-apiserver, kube-controller-manager, kube-scheduler $KUBE_VERSION (log: $log; the longest step, ~15-20 min on 2 cores)"
+  local log="$STACK_LOGS/build-$piece.log" work="$STACK_CACHE/src/$piece-wrapper-$version"
+  say "building $piece $version: $* (log: $log)"
   rm -rf "$dest" "$work"; mkdir -p "$dest/bin" "$work"
-  local staging="v0.${KUBE_VERSION#v1.}"
   (
     set -e
     cd "$work"
-    go mod init local/kube-wrapper
-    go mod download -json "k8s.io/kubernetes@$KUBE_VERSION" > kube.json
-    local kdir; kdir=$(sed -n 's/.*"Dir": "\(.*\)".*/\1/p' kube.json)
+    go mod init "local/$piece-wrapper"
+    go mod download -json "$module@$version" > module.json
+    local mdir; mdir=$(sed -n 's/.*"Dir": "\(.*\)".*/\1/p' module.json)
     {
-      echo "require k8s.io/kubernetes $KUBE_VERSION"
+      echo "require $module $version"
       echo "replace ("
-      sed -n 's#^\s*\(k8s.io/[a-z0-9-]*\) => ./staging/src/.*#\t\1 => \1 '"$staging"'#p' "$kdir/go.mod"
+      sed -n 's#^[[:space:]]*\(replace[[:space:]]*\)\{0,1\}\([a-z0-9./-]*\)[[:space:]]*=>[[:space:]]*\.\{1,2\}/.*#\t\2 => \2 '"$dep_version"'#p' <(grep -v FORBIDDEN "$mdir/go.mod")
       echo ")"
     } >> go.mod
-    cat > tools.go <<'EOF'
-//go:build tools
-
-package tools
-
-import (
-	_ "k8s.io/kubernetes/cmd/kube-apiserver"
-	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
-	_ "k8s.io/kubernetes/cmd/kube-scheduler"
-)
-EOF
+    { echo "//go:build tools"; echo; echo "package tools"; echo; echo "import ("
+      for p in "$@"; do echo "	_ \"$p\""; done; echo ")"; } > tools.go
     go mod tidy -e
-    local v="k8s.io/component-base/version" cv="k8s.io/client-go/pkg/version"
-    local minor=${KUBE_VERSION#v1.}; minor=${minor%%.*}
-    local ld="-s -w"
-    for p in "$v" "$cv"; do
-      ld="$ld -X $p.gitVersion=$KUBE_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor -X $p.gitTreeState=clean -X $p.buildDate=1970-01-01T00:00:00Z"
-    done
-    CGO_ENABLED=0 GOBIN="$dest/bin" go install -trimpath -ldflags "$ld" \
-      k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kube-scheduler
-  ) >"$log" 2>&1 || fail "kubernetes $KUBE_VERSION did not build" "$log" \
-      "the wrapper module in $work pins staging modules to $staging; if 'go mod tidy' complains of one, it is missing from k8s.io/kubernetes's go.mod replace list"
+    CGO_ENABLED=0 GOBIN="$dest/bin" go install -trimpath -ldflags "$ldflags" "$@"
+  ) >"$log" 2>&1 || fail "$piece $version did not build" "$log" \
+      "the wrapper module in $work pins sibling modules to $dep_version; if 'go mod tidy' names one, it is missing from $module's replace list"
   touch "$dest/.complete"
+}
+
+kube_ldflags() {
+  # Version ldflags so /version reports the real release, as upstream builds do.
+  local minor=${KUBE_VERSION#v1.}; minor=${minor%%.*}
+  local ld="-s -w" p
+  for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ld="$ld -X $p.gitVersion=$KUBE_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$minor -X $p.gitTreeState=clean -X $p.buildDate=1970-01-01T00:00:00Z"
+  done
+  echo "$ld"
 }
 
 pieces=("$@")
 [ ${#pieces[@]} -gt 0 ] || pieces=(helm kwok etcd minio kube)
 for piece in "${pieces[@]}"; do
   case $piece in
-    kube) build_kube ;;
-    etcd) build_go etcd "$ETCD_VERSION" -- go install -trimpath -ldflags "-s -w" "go.etcd.io/etcd/server/v3@$ETCD_VERSION" ;;
+    kube) build_wrapped kube "$KUBE_VERSION" k8s.io/kubernetes "v0.${KUBE_VERSION#v1.}" "$(kube_ldflags)" \
+            k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kube-scheduler ;;
+    etcd) build_wrapped etcd "$ETCD_VERSION" go.etcd.io/etcd/server/v3 "$ETCD_VERSION" "-s -w" go.etcd.io/etcd/server/v3 ;;
     kwok) build_go kwok "$KWOK_VERSION" -- go install -trimpath -ldflags "-s -w" "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION" ;;
     helm) build_go helm "$HELM_VERSION" -- go install -trimpath -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" ;;
     minio) build_go minio "$MINIO_VERSION" -- go install -trimpath -ldflags "-s -w" "github.com/minio/minio@$MINIO_VERSION" ;;

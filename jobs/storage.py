@@ -89,6 +89,11 @@ class LocalStore:
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
+    def delete(self, key: str) -> None:
+        p = self._path(key)
+        if p.is_file():
+            p.unlink()
+
     def list(self, prefix: str = "") -> list[ObjectInfo]:
         base = self._path(prefix) if prefix else self.root
         if base.is_file():
@@ -166,6 +171,9 @@ class S3Store:
     def get_bytes(self, key: str) -> bytes:
         resp = self._call("read", key, self.client.get_object, Bucket=self.bucket, Key=key)
         return resp["Body"].read()
+
+    def delete(self, key: str) -> None:
+        self._call("delete", key, self.client.delete_object, Bucket=self.bucket, Key=key)
 
     def exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError

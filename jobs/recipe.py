@@ -1,0 +1,277 @@
+"""The job as one linear recipe: fetch → prepare → train → evaluate → merge → publish.
+
+Each stage is a function with plain inputs and outputs, so a test can run one alone.
+``run`` strings them together; ``jobs.__main__`` maps what it raises onto exit codes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from jobs import __version__
+from jobs.errors import DataError, Preempted, SpecError, Problem, StorageError
+from jobs.spec import TrainingRunSpec
+from jobs.storage import download_prefix, join, open_store, parse_uri
+
+log = logging.getLogger("jobs")
+
+
+class Stage:
+    """The stage now running, for logs and the termination message."""
+
+    name = "setup"
+
+
+def _stage(name: str) -> None:
+    Stage.name = name
+    log.info("── %s", name)
+
+
+# ----------------------------------------------------------------------------- fetch
+
+@dataclass
+class Fetched:
+    base_model_dir: str  # a local folder, or a hub id for hf:
+    base_model_hash: str | None
+    train_bytes: bytes
+    validation_bytes: bytes | None
+    eval_prompts_bytes: bytes | None
+
+
+def _read_object(uri: str, what: str) -> bytes:
+    store, key = open_store(uri)
+    if parse_uri(uri)[0] == "file":
+        p = Path(parse_uri(uri)[2])
+        if not p.is_file():
+            raise StorageError(f"{what} {p} not found", hint=f"check {what} in the spec")
+        return p.read_bytes()
+    return store.get_bytes(key)
+
+
+def _check_space(folder: Path, need: int, what: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if need > free * 0.98:
+        raise SpecError([Problem("resources.scratch",
+                                 f"the scratch volume at {folder} has {free / 2**30:.1f} GiB free but {what} "
+                                 f"needs {need / 2**30:.1f} GiB",
+                                 f"raise resources.scratch to at least {int(need * 1.5 / 2**30) + 1}Gi")])
+
+
+def fetch(spec: TrainingRunSpec, workdir: Path) -> Fetched:
+    from jobs.modelio import hash_dir
+
+    uri = spec.base_model.uri
+    if uri.startswith("hf:"):
+        base_dir, base_hash = uri[3:], None
+    elif uri.startswith("s3://"):
+        store, prefix = open_store(uri)
+        prefix = prefix.rstrip("/") + "/"
+        dest = workdir / "base-model"
+        objs = store.list(prefix)
+        if not objs:
+            raise StorageError(f"no base model under {uri}", hint="upload the model folder there or fix base_model.uri")
+        _check_space(workdir, sum(o.size for o in objs), f"the base model ({len(objs)} files)")
+        t0 = time.perf_counter()
+        download_prefix(store, prefix, dest, workers=16)
+        size = sum(o.size for o in objs)
+        log.info("downloaded base model: %d files, %.1f MiB in %.1fs", len(objs), size / 2**20,
+                 time.perf_counter() - t0)
+        base_dir, base_hash = str(dest), hash_dir(dest)
+    else:
+        p = Path(parse_uri(uri)[2])
+        if not (p / "config.json").is_file():
+            raise StorageError(f"base model folder {p} has no config.json", hint="point base_model.uri at a "
+                               "transformers model folder")
+        base_dir, base_hash = str(p), hash_dir(p)
+    train = _read_object(spec.dataset.train, "dataset.train")
+    val = _read_object(spec.dataset.validation, "dataset.validation") if spec.dataset.validation else None
+    prompts = None
+    if isinstance(spec.eval.prompts, str):
+        prompts = _read_object(spec.eval.prompts, "eval.prompts")
+    return Fetched(base_dir, base_hash, train, val, prompts)
+
+
+# --------------------------------------------------------------------------- prepare
+
+@dataclass
+class Prepared:
+    train_rows: list
+    val_rows: list
+    report: dict
+
+
+def prepare(spec: TrainingRunSpec, fetched: Fetched) -> Prepared:
+    from jobs import dataprep
+
+    prep = dataprep.prepare(fetched.train_bytes, spec.data, seed=spec.training.seed)
+    report = {"train": prep.report}
+    if fetched.validation_bytes is not None:
+        vprep = dataprep.prepare(fetched.validation_bytes, spec.data.model_copy(update={"min_rows": 1}),
+                                 seed=spec.training.seed)
+        train_rows, val_rows = prep.rows, vprep.rows
+        report["validation"] = vprep.report
+    else:
+        train_rows, val_rows = dataprep.split_validation(prep.rows, spec.dataset.validation_split,
+                                                         spec.training.seed)
+    report["split"] = {"train_rows": len(train_rows), "validation_rows": len(val_rows)}
+    log.info("data: %d lines, %d valid, %d kept → %d train / %d validation", prep.report["total_lines"],
+             prep.report["valid_rows"], prep.report["kept_rows"], len(train_rows), len(val_rows))
+    return Prepared(train_rows, val_rows, report)
+
+
+# ------------------------------------------------------------------------------ run
+
+class _StopFlag:
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self) -> bool:
+        return self.requested
+
+
+def run(spec: TrainingRunSpec, workdir: Path, *, run_id: str | None = None, image: str | None = None) -> dict:
+    """Run every stage; return the summary that is also written as metadata.json."""
+    import torch
+
+    from jobs import evaluate as ev
+    from jobs import fastpath
+    from jobs.merge import merge_and_check, merge_dtype
+    from jobs.modelio import load_model, load_tokenizer, model_context_length, resolve_precision
+    from jobs.publish import publish_version
+    from jobs.train import Checkpoints, encode_rows, evaluate_loss, train, wrap_lora
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    stop = _StopFlag()
+
+    def on_sigterm(signum, frame):
+        log.warning("SIGTERM received: finishing this step, then checkpointing and exiting for a retry")
+        stop.requested = True
+        if Stage.name != "train":
+            raise Preempted(f"stopped by SIGTERM during {Stage.name}", hint="the Job retries this run")
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    started = time.time()
+
+    _stage("fetch")
+    fetched = fetch(spec, workdir)
+
+    _stage("prepare")
+    prepared = prepare(spec, fetched)
+
+    _stage("load")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = resolve_precision(spec.training.precision, device)
+    tok = load_tokenizer(fetched.base_model_dir)
+    model = load_model(fetched.base_model_dir, precision=precision, quantization=spec.quantization.mode,
+                       device=device, double_quant=spec.quantization.double_quant)
+    ctx = spec.base_model.max_context or model_context_length(model.config) or spec.training.max_seq_length
+    max_len = min(spec.training.max_seq_length, ctx)
+    plan = fastpath.plan(model.config, spec.training, device)
+    if spec.training.gradient_checkpointing != "auto":
+        plan.gradient_checkpointing = bool(spec.training.gradient_checkpointing)
+    tokens_per_mb = max(plan.tokens_per_micro_batch, max_len)
+    plan.tokens_per_micro_batch = tokens_per_mb
+    log.info("device %s, precision %s, quantization %s, max length %d, plan: %s", device, precision,
+             spec.quantization.mode, max_len, "; ".join(plan.notes) or plan)
+    train_ex, too_long = encode_rows(tok, prepared.train_rows, max_len)
+    val_ex, _ = encode_rows(tok, prepared.val_rows, max_len)
+    if too_long:
+        prepared.report["train"]["prompt_too_long"] = {"count": len(too_long), "lines": too_long[:200]}
+    if len(train_ex) < spec.data.min_rows:
+        raise DataError(f"only {len(train_ex)} training rows fit in max_seq_length={max_len} tokens "
+                        f"(need {spec.data.min_rows})", hint="raise training.max_seq_length or shorten prompts")
+
+    val_before = evaluate_loss(model, val_ex, tokens_per_mb, device)
+    prompts = ev.prompts_for(spec, prepared.val_rows,
+                             ev.parse_prompts_jsonl(fetched.eval_prompts_bytes) if fetched.eval_prompts_bytes else None)
+    if not spec.eval.enabled:
+        prompts = []
+    gen_before = ev.generate(model, tok, prompts, spec, device) if prompts else []
+    if val_before is not None:
+        log.info("validation loss before training: %.4f", val_before)
+
+    _stage("train")
+    model = wrap_lora(model, spec, gradient_checkpointing=plan.gradient_checkpointing)
+    trainable, total = model.get_nb_trainable_parameters()
+    log.info("LoRA: %d trainable parameters of %d (%.2f%%)", trainable, total, 100 * trainable / max(total, 1))
+    out_store, out_prefix = open_store(spec.output)
+    run_prefix = join(out_prefix, spec.name)
+    ckpts = Checkpoints(out_store, join(run_prefix, "checkpoints", spec.spec_hash()), workdir)
+    result = train(model, spec, train_ex, val_ex, device=device, plan=plan, checkpoints=ckpts,
+                   stop_requested=stop)
+
+    _stage("evaluate")
+    val_after = evaluate_loss(model, val_ex, tokens_per_mb, device)
+    if val_after is not None:
+        log.info("validation loss after training: %.4f (before %.4f)", val_after, val_before)
+    gen_after = ev.generate(model, tok, prompts, spec, device) if prompts else []
+    report = ev.build_report(spec, prompts=prompts, before=gen_before, after=gen_after,
+                             val_loss_before=val_before, val_loss_after=val_after,
+                             history=result.state.history, evals=result.state.evals,
+                             train_outputs=[r.output for r in prepared.train_rows])
+    out = workdir / "publish"
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    ev.plot_loss(result.state.history, result.state.evals, out / "loss_curve.png")
+
+    _stage("merge")
+    model.save_pretrained(out / "adapter", safe_serialization=True)
+    tok.save_pretrained(out / "tokenizer")
+    merge_info = None
+    if spec.merge.enabled:
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        m_dtype = merge_dtype(spec.merge.dtype, precision)
+        merge_info = merge_and_check(fetched.base_model_dir, out / "adapter", out / "merged", dtype=m_dtype,
+                                     tolerance=spec.merge.tolerance,
+                                     prompts=[ev_prompt.prompt for ev_prompt in prompts] or
+                                     [r.instruction for r in prepared.val_rows[:3]] or ["Hello"],
+                                     tok=tok, device=device)
+    report["merge"] = merge_info
+
+    _stage("publish")
+    metadata = {
+        "run": spec.name, "run_id": run_id, "spec_hash": spec.spec_hash(),
+        "base_model": {"uri": spec.base_model.uri, "sha256": fetched.base_model_hash},
+        "lora": {"rank": spec.lora.rank, "alpha": spec.lora.alpha, "dropout": spec.lora.dropout,
+                 "target_modules": spec.lora.target_modules, "use_rslora": spec.lora.use_rslora,
+                 "use_dora": spec.lora.use_dora},
+        "quantization": spec.quantization.mode,
+        "training": {"epochs": spec.training.epochs, "learning_rate": spec.training.learning_rate,
+                     "weight_decay": spec.training.weight_decay, "optimizer": spec.training.optimizer,
+                     "effective_batch": spec.training.per_device_batch_size * spec.training.accumulation_for(1),
+                     "max_seq_length": max_len, "precision": precision, "seed": spec.training.seed,
+                     "steps": result.state.step, "planned_steps": result.total_steps,
+                     "stopped_early": result.state.stopped_early, "resumed_from_step": result.resumed_from,
+                     "tokens_per_second": round(result.tokens_per_second, 1), "plan": result.plan_notes},
+        "dataset": {"train": spec.dataset.train, "sha256": prepared.report["train"]["dataset_sha256"],
+                    "rows_kept": prepared.report["train"]["kept_rows"]},
+        "metrics": {"train_loss_first": report["training"]["first_loss"],
+                    "train_loss_last": report["training"]["last_loss"],
+                    "val_loss_before": report["validation"]["loss_before"],
+                    "val_loss_after": report["validation"]["loss_after"],
+                    "perplexity_after": report["validation"]["perplexity_after"]},
+        "merged": spec.merge.enabled,
+        "code_version": os.environ.get("LORA_JOBS_CODE_VERSION", __version__),
+        "image": image or os.environ.get("LORA_JOBS_IMAGE"),
+        "device": str(device), "torch": torch.__version__,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "seconds": round(time.time() - started, 1),
+    }
+    (out / "metadata.json").write_text(json.dumps(metadata, indent=1))
+    (out / "data_report.json").write_text(json.dumps(prepared.report, indent=1))
+    (out / "eval_report.json").write_text(json.dumps(report, indent=1))
+    (out / "eval_report.md").write_text(ev.render_markdown(report, spec))
+    version = publish_version(out_store, run_prefix, out)
+    metadata["version"] = version
+    metadata["location"] = f"{out_store.label}/{join(run_prefix, version)}"
+    return metadata
