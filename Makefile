@@ -1,0 +1,51 @@
+# Two commands matter: `make demo` (train an adapter locally) and `make test`
+# (bring up the real local stack and run every test). See README.md.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+VENV = $(shell hack/venv.sh)
+PY = $(VENV)/bin/python
+export PYTHONPATH := $(CURDIR)
+DEMO_DIR ?= $(CURDIR)/.demo
+MODEL_CACHE ?= $(HOME)/.cache/lora-jobs/models/smollm2-135m-instruct
+PYTEST_ARGS ?=
+
+.PHONY: help demo test test-unit stack-up stack-down images kind-up kind-down bench-s3 clean
+
+help:  ## list targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+demo:  ## train a LoRA adapter on the demo data with SmolLM2-135M, locally (no cluster; a folder as object store)
+	@hack/install-system.sh >/dev/null
+	@$(PY) -m jobs convert-gguf $(MODEL_CACHE) >/dev/null
+	@mkdir -p $(DEMO_DIR) && ln -sfn $(MODEL_CACHE) $(DEMO_DIR)/base-model
+	@$(PY) -m launcher submit examples/demo/spec.yaml --local
+	@$(PY) examples/demo/show.py $(DEMO_DIR)/artifacts/smollm2-support
+
+test:  ## build and start the real local stack, run the whole test suite, stop the stack
+	@hack/install-system.sh
+	@hack/build-stack.sh
+	@$(PY) -m jobs convert-gguf $(MODEL_CACHE) >/dev/null
+	@trap 'hack/stack.sh down' EXIT; hack/stack.sh up && \
+	  LORA_TEST_MODEL_DIR=$(MODEL_CACHE) $(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
+
+test-unit:  ## only the fast offline tests
+	@$(PY) -m pytest -m unit -q -p no:cacheprovider $(PYTEST_ARGS)
+
+stack-up:  ## start the local stack and leave it running (source .stack/env)
+	@hack/install-system.sh && hack/stack.sh up
+
+stack-down:  ## stop the local stack
+	@hack/stack.sh down
+
+images:  ## build the trainer and launcher images on the local Docker engine
+	@hack/build-images.sh
+
+kind-up:  ## laptop flow: kind cluster + images + chart with dev MinIO + a sample run
+	@hack/kind-up.sh
+
+kind-down:
+	@hack/kind-down.sh
+
+clean:  ## remove local state (.stack, .demo); the build cache in ~/.cache/lora-jobs stays
+	@hack/stack.sh down || true
+	rm -rf .stack .demo

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Prints the path of a Python virtualenv holding requirements/lock.txt, creating it
+# when missing. It lives in the machine's cache keyed by the lock's hash, so fresh
+# clones (CI) reuse it and only a change of pins pays for a new install.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+. "$here/lib.sh"
+lock="$REPO_ROOT/requirements/lock.txt"
+py=${PYTHON:-python3}
+key=$( (cat "$lock"; "$py" -c 'import sys; print(sys.version)') | sha256sum | cut -c1-12)
+venv="$STACK_CACHE/../venv-$key"
+if [ ! -f "$venv/.complete" ]; then
+  log="$STACK_LOGS/venv.log"
+  say "creating the Python environment $venv (torch and friends: a few GB, ~5 min the first time; log: $log)"
+  rm -rf "$venv"
+  "$py" -m venv "$venv" >"$log" 2>&1 || fail "python venv could not be created" "$log" "install python3-venv"
+  "$venv/bin/pip" install --quiet --upgrade pip >>"$log" 2>&1 || true
+  "$venv/bin/pip" install -r "$lock" >>"$log" 2>&1 \
+    || fail "pip could not install requirements/lock.txt" "$log" "check that PyPI is reachable; the log names the package"
+  touch "$venv/.complete"
+fi
+cd "$venv" && pwd

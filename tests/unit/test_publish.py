@@ -1,0 +1,60 @@
+"""Versions are immutable and visible only when complete (local-folder store)."""
+import json
+
+import pytest
+
+from jobs.publish import existing_versions, publish_version, verify_version
+from jobs.storage import LocalStore
+
+pytestmark = pytest.mark.unit
+
+
+def _artifacts(tmp_path, text="weights"):
+    d = tmp_path / "out"
+    (d / "adapter").mkdir(parents=True)
+    (d / "adapter" / "adapter_model.safetensors").write_text(text)
+    (d / "metadata.json").write_text("{}")
+    return d
+
+
+def test_publish_writes_manifest_marker_and_latest(tmp_path):
+    store = LocalStore(str(tmp_path / "bucket"))
+    v = publish_version(store, "runs/demo", _artifacts(tmp_path))
+    assert v == "v1"
+    assert store.get_bytes("runs/demo/latest").decode().strip() == "v1"
+    manifest = json.loads(store.get_bytes("runs/demo/v1/manifest.json"))
+    assert set(manifest["files"]) == {"adapter/adapter_model.safetensors", "metadata.json"}
+    assert verify_version(store, "runs/demo", "v1") == []
+
+
+def test_second_publish_is_a_new_version_and_never_overwrites(tmp_path):
+    store = LocalStore(str(tmp_path / "bucket"))
+    publish_version(store, "r", _artifacts(tmp_path, "one"))
+    import shutil
+    shutil.rmtree(tmp_path / "out")
+    assert publish_version(store, "r", _artifacts(tmp_path, "two")) == "v2"
+    assert store.get_bytes("r/v1/adapter/adapter_model.safetensors") == b"one"
+    assert existing_versions(store, "r") == {1: True, 2: True}
+
+
+def test_incomplete_version_is_skipped_not_reused(tmp_path):
+    store = LocalStore(str(tmp_path / "bucket"))
+    store.put_bytes("r/v1/adapter/adapter_model.safetensors", b"partial")  # a crashed publish
+    assert existing_versions(store, "r") == {1: False}
+    assert verify_version(store, "r", "v1") == ["v1 has no _COMPLETE marker: incomplete"]
+    assert publish_version(store, "r", _artifacts(tmp_path)) == "v2"
+    assert store.get_bytes("r/v1/adapter/adapter_model.safetensors") == b"partial"
+
+
+def test_tampered_file_is_caught_by_verify(tmp_path):
+    store = LocalStore(str(tmp_path / "bucket"))
+    publish_version(store, "r", _artifacts(tmp_path))
+    store.put_bytes("r/v1/metadata.json", b'{"evil": 1}')
+    assert verify_version(store, "r", "v1") == ["metadata.json: sha256 mismatch"]
+
+
+def test_local_store_refuses_keys_that_escape_its_root(tmp_path):
+    from jobs.errors import StorageError
+    store = LocalStore(str(tmp_path / "bucket"))
+    with pytest.raises(StorageError, match="escapes"):
+        store.put_bytes("../outside", b"x")
