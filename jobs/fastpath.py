@@ -1,0 +1,682 @@
+"""The training hot path: padding-free packing, per-example attention, chunked loss, and the plan.
+
+``jobs.train`` owns the loop (optimizer, schedule, accumulation, checkpoints); this module owns
+what happens to the tokens inside one micro-batch and how the GPU is used:
+
+* :func:`pack_rows` packs examples into padding-free micro-batches of at most ``max_tokens``
+  tokens, with position ids that restart at 0 for each example.
+* :func:`to_device` turns one into tensors of shape ``[1, T]`` plus ``cu_seq_lens`` (cumulative
+  example lengths) for variable-length attention.
+* :func:`lm_loss` runs a (PEFT-wrapped) causal LM over a packed row and returns the summed token
+  loss and the number of target tokens. Attention never crosses an example boundary (a registered
+  attention implementation, :data:`ATTN_IMPL`: PyTorch's flash varlen kernel on CUDA, scaled dot
+  product attention per example elsewhere), targets are shifted inside each example, and the
+  ``[T, vocab]`` logits are never materialised in full: the cross-entropy runs over the lm_head in
+  chunks and computes its gradient on the fly.
+* :func:`plan` picks dtype, attention, activation checkpointing and tokens per micro-batch from the
+  device and its free memory; :func:`prepare_model` applies a plan to a loaded model.
+
+torch and transformers are imported here at module level: import this module only in the job.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import random
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+#: Name under which the packed-row attention is registered with transformers. Pass it as
+#: ``attn_implementation=`` to ``from_pretrained`` (importing this module registers it), or let
+#: :func:`prepare_model` / :func:`lm_loss` switch a loaded model to it.
+ATTN_IMPL = "lora_jobs_varlen"
+
+# ----------------------------------------------------------------------------- packing
+
+
+def _clean_row(row: dict, max_tokens: int) -> tuple[list[int], list[int]] | None:
+    ids = list(row["input_ids"])
+    labels = list(row["labels"]) if row.get("labels") is not None else list(ids)
+    if len(labels) != len(ids):
+        raise ValueError(f"row has {len(ids)} input_ids but {len(labels)} labels")
+    if len(ids) > max_tokens:
+        ids, labels = ids[:max_tokens], labels[:max_tokens]
+    if len(ids) < 2:
+        return None  # nothing to predict
+    return ids, labels
+
+
+def pack_rows(rows: list[dict], max_tokens: int, *, seed: int, shuffle: bool = True) -> list[dict]:
+    """Pack tokenised rows into padding-free micro-batches of at most ``max_tokens`` tokens.
+
+    Each row has ``input_ids`` and ``labels`` (``-100`` on tokens that are not trained on; missing
+    labels mean "train on every token"). Rows longer than ``max_tokens`` are truncated; rows of
+    fewer than 2 tokens are dropped. The order is shuffled with ``seed`` (deterministic), then rows
+    are packed greedily in that order (next fit), so every micro-batch holds a random mix of long
+    and short examples. Each micro-batch is a dict of flat lists: ``input_ids``, ``labels``,
+    ``position_ids`` (restarting at 0 for each example), and ``seq_lens``; ``labels`` are NOT
+    shifted (the loss shifts them inside each example).
+    """
+    if max_tokens < 2:
+        raise ValueError("max_tokens must be at least 2")
+    order = list(range(len(rows)))
+    if shuffle:
+        random.Random(seed).shuffle(order)
+    batches: list[dict] = []
+    cur: dict | None = None
+    for i in order:
+        cleaned = _clean_row(rows[i], max_tokens)
+        if cleaned is None:
+            continue
+        ids, labels = cleaned
+        if cur is None or len(cur["input_ids"]) + len(ids) > max_tokens:
+            cur = {"input_ids": [], "labels": [], "position_ids": [], "seq_lens": []}
+            batches.append(cur)
+        cur["input_ids"].extend(ids)
+        cur["labels"].extend(labels)
+        cur["position_ids"].extend(range(len(ids)))
+        cur["seq_lens"].append(len(ids))
+    return batches
+
+
+def shifted_targets(labels: list[int], seq_lens: list[int]) -> list[int]:
+    """Next-token targets of a packed row: ``labels[t+1]`` inside each example, -100 at its end."""
+    out: list[int] = []
+    pos = 0
+    for n in seq_lens:
+        seg = labels[pos:pos + n]
+        out.extend(seg[1:])
+        out.append(IGNORE_INDEX)
+        pos += n
+    return out
+
+
+def to_device(mb: dict, device: torch.device | str, *, pad_to_multiple: int = 1) -> dict[str, Any]:
+    """Tensors for one packed micro-batch.
+
+    Returns ``input_ids``, ``position_ids``, ``labels`` (unshifted) and ``targets`` (shifted inside
+    each example), all ``[1, T]`` int64; ``cu_seq_lens`` (``[N+1]`` int32, cumulative example
+    lengths) and, as plain ints (so the hot path never syncs with the GPU), ``max_length`` (longest
+    example) and ``num_targets`` (tokens that carry a loss). ``pad_to_multiple`` > 1 appends one
+    padding example (no targets) so T is a multiple of it (steadier shapes for ``torch.compile``).
+    """
+    device = torch.device(device)
+    ids = list(mb["input_ids"])
+    labels = list(mb["labels"])
+    pos = list(mb["position_ids"])
+    seq_lens = list(mb["seq_lens"])
+    if sum(seq_lens) != len(ids):
+        raise ValueError("seq_lens do not add up to the number of tokens")
+    targets = shifted_targets(labels, seq_lens)
+    pad = (-len(ids)) % max(1, pad_to_multiple)
+    if pad:
+        ids += [0] * pad
+        labels += [IGNORE_INDEX] * pad
+        targets += [IGNORE_INDEX] * pad
+        pos += list(range(pad))
+        seq_lens.append(pad)
+    cu = [0]
+    for n in seq_lens:
+        cu.append(cu[-1] + n)
+    pin = device.type == "cuda"
+
+    def t(x, dtype=torch.long):
+        ten = torch.tensor(x, dtype=dtype)
+        if pin:
+            ten = ten.pin_memory()
+        return ten.to(device, non_blocking=pin)
+
+    return {
+        "input_ids": t([ids]),
+        "position_ids": t([pos]),
+        "labels": t([labels]),
+        "targets": t([targets]),
+        "cu_seq_lens": t(cu, torch.int32),
+        "max_length": max(seq_lens),
+        "num_targets": sum(1 for x in targets if x != IGNORE_INDEX),
+        "num_tokens": len(ids) - pad,
+    }
+
+
+# ----------------------------------------------------------------------------- attention
+
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def packed_context():
+    """While active, mask creation for :data:`ATTN_IMPL` is skipped (the varlen kernel needs none)."""
+    prev = getattr(_state, "packed", False)
+    _state.packed = True
+    try:
+        yield
+    finally:
+        _state.packed = prev
+
+
+def _varlen_kernel():
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # torch >= 2.9
+    except Exception:  # noqa: BLE001 - any import problem means "not available"
+        return None, set()
+    try:
+        params = set(inspect.signature(varlen_attn).parameters)
+    except (TypeError, ValueError):
+        params = set()
+    return varlen_attn, params
+
+
+_VARLEN, _VARLEN_PARAMS = _varlen_kernel()
+_GQA_NATIVE: bool | None = None  # learnt on first use when the kernel has no enable_gqa flag
+
+
+def varlen_available(device: torch.device | None = None) -> bool:
+    """Whether the flash varlen kernel can run on ``device`` (CUDA, compute capability >= 8.0)."""
+    if _VARLEN is None or not torch.cuda.is_available():
+        return False
+    dev = device if device is not None else torch.device("cuda")
+    if dev.type != "cuda":
+        return False
+    major, _ = torch.cuda.get_device_capability(dev)
+    return major >= 8
+
+
+def _call_varlen(q, k, v, cu, max_len, scale):
+    """q: [T, Hq, D], k/v: [T, Hkv, D] -> [T, Hq, D], causal inside each example."""
+    global _GQA_NATIVE
+    kw: dict[str, Any] = {}
+    if "is_causal" in _VARLEN_PARAMS:
+        kw["is_causal"] = True
+    elif "window_size" in _VARLEN_PARAMS:
+        kw["window_size"] = (-1, 0)
+    else:  # unknown signature: positional is_causal was the first form
+        kw["is_causal"] = True
+    if "scale" in _VARLEN_PARAMS and scale is not None:
+        kw["scale"] = scale
+    gqa = q.shape[1] != k.shape[1]
+    if gqa and "enable_gqa" in _VARLEN_PARAMS:
+        kw["enable_gqa"] = True
+    elif gqa and _GQA_NATIVE is not False:
+        try:
+            out = _VARLEN(q, k, v, cu, cu, max_len, max_len, **kw)
+            _GQA_NATIVE = True
+            return out
+        except RuntimeError:
+            _GQA_NATIVE = False
+    if gqa and not kw.get("enable_gqa") and _GQA_NATIVE is False:
+        rep = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    return _VARLEN(q, k, v, cu, cu, max_len, max_len, **kw)
+
+
+def _sdpa_per_example(query, key, value, cu_list, scaling):
+    """Reference path: query [1, Hq, T, D]; causal SDPA on each example separately."""
+    outs = []
+    gqa = query.shape[1] != key.shape[1]
+    for s, e in zip(cu_list[:-1], cu_list[1:]):
+        if e <= s:
+            continue
+        outs.append(F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e],
+                                                   is_causal=True, scale=scaling, enable_gqa=gqa))
+    return torch.cat(outs, dim=2)
+
+
+def varlen_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention interface: query ``[B, Hq, T, D]`` -> (``[B, T, Hq, D]``, None).
+
+    With ``cu_seq_lens_q`` in kwargs (packed row, B == 1): attention inside each example only.
+    Without (evaluation, generation): plain SDPA with the mask transformers built.
+    """
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                      dropout=dropout, **kwargs)
+    if query.shape[0] != 1:
+        raise ValueError("packed rows have batch size 1")
+    if dropout:
+        raise ValueError("attention dropout is not supported on packed rows")
+    if (query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and _VARLEN is not None
+            and torch.cuda.get_device_capability(query.device)[0] >= 8):
+        max_len = kwargs.get("max_length_q")
+        if max_len is None:
+            max_len = int((cu[1:] - cu[:-1]).max())
+        q = query[0].transpose(0, 1)  # [T, Hq, D]
+        k = key[0].transpose(0, 1)
+        v = value[0].transpose(0, 1)
+        out = _call_varlen(q, k, v, cu, int(max_len), scaling)
+        return out.unsqueeze(0), None
+    out = _sdpa_per_example(query, key, value, cu.tolist(), scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    def mask(*args, **kwargs):
+        if getattr(_state, "packed", False):
+            return None
+        return sdpa_mask(*args, **kwargs)
+
+    AttentionInterface.register(ATTN_IMPL, varlen_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPL, mask)
+
+
+_register()
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+class _ChunkedLinearCE(torch.autograd.Function):
+    """sum_t CE(h_t @ W^T, y_t), chunked over tokens; the gradient is computed in the forward.
+
+    Memory: one chunk of logits (fp32) at a time plus grad_h ``[N, H]``, never ``[N, vocab]``.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk: int, softcap: float | None):
+        n = h.shape[0]
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = (torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32),
+                              device=weight.device)
+                  if ctx.needs_input_grad[1] else None)
+        ctx.w_dtype = weight.dtype
+        total = torch.zeros((), dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
+        for s in range(0, n, chunk):
+            hc = h[s:s + chunk]
+            yc = targets[s:s + chunk]
+            logits = hc @ weight.t()
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            if softcap:
+                capped = torch.tanh(logits / softcap)
+                logits = capped * softcap
+            lse = torch.logsumexp(logits, dim=-1)
+            valid = yc != IGNORE_INDEX
+            ysafe = torch.where(valid, yc, 0)
+            picked = logits.gather(1, ysafe.unsqueeze(1)).squeeze(1)
+            total += ((lse - picked) * valid).sum()
+            if grad_h is None and grad_w is None:
+                continue
+            # d/dlogits = softmax - onehot, zero on ignored rows
+            g = logits.sub_(lse.unsqueeze(1)).exp_()
+            g.scatter_add_(1, ysafe.unsqueeze(1), -torch.ones_like(lse).unsqueeze(1))
+            g.mul_(valid.unsqueeze(1))
+            if softcap:
+                g.mul_(1 - capped * capped)
+            g = g.to(h.dtype)
+            if grad_h is not None:
+                grad_h[s:s + chunk] = g @ weight
+            if grad_w is not None:
+                grad_w += g.t() @ hc
+            del g, logits
+        ctx.save_for_backward(grad_h if grad_h is not None else torch.empty(0),
+                              grad_w if grad_w is not None else torch.empty(0))
+        ctx.has = (grad_h is not None, grad_w is not None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        gh, gw = ctx.saved_tensors
+        has_h, has_w = ctx.has
+        dh = gh * grad_out.to(gh.dtype) if has_h else None
+        dw = (gw * grad_out).to(ctx.w_dtype) if has_w else None
+        return dh, dw, None, None, None
+
+
+def chunked_linear_ce(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                      chunk: int = 4096, softcap: float | None = None) -> torch.Tensor:
+    """Summed cross-entropy of ``h @ weight.T`` against ``targets`` (-100 ignored), fp32 result."""
+    return _ChunkedLinearCE.apply(h, weight, targets, chunk, softcap)
+
+
+def _liger_flce():
+    try:
+        from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+    except Exception:  # noqa: BLE001
+        return None
+    return LigerFusedLinearCrossEntropyFunction
+
+
+def _unwrap(model):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base
+
+
+def _decoder(base):
+    if hasattr(base, "get_decoder"):
+        dec = base.get_decoder()
+        if dec is not None:
+            return dec
+    return base.model
+
+
+def ensure_attention(model) -> None:
+    """Switch a loaded model to :data:`ATTN_IMPL` (no-op when it already uses it)."""
+    base = _unwrap(model)
+    if getattr(base.config, "_attn_implementation", None) == ATTN_IMPL:
+        return
+    if hasattr(base, "set_attn_implementation"):
+        base.set_attn_implementation(ATTN_IMPL)
+    else:  # pragma: no cover - older transformers
+        base.config._attn_implementation = ATTN_IMPL
+
+
+#: which cross-entropy lm_loss uses: "auto" (Liger's fused kernel on CUDA when importable, else
+#: chunked), "chunked", or "liger". Set by prepare_model from the plan.
+CE_IMPL = "chunked"
+CE_CHUNK = 4096
+
+
+def lm_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
+    """Summed next-token loss over the target tokens of a packed row, and their number.
+
+    ``model`` is a causal LM, PEFT-wrapped or not; ``batch`` comes from :func:`to_device`. Divide
+    the sum by the total target count of the optimizer step (over accumulation and ranks) to get
+    the mean token loss. The decoder runs once over the packed row with per-example attention;
+    only target positions go through the lm_head, in chunks.
+    """
+    base = _unwrap(model)
+    ensure_attention(base)
+    dec = _decoder(base)
+    head = base.get_output_embeddings()
+    cu = batch["cu_seq_lens"]
+    max_len = batch["max_length"]
+    with packed_context():
+        out = dec(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                  cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len, max_length_k=max_len)
+    hidden = out[0] if not hasattr(out, "last_hidden_state") else out.last_hidden_state
+    hidden = hidden[0]  # [T, H]
+    targets = batch["targets"][0]
+    n = batch.get("num_targets")
+    if n is None:
+        n = int((targets != IGNORE_INDEX).sum())
+    if n == 0:
+        return hidden.sum() * 0.0, 0
+    # only positions with a target go through the head (prompt tokens cost no lm_head work)
+    if n < targets.numel():
+        idx = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+        hidden = hidden.index_select(0, idx)
+        targets = targets.index_select(0, idx)
+    cfg = base.config
+    softcap = getattr(cfg, "final_logit_softcapping", None)
+    plain = isinstance(head, torch.nn.Linear) and head.bias is None and type(head) is torch.nn.Linear
+    impl = CE_IMPL
+    if impl == "auto":
+        impl = "liger" if hidden.is_cuda and _liger_flce() is not None else "chunked"
+    if plain and impl == "liger" and not softcap and hidden.is_cuda and _liger_flce() is not None:
+        fn = _liger_flce()
+        # args: input, weight, target, bias, ce_weight, ignore_index, lse_square_scale,
+        # label_smoothing, reduction
+        loss = fn.apply(hidden.contiguous(), head.weight, targets, None, None, IGNORE_INDEX, 0.0, 0.0, "sum")
+        if isinstance(loss, tuple):
+            loss = loss[0]
+        return loss.float(), n
+    if plain:
+        return chunked_linear_ce(hidden, head.weight, targets, chunk=CE_CHUNK, softcap=softcap), n
+    # any other head (bias, LoRA on lm_head, quantised): recompute each chunk in the backward
+    from torch.utils.checkpoint import checkpoint
+
+    def chunk_loss(hc, yc):
+        logits = head(hc).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return F.cross_entropy(logits, yc, ignore_index=IGNORE_INDEX, reduction="sum")
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for s in range(0, hidden.shape[0], CE_CHUNK):
+        total = total + checkpoint(chunk_loss, hidden[s:s + CE_CHUNK], targets[s:s + CE_CHUNK],
+                                   use_reentrant=False)
+    return total, n
+
+
+# ----------------------------------------------------------------------------- lean LoRA forward
+
+
+def _lean_lora_forward(self, x, *args, **kwargs):
+    """PEFT LoRA Linear forward without the fp32 round trip of the input.
+
+    PEFT casts the activations to the adapter dtype (fp32) before dropout and the A/B products,
+    which stores an fp32 copy of every projection input for the backward. Here the adapter
+    weights (kept in fp32 as master weights; the optimizer sees fp32) are cast to the activation
+    dtype instead; the product is the one autocast would compute.
+    """
+    if (self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None
+            or any(a in getattr(self, "lora_variant", {}) for a in self.active_adapters)):
+        return self._fastpath_orig_forward(x, *args, **kwargs)
+    result = self.base_layer(x, *args, **kwargs)
+    for name in self.active_adapters:
+        if name not in self.lora_A:
+            continue
+        a = self.lora_A[name].weight
+        b = self.lora_B[name].weight
+        h = self.lora_dropout[name](x)
+        h = F.linear(F.linear(h, a.to(x.dtype)), b.to(x.dtype))
+        result = result + h * self.scaling[name]
+    return result
+
+
+def install_lean_lora(model) -> int:
+    """Use :func:`_lean_lora_forward` on every plain PEFT LoRA Linear; returns how many."""
+    try:
+        from peft.tuners.lora.layer import Linear as LoraLinear
+    except Exception:  # noqa: BLE001
+        return 0
+    n = 0
+    for mod in model.modules():
+        if type(mod) is LoraLinear and not hasattr(mod, "_fastpath_orig_forward"):
+            mod._fastpath_orig_forward = mod.forward
+            mod.forward = _lean_lora_forward.__get__(mod)
+            n += 1
+    return n
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+@dataclass
+class Plan:
+    attn_implementation: str
+    dtype: torch.dtype
+    gradient_checkpointing: bool
+    tokens_per_micro_batch: int
+    compile: bool
+    notes: list[str] = field(default_factory=list)
+    liger_kernels: bool = False      # Liger RMSNorm/SwiGLU/RoPE kernels on the decoder
+    ce_impl: str = "chunked"         # "chunked" (ours) or "liger" (fused linear CE)
+    lean_lora: bool = True           # LoRA in the activation dtype (see install_lean_lora)
+
+
+def _cfg(model_config, name, default=None):
+    if isinstance(model_config, dict):
+        return model_config.get(name, default)
+    return getattr(model_config, name, default)
+
+
+def estimate_param_count(model_config) -> int:
+    h = int(_cfg(model_config, "hidden_size", 0) or 0)
+    inter = int(_cfg(model_config, "intermediate_size", 4 * h) or 4 * h)
+    layers = int(_cfg(model_config, "num_hidden_layers", 0) or 0)
+    vocab = int(_cfg(model_config, "vocab_size", 0) or 0)
+    heads = int(_cfg(model_config, "num_attention_heads", 1) or 1)
+    kv = int(_cfg(model_config, "num_key_value_heads", heads) or heads)
+    hd = int(_cfg(model_config, "head_dim", None) or (h // max(1, heads)))
+    attn = h * heads * hd * 2 + h * kv * hd * 2
+    mlp = 3 * h * inter
+    tied = bool(_cfg(model_config, "tie_word_embeddings", False))
+    return layers * (attn + mlp + 2 * h) + vocab * h * (1 if tied else 2) + h
+
+
+def activation_bytes_per_token(model_config, *, checkpointing: bool, dtype_bytes: int = 2) -> float:
+    """Bytes of saved activations per token of a micro-batch (whole model), LoRA on all linears.
+
+    No checkpointing: every layer keeps its inputs of the projections, the dropout copies for the
+    LoRA branches, attention inputs/outputs and the MLP intermediates: about 17 hidden-sized and
+    7 intermediate-sized tensors a layer (calibrated on an H200, Llama-3-8B shape, bf16).
+    Checkpointing: one hidden-sized tensor a layer plus one layer's full set during recompute.
+    """
+    h = int(_cfg(model_config, "hidden_size", 0) or 0)
+    inter = int(_cfg(model_config, "intermediate_size", 4 * h) or 4 * h)
+    layers = int(_cfg(model_config, "num_hidden_layers", 1) or 1)
+    per_layer = (ACT_HIDDEN_COEF * h + ACT_INTER_COEF * inter) * dtype_bytes
+    if checkpointing:
+        return layers * h * dtype_bytes * 1.0 + per_layer
+    return layers * per_layer
+
+
+#: calibration of activation_bytes_per_token (see benchmarks/README.md)
+ACT_HIDDEN_COEF = 17.0
+ACT_INTER_COEF = 7.0
+#: above this micro-batch size the GEMMs are saturated; more tokens only cost memory
+MAX_TOKENS_PER_MICRO_BATCH = 16384
+#: bytes kept free for the allocator, CUDA context, fragmentation and lm_head chunks
+HEADROOM_BYTES = 6 * 2**30
+
+
+def plan(model_config, training, device: torch.device | str, *, free_memory_bytes: int | None = None,
+         quantization: str = "none") -> Plan:
+    """Choose the fast path for this model on this device.
+
+    * dtype: bf16 where the GPU supports it, else fp16; fp32 on CPU. ``training.precision`` wins
+      when it is not "auto".
+    * attention: :data:`ATTN_IMPL` always (packed rows need per-example attention); it runs the
+      flash varlen kernel on CUDA (Ampere+) and SDPA per example elsewhere.
+    * checkpointing and tokens per micro-batch: from the free memory, the weights and the
+      calibrated activation cost per token: no checkpointing when a micro-batch of at least
+      ``max(8192, 2 * max_seq_length)`` tokens fits without it, else checkpointing with the
+      largest micro-batch that fits (capped at :data:`MAX_TOKENS_PER_MICRO_BATCH`).
+      ``training.gradient_checkpointing`` true/false is obeyed.
+    * compile: off (measured not to pay on the benchmark; see benchmarks/README.md).
+    """
+    device = torch.device(device)
+    notes: list[str] = []
+    max_seq = int(getattr(training, "max_seq_length", 1024))
+    ctx = _cfg(model_config, "max_position_embeddings", None)
+    if ctx:
+        max_seq = min(max_seq, int(ctx))
+    precision = getattr(training, "precision", "auto")
+    gc_req = getattr(training, "gradient_checkpointing", "auto")
+    if device.type != "cuda":
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+        notes.append("CPU: attention is SDPA per example; no compile; fp32 unless asked otherwise")
+        tokens = max(max_seq, 2048)
+        return Plan(ATTN_IMPL, dtype, gc_req is True, tokens, False, notes, False, "chunked", True)
+
+    try:
+        bf16_ok = torch.cuda.is_bf16_supported()
+    except Exception:  # noqa: BLE001 - planning for a GPU from a machine without one (tests)
+        bf16_ok = True
+    if precision == "auto":
+        dtype = torch.bfloat16 if bf16_ok else torch.float16
+    else:
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    if varlen_available(device) and dtype != torch.float32:
+        notes.append("attention: flash varlen kernel (torch.nn.attention.varlen) over packed rows")
+    else:
+        notes.append("attention: SDPA per example (no varlen kernel for this device/dtype)")
+    if free_memory_bytes is None:
+        free_memory_bytes, _total = torch.cuda.mem_get_info(device)
+    n_params = estimate_param_count(model_config)
+    wbytes = {"4bit": 0.56, "8bit": 1.05}.get(quantization, torch.finfo(dtype).bits / 8)
+    weights = n_params * wbytes
+    if quantization != "none":  # embeddings and lm_head stay in 16 bit
+        h = int(_cfg(model_config, "hidden_size", 0) or 0)
+        vocab = int(_cfg(model_config, "vocab_size", 0) or 0)
+        weights += 2 * vocab * h * (2 - wbytes)
+    lora_state = 0.02 * n_params * 16  # ~1% of the params trainable at r=16: fp32 weight+grad+2 moments
+    budget = free_memory_bytes - weights - lora_state - HEADROOM_BYTES
+    dbytes = torch.finfo(dtype).bits // 8
+    per_tok_nogc = activation_bytes_per_token(model_config, checkpointing=False, dtype_bytes=dbytes)
+    per_tok_gc = activation_bytes_per_token(model_config, checkpointing=True, dtype_bytes=dbytes)
+    want = max(8192, 2 * max_seq)
+
+    def fit(per_tok: float) -> int:
+        t = int(budget // per_tok) if budget > 0 else 0
+        return min(MAX_TOKENS_PER_MICRO_BATCH, (t // 256) * 256)
+
+    if gc_req is True:
+        gc = True
+    elif gc_req is False:
+        gc = False
+    else:
+        gc = fit(per_tok_nogc) < min(want, MAX_TOKENS_PER_MICRO_BATCH)
+    tokens = fit(per_tok_gc if gc else per_tok_nogc)
+    if tokens < max_seq:
+        if not gc and gc_req != False:  # noqa: E712
+            gc = True
+            tokens = fit(per_tok_gc)
+        if tokens < max_seq:
+            notes.append(f"memory is tight: {tokens} tokens fit, using max_seq_length={max_seq} anyway")
+            tokens = max_seq
+    tokens = max(tokens, max_seq)
+    notes.append(f"free {free_memory_bytes / 2**30:.1f} GiB, weights ~{weights / 2**30:.1f} GiB, "
+                 f"activations ~{(per_tok_gc if gc else per_tok_nogc) / 2**20:.2f} MiB/token "
+                 f"-> {tokens} tokens per micro-batch, checkpointing {'on' if gc else 'off'}")
+    liger = False
+    try:
+        import liger_kernel  # noqa: F401
+        liger = True
+        notes.append("Liger kernels importable: RMSNorm/SwiGLU/RoPE fused")
+    except Exception:  # noqa: BLE001
+        pass
+    return Plan(ATTN_IMPL, dtype, gc, tokens, False, notes, liger, "chunked", True)
+
+
+def prepare_model(model, p: Plan) -> Any:
+    """Apply a plan to a loaded (PEFT-wrapped) model: attention, lean LoRA, kernels, checkpointing.
+
+    Returns the model (compiled layers when ``p.compile``). Call after ``get_peft_model``.
+    """
+    global CE_IMPL
+    base = _unwrap(model)
+    ensure_attention(base)
+    CE_IMPL = p.ce_impl
+    if p.lean_lora:
+        install_lean_lora(model)
+    if p.liger_kernels:
+        _apply_liger(base)
+    base.config.use_cache = False
+    if p.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(base, "enable_input_require_grads"):
+            base.enable_input_require_grads()
+    if p.compile:
+        for layer in _decoder(base).layers:
+            layer.compile(dynamic=True)
+    return model
+
+
+def _apply_liger(base) -> bool:
+    """Liger's RMSNorm, SwiGLU and RoPE kernels on a loaded model, where Liger knows its type."""
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except Exception:  # noqa: BLE001
+        return False
+    try:
+        _apply_liger_kernel_to_instance(model=base, rope=True, rms_norm=True, swiglu=True,
+                                        cross_entropy=False, fused_linear_cross_entropy=False)
+        return True
+    except Exception as err:  # noqa: BLE001
+        log.warning("Liger kernels not applied: %s", err)
+        return False
+
+
+def mfu(tokens_per_s: float, n_params: int, peak_flops: float = 989e12, *, checkpointing: bool = False) -> float:
+    """Model FLOPs utilisation of LoRA training: ~4N FLOPs a token (6N with recompute)."""
+    return (6 if checkpointing else 4) * n_params * tokens_per_s / peak_flops
+
+
+__all__ = ["ATTN_IMPL", "IGNORE_INDEX", "Plan", "chunked_linear_ce", "ensure_attention", "install_lean_lora",
+           "lm_loss", "pack_rows", "plan", "prepare_model", "shifted_targets", "to_device",
+           "varlen_attention_forward"]

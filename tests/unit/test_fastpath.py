@@ -1,0 +1,243 @@
+"""CPU tests of the training hot path (jobs.fastpath) on a tiny random Llama."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+import torch.nn.functional as F  # noqa: E402
+
+from jobs import fastpath  # noqa: E402
+from jobs.spec import TrainingSpec  # noqa: E402
+
+
+def _rows(n, seed=0, lo=3, hi=40, vocab=128, prompt=True):
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        L = rng.randint(lo, hi)
+        ids = [rng.randrange(3, vocab) for _ in range(L)]
+        k = rng.randint(0, L // 2) if prompt else 0
+        rows.append({"input_ids": ids, "labels": [-100] * k + ids[k:]})
+    return rows
+
+
+def _tiny(attn="sdpa", seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=False, attn_implementation=attn)
+    model = LlamaForCausalLM(cfg).float()
+    model.config.use_cache = False
+    return model
+
+
+def _peft(model, dropout=0.0):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=dropout, task_type="CAUSAL_LM",
+                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    pm = get_peft_model(model, cfg)
+    # B starts at zero: make the adapters matter for the comparison
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    return pm
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+def test_pack_rows_limits_positions_and_determinism():
+    rows = _rows(60)
+    rows.append({"input_ids": list(range(3, 103)), "labels": list(range(3, 103))})  # longer than max
+    rows.append({"input_ids": [5], "labels": [5]})  # too short: dropped
+    mbs = fastpath.pack_rows(rows, 64, seed=7)
+    assert mbs == fastpath.pack_rows(rows, 64, seed=7)
+    assert mbs != fastpath.pack_rows(rows, 64, seed=8)
+    total = 0
+    for mb in mbs:
+        n = len(mb["input_ids"])
+        assert 0 < n <= 64
+        assert len(mb["labels"]) == len(mb["position_ids"]) == n == sum(mb["seq_lens"])
+        pos = 0
+        for L in mb["seq_lens"]:
+            assert mb["position_ids"][pos:pos + L] == list(range(L))
+            pos += L
+        total += len(mb["seq_lens"])
+    assert total == 61  # every row but the 1-token one, the long one truncated to 64
+    assert 64 in [L for mb in mbs for L in mb["seq_lens"]]
+    # without shuffle: original order, greedy
+    flat = [L for mb in fastpath.pack_rows(rows[:5], 1000, seed=0, shuffle=False) for L in mb["seq_lens"]]
+    assert flat == [len(r["input_ids"]) for r in rows[:5]]
+
+
+def test_pack_rows_missing_labels_means_all_tokens():
+    mbs = fastpath.pack_rows([{"input_ids": [4, 5, 6]}], 16, seed=0)
+    assert mbs[0]["labels"] == [4, 5, 6]
+
+
+def test_to_device_shifts_inside_examples_and_pads():
+    mb = {"input_ids": [10, 11, 12, 20, 21], "labels": [-100, 11, 12, 20, 21],
+          "position_ids": [0, 1, 2, 0, 1], "seq_lens": [3, 2]}
+    b = fastpath.to_device(mb, "cpu")
+    assert b["targets"].tolist() == [[11, 12, -100, 21, -100]]
+    assert b["cu_seq_lens"].tolist() == [0, 3, 5]
+    assert b["max_length"] == 3 and b["num_targets"] == 3 and b["num_tokens"] == 5
+    assert b["input_ids"].shape == (1, 5)
+    p = fastpath.to_device(mb, "cpu", pad_to_multiple=8)
+    assert p["input_ids"].shape == (1, 8)
+    assert p["cu_seq_lens"].tolist() == [0, 3, 5, 8]
+    assert p["targets"][0, 5:].tolist() == [-100] * 3
+    assert p["num_targets"] == 3
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def test_chunked_linear_ce_matches_full_logits():
+    torch.manual_seed(0)
+    h = torch.randn(37, 16, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 50, (37,))
+    y[::5] = -100
+    for softcap in (None, 3.0):
+        loss = fastpath.chunked_linear_ce(h, w, y, chunk=8, softcap=softcap)
+        logits = h @ w.t()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        ref = F.cross_entropy(logits, y, ignore_index=-100, reduction="sum")
+        gh, gw = torch.autograd.grad(loss * 1.7, (h, w))
+        rh, rw = torch.autograd.grad(ref * 1.7, (h, w))
+        assert torch.allclose(loss.double(), ref, rtol=1e-6)
+        assert torch.allclose(gh, rh, rtol=1e-6, atol=1e-9)
+        assert torch.allclose(gw, rw, rtol=1e-6, atol=1e-9)
+
+
+def _separate_loss(model, rows):
+    """Reference: each example alone through the plain HF forward (sdpa, causal)."""
+    total = 0.0
+    n = 0
+    for r in rows:
+        ids = torch.tensor([r["input_ids"]])
+        logits = model(input_ids=ids).logits[0].float()
+        y = torch.tensor(r["labels"][1:] + [-100])
+        total = total + F.cross_entropy(logits, y, ignore_index=-100, reduction="sum")
+        n += int((y != -100).sum())
+    return total, n
+
+
+@pytest.mark.parametrize("lean", [False, True])
+def test_packed_loss_equals_sum_of_separate_examples(lean):
+    rows = _rows(7, seed=3, lo=4, hi=30)
+    model = _peft(_tiny("sdpa"))
+    model.eval()  # no dropout: the two paths must agree exactly
+    ref, n_ref = _separate_loss(model, rows)
+    ref_grads = torch.autograd.grad(ref, [p for p in model.parameters() if p.requires_grad])
+
+    if lean:
+        assert fastpath.install_lean_lora(model) == 14
+    mbs = fastpath.pack_rows(rows, 1000, seed=0)
+    assert len(mbs) == 1 and len(mbs[0]["seq_lens"]) == 7
+    batch = fastpath.to_device(mbs[0], "cpu")
+    loss, n = fastpath.lm_loss(model, batch)
+    assert model.get_base_model().config._attn_implementation == fastpath.ATTN_IMPL
+    assert n == n_ref
+    assert torch.allclose(loss, ref, rtol=1e-5), (loss.item(), ref.item())
+    grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+    for g, r in zip(grads, ref_grads):
+        assert torch.allclose(g, r, rtol=1e-4, atol=1e-6)
+
+    # the same row with attention across examples (one long causal sequence) differs: the test
+    # above would catch a leak across boundaries
+    one = dict(batch)
+    one["cu_seq_lens"] = torch.tensor([0, batch["num_tokens"]], dtype=torch.int32)
+    one["max_length"] = batch["num_tokens"]
+    leak, _ = fastpath.lm_loss(model, one)
+    assert abs(leak.item() - ref.item()) > 1e-3
+
+
+def test_packed_loss_over_several_micro_batches_and_plain_model():
+    rows = _rows(12, seed=5, lo=4, hi=20)
+    model = _tiny("sdpa", seed=1)
+    ref, n_ref = _separate_loss(model, rows)
+    total, n = 0.0, 0
+    for mb in fastpath.pack_rows(rows, 48, seed=1):
+        loss, k = fastpath.lm_loss(model, fastpath.to_device(mb, "cpu"))
+        total, n = total + loss, n + k
+    assert n == n_ref
+    assert torch.allclose(total, ref, rtol=1e-5)
+
+
+def test_unpacked_forward_still_uses_the_mask():
+    """Generation/evaluation (no cu_seq_lens) with a padded batch behaves like sdpa."""
+    a = _tiny("sdpa", seed=2)
+    b = _tiny(fastpath.ATTN_IMPL, seed=2)
+    ids = torch.randint(3, 128, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # left padding
+    with torch.no_grad():
+        la = a(input_ids=ids, attention_mask=mask).logits
+        lb = b(input_ids=ids, attention_mask=mask).logits
+    assert torch.allclose(la[0], lb[0], atol=1e-5)
+    assert torch.allclose(la[1, 4:], lb[1, 4:], atol=1e-5)
+
+
+def test_training_steps_reduce_loss_with_dropout():
+    rows = _rows(8, seed=9, lo=8, hi=16, prompt=False)
+    model = _peft(_tiny("sdpa", seed=3), dropout=0.05)
+    p = fastpath.plan(model.config, TrainingSpec(), torch.device("cpu"))
+    fastpath.prepare_model(model, p)
+    model.train()
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-2)
+    batch = fastpath.to_device(fastpath.pack_rows(rows, 256, seed=0)[0], "cpu")
+    first = None
+    for _ in range(8):
+        loss, n = fastpath.lm_loss(model, batch)
+        (loss / n).backward()
+        opt.step()
+        opt.zero_grad()
+        first = first if first is not None else loss.item() / n
+    assert loss.item() / n < first
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+def _llama8b():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192)
+
+
+def test_plan_cpu_is_sane():
+    p = fastpath.plan(_llama8b(), TrainingSpec(), torch.device("cpu"))
+    assert p.attn_implementation == fastpath.ATTN_IMPL
+    assert p.dtype == torch.float32 and p.compile is False and p.gradient_checkpointing is False
+    assert p.tokens_per_micro_batch >= 1024
+    assert p.notes
+
+
+def test_plan_gpu_memory_decides_checkpointing():
+    spec = TrainingSpec(max_seq_length=2048)
+    big = fastpath.plan(_llama8b(), spec, torch.device("cuda"), free_memory_bytes=139 * 2**30)
+    assert big.gradient_checkpointing is False
+    assert big.tokens_per_micro_batch >= 8192
+    small = fastpath.plan(_llama8b(), spec, torch.device("cuda"), free_memory_bytes=40 * 2**30)
+    assert small.gradient_checkpointing is True
+    assert small.tokens_per_micro_batch >= 2048
+    q = fastpath.plan(_llama8b(), spec, torch.device("cuda"), free_memory_bytes=12 * 2**30, quantization="4bit")
+    assert q.gradient_checkpointing is True and q.tokens_per_micro_batch >= 2048
+    forced = fastpath.plan(_llama8b(), TrainingSpec(gradient_checkpointing=True), torch.device("cuda"),
+                           free_memory_bytes=139 * 2**30)
+    assert forced.gradient_checkpointing is True
+    assert fastpath.plan(_llama8b(), TrainingSpec(precision="fp16"), torch.device("cuda"),
+                         free_memory_bytes=139 * 2**30).dtype == torch.float16
