@@ -1,0 +1,147 @@
+"""Published versions of a run: list them, download one and verify it.
+
+Layout (docs/architecture.md): ``<output>/<name>/v<N>/`` with ``manifest.json``
+(sha256 and size of every file) and ``_COMPLETE`` written last (the sha256 of
+``manifest.json``); ``<output>/<name>/latest`` holds ``v<N>``. A folder without
+``_COMPLETE`` is an incomplete (or in-progress) publish and is never a version.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jobs.errors import StorageError
+from jobs.storage import join, open_store
+
+COMPLETE = "_COMPLETE"
+MANIFEST = "manifest.json"
+LATEST = "latest"
+_VERSION_RE = re.compile(r"^v(\d+)$")
+
+
+@dataclass
+class Version:
+    name: str  # "v3"
+    number: int
+    uri: str
+    files: int = 0
+    bytes: int = 0
+
+
+@dataclass
+class Listing:
+    run: str
+    prefix: str  # <output>/<run>
+    versions: list[Version] = field(default_factory=list)  # complete only, oldest first
+    incomplete: list[str] = field(default_factory=list)  # v<N> folders without _COMPLETE
+    latest: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _run_prefix(output: str, run: str) -> str:
+    return f"{output.rstrip('/')}/{run}"
+
+
+def list_versions(output: str, run: str) -> Listing:
+    """Versions of ``run`` under the spec's ``output`` prefix (s3://… or a folder)."""
+    run_uri = _run_prefix(output, run)
+    store, base = open_store(run_uri)
+    listing = Listing(run=run, prefix=run_uri)
+    numbered = sorted(((int(m.group(1)), d) for d in store.list_dirs(base) if (m := _VERSION_RE.match(d))))
+    for n, d in numbered:
+        key = join(base, d)
+        objs = store.list(key + "/")
+        if any(o.key.rsplit("/", 1)[-1] == COMPLETE for o in objs):
+            listing.versions.append(Version(d, n, f"{run_uri}/{d}", files=len(objs),
+                                            bytes=sum(o.size for o in objs)))
+        else:
+            listing.incomplete.append(d)
+    latest_key = join(base, LATEST)
+    if store.exists(latest_key):
+        text = store.get_bytes(latest_key).decode("utf-8", "replace").strip()
+        if text in {v.name for v in listing.versions}:
+            listing.latest = text
+    if listing.latest is None and listing.versions:
+        listing.latest = listing.versions[-1].name
+    return listing
+
+
+def manifest_entries(manifest: Any) -> dict[str, dict[str, Any]]:
+    """{relative path: {"sha256", "size"}} from the manifest, whichever of the usual shapes it has."""
+    files = manifest.get("files", manifest) if isinstance(manifest, dict) else manifest
+    out: dict[str, dict[str, Any]] = {}
+    if isinstance(files, dict):
+        for path, info in files.items():
+            if isinstance(info, dict) and "sha256" in info:
+                out[path] = info
+            elif isinstance(info, str):
+                out[path] = {"sha256": info}
+    elif isinstance(files, list):
+        for info in files:
+            if isinstance(info, dict) and "sha256" in info and ("path" in info or "name" in info):
+                out[info.get("path") or info["name"]] = info
+    return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def download_version(output: str, run: str, version: str | None, dest: str | Path) -> tuple[str, Path]:
+    """Download a complete version (default: latest) into ``dest/<version>``; verify every file against the
+    manifest and the manifest against ``_COMPLETE``. Returns (version, folder)."""
+    listing = list_versions(output, run)
+    if not listing.versions:
+        extra = f" ({len(listing.incomplete)} incomplete)" if listing.incomplete else ""
+        raise StorageError(f"run {run} has no complete version under {listing.prefix}{extra}",
+                           hint="wait for the run to finish publishing (launcher status)")
+    version = version or listing.latest
+    if version and version.isdigit():
+        version = f"v{version}"
+    if version in listing.incomplete:
+        raise StorageError(f"{listing.prefix}/{version} is incomplete (no {COMPLETE} marker)",
+                           hint="wait for the publish to finish, or pick a complete version")
+    if version not in {v.name for v in listing.versions}:
+        have = ", ".join(v.name for v in listing.versions)
+        raise StorageError(f"run {run} has no version {version}", hint=f"pick one of: {have}")
+    store, base = open_store(f"{listing.prefix}/{version}")
+    manifest_raw = store.get_bytes(join(base, MANIFEST))
+    marker = store.get_bytes(join(base, COMPLETE)).decode("utf-8", "replace").strip()
+    digest = hashlib.sha256(manifest_raw).hexdigest()
+    if marker and re.fullmatch(r"[0-9a-f]{64}", marker) and marker != digest:
+        raise StorageError(f"{listing.prefix}/{version}/{MANIFEST} does not match its {COMPLETE} marker",
+                           hint="the version was altered after publishing; do not use it")
+    try:
+        entries = manifest_entries(json.loads(manifest_raw))
+    except ValueError:
+        raise StorageError(f"{listing.prefix}/{version}/{MANIFEST} is not valid JSON",
+                           hint="the version is damaged; pick another") from None
+    if not entries:
+        raise StorageError(f"{listing.prefix}/{version}/{MANIFEST} lists no files",
+                           hint="the version is damaged or from an incompatible publisher; pick another")
+    target = Path(dest) / version
+    target.mkdir(parents=True, exist_ok=True)
+    bad = []
+    for rel, info in sorted(entries.items()):
+        if rel.startswith("/") or ".." in Path(rel).parts:
+            raise StorageError(f"manifest of {version} names an unsafe path {rel!r}", hint="do not use it")
+        local = target / rel
+        store.get_file(join(base, rel), local)
+        if _sha256(local) != info["sha256"] or ("size" in info and local.stat().st_size != int(info["size"])):
+            bad.append(rel)
+    (target / MANIFEST).write_bytes(manifest_raw)
+    (target / COMPLETE).write_text(marker + "\n" if marker else "")
+    if bad:
+        raise StorageError(f"{len(bad)} file(s) of {version} do not match the manifest: {', '.join(bad[:5])}",
+                           hint="download again; if it persists the stored version is damaged")
+    return version, target

@@ -1,0 +1,299 @@
+"""Job + pods + events -> one sentence saying where a run is and why. Pure.
+
+Inputs are plain dicts shaped like the API's JSON (what
+``ApiClient.sanitize_for_serialization`` or a raw GET returns), so every case is a
+unit test with a realistic dict and no cluster.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from jobs.errors import describe_exit_code
+
+CONTAINER = "trainer"
+
+#: States, in the order a run normally passes through them.
+QUEUED, PENDING, RUNNING, SUCCEEDED, FAILED, DELETING = (
+    "Queued", "Pending", "Running", "Succeeded", "Failed", "Deleting")
+FINISHED = (SUCCEEDED, FAILED)
+
+_IMAGE_ERRORS = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull",
+                 "RegistryUnavailable"}
+_CONFIG_ERRORS = {"CreateContainerConfigError", "CreateContainerError", "RunContainerError"}
+
+
+@dataclass
+class Diagnosis:
+    """``state`` is one of Queued, Pending, Running, Succeeded, Failed, Deleting.
+
+    ``blocked`` marks a pending run that will not start by itself (bad image, missing Secret, quota).
+    """
+
+    state: str
+    sentence: str
+    details: list[str] = field(default_factory=list)
+    exit_code: int | None = None
+    blocked: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINISHED
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- small readers
+
+def _meta(obj: dict) -> dict:
+    return obj.get("metadata") or {}
+
+
+def _status(obj: dict) -> dict:
+    return obj.get("status") or {}
+
+
+def _true_conditions(obj: dict) -> dict[str, dict]:
+    return {c.get("type"): c for c in _status(obj).get("conditions") or [] if str(c.get("status")) == "True"}
+
+
+def _condition(obj: dict, ctype: str) -> dict | None:
+    for c in _status(obj).get("conditions") or []:
+        if c.get("type") == ctype:
+            return c
+    return None
+
+
+def _created(obj: dict) -> str:
+    return str(_meta(obj).get("creationTimestamp") or "")
+
+
+def trainer_status(pod: dict) -> dict | None:
+    statuses = _status(pod).get("containerStatuses") or []
+    for s in statuses:
+        if s.get("name") == CONTAINER:
+            return s
+    return statuses[0] if statuses else None
+
+
+def _terminated(pod: dict) -> dict | None:
+    s = trainer_status(pod)
+    if not s:
+        return None
+    return (s.get("state") or {}).get("terminated") or (s.get("lastState") or {}).get("terminated")
+
+
+def parse_termination_message(message: str | None) -> dict[str, Any]:
+    """The job's one-line JSON (exit_code, reason, message, stage), or the log tail's last line."""
+    if not message or not message.strip():
+        return {}
+    lines = [ln for ln in message.strip().splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        ln = ln.strip()
+        if ln.startswith("{"):
+            try:
+                data = json.loads(ln)
+            except ValueError:
+                continue
+            if isinstance(data, dict):
+                return data
+    return {"message": lines[-1].strip()[:500]}
+
+
+@dataclass
+class Attempt:
+    """One pod of the Job, reduced to what a user cares about."""
+
+    pod: str
+    phase: str
+    node: str | None
+    exit_code: int | None
+    reason: str | None  # why it ended or waits
+    message: str | None
+    stage: str | None
+    evicted: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def attempt_of(pod: dict) -> Attempt:
+    st = _status(pod)
+    term = _terminated(pod)
+    disruption = _condition(pod, "DisruptionTarget")
+    evicted = bool(disruption and str(disruption.get("status")) == "True") or st.get("reason") == "Evicted"
+    exit_code = reason = message = stage = None
+    if term:
+        exit_code = term.get("exitCode")
+        reason = term.get("reason")
+        tm = parse_termination_message(term.get("message"))
+        message = tm.get("message")
+        stage = tm.get("stage")
+        if isinstance(tm.get("exit_code"), int) and exit_code is None:
+            exit_code = tm["exit_code"]
+    else:
+        s = trainer_status(pod) or {}
+        waiting = (s.get("state") or {}).get("waiting")
+        if waiting:
+            reason, message = waiting.get("reason"), waiting.get("message")
+        sched = _condition(pod, "PodScheduled")
+        if sched and str(sched.get("status")) == "False":
+            reason, message = sched.get("reason") or "Unschedulable", sched.get("message")
+    if evicted:
+        reason = (disruption or {}).get("reason") or st.get("reason") or "Evicted"
+        message = (disruption or {}).get("message") or st.get("message") or message
+    return Attempt(pod=_meta(pod).get("name", "?"), phase=st.get("phase") or "Unknown",
+                   node=(pod.get("spec") or {}).get("nodeName"), exit_code=exit_code, reason=reason,
+                   message=message, stage=stage, evicted=evicted)
+
+
+def _explain_exit(a: Attempt) -> str:
+    if a.exit_code is None:
+        return a.message or a.reason or "failed"
+    text = describe_exit_code(a.exit_code)
+    if a.message:
+        text += f": {a.message}"
+    where = f"stage {a.stage}, " if a.stage else ""
+    return f"{text} ({where}exit code {a.exit_code})"
+
+
+def _short_scheduler_message(msg: str) -> str:
+    msg = msg.split(" preemption:", 1)[0].strip()
+    msg = re.sub(r"\s*no new claims to deallocate,?", "", msg).strip()
+    return msg.rstrip(".,") or msg
+
+
+def _event_time(e: dict) -> str:
+    return str(e.get("lastTimestamp") or e.get("eventTime") or _meta(e).get("creationTimestamp") or "")
+
+
+# ----------------------------------------------------------------------------- the decision
+
+def diagnose(job: dict, pods: list[dict], events: list[dict], *, gpu_resource: str = "nvidia.com/gpu") -> Diagnosis:
+    """Where the run is, in one sentence, plus details and the trainer's exit code when it ended."""
+    name = _meta(job).get("name", "?")
+    spec = job.get("spec") or {}
+    st = _status(job)
+    conds = _true_conditions(job)
+    pods = sorted(pods, key=lambda p: (_created(p), _meta(p).get("name", "")))
+    attempts = [attempt_of(p) for p in pods]
+    failed = [a for a in attempts if a.phase == "Failed"]
+    evicted = [a for a in failed if a.evicted]
+    counted = [a for a in failed if not a.evicted]
+    backoff = spec.get("backoffLimit")
+
+    details = [f"job {name}: active {st.get('active', 0)}, succeeded {st.get('succeeded', 0)}, "
+               f"failed {st.get('failed', 0)}" + (f" (retries allowed: {backoff})" if backoff is not None else "")]
+    for a in failed:
+        if a.evicted:
+            details.append(f"pod {a.pod} was evicted ({a.reason}): not counted against retries"
+                           + (f" — {a.message}" if a.message else ""))
+        else:
+            details.append(f"pod {a.pod} failed: {_explain_exit(a)}")
+
+    warnings = sorted((e for e in events if e.get("type") == "Warning"), key=_event_time)
+    for e in warnings[-5:]:
+        obj = e.get("involvedObject") or {}
+        details.append(f"event {e.get('reason')} on {obj.get('kind', '?')} {obj.get('name', '?')}: "
+                       f"{(e.get('message') or '').strip()}")
+
+    if _meta(job).get("deletionTimestamp"):
+        return Diagnosis(DELETING, "being deleted (cancelled)", details)
+
+    if "Complete" in conds or "SuccessCriteriaMet" in conds:
+        done = [a for a in attempts if a.phase == "Succeeded"]
+        return Diagnosis(SUCCEEDED, "succeeded" + (f" (pod {done[-1].pod})" if done else ""), details, exit_code=0)
+
+    fail_cond = conds.get("Failed") or conds.get("FailureTarget")
+    if fail_cond:
+        return _failed(fail_cond, counted, evicted, spec, details)
+
+    if "Suspended" in conds:
+        queue = (_meta(job).get("labels") or {}).get("kueue.x-k8s.io/queue-name")
+        where = f"Kueue queue {queue}" if queue else "its queue (the Job is suspended)"
+        return Diagnosis(QUEUED, f"queued: waiting for {where} to admit it", details)
+
+    live = [(p, a) for p, a in zip(pods, attempts) if a.phase in ("Pending", "Running", "Unknown")
+            and not _meta(p).get("deletionTimestamp")]
+    retry_note = ""
+    if counted:
+        retry_note = f" (attempt {len(counted) + 1}; the last one {_explain_exit(counted[-1])})"
+    elif evicted:
+        retry_note = f" (replacing evicted pod {evicted[-1].pod})"
+
+    if not live:
+        failed_create = [e for e in warnings if e.get("reason") == "FailedCreate"]
+        if failed_create:
+            msg = (failed_create[-1].get("message") or "").strip()
+            fix = " — raise the ResourceQuota or lower resources" if "quota" in msg else ""
+            return Diagnosis(PENDING, f"cannot create the pod: {msg}{fix}", details, blocked=True)
+        return Diagnosis(PENDING, "waiting for the Job controller to create a pod" + retry_note, details)
+
+    pod, a = live[-1]
+    if a.phase == "Running":
+        node = f" on {a.node}" if a.node else ""
+        return Diagnosis(RUNNING, f"running{node}" + retry_note, details)
+
+    # Pending: not scheduled, or scheduled but the container cannot start.
+    sched = _condition(pod, "PodScheduled")
+    if sched and str(sched.get("status")) == "False":
+        msg = _short_scheduler_message(sched.get("message") or sched.get("reason") or "unschedulable")
+        details.append(f"scheduler: {sched.get('message')}")
+        if f"Insufficient {gpu_resource}" in msg or re.search(r"Insufficient \S*gpu", msg):
+            return Diagnosis(PENDING, f"waiting for GPUs: {msg}" + retry_note, details)
+        return Diagnosis(PENDING, f"waiting for a node: {msg}" + retry_note, details)
+    if a.reason in _IMAGE_ERRORS:
+        image = ((pod.get("spec") or {}).get("containers") or [{}])[0].get("image", "?")
+        return Diagnosis(PENDING, f"cannot pull the trainer image {image} ({a.reason}): {a.message or ''}".rstrip(": ")
+                         + " — check the image name and tag (LAUNCHER_IMAGE) and the registry credentials",
+                         details, blocked=True)
+    if a.reason in _CONFIG_ERRORS:
+        msg = a.message or a.reason
+        fix = ""
+        if "secret" in msg.lower():
+            fix = " — create the S3 credentials Secret with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+        return Diagnosis(PENDING, f"cannot start the container: {msg}{fix}", details, blocked=True)
+    if a.reason == "ContainerCreating" or (sched and str(sched.get("status")) == "True"):
+        mount = [e for e in warnings if e.get("reason") == "FailedMount"
+                 and (e.get("involvedObject") or {}).get("name") == a.pod]
+        if mount:
+            return Diagnosis(PENDING, f"cannot mount a volume: {(mount[-1].get('message') or '').strip()}",
+                             details, blocked=True)
+        node = f" on {a.node}" if a.node else ""
+        return Diagnosis(PENDING, f"starting{node}" + retry_note, details)
+    return Diagnosis(PENDING, "waiting to be scheduled" + retry_note, details)
+
+
+def _failed(cond: dict, counted: list[Attempt], evicted: list[Attempt], spec: dict,
+            details: list[str]) -> Diagnosis:
+    reason = cond.get("reason") or ""
+    message = cond.get("message") or ""
+    last = counted[-1] if counted else None
+    if reason == "PodFailurePolicy":
+        m = re.search(r"for pod \S+?/(\S+) failed with exit code (\d+)", message)
+        if m:
+            match = [a for a in counted if a.pod == m.group(1)]
+            last = match[-1] if match else last
+            if last is not None and last.exit_code is None:
+                last.exit_code = int(m.group(2))
+            elif last is None:
+                code = int(m.group(2))
+                return Diagnosis(FAILED, f"failed: {describe_exit_code(code)} (exit code {code})",
+                                 details, exit_code=code)
+        text = _explain_exit(last) if last else message
+        return Diagnosis(FAILED, f"failed: {text}", details, exit_code=last.exit_code if last else None)
+    if reason == "BackoffLimitExceeded":
+        n = len(counted)
+        tail = f"; the last one {_explain_exit(last)}" if last else ""
+        return Diagnosis(FAILED, f"failed after {n} attempt{'s' if n != 1 else ''}{tail}", details,
+                         exit_code=last.exit_code if last else None)
+    if reason == "DeadlineExceeded":
+        secs = spec.get("activeDeadlineSeconds")
+        limit = f" of {secs / 3600:g} h" if secs else ""
+        return Diagnosis(FAILED, f"failed: ran past its time limit{limit} — raise resources.timeout_hours "
+                                 "or shorten the run", details, exit_code=last.exit_code if last else None)
+    text = message or reason or "failed"
+    return Diagnosis(FAILED, f"failed: {text}", details, exit_code=last.exit_code if last else None)

@@ -1,0 +1,206 @@
+"""Spec + settings -> the Job and its spec ConfigMap, as plain dicts. Pure: no I/O, no clock.
+
+Only the fields of ``spec.resources`` (and the run name, hash and labels) shape the
+pod; everything else travels inside the ConfigMap as data, so a spec cannot inject
+pod fields. The contracts are in docs/architecture.md.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from jobs.errors import PERMANENT_EXIT_CODES
+from jobs.spec import TrainingRunSpec
+from launcher.settings import LauncherSettings
+
+APP = "lora-jobs"
+COMPONENT = "training"
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_RUN = "lora-jobs.io/run"
+LABEL_HASH = "lora-jobs.io/spec-hash"
+LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
+ANNOTATION_OUTPUT = "lora-jobs.io/output"
+ANNOTATION_BASE_MODEL = "lora-jobs.io/base-model"
+ANNOTATION_SPEC = "lora-jobs.io/spec-configmap"
+CONTAINER = "trainer"
+SPEC_DIR = "/etc/lora-jobs"
+SPEC_KEY = "spec.yaml"
+SCRATCH = "/scratch"
+#: Time for the trainer to write a checkpoint after SIGTERM (preemption, cancel).
+TERMINATION_GRACE_SECONDS = 120
+RUN_AS = 1000
+
+
+def job_name(spec: TrainingRunSpec) -> str:
+    """``<name>-<hash8>``: the same spec is the same Job."""
+    return f"{spec.name}-{spec.spec_hash()[:8]}"
+
+
+def run_labels(spec: TrainingRunSpec) -> dict[str, str]:
+    """The user's extra labels, then ours (ours win: selectors depend on them)."""
+    labels = dict(spec.labels)
+    labels.update({
+        LABEL_NAME: APP,
+        LABEL_COMPONENT: COMPONENT,
+        LABEL_RUN: spec.name,
+        LABEL_HASH: spec.spec_hash(),
+    })
+    return labels
+
+
+def spec_yaml(spec: TrainingRunSpec) -> str:
+    import yaml
+
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def render_configmap(spec: TrainingRunSpec, settings: LauncherSettings) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": job_name(spec), "namespace": settings.namespace, "labels": run_labels(spec)},
+        "data": {SPEC_KEY: spec_yaml(spec)},
+    }
+
+
+def _env(spec: TrainingRunSpec, settings: LauncherSettings) -> list[dict[str, Any]]:
+    def secret(name: str, key: str) -> dict[str, Any]:
+        return {"name": name, "valueFrom": {"secretKeyRef": {"name": settings.s3_secret_name, "key": key}}}
+
+    env = [
+        secret("AWS_ACCESS_KEY_ID", settings.s3_access_key_key),
+        secret("AWS_SECRET_ACCESS_KEY", settings.s3_secret_key_key),
+    ]
+    if settings.s3_endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": settings.s3_endpoint})
+    env += [
+        {"name": "AWS_REGION", "value": settings.s3_region},
+        {"name": "LORA_JOBS_WORKDIR", "value": SCRATCH},
+        {"name": "LORA_JOBS_RUN_ID", "value": job_name(spec)},
+        {"name": "LORA_JOBS_IMAGE", "value": settings.image},
+        {"name": "HF_HOME", "value": f"{SCRATCH}/hf"},
+    ]
+    return env
+
+
+def _resources(spec: TrainingRunSpec, settings: LauncherSettings) -> dict[str, Any]:
+    r = spec.resources
+    out: dict[str, Any] = {"requests": {"cpu": r.cpu, "memory": r.memory}, "limits": {"memory": r.memory}}
+    if r.gpus:
+        # Extended resources are limits only; the request defaults to the limit.
+        out["limits"][settings.gpu_resource] = r.gpus
+    return out
+
+
+def _pod_failure_policy() -> dict[str, Any]:
+    # A rule-less failure (exit 1, 75, OOM) is counted against backoffLimit: that is "Count otherwise".
+    return {"rules": [
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
+                                              "values": sorted(int(c) for c in PERMANENT_EXIT_CODES)}},
+    ]}
+
+
+def render_job(spec: TrainingRunSpec, settings: LauncherSettings) -> dict[str, Any]:
+    name = job_name(spec)
+    labels = run_labels(spec)
+    r = spec.resources
+    job_labels = dict(labels)
+    if settings.queue:
+        job_labels[LABEL_QUEUE] = settings.queue
+    annotations = {
+        ANNOTATION_OUTPUT: f"{spec.output}/{spec.name}",
+        ANNOTATION_BASE_MODEL: spec.base_model.uri,
+        ANNOTATION_SPEC: name,
+    }
+    container = {
+        "name": CONTAINER,
+        "image": settings.image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": ["python", "-m", "jobs", "run", "--spec", f"{SPEC_DIR}/{SPEC_KEY}"],
+        "env": _env(spec, settings),
+        "resources": _resources(spec, settings),
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS,
+            "runAsGroup": RUN_AS,
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "terminationMessagePath": "/dev/termination-log",
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "volumeMounts": [
+            {"name": "spec", "mountPath": SPEC_DIR, "readOnly": True},
+            {"name": "scratch", "mountPath": SCRATCH},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "serviceAccountName": settings.service_account,
+        # The trainer talks to S3, never to the API server.
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS,
+            "runAsGroup": RUN_AS,
+            "fsGroup": RUN_AS,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": [
+            {"name": "spec", "configMap": {"name": name, "items": [{"key": SPEC_KEY, "path": SPEC_KEY}]}},
+            {"name": "scratch", "emptyDir": {"sizeLimit": r.scratch}},
+            {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
+        ],
+    }
+    if r.gpus:
+        # The GPU node selector and tolerations steer GPU runs only; a CPU run may land anywhere.
+        if settings.node_selector:
+            pod_spec["nodeSelector"] = dict(settings.node_selector)
+        if settings.tolerations:
+            pod_spec["tolerations"] = [dict(t) for t in settings.tolerations]
+    priority = r.priority_class or settings.priority_class
+    if priority:
+        pod_spec["priorityClassName"] = priority
+    job_spec: dict[str, Any] = {
+        "backoffLimit": r.retries,
+        "activeDeadlineSeconds": max(1, int(r.timeout_hours * 3600)),
+        "ttlSecondsAfterFinished": settings.ttl_seconds_after_finished,
+        "completions": 1,
+        "parallelism": 1,
+        "podReplacementPolicy": "Failed",
+        "podFailurePolicy": _pod_failure_policy(),
+        "template": {"metadata": {"labels": labels}, "spec": pod_spec},
+    }
+    if settings.queue:
+        job_spec["suspend"] = True  # Kueue admits (unsuspends) it
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name, "namespace": settings.namespace, "labels": job_labels,
+                     "annotations": annotations},
+        "spec": job_spec,
+    }
+
+
+def render_run(spec: TrainingRunSpec, settings: LauncherSettings) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(Job, ConfigMap) for one run."""
+    return render_job(spec, settings), render_configmap(spec, settings)
+
+
+def owner_reference(job: dict[str, Any]) -> dict[str, Any]:
+    """An ownerReference to a created Job (needs its uid), so the ConfigMap goes with the Job."""
+    meta = job["metadata"]
+    return {"apiVersion": "batch/v1", "kind": "Job", "name": meta["name"], "uid": meta["uid"],
+            "blockOwnerDeletion": False, "controller": False}
+
+
+def to_yaml(*docs: dict[str, Any]) -> str:
+    import yaml
+
+    return yaml.safe_dump_all(list(docs), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,176 @@
+"""The launcher's one settings class.
+
+Precedence, highest first: explicit arguments (CLI flags), ``LAUNCHER_*``
+environment variables, the user's YAML file (``LAUNCHER_CONFIG`` or
+``~/.config/lora-jobs/launcher.yaml``), the ``lora-jobs-launcher`` ConfigMap that
+the Helm chart installs in the namespace (key ``settings.yaml``), then defaults.
+
+The ConfigMap needs a cluster, so it is read only by :func:`load_settings` when
+it is given a kube client; everything else works offline (``--dry-run``).
+"""
+from __future__ import annotations
+
+import contextvars
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, ValidationError
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from jobs.errors import LoraJobError
+
+CLUSTER_CONFIGMAP = "lora-jobs-launcher"
+CLUSTER_CONFIGMAP_KEY = "settings.yaml"
+DEFAULT_CONFIG_FILE = "~/.config/lora-jobs/launcher.yaml"
+
+#: Where the cluster is and who we are: the namespace's ConfigMap cannot decide these.
+_LOCAL_ONLY = {"kubeconfig", "context", "namespace"}
+
+_cluster_values: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("cluster_values", default={})
+
+
+class SettingsError(LoraJobError):
+    """A settings file or variable is invalid."""
+
+    cli_exit_code = 2
+
+
+def _default_tolerations() -> list[dict[str, Any]]:
+    return [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+
+
+class LauncherSettings(BaseSettings):
+    """Where and how the launcher runs Jobs; every field is a ``LAUNCHER_<NAME>`` variable."""
+
+    model_config = SettingsConfigDict(env_prefix="LAUNCHER_", extra="forbid", validate_default=True)
+
+    kubeconfig: str | None = Field(None, description="Path of the kubeconfig; default: $KUBECONFIG, "
+                                                     "~/.kube/config, or the in-cluster service account.")
+    context: str | None = Field(None, description="kubeconfig context; default: the current context.")
+    namespace: str = Field("default", description="Namespace the Jobs run in.")
+    image: str = Field("lora-jobs/trainer:0.1.0", description="The trainer image.")
+    image_pull_policy: str = Field("IfNotPresent", pattern=r"^(Always|IfNotPresent|Never)$",
+                                   description="imagePullPolicy of the trainer container.")
+    s3_endpoint: str | None = Field(None, description="S3 endpoint URL given to the job as AWS_ENDPOINT_URL "
+                                                      "(empty: the AWS default).")
+    s3_region: str = Field("us-east-1", description="AWS_REGION of the job.")
+    s3_secret_name: str = Field("lora-jobs-s3", description="Secret holding the S3 credentials.")
+    s3_access_key_key: str = Field("AWS_ACCESS_KEY_ID", description="Key of the access key id in that Secret.")
+    s3_secret_key_key: str = Field("AWS_SECRET_ACCESS_KEY", description="Key of the secret key in that Secret.")
+    gpu_resource: str = Field("nvidia.com/gpu", description="Extended resource name of a GPU.")
+    node_selector: dict[str, str] = Field(default_factory=dict,
+                                          description="nodeSelector for runs that ask for GPUs.")
+    tolerations: list[dict[str, Any]] = Field(default_factory=_default_tolerations,
+                                              description="Tolerations for runs that ask for GPUs.")
+    service_account: str = Field("lora-jobs-trainer", description="ServiceAccount of the training pod.")
+    queue: str | None = Field(None, description="Kueue LocalQueue; set: Jobs are created suspended and labelled.")
+    ttl_seconds_after_finished: int = Field(7 * 24 * 3600, ge=0,
+                                            description="Finished Jobs (and their spec) are deleted after this.")
+    priority_class: str | None = Field(None, description="Default PriorityClass (a spec's resources.priority_class "
+                                                         "wins).")
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings, env_settings,
+                                   dotenv_settings, file_secret_settings) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, _YamlFileSource(settings_cls), _ClusterSource(settings_cls))
+
+
+def config_file_path() -> Path:
+    return Path(os.environ.get("LAUNCHER_CONFIG") or DEFAULT_CONFIG_FILE).expanduser()
+
+
+class _DictSource(PydanticBaseSettingsSource):
+    def _data(self) -> dict[str, Any]:  # pragma: no cover - overridden
+        return {}
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return self._data().get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return dict(self._data())
+
+
+class _YamlFileSource(_DictSource):
+    """The user's config file; unknown keys are errors (a typo must not pass silently)."""
+
+    def _data(self) -> dict[str, Any]:
+        path = config_file_path()
+        explicit = bool(os.environ.get("LAUNCHER_CONFIG"))
+        if not path.is_file():
+            if explicit:
+                raise SettingsError(f"LAUNCHER_CONFIG names {path}, which does not exist",
+                                    hint="fix the path or unset LAUNCHER_CONFIG")
+            return {}
+        return _parse_yaml(path.read_text(encoding="utf-8-sig"), str(path))
+
+
+class _ClusterSource(_DictSource):
+    """Values from the namespace's ConfigMap, set by :func:`load_settings`."""
+
+    def _data(self) -> dict[str, Any]:
+        return _cluster_values.get()
+
+
+def _parse_yaml(text: str, where: str) -> dict[str, Any]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise SettingsError(f"{where} is not valid YAML: {getattr(err, 'problem', None) or err}",
+                            hint="check indentation and quoting") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SettingsError(f"{where} must be a mapping of settings, got a {type(data).__name__}",
+                            hint="write `key: value` lines, e.g. `namespace: ml`")
+    return data
+
+
+def cluster_values_from_configmap(configmap: dict | None) -> dict[str, Any]:
+    """The settings a ConfigMap provides; keys this launcher does not know are ignored, because a newer chart
+    may carry settings for a newer launcher."""
+    if not configmap:
+        return {}
+    text = (configmap.get("data") or {}).get(CLUSTER_CONFIGMAP_KEY)
+    if not text:
+        return {}
+    name = (configmap.get("metadata") or {}).get("name", CLUSTER_CONFIGMAP)
+    data = _parse_yaml(text, f"ConfigMap {name} (key {CLUSTER_CONFIGMAP_KEY})")
+    return {k: v for k, v in data.items() if k in LauncherSettings.model_fields and k not in _LOCAL_ONLY}
+
+
+def make_settings(cluster: dict[str, Any] | None = None, **overrides: Any) -> LauncherSettings:
+    """Settings from overrides, env, the config file and ``cluster`` values; invalid ones raise SettingsError."""
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    token = _cluster_values.set(cluster or {})
+    try:
+        return LauncherSettings(**overrides)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(settings)'}: {e['msg']}"
+                             for e in err.errors())
+        raise SettingsError(f"invalid launcher settings: {problems}",
+                            hint=f"check LAUNCHER_* variables and {config_file_path()}") from None
+    finally:
+        _cluster_values.reset(token)
+
+
+def load_settings(kube: Any = None, **overrides: Any) -> LauncherSettings:
+    """Settings, including the namespace's ``lora-jobs-launcher`` ConfigMap when ``kube`` is given.
+
+    ``kube`` needs one method, ``get_configmap(name, namespace) -> dict | None``. A ConfigMap we may not read
+    (403) is skipped: it only holds defaults.
+    """
+    base = make_settings(**overrides)
+    if kube is None:
+        return base
+    from launcher.kube import Forbidden
+
+    try:
+        cm = kube.get_configmap(CLUSTER_CONFIGMAP, namespace=base.namespace)
+    except Forbidden:
+        cm = None
+    values = cluster_values_from_configmap(cm)
+    return make_settings(values, **overrides) if values else base

@@ -1,0 +1,305 @@
+"""Preflight checks and idempotent creation of a run (ConfigMap, then Job, then the ownerReference).
+
+The Job name is derived from the spec hash, so the API server's name uniqueness
+is our lock: two processes submitting the same spec race on ``create``, one gets
+409 AlreadyExists and reports "already submitted".
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from jobs.errors import LoraJobError
+from jobs.spec import TrainingRunSpec
+from launcher import render
+from launcher.kube import AlreadyExists, Forbidden, Invalid, Kube, NotFound
+from launcher.settings import LauncherSettings
+
+
+class PreflightError(LoraJobError):
+    """One or more preflight checks failed; each line says what and how to fix it."""
+
+    cli_exit_code = 3
+
+    def __init__(self, failures: list[str]):
+        self.failures = failures
+        noun = "check" if len(failures) == 1 else "checks"
+        super().__init__(f"{len(failures)} preflight {noun} failed:\n" + "\n".join(f"  - {f}" for f in failures))
+
+
+class SubmitConflict(LoraJobError):
+    cli_exit_code = 3
+
+
+@dataclass
+class SubmitResult:
+    job_name: str
+    created: bool  # False: the same spec was already submitted
+    job: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+    dry_run: bool = False
+
+    @property
+    def message(self) -> str:
+        if self.dry_run:
+            return f"server-side dry-run passed: job {self.job_name} would be created"
+        return f"{'submitted' if self.created else 'already submitted'}: job {self.job_name}"
+
+
+# ------------------------------------------------------------------------------ quantities
+
+_SUFFIX = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
+           "n": 1e-9, "u": 1e-6, "m": 1e-3, "": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18}
+
+
+def parse_quantity(q: Any) -> float:
+    """A Kubernetes quantity ('500m', '32Gi', '8', 2) as a number."""
+    if isinstance(q, (int, float)):
+        return float(q)
+    m = re.fullmatch(r"\s*([+-]?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)\s*([A-Za-z]*)\s*", str(q))
+    if not m or m.group(2) not in _SUFFIX:
+        raise ValueError(f"not a quantity: {q!r}")
+    return float(m.group(1)) * _SUFFIX[m.group(2)]
+
+
+# ------------------------------------------------------------------------------ node fit (pure)
+
+def _tolerates(taint: dict, tolerations: list[dict]) -> bool:
+    for t in tolerations:
+        if t.get("effect") and t.get("effect") != taint.get("effect"):
+            continue
+        op = t.get("operator", "Equal")
+        if not t.get("key") and op == "Exists":
+            return True
+        if t.get("key") != taint.get("key"):
+            continue
+        if op == "Exists" or t.get("value", "") == taint.get("value", ""):
+            return True
+    return False
+
+
+def node_fit_problem(node: dict, pod_spec: dict, requests: dict[str, Any]) -> str | None:
+    """Why ``node`` can never run the pod (ignoring what already runs there), or None if it could."""
+    meta, spec, status = node.get("metadata") or {}, node.get("spec") or {}, node.get("status") or {}
+    labels = meta.get("labels") or {}
+    for k, v in (pod_spec.get("nodeSelector") or {}).items():
+        if labels.get(k) != v:
+            return f"lacks label {k}={v}"
+    for taint in spec.get("taints") or []:
+        if taint.get("effect") in ("NoSchedule", "NoExecute") and not _tolerates(taint, pod_spec.get("tolerations") or []):
+            return f"has taint {taint.get('key')}={taint.get('value', '')}:{taint.get('effect')} the run does not tolerate"
+    alloc = status.get("allocatable") or {}
+    for res, want in requests.items():
+        have = parse_quantity(alloc.get(res, 0))
+        if have < parse_quantity(want):
+            return f"has {alloc.get(res, 0)} {res} allocatable, the run asks for {want}"
+    return None
+
+
+def fit_failure(nodes: list[dict], job: dict, gpu_resource: str) -> str | None:
+    """A sentence when no node can ever fit the pod, else None."""
+    pod_spec = job["spec"]["template"]["spec"]
+    res = pod_spec["containers"][0].get("resources") or {}
+    requests = dict(res.get("requests") or {})
+    for k, v in (res.get("limits") or {}).items():
+        requests.setdefault(k, v)
+    if not nodes:
+        return "the cluster has no nodes — add nodes (or check that you may list them)"
+    reasons = []
+    for node in nodes:
+        why = node_fit_problem(node, pod_spec, requests)
+        if why is None:
+            return None
+        reasons.append(f"{(node.get('metadata') or {}).get('name', '?')} {why}")
+    gpus = requests.get(gpu_resource)
+    best = max((parse_quantity(((n.get("status") or {}).get("allocatable") or {}).get(gpu_resource, 0))
+                for n in nodes), default=0)
+    if gpus and best < parse_quantity(gpus):
+        fix = (f"lower resources.gpus to {int(best)} or add a node with more {gpu_resource}" if best
+               else f"add GPU nodes that advertise {gpu_resource} (is the device plugin running?) "
+                    "or set resources.gpus: 0")
+        head = f"no node can ever fit {gpus} {gpu_resource} (the most any node has is {int(best)})"
+    else:
+        head = "no node can ever run this pod"
+        fix = "adjust resources, LAUNCHER_NODE_SELECTOR / LAUNCHER_TOLERATIONS, or the nodes"
+    return f"{head}: {'; '.join(reasons)} — {fix}"
+
+
+def local_path_problems(spec: TrainingRunSpec) -> list[str]:
+    """Paths a pod cannot read: the cluster only sees object storage (and hf: when it can reach a hub)."""
+    out = []
+    candidates = [("base_model.uri", spec.base_model.uri), ("dataset.train", spec.dataset.train),
+                  ("dataset.validation", spec.dataset.validation), ("output", spec.output)]
+    if isinstance(spec.eval.prompts, str):
+        candidates.append(("eval.prompts", spec.eval.prompts))
+    for where, value in candidates:
+        if value and not value.startswith(("s3://", "hf:")):
+            out.append(f"{where} is a local path ({value}) that a pod cannot read — upload it to S3 and use "
+                       "s3://bucket/key, or run it here with --local")
+    return out
+
+
+# ------------------------------------------------------------------------------ preflight (I/O)
+
+def preflight(kube: Kube, spec: TrainingRunSpec, settings: LauncherSettings, job: dict, configmap: dict,
+              *, check_nodes: bool = True) -> list[str]:
+    """Run every check, raise :class:`PreflightError` listing all failures; return warnings (checks skipped
+    because RBAC does not let us look)."""
+    failures: list[str] = local_path_problems(spec)
+    warnings: list[str] = []
+    ns = settings.namespace
+
+    try:
+        if kube.get_namespace(ns) is None:
+            raise PreflightError(failures + [f"namespace {ns} does not exist — create it "
+                                             f"(kubectl create namespace {ns}) or set LAUNCHER_NAMESPACE"])
+    except Forbidden:
+        warnings.append(f"could not check that namespace {ns} exists (not allowed to get namespaces)")
+
+    try:
+        secret = kube.get_secret(settings.s3_secret_name)
+        if secret is None:
+            failures.append(f"Secret {settings.s3_secret_name} with the S3 credentials is missing in namespace {ns} "
+                            f"— create it with keys {settings.s3_access_key_key} and {settings.s3_secret_key_key} "
+                            "(the Helm chart does), or set LAUNCHER_S3_SECRET_NAME")
+        else:
+            data = {**(secret.get("data") or {}), **(secret.get("stringData") or {})}
+            for key in (settings.s3_access_key_key, settings.s3_secret_key_key):
+                if key not in data:
+                    failures.append(f"Secret {settings.s3_secret_name} has no key {key} — add it, or point "
+                                    "LAUNCHER_S3_ACCESS_KEY_KEY / LAUNCHER_S3_SECRET_KEY_KEY at the right keys")
+    except Forbidden:
+        warnings.append(f"could not check Secret {settings.s3_secret_name} (not allowed to get secrets)")
+
+    try:
+        if kube.get_service_account(settings.service_account) is None:
+            failures.append(f"ServiceAccount {settings.service_account} is missing in namespace {ns} — install the "
+                            "Helm chart in this namespace, create it, or set LAUNCHER_SERVICE_ACCOUNT")
+    except Forbidden:
+        warnings.append(f"could not check ServiceAccount {settings.service_account} (not allowed to get it)")
+
+    if check_nodes:
+        try:
+            problem = fit_failure(kube.list_nodes(), job, settings.gpu_resource)
+            if problem:
+                failures.append(problem)
+        except Forbidden:
+            warnings.append("could not check that a node fits the run (not allowed to list nodes)")
+
+    if not failures and kube.get_job(job["metadata"]["name"]) is None:
+        # Server-side dry-run: admission (Pod Security, quota, Kueue webhooks) and schema, nothing persisted.
+        for create, body in ((kube.create_configmap, configmap), (kube.create_job, job)):
+            try:
+                create(body, dry_run=True)
+            except AlreadyExists:
+                pass
+            except (NotFound, Forbidden, Invalid) as err:
+                failures.append(f"server-side dry-run of the {body['kind']} failed: {err.message}")
+    if failures:
+        raise PreflightError(failures)
+    return warnings
+
+
+# ------------------------------------------------------------------------------ create
+
+def _wait_gone(kube: Kube, name: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while kube.get_job(name) is not None:
+        if time.monotonic() > deadline:
+            raise SubmitConflict(f"job {name} from an earlier, cancelled submission is still being deleted",
+                                 hint="wait a minute and submit again")
+        time.sleep(1)
+
+
+def create_run(kube: Kube, job: dict, configmap: dict) -> SubmitResult:
+    """Create ConfigMap then Job, then make the Job own the ConfigMap. Idempotent and race-safe."""
+    name = job["metadata"]["name"]
+    want_hash = job["metadata"]["labels"][render.LABEL_HASH]
+
+    existing = kube.get_job(name)
+    if existing is not None and (existing.get("metadata") or {}).get("deletionTimestamp"):
+        _wait_gone(kube, name)
+        existing = None
+    if existing is not None:
+        return _already(existing, want_hash)
+
+    created_cm = False
+    try:
+        kube.create_configmap(configmap)
+        created_cm = True
+    except AlreadyExists:
+        cm = kube.get_configmap(name) or {}
+        owners = (cm.get("metadata") or {}).get("ownerReferences") or []
+        if owners:
+            live = kube.get_job(name)
+            if live is not None and any(o.get("uid") == live["metadata"].get("uid") for o in owners):
+                return _already(live, want_hash)  # another submitter finished first
+            # Left behind by a deleted Job and about to be garbage-collected: replace it.
+            kube.delete_configmap(name, uid=(cm.get("metadata") or {}).get("uid"))
+            _wait_configmap_gone(kube, name)
+            try:
+                kube.create_configmap(configmap)
+                created_cm = True
+            except AlreadyExists:
+                pass  # a concurrent submitter recreated it; the Job create below decides
+        elif (cm.get("metadata") or {}).get("labels", {}).get(render.LABEL_HASH) != want_hash:
+            raise SubmitConflict(f"ConfigMap {name} exists but holds a different spec",
+                                 hint=f"delete it (kubectl delete configmap {name}) and submit again")
+
+    try:
+        created = kube.create_job(job)
+    except AlreadyExists:
+        live = kube.get_job(name)
+        if live is None:
+            raise SubmitConflict(f"job {name} was created and deleted while we submitted",
+                                 hint="submit again") from None
+        _own(kube, name, live)
+        return _already(live, want_hash)
+    except Exception:
+        if created_cm:
+            kube.delete_configmap(name)
+        raise
+    _own(kube, name, created)
+    return SubmitResult(name, True, created)
+
+
+def _wait_configmap_gone(kube: Kube, name: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while kube.get_configmap(name) is not None and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
+def _own(kube: Kube, name: str, job: dict) -> None:
+    if not (job.get("metadata") or {}).get("uid"):
+        return
+    kube.patch_configmap(name, {"metadata": {"ownerReferences": [render.owner_reference(job)]}})
+
+
+def _already(job: dict, want_hash: str) -> SubmitResult:
+    name = job["metadata"]["name"]
+    have = (job["metadata"].get("labels") or {}).get(render.LABEL_HASH)
+    if have != want_hash:
+        raise SubmitConflict(f"job {name} exists with a different spec hash ({have}, this spec is {want_hash})",
+                             hint=f"rename the run (spec name) or delete the old Job: launcher cancel {name}")
+    return SubmitResult(name, False, job)
+
+
+def submit(kube: Kube, spec: TrainingRunSpec, settings: LauncherSettings, *, server_dry_run: bool = False,
+           skip_preflight: bool = False) -> SubmitResult:
+    """Validate against the cluster, then create the run (or find it already there)."""
+    job, configmap = render.render_run(spec, settings)
+    name = job["metadata"]["name"]
+    existing = kube.get_job(name)
+    if existing is not None and not (existing.get("metadata") or {}).get("deletionTimestamp"):
+        return _already(existing, job["metadata"]["labels"][render.LABEL_HASH])
+    warnings = [] if skip_preflight else preflight(kube, spec, settings, job, configmap)
+    if server_dry_run:
+        if skip_preflight:
+            kube.create_configmap(configmap, dry_run=True)
+            kube.create_job(job, dry_run=True)
+        return SubmitResult(name, False, job, warnings, dry_run=True)
+    result = create_run(kube, job, configmap)
+    result.warnings = warnings
+    return result

@@ -1,0 +1,250 @@
+"""The CLI, offline: typer's CliRunner for the verbs, subprocesses for import cost and exit codes."""
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from launcher import cli
+
+pytestmark = pytest.mark.unit
+
+REPO = Path(__file__).resolve().parents[2]
+
+GOOD = """\
+name: demo-run
+base_model:
+  uri: s3://models/smollm2/
+dataset:
+  train: s3://data/train.jsonl
+output: s3://runs/lora
+resources:
+  gpus: 1
+"""
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch, tmp_path):
+    for k in list(os.environ):
+        if k.startswith("LAUNCHER_"):
+            monkeypatch.delenv(k)
+    monkeypatch.setenv("HOME", str(tmp_path))
+
+
+@pytest.fixture()
+def runner():
+    return CliRunner()
+
+
+def write(tmp_path, text, name="spec.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_validate_ok(runner, tmp_path):
+    r = runner.invoke(cli.app, ["validate", str(write(tmp_path, GOOD))])
+    assert r.exit_code == 0, r.output
+    assert "is valid" in r.output and "demo-run-" in r.output
+
+
+def test_validate_lists_every_problem_without_a_traceback(runner, tmp_path):
+    bad = GOOD.replace("name: demo-run", "name: Demo Run") + "lora:\n  rank: 3\n  colour: red\n"
+    r = runner.invoke(cli.app, ["validate", str(write(tmp_path, bad))])
+    assert r.exit_code == 2
+    out = r.output
+    assert "3 problems" in out and "name" in out and "lora.rank" in out and "lora.colour" in out
+    assert "Traceback" not in out and r.exception is None or isinstance(r.exception, SystemExit)
+
+
+def test_validate_malformed_yaml_and_missing_file(runner, tmp_path):
+    r = runner.invoke(cli.app, ["validate", str(write(tmp_path, "name: [unclosed\n"))])
+    assert r.exit_code == 2 and "not valid YAML" in r.output
+    r = runner.invoke(cli.app, ["validate", str(tmp_path / "nope.yaml")])
+    assert r.exit_code == 2 and "file not found" in r.output
+
+
+def test_validate_set_overrides_and_explain(runner, tmp_path):
+    p = write(tmp_path, GOOD)
+    r = runner.invoke(cli.app, ["validate", str(p), "--set", "training.epochs=9"])
+    assert r.exit_code == 2 and "training.epochs" in r.output
+    r = runner.invoke(cli.app, ["validate", "--explain"])
+    assert r.exit_code == 0 and "training.learning_rate" in r.output
+
+
+def test_submit_dry_run_prints_job_and_configmap_yaml(runner, tmp_path):
+    r = runner.invoke(cli.app, ["-n", "ml", "submit", str(write(tmp_path, GOOD)), "--dry-run",
+                                "--set", "training.epochs=2"])
+    assert r.exit_code == 0, r.output
+    job, cm = list(yaml.safe_load_all(r.output))
+    assert job["kind"] == "Job" and cm["kind"] == "ConfigMap"
+    assert job["metadata"]["namespace"] == "ml"
+    assert yaml.safe_load(cm["data"]["spec.yaml"])["training"]["epochs"] == 2
+    assert job["metadata"]["name"] == cm["metadata"]["name"]
+
+
+def test_set_changes_the_job_name(runner, tmp_path):
+    p = str(write(tmp_path, GOOD))
+    a = yaml.safe_load_all(runner.invoke(cli.app, ["submit", p, "--dry-run"]).output).__next__()
+    b = yaml.safe_load_all(runner.invoke(cli.app, ["submit", p, "--dry-run", "--set", "lora.rank=32"]).output).__next__()
+    assert a["metadata"]["name"] != b["metadata"]["name"]
+
+
+def test_unreachable_cluster_is_one_sentence_and_exit_3(runner, tmp_path, monkeypatch):
+    pytest.importorskip("kubernetes")
+    kcfg = tmp_path / "kubeconfig"
+    kcfg.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "dead",
+        "clusters": [{"name": "dead", "cluster": {"server": "https://127.0.0.1:9"}}],
+        "contexts": [{"name": "dead", "context": {"cluster": "dead", "user": "u"}}],
+        "users": [{"name": "u", "user": {"token": "t"}}]}))
+    monkeypatch.setenv("LAUNCHER_KUBECONFIG", str(kcfg))
+    r = runner.invoke(cli.app, ["status", "anything"])
+    assert r.exit_code == 3, r.output
+    assert "cannot reach the Kubernetes API server at https://127.0.0.1:9" in r.output
+    assert "fix:" in r.output and "Traceback" not in r.output
+
+
+def test_bad_kubeconfig_is_exit_3(runner, tmp_path, monkeypatch):
+    pytest.importorskip("kubernetes")
+    monkeypatch.setenv("LAUNCHER_KUBECONFIG", str(tmp_path / "missing"))
+    r = runner.invoke(cli.app, ["list"])
+    assert r.exit_code == 3 and "kubeconfig" in r.output
+
+
+def test_invalid_settings_is_exit_2(runner, tmp_path, monkeypatch):
+    monkeypatch.setenv("LAUNCHER_IMAGE_PULL_POLICY", "Sometimes")
+    r = runner.invoke(cli.app, ["submit", str(write(tmp_path, GOOD)), "--dry-run"])
+    assert r.exit_code == 2 and "image_pull_policy" in r.output
+
+
+def test_data_check_reports_and_exits_by_outcome(runner, tmp_path):
+    pytest.importorskip("jobs.dataprep")
+    rows = [{"instruction": f"Question number {i} about returns?", "output": f"Answer {i}: send it back within "
+             f"{i + 10} days."} for i in range(12)]
+    good = tmp_path / "good.jsonl"
+    good.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    r = runner.invoke(cli.app, ["data", "check", str(good)])
+    assert r.exit_code == 0, r.output
+    assert "valid rows" in r.output
+    r = runner.invoke(cli.app, ["data", "check", str(good), "--json"])
+    assert r.exit_code == 0 and json.loads(r.output)["ok"] is True
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"instruction": "x"}\nnot json\n')
+    r = runner.invoke(cli.app, ["data", "check", str(bad)])
+    assert r.exit_code == 1 and "line 2" in r.output
+    r = runner.invoke(cli.app, ["data", "check", str(tmp_path / "missing.jsonl")])
+    assert r.exit_code == 2 and "not found" in r.output
+
+
+def test_every_verb_has_an_example_in_its_help(runner):
+    for verb in (["validate"], ["submit"], ["status"], ["logs"], ["list"], ["cancel"], ["wait"], ["artifacts"],
+                 ["data", "check"]):
+        r = runner.invoke(cli.app, [*verb, "--help"])
+        assert r.exit_code == 0, verb
+        assert "Example" in r.output and "launcher " in r.output, verb
+
+
+def test_help_does_not_import_kubernetes_or_torch():
+    code = ("import sys\nfrom launcher.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('kubernetes', 'torch', 'boto3', 'transformers'))\n"
+            "print('HEAVY', bad)\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+    assert "Usage" in out.stdout and "HEAVY []" in out.stdout, out.stdout + out.stderr
+
+
+def test_python_dash_m_launcher_and_exit_code_of_a_spec_error(tmp_path):
+    p = write(tmp_path, "name: x\n")
+    out = subprocess.run([sys.executable, "-m", "launcher", "validate", str(p)], cwd=REPO, capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "base_model" in out.stderr
+    dbg = subprocess.run([sys.executable, "-m", "launcher", "validate", str(p)], cwd=REPO, capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": str(REPO), "LAUNCHER_DEBUG": "1"}, timeout=60)
+    assert dbg.returncode != 0 and "Traceback" in dbg.stderr
+
+
+def test_local_resolves_relative_paths_and_exits_with_the_jobs_code(runner, tmp_path, monkeypatch):
+    fake = tmp_path / "fakepython"
+    fake.write_text('#!/bin/sh\necho "ARGS $*"\nwhile [ "$1" != "--spec" ]; do shift; done\ncat "$2"\nexit 11\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setattr(cli.sys, "executable", str(fake))
+    specdir = tmp_path / "proj"
+    specdir.mkdir()
+    text = ("name: local-run\nbase_model:\n  uri: ./model\ndataset:\n  train: data/train.jsonl\n"
+            "output: file://out\nresources:\n  gpus: 0\n")
+    spec = write(specdir, text)
+    work = tmp_path / "work"
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(cli.app, ["submit", str(spec.relative_to(tmp_path)), "--local", "--workdir", str(work)])
+    assert r.exit_code == 11, r.output
+    assert f"-m jobs run --spec {work}/spec.yaml --workdir {work}" in r.output
+    written = yaml.safe_load((work / "spec.yaml").read_text())
+    assert written["base_model"]["uri"] == str(specdir / "model")
+    assert written["dataset"]["train"] == str(specdir / "data" / "train.jsonl")
+    assert written["output"] == str(specdir / "out")
+
+
+def test_exit_code_mapping():
+    from jobs.errors import SpecError, StorageError
+    from launcher.kube import ClusterUnreachable
+    from launcher.submit import PreflightError
+
+    assert cli.exit_code_for(SpecError([])) == 2
+    assert cli.exit_code_for(ClusterUnreachable("x")) == 3
+    assert cli.exit_code_for(PreflightError(["x"])) == 3
+    assert cli.exit_code_for(StorageError("x")) == 3
+    assert cli.exit_code_for(cli.RunFailed("x")) == 1
+    assert cli.exit_code_for(cli.WaitTimeout("x")) == 4
+
+
+def test_log_timestamps_order_regardless_of_fraction_length():
+    k = cli._ts_key
+    assert k("2025-05-01T10:00:00.1Z") > k("2025-05-01T10:00:00.099999999Z")
+    assert k("2025-05-01T10:00:00.100000001Z") > k("2025-05-01T10:00:00.1Z")
+    assert k("2025-05-01T10:00:01Z") > k("2025-05-01T10:00:00.999Z")
+
+
+def test_artifacts_lists_only_complete_versions_and_downloads_verified(runner, tmp_path):
+    import hashlib
+
+    from launcher import artifacts
+
+    run = tmp_path / "out" / "r1"
+    for n, complete in ((1, True), (2, True), (3, False)):
+        v = run / f"v{n}"
+        (v / "adapter").mkdir(parents=True)
+        (v / "adapter" / "adapter_model.safetensors").write_bytes(b"w" * (n * 10))
+        (v / "metadata.json").write_text("{}")
+        files = {str(p.relative_to(v)): {"sha256": hashlib.sha256(p.read_bytes()).hexdigest(),
+                                         "size": p.stat().st_size} for p in sorted(v.rglob("*")) if p.is_file()}
+        (v / "manifest.json").write_text(json.dumps({"files": files}))
+        if complete:
+            (v / "_COMPLETE").write_text(hashlib.sha256((v / "manifest.json").read_bytes()).hexdigest() + "\n")
+    (run / "latest").write_text("v2\n")
+    listing = artifacts.list_versions(str(tmp_path / "out"), "r1")
+    assert [v.name for v in listing.versions] == ["v1", "v2"] and listing.incomplete == ["v3"]
+    assert listing.latest == "v2"
+
+    r = runner.invoke(cli.app, ["artifacts", "r1", "--output", str(tmp_path / "out"), "-o", "json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["incomplete"] == ["v3"]
+    r = runner.invoke(cli.app, ["artifacts", "r1", "--output", str(tmp_path / "out"), "--download",
+                                str(tmp_path / "dl")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "dl" / "v2" / "adapter" / "adapter_model.safetensors").read_bytes() == b"w" * 20
+    r = runner.invoke(cli.app, ["artifacts", "r1", "--output", str(tmp_path / "out"), "--version", "v3",
+                                "--download", str(tmp_path / "dl")])
+    assert r.exit_code == 3 and "incomplete" in r.output
+    (run / "v1" / "metadata.json").write_text('{"tampered": 1}')
+    r = runner.invoke(cli.app, ["artifacts", "r1", "--output", str(tmp_path / "out"), "--version", "1",
+                                "--download", str(tmp_path / "dl")])
+    assert r.exit_code == 3 and "do not match the manifest" in r.output
