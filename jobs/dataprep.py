@@ -1,0 +1,803 @@
+"""Data preparation: raw JSONL bytes → clean training rows and a report.
+
+Pure functions, no torch and no I/O except :func:`check_file`. Each golden rule of
+``docs/lora-training-guide.md`` is one function over a list of :class:`Row` and is
+switched by :class:`jobs.spec.DataRules`. :func:`prepare` runs them in order and
+builds the report that becomes ``data_report.json`` and what ``launcher data check``
+prints. A malformed line is a problem in the report, never a crash; the run fails
+(:class:`DataError`, exit code 11) only when too few rows are left.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import re
+import unicodedata
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from jobs.errors import DataError, Problem
+from jobs.spec import DataRules
+
+#: Longer lines are reported, not parsed: one runaway line must not eat the pod's memory.
+MAX_LINE_BYTES = 1_000_000
+#: How many line numbers a report keeps per rule, and how many problems it lists.
+REPORT_LINES = 200
+REPORT_PROBLEMS = 1000
+_NUM_PERM = 128
+
+
+@dataclass(frozen=True)
+class Row:
+    """One valid training example; ``line`` is its 1-based line in the source file."""
+
+    line: int
+    instruction: str
+    output: str
+    input: str = ""
+    persona: str | None = None
+
+
+@dataclass
+class RuleResult:
+    """What one rule did: the rows it kept, the lines it touched, and how."""
+
+    rows: list[Row]
+    lines: list[int] = field(default_factory=list)
+    action: str = "off"
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def entry(self) -> dict[str, Any]:
+        return {"count": len(self.lines), "lines": self.lines[:REPORT_LINES], "action": self.action,
+                **self.details}
+
+
+@dataclass
+class Prepared:
+    rows: list[Row]
+    report: dict[str, Any]
+
+
+# ---------------------------------------------------------------------------- reading
+
+class _NonFinite(ValueError):
+    pass
+
+
+def _reject_constant(name: str) -> Any:
+    raise _NonFinite(name)
+
+
+_FIX_JSON = "make the line one JSON object, e.g. {\"instruction\": \"...\", \"output\": \"...\"}"
+
+
+def _type_name(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _is_encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates from "\ud800" escapes break every tokenizer
+        return False
+    return True
+
+
+def _parse_line(raw: bytes, n: int, persona_field: str) -> Row | Problem | None:
+    """One line → a Row, a Problem, or None for a blank line. Never raises."""
+    where = f"line {n}"
+    if len(raw) > MAX_LINE_BYTES:
+        return Problem(where, f"line is {len(raw):,} bytes, over the {MAX_LINE_BYTES:,}-byte limit",
+                       "split it into several rows or shorten the output", n)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return Problem(where, f"not UTF-8 text (bad byte 0x{raw[err.start]:02x} at column {err.start + 1})",
+                       "save the file as UTF-8", n)
+    text = text.lstrip("\ufeff")  # a BOM on an inner line: files concatenated with `cat`
+    if not text.strip():
+        return None
+    try:
+        obj = json.loads(text, parse_constant=_reject_constant)
+    except _NonFinite as err:
+        return Problem(where, f"{err} is not valid JSON", "use a string or a finite number", n)
+    except json.JSONDecodeError as err:
+        return Problem(where, f"not valid JSON: {err.msg} (column {err.colno})", _FIX_JSON, n)
+    except RecursionError:
+        return Problem(where, "JSON nested too deeply to read", _FIX_JSON, n)
+    except ValueError as err:  # e.g. an integer over Python's 4300-digit limit
+        return Problem(where, f"not valid JSON: {err}", _FIX_JSON, n)
+    if not isinstance(obj, dict):
+        return Problem(where, f"expected a JSON object, got {_type_name(obj)}", _FIX_JSON, n)
+
+    errors: list[str] = []
+    values: dict[str, str] = {}
+    for key in ("instruction", "output"):
+        value = obj.get(key)
+        if key not in obj:
+            errors.append(f"missing '{key}'")
+        elif not isinstance(value, str):
+            errors.append(f"'{key}' must be a string, got {_type_name(value)}")
+        elif not value.strip():
+            errors.append(f"'{key}' is empty")
+        else:
+            values[key] = value.strip()
+    extra = obj.get("input")
+    if extra is not None and not isinstance(extra, str):
+        errors.append(f"'input' must be a string, got {_type_name(extra)}")
+    persona_key = next((k for k in (persona_field, "persona", "tone") if obj.get(k) is not None), None)
+    persona = obj.get(persona_key) if persona_key else None
+    if persona is not None and not isinstance(persona, str):
+        errors.append(f"'{persona_key}' must be a string, got {_type_name(persona)}")
+    if not errors and not all(_is_encodable(v) for v in (*values.values(), extra or "", persona or "")):
+        errors.append("contains an unpaired \\ud800-\\udfff escape")
+    if errors:
+        return Problem(where, "; ".join(errors),
+                       "give every row non-empty string 'instruction' and 'output' "
+                       "(optional string 'input' and 'persona')", n)
+    return Row(line=n, instruction=values["instruction"], output=values["output"],
+               input=(extra or "").strip(), persona=(persona or "").strip() or None)
+
+
+def read_jsonl(data: bytes, *, persona_field: str = "persona") -> tuple[list[Row], list[Problem]]:
+    """Parse JSONL bytes into valid rows and one :class:`Problem` per bad line.
+
+    Never raises on any input: a BOM, CRLF endings, invalid UTF-8, oversized or
+    deeply nested lines, NaN/Infinity, non-objects and wrong types each become a
+    problem naming the line, and reading goes on. Blank lines are skipped. The
+    persona is read from ``persona_field``, else ``persona``, else ``tone``.
+    """
+    if isinstance(data, str):
+        data = data.encode("utf-8", "surrogatepass")
+    data = bytes(data)
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    rows: list[Row] = []
+    problems: list[Problem] = []
+    # Split on \n only, so line numbers match what an editor shows; \r\n loses its \r.
+    for n, raw in enumerate(_split_lines(data), start=1):
+        if raw.endswith(b"\r"):
+            raw = raw[:-1]
+        parsed = _parse_line(raw, n, persona_field)
+        if isinstance(parsed, Row):
+            rows.append(parsed)
+        elif parsed is not None:
+            problems.append(parsed)
+    return rows, problems
+
+
+def _split_lines(data: bytes) -> list[bytes]:
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()  # the final newline does not start a line
+    return lines
+
+
+def count_lines(data: bytes) -> int:
+    return len(_split_lines(bytes(data)))
+
+
+# ---------------------------------------------------------------------------- text helpers
+
+_WORD = re.compile(r"\S+")
+# A sentence ends at . ! ? (and closing quotes) before a space and a capital or digit,
+# so "e.g. this" and "v2.1" stay whole.
+_SENTENCE_END = re.compile(r"[.!?…]+[\"'”’)\]]*(?=\s+[\"'“‘(\[]?[A-Z0-9])")
+_BULLET = re.compile(r"^(\s*(?:[-*•]|\d+[.)])\s+)")
+
+
+def count_words(text: str) -> int:
+    """Words as a reader counts them: whitespace tokens with a letter or digit."""
+    return sum(1 for t in _WORD.findall(text) if any(c.isalnum() for c in t))
+
+
+def _split_sentences(line: str) -> list[str]:
+    parts, start = [], 0
+    for m in _SENTENCE_END.finditer(line):
+        parts.append(line[start:m.end()])
+        start = m.end()
+    parts.append(line[start:])
+    return [s.strip() for s in parts if s.strip()]
+
+
+def _map_sentences(text: str, fn: Callable[[str], str | None]) -> str:
+    """Apply ``fn`` to every sentence, line by line; ``None`` removes the sentence.
+
+    Bullet markers stay with their line, lines left empty disappear, and the line
+    structure (bullet lists) survives. When ``fn`` changes nothing, ``text`` comes
+    back as it was.
+    """
+    out_lines, changed = [], False
+    for line in text.split("\n"):
+        if not line.strip():
+            out_lines.append("")
+            continue
+        m = _BULLET.match(line)
+        marker, body = (m.group(1), line[m.end():]) if m else ("", line)
+        kept = []
+        for sentence in _split_sentences(body):
+            result = fn(sentence)
+            changed |= result != sentence
+            if result:
+                kept.append(result)
+        if kept:
+            out_lines.append(marker + " ".join(kept))
+    if not changed:
+        return text  # untouched text keeps its exact spacing
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(out_lines)).strip()
+
+
+def _tidy(text: str) -> str:
+    """Spaces and punctuation left behind when a span is cut out of a sentence."""
+    text = re.sub(r"\(\s*\)|\[\s*\]|<\s*>", "", text)
+    text = re.sub(r"[ \t]+", " ", text)
+    text = re.sub(r" +([.,;:!?])", r"\1", text)
+    text = re.sub(r"([,;:])(?=[.!?])", "", text)
+    text = re.sub(r"(?m)^[ \t]+|[ \t]+$", "", text)
+    return text.strip()
+
+
+def _normalise(text: str) -> str:
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+# ---------------------------------------------------------------------------- rule: boilerplate
+
+#: A sentence matching any of these is boilerplate. Case-insensitive; ’ and ' both work.
+BOILERPLATE_PATTERNS = [re.compile(p, re.IGNORECASE) for p in (
+    r"\bas an? (?:ai|a\.i\.|artificial intelligence|(?:large )?language model|llm|virtual assistant|chatbot)\b",
+    r"\bi(?: am|['’]m) (?:just |only |merely )?(?:an? )?(?:ai|a\.i\.|artificial intelligence|(?:large )?"
+    r"language model|llm|virtual assistant|chatbot)\b",
+    r"\bi (?:do not|don['’]t|cannot|can['’]t) (?:have|hold|form) (?:personal |any )?(?:opinions|feelings|"
+    r"emotions|beliefs|preferences|experiences)\b",
+    r"\bi (?:do not|don['’]t|cannot|can['’]t) (?:have access to|access|browse) (?:real[- ]time|the internet|"
+    r"current)\b",
+    r"\bmy (?:knowledge|training)(?: data)? (?:cut-?off|only goes|is limited|extends)\b",
+    r"\bas of my (?:last )?(?:knowledge|training)(?: data)?(?: cut-?off| update)?\b",
+    r"^\s*(?:\**\s*)?disclaimer\s*\**\s*:",
+    r"\b(?:this|it) (?:is not|isn['’]t|does not constitute|should not be (?:taken|considered|construed) as)"
+    r" (?:professional |legal |medical |financial |expert )?advice\b",
+    r"\b(?:please )?(?:always )?consult (?:with )?(?:a|an|your) (?:qualified |licensed |certified )?"
+    r"(?:professional|doctor|physician|lawyer|attorney|financial advis[eo]r|medical professional)\b",
+    r"\bi (?:hope|trust) (?:this|that) helps\b",
+    r"\b(?:feel free to|don['’]t hesitate to) (?:ask|reach out|let me know)\b",
+    r"\blet me know if you (?:have|need) any (?:other|more|further|additional) (?:questions|help)\b",
+    r"\bi(?:['’]m| am) (?:sorry|afraid),? but i (?:cannot|can['’]t|am unable|am not able|won['’]t)\b",
+)]
+
+
+def is_boilerplate(sentence: str) -> bool:
+    return any(p.search(sentence) for p in BOILERPLATE_PATTERNS)
+
+
+def strip_boilerplate_text(text: str) -> str:
+    """Remove every boilerplate sentence from ``text``; may return ''."""
+    return _map_sentences(text, lambda s: None if is_boilerplate(s) else s)
+
+
+def strip_boilerplate(rows: list[Row]) -> RuleResult:
+    """Rule: strip 'As an AI…' boilerplate and disclaimers from outputs; drop rows left empty."""
+    kept, lines, dropped = [], [], []
+    for row in rows:
+        cleaned = strip_boilerplate_text(row.output)
+        if cleaned == row.output:
+            kept.append(row)
+            continue
+        lines.append(row.line)
+        if count_words(cleaned) == 0:
+            dropped.append(row.line)
+        else:
+            kept.append(replace(row, output=cleaned))
+    return RuleResult(kept, lines, "stripped", {"dropped": len(dropped)})
+
+
+# ---------------------------------------------------------------------------- rule: URLs
+
+_MD_LINK = re.compile(r"\[([^\]\n]+)\]\(\s*(?:https?://|www\.)[^)\s]*\s*\)", re.IGNORECASE)
+URL_RE = re.compile(r"(?:\b(?:https?|ftp)://|\bwww\.)[^\s<>\"'`]+", re.IGNORECASE)
+_ABOUT_LINKS = re.compile(r"\b(?:urls?|links?|hyperlinks?|websites?|web ?sites?|web ?pages?|web address(?:es)?|"
+                          r"domains?|homepage)\b", re.IGNORECASE)
+
+
+_SENTINEL = "\x00"
+#: A sentence that ends pointing at a URL ("Download it from URL.") says nothing without
+#: it, so the whole sentence goes; elsewhere only the URL is cut out.
+_POINTER = re.compile(r"\b(?:at|see|visit|via|from|to|on|here|under)\s*:?\s*\x00[.!?:;]*$", re.IGNORECASE)
+
+
+def _cut_url(match: re.Match) -> str:
+    # Sentence punctuation after a URL belongs to the sentence, not the URL.
+    url = match.group(0)
+    trail = len(url) - len(url.rstrip(".,;:!?)]}'\""))
+    return _SENTINEL + (url[-trail:] if trail else "")
+
+
+def _remove_urls_sentence(sentence: str) -> str | None:
+    text = _MD_LINK.sub(r"\1", sentence)
+    if not URL_RE.search(text):
+        return text
+    text = URL_RE.sub(_cut_url, text)
+    if _POINTER.search(text) or not count_words(text.replace(_SENTINEL, "")):
+        return None
+    return _tidy(text.replace(_SENTINEL, ""))
+
+
+def remove_urls_text(text: str) -> str:
+    """Remove URLs from ``text``; may return ''.
+
+    A Markdown link keeps its words. A sentence that only pointed at a URL
+    ("Download it from https://…") is removed whole; elsewhere just the URL goes.
+    """
+    return _map_sentences(text, _remove_urls_sentence)
+
+
+def asks_about_links(row: Row) -> bool:
+    """The instruction (or input) itself is about a URL or link: the URL is the answer."""
+    text = f"{row.instruction}\n{row.input}"
+    return bool(URL_RE.search(text) or _ABOUT_LINKS.search(text))
+
+
+def remove_urls(rows: list[Row]) -> RuleResult:
+    """Rule: remove URLs from outputs unless the row asks about a link; drop rows left empty."""
+    kept, lines, dropped, about = [], [], 0, 0
+    for row in rows:
+        if not URL_RE.search(row.output):
+            kept.append(row)
+            continue
+        if asks_about_links(row):
+            about += 1
+            kept.append(row)
+            continue
+        lines.append(row.line)
+        cleaned = remove_urls_text(row.output)
+        if count_words(cleaned) == 0:
+            dropped += 1
+        else:
+            kept.append(replace(row, output=cleaned))
+    return RuleResult(kept, lines, "removed", {"dropped": dropped, "kept_on_topic": about})
+
+
+# ---------------------------------------------------------------------------- rule: PII
+
+_EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
+_CARD = re.compile(r"(?<![\w-])\d(?:[ -]?\d){12,18}(?![\w-])")
+_SSN = re.compile(r"(?<![\w-])\d{3}-\d{2}-\d{4}(?![\w-])")
+_PHONE = re.compile(
+    r"(?<![\w+.])(?:"
+    r"\+\d{1,3}[ .-]?(?:\(\d{1,4}\)|\d{1,4})(?:[ .-]?\d{2,4}){1,4}"  # international: +44 20 7946 0958
+    r"|(?:1[ .-]?)?(?:\(\d{3}\)\s?|\d{3}[ .-]?)\d{3}[ .-]?\d{4}"  # NANP: (555) 123-4567, 555.123.4567
+    r")(?![\w]|\.\d)")
+_ID_KEYWORD = re.compile(
+    r"(?P<key>\b(?:ssn|social security(?: number)?|passport|driver['’]?s? licen[cs]e|licen[cs]e|national id|"
+    r"tax id|tin|iban|account|acct|customer|member|employee|patient|policy|id)"
+    r"(?:\s*(?:number|no\.?|num|#))?\s*[:#]?\s*)(?P<value>[A-Z0-9][A-Z0-9-]{4,})\b", re.IGNORECASE)
+_LONG_DIGITS = re.compile(r"(?<![\w-])\d{9,}(?![\w-])")
+PII_TOKENS = ("[EMAIL]", "[CARD]", "[PHONE]", "[ID]")
+
+
+def luhn_ok(digits: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = ord(ch) - 48
+        if i % 2:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def find_pii(text: str) -> tuple[str, Counter]:
+    """Return ``text`` with PII replaced by [EMAIL], [CARD], [PHONE], [ID], and what was found.
+
+    Cards count only when the Luhn check passes; a long digit run that is not a card
+    or a phone is a generic ID. Order matters: emails hide digits, cards are longer
+    than phones.
+    """
+    found: Counter = Counter()
+
+    def sub(pattern: re.Pattern, token: str, text: str, keep: Callable[[re.Match], bool] | None = None) -> str:
+        def repl(m: re.Match) -> str:
+            if keep is not None and not keep(m):
+                return m.group(0)
+            found[token.strip("[]")] += 1
+            return token
+        return pattern.sub(repl, text)
+
+    def is_card(m: re.Match) -> bool:
+        digits = re.sub(r"\D", "", m.group(0))
+        return 13 <= len(digits) <= 19 and luhn_ok(digits)
+
+    def id_value(m: re.Match) -> str:
+        value = m.group("value")
+        if sum(c.isdigit() for c in value) < 5:
+            return m.group(0)
+        found["ID"] += 1
+        return m.group("key") + "[ID]"
+
+    text = sub(_EMAIL, "[EMAIL]", text)
+    text = sub(_CARD, "[CARD]", text, is_card)
+    text = sub(_SSN, "[ID]", text)
+    text = sub(_PHONE, "[PHONE]", text, lambda m: 7 <= sum(c.isdigit() for c in m.group(0)) <= 15)
+    text = _ID_KEYWORD.sub(id_value, text)
+    text = sub(_LONG_DIGITS, "[ID]", text)
+    return text, found
+
+
+def handle_pii(rows: list[Row], mode: str) -> RuleResult:
+    """Rule: emails, phones, Luhn-valid cards and ID numbers in outputs: 'redact', 'drop' or 'off'."""
+    if mode == "off":
+        return RuleResult(list(rows))
+    kept, lines, kinds = [], [], Counter()
+    for row in rows:
+        redacted, found = find_pii(row.output)
+        if not found:
+            kept.append(row)
+            continue
+        lines.append(row.line)
+        kinds.update(found)
+        if mode == "redact":
+            kept.append(replace(row, output=redacted))
+    action = "redacted" if mode == "redact" else "dropped"
+    return RuleResult(kept, lines, action, {"kinds": dict(sorted(kinds.items()))})
+
+
+# ---------------------------------------------------------------------------- rule: long sentences
+
+_CONJUNCTIONS = frozenset("and but or so because which while although though whereas unless until since "
+                          "when where if then however".split())
+
+
+def trim_sentence(sentence: str, max_words: int) -> str:
+    """Cut a sentence to at most ``max_words`` words, at the last clause boundary if one
+    lies in the second half of the allowance, else at the limit; end it with a period."""
+    tokens = sentence.split()
+    if count_words(sentence) <= max_words:
+        return sentence
+    words = 0
+    limit = len(tokens)
+    for i, tok in enumerate(tokens):
+        words += any(c.isalnum() for c in tok)
+        if words == max_words:
+            limit = i + 1
+            break
+    cut = limit
+    for i in range(limit, max(1, max_words // 2) - 1, -1):
+        # A boundary after token i-1: it ends with , ; : or a dash, or token i opens a clause.
+        before = tokens[i - 1]
+        after = tokens[i].lower().strip("\"'(") if i < len(tokens) else ""
+        if before.endswith((",", ";", ":", "—", "–")) or before in ("-", "—", "–") or after in _CONJUNCTIONS:
+            cut = i
+            break
+    head = " ".join(tokens[:cut]).rstrip(" ,;:—–-")
+    return head + ("" if head.endswith((".", "!", "?")) else ".")
+
+
+def long_sentences(text: str, max_words: int) -> list[str]:
+    out = []
+    for line in text.split("\n"):
+        m = _BULLET.match(line)
+        body = line[m.end():] if m else line
+        out.extend(s for s in _split_sentences(body) if count_words(s) > max_words)
+    return out
+
+
+def limit_sentences(rows: list[Row], max_words: int, mode: str) -> RuleResult:
+    """Rule: sentences over ``max_words`` in outputs: 'flag' (report), 'trim', 'drop' the row, or 'off'."""
+    if mode == "off":
+        return RuleResult(list(rows))
+    kept, lines = [], []
+    for row in rows:
+        if not long_sentences(row.output, max_words):
+            kept.append(row)
+            continue
+        lines.append(row.line)
+        if mode == "flag":
+            kept.append(row)
+        elif mode == "trim":
+            kept.append(replace(row, output=_map_sentences(row.output, lambda s: trim_sentence(s, max_words))))
+    action = {"flag": "flagged", "trim": "trimmed", "drop": "dropped"}[mode]
+    return RuleResult(kept, lines, action, {"max_sentence_words": max_words})
+
+
+def limit_output_words(rows: list[Row], max_words: int | None) -> RuleResult:
+    """Rule: drop rows whose output has more than ``max_words`` words (None: off)."""
+    if max_words is None:
+        return RuleResult(list(rows))
+    kept = [r for r in rows if count_words(r.output) <= max_words]
+    keep_lines = {r.line for r in kept}
+    lines = [r.line for r in rows if r.line not in keep_lines]
+    return RuleResult(kept, lines, "dropped", {"max_output_words": max_words})
+
+
+# ---------------------------------------------------------------------------- rules: dedup
+
+def _row_key(row: Row) -> str:
+    return "\x1f".join(_normalise(t) for t in (row.instruction, row.input, row.output))
+
+
+def dedup_exact(rows: list[Row]) -> RuleResult:
+    """Rule: keep the first of rows equal after normalising case, spaces and Unicode forms."""
+    first: dict[str, int] = {}
+    kept, lines, pairs = [], [], []
+    for row in rows:
+        key = _row_key(row)
+        if key in first:
+            lines.append(row.line)
+            pairs.append([row.line, first[key]])
+        else:
+            first[key] = row.line
+            kept.append(row)
+    return RuleResult(kept, lines, "dropped", {"duplicate_of": pairs[:REPORT_LINES]})
+
+
+def shingles(text: str, k: int = 3) -> set[str]:
+    """Word k-shingles of normalised text; a text shorter than k words is one shingle."""
+    words = re.findall(r"\w+", _normalise(text))
+    if len(words) < k:
+        return {" ".join(words)}
+    return {" ".join(words[i:i + k]) for i in range(len(words) - k + 1)}
+
+
+def jaccard(a: set, b: set) -> float:
+    return len(a & b) / len(a | b) if a or b else 1.0
+
+
+def _lsh_params(threshold: float) -> tuple[int, int]:
+    """Bands × rows for the LSH index, chosen for recall: a pair at exactly ``threshold``
+    becomes a candidate with probability >= 0.99. False candidates only cost an exact
+    Jaccard check; datasketch's own optimum misses about half of the pairs at the threshold."""
+    for r in range(_NUM_PERM // 2, 0, -1):
+        b = _NUM_PERM // r
+        if 1.0 - (1.0 - threshold ** r) ** b >= 0.99:
+            return b, r
+    return _NUM_PERM, 1
+
+
+def dedup_near(rows: list[Row], threshold: float, seed: int = 42) -> RuleResult:
+    """Rule: drop rows whose word-3-shingle Jaccard similarity to an earlier kept row is
+    at least ``threshold``. MinHash LSH finds candidates; the exact Jaccard decides, so
+    the result is deterministic for a given seed and order."""
+    from datasketch import MinHash, MinHashLSH
+
+    b, r = _lsh_params(float(threshold))
+    lsh = MinHashLSH(num_perm=_NUM_PERM, params=(b, r))
+    template = MinHash(num_perm=_NUM_PERM, seed=seed % 2**32)  # the spec's seed has no upper bound; numpy's has
+    kept, lines, pairs = [], [], []
+    sets: dict[str, tuple[set[str], int]] = {}
+    for i, row in enumerate(rows):
+        sh = shingles(f"{row.instruction} {row.input} {row.output}")
+        mh = template.copy()  # shares the permutations: cheaper than a new MinHash per row
+        mh.update_batch([s.encode("utf-8") for s in sh])
+        match = None
+        for key in sorted(lsh.query(mh), key=lambda k: sets[k][1]):
+            if jaccard(sh, sets[key][0]) >= threshold:
+                match = sets[key][1]
+                break
+        if match is not None:
+            lines.append(row.line)
+            pairs.append([row.line, match])
+            continue
+        key = str(i)
+        lsh.insert(key, mh)
+        sets[key] = (sh, row.line)
+        kept.append(row)
+    return RuleResult(kept, lines, "dropped", {"threshold": threshold, "duplicate_of": pairs[:REPORT_LINES]})
+
+
+# ---------------------------------------------------------------------------- rule: balance
+
+NO_PERSONA = "(none)"
+
+
+def _group_cap(sizes: list[int], share: float) -> int:
+    """The largest per-group cap c with c <= share * sum(min(n, c)): keeps the most rows."""
+    for c in range(max(sizes), 0, -1):
+        if c <= share * sum(min(n, c) for n in sizes) + 1e-9:
+            return c
+    return min(sizes)
+
+
+def balance_groups(rows: list[Row], max_share: float, seed: int = 42) -> RuleResult:
+    """Rule: cap each persona's share of the rows at ``max_share``.
+
+    Rows without a persona are a group of their own; with one group there is nothing
+    to balance. When ``max_share`` is below 1/groups it cannot be met and 1/groups is
+    used. Which rows of a large group stay is drawn with ``seed``; order is kept.
+    """
+    groups: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        groups.setdefault(row.persona or NO_PERSONA, []).append(i)
+    if len(groups) < 2:
+        return RuleResult(list(rows), [], "skipped (one group)",
+                          {"groups": {g: [len(v), len(v)] for g, v in groups.items()}})
+    share = max(max_share, 1.0 / len(groups))
+    cap = _group_cap([len(v) for v in groups.values()], share)
+    rng = random.Random(seed)
+    keep: set[int] = set()
+    for name in sorted(groups):
+        members = groups[name]
+        keep.update(members if len(members) <= cap else rng.sample(members, cap))
+    kept = [r for i, r in enumerate(rows) if i in keep]
+    lines = [r.line for i, r in enumerate(rows) if i not in keep]
+    summary = {g: [len(v), sum(i in keep for i in v)] for g, v in sorted(groups.items())}
+    return RuleResult(kept, lines, "dropped", {"max_group_share": round(share, 4), "groups": summary})
+
+
+# ---------------------------------------------------------------------------- the pipeline
+
+_RULE_NOUNS = {
+    "strip_boilerplate": "rows with boilerplate", "remove_urls": "rows with URLs", "pii": "rows with PII",
+    "long_sentences": "rows with long sentences", "max_output_words": "rows with overlong outputs",
+    "dedup_exact": "exact duplicates", "dedup_near": "near duplicates", "balance": "rows over a persona's share",
+}
+
+
+def _run_rules(rows: list[Row], rules: DataRules, seed: int) -> tuple[list[Row], dict[str, dict]]:
+    steps: list[tuple[str, bool, Callable[[list[Row]], RuleResult]]] = [
+        ("strip_boilerplate", rules.strip_boilerplate, strip_boilerplate),
+        ("remove_urls", rules.remove_urls, remove_urls),
+        ("pii", rules.pii != "off", lambda rs: handle_pii(rs, rules.pii)),
+        ("long_sentences", rules.long_sentences != "off",
+         lambda rs: limit_sentences(rs, rules.max_sentence_words, rules.long_sentences)),
+        ("max_output_words", rules.max_output_words is not None,
+         lambda rs: limit_output_words(rs, rules.max_output_words)),
+        ("dedup_exact", rules.dedup_exact, dedup_exact),
+        ("dedup_near", rules.dedup_near, lambda rs: dedup_near(rs, rules.near_dup_threshold, seed)),
+        ("balance", rules.balance, lambda rs: balance_groups(rs, rules.max_group_share, seed)),
+    ]
+    entries = {}
+    for name, enabled, fn in steps:
+        if not enabled:
+            entries[name] = RuleResult(rows).entry()
+            continue
+        result = fn(rows)
+        rows = result.rows
+        entries[name] = result.entry()
+    return rows, entries
+
+
+def _rows_dropped(entry: dict) -> int:
+    return entry["count"] if entry["action"] == "dropped" else int(entry.get("dropped", 0))
+
+
+def _top_reasons(report: dict, limit: int = 3) -> list[str]:
+    """The biggest causes of lost rows, largest first, for the DataError message."""
+    reasons: list[tuple[int, str]] = []
+    if report["problems_total"]:
+        first = report["problems"][0]
+        reasons.append((report["problems_total"], f"{report['problems_total']} malformed lines "
+                                                  f"(first: line {first['line']}: {first['message']})"))
+    for name, entry in report["rules"].items():
+        n = _rows_dropped(entry)
+        if n:
+            reasons.append((n, f"{n} {_RULE_NOUNS[name]} dropped (data.{name})"))
+    reasons.sort(key=lambda t: -t[0])
+    return [text for _, text in reasons[:limit]]
+
+
+def prepare_report(data: bytes, rules: DataRules, *, seed: int = 42) -> Prepared:
+    """Like :func:`prepare` but never raises: the caller decides what too few rows means."""
+    data = bytes(data) if not isinstance(data, str) else data.encode("utf-8", "surrogatepass")
+    rows, problems = read_jsonl(data, persona_field=rules.balance_field)
+    kept, entries = _run_rules(rows, rules, seed)
+    report: dict[str, Any] = {
+        "total_lines": count_lines(data),
+        "valid_rows": len(rows),
+        "kept_rows": len(kept),
+        "dataset_sha256": hashlib.sha256(data).hexdigest(),
+        "seed": seed,
+        "problems_total": len(problems),
+        "problems": [{"line": p.line, "message": p.message, "fix": p.fix} for p in problems[:REPORT_PROBLEMS]],
+        "rules": entries,
+        "personas": dict(sorted(Counter(r.persona or NO_PERSONA for r in kept).items())),
+        "min_rows": rules.min_rows,
+        "settings": rules.model_dump(mode="json"),
+    }
+    return Prepared(kept, report)
+
+
+def prepare(data: bytes, rules: DataRules, *, seed: int = 42) -> Prepared:
+    """Apply every enabled golden rule to JSONL bytes; return kept rows and a JSON-ready report.
+
+    Raises :class:`DataError` only when fewer than ``rules.min_rows`` rows are kept; its
+    message gives the counts and the main reasons. Malformed lines never raise.
+    """
+    prepared = prepare_report(data, rules, seed=seed)
+    report = prepared.report
+    if report["kept_rows"] < rules.min_rows:
+        reasons = _top_reasons(report)
+        msg = (f"only {report['kept_rows']} of {report['total_lines']} lines are usable training rows "
+               f"({report['valid_rows']} valid); data.min_rows is {rules.min_rows}")
+        if reasons:
+            msg += ". Main reasons: " + "; ".join(reasons)
+        err = DataError(msg, hint="run `launcher data check FILE` to see every bad line, fix the data, "
+                                  "or relax the rule in the spec's `data:` section (or lower data.min_rows)")
+        err.report = report  # type: ignore[attr-defined]  # for data_report.json on failure
+        raise err
+    return prepared
+
+
+def split_validation(rows: list[Row], fraction: float, seed: int = 42) -> tuple[list[Row], list[Row]]:
+    """Deterministic train/validation split; both keep the input order.
+
+    With ``fraction > 0`` and at least 2 rows, validation gets at least 1 row and
+    training keeps at least 1.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"validation fraction must be in [0, 1), got {fraction}")
+    n = len(rows)
+    if fraction == 0 or n < 2:
+        return list(rows), []
+    n_val = min(n - 1, max(1, round(n * fraction)))
+    picked = set(random.Random(seed).sample(range(n), n_val))
+    return ([r for i, r in enumerate(rows) if i not in picked],
+            [r for i, r in enumerate(rows) if i in picked])
+
+
+# ---------------------------------------------------------------------------- the CLI's view
+
+def check_file(path: str | Path, rules: DataRules | None = None, *, seed: int = 42) -> dict[str, Any]:
+    """Run the rules over a local JSONL file and return the report (never raises for bad data;
+    ``report['ok']`` says whether a run would accept it)."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{p}: file not found", hint="check the path") from None
+    except IsADirectoryError:
+        raise DataError(f"{p}: is a folder, not a JSONL file", hint="name the .jsonl file") from None
+    except OSError as err:
+        raise DataError(f"{p}: cannot be read: {err.strerror}", hint="check permissions") from None
+    rules = rules or DataRules()
+    report = prepare_report(data, rules, seed=seed).report
+    report["source"] = str(p)
+    report["ok"] = report["kept_rows"] >= rules.min_rows
+    return report
+
+
+def _line_list(lines: list[int], count: int, limit: int = 10) -> str:
+    shown = ", ".join(str(n) for n in lines[:limit])
+    return shown + (f", … ({count - limit} more)" if count > limit else "")
+
+
+def format_report(report: dict[str, Any], *, max_problems: int = 20) -> str:
+    """A short human-readable summary of a report: what ``launcher data check`` prints."""
+    head = f"{report.get('source', 'dataset')} (sha256 {report['dataset_sha256'][:12]})"
+    out = [head,
+           f"  {report['total_lines']} lines, {report['valid_rows']} valid rows, {report['kept_rows']} kept"]
+    personas = report.get("personas") or {}
+    if len(personas) > 1 or (personas and NO_PERSONA not in personas):
+        out.append("  personas: " + ", ".join(f"{k} {v}" for k, v in personas.items()))
+    problems = report["problems"]
+    total = report.get("problems_total", len(problems))
+    if total:
+        out.append(f"  problems ({total}):")
+        fixes_shown: set[str] = set()
+        for p in problems[:max_problems]:
+            fix = p.get("fix") or ""
+            # Each fix once: twenty lines of the same advice hide the line numbers.
+            out.append(f"    line {p['line']}: {p['message']}" + (f" — {fix}" if fix not in fixes_shown else ""))
+            fixes_shown.add(fix)
+        if total > max_problems:
+            out.append(f"    … {total - max_problems} more")
+    out.append("  rules:")
+    for name, entry in report["rules"].items():
+        if entry["action"] == "off":
+            out.append(f"    {name:<18} off")
+            continue
+        text = f"    {name:<18} {entry['count']:>4} {entry['action']}"
+        if entry.get("dropped"):
+            text += f" ({entry['dropped']} dropped)"
+        if entry.get("kinds"):
+            text += " [" + ", ".join(f"{k} {v}" for k, v in entry["kinds"].items()) + "]"
+        if entry["count"]:
+            text += ": lines " + _line_list(entry["lines"], entry["count"])
+        out.append(text)
+    if report["kept_rows"] >= report["min_rows"]:
+        out.append("  OK: a run would accept this data")
+    else:
+        out.append(f"  FAIL: {report['kept_rows']} rows kept, data.min_rows is {report['min_rows']}")
+    return "\n".join(out)
