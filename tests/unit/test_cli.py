@@ -248,3 +248,88 @@ def test_artifacts_lists_only_complete_versions_and_downloads_verified(runner, t
     r = runner.invoke(cli.app, ["artifacts", "r1", "--output", str(tmp_path / "out"), "--version", "1",
                                 "--download", str(tmp_path / "dl")])
     assert r.exit_code == 3 and "do not match the manifest" in r.output
+
+
+# ------------------------------------------------------------------------------ wait / logs -f reconnect logic
+
+class FlakyKube:
+    """Stands in for launcher.kube.Kube: replays Job states, drops the connection when told to."""
+
+    namespace = "ml"
+
+    def __init__(self, states, outages=(), logs=None):
+        self.states = list(states)
+        self.outages = set(outages)  # call numbers of get_job that fail as if the API server were down
+        self.calls = 0
+        self.current = "running"
+        self.logs = list(logs or [])  # successive pod_log answers: list of lines, or an exception
+
+    def get_job(self, name):
+        from launcher.kube import ClusterUnreachable
+
+        self.calls += 1
+        if self.calls in self.outages:
+            raise ClusterUnreachable("cannot reach the Kubernetes API server at https://x (connection refused)")
+        state = self.current = self.states[0] if len(self.states) == 1 else self.states.pop(0)
+        conds = {"running": [], "done": [{"type": "Complete", "status": "True"}],
+                 "failed": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]}[state]
+        return {"metadata": {"name": name}, "spec": {}, "status": {"conditions": conds}}
+
+    def list_pods(self, selector):
+        phase = "Succeeded" if self.current == "done" else "Running"
+        state = {"terminated": {"exitCode": 0}} if phase == "Succeeded" else {"running": {}}
+        return [{"metadata": {"name": "p1", "creationTimestamp": "t"}, "spec": {"nodeName": "n"},
+                 "status": {"phase": phase, "containerStatuses": [{"name": "trainer", "state": state,
+                                                                   "restartCount": 0}]}}]
+
+    def list_events(self, selector):
+        return []
+
+    def pod_log(self, pod, **kw):
+        answer = self.logs.pop(0) if self.logs else []
+        if isinstance(answer, Exception):
+            raise answer
+        yield from answer
+
+
+@pytest.fixture()
+def no_sleep(monkeypatch):
+    import launcher.kube
+
+    monkeypatch.setattr(launcher.kube.time, "sleep", lambda s: None)
+    monkeypatch.setattr(cli.time, "sleep", lambda s: None)
+
+
+def test_wait_outlives_an_api_server_outage(no_sleep, capsys):
+    kube = FlakyKube(["running", "running", "running", "done"], outages={2, 3})
+    seen = []
+    diag = cli.wait_for(kube, "j", timeout=None, on_change=lambda d: seen.append(d.state))
+    assert diag.state == "Succeeded" and seen == ["Running", "Succeeded"]
+    assert "retrying" in capsys.readouterr().err
+
+
+def test_wait_times_out_with_exit_4(monkeypatch):
+    kube = FlakyKube(["running"])
+    clock = iter(range(0, 1000, 5))
+    monkeypatch.setattr(cli.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(cli.time, "sleep", lambda s: None)
+    with pytest.raises(cli.WaitTimeout) as e:
+        cli.wait_for(kube, "j", timeout=20)
+    assert cli.exit_code_for(e.value) == 4
+
+
+def test_logs_follow_reconnects_without_repeating_lines(no_sleep):
+    from launcher.kube import ClusterUnreachable
+
+    ts = "2025-05-01T10:00:0{}.000000000Z {}"
+    kube = FlakyKube(["running", "running", "running", "done"], logs=[
+        [ts.format(1, "step 1"), ts.format(2, "step 2")],  # the stream ends: API server restarted
+        ClusterUnreachable("cannot reach the Kubernetes API server"),
+        [ts.format(1, "step 1"), ts.format(2, "step 2"), ts.format(3, "step 3")],
+        [ts.format(1, "step 1"), ts.format(2, "step 2"), ts.format(3, "step 3"), ts.format(4, "done")],
+    ])
+    out, notes = [], []
+    diag = cli.follow_logs(kube, "j", follow=True, echo=out.append, note=notes.append)
+    assert out == ["step 1", "step 2", "step 3", "done"]
+    assert diag.state == "Succeeded"
+    assert any("retrying" in n for n in notes)
