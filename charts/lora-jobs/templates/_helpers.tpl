@@ -1,0 +1,168 @@
+{{/*
+The chart name, cut to 63 characters (the DNS label limit of names and label values).
+*/}}
+{{- define "lora-jobs.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The prefix of every object's name: the release name, plus the chart name unless
+the release name already contains it; cut to 63 characters.
+*/}}
+{{- define "lora-jobs.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+"<fullname>-<suffix>", with the prefix cut so the whole stays within 63 characters.
+Usage: include "lora-jobs.componentName" (list . "minio")
+*/}}
+{{- define "lora-jobs.componentName" -}}
+{{- $ctx := index . 0 }}
+{{- $suffix := index . 1 }}
+{{- $prefix := include "lora-jobs.fullname" $ctx | trunc (int (sub 62 (len $suffix))) | trimSuffix "-" }}
+{{- printf "%s-%s" $prefix $suffix }}
+{{- end }}
+
+{{- define "lora-jobs.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Labels of every chart-made object. Selector labels are the immutable subset that
+Deployments and Services select on; the rest may change between releases.
+*/}}
+{{- define "lora-jobs.labels" -}}
+helm.sh/chart: {{ include "lora-jobs.chart" . }}
+{{ include "lora-jobs.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "lora-jobs.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "lora-jobs.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* ServiceAccount names. */}}
+{{- define "lora-jobs.launcherServiceAccount" -}}
+{{- default (include "lora-jobs.componentName" (list . "launcher")) .Values.launcher.serviceAccount.name }}
+{{- end }}
+
+{{- define "lora-jobs.trainerServiceAccount" -}}
+{{- default (include "lora-jobs.componentName" (list . "trainer")) .Values.trainer.serviceAccount.name }}
+{{- end }}
+
+{{/* Images: "<repository>:<tag or appVersion>". */}}
+{{- define "lora-jobs.trainerImage" -}}
+{{- printf "%s:%s" .Values.images.trainer.repository (default .Chart.AppVersion .Values.images.trainer.tag) }}
+{{- end }}
+
+{{- define "lora-jobs.launcherImage" -}}
+{{- printf "%s:%s" .Values.images.launcher.repository (default .Chart.AppVersion .Values.images.launcher.tag) }}
+{{- end }}
+
+{{/* The S3 credentials Secret that jobs, hooks and tests read. */}}
+{{- define "lora-jobs.s3SecretName" -}}
+{{- default (include "lora-jobs.componentName" (list . "s3")) .Values.s3.existingSecret }}
+{{- end }}
+
+{{/* Whether the chart makes that Secret: no existingSecret, and keys given or dev MinIO on. */}}
+{{- define "lora-jobs.createS3Secret" -}}
+{{- if and (not .Values.s3.existingSecret) (or .Values.s3.credentials.accessKeyId .Values.minio.enabled) }}true{{ end }}
+{{- end }}
+
+{{- define "lora-jobs.minioName" -}}
+{{- include "lora-jobs.componentName" (list . "minio") }}
+{{- end }}
+
+{{/* s3.endpoint, or the development MinIO's Service when it is on. */}}
+{{- define "lora-jobs.s3Endpoint" -}}
+{{- if .Values.s3.endpoint }}
+{{- .Values.s3.endpoint }}
+{{- else if .Values.minio.enabled }}
+{{- printf "http://%s.%s.svc:%d" (include "lora-jobs.minioName" .) .Release.Namespace (int .Values.minio.port) }}
+{{- end }}
+{{- end }}
+
+{{/*
+The launcher's settings for this namespace (LauncherSettings field names): the body
+of ConfigMap lora-jobs-launcher, and the input of the one-off training Job, so both
+say the same thing.
+*/}}
+{{- define "lora-jobs.launcherSettings" -}}
+image: {{ include "lora-jobs.trainerImage" . | quote }}
+image_pull_policy: {{ .Values.images.trainer.pullPolicy | quote }}
+{{- $endpoint := include "lora-jobs.s3Endpoint" . }}
+s3_endpoint: {{ if $endpoint }}{{ $endpoint | quote }}{{ else }}null{{ end }}
+s3_region: {{ .Values.s3.region | quote }}
+s3_secret_name: {{ include "lora-jobs.s3SecretName" . | quote }}
+s3_access_key_key: {{ .Values.s3.accessKeyIdKey | quote }}
+s3_secret_key_key: {{ .Values.s3.secretAccessKeyKey | quote }}
+gpu_resource: {{ .Values.settings.gpuResource | quote }}
+node_selector: {{- toYaml .Values.settings.nodeSelector | nindent 2 }}
+tolerations: {{- toYaml .Values.settings.tolerations | nindent 2 }}
+service_account: {{ include "lora-jobs.trainerServiceAccount" . | quote }}
+queue: {{ if .Values.settings.queue }}{{ .Values.settings.queue | quote }}{{ else }}null{{ end }}
+ttl_seconds_after_finished: {{ int .Values.settings.ttlSecondsAfterFinished }}
+{{- $priority := .Values.settings.priorityClass }}
+{{- if and (not $priority) .Values.priorityClass.create }}
+{{- $priority = .Values.priorityClass.name }}
+{{- end }}
+priority_class: {{ if $priority }}{{ $priority | quote }}{{ else }}null{{ end }}
+{{- end }}
+
+{{/*
+The pod and container security context of every chart-made pod: what Pod Security
+Admission "restricted" demands, and a read-only root filesystem.
+*/}}
+{{- define "lora-jobs.podSecurityContext" -}}
+runAsNonRoot: true
+runAsUser: 1000
+runAsGroup: 1000
+fsGroup: 1000
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{- define "lora-jobs.containerSecurityContext" -}}
+runAsNonRoot: true
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+capabilities:
+  drop: ["ALL"]
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{/* Env of a pod that talks to S3 as the jobs do (hooks, tests). */}}
+{{- define "lora-jobs.s3Env" -}}
+- name: AWS_ACCESS_KEY_ID
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "lora-jobs.s3SecretName" . }}
+      key: {{ .Values.s3.accessKeyIdKey }}
+- name: AWS_SECRET_ACCESS_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "lora-jobs.s3SecretName" . }}
+      key: {{ .Values.s3.secretAccessKeyKey }}
+{{- with include "lora-jobs.s3Endpoint" . }}
+- name: AWS_ENDPOINT_URL
+  value: {{ . | quote }}
+{{- end }}
+- name: AWS_REGION
+  value: {{ .Values.s3.region | quote }}
+{{- end }}
