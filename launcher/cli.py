@@ -295,6 +295,7 @@ def follow_logs(kube, job_name: str, *, follow: bool, echo: Callable[[str], None
     last_ts: dict[str, tuple] = {}
     errors: dict[str, int] = {}
     said = None
+    printed = False
 
     def retrying(msg: str) -> None:
         note(f"… {msg}; retrying")
@@ -334,6 +335,7 @@ def follow_logs(kube, job_name: str, *, follow: bool, echo: Callable[[str], None
                         continue  # printed before a reconnect
                     last_ts[name] = key
                     echo(text)
+                    printed = True
                 errors.pop(name, None)
             except ClusterUnreachable as err:
                 if not follow:
@@ -354,6 +356,8 @@ def follow_logs(kube, job_name: str, *, follow: bool, echo: Callable[[str], None
                 continue
             break  # the stream ended while the pod lived (API server restart, read timeout): look again
         if not follow:
+            if not printed:
+                note(f"no log yet: {diag.sentence}")
             return None
         if diag.finished and all(p["metadata"]["name"] in done for p in pods):
             return diag
@@ -398,7 +402,8 @@ def run_local(spec, spec_path: Path, workdir: Path | None) -> int:
 
     spec = _resolve_local(spec, spec_path.resolve().parent)
     name = job_name(spec)
-    workdir = (workdir or Path(".lora-jobs") / name).resolve()
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    workdir = (workdir or cache / "lora-jobs" / "runs" / name).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     spec_file = workdir / "spec.yaml"
     spec_file.write_text(spec_yaml(spec), encoding="utf-8")
@@ -468,7 +473,8 @@ def submit(
     set_: list[str] = typer.Option([], "--set", help="Override a field: key.path=value (repeatable)."),
     skip_preflight: bool = typer.Option(False, "--skip-preflight",
                                         help="Skip the namespace/Secret/node checks (they need read access)."),
-    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Working folder of a --local run."),
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Working folder of a --local run (default: "
+                                                                   "~/.cache/lora-jobs/runs/<job name>)."),
     timeout: Optional[float] = typer.Option(None, "--timeout", help="With --wait: give up after this many seconds."),
 ) -> None:
     """Validate a spec and submit it as a Job (the same spec twice is the same run)."""
