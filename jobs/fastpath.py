@@ -103,7 +103,8 @@ def to_device(mb: dict, device: torch.device | str, *, pad_to_multiple: int = 1)
     """Tensors for one packed micro-batch.
 
     Returns ``input_ids``, ``position_ids``, ``labels`` (unshifted) and ``targets`` (shifted inside
-    each example), all ``[1, T]`` int64; ``cu_seq_lens`` (``[N+1]`` int32, cumulative example
+    each example), all ``[1, T]`` int64; ``target_positions`` (``[num_targets]``, where targets are);
+    ``cu_seq_lens`` (``[N+1]`` int32, cumulative example
     lengths) and, as plain ints (so the hot path never syncs with the GPU), ``max_length`` (longest
     example) and ``num_targets`` (tokens that carry a loss). ``pad_to_multiple`` > 1 appends one
     padding example (no targets) so T is a multiple of it (steadier shapes for ``torch.compile``).
@@ -134,14 +135,16 @@ def to_device(mb: dict, device: torch.device | str, *, pad_to_multiple: int = 1)
             ten = ten.pin_memory()
         return ten.to(device, non_blocking=pin)
 
+    target_positions = [i for i, x in enumerate(targets) if x != IGNORE_INDEX]
     return {
         "input_ids": t([ids]),
+        "target_positions": t(target_positions),
         "position_ids": t([pos]),
         "labels": t([labels]),
         "targets": t([targets]),
         "cu_seq_lens": t(cu, torch.int32),
         "max_length": max(seq_lens),
-        "num_targets": sum(1 for x in targets if x != IGNORE_INDEX),
+        "num_targets": len(target_positions),
         "num_tokens": len(ids) - pad,
     }
 
@@ -376,7 +379,7 @@ def ensure_attention(model) -> None:
 #: which cross-entropy lm_loss uses: "auto" (Liger's fused kernel on CUDA when importable, else
 #: chunked), "chunked", or "liger". Set by prepare_model from the plan.
 CE_IMPL = "chunked"
-CE_CHUNK = 4096
+CE_CHUNK = 2048
 
 
 def lm_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
@@ -406,7 +409,9 @@ def lm_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
         return hidden.sum() * 0.0, 0
     # only positions with a target go through the head (prompt tokens cost no lm_head work)
     if n < targets.numel():
-        idx = (targets != IGNORE_INDEX).nonzero().squeeze(1)
+        idx = batch.get("target_positions")
+        if idx is None:
+            idx = (targets != IGNORE_INDEX).nonzero().squeeze(1)
         hidden = hidden.index_select(0, idx)
         targets = targets.index_select(0, idx)
     cfg = base.config
@@ -518,18 +523,21 @@ def estimate_param_count(model_config) -> int:
     return layers * (attn + mlp + 2 * h) + vocab * h * (1 if tied else 2) + h
 
 
-def activation_bytes_per_token(model_config, *, checkpointing: bool, dtype_bytes: int = 2) -> float:
+def activation_bytes_per_token(model_config, *, checkpointing: bool, dtype_bytes: int = 2,
+                               liger: bool = False) -> float:
     """Bytes of saved activations per token of a micro-batch (whole model), LoRA on all linears.
 
     No checkpointing: every layer keeps its inputs of the projections, the dropout copies for the
     LoRA branches, attention inputs/outputs and the MLP intermediates: about 17 hidden-sized and
-    7 intermediate-sized tensors a layer (calibrated on an H200, Llama-3-8B shape, bf16).
+    7 intermediate-sized tensors a layer with the eager RMSNorm/SwiGLU, 13 and 3.5 with Liger's
+    kernels (which keep no fp32 copies); see benchmarks/README.md for the measured values.
     Checkpointing: one hidden-sized tensor a layer plus one layer's full set during recompute.
     """
     h = int(_cfg(model_config, "hidden_size", 0) or 0)
     inter = int(_cfg(model_config, "intermediate_size", 4 * h) or 4 * h)
     layers = int(_cfg(model_config, "num_hidden_layers", 1) or 1)
-    per_layer = (ACT_HIDDEN_COEF * h + ACT_INTER_COEF * inter) * dtype_bytes
+    ch, ci = (LIGER_HIDDEN_COEF, LIGER_INTER_COEF) if liger else (ACT_HIDDEN_COEF, ACT_INTER_COEF)
+    per_layer = (ch * h + ci * inter) * dtype_bytes
     if checkpointing:
         return layers * h * dtype_bytes * 1.0 + per_layer
     return layers * per_layer
@@ -538,10 +546,12 @@ def activation_bytes_per_token(model_config, *, checkpointing: bool, dtype_bytes
 #: calibration of activation_bytes_per_token (see benchmarks/README.md)
 ACT_HIDDEN_COEF = 17.0
 ACT_INTER_COEF = 7.0
+LIGER_HIDDEN_COEF = 13.0
+LIGER_INTER_COEF = 3.5
 #: above this micro-batch size the GEMMs are saturated; more tokens only cost memory
 MAX_TOKENS_PER_MICRO_BATCH = 16384
-#: bytes kept free for the allocator, CUDA context, fragmentation and lm_head chunks
-HEADROOM_BYTES = 6 * 2**30
+#: bytes kept free for the allocator, CUDA context and fragmentation (plus the loss chunk, in plan)
+HEADROOM_BYTES = 2 * 2**30
 
 
 def plan(model_config, training, device: torch.device | str, *, free_memory_bytes: int | None = None,
@@ -585,6 +595,13 @@ def plan(model_config, training, device: torch.device | str, *, free_memory_byte
         notes.append("attention: flash varlen kernel (torch.nn.attention.varlen) over packed rows")
     else:
         notes.append("attention: SDPA per example (no varlen kernel for this device/dtype)")
+    liger = False
+    try:
+        import liger_kernel  # noqa: F401
+        liger = True
+        notes.append("Liger kernels importable: RMSNorm/SwiGLU/RoPE fused")
+    except Exception:  # noqa: BLE001
+        pass
     if free_memory_bytes is None:
         free_memory_bytes, _total = torch.cuda.mem_get_info(device)
     n_params = estimate_param_count(model_config)
@@ -594,11 +611,13 @@ def plan(model_config, training, device: torch.device | str, *, free_memory_byte
         h = int(_cfg(model_config, "hidden_size", 0) or 0)
         vocab = int(_cfg(model_config, "vocab_size", 0) or 0)
         weights += 2 * vocab * h * (2 - wbytes)
-    lora_state = 0.02 * n_params * 16  # ~1% of the params trainable at r=16: fp32 weight+grad+2 moments
-    budget = free_memory_bytes - weights - lora_state - HEADROOM_BYTES
+    lora_state = 0.006 * n_params * 16  # ~0.5% of the params trainable at r=16: fp32 weight+grad+2 moments
+    vocab = int(_cfg(model_config, "vocab_size", 0) or 0)
+    headroom = HEADROOM_BYTES + 2 * CE_CHUNK * vocab * 4  # allocator slack + one chunk of fp32 logits
+    budget = free_memory_bytes - weights - lora_state - headroom
     dbytes = torch.finfo(dtype).bits // 8
-    per_tok_nogc = activation_bytes_per_token(model_config, checkpointing=False, dtype_bytes=dbytes)
-    per_tok_gc = activation_bytes_per_token(model_config, checkpointing=True, dtype_bytes=dbytes)
+    per_tok_nogc = activation_bytes_per_token(model_config, checkpointing=False, dtype_bytes=dbytes, liger=liger)
+    per_tok_gc = activation_bytes_per_token(model_config, checkpointing=True, dtype_bytes=dbytes, liger=liger)
     want = max(8192, 2 * max_seq)
 
     def fit(per_tok: float) -> int:
@@ -623,13 +642,6 @@ def plan(model_config, training, device: torch.device | str, *, free_memory_byte
     notes.append(f"free {free_memory_bytes / 2**30:.1f} GiB, weights ~{weights / 2**30:.1f} GiB, "
                  f"activations ~{(per_tok_gc if gc else per_tok_nogc) / 2**20:.2f} MiB/token "
                  f"-> {tokens} tokens per micro-batch, checkpointing {'on' if gc else 'off'}")
-    liger = False
-    try:
-        import liger_kernel  # noqa: F401
-        liger = True
-        notes.append("Liger kernels importable: RMSNorm/SwiGLU/RoPE fused")
-    except Exception:  # noqa: BLE001
-        pass
     return Plan(ATTN_IMPL, dtype, gc, tokens, False, notes, liger, "chunked", True)
 
 
