@@ -173,9 +173,12 @@ def run(spec: TrainingRunSpec, workdir: Path, *, run_id: str | None = None, imag
                        device=device, double_quant=spec.quantization.double_quant)
     ctx = spec.base_model.max_context or model_context_length(model.config) or spec.training.max_seq_length
     max_len = min(spec.training.max_seq_length, ctx)
-    plan = fastpath.plan(model.config, spec.training, device)
+    plan = fastpath.plan(model.config, spec.training, device, quantization=spec.quantization.mode)
     if spec.training.gradient_checkpointing != "auto":
         plan.gradient_checkpointing = bool(spec.training.gradient_checkpointing)
+    if device.type == "cpu":
+        # No memory model to plan with on CPU: a micro-batch is per_device_batch_size full-length rows.
+        plan.tokens_per_micro_batch = spec.training.per_device_batch_size * max_len
     tokens_per_mb = max(plan.tokens_per_micro_batch, max_len)
     plan.tokens_per_micro_batch = tokens_per_mb
     log.info("device %s, precision %s, quantization %s, max length %d, plan: %s", device, precision,
@@ -198,7 +201,7 @@ def run(spec: TrainingRunSpec, workdir: Path, *, run_id: str | None = None, imag
         log.info("validation loss before training: %.4f", val_before)
 
     _stage("train")
-    model = wrap_lora(model, spec, gradient_checkpointing=plan.gradient_checkpointing)
+    model = fastpath.prepare_model(wrap_lora(model, spec, gradient_checkpointing=plan.gradient_checkpointing), plan)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("LoRA: %d trainable parameters of %d (%.2f%%)", trainable, total, 100 * trainable / max(total, 1))
     out_store, out_prefix = open_store(spec.output)

@@ -89,11 +89,10 @@ def lora_config(spec: TrainingRunSpec):
 def wrap_lora(model, spec: TrainingRunSpec, *, gradient_checkpointing: bool):
     from peft import get_peft_model, prepare_model_for_kbit_training
 
+    # Activation checkpointing itself is switched on by fastpath.prepare_model, from the plan.
     if spec.quantization.mode != "none":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-    elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
     try:
         return get_peft_model(model, lora_config(spec))
     except ValueError as err:  # e.g. target modules not found in the model
