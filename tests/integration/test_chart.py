@@ -1,0 +1,554 @@
+"""The Helm chart against the real helm binary and the real kube-apiserver of the local stack.
+
+What is proved here:
+* `helm lint --strict` passes, and invalid values fail on the schema naming the value;
+* the chart renders with default and with full values, and the API server accepts every
+  object (server-side dry-run) in a namespace that enforces Pod Security `restricted`,
+  including a Pod made from each workload's template (PSA only warns on workloads);
+* the one-off training Job equals what launcher/render.py renders from the same spec
+  and settings (the chart's own ConfigMap is the settings);
+* after `helm install`, the launcher — running as the chart's launcher ServiceAccount,
+  so with exactly the Role's permissions — submits with the chart's defaults and the Job
+  completes on the fake GPU node; verbs the Role does not grant are refused;
+* the `helm test` check, run in the launcher image, tells a reachable bucket from a missing one;
+* kind-config.yaml parses against kind's v1alpha4 API and hack/kind-up.sh stops with a
+  clear message before cluster creation when kind or its node image is missing (the kind
+  workflow installs this chart; kind clusters cannot start on this machine).
+"""
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.helm
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "charts" / "lora-jobs"
+EXAMPLE_SPEC = REPO / "examples" / "spec.yaml"
+RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted",
+              "pod-security.kubernetes.io/enforce-version": "latest"}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for line in (REPO / "hack" / "versions.env").read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not key.startswith("#"):
+            out[key.strip()] = value.strip()
+    return out
+
+
+@pytest.fixture(scope="module")
+def helm(request) -> str:
+    """The pinned helm: $HELM, the stack's build cache, or (building it) the stack itself."""
+    if os.environ.get("HELM") and Path(os.environ["HELM"]).is_file():
+        return os.environ["HELM"]
+    cache = Path(os.environ.get("STACK_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+                 / "lora-jobs" / "stack")
+    cached = cache / f"helm-{_versions()['HELM_VERSION']}" / "bin" / "helm"
+    if cached.is_file():
+        return str(cached)
+    return request.getfixturevalue("stack").helm
+
+
+def run_helm(helm: str, *args: str, values: dict | None = None, kubeconfig: str | None = None,
+             check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    if kubeconfig:
+        env["KUBECONFIG"] = kubeconfig
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        extra: list[str] = []
+        if values is not None:
+            yaml.safe_dump(values, f)
+            f.flush()
+            extra = ["-f", f.name]
+        proc = subprocess.run([helm, *args, *extra], capture_output=True, text=True, env=env, timeout=300)
+    if check and proc.returncode != 0:
+        pytest.fail(f"helm {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr}", pytrace=False)
+    return proc
+
+
+def template(helm: str, values: dict | None = None, namespace: str = "ns-test",
+             release: str = "lora-jobs") -> list[dict[str, Any]]:
+    out = run_helm(helm, "template", release, str(CHART), "--namespace", namespace, values=values).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def find(docs: list[dict], kind: str, name: str | None = None) -> dict:
+    hits = [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    assert len(hits) == 1, f"expected one {kind} {name or ''}, got {[d['metadata']['name'] for d in hits]}"
+    return hits[0]
+
+
+def example_spec() -> dict[str, Any]:
+    return yaml.safe_load(EXAMPLE_SPEC.read_text())
+
+
+def full_values(spec: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every optional part on."""
+    from jobs.spec import TrainingRunSpec
+
+    spec = spec or example_spec()
+    return {
+        "commonLabels": {"team": "ml-platform"},
+        "imagePullSecrets": [{"name": "regcred"}],
+        "images": {"trainer": {"repository": "registry.example/lora-jobs/trainer", "tag": "0.1.0-cuda",
+                               "pullPolicy": "Always"}},
+        "launcher": {"rbac": {"clusterPreflight": True, "extraSubjects": [
+            {"kind": "Group", "name": "ml-engineers", "apiGroup": "rbac.authorization.k8s.io"}]},
+            "serviceAccount": {"annotations": {"example.com/purpose": "ci"}}},
+        "trainer": {"serviceAccount": {"annotations": {"eks.amazonaws.com/role-arn": "arn:aws:iam::1:role/x"}}},
+        "settings": {"nodeSelector": {"nvidia.com/gpu.present": "true"}, "queue": "team-a",
+                     "ttlSecondsAfterFinished": 3600},
+        "s3": {"bucket": "lora-jobs", "credentials": {"accessKeyId": "dev-access-key",
+                                                      "secretAccessKey": "dev-secret-key-placeholder"}},
+        "minio": {"enabled": True, "extraBuckets": ["models", "datasets", "runs"]},
+        "priorityClass": {"create": True, "name": f"lora-jobs-test-{uuid.uuid4().hex[:6]}"},
+        "resourceQuota": {"enabled": True},
+        "trainingJob": {"enabled": True, "specHash": TrainingRunSpec.model_validate(spec).spec_hash(), "spec": spec},
+    }
+
+
+def settings_from_chart(docs: list[dict], namespace: str):
+    from launcher.settings import cluster_values_from_configmap, make_settings
+
+    cm = find(docs, "ConfigMap", "lora-jobs-launcher")
+    return make_settings(cluster_values_from_configmap(cm), namespace=namespace)
+
+
+def diff(a: Any, b: Any) -> str:
+    import difflib
+
+    return "\n".join(difflib.unified_diff(yaml.safe_dump(a, sort_keys=True).splitlines(),
+                                          yaml.safe_dump(b, sort_keys=True).splitlines(),
+                                          "launcher/render.py", "chart", lineterm=""))
+
+
+# ------------------------------------------------------------------------ lint and schema
+
+def test_lint_strict_passes_with_default_and_full_values(helm):
+    run_helm(helm, "lint", "--strict", str(CHART))
+    run_helm(helm, "lint", "--strict", str(CHART), values=full_values())
+
+
+@pytest.mark.parametrize("values, named", [
+    ({"s3": {"regoin": "eu-west-1"}}, "/s3"),  # a typo is not silently ignored
+    ({"settings": {"ttlSecondsAfterFinished": -5}}, "/settings/ttlSecondsAfterFinished"),
+    ({"images": {"trainer": {"pullPolicy": "Sometimes"}}}, "/images/trainer/pullPolicy"),
+    ({"minio": {"port": "nine-thousand"}}, "/minio/port"),
+    ({"s3": {"credentials": {"accessKeyId": "only-half"}}}, "/s3/credentials/secretAccessKey"),
+    ({"trainingJob": {"enabled": True, "spec": {"name": "Bad_Name"}}}, "/trainingJob/spec/name"),
+    ({"trainingJob": {"enabled": True, "specHash": "abc", "spec": {}}}, "/trainingJob/specHash"),
+    ({"trainingJob": {"spec": {"resources": {"cpu": 4}}}}, "/trainingJob/spec/resources/cpu"),
+])
+def test_invalid_values_fail_on_the_schema_naming_the_value(helm, values, named):
+    proc = run_helm(helm, "template", "lora-jobs", str(CHART), values=values, check=False)
+    assert proc.returncode != 0
+    assert "don't meet the specifications of the schema" in proc.stderr
+    assert f"at '{named}'" in proc.stderr, proc.stderr
+
+
+def test_default_values_render_the_namespace_kit_and_no_optional_parts(helm):
+    docs = template(helm)
+    kinds = sorted((d["kind"], d["metadata"]["name"]) for d in docs)
+    assert kinds == sorted([
+        ("ServiceAccount", "lora-jobs-launcher"), ("ServiceAccount", "lora-jobs-trainer"),
+        ("Role", "lora-jobs-launcher"), ("RoleBinding", "lora-jobs-launcher"),
+        ("ConfigMap", "lora-jobs-launcher"), ("Pod", "lora-jobs-test-s3"),
+    ])
+    trainer_sa = find(docs, "ServiceAccount", "lora-jobs-trainer")
+    assert trainer_sa["automountServiceAccountToken"] is False
+    # Nothing binds the trainer's account: only the launcher has a Role.
+    binding = find(docs, "RoleBinding")
+    assert [s["name"] for s in binding["subjects"]] == ["lora-jobs-launcher"]
+    settings = settings_from_chart(docs, "ns-test")
+    assert settings.s3_secret_name == "lora-jobs-s3" and settings.service_account == "lora-jobs-trainer"
+    assert settings.image == "lora-jobs/trainer:0.1.0"
+
+
+def test_names_stay_within_63_characters(helm):
+    long_release = "r" * 53  # helm's own limit on release names
+    docs = template(helm, values=full_values(), release=long_release)
+    for d in docs:
+        assert len(d["metadata"]["name"]) <= 63, d["metadata"]["name"]
+        for k, v in (d["metadata"].get("labels") or {}).items():
+            assert len(str(v)) <= 63, (d["metadata"]["name"], k, v)
+
+
+def test_launcher_role_grants_each_verb_it_needs_and_no_more(helm):
+    role = find(template(helm), "Role")
+    granted = {(r["apiGroups"][0], res, tuple(r.get("resourceNames", ())), verb)
+               for r in role["rules"] for res in r["resources"] for verb in r["verbs"]}
+    assert granted == {
+        ("batch", "jobs", (), "create"), ("batch", "jobs", (), "get"), ("batch", "jobs", (), "list"),
+        ("batch", "jobs", (), "delete"),
+        ("", "configmaps", (), "create"), ("", "configmaps", (), "get"), ("", "configmaps", (), "patch"),
+        ("", "configmaps", (), "delete"),
+        ("", "pods", (), "list"), ("", "pods/log", (), "get"), ("", "events", (), "list"),
+        ("", "secrets", ("lora-jobs-s3",), "get"),
+        ("", "serviceaccounts", ("lora-jobs-trainer",), "get"),
+    }
+    text = (CHART / "templates" / "launcher-rbac.yaml").read_text()
+    # Every rule carries its justification: a comment line right above it.
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if line.strip().startswith("- apiGroups:"):
+            assert lines[i - 1].strip().startswith("#"), f"rule at line {i + 1} has no comment saying why"
+
+
+# ------------------------------------------------------------ one-off Job == launcher render
+
+MINIMAL_SPEC = {"name": "tiny", "base_model": {"uri": "s3://models/m/"},
+                "dataset": {"train": "s3://datasets/d/train.jsonl"}, "output": "s3://runs/out/"}
+CPU_SPEC = {**MINIMAL_SPEC, "name": "cpu-run",
+            "resources": {"gpus": 0, "cpu": "500m", "memory": "2Gi", "scratch": "5Gi", "timeout_hours": 0.5,
+                          "retries": 0, "priority_class": "batch-low"},
+            "labels": {"team": "support", "schedule": "nightly"}}
+
+
+@pytest.mark.parametrize("spec, extra", [
+    (None, {}),
+    (MINIMAL_SPEC, {}),
+    (CPU_SPEC, {"settings": {"queue": "q1"}}),
+    (None, {"settings": {"queue": "team-a", "nodeSelector": {"pool": "h200"}, "tolerations": []},
+            "priorityClass": {"create": True}, "s3": {"endpoint": "http://minio.storage:9000",
+                                                      "existingSecret": "team-s3", "region": "eu-west-1"}}),
+], ids=["example", "defaults-only", "cpu-queued", "settings-variants"])
+def test_one_off_training_job_is_rendered_as_the_launcher_renders_it(helm, spec, extra):
+    from jobs.spec import TrainingRunSpec
+    from launcher.render import render_run
+
+    spec = copy.deepcopy(spec) if spec else example_spec()
+    model = TrainingRunSpec.model_validate(spec)
+    values = {"trainingJob": {"enabled": True, "specHash": model.spec_hash(), "spec": spec}, **extra}
+    docs = template(helm, values=values, namespace="team-ns")
+    job, configmap = render_run(model, settings_from_chart(docs, "team-ns"))
+
+    chart_job = find(docs, "Job", job["metadata"]["name"])
+    assert chart_job == job, diff(job, chart_job)
+    chart_cm = find(docs, "ConfigMap", configmap["metadata"]["name"])
+    assert chart_cm["metadata"] == configmap["metadata"]
+    # The spec text differs in layout (Go vs PyYAML) but is the same spec, hence the same run.
+    from_chart = TrainingRunSpec.model_validate(yaml.safe_load(chart_cm["data"]["spec.yaml"]))
+    assert from_chart == model and from_chart.spec_hash() == model.spec_hash()
+
+
+# -------------------------------------------------------- the real API server (dry-run, PSA)
+
+def _restricted_namespace(kube_api, namespace: str) -> None:
+    from kubernetes import client
+
+    client.CoreV1Api(kube_api).patch_namespace(namespace, {"metadata": {"labels": RESTRICTED}})
+
+
+def _dry_run_create(kube_api, doc: dict, namespace: str) -> None:
+    from kubernetes import dynamic
+
+    dyn = dynamic.DynamicClient(kube_api)
+    resource = dyn.resources.get(api_version=doc["apiVersion"], kind=doc["kind"])
+    kw = {"namespace": namespace} if resource.namespaced else {}
+    resource.create(body=doc, dry_run="All", **kw)
+
+
+def _pod_from_workload(doc: dict) -> dict | None:
+    """A Pod with a workload's template: PSA enforces on Pods only (workloads just warn)."""
+    if doc["kind"] == "Deployment" or doc["kind"] == "Job":
+        template_ = copy.deepcopy(doc["spec"]["template"])
+        spec = template_["spec"]
+        spec["serviceAccountName"] = "default"  # dry-run did not create the chart's accounts
+        return {"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": f"psa-{doc['metadata']['name']}"[:63].rstrip("-"),
+                             "labels": template_.get("metadata", {}).get("labels", {})},
+                "spec": spec}
+    return None
+
+
+@pytest.mark.parametrize("which", ["default", "full"])
+def test_rendered_objects_are_accepted_by_the_api_server_under_restricted_psa(helm, kube_api, namespace, which):
+    from kubernetes.client.exceptions import ApiException
+
+    _restricted_namespace(kube_api, namespace)
+    docs = template(helm, values=full_values() if which == "full" else None, namespace=namespace)
+    rejected = []
+    pods = []
+    for doc in docs:
+        pod = _pod_from_workload(doc)
+        if pod:
+            pods.append(pod)
+        if doc["kind"] == "Pod":
+            doc = copy.deepcopy(doc)
+            doc["spec"]["serviceAccountName"] = "default"
+        for obj in [doc] + ([pod] if pod else []):
+            try:
+                _dry_run_create(kube_api, obj, namespace)
+            except ApiException as err:
+                rejected.append(f"{obj['kind']} {obj['metadata']['name']}: {err.status} {err.body}")
+    assert not rejected, "\n".join(rejected)
+    if which == "full":
+        assert {p["metadata"]["name"] for p in pods} >= {"psa-lora-jobs-minio", "psa-lora-jobs-minio-buckets"}
+
+
+def test_a_privileged_pod_is_refused_in_the_restricted_namespace(kube_api, namespace):
+    """The control for the test above: the namespace really enforces `restricted`."""
+    from kubernetes.client.exceptions import ApiException
+
+    _restricted_namespace(kube_api, namespace)
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "root-pod"},
+           "spec": {"containers": [{"name": "c", "image": "lora-jobs/launcher:0.1.0"}]}}
+    with pytest.raises(ApiException) as err:
+        _dry_run_create(kube_api, pod, namespace)
+    assert err.value.status == 403 and "restricted" in err.value.body
+
+
+# ------------------------------------------------------------ install, then the launcher submits
+
+def _token_kubeconfig(kube_api, stack, namespace: str, service_account: str, path: Path) -> str:
+    """A kubeconfig that authenticates as a ServiceAccount (a short-lived bound token)."""
+    from kubernetes import client
+
+    token = client.CoreV1Api(kube_api).create_namespaced_service_account_token(
+        service_account, namespace,
+        client.AuthenticationV1TokenRequest(spec=client.V1TokenRequestSpec(audiences=[],
+                                                                            expiration_seconds=3600))).status.token
+    admin = yaml.safe_load(Path(stack.kubeconfig).read_text())
+    cluster = admin["clusters"][0]["cluster"]
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config",
+        "clusters": [{"name": "stack", "cluster": cluster}],
+        "users": [{"name": service_account, "user": {"token": token}}],
+        "contexts": [{"name": "sa", "context": {"cluster": "stack", "user": service_account,
+                                                 "namespace": namespace}}],
+        "current-context": "sa",
+    }))
+    return str(path)
+
+
+@pytest.fixture()
+def installed(helm, stack, kube_api, namespace):
+    """The chart installed in a fresh restricted namespace, with the stack's MinIO and Secret."""
+    _restricted_namespace(kube_api, namespace)
+    values = {"s3": {"existingSecret": "lora-jobs-s3", "endpoint": stack.s3_endpoint, "bucket": stack.bucket},
+              "images": {"trainer": {"tag": "from-the-chart"}}}
+    run_helm(helm, "install", "lora-jobs", str(CHART), "--namespace", namespace, "--wait", "--timeout", "2m",
+             values=values, kubeconfig=stack.kubeconfig)
+    yield namespace
+    run_helm(helm, "uninstall", "lora-jobs", "--namespace", namespace, kubeconfig=stack.kubeconfig, check=False)
+
+
+def test_after_install_the_launcher_submits_with_the_charts_defaults_and_the_job_completes(
+        installed, stack, kube_api, tmp_path):
+    from kubernetes import client
+
+    namespace = installed
+    kubeconfig = _token_kubeconfig(kube_api, stack, namespace, "lora-jobs-launcher", tmp_path / "kubeconfig")
+    # Only where the cluster is and who we are: everything else must come from the ConfigMap.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LAUNCHER_", "AWS_", "KUBECONFIG"))}
+    env.update({"LAUNCHER_KUBECONFIG": kubeconfig, "LAUNCHER_NAMESPACE": namespace,
+                "HOME": str(tmp_path), "PYTHONPATH": str(REPO)})
+    proc = subprocess.run([sys.executable, "-m", "launcher", "submit", str(EXAMPLE_SPEC), "--wait", "--timeout", "120"],
+                          env=env, capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+
+    jobs = client.BatchV1Api(kube_api).list_namespaced_job(
+        namespace, label_selector="app.kubernetes.io/name=lora-jobs,lora-jobs.io/run=support-bot").items
+    assert len(jobs) == 1
+    job = jobs[0]
+    assert job.status.succeeded == 1
+    pod = job.spec.template.spec
+    container = pod.containers[0]
+    assert container.image == "lora-jobs/trainer:from-the-chart"  # the chart's image, via its ConfigMap
+    env_by_name = {e.name: e for e in container.env}
+    assert env_by_name["AWS_ENDPOINT_URL"].value == stack.s3_endpoint
+    assert env_by_name["AWS_SECRET_ACCESS_KEY"].value_from.secret_key_ref.name == "lora-jobs-s3"
+    assert pod.service_account_name == "lora-jobs-trainer"
+    assert pod.automount_service_account_token is False
+    pods = client.CoreV1Api(kube_api).list_namespaced_pod(namespace, label_selector=f"job-name={job.metadata.name}")
+    assert [p.spec.node_name for p in pods.items] == ["kwok-gpu-0"]
+
+
+def test_the_launcher_account_is_refused_what_its_role_does_not_grant(installed, stack, kube_api, tmp_path):
+    from kubernetes import client, config
+    from kubernetes.client.exceptions import ApiException
+
+    namespace = installed
+    kubeconfig = _token_kubeconfig(kube_api, stack, namespace, "lora-jobs-launcher", tmp_path / "kubeconfig")
+    cfg = client.Configuration()
+    config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+    with client.ApiClient(cfg) as api:
+        core, batch = client.CoreV1Api(api), client.BatchV1Api(api)
+        # Granted: the one credentials Secret, and the Job verbs.
+        assert core.read_namespaced_secret("lora-jobs-s3", namespace).metadata.name == "lora-jobs-s3"
+        batch.list_namespaced_job(namespace)
+        refused = {
+            "list secrets": lambda: core.list_namespaced_secret(namespace),
+            "get another Secret": lambda: core.read_namespaced_secret("someone-elses", namespace),
+            "create pods": lambda: core.create_namespaced_pod(namespace, {
+                "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x"},
+                "spec": {"containers": [{"name": "c", "image": "x"}]}}, dry_run="All"),
+            "evict pods": lambda: core.create_namespaced_pod_eviction("any", namespace, {
+                "apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": "any"}}),
+            "patch jobs": lambda: batch.patch_namespaced_job("any", namespace, {"spec": {"suspend": False}}),
+            "delete the Role": lambda: client.RbacAuthorizationV1Api(api).delete_namespaced_role(
+                "lora-jobs-launcher", namespace),
+            "list nodes": lambda: core.list_node(),
+        }
+        for what, call in refused.items():
+            with pytest.raises(ApiException) as err:
+                call()
+            assert err.value.status == 403, f"{what}: expected 403, got {err.value.status}"
+
+
+def test_invalid_values_fail_helm_install_naming_the_value(helm, stack, namespace):
+    proc = run_helm(helm, "install", "lora-jobs", str(CHART), "--namespace", namespace,
+                    values={"settings": {"gpuResource": "nvidia.com/gpu count"}},
+                    kubeconfig=stack.kubeconfig, check=False)
+    assert proc.returncode != 0
+    assert "at '/settings/gpuResource'" in proc.stderr, proc.stderr
+
+
+# ------------------------------------------------------------------------ the helm test check
+
+def _docker() -> str:
+    return "/usr/bin/docker" if Path("/usr/bin/docker").exists() else (shutil.which("docker") or "docker")
+
+
+@pytest.mark.docker
+def test_the_helm_test_check_tells_a_reachable_bucket_from_a_missing_one(helm, stack):
+    """kwok does not run containers, so the hook Pod's check runs here, in the launcher image,
+    with the Pod's own command and the stack's MinIO."""
+    docker = _docker()
+    if subprocess.run([docker, "image", "inspect", "lora-jobs/launcher:0.1.0"], capture_output=True).returncode:
+        subprocess.run(["bash", str(REPO / "hack" / "build-images.sh"), "launcher"], check=True, timeout=1200)
+    pod = find(template(helm, values={"s3": {"endpoint": stack.s3_endpoint, "bucket": stack.bucket}}), "Pod")
+    container = pod["spec"]["containers"][0]
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+
+    def check(bucket: str) -> subprocess.CompletedProcess:
+        args = container["args"][:-1] + [bucket]
+        env = ["-e", f"AWS_ENDPOINT_URL={stack.s3_endpoint}", "-e", "AWS_REGION=us-east-1",
+               "-e", f"AWS_ACCESS_KEY_ID={stack.s3_access_key}", "-e", f"AWS_SECRET_ACCESS_KEY={stack.s3_secret_key}"]
+        return subprocess.run([docker, "run", "--rm", "--network", "host", "--read-only", "--user", "1000:1000",
+                               "--cap-drop", "ALL", "--security-opt", "no-new-privileges", *env,
+                               "--entrypoint", container["command"][0], container["image"],
+                               *container["command"][1:], *args],
+                              capture_output=True, text=True, timeout=120)
+
+    ok = check(stack.bucket)
+    assert ok.returncode == 0, ok.stderr
+    assert f"ok: bucket {stack.bucket} is reachable" in ok.stdout
+    missing = check(f"no-such-bucket-{uuid.uuid4().hex[:8]}")
+    assert missing.returncode != 0
+    assert "FAIL" in missing.stderr and "404" in missing.stderr and "create the bucket" in missing.stderr
+
+
+# ---------------------------------------------------------------------------------- kind
+
+# kind's v1alpha4 API as of kind v0.33.0 (sigs.k8s.io/kind/pkg/apis/config/v1alpha4/types.go):
+# the fields its strict loader accepts, so a typo fails here as it would in `kind create cluster`.
+KIND_CLUSTER_FIELDS = {"kind", "apiVersion", "name", "nodes", "networking", "featureGates", "runtimeConfig",
+                       "kubeadmConfigPatches", "kubeadmConfigPatchesJSON6902", "containerdConfigPatches",
+                       "containerdConfigPatchesJSON6902"}
+KIND_NODE_FIELDS = {"role", "image", "labels", "extraMounts", "extraPortMappings", "kubeadmConfigPatches",
+                    "kubeadmConfigPatchesJSON6902"}
+KIND_MOUNT_FIELDS = {"containerPath", "hostPath", "readOnly", "selinuxRelabel", "propagation"}
+KIND_PORT_FIELDS = {"containerPort", "hostPort", "listenAddress", "protocol"}
+KIND_NETWORKING_FIELDS = {"ipFamily", "apiServerPort", "apiServerAddress", "podSubnet", "serviceSubnet",
+                          "disableDefaultCNI", "kubeProxyMode", "dnsSearch"}
+
+
+def _check_kind_config(cfg: dict) -> list[str]:
+    problems = []
+
+    def unknown(where: str, obj: dict, allowed: set[str]) -> None:
+        for key in set(obj) - allowed:
+            problems.append(f"{where}.{key}: unknown field")
+
+    if cfg.get("kind") != "Cluster" or cfg.get("apiVersion") != "kind.x-k8s.io/v1alpha4":
+        problems.append("kind/apiVersion must be Cluster / kind.x-k8s.io/v1alpha4")
+    unknown("", cfg, KIND_CLUSTER_FIELDS)
+    unknown("networking", cfg.get("networking") or {}, KIND_NETWORKING_FIELDS)
+    nodes = cfg.get("nodes") or []
+    roles = [n.get("role", "control-plane") for n in nodes]
+    if nodes and "control-plane" not in roles:
+        problems.append("nodes: at least one control-plane node is required")
+    for i, node in enumerate(nodes):
+        unknown(f"nodes[{i}]", node, KIND_NODE_FIELDS)
+        if node.get("role", "control-plane") not in ("control-plane", "worker"):
+            problems.append(f"nodes[{i}].role: must be control-plane or worker")
+        for j, m in enumerate(node.get("extraMounts") or []):
+            unknown(f"nodes[{i}].extraMounts[{j}]", m, KIND_MOUNT_FIELDS)
+            if m.get("propagation", "None") not in ("None", "HostToContainer", "Bidirectional"):
+                problems.append(f"nodes[{i}].extraMounts[{j}].propagation: invalid")
+        for j, p in enumerate(node.get("extraPortMappings") or []):
+            unknown(f"nodes[{i}].extraPortMappings[{j}]", p, KIND_PORT_FIELDS)
+        for j, patch in enumerate(node.get("kubeadmConfigPatches") or []):
+            if not isinstance(yaml.safe_load(patch), dict):
+                problems.append(f"nodes[{i}].kubeadmConfigPatches[{j}]: not a YAML object")
+        if not all(isinstance(v, str) for v in (node.get("labels") or {}).values()):
+            problems.append(f"nodes[{i}].labels: values must be strings")
+    return problems
+
+
+def test_kind_config_parses_against_kinds_v1alpha4_api():
+    text = (REPO / "kind-config.yaml").read_text()
+    cfg = yaml.safe_load(text)
+    assert _check_kind_config(cfg) == []
+    assert [n["role"] for n in cfg["nodes"]] == ["control-plane", "worker"]
+    # The GPU worker is documented, commented out; uncommented it must parse too.
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if 'remove the leading "# "' in line) + 1
+    gpu_node = yaml.safe_load("\n".join(line[2:] for line in lines[start:] if line.startswith("# ")))
+    assert isinstance(gpu_node, list) and gpu_node[0]["role"] == "worker"
+    with_gpu = dict(cfg, nodes=cfg["nodes"] + gpu_node)
+    assert _check_kind_config(with_gpu) == []
+    mounts = {m["containerPath"] for m in gpu_node[0]["extraMounts"]}
+    assert "/var/run/nvidia-container-devices/all" in mounts
+
+
+def test_the_kind_check_catches_what_kind_would_refuse():
+    bad = {"kind": "Cluster", "apiVersion": "kind.x-k8s.io/v1alpha4",
+           "nodes": [{"role": "worker", "extraMount": []}], "networkin": {}}
+    problems = _check_kind_config(bad)
+    assert "nodes[0].extraMount: unknown field" in problems and ".networkin: unknown field" in problems
+    assert "nodes: at least one control-plane node is required" in problems
+
+
+def test_kind_up_stops_before_cluster_creation_with_a_clear_message(tmp_path):
+    """No kind (or no node image) here: the script must say so and what to do, not fail obscurely."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("docker", "helm", "kubectl"):  # present, so the kind check is the one that fails
+        (bin_dir / tool).write_text("#!/bin/sh\nexit 0\n")
+        (bin_dir / tool).chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "KIND": "kind-not-installed"}
+    proc = subprocess.run(["bash", str(REPO / "hack" / "kind-up.sh")], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode != 0
+    assert "kind is not installed" in proc.stderr and "go install sigs.k8s.io/kind@" in proc.stderr
+
+    # kind present but its node image cannot be had: stop before `kind create cluster`.
+    (bin_dir / "kind").write_text("#!/bin/sh\necho \"kind $*\" >> \"$HOME/kind-calls\"\n"
+                                  "[ \"$1\" = version ] && echo 'kind v0.30.0 go1.24 linux/amd64'\nexit 0\n")
+    (bin_dir / "kind").chmod(0o755)
+    (bin_dir / "docker").write_text("#!/bin/sh\ncase \"$1 $2\" in\n  'image inspect') exit 1 ;;\n"
+                                    "  'pull '*) echo 'Error response from daemon: no route to registry' >&2; exit 1 ;;\n"
+                                    "esac\nexit 0\n")
+    env["KIND"] = "kind"
+    proc = subprocess.run(["bash", str(REPO / "hack" / "kind-up.sh")], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode != 0
+    assert "node image" in proc.stderr and "kindest/node" in proc.stderr
+    calls = (tmp_path / "kind-calls").read_text() if (tmp_path / "kind-calls").exists() else ""
+    assert "create cluster" not in calls
