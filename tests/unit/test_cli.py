@@ -333,3 +333,107 @@ def test_logs_follow_reconnects_without_repeating_lines(no_sleep):
     assert out == ["step 1", "step 2", "step 3", "done"]
     assert diag.state == "Succeeded"
     assert any("retrying" in n for n in notes)
+
+
+# ------------------------------------------------------------------------------ idempotent create (in-memory API)
+
+class MemoryApi:
+    """Just enough of launcher.kube.Kube for create_run: names are unique, create of a taken name is 409."""
+
+    namespace = "ml"
+
+    def __init__(self):
+        self.jobs, self.cms, self.n = {}, {}, 0
+
+    def _new(self, body):
+        import copy
+        self.n += 1
+        obj = copy.deepcopy(body)
+        obj["metadata"]["uid"] = f"uid-{self.n}"
+        return obj
+
+    def get_job(self, name):
+        return self.jobs.get(name)
+
+    def create_job(self, body, dry_run=False):
+        from launcher.kube import AlreadyExists
+        if body["metadata"]["name"] in self.jobs:
+            raise AlreadyExists("exists")
+        self.jobs[body["metadata"]["name"]] = obj = self._new(body)
+        return obj
+
+    def get_configmap(self, name, namespace=None):
+        return self.cms.get(name)
+
+    def create_configmap(self, body, dry_run=False):
+        from launcher.kube import AlreadyExists
+        if body["metadata"]["name"] in self.cms:
+            raise AlreadyExists("exists")
+        self.cms[body["metadata"]["name"]] = obj = self._new(body)
+        return obj
+
+    def patch_configmap(self, name, patch):
+        self.cms[name]["metadata"].update(patch["metadata"])
+
+    def delete_configmap(self, name, uid=None):
+        if name in self.cms and (uid is None or self.cms[name]["metadata"]["uid"] == uid):
+            del self.cms[name]
+            return True
+        return False
+
+
+def _rendered(epochs=1):
+    from jobs.spec import parse_spec
+    from launcher.render import render_run
+    from launcher.settings import make_settings
+
+    spec = parse_spec({"name": "idem", "base_model": {"uri": "s3://mod/x/"}, "dataset": {"train": "s3://dat/t"},
+                       "output": "s3://out/p", "training": {"epochs": epochs}})
+    return render_run(spec, make_settings())
+
+
+def test_create_run_is_idempotent_and_owns_its_configmap():
+    from launcher.submit import create_run
+
+    api = MemoryApi()
+    job, cm = _rendered()
+    first = create_run(api, job, cm)
+    again = create_run(api, job, cm)
+    assert first.created and not again.created and again.message.startswith("already submitted")
+    assert len(api.jobs) == 1
+    owner = api.cms[job["metadata"]["name"]]["metadata"]["ownerReferences"][0]
+    assert owner["uid"] == api.jobs[job["metadata"]["name"]]["metadata"]["uid"] and owner["kind"] == "Job"
+
+
+def test_create_run_after_losing_the_race_on_the_job_is_already_submitted():
+    from launcher.submit import create_run
+
+    api = MemoryApi()
+    job, cm = _rendered()
+    real_get = api.get_job
+    calls = {"n": 0}
+
+    def get_job_racing(name):
+        calls["n"] += 1
+        if calls["n"] == 1:  # our first look: nothing there; then another process creates it
+            api.create_configmap(cm)
+            api.create_job(job)
+            return None
+        return real_get(name)
+
+    api.get_job = get_job_racing
+    result = create_run(api, job, cm)
+    assert not result.created and len(api.jobs) == 1
+
+
+def test_stale_configmap_of_a_deleted_job_is_replaced():
+    from launcher.submit import create_run
+
+    api = MemoryApi()
+    job, cm = _rendered()
+    create_run(api, job, cm)
+    api.jobs.clear()  # the Job was deleted; its ConfigMap still waits for garbage collection
+    result = create_run(api, job, cm)
+    assert result.created
+    new_uid = api.jobs[job["metadata"]["name"]]["metadata"]["uid"]
+    assert api.cms[job["metadata"]["name"]]["metadata"]["ownerReferences"][0]["uid"] == new_uid

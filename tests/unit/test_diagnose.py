@@ -12,6 +12,15 @@ pytestmark = pytest.mark.unit
 JOB = "support-bot-1a2b3c4d"
 
 
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch, tmp_path):
+    import os
+    for k in list(os.environ):
+        if k.startswith("LAUNCHER_"):
+            monkeypatch.delenv(k)
+    monkeypatch.setenv("HOME", str(tmp_path))
+
+
 def job(conditions=(), *, active=0, failed=0, succeeded=0, backoff=3, labels=None, deleting=False, **spec):
     meta = {"name": JOB, "namespace": "ml", "uid": "u-1", "creationTimestamp": "2025-05-01T10:00:00Z",
             "labels": {"lora-jobs.io/run": "support-bot", **(labels or {})}}
@@ -224,3 +233,68 @@ def test_empty_and_sparse_dicts_do_not_crash():
     d = diagnose({}, [{}], [{}])
     assert isinstance(d, Diagnosis) and d.state == "Pending"
     assert diagnose({"metadata": {"name": "x"}, "status": {"conditions": None}}, [], []).state == "Pending"
+
+
+# ------------------------------------------------------------------------------ preflight: can a node EVER fit?
+
+def _node(name, gpus=0, taints=(), labels=None, cpu="64", memory="512Gi"):
+    alloc = {"cpu": cpu, "memory": memory, "pods": "110"}
+    if gpus:
+        alloc["nvidia.com/gpu"] = str(gpus)
+    return {"metadata": {"name": name, "labels": labels or {}}, "spec": {"taints": list(taints)},
+            "status": {"allocatable": alloc, "capacity": alloc}}
+
+
+GPU_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
+NODES = [_node("kwok-gpu-0", 8, [GPU_TAINT], {"nvidia.com/gpu.present": "true"}), _node("kwok-cpu-0")]
+
+
+def _job(gpus, **settings_kw):
+    from jobs.spec import parse_spec
+    from launcher.render import render_job
+    from launcher.settings import make_settings
+
+    spec = parse_spec({"name": "fit", "base_model": {"uri": "s3://mod/x/"}, "dataset": {"train": "s3://dat/t"},
+                       "output": "s3://out/p", "resources": {"gpus": gpus, "cpu": "4", "memory": "32Gi"}})
+    return render_job(spec, make_settings(**settings_kw))
+
+
+def test_fit_one_gpu_on_the_tainted_gpu_node():
+    from launcher.submit import fit_failure
+    assert fit_failure(NODES, _job(1), "nvidia.com/gpu") is None
+    assert fit_failure(NODES, _job(0), "nvidia.com/gpu") is None
+
+
+def test_too_many_gpus_can_never_fit():
+    from launcher.submit import fit_failure
+    msg = fit_failure(NODES, _job(9), "nvidia.com/gpu")
+    assert msg.startswith("no node can ever fit 9 nvidia.com/gpu (the most any node has is 8)")
+    assert "lower resources.gpus to 8" in msg and "kwok-cpu-0 has 0 nvidia.com/gpu" in msg
+
+
+def test_untolerated_taint_and_node_selector_are_reasons():
+    from launcher.submit import fit_failure
+    msg = fit_failure(NODES, _job(1, tolerations=[]), "nvidia.com/gpu")
+    assert "kwok-gpu-0 has taint nvidia.com/gpu=present:NoSchedule the run does not tolerate" in msg
+    msg = fit_failure(NODES, _job(1, node_selector={"pool": "a100"}), "nvidia.com/gpu")
+    assert "lacks label pool=a100" in msg
+
+
+def test_no_gpu_nodes_at_all_suggests_the_device_plugin():
+    from launcher.submit import fit_failure
+    msg = fit_failure([_node("cpu-only")], _job(1), "nvidia.com/gpu")
+    assert "device plugin" in msg
+
+
+def test_memory_too_large_for_any_node():
+    from launcher.submit import fit_failure
+    msg = fit_failure([_node("small", 8, memory="16Gi")], _job(1), "nvidia.com/gpu")
+    assert "has 16Gi memory allocatable, the run asks for 32Gi" in msg
+
+
+def test_parse_quantity():
+    from launcher.submit import parse_quantity
+    assert parse_quantity("500m") == 0.5 and parse_quantity("32Gi") == 32 * 2**30 and parse_quantity(8) == 8
+    assert parse_quantity("1k") == 1000 and parse_quantity("1e3") == 1000
+    with pytest.raises(ValueError):
+        parse_quantity("lots")
