@@ -186,7 +186,7 @@ def count_lines(data: bytes) -> int:
 _WORD = re.compile(r"\S+")
 # A sentence ends at . ! ? (and closing quotes) before a space and a capital or digit,
 # so "e.g. this" and "v2.1" stay whole.
-_SENTENCE_END = re.compile(r"[.!?…]+[\"'”’)\]]*(?=\s+[\"'“‘(\[]?[A-Z0-9])")
+_SENTENCE_END = re.compile(r"(?<![.!?…])[.!?…]+[\"'”’)\]]*(?=\s+[\"'“‘(\[]?[A-Z0-9])")
 _BULLET = re.compile(r"^(\s*(?:[-*•]|\d+[.)])\s+)")
 
 
@@ -297,7 +297,7 @@ def strip_boilerplate(rows: list[Row]) -> RuleResult:
 
 # ---------------------------------------------------------------------------- rule: URLs
 
-_MD_LINK = re.compile(r"\[([^\]\n]+)\]\(\s*(?:https?://|www\.)[^)\s]*\s*\)", re.IGNORECASE)
+_MD_LINK = re.compile(r"\[([^\[\]\n]{1,300})\]\(\s*(?:https?://|www\.)[^)\s]*\s*\)", re.IGNORECASE)
 URL_RE = re.compile(r"(?:\b(?:https?|ftp)://|\bwww\.)[^\s<>\"'`]+", re.IGNORECASE)
 _ABOUT_LINKS = re.compile(r"\b(?:urls?|links?|hyperlinks?|websites?|web ?sites?|web ?pages?|web address(?:es)?|"
                           r"domains?|homepage)\b", re.IGNORECASE)
@@ -306,7 +306,7 @@ _ABOUT_LINKS = re.compile(r"\b(?:urls?|links?|hyperlinks?|websites?|web ?sites?|
 _SENTINEL = "\x00"
 #: A sentence that ends pointing at a URL ("Download it from URL.") says nothing without
 #: it, so the whole sentence goes; elsewhere only the URL is cut out.
-_POINTER = re.compile(r"\b(?:at|see|visit|via|from|to|on|here|under)\s*:?\s*\x00[.!?:;]*$", re.IGNORECASE)
+_POINTER = re.compile(r"\b(?:at|see|visit|via|from|to|on|here|under)\s*(?::\s*)?\x00[.!?:;]*$", re.IGNORECASE)
 
 
 def _cut_url(match: re.Match) -> str:
@@ -363,7 +363,10 @@ def remove_urls(rows: list[Row]) -> RuleResult:
 
 # ---------------------------------------------------------------------------- rule: PII
 
-_EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
+# Every pattern below starts only where the previous character cannot continue it, and
+# never puts two unbounded runs of the same characters side by side: a 1 MB line
+# must cost linear time, not quadratic.
+_EMAIL = re.compile(r"(?<![\w.%+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
 _CARD = re.compile(r"(?<![\w-])\d(?:[ -]?\d){12,18}(?![\w-])")
 _SSN = re.compile(r"(?<![\w-])\d{3}-\d{2}-\d{4}(?![\w-])")
 _PHONE = re.compile(
@@ -374,7 +377,7 @@ _PHONE = re.compile(
 _ID_KEYWORD = re.compile(
     r"(?P<key>\b(?:ssn|social security(?: number)?|passport|driver['’]?s? licen[cs]e|licen[cs]e|national id|"
     r"tax id|tin|iban|account|acct|customer|member|employee|patient|policy|id)"
-    r"(?:\s*(?:number|no\.?|num|#))?\s*[:#]?\s*)(?P<value>[A-Z0-9][A-Z0-9-]{4,})\b", re.IGNORECASE)
+    r"(?:\s*(?:number|no\.?|num|#))?\s*(?:[:#]\s*)?)(?P<value>[A-Z0-9][A-Z0-9-]{4,})\b", re.IGNORECASE)
 _LONG_DIGITS = re.compile(r"(?<![\w-])\d{9,}(?![\w-])")
 PII_TOKENS = ("[EMAIL]", "[CARD]", "[PHONE]", "[ID]")
 

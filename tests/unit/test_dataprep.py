@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -145,6 +146,20 @@ def test_an_empty_file_fails_with_data_error_not_a_crash(tmp_path):
 def test_check_file_names_a_missing_file():
     with pytest.raises(DataError, match="file not found"):
         check_file("/nonexistent/train.jsonl")
+
+
+@pytest.mark.parametrize("text", [
+    "[" * 30_000 + " https://x.example/a",  # Markdown-link scan from every bracket
+    "%a" * 40_000,  # email local part from every position
+    "https://x.example at" + " " * 30_000 + "x",  # two adjacent runs of spaces
+    "id" + " " * 30_000 + ":" + " " * 30_000,
+    "." * 30_000 + " a",  # sentence end from every dot
+], ids=["brackets", "percent", "spaces-after-pointer", "spaces-around-colon", "dots"])
+def test_rules_take_linear_time_on_pathological_text(text):
+    start = time.perf_counter()
+    remove_urls_text(text), find_pii(text), strip_boilerplate_text(text)
+    limit_sentences([row(text)], 28, "trim")
+    assert time.perf_counter() - start < 5  # each shape took 10-60 s when the regexes backtracked quadratically
 
 
 # ---------------------------------------------------------------------------- boilerplate
