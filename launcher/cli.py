@@ -170,6 +170,11 @@ def _emit(data: Any, fmt: Format, table: Callable[[], None]) -> None:
         table()
 
 
+def _esc(text: Any) -> str:
+    from rich.markup import escape
+    return escape(str(text))
+
+
 def _console():
     from rich.console import Console
     return Console(highlight=False, soft_wrap=True)
@@ -446,7 +451,7 @@ def validate(
 
         table = Table("field", "default", "meaning", show_lines=False)
         for path, default, desc in field_docs():
-            table.add_row(path, default, desc)
+            table.add_row(_esc(path), _esc(default), _esc(desc))
         _console().print(table)
         if spec is None:
             return
@@ -526,8 +531,8 @@ def status(ctx: typer.Context, run: str = typer.Argument(..., help="Run name or 
 
     def table() -> None:
         c = _console()
-        c.print(f"[bold]{data['job']}[/] (run {data['run']}, namespace {data['namespace']})")
-        c.print(f"  state:  [bold]{data['state']}[/] — {data['sentence']}", markup=True)
+        c.print(f"[bold]{_esc(data['job'])}[/] (run {_esc(data['run'])}, namespace {_esc(data['namespace'])})")
+        c.print(f"  state:  [bold]{data['state']}[/] — {_esc(data['sentence'])}")
         if data["exit_code"] is not None:
             c.print(f"  exit code: {data['exit_code']}")
         for d in data["details"]:
@@ -538,7 +543,7 @@ def status(ctx: typer.Context, run: str = typer.Argument(..., help="Run name or 
             t = Table("pod", "phase", "node", "exit", "reason")
             for p in data["pods"]:
                 t.add_row(p["pod"], p["phase"], p["node"] or "", "" if p["exit_code"] is None else str(p["exit_code"]),
-                          p["reason"] or "")
+                          _esc(p["reason"] or ""))
             c.print(t)
 
     _emit(data, fmt, table)
@@ -584,11 +589,11 @@ def list_runs(ctx: typer.Context, fmt: Format = FORMAT_OPTION) -> None:
         from rich.table import Table
 
         if not rows:
-            _console().print(f"no runs in namespace {kube.namespace}")
+            _console().print(f"no runs in namespace {kube.namespace}", markup=False)
             return
         t = Table("run", "job", "state", "created", "why")
         for r in rows:
-            t.add_row(r["run"] or "", r["job"], r["state"], r["created"] or "", r["sentence"])
+            t.add_row(r["run"] or "", r["job"], r["state"], r["created"] or "", _esc(r["sentence"]))
         _console().print(t)
 
     _emit(rows, fmt, table)
@@ -668,17 +673,17 @@ def artifacts(ctx: typer.Context, run: str = typer.Argument(..., help="Run name 
     def table() -> None:
         c = _console()
         if not listing.versions:
-            c.print(f"no complete versions under {listing.prefix}")
+            c.print(f"no complete versions under {listing.prefix}", markup=False)
         else:
             from rich.table import Table
 
             t = Table("version", "files", "bytes", "uri")
             for v in listing.versions:
                 mark = " (latest)" if v.name == listing.latest else ""
-                t.add_row(v.name + mark, str(v.files), f"{v.bytes:,}", v.uri)
+                t.add_row(v.name + mark, str(v.files), f"{v.bytes:,}", _esc(v.uri))
             c.print(t)
         for name in listing.incomplete:
-            c.print(f"{name}: incomplete (no _COMPLETE marker; publishing or abandoned) — not a version")
+            c.print(f"{name}: incomplete (no _COMPLETE marker; publishing or abandoned) — not a version", markup=False)
 
     _emit(listing.to_dict(), fmt, table)
 
