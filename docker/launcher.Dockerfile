@@ -1,0 +1,58 @@
+# The launcher CLI image: `launcher submit|status|logs|...` from inside a cluster
+# (CI runners, GitOps hooks) and the chart's S3 hooks (bucket creation, helm test).
+# No torch: the launcher's dependencies only. Build with hack/build-images.sh.
+#   BASE_IMAGE  production: debian:bookworm-slim; CI: lora-jobs/debian:bookworm
+#               (hack/base-image.sh, no registry needed).
+ARG BASE_IMAGE=debian:bookworm-slim
+FROM ${BASE_IMAGE}
+
+RUN --mount=type=cache,target=/var/cache/apt,sharing=locked \
+    --mount=type=cache,target=/var/lib/apt/lists,sharing=locked \
+    rm -f /etc/apt/apt.conf.d/docker-clean \
+ && apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+      python3 python3-venv ca-certificates \
+ && python3 -m venv /opt/venv
+
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# Dependencies before code, so editing launcher/ or jobs/ reuses this layer.
+COPY docker/requirements-launcher.txt /tmp/requirements.txt
+RUN --mount=type=cache,target=/root/.cache/pip \
+    --mount=type=secret,id=ca_bundle \
+    if [ -s /run/secrets/ca_bundle ]; then export PIP_CERT=/run/secrets/ca_bundle; fi \
+ && pip install --no-deps --require-virtualenv -r /tmp/requirements.txt \
+ && pip check \
+ && rm /tmp/requirements.txt
+
+# The package itself (launcher/ needs jobs/ for the one spec model). README.m[d]
+# matches nothing rather than failing while the repository has no README.
+WORKDIR /src
+COPY pyproject.toml README.m[d] ./
+COPY jobs/ ./jobs/
+COPY launcher/ ./launcher/
+RUN test -f README.md || echo "# lora-jobs" > README.md \
+ && pip install --no-deps --no-build-isolation --no-cache-dir . \
+ && cd / && rm -rf /src
+
+RUN groupadd --gid 1000 launcher \
+ && useradd --uid 1000 --gid 1000 --home-dir /home/launcher --create-home --shell /usr/sbin/nologin launcher
+ENV PYTHONDONTWRITEBYTECODE=1
+USER 1000:1000
+WORKDIR /home/launcher
+ENTRYPOINT ["launcher"]
+CMD ["--help"]
+
+# Last, because build arguments are part of every later step's cache key: a new
+# revision or date must not invalidate the dependency layers.
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+ARG CREATED=unknown
+LABEL org.opencontainers.image.title="lora-jobs launcher" \
+      org.opencontainers.image.description="Submits and follows lora-jobs training Jobs on Kubernetes" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.created="${CREATED}" \
+      org.opencontainers.image.licenses="Apache-2.0"

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Builds the trainer and launcher images: lora-jobs/{trainer,launcher}:<version>.
+#
+#   hack/build-images.sh              both images
+#   hack/build-images.sh launcher     one of them
+#
+# Environment:
+#   BASE_IMAGE          base of both images (default: the local Debian image from
+#                       hack/base-image.sh, built here first when missing)
+#   TRAINER_BASE_IMAGE  base of the trainer only, e.g. nvidia/cuda:13.0.2-base-ubuntu24.04
+#   CA_BUNDLE           CA file given to pip as a build secret (default: the host's
+#                       bundle, which trusts TLS-intercepting proxies; "none" to skip)
+#   IMAGE_PREFIX        repository prefix of the tags (default: lora-jobs)
+#   DOCKER              docker client with BuildKit (default: /usr/bin/docker when present)
+#
+# Dependencies sit in their own layers and pip's wheel cache is a BuildKit cache
+# mount: a code change rebuilds in seconds, a lock change downloads only what changed.
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+. "$here/lib.sh"
+
+# The 20.10 client speaks BuildKit (DOCKER_BUILDKIT=1) to dockerd itself; a newer
+# client without the buildx plugin refuses --secret and RUN --mount.
+if [ -z "${DOCKER:-}" ]; then
+  if [ -x /usr/bin/docker ]; then DOCKER=/usr/bin/docker; else DOCKER=docker; fi
+fi
+export DOCKER_BUILDKIT=1
+command -v "$DOCKER" >/dev/null || fail "no docker client ($DOCKER)" /dev/null "apt-get install -y docker.io, or set DOCKER"
+"$DOCKER" info >/dev/null 2>&1 || fail "the Docker engine is not reachable" /dev/null "start dockerd (hack/stack.sh starts it) or check DOCKER_HOST"
+
+version=$(sed -n 's/^version *= *"\(.*\)"/\1/p' "$REPO_ROOT/pyproject.toml" | head -n1)
+revision=$(git -C "$REPO_ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
+created=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+prefix=${IMAGE_PREFIX:-lora-jobs}
+default_base=lora-jobs/debian:$DEBIAN_SUITE
+base=${BASE_IMAGE:-$default_base}
+trainer_base=${TRAINER_BASE_IMAGE:-$base}
+
+ca_args=()
+ca=${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
+if [ "$ca" != none ] && [ -f "$ca" ]; then ca_args=(--secret "id=ca_bundle,src=$ca"); fi
+
+images=("$@")
+[ ${#images[@]} -gt 0 ] || images=(launcher trainer)
+
+for image in "${images[@]}"; do
+  case "$image" in
+    trainer) from=$trainer_base ;;
+    launcher) from=$base ;;
+    *) fail "unknown image '$image'" /dev/null "name trainer and/or launcher" ;;
+  esac
+  if [ "$from" = "$default_base" ] && ! "$DOCKER" image inspect "$from" >/dev/null 2>&1; then
+    DOCKER="$DOCKER" "$here/base-image.sh"
+  fi
+  tag="$prefix/$image:$version"
+  log="$STACK_LOGS/build-$image.log"
+  say "building $tag from $from (log: $log)"
+  start=$(date +%s)
+  "$DOCKER" build --progress=plain \
+      -f "$REPO_ROOT/docker/$image.Dockerfile" \
+      --build-arg "BASE_IMAGE=$from" \
+      --build-arg "VERSION=$version" \
+      --build-arg "REVISION=$revision" \
+      --build-arg "CREATED=$created" \
+      "${ca_args[@]}" \
+      -t "$tag" "$REPO_ROOT" >"$log" 2>&1 \
+    || fail "docker build of $tag failed" "$log" "read the log; a pip or apt download error usually means the CA bundle (CA_BUNDLE) or the network"
+  size=$("$DOCKER" image inspect -f '{{.Size}}' "$tag")
+  say "built $tag in $(( $(date +%s) - start ))s, $(( size / 1024 / 1024 )) MiB"
+done
