@@ -88,7 +88,7 @@ def test_prepare_returns_or_raises_data_error_for_any_rows(dicts, rules, seed):
         assert entry["count"] >= len(entry["lines"])
 
 
-@FAST
+@settings(FAST, max_examples=100)
 @given(st.lists(st.sampled_from(["a", "b", "c", None]), min_size=1, max_size=40), st.floats(0.05, 1.0),
        st.integers(0, 1000))
 def test_balance_meets_the_share_whenever_it_can(personas, share, seed):
@@ -114,7 +114,7 @@ def test_pii_redaction_and_boilerplate_stripping_are_idempotent(text):
     assert strip_boilerplate_text(stripped) == stripped
 
 
-@FAST
+@settings(FAST, max_examples=100)
 @given(st.integers(0, 60), st.floats(0.0, 0.5), st.integers(0, 1000))
 def test_split_validation_partitions_the_rows(n, fraction, seed):
     rows = [Row(i + 1, f"q{i}", f"a{i}") for i in range(n)]
