@@ -65,6 +65,14 @@ kube_ldflags() {
   echo "$ld"
 }
 
+# One build at a time per machine: a second caller waits for the first, then finds
+# the pieces complete.
+exec 9>"$STACK_CACHE/.build.lock"
+if ! flock -n 9; then
+  say "another build of the stack is running; waiting for it"
+  flock 9
+fi
+
 pieces=("$@")
 [ ${#pieces[@]} -gt 0 ] || pieces=(helm kwok etcd minio kube)
 for piece in "${pieces[@]}"; do
