@@ -4,7 +4,7 @@
 #   kwok (fake GPU and CPU nodes; pods go through their lifecycle without a kubelet)
 #   helm  ·  dockerd (started when not running) with a debootstrapped base image
 #
-# Usage: hack/stack.sh up [--no-docker] | down | status | env
+# Usage: hack/stack.sh up [--no-docker] [--s3-only] | down | status | env
 # `up` writes $STACK_RUN/env (KUBECONFIG, AWS_*, HELM, ...) for tests and shells:
 #   source .stack/env && kubectl-less curl, python -m launcher, pytest ...
 set -euo pipefail
@@ -190,10 +190,11 @@ up_minio() {
     --console-address "127.0.0.1:$MINIO_CONSOLE_PORT" "$STACK_RUN/minio-data"
   wait_for MinIO 60 "$STACK_LOGS/minio.log" "is port $MINIO_PORT free? (MINIO_PORT=... to move it)" \
     curl -fsS "http://127.0.0.1:$MINIO_PORT/minio/health/live"
-  curl -fsS --aws-sigv4 "aws:amz:us-east-1:s3" --user "$MINIO_ROOT_USER:$MINIO_ROOT_PASSWORD" \
-    -X PUT "http://127.0.0.1:$MINIO_PORT/$TEST_BUCKET" >/dev/null 2>&1 || true
-  curl -fsS --aws-sigv4 "aws:amz:us-east-1:s3" --user "$MINIO_ROOT_USER:$MINIO_ROOT_PASSWORD" \
-    "http://127.0.0.1:$MINIO_PORT/$TEST_BUCKET?location" >/dev/null \
+  # MinIO wants x-amz-content-sha256 (here: of the empty body) on signed requests.
+  local s3=(curl -fsS --aws-sigv4 "aws:amz:us-east-1:s3" --user "$MINIO_ROOT_USER:$MINIO_ROOT_PASSWORD"
+            -H "x-amz-content-sha256: e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
+  "${s3[@]}" -X PUT "http://127.0.0.1:$MINIO_PORT/$TEST_BUCKET" >/dev/null 2>&1 || true
+  "${s3[@]}" -I "http://127.0.0.1:$MINIO_PORT/$TEST_BUCKET" >/dev/null \
     || fail "bucket $TEST_BUCKET could not be created" "$STACK_LOGS/minio.log" "see the MinIO log"
 }
 
@@ -230,11 +231,17 @@ EOF
 }
 
 cmd_up() {
-  local docker=1
-  [ "${1:-}" = "--no-docker" ] && docker=0
-  "$here/build-stack.sh"
+  local docker=1 kube=1 arg
+  for arg in "$@"; do
+    case $arg in
+      --no-docker) docker=0 ;;
+      --s3-only) docker=0; kube=0 ;;
+      *) echo "unknown option $arg" >&2; exit 2 ;;
+    esac
+  done
+  if [ $kube = 1 ]; then "$here/build-stack.sh"; else "$here/build-stack.sh" minio helm; fi
   up_minio
-  up_kube
+  [ $kube = 1 ] && up_kube
   [ $docker = 1 ] && up_docker
   write_env
   "$HELM" version --short >/dev/null || fail "helm does not run" /dev/null "rebuild it: hack/build-stack.sh helm"
