@@ -7,7 +7,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 . "$here/lib.sh"
 lock="$REPO_ROOT/requirements/lock.txt"
 py=${PYTHON:-python3}
-key=$( (cat "$lock"; "$py" -c 'import sys; print(sys.version)') | sha256sum | cut -c1-12)
+key=$( (cat "$lock" "$REPO_ROOT/requirements/nodeps.txt"; "$py" -c 'import sys; print(sys.version)') | sha256sum | cut -c1-12)
 venv="$STACK_CACHE/../venv-$key"
 if [ ! -f "$venv/.complete" ]; then
   log="$STACK_LOGS/venv.log"
@@ -17,6 +17,8 @@ if [ ! -f "$venv/.complete" ]; then
   "$venv/bin/pip" install --quiet --upgrade pip >>"$log" 2>&1 || true
   "$venv/bin/pip" install -r "$lock" >>"$log" 2>&1 \
     || fail "pip could not install requirements/lock.txt" "$log" "check that PyPI is reachable; the log names the package"
+  "$venv/bin/pip" install --no-deps -r "$REPO_ROOT/requirements/nodeps.txt" >>"$log" 2>&1 \
+    || fail "pip could not install requirements/nodeps.txt" "$log" "check that PyPI is reachable"
   touch "$venv/.complete"
 fi
 cd "$venv" && pwd
