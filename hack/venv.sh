@@ -9,6 +9,8 @@ lock="$REPO_ROOT/requirements/lock.txt"
 py=${PYTHON:-python3}
 key=$( (cat "$lock" "$REPO_ROOT/requirements/nodeps.txt"; "$py" -c 'import sys; print(sys.version)') | sha256sum | cut -c1-12)
 venv="$STACK_CACHE/../venv-$key"
+exec 9>"$STACK_CACHE/../.venv.lock"
+flock 9  # one creator at a time; later callers find it complete
 if [ ! -f "$venv/.complete" ]; then
   log="$STACK_LOGS/venv.log"
   say "creating the Python environment $venv (torch and friends: a few GB, ~5 min the first time; log: $log)"
