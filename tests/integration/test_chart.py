@@ -267,7 +267,9 @@ def _pod_from_workload(doc: dict) -> dict | None:
     if doc["kind"] == "Deployment" or doc["kind"] == "Job":
         template_ = copy.deepcopy(doc["spec"]["template"])
         spec = template_["spec"]
-        spec["serviceAccountName"] = "default"  # dry-run did not create the chart's accounts
+        # Dry-run persisted neither the chart's accounts nor its PriorityClass; PSA looks at neither.
+        spec["serviceAccountName"] = "default"
+        spec.pop("priorityClassName", None)
         return {"apiVersion": "v1", "kind": "Pod",
                 "metadata": {"name": f"psa-{doc['metadata']['name']}"[:63].rstrip("-"),
                              "labels": template_.get("metadata", {}).get("labels", {})},
@@ -280,7 +282,8 @@ def test_rendered_objects_are_accepted_by_the_api_server_under_restricted_psa(he
     from kubernetes.client.exceptions import ApiException
 
     _restricted_namespace(kube_api, namespace)
-    docs = template(helm, values=full_values() if which == "full" else None, namespace=namespace)
+    # Release "team": the namespace fixture already holds a Secret named lora-jobs-s3.
+    docs = template(helm, values=full_values() if which == "full" else None, namespace=namespace, release="team")
     rejected = []
     pods = []
     for doc in docs:
@@ -297,7 +300,7 @@ def test_rendered_objects_are_accepted_by_the_api_server_under_restricted_psa(he
                 rejected.append(f"{obj['kind']} {obj['metadata']['name']}: {err.status} {err.body}")
     assert not rejected, "\n".join(rejected)
     if which == "full":
-        assert {p["metadata"]["name"] for p in pods} >= {"psa-lora-jobs-minio", "psa-lora-jobs-minio-buckets"}
+        assert {p["metadata"]["name"] for p in pods} >= {"psa-team-lora-jobs-minio", "psa-team-lora-jobs-minio-buckets"}
 
 
 def test_a_privileged_pod_is_refused_in_the_restricted_namespace(kube_api, namespace):
@@ -335,16 +338,32 @@ def _token_kubeconfig(kube_api, stack, namespace: str, service_account: str, pat
     return str(path)
 
 
+def install(helm: str, stack, namespace: str, **s3: str) -> None:
+    values = {"s3": {"existingSecret": "lora-jobs-s3", "endpoint": stack.s3_endpoint, "bucket": stack.bucket, **s3},
+              "images": {"trainer": {"tag": "from-the-chart"}}}
+    run_helm(helm, "install", "lora-jobs", str(CHART), "--namespace", namespace, "--wait", "--timeout", "2m",
+             values=values, kubeconfig=stack.kubeconfig)
+
+
 @pytest.fixture()
 def installed(helm, stack, kube_api, namespace):
     """The chart installed in a fresh restricted namespace, with the stack's MinIO and Secret."""
     _restricted_namespace(kube_api, namespace)
-    values = {"s3": {"existingSecret": "lora-jobs-s3", "endpoint": stack.s3_endpoint, "bucket": stack.bucket},
-              "images": {"trainer": {"tag": "from-the-chart"}}}
-    run_helm(helm, "install", "lora-jobs", str(CHART), "--namespace", namespace, "--wait", "--timeout", "2m",
-             values=values, kubeconfig=stack.kubeconfig)
+    install(helm, stack, namespace)
     yield namespace
     run_helm(helm, "uninstall", "lora-jobs", "--namespace", namespace, kubeconfig=stack.kubeconfig, check=False)
+
+
+def launcher_as_service_account(kube_api, stack, namespace: str, tmp_path: Path, *args: str,
+                                timeout: float = 180) -> subprocess.CompletedProcess:
+    """The launcher CLI authenticated as the chart's launcher ServiceAccount, so with exactly its Role.
+    Only where the cluster is and the namespace are given: every other setting must come from the chart."""
+    kubeconfig = _token_kubeconfig(kube_api, stack, namespace, "lora-jobs-launcher", tmp_path / "kubeconfig")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LAUNCHER_", "AWS_", "KUBECONFIG"))}
+    env.update({"LAUNCHER_KUBECONFIG": kubeconfig, "LAUNCHER_NAMESPACE": namespace,
+                "HOME": str(tmp_path), "PYTHONPATH": str(REPO)})
+    return subprocess.run([sys.executable, "-m", "launcher", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout, cwd=tmp_path)
 
 
 def test_after_install_the_launcher_submits_with_the_charts_defaults_and_the_job_completes(
@@ -352,13 +371,8 @@ def test_after_install_the_launcher_submits_with_the_charts_defaults_and_the_job
     from kubernetes import client
 
     namespace = installed
-    kubeconfig = _token_kubeconfig(kube_api, stack, namespace, "lora-jobs-launcher", tmp_path / "kubeconfig")
-    # Only where the cluster is and who we are: everything else must come from the ConfigMap.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("LAUNCHER_", "AWS_", "KUBECONFIG"))}
-    env.update({"LAUNCHER_KUBECONFIG": kubeconfig, "LAUNCHER_NAMESPACE": namespace,
-                "HOME": str(tmp_path), "PYTHONPATH": str(REPO)})
-    proc = subprocess.run([sys.executable, "-m", "launcher", "submit", str(EXAMPLE_SPEC), "--wait", "--timeout", "120"],
-                          env=env, capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    proc = launcher_as_service_account(kube_api, stack, namespace, tmp_path,
+                                       "submit", str(EXAMPLE_SPEC), "--wait", "--timeout", "120")
     assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
 
     jobs = client.BatchV1Api(kube_api).list_namespaced_job(
@@ -376,6 +390,17 @@ def test_after_install_the_launcher_submits_with_the_charts_defaults_and_the_job
     assert pod.automount_service_account_token is False
     pods = client.CoreV1Api(kube_api).list_namespaced_pod(namespace, label_selector=f"job-name={job.metadata.name}")
     assert [p.spec.node_name for p in pods.items] == ["kwok-gpu-0"]
+
+
+def test_a_missing_existing_secret_is_caught_by_the_launchers_preflight_not_a_pod(
+        helm, stack, kube_api, namespace, tmp_path):
+    from kubernetes import client
+
+    install(helm, stack, namespace, existingSecret="team-s3-not-created-yet")
+    proc = launcher_as_service_account(kube_api, stack, namespace, tmp_path, "submit", str(EXAMPLE_SPEC))
+    assert proc.returncode != 0
+    assert "team-s3-not-created-yet" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert client.BatchV1Api(kube_api).list_namespaced_job(namespace).items == []
 
 
 def test_the_launcher_account_is_refused_what_its_role_does_not_grant(installed, stack, kube_api, tmp_path):
