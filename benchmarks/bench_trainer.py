@@ -12,7 +12,7 @@ Environment (defaults in brackets):
   TOKENS [plan]     tokens per micro-batch     GC [auto]       checkpointing: auto | 0 | 1
   LIGER [auto]      Liger RMSNorm/SwiGLU/RoPE  CE [chunked]    chunked | liger (fused linear CE)
   LEAN [1]          LoRA in bf16 (no fp32 copies of activations)
-  COMPILE [0]       torch.compile each decoder layer
+  COMPILE [auto]    torch.compile each decoder layer (auto: as the plan says)
   QUANT [none]      4bit: NF4 base weights (QLoRA) via bitsandbytes
   PARITY [path]     replay the steps (rows) recorded by trl_parity.py and log every loss
   DATA [lognormal]  lognormal | markov (see common.make_rows)
@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 from common import LLAMA3_8B, LORA_TARGETS, MAX_LEN, TINY, make_rows  # noqa: E402
 
 from jobs import fastpath  # noqa: E402
-from jobs.spec import TrainingSpec  # noqa: E402
+from types import SimpleNamespace  # noqa: E402  (jobs.spec needs pydantic, absent on the GPU image)
 
 
 def env(name, default):
@@ -187,9 +187,12 @@ def main():
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     gc_env = env("GC", "auto")
-    spec = TrainingSpec(max_seq_length=MAX_LEN,
-                        gradient_checkpointing={"auto": "auto", "0": False, "1": True}[gc_env])
-    plan = fastpath.plan(cfg, spec, dev, quantization=quant)
+    spec = SimpleNamespace(max_seq_length=MAX_LEN, precision="auto",
+                           gradient_checkpointing={"auto": "auto", "0": False, "1": True}[gc_env])
+    free = None
+    if dev.type == "cuda":  # what was free before the model was loaded (the plan counts the weights)
+        free = torch.cuda.mem_get_info(dev)[0] + torch.cuda.memory_allocated(dev)
+    plan = fastpath.plan(cfg, spec, dev, quantization=quant, free_memory_bytes=free)
     if env("TOKENS", ""):
         plan.tokens_per_micro_batch = int(env("TOKENS", ""))
     liger = env("LIGER", "auto")
@@ -197,7 +200,8 @@ def main():
         plan.liger_kernels = liger == "1"
     plan.ce_impl = env("CE", "chunked")
     plan.lean_lora = env("LEAN", "1") == "1"
-    plan.compile = env("COMPILE", "0") == "1"
+    if env("COMPILE", "auto") != "auto":
+        plan.compile = env("COMPILE", "auto") == "1"
     fastpath.prepare_model(model, plan)
     model.train()
 

@@ -35,13 +35,15 @@ run() {
 fp_stream() {
   for v in ${FP_VARIANTS:-auto}; do
     case $v in
-      auto)     run fp_auto 60 150 0 python3 benchmarks/bench_trainer.py ;;
-      noliger)  LIGER=0 run fp_noliger 60 150 0 python3 benchmarks/bench_trainer.py ;;
-      ligerce)  CE=liger run fp_ligerce 60 150 0 python3 benchmarks/bench_trainer.py ;;
-      gc)       GC=1 TOKENS=16384 run fp_gc 60 150 0 python3 benchmarks/bench_trainer.py ;;
-      t8k)      TOKENS=8192 STEPS=20 run fp_t8k 60 150 0 python3 benchmarks/bench_trainer.py ;;
+      auto)     STEPS=16 WARM=6 run fp_auto 120 240 0 python3 benchmarks/bench_trainer.py ;;
+      eager)    COMPILE=0 run fp_eager 60 150 0 python3 benchmarks/bench_trainer.py ;;
+      compliger) COMPILE=1 LIGER=1 STEPS=16 WARM=6 run fp_compile_liger 120 240 1 python3 benchmarks/bench_trainer.py ;;
+      noliger)  COMPILE=0 LIGER=0 run fp_noliger 60 150 0 python3 benchmarks/bench_trainer.py ;;
+      ligerce)  COMPILE=0 CE=liger run fp_ligerce 60 150 0 python3 benchmarks/bench_trainer.py ;;
+      gc)       COMPILE=0 GC=1 TOKENS=16384 run fp_gc 60 150 0 python3 benchmarks/bench_trainer.py ;;
+      t8k)      COMPILE=0 TOKENS=8192 STEPS=20 run fp_t8k 60 150 0 python3 benchmarks/bench_trainer.py ;;
       t16k)     TOKENS=16384 run fp_t16k 60 150 0 python3 benchmarks/bench_trainer.py ;;
-      nolean)   LEAN=0 TOKENS=8192 STEPS=20 run fp_nolean 60 150 0 python3 benchmarks/bench_trainer.py ;;
+      nolean)   COMPILE=0 LEAN=0 TOKENS=8192 STEPS=20 run fp_nolean 60 150 0 python3 benchmarks/bench_trainer.py ;;
       compile)  COMPILE=1 LIGER=0 STEPS=16 WARM=6 run fp_compile 120 240 0 python3 benchmarks/bench_trainer.py ;;
       qlora)    QUANT=4bit GC=1 TOKENS=2048 STEPS=12 run fp_qlora4_2048 90 200 0 python3 benchmarks/bench_trainer.py ;;
     esac
@@ -51,10 +53,13 @@ fp_stream() {
 trl_stream() {
   for v in ${TRL_VARIANTS:-liger}; do
     case $v in
+      compliger) COMPILE=1 LIGER=1 STEPS=16 WARM=6 run fp_compile_liger 120 240 1 python3 benchmarks/bench_trainer.py ;;
       liger)         STEPS=16 GC=1 run trl_liger_gc1 90 200 1 python3 benchmarks/peer/trl_baseline.py liger ;;
       liger_packing) STEPS=12 GC=1 run trl_liger_packing_gc1 120 220 1 python3 benchmarks/peer/trl_baseline.py liger_packing ;;
       liger_nogc)    STEPS=16 GC=0 run trl_liger_gc0 90 200 1 python3 benchmarks/peer/trl_baseline.py liger ;;
       default)       STEPS=16 GC=1 run trl_default_gc1 90 200 1 python3 benchmarks/peer/trl_baseline.py default ;;
+      replay)
+        LAYERS=2 PARITY=${PARITY_REF} run fp_parity 60 200 1 python3 benchmarks/bench_trainer.py ;;
       parity)
         LAYERS=2 STEPS=${PSTEPS:-200} DATA=markov run trl_parity 90 240 1 python3 benchmarks/trl_parity.py default
         if [ -f "$R/trl_parity_default.json" ]; then
