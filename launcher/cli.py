@@ -370,10 +370,9 @@ def follow_logs(kube, job_name: str, *, follow: bool, echo: Callable[[str], None
 
 
 def _finish(diag) -> None:
-    """Exit by a finished run's outcome."""
-    if diag.state == "Succeeded":
-        return
-    raise RunFailed(diag.sentence)
+    """Exit by a finished run's outcome (its sentence is already printed)."""
+    if diag.state != "Succeeded":
+        raise typer.Exit(EXIT_RUN_FAILED)
 
 
 # ------------------------------------------------------------------------------ --local

@@ -345,3 +345,14 @@ def test_namespace_configmap_settings_reach_the_job(kube, namespace, stack, laun
     assert r.returncode == 0, r.stderr
     job = kube.list_jobs("lora-jobs.io/run=chartcfg")[0]
     assert job["spec"]["ttlSecondsAfterFinished"] == 600
+
+
+def test_logs_follow_ends_with_the_runs_outcome(kube, lsettings, launcher_env, stack):
+    # kwok has no kubelet to serve logs: the launcher must say so in one line and still follow the run to its end.
+    create_with_hooks(kube, make_spec(stack, "logs-f"), lsettings, **{EXIT: "12",
+                                                                     "lora-jobs.test/message": "access denied"})
+    r = cli(launcher_env, "logs", "logs-f", "-f", timeout=120)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "Traceback" not in r.stderr
+    assert "object storage refused access" in r.stderr.splitlines()[-1]
+    assert "access denied" in r.stderr
