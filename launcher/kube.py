@@ -143,6 +143,11 @@ class Kube:
                              hint=f"ask a cluster admin to grant '{verb}' on '{_plural(kind)}'{in_ns} (the Helm "
                                   "chart's launcher Role does)")
         if status == 404:
+            if not (isinstance(body, dict) and body.get("kind") == "Status"):
+                # A bare 404 page, not a Status: the route is not served (yet), as while an API server starts.
+                # Saying "not found" here would make `wait` believe the Job was deleted.
+                return TransientClusterError(f"the API server at {self.server} does not serve {_plural(kind)} "
+                                             "right now (404 page)", hint="retry in a moment")
             return NotFound(f"{what} not found{in_ns}: {message}", hint="check the name and namespace")
         if status == 409:
             return AlreadyExists(f"{what} already exists{in_ns}", hint="")

@@ -437,3 +437,32 @@ def test_stale_configmap_of_a_deleted_job_is_replaced():
     assert result.created
     new_uid = api.jobs[job["metadata"]["name"]]["metadata"]["uid"]
     assert api.cms[job["metadata"]["name"]]["metadata"]["ownerReferences"][0]["uid"] == new_uid
+
+
+def test_kube_errors_become_one_sentence_each():
+    kubernetes = pytest.importorskip("kubernetes")
+    from kubernetes.client.exceptions import ApiException
+
+    from launcher import kube as k
+
+    adaptor = k.Kube(namespace="ml")
+    adaptor.server = "https://api:6443"
+
+    def err(status, body):
+        e = ApiException(status=status, reason="x")
+        e.body = body if isinstance(body, str) else json.dumps(body)
+        return adaptor._api_error(e, "create", "job", "job j", " in namespace ml")
+
+    forbidden = err(403, {"kind": "Status", "message": 'jobs.batch is forbidden: User "bob" cannot create resource '
+                                                     '"jobs" in API group "batch" in the namespace "ml"'})
+    assert isinstance(forbidden, k.Forbidden)
+    assert forbidden.message.startswith("not allowed to create jobs in namespace ml:")
+    assert "grant 'create' on 'jobs'" in forbidden.hint
+    gone = err(404, {"kind": "Status", "reason": "NotFound", "details": {"name": "j", "kind": "jobs"}})
+    assert isinstance(gone, k.NotFound)
+    starting = err(404, "404 page not found\n")  # an API server still installing its routes
+    assert isinstance(starting, k.TransientClusterError)
+    assert isinstance(err(503, {"kind": "Status", "message": "etcd not ready"}), k.TransientClusterError)
+    assert isinstance(err(409, {"kind": "Status"}), k.AlreadyExists)
+    assert isinstance(err(422, {"kind": "Status", "message": "spec.template: Invalid"}), k.Invalid)
+    assert "401" in err(401, {}).message
