@@ -129,13 +129,19 @@ class S3Store:
 
     # -- error mapping
     def _call(self, what: str, key: str, fn, *args, **kwargs):
+        from boto3.exceptions import RetriesExceededError, S3UploadFailedError
         from botocore.exceptions import (BotoCoreError, ClientError, ConnectionClosedError,
                                          EndpointConnectionError, NoCredentialsError, ReadTimeoutError)
         delay, attempts = 1.0, int(os.environ.get("LORA_JOBS_S3_ATTEMPTS", "6"))
         where = f"s3://{self.bucket}/{key}"
         for attempt in range(1, attempts + 1):
             try:
-                return fn(*args, **kwargs)
+                try:
+                    return fn(*args, **kwargs)
+                except S3UploadFailedError as wrapped:  # upload_file hides the ClientError: classify that
+                    if isinstance(wrapped.__context__, ClientError):
+                        raise wrapped.__context__ from None
+                    raise
             except NoCredentialsError:
                 raise StorageError(f"no S3 credentials to {what} {where}",
                                    hint="set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (in a pod: the "
@@ -147,7 +153,8 @@ class S3Store:
                     raise StorageError(f"cannot {what} {where}: {_explain(code, status)}",
                                        hint=_fix_for(code, status)) from None
                 last = f"{code or status}"
-            except (EndpointConnectionError, ConnectionClosedError, ReadTimeoutError, BotoCoreError) as err:
+            except (EndpointConnectionError, ConnectionClosedError, ReadTimeoutError, BotoCoreError,
+                    RetriesExceededError, S3UploadFailedError) as err:  # the last two: transfer-manager retries
                 last = type(err).__name__
             if attempt < attempts:
                 time.sleep(delay)
