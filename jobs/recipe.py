@@ -5,6 +5,7 @@ Each stage is a function with plain inputs and outputs, so a test can run one al
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -54,14 +55,26 @@ def _read_object(uri: str, what: str) -> bytes:
     return store.get_bytes(key)
 
 
+def _size(n: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def _no_space(folder: Path, need: int, what: str, free: int, during: bool = False) -> SpecError:
+    state = f"filled up while downloading {what} ({_size(free)} free now)" if during else \
+        f"has {_size(free)} free"
+    return SpecError([Problem("resources.scratch",
+                              f"the scratch volume at {folder} {state}, but {what} needs {_size(need)}",
+                              f"raise resources.scratch to at least {int(need * 1.5 / 2**30) + 1}Gi")])
+
+
 def _check_space(folder: Path, need: int, what: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(folder).free
     if need > free * 0.98:
-        raise SpecError([Problem("resources.scratch",
-                                 f"the scratch volume at {folder} has {free / 2**30:.1f} GiB free but {what} "
-                                 f"needs {need / 2**30:.1f} GiB",
-                                 f"raise resources.scratch to at least {int(need * 1.5 / 2**30) + 1}Gi")])
+        raise _no_space(folder, need, what, free)
 
 
 def fetch(spec: TrainingRunSpec, workdir: Path) -> Fetched:
@@ -77,10 +90,16 @@ def fetch(spec: TrainingRunSpec, workdir: Path) -> Fetched:
         objs = store.list(prefix)
         if not objs:
             raise StorageError(f"no base model under {uri}", hint="upload the model folder there or fix base_model.uri")
-        _check_space(workdir, sum(o.size for o in objs), f"the base model ({len(objs)} files)")
-        t0 = time.perf_counter()
-        download_prefix(store, prefix, dest, workers=16)
         size = sum(o.size for o in objs)
+        what = f"the base model ({len(objs)} files)"
+        _check_space(workdir, size, what)
+        t0 = time.perf_counter()
+        try:
+            download_prefix(store, prefix, dest, workers=16)
+        except OSError as err:  # the volume filled up under us (another writer, a shared node disk)
+            if err.errno != errno.ENOSPC:
+                raise
+            raise _no_space(workdir, size, what, shutil.disk_usage(workdir).free, during=True) from None
         log.info("downloaded base model: %d files, %.1f MiB in %.1fs", len(objs), size / 2**20,
                  time.perf_counter() - t0)
         base_dir, base_hash = str(dest), hash_dir(dest)
