@@ -18,12 +18,14 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-# Dependencies before code, so editing launcher/ or jobs/ reuses this layer.
+# Dependencies before code, so editing launcher/ or jobs/ reuses this layer; the
+# wheel cache works as in trainer.Dockerfile.
 COPY docker/requirements-launcher.txt /tmp/requirements.txt
-RUN --mount=type=cache,target=/root/.cache/pip \
+RUN --mount=type=cache,id=lora-jobs-wheels,target=/var/cache/wheels,sharing=locked \
     --mount=type=secret,id=ca_bundle \
     if [ -s /run/secrets/ca_bundle ]; then export PIP_CERT=/run/secrets/ca_bundle; fi \
- && pip install --no-deps --require-virtualenv -r /tmp/requirements.txt \
+ && pip download --no-deps --dest /var/cache/wheels -r /tmp/requirements.txt \
+ && pip install --no-deps --no-index --no-cache-dir --find-links /var/cache/wheels -r /tmp/requirements.txt \
  && pip check \
  && rm /tmp/requirements.txt
 

@@ -29,15 +29,19 @@ ENV PATH=/opt/venv/bin:$PATH \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # The ML stack, in its own layer before any of our code: a change to jobs/ never
-# reinstalls it. The pip cache is a BuildKit cache mount (kept by the builder,
-# never in the image), so a rebuild after a lock change downloads only what changed.
-# The lock is complete (see requirements-trainer.txt), hence --no-deps, and
-# `pip check` proves it is consistent.
+# reinstalls it. The wheels themselves are kept in a BuildKit cache mount (kept by
+# the builder, never in the image; shared with the launcher build): `pip download`
+# skips a wheel already there, so a rebuild after a lock change downloads only what
+# changed. (pip's own HTTP cache is not enough: it stores nothing when a proxy
+# strips the caching headers, as the TLS-intercepting one here does.) The lock is
+# complete (see requirements-trainer.txt), hence --no-deps; `pip check` proves it
+# consistent.
 COPY docker/requirements-trainer.txt /tmp/requirements.txt
-RUN --mount=type=cache,target=/root/.cache/pip \
+RUN --mount=type=cache,id=lora-jobs-wheels,target=/var/cache/wheels,sharing=locked \
     --mount=type=secret,id=ca_bundle \
     if [ -s /run/secrets/ca_bundle ]; then export PIP_CERT=/run/secrets/ca_bundle; fi \
- && pip install --no-deps --require-virtualenv -r /tmp/requirements.txt \
+ && pip download --no-deps --dest /var/cache/wheels -r /tmp/requirements.txt \
+ && pip install --no-deps --no-index --no-cache-dir --find-links /var/cache/wheels -r /tmp/requirements.txt \
  && pip check \
  && rm /tmp/requirements.txt
 
