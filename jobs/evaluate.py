@@ -135,7 +135,7 @@ def build_report(spec: TrainingRunSpec, *, prompts: list[EvalPrompt], before: li
                        else val_loss_after < val_loss_before},
         "training": {"first_loss": history[0]["loss"] if history else None,
                      "last_loss": history[-1]["loss"] if history else None, "steps": len(history),
-                     "evals": evals},
+                     "evals": evals, "history": history},
         "checklist": {
             "fluency": {"broken_generations": sum(i["broken"] for i in items), "of": len(items)},
             "length_control": {"in_band": sum(bool(i["band_ok"]) for i in with_band), "of": len(with_band)},
