@@ -478,6 +478,35 @@ def test_the_helm_test_check_tells_a_reachable_bucket_from_a_missing_one(helm, s
     assert "FAIL" in missing.stderr and "404" in missing.stderr and "create the bucket" in missing.stderr
 
 
+@pytest.mark.docker
+def test_the_minio_bucket_hook_creates_its_buckets_and_is_idempotent(helm, stack, s3_client):
+    """The hook Job's script, run as its pod would run it, against the stack's MinIO."""
+    docker = _docker()
+    if subprocess.run([docker, "image", "inspect", "lora-jobs/launcher:0.1.0"], capture_output=True).returncode:
+        subprocess.run(["bash", str(REPO / "hack" / "build-images.sh"), "launcher"], check=True, timeout=1200)
+    bucket = f"hook-{uuid.uuid4().hex[:8]}"
+    hook = find(template(helm, values={"minio": {"enabled": True}, "s3": {"bucket": bucket}}), "Job")
+    assert hook["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+    container = hook["spec"]["template"]["spec"]["containers"][0]
+    env = ["-e", f"AWS_ENDPOINT_URL={stack.s3_endpoint}", "-e", "AWS_REGION=us-east-1",
+           "-e", f"AWS_ACCESS_KEY_ID={stack.s3_access_key}", "-e", f"AWS_SECRET_ACCESS_KEY={stack.s3_secret_key}"]
+    cmd = [docker, "run", "--rm", "--network", "host", "--read-only", "--user", "1000:1000", "--cap-drop", "ALL",
+           *env, "--entrypoint", container["command"][0], container["image"], *container["command"][1:],
+           *container["args"]]
+    try:
+        first = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert first.returncode == 0, first.stderr
+        assert f"created bucket {bucket}" in first.stdout
+        s3_client.head_bucket(Bucket=bucket)
+        again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert again.returncode == 0 and f"bucket {bucket} exists" in again.stdout, again.stderr
+    finally:
+        try:
+            s3_client.delete_bucket(Bucket=bucket)
+        except Exception:
+            pass
+
+
 # ---------------------------------------------------------------------------------- kind
 
 # kind's v1alpha4 API as of kind v0.33.0 (sigs.k8s.io/kind/pkg/apis/config/v1alpha4/types.go):

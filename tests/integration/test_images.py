@@ -50,10 +50,12 @@ def run_in(image: str, *args: str, entrypoint: str | None = None, timeout: float
 
 
 @pytest.fixture(scope="module")
-def images() -> dict[str, str]:
+def images(request) -> dict[str, str]:
     """Both images, built (or found up to date in the layer cache) by the project's script."""
     if subprocess.run([DOCKER, "info"], capture_output=True).returncode != 0:
-        pytest.fail("the Docker engine is not reachable (hack/stack.sh up starts dockerd)", pytrace=False)
+        request.getfixturevalue("stack")  # hack/stack.sh up starts dockerd
+        if subprocess.run([DOCKER, "info"], capture_output=True).returncode != 0:
+            pytest.fail("the Docker engine is not reachable, even after hack/stack.sh up", pytrace=False)
     proc = subprocess.run(["bash", str(REPO / "hack" / "build-images.sh")], capture_output=True, text=True,
                           timeout=3600)
     if proc.returncode != 0:
