@@ -28,6 +28,12 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
 
+def _short(value: str, limit: int = 60) -> str:
+    """A user's value, cut short for an error message (a 10 MB value must not come back whole)."""
+    value = str(value)
+    return value if len(value) <= limit else value[:limit] + f"… ({len(value):,} characters)"
+
+
 def _check_uri(value: str, what: str, *, allow_hub: bool = False) -> str:
     value = value.strip()
     if not value:
@@ -36,13 +42,13 @@ def _check_uri(value: str, what: str, *, allow_hub: bool = False) -> str:
         rest = value[5:]
         bucket = rest.split("/", 1)[0]
         if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
-            raise ValueError(f"'{bucket}' is not a valid bucket name (3-63 lowercase letters, digits, '.', '-')")
+            raise ValueError(f"'{_short(bucket)}' is not a valid bucket name (3-63 lowercase letters, digits, '.', '-')")
         if ".." in rest.split("/"):
             raise ValueError("'..' is not allowed in an S3 key")
         return value
     if "://" in value and not value.startswith("file://"):
         scheme = value.split("://", 1)[0]
-        raise ValueError(f"unsupported scheme '{scheme}://'; use s3://bucket/key or a local path")
+        raise ValueError(f"unsupported scheme '{_short(scheme)}://'; use s3://bucket/key or a local path")
     if allow_hub and value.startswith("hf:"):
         return value
     return value
@@ -219,7 +225,7 @@ class TrainingRunSpec(_Strict):
     @classmethod
     def _name(cls, v: str) -> str:
         if not RUN_NAME_RE.match(v):
-            raise ValueError(f"'{v}' is not a valid run name: use lowercase letters, digits and '-', "
+            raise ValueError(f"'{_short(v)}' is not a valid run name: use lowercase letters, digits and '-', "
                              "start and end with a letter or digit, at most 40 characters")
         return v
 
@@ -252,31 +258,71 @@ _FIXES = {
 }
 
 
+#: A spec is a few hundred values; anything past this is a mistake or a YAML alias bomb.
+MAX_SPEC_NODES = 20_000
+MAX_SPEC_DEPTH = 64
+
+
 def _yaml_lines(text: str) -> dict[tuple, int]:
-    """Map field paths to 1-based line numbers in a YAML document."""
+    """Map field paths to 1-based line numbers in a YAML document.
+
+    Each node is visited once (aliases are not followed twice) and the walk is bounded,
+    so a 'billion laughs' document costs no more than its own size.
+    """
     import yaml
 
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError):
         return {}
     out: dict[tuple, int] = {}
-
-    def walk(node, path):
-        out[path] = node.start_mark.line + 1
+    seen: set[int] = set()
+    stack = [(root, ())] if root is not None else []
+    while stack and len(out) < MAX_SPEC_NODES:
+        node, path = stack.pop()
+        out.setdefault(path, node.start_mark.line + 1)
+        if id(node) in seen or len(path) > MAX_SPEC_DEPTH:
+            continue
+        seen.add(id(node))
         if isinstance(node, yaml.MappingNode):
             for k, v in node.value:
-                key = k.value
-                out[path + (key,)] = k.start_mark.line + 1
-                walk(v, path + (key,)) if not isinstance(v, yaml.ScalarNode) else None
+                key = k.value if isinstance(k, yaml.ScalarNode) else str(k.start_mark.line)
+                out.setdefault(path + (key,), k.start_mark.line + 1)
+                stack.append((v, path + (key,)))
         elif isinstance(node, yaml.SequenceNode):
             for i, v in enumerate(node.value):
-                out[path + (i,)] = v.start_mark.line + 1
-                walk(v, path + (i,))
-
-    if root is not None:
-        walk(root, ())
+                stack.append((v, path + (i,)))
     return out
+
+
+def _deep_line(text: str) -> int:
+    """The first line where flow brackets nest past MAX_SPEC_DEPTH (1 if none does)."""
+    depth = 0
+    for n, line in enumerate(text.splitlines(), 1):
+        for ch in line:
+            depth += ch in "[{"
+            depth -= ch in "]}"
+            if depth > MAX_SPEC_DEPTH:
+                return n
+    return 1
+
+
+def _too_big(data: Any) -> str | None:
+    """Why a parsed spec is too large or too deep to validate, or None. Bounded work."""
+    budget = MAX_SPEC_NODES
+    stack = [(data, 0)]
+    while stack:
+        node, depth = stack.pop()
+        budget -= 1
+        if budget < 0:
+            return f"it expands to more than {MAX_SPEC_NODES:,} values (YAML aliases?)"
+        if depth > MAX_SPEC_DEPTH:
+            return f"it is nested more than {MAX_SPEC_DEPTH} levels deep"
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
+    return None
 
 
 def problems_from_validation(err: ValidationError, lines: dict[tuple, int] | None = None) -> list[Problem]:
@@ -323,12 +369,21 @@ def load_spec_text(text: str, source: str | None = None) -> TrainingRunSpec:
 
     try:
         data = yaml.safe_load(text)
+    except RecursionError:
+        line = _deep_line(text)
+        raise SpecError([Problem(f"line {line}", "nested more deeply than the YAML parser can follow",
+                                 "a spec is a few levels deep; check for runaway brackets", line=line)],
+                        source) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = mark.line + 1 if mark else None
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise SpecError([Problem(f"line {line}" if line else "(yaml)", f"not valid YAML: {problem}",
                                  "check indentation and quoting on that line")], source) from None
+    why = _too_big(data)
+    if why:
+        raise SpecError([Problem("(spec)", f"too large to be a spec: {why}",
+                                 "write the values out; a spec needs no anchors or deep nesting")], source)
     return parse_spec(data, source=source, lines=_yaml_lines(text))
 
 
@@ -339,7 +394,9 @@ def load_spec(path: str | Path) -> TrainingRunSpec:
     except FileNotFoundError:
         raise SpecError([Problem(str(p), "file not found", "check the path")]) from None
     except UnicodeDecodeError as err:
-        raise SpecError([Problem(str(p), f"not UTF-8 text (byte {err.start})", "save the spec as UTF-8")]) from None
+        line = p.read_bytes()[: err.start].count(b"\n") + 1
+        raise SpecError([Problem(f"line {line}", f"not UTF-8 text (byte {err.start} is 0x{err.object[err.start]:02x})",
+                                 "save the spec as UTF-8", line=line)], source=str(p)) from None
     except OSError as err:
         raise SpecError([Problem(str(p), f"cannot be read: {err.strerror}", "check permissions")]) from None
     return load_spec_text(text, source=str(p))
