@@ -342,10 +342,14 @@ def test_balance_caps_the_largest_persona_at_its_share():
     assert [r.line for r in result.rows] == sorted(r.line for r in result.rows)  # order kept
 
 
-def test_rows_without_persona_are_a_group_and_one_group_is_left_alone():
-    mixed = distinct_rows(6) + distinct_rows(3, "formal", 7)
+def test_rows_without_persona_are_kept_and_one_named_persona_is_left_alone():
+    mixed = distinct_rows(150) + distinct_rows(3, "formal", 200)
     result = balance_groups(mixed, 0.5, seed=0)
-    assert result.details["groups"] == {"(none)": [6, 3], "formal": [3, 3]}
+    assert result.rows == mixed, "a few tagged rows must not shrink an untagged dataset"
+    assert result.details["groups"] == {"(none)": [150, 150], "formal": [3, 3]}
+    two = distinct_rows(20) + distinct_rows(6, "formal", 30) + distinct_rows(2, "terse", 40)
+    balanced = balance_groups(two, 0.5, seed=0)
+    assert balanced.details["groups"] == {"(none)": [20, 20], "formal": [6, 2], "terse": [2, 2]}
     single = distinct_rows(5, "terse")
     assert balance_groups(single, 0.2, seed=0).rows == single
 
@@ -377,7 +381,7 @@ def test_prepare_reports_counts_lines_and_hash():
     assert rules["dedup_exact"]["lines"] == [2]
     assert rules["remove_urls"]["lines"] == [4]
     assert rules["pii"] == {"count": 1, "lines": [5], "action": "redacted", "kinds": {"EMAIL": 1}}
-    assert rules["balance"]["action"] == "skipped (one group)"
+    assert rules["balance"]["action"] == "skipped (fewer than two personas)"
     assert [r.output for r in prepared.rows[:3]] == ["Hold Reset for 10 seconds.", "It has 20 pages.",
                                                      "Email [EMAIL]."]
     json.dumps(report, allow_nan=False)

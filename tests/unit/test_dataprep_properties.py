@@ -94,13 +94,15 @@ def test_prepare_returns_or_raises_data_error_for_any_rows(dicts, rules, seed):
 def test_balance_meets_the_share_whenever_it_can(personas, share, seed):
     rows = [Row(i + 1, f"q{i}", f"a{i}", persona=p) for i, p in enumerate(personas)]
     result = balance_groups(rows, share, seed)
-    groups = {p or "(none)" for p in personas}
+    groups = {p for p in personas if p}
+    assert [r for r in result.rows if not r.persona] == [r for r in rows if not r.persona], "untagged rows stay"
     if len(groups) < 2:
         assert result.rows == rows
         return
     effective = max(share, 1 / len(groups))
-    counts = [sum((r.persona or "(none)") == g for r in result.rows) for g in groups]
-    assert max(counts) <= effective * len(result.rows) + 1e-9
+    tagged = [r for r in result.rows if r.persona]
+    counts = [sum(r.persona == g for r in tagged) for g in groups]
+    assert max(counts) <= effective * len(tagged) + 1e-9
     assert all(c >= 1 for c in counts)  # no persona is wiped out
     assert balance_groups(rows, share, seed).rows == result.rows
 
