@@ -4,8 +4,9 @@ over JSONL bytes and run names.
 
 Contract under test (issue 7, "Bad input"): never a traceback; the process exits with a
 documented code (0 ok, 1 data unusable, 2 spec/usage error); every problem names its
-line or its field; output stays bounded whatever the input size.
-
+line or its field; output stays bounded whatever the input size. The 10 MB spec line,
+deep YAML nesting, the YAML alias bomb and the line of invalid UTF-8 were defects in
+jobs/spec.py found by this corpus (fixed in 863a75b); see docs/reliability.md.
 """
 from __future__ import annotations
 
