@@ -4,6 +4,7 @@
 # so only a fresh machine pays for the compile (about 25 min on 2 cores).
 #
 # Usage: hack/build-stack.sh [piece ...]   (pieces: kube etcd kwok helm minio)
+# Optional pieces, built only when named: s5cmd (benchmarks/s3_download.py's peer).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=hack/lib.sh
@@ -83,7 +84,11 @@ for piece in "${pieces[@]}"; do
     kwok) build_go kwok "$KWOK_VERSION" -- go install -trimpath -ldflags "-s -w" "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION" ;;
     helm) build_go helm "$HELM_VERSION" -- go install -trimpath -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" ;;
     minio) build_go minio "$MINIO_VERSION" -- go install -trimpath -ldflags "-s -w" "github.com/minio/minio@$MINIO_VERSION" ;;
-    *) echo "unknown piece: $piece (expected kube etcd kwok helm minio)" >&2; exit 2 ;;
+    # Through the wrapper module: `go install s5cmd@version` also asks the proxy for the
+    # module's version list (deprecation check), which some proxies refuse.
+    s5cmd) build_wrapped s5cmd "$S5CMD_VERSION" github.com/peak/s5cmd/v2 "$S5CMD_VERSION" \
+            "-s -w -X github.com/peak/s5cmd/v2/version.Version=$S5CMD_VERSION" github.com/peak/s5cmd/v2 ;;
+    *) echo "unknown piece: $piece (expected kube etcd kwok helm minio, or s5cmd)" >&2; exit 2 ;;
   esac
 done
 say "stack binaries ready under $STACK_CACHE"

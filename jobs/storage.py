@@ -11,8 +11,10 @@ connection failures are retried with backoff and then raise :class:`TransientErr
 """
 from __future__ import annotations
 
+import errno
 import os
 import shutil
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,6 +22,14 @@ from pathlib import Path
 from typing import Iterable
 
 from jobs.errors import StorageError, TransientError
+
+# Objects at least this big are fetched by download_file_ranged (parallel ranged GETs
+# written in place); smaller ones go through get_file. Defaults chosen by
+# benchmarks/s3_download.py (results in benchmarks/results/).
+RANGED_THRESHOLD = 64 * 2**20
+RANGED_PART_SIZE = 32 * 2**20
+RANGED_WORKERS = 8
+_READ_CHUNK = 2**20
 
 _PERMANENT = {"AccessDenied", "403", "NoSuchBucket", "NoSuchKey", "404", "NotFound", "InvalidAccessKeyId",
               "SignatureDoesNotMatch", "InvalidBucketName", "AllAccessDisabled", "AccountProblem"}
@@ -258,22 +268,143 @@ def open_store(uri: str):
     return LocalStore(key), ""
 
 
-def download_prefix(store, prefix: str, dest: str | Path, workers: int = 8) -> list[Path]:
-    """Download every object under ``prefix`` into ``dest`` (keys relative to the prefix)."""
+class _Cancelled(Exception):
+    """Another part failed: stop this one (never leaves download_file_ranged)."""
+
+
+def _preallocate(fd: int, size: int) -> None:
+    """Reserve ``size`` bytes (so a full disk fails now, with ENOSPC); extend where fallocate is not supported."""
+    if size <= 0:
+        return
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as err:
+        if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+        os.ftruncate(fd, size)
+
+
+def download_file_ranged(store, key: str, dest: str | Path, *, part_size: int = RANGED_PART_SIZE,
+                         workers: int = RANGED_WORKERS) -> Path:
+    """Download one (large) object with parallel ranged GETs written in place into ``dest``.
+
+    The object's size and ETag come from one HEAD. ``dest.part`` is preallocated to the
+    full size, then ``workers`` threads each GET one ``part_size`` range (``If-Match``
+    the ETag, so an object replaced mid-download is never stitched from two versions)
+    and ``os.pwrite`` it at its offset as it streams: no temporary copies. A part whose
+    connection fails or stalls (the client's read timeout) is retried from the byte it
+    had reached, with the same backoff and error mapping as every other call here:
+    missing/denied → :class:`StorageError`, still failing → :class:`TransientError`.
+    The byte count is verified, then ``dest.part`` is renamed to ``dest``; on any
+    failure it is removed. A :class:`LocalStore` just copies the file.
+    """
+    if part_size < 1 or workers < 1:
+        raise ValueError("part_size and workers must be positive")
+    dest = Path(dest)
+    if not isinstance(store, S3Store):
+        store.get_file(key, dest)
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    client = store.client
+    head = store._call("download", key, client.head_object, Bucket=store.bucket, Key=key)
+    size, etag = int(head["ContentLength"]), head.get("ETag")
+    where = f"s3://{store.bucket}/{key}"
+    tmp = Path(f"{dest}.part")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+    stop = threading.Event()
+    try:
+        _preallocate(fd, size)
+
+        def part(start: int, end: int) -> int:  # [start, end)
+            reached = start  # kept across retries: a retry resumes where the stream broke
+
+            def attempt() -> None:
+                nonlocal reached
+                from botocore.exceptions import IncompleteReadError
+
+                if stop.is_set():
+                    raise _Cancelled
+                extra = {"IfMatch": etag} if etag else {}
+                resp = client.get_object(Bucket=store.bucket, Key=key, Range=f"bytes={reached}-{end - 1}", **extra)
+                body = resp["Body"]
+                try:
+                    want = f"bytes {reached}-{end - 1}/{size}"
+                    if resp.get("ContentRange") != want:
+                        raise StorageError(f"cannot download {where}: asked for {want}, the server sent "
+                                           f"{resp.get('ContentRange') or 'the whole object'}",
+                                           hint="the S3 endpoint must support ranged GETs")
+                    while reached < end:
+                        if stop.is_set():
+                            raise _Cancelled
+                        chunk = body.read(min(_READ_CHUNK, end - reached))
+                        if not chunk:
+                            raise IncompleteReadError(actual_bytes=reached - start, expected_bytes=end - start)
+                        view, off = memoryview(chunk), reached
+                        while view:
+                            n = os.pwrite(fd, view, off)
+                            view, off = view[n:], off + n
+                        reached += len(chunk)
+                finally:
+                    body.close()
+
+            store._call("download", key, attempt)
+            return reached - start
+
+        spans = [(off, min(off + part_size, size)) for off in range(0, size, part_size)]
+        got = 0
+        if spans:
+            pool = ThreadPoolExecutor(max_workers=min(workers, len(spans)), thread_name_prefix="s3-range")
+            try:
+                for fut in [pool.submit(part, a, b) for a, b in spans]:
+                    got += fut.result()
+            except BaseException:
+                stop.set()
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+            pool.shutdown(wait=True)
+        if got != size or os.fstat(fd).st_size != size:
+            raise TransientError(f"cannot download {where}: got {got} of {size} bytes "
+                                 f"({os.fstat(fd).st_size} on disk)", hint="the Job retries transient failures")
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(tmp, dest)
+    return dest
+
+
+def download_prefix(store, prefix: str, dest: str | Path, workers: int = 8, *,
+                    ranged_threshold: int = RANGED_THRESHOLD) -> list[Path]:
+    """Download every object under ``prefix`` into ``dest`` (keys relative to the prefix).
+
+    Small objects go ``workers`` at a time through ``get_file``; meanwhile objects of at
+    least ``ranged_threshold`` bytes (S3 only) are fetched one after another, each with
+    :func:`download_file_ranged` (its own parallel ranged GETs).
+    """
     objs = [o for o in store.list(prefix) if not o.key.endswith("/")]
     if not objs:
         raise StorageError(f"nothing found under {store.label}/{prefix}", hint="check the path in the spec")
     dest = Path(dest)
     pre = prefix.strip("/")
 
-    def one(o: ObjectInfo) -> Path:
+    def target(o: ObjectInfo) -> Path:
         rel = o.key[len(pre):].lstrip("/") if pre and o.key != pre else Path(o.key).name
-        target = dest / rel
-        store.get_file(o.key, target)
-        return target
+        return dest / rel
 
+    def one(o: ObjectInfo) -> Path:
+        store.get_file(o.key, target(o))
+        return target(o)
+
+    big = [o for o in objs if isinstance(store, S3Store) and o.size >= ranged_threshold]
+    big_keys = {o.key for o in big}
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        return list(pool.map(one, objs))
+        small = [pool.submit(one, o) for o in objs if o.key not in big_keys]
+        for o in big:
+            download_file_ranged(store, o.key, target(o))
+        for fut in small:
+            fut.result()
+    return [target(o) for o in objs]
 
 
 def upload_dir(store, src: str | Path, prefix: str, files: Iterable[Path] | None = None, workers: int = 8) -> None:
