@@ -88,7 +88,7 @@ def parse_prompts_jsonl(data: bytes) -> list[EvalPrompt]:
     return prompts
 
 
-def generate(model, tok, prompts: list[EvalPrompt], spec: TrainingRunSpec, device) -> list[str]:
+def generate(model, tok, prompts: list[EvalPrompt], spec: TrainingRunSpec, device, label: str = "") -> list[str]:
     import torch
 
     from jobs.train import prompt_text_for
@@ -96,7 +96,8 @@ def generate(model, tok, prompts: list[EvalPrompt], spec: TrainingRunSpec, devic
     e = spec.eval
     outs = []
     model.eval()
-    for p in prompts:
+    for i, p in enumerate(prompts, 1):
+        log.info("generating %d/%d%s: %s", i, len(prompts), f" ({label})" if label else "", p.prompt[:60] + ("…" if len(p.prompt) > 60 else ""))
         text = prompt_text_for(tok, p.prompt)
         ids = tok(text, return_tensors="pt", add_special_tokens=False).to(device)
         torch.manual_seed(spec.training.seed)

@@ -140,6 +140,8 @@ def prepare(spec: TrainingRunSpec, fetched: Fetched) -> Prepared:
         train_rows, val_rows = dataprep.split_validation(prep.rows, spec.dataset.validation_split,
                                                          spec.training.seed)
     report["split"] = {"train_rows": len(train_rows), "validation_rows": len(val_rows)}
+    for line in dataprep.format_report(prep.report, max_problems=5).splitlines()[1:]:
+        log.info("data %s", line.strip() if line.startswith("  OK") else line[2:])
     log.info("data: %d lines, %d valid, %d kept → %d train / %d validation", prep.report["total_lines"],
              prep.report["valid_rows"], prep.report["kept_rows"], len(train_rows), len(val_rows))
     return Prepared(train_rows, val_rows, report)
@@ -158,6 +160,7 @@ class _StopFlag:
 def run(spec: TrainingRunSpec, workdir: Path, *, run_id: str | None = None, image: str | None = None) -> dict:
     """Run every stage; return the summary that is also written as metadata.json."""
     import torch
+    import transformers
 
     from jobs import evaluate as ev
     from jobs import fastpath
@@ -167,6 +170,8 @@ def run(spec: TrainingRunSpec, workdir: Path, *, run_id: str | None = None, imag
     from jobs.train import Checkpoints, encode_rows, evaluate_loss, train, wrap_lora
 
     workdir.mkdir(parents=True, exist_ok=True)
+    transformers.utils.logging.set_verbosity_error()  # our log says what happens; no tqdm bars in pod logs
+    transformers.utils.logging.disable_progress_bar()
     stop = _StopFlag()
 
     def on_sigterm(signum, frame):
@@ -210,12 +215,14 @@ def run(spec: TrainingRunSpec, workdir: Path, *, run_id: str | None = None, imag
         raise DataError(f"only {len(train_ex)} training rows fit in max_seq_length={max_len} tokens "
                         f"(need {spec.data.min_rows})", hint="raise training.max_seq_length or shorten prompts")
 
+    if val_ex:
+        log.info("validation loss of the base model on %d examples…", len(val_ex))
     val_before = evaluate_loss(model, val_ex, tokens_per_mb, device)
     prompts = ev.prompts_for(spec, prepared.val_rows,
                              ev.parse_prompts_jsonl(fetched.eval_prompts_bytes) if fetched.eval_prompts_bytes else None)
     if not spec.eval.enabled:
         prompts = []
-    gen_before = ev.generate(model, tok, prompts, spec, device) if prompts else []
+    gen_before = ev.generate(model, tok, prompts, spec, device, "base model") if prompts else []
     if val_before is not None:
         log.info("validation loss before training: %.4f", val_before)
 
@@ -233,7 +240,7 @@ def run(spec: TrainingRunSpec, workdir: Path, *, run_id: str | None = None, imag
     val_after = evaluate_loss(model, val_ex, tokens_per_mb, device)
     if val_after is not None:
         log.info("validation loss after training: %.4f (before %.4f)", val_after, val_before)
-    gen_after = ev.generate(model, tok, prompts, spec, device) if prompts else []
+    gen_after = ev.generate(model, tok, prompts, spec, device, "with adapter") if prompts else []
     report = ev.build_report(spec, prompts=prompts, before=gen_before, after=gen_after,
                              val_loss_before=val_before, val_loss_after=val_after,
                              history=result.state.history, evals=result.state.evals,
