@@ -364,11 +364,37 @@ def parse_spec(data: Any, *, source: str | None = None, lines: dict[tuple, int] 
         raise SpecError(problems_from_validation(err, lines), source) from None
 
 
-def load_spec_text(text: str, source: str | None = None) -> TrainingRunSpec:
+def _unique_key_loader():
+    """A SafeLoader that refuses duplicate keys: with plain YAML the last one silently wins."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        pass
+
+    def construct_mapping(loader, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: construct_mapping reports it
+                continue
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key '{_short(key)}' (first on line {first})", key_node.start_mark)
+            seen[key] = key_node.start_mark.line + 1
+        return loader.construct_mapping(node, deep=deep)
+
+    UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    return UniqueKeyLoader
+
+
+def load_spec_text(text: str, source: str | None = None, overrides: list[str] | None = None) -> TrainingRunSpec:
+    """Parse and validate a YAML spec; ``overrides`` are ``key.path=value`` items (``--set``)."""
     import yaml
 
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_unique_key_loader())  # noqa: S506 - a SafeLoader subclass
     except RecursionError:
         line = _deep_line(text)
         raise SpecError([Problem(f"line {line}", "nested more deeply than the YAML parser can follow",
@@ -378,16 +404,19 @@ def load_spec_text(text: str, source: str | None = None) -> TrainingRunSpec:
         mark = getattr(err, "problem_mark", None)
         line = mark.line + 1 if mark else None
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise SpecError([Problem(f"line {line}" if line else "(yaml)", f"not valid YAML: {problem}",
-                                 "check indentation and quoting on that line")], source) from None
+        fix = "keep one of them" if "duplicate key" in str(problem) else "check indentation and quoting on that line"
+        raise SpecError([Problem(f"line {line}" if line else "(yaml)", f"not valid YAML: {problem}", fix)],
+                        source) from None
     why = _too_big(data)
     if why:
         raise SpecError([Problem("(spec)", f"too large to be a spec: {why}",
                                  "write the values out; a spec needs no anchors or deep nesting")], source)
+    if overrides:
+        data = apply_overrides(data, overrides)
     return parse_spec(data, source=source, lines=_yaml_lines(text))
 
 
-def load_spec(path: str | Path) -> TrainingRunSpec:
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> TrainingRunSpec:
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8-sig")
@@ -399,7 +428,7 @@ def load_spec(path: str | Path) -> TrainingRunSpec:
                                  "save the spec as UTF-8", line=line)], source=str(p)) from None
     except OSError as err:
         raise SpecError([Problem(str(p), f"cannot be read: {err.strerror}", "check permissions")]) from None
-    return load_spec_text(text, source=str(p))
+    return load_spec_text(text, source=str(p), overrides=overrides)
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:

@@ -143,21 +143,7 @@ def _read_spec(path: Path, overrides: list[str]):
     """Load and validate a spec file, applying ``--set`` overrides; every problem at once."""
     from jobs import spec as specmod
 
-    if not overrides:
-        return specmod.load_spec(path)
-    import yaml
-
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError):
-        return specmod.load_spec(path)  # raises the usual SpecError
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return specmod.load_spec_text(text, source=str(path))
-    data = specmod.apply_overrides(data, overrides)
-    lines = getattr(specmod, "_yaml_lines", lambda _t: {})(text)
-    return specmod.parse_spec(data, source=str(path), lines=lines)
+    return specmod.load_spec(path, overrides=overrides)
 
 
 def _emit(data: Any, fmt: Format, table: Callable[[], None]) -> None:

@@ -79,3 +79,10 @@ def test_field_docs_cover_nested_fields_with_descriptions():
     rows = {path: desc for path, _, desc in field_docs()}
     assert "training.learning_rate" in rows and rows["training.learning_rate"]
     assert "lora.rank" in rows
+
+
+def test_duplicate_keys_are_an_error_not_last_one_wins():
+    with pytest.raises(SpecError) as err:
+        load_spec_text(MINIMAL + "training:\n  epochs: 1\n  epochs: 3\n")
+    p = err.value.problems[0]
+    assert p.where == "line 7" and "duplicate key 'epochs' (first on line 6)" in p.message
