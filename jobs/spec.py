@@ -476,3 +476,18 @@ def field_docs(model: type[BaseModel] = TrainingRunSpec, prefix: str = "") -> li
         default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))
         rows.append((path, default, f.description or ""))
     return rows
+
+
+def reference_markdown() -> str:
+    """docs/spec-reference.md, generated from the fields (a test keeps the file in sync)."""
+    lines = ["# Spec reference", "",
+             "Generated from `jobs/spec.py` (`python -m jobs.spec > docs/spec-reference.md`). Unknown keys are "
+             "errors; `launcher validate --explain` prints the same table.", "",
+             "| field | default | meaning |", "| --- | --- | --- |"]
+    for path, default, desc in field_docs():
+        lines.append(f"| `{path}` | `{default}` | {desc.replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(reference_markdown(), end="")

@@ -86,3 +86,11 @@ def test_duplicate_keys_are_an_error_not_last_one_wins():
         load_spec_text(MINIMAL + "training:\n  epochs: 1\n  epochs: 3\n")
     p = err.value.problems[0]
     assert p.where == "line 7" and "duplicate key 'epochs' (first on line 6)" in p.message
+
+
+def test_spec_reference_doc_is_in_sync_with_the_model():
+    from pathlib import Path
+
+    from jobs.spec import reference_markdown
+    doc = Path(__file__).resolve().parents[2] / "docs" / "spec-reference.md"
+    assert doc.read_text() == reference_markdown(), "regenerate: python -m jobs.spec > docs/spec-reference.md"
