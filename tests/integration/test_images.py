@@ -9,7 +9,6 @@ dependency layer (the CI budget depends on it).
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -20,17 +19,7 @@ pytestmark = pytest.mark.docker
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _version() -> str:
-    for line in (REPO / "pyproject.toml").read_text().splitlines():
-        if line.startswith("version"):
-            return line.split("=", 1)[1].strip().strip('"')
-    raise AssertionError("no version in pyproject.toml")
-
-
-TRAINER = f"lora-jobs/trainer:{_version()}"
-LAUNCHER = f"lora-jobs/launcher:{_version()}"
-# The BuildKit-capable client (hack/build-images.sh says why).
-DOCKER = "/usr/bin/docker" if Path("/usr/bin/docker").exists() else (shutil.which("docker") or "docker")
+from images import DOCKER, LAUNCHER, TRAINER, VERSION  # noqa: E402
 
 
 def docker(*args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess:
@@ -78,7 +67,7 @@ def test_image_runs_as_uid_1000_not_root(images, which):
 @pytest.mark.parametrize("which", ["trainer", "launcher"])
 def test_image_carries_oci_labels(images, which):
     labels = inspect(images[which])["Config"]["Labels"]
-    assert labels["org.opencontainers.image.version"] == _version()
+    assert labels["org.opencontainers.image.version"] == VERSION
     assert labels["org.opencontainers.image.title"] == f"lora-jobs {which}"
     assert labels["org.opencontainers.image.revision"] not in ("", "unknown")
     assert labels["org.opencontainers.image.created"]
