@@ -16,7 +16,7 @@ import os
 import shutil
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
@@ -29,7 +29,10 @@ from jobs.errors import StorageError, TransientError
 RANGED_THRESHOLD = 64 * 2**20
 RANGED_PART_SIZE = 32 * 2**20
 RANGED_WORKERS = 8
-_READ_CHUNK = 2**20
+# Bytes per read from a part's response (into one reused buffer) and per pwrite. On the
+# 2-core benchmark machine 128-256 KiB cost the least kernel time; 512 KiB-1 MiB
+# reads cost 2-4x more (benchmarks/README.md, "Cold start").
+RANGED_READ_SIZE = 128 * 2**10
 
 _PERMANENT = {"AccessDenied", "403", "NoSuchBucket", "NoSuchKey", "404", "NotFound", "InvalidAccessKeyId",
               "SignatureDoesNotMatch", "InvalidBucketName", "AllAccessDisabled", "AccountProblem"}
@@ -284,8 +287,38 @@ def _preallocate(fd: int, size: int) -> None:
         os.ftruncate(fd, size)
 
 
+def _stream_readinto(body):
+    """``readinto(view) -> n`` for a GetObject body, 0 at its end.
+
+    botocore's ``StreamingBody.read(n)`` allocates and copies every chunk twice
+    (http.client, then urllib3); where the body is the usual urllib3 response over an
+    ``http.client.HTTPResponse`` (botocore does not decode content), read straight
+    from the latter into the caller's buffer: about a quarter less client CPU on the
+    benchmark. A socket error there is re-raised as botocore's ResponseStreamingError,
+    so the retry logic sees the same exception either way.
+    """
+    import http.client
+
+    from botocore.exceptions import ResponseStreamingError
+
+    fp = getattr(getattr(body, "_raw_stream", None), "_fp", None)
+    if isinstance(fp, http.client.HTTPResponse) and not fp.chunked:
+        def readinto(view) -> int:
+            try:
+                return fp.readinto(view)
+            except (OSError, http.client.HTTPException) as err:
+                raise ResponseStreamingError(error=err) from None
+        return readinto
+
+    def read_copy(view) -> int:
+        data = body.read(len(view))
+        view[:len(data)] = data
+        return len(data)
+    return read_copy
+
+
 def download_file_ranged(store, key: str, dest: str | Path, *, part_size: int = RANGED_PART_SIZE,
-                         workers: int = RANGED_WORKERS) -> Path:
+                         workers: int = RANGED_WORKERS, read_size: int = RANGED_READ_SIZE) -> Path:
     """Download one (large) object with parallel ranged GETs written in place into ``dest``.
 
     The object's size and ETag come from one HEAD. ``dest.part`` is preallocated to the
@@ -298,8 +331,8 @@ def download_file_ranged(store, key: str, dest: str | Path, *, part_size: int = 
     The byte count is verified, then ``dest.part`` is renamed to ``dest``; on any
     failure it is removed. A :class:`LocalStore` just copies the file.
     """
-    if part_size < 1 or workers < 1:
-        raise ValueError("part_size and workers must be positive")
+    if part_size < 1 or workers < 1 or read_size < 1:
+        raise ValueError("part_size, workers and read_size must be positive")
     dest = Path(dest)
     if not isinstance(store, S3Store):
         store.get_file(key, dest)
@@ -320,32 +353,47 @@ def download_file_ranged(store, key: str, dest: str | Path, *, part_size: int = 
 
             def attempt() -> None:
                 nonlocal reached
-                from botocore.exceptions import IncompleteReadError
+                from botocore.exceptions import ClientError, IncompleteReadError
 
                 if stop.is_set():
                     raise _Cancelled
                 extra = {"IfMatch": etag} if etag else {}
-                resp = client.get_object(Bucket=store.bucket, Key=key, Range=f"bytes={reached}-{end - 1}", **extra)
+                try:
+                    resp = client.get_object(Bucket=store.bucket, Key=key, Range=f"bytes={reached}-{end - 1}",
+                                             **extra)
+                except ClientError as err:
+                    if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") != 412:
+                        raise
+                    raise TransientError(f"cannot download {where}: the object was replaced during the download "
+                                         f"(ETag {etag} no longer matches)",
+                                         hint="the Job retries and then downloads the new version") from None
                 body = resp["Body"]
+                complete = False
                 try:
                     want = f"bytes {reached}-{end - 1}/{size}"
                     if resp.get("ContentRange") != want:
                         raise StorageError(f"cannot download {where}: asked for {want}, the server sent "
                                            f"{resp.get('ContentRange') or 'the whole object'}",
                                            hint="the S3 endpoint must support ranged GETs")
+                    readinto, buf = _stream_readinto(body), memoryview(bytearray(min(read_size, end - reached)))
                     while reached < end:
                         if stop.is_set():
                             raise _Cancelled
-                        chunk = body.read(min(_READ_CHUNK, end - reached))
-                        if not chunk:
+                        got = readinto(buf[:min(len(buf), end - reached)])
+                        if not got:
                             raise IncompleteReadError(actual_bytes=reached - start, expected_bytes=end - start)
-                        view, off = memoryview(chunk), reached
+                        view, off = buf[:got], reached
                         while view:
                             n = os.pwrite(fd, view, off)
                             view, off = view[n:], off + n
-                        reached += len(chunk)
+                        reached += got
+                    complete = True
                 finally:
-                    body.close()
+                    release = getattr(getattr(body, "_raw_stream", None), "release_conn", None) if complete else None
+                    if release is not None:
+                        release()  # the whole range was read: the connection goes back to the pool
+                    else:
+                        body.close()
 
             store._call("download", key, attempt)
             return reached - start
@@ -354,8 +402,8 @@ def download_file_ranged(store, key: str, dest: str | Path, *, part_size: int = 
         got = 0
         if spans:
             pool = ThreadPoolExecutor(max_workers=min(workers, len(spans)), thread_name_prefix="s3-range")
-            try:
-                for fut in [pool.submit(part, a, b) for a, b in spans]:
+            try:  # as completed: the first failure seen is the cause (the others are then _Cancelled)
+                for fut in as_completed([pool.submit(part, a, b) for a, b in spans]):
                     got += fut.result()
             except BaseException:
                 stop.set()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.errors import StorageError
+from jobs.errors import StorageError, TransientError
 from jobs.storage import S3Store, download_file_ranged, download_prefix
 
 pytestmark = pytest.mark.s3
@@ -154,3 +154,38 @@ def test_minio_paused_mid_download_is_retried_and_completes(stack, s3_prefix, tm
     assert dest.read_bytes() == data
     parts = -(-size // PART)
     assert len(sends) > parts, f"{len(sends)} GETs for {parts} parts: nothing was retried"
+
+
+def test_object_replaced_mid_download_is_never_stitched(stack, s3_prefix, tmp_path):
+    """The 3rd part's GET finds a new version (If-Match the first ETag fails): TransientError, no file."""
+    client, other = _client(stack), _client(stack)
+    bucket, key = _key(s3_prefix, "replaced.bin")
+    client.put_object(Bucket=bucket, Key=key, Body=os.urandom(8 * PART))
+    sends = []
+
+    def on_send(request, **_):
+        sends.append(1)
+        if len(sends) == 3:
+            other.put_object(Bucket=bucket, Key=key, Body=os.urandom(8 * PART))
+
+    client.meta.events.register("before-send.s3.GetObject", on_send)
+    dest = tmp_path / "replaced.bin"
+    with pytest.raises(TransientError, match="replaced during the download"):
+        download_file_ranged(S3Store(bucket, client=client), key, dest, part_size=PART, workers=1)
+    assert not dest.exists() and not Path(f"{dest}.part").exists()
+
+
+def test_bodies_without_http_client_underneath_are_read_by_copy():
+    """The fallback of the zero-allocation reader: any StreamingBody (here over a BytesIO)."""
+    import io
+
+    from botocore.response import StreamingBody
+
+    from jobs.storage import _stream_readinto
+
+    data = os.urandom(300_000)
+    readinto = _stream_readinto(StreamingBody(io.BytesIO(data), len(data)))
+    buf, out = memoryview(bytearray(128 * 1024)), bytearray()
+    while n := readinto(buf):
+        out += buf[:n]
+    assert bytes(out) == data
