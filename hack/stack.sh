@@ -31,7 +31,13 @@ KWOK=$(bin kwok "$KWOK_VERSION" kwok)
 HELM=$(bin helm "$HELM_VERSION" helm)
 MINIO=$(bin minio "$MINIO_VERSION" minio)
 
-running() { [ -f "$PIDS/$1" ] && kill -0 "$(cat "$PIDS/$1")" 2>/dev/null; }
+running() {  # a zombie is not running: killed daemons may never be reaped where PID 1 does not reap
+  local pid
+  [ -f "$PIDS/$1" ] || return 1
+  pid=$(cat "$PIDS/$1")
+  kill -0 "$pid" 2>/dev/null || return 1
+  [ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != "Z" ]
+}
 
 start() {  # start NAME LOGFILE CMD...: a daemon in its own session, pid recorded
   local name=$1 log=$2; shift 2

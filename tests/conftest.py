@@ -58,10 +58,12 @@ def _stack_is_up(env: dict[str, str]) -> bool:
     if not pid_file.is_file():
         return False
     try:
-        os.kill(int(pid_file.read_text().strip()), 0)
-    except (OSError, ValueError):
+        pid = int(pid_file.read_text().strip())
+        os.kill(pid, 0)
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, ValueError, IndexError):
         return False
-    return True
+    return state != "Z"  # a killed daemon nobody reaped is a zombie, not a server
 
 
 @pytest.fixture(scope="session")
