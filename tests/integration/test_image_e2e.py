@@ -25,6 +25,7 @@ pytestmark = [pytest.mark.docker, pytest.mark.train, pytest.mark.s3]
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "examples" / "demo"
 from images import DOCKER, TRAINER  # noqa: E402
+from published import assert_complete_v1  # noqa: E402
 
 UID = 1000
 
@@ -102,7 +103,6 @@ def _docker_run(image: str, spec: Path, tmp_path: Path, stack, timeout: int = 60
 
 def test_trainer_image_trains_merges_and_publishes_a_verified_version(
         tmp_path, trainer_image, stack, s3_client, s3_prefix, model_in_minio, s3_env):
-    from jobs.publish import verify_version
     from jobs.storage import open_store
 
     model_uri = model_in_minio
@@ -119,13 +119,7 @@ def test_trainer_image_trains_merges_and_publishes_a_verified_version(
 
     store, prefix = open_store(s3_prefix + "/out")
     run_prefix = f"{prefix}/image-e2e"
-    assert store.get_bytes(f"{run_prefix}/latest").decode().strip() == "v1"
-    assert verify_version(store, run_prefix, "v1") == [], "every file matches manifest.json and the marker"
-    keys = {o.key[len(run_prefix) + 4:] for o in store.list(f"{run_prefix}/v1/")}
-    for needed in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "merged/config.json",
-                   "tokenizer/tokenizer.json", "metadata.json", "data_report.json", "eval_report.json",
-                   "eval_report.md", "loss_curve.png", "manifest.json", "_COMPLETE"):
-        assert needed in keys, f"{needed} missing from the published version"
+    keys = assert_complete_v1(store, run_prefix)
     assert any(k.startswith("merged/") and k.endswith(".safetensors") for k in keys), sorted(keys)
 
     meta = json.loads(store.get_bytes(f"{run_prefix}/v1/metadata.json"))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from published import assert_complete_v1
 
 pytestmark = [pytest.mark.train, pytest.mark.s3]
 
@@ -62,7 +63,6 @@ def _run_job(spec: Path, workdir: Path, env: dict, tmsg: Path, timeout: int = 60
 
 def test_job_trains_evaluates_merges_and_publishes_a_complete_version(
         tmp_path, stack, s3_client, s3_prefix, model_in_minio, small_model_dir, s3_env):
-    from jobs.publish import verify_version
     from jobs.storage import open_store
 
     train_uri = _upload_data(s3_client, stack, s3_prefix)
@@ -75,13 +75,7 @@ def test_job_trains_evaluates_merges_and_publishes_a_complete_version(
 
     store, prefix = open_store(s3_prefix + "/out")
     run_prefix = f"{prefix}/e2e-cpu"
-    assert store.get_bytes(f"{run_prefix}/latest").decode().strip() == "v1"
-    assert verify_version(store, run_prefix, "v1") == [], "every file matches manifest.json and the marker"
-    keys = {o.key[len(run_prefix) + 4:] for o in store.list(f"{run_prefix}/v1/")}
-    for needed in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "merged/config.json",
-                   "tokenizer/tokenizer.json", "metadata.json", "data_report.json", "eval_report.json",
-                   "eval_report.md", "loss_curve.png", "manifest.json", "_COMPLETE"):
-        assert needed in keys, f"{needed} missing from the published version"
+    assert_complete_v1(store, run_prefix)
 
     meta = json.loads(store.get_bytes(f"{run_prefix}/v1/metadata.json"))
     assert meta["lora"]["rank"] == 16 and meta["lora"]["alpha"] == 32 and meta["lora"]["dropout"] == 0.05

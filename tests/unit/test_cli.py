@@ -30,12 +30,6 @@ resources:
 """
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch, tmp_path):
-    for k in list(os.environ):
-        if k.startswith("LAUNCHER_"):
-            monkeypatch.delenv(k)
-    monkeypatch.setenv("HOME", str(tmp_path))
 
 
 @pytest.fixture()

@@ -12,13 +12,6 @@ pytestmark = pytest.mark.unit
 JOB = "support-bot-1a2b3c4d"
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch, tmp_path):
-    import os
-    for k in list(os.environ):
-        if k.startswith("LAUNCHER_"):
-            monkeypatch.delenv(k)
-    monkeypatch.setenv("HOME", str(tmp_path))
 
 
 def job(conditions=(), *, active=0, failed=0, succeeded=0, backoff=3, labels=None, deleting=False, **spec):

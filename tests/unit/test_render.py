@@ -27,13 +27,6 @@ SPEC = {
 }
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch, tmp_path):
-    """Settings from defaults only: no LAUNCHER_* variables, no user config file."""
-    for k in list(os.environ):
-        if k.startswith("LAUNCHER_"):
-            monkeypatch.delenv(k)
-    monkeypatch.setenv("HOME", str(tmp_path))
 
 
 def settings(**kw) -> LauncherSettings:
