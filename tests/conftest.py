@@ -33,6 +33,10 @@ class Stack:
     bin_dir: str
     env_file: str
 
+    def env(self) -> dict[str, str]:
+        """Everything hack/stack.sh wrote to its env file (pid files, ports, binaries)."""
+        return _read_env(Path(self.env_file))
+
     def s3_env(self) -> dict[str, str]:
         return {"AWS_ENDPOINT_URL": self.s3_endpoint, "AWS_ACCESS_KEY_ID": self.s3_access_key,
                 "AWS_SECRET_ACCESS_KEY": self.s3_secret_key, "AWS_REGION": "us-east-1"}

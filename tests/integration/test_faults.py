@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shlex
 import shutil
 import signal
 import subprocess
@@ -40,19 +39,10 @@ def report(fault: str, happened: str, lost: str) -> None:
     sys.__stderr__.write(f"\nFAULT| {fault} | {happened} | {lost}\n")
 
 
-def stack_env(stack) -> dict[str, str]:
-    out = {}
-    for line in Path(stack.env_file).read_text().splitlines():
-        if line.startswith("export "):
-            k, _, v = line[7:].partition("=")
-            out[k] = shlex.split(v)[0] if v else ""
-    return out
-
-
 # ------------------------------------------------------------------------------------ MinIO control
 
 def minio_pid(stack) -> int:
-    return int(Path(stack_env(stack)["STACK_MINIO_PID_FILE"]).read_text().strip())
+    return int(Path(stack.env()["STACK_MINIO_PID_FILE"]).read_text().strip())
 
 
 def minio_live(stack, timeout: float = 1.0) -> bool:

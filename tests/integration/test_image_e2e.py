@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.docker, pytest.mark.train, pytest.mark.s3]
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "examples" / "demo"
 from images import DOCKER, TRAINER  # noqa: E402
-from published import assert_complete_v1  # noqa: E402
+from published import assert_complete_v1, small_cpu_spec  # noqa: E402
 
 UID = 1000
 
@@ -57,20 +57,7 @@ def _upload_data(s3_client, stack, s3_prefix: str, rows: int = 16) -> str:
 
 def _spec(folder: Path, name: str, model_uri: str, train_uri: str, output: str) -> Path:
     """The small CPU settings of test_train_e2e.py."""
-    spec = {
-        "name": name,
-        "base_model": {"uri": model_uri},
-        "dataset": {"train": train_uri, "validation_split": 0.15},
-        "output": output,
-        "lora": {"rank": 16, "alpha": 32},
-        "training": {"epochs": 2, "max_seq_length": 128, "per_device_batch_size": 4,
-                     "gradient_accumulation_steps": 1, "eval_interval_steps": 2, "checkpoint_interval_steps": 2,
-                     "early_stopping_patience": None},
-        "data": {"min_rows": 8, "balance": False},
-        "eval": {"num_prompts": 2, "max_new_tokens": 16},
-        "merge": {"enabled": True},
-        "resources": {"gpus": 0},
-    }
+    spec = small_cpu_spec(name, model_uri, train_uri, output)
     path = folder / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     path.chmod(0o644)  # mounted read-only, read by uid 1000

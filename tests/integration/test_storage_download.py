@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shlex
 import signal
 import threading
 import time
@@ -100,15 +99,6 @@ def test_download_prefix_sends_large_objects_through_ranged_gets(stack, s3_prefi
     assert len(ranges) == 4, ranges
 
 
-def _stack_env(stack) -> dict[str, str]:
-    out = {}
-    for line in Path(stack.env_file).read_text().splitlines():
-        if line.startswith("export "):
-            k, _, v = line[7:].partition("=")
-            out[k] = shlex.split(v)[0] if v else ""
-    return out
-
-
 def test_minio_paused_mid_download_is_retried_and_completes(stack, s3_prefix, tmp_path, monkeypatch):
     """SIGSTOP MinIO when the 3rd part's GET goes out, SIGCONT 4 s later.
 
@@ -116,7 +106,7 @@ def test_minio_paused_mid_download_is_retried_and_completes(stack, s3_prefix, tm
     (the module's backoff: 1 s, 2 s, ...) and resume where they broke off.
     """
     monkeypatch.setenv("LORA_JOBS_S3_ATTEMPTS", "8")
-    pid = int(Path(_stack_env(stack)["STACK_MINIO_PID_FILE"]).read_text().strip())
+    pid = int(Path(stack.env()["STACK_MINIO_PID_FILE"]).read_text().strip())
     client = _client(stack, connect_timeout=1, read_timeout=1, retries={"max_attempts": 1})
     bucket, key = _key(s3_prefix, "big.safetensors")
     size = 24 * PART + 333

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from published import assert_complete_v1
+from published import assert_complete_v1, small_cpu_spec
 
 pytestmark = [pytest.mark.train, pytest.mark.s3]
 
@@ -27,22 +27,7 @@ def _upload_data(s3_client, stack, s3_prefix: str, rows: int = 16) -> str:
 
 
 def _spec(tmp_path: Path, name: str, model_uri: str, train_uri: str, output: str, **training) -> Path:
-    spec = {
-        "name": name,
-        "base_model": {"uri": model_uri},
-        "dataset": {"train": train_uri, "validation_split": 0.15},
-        "output": output,
-        "lora": {"rank": 16, "alpha": 32},
-        # 2 epochs over a dozen rows: the second pass sees the same tokens, so its mean loss
-        # falling below the first's is a deterministic sign of learning, not batch noise.
-        "training": {"epochs": 2, "max_seq_length": 128, "per_device_batch_size": 4,
-                     "gradient_accumulation_steps": 1, "eval_interval_steps": 2, "checkpoint_interval_steps": 2,
-                     "early_stopping_patience": None, **training},
-        "data": {"min_rows": 8, "balance": False},
-        "eval": {"num_prompts": 2, "max_new_tokens": 16},
-        "merge": {"enabled": True},
-        "resources": {"gpus": 0},
-    }
+    spec = small_cpu_spec(name, model_uri, train_uri, output, **training)
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
