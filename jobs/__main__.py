@@ -51,15 +51,21 @@ def _cmd_run(args) -> int:
         log.error(msg)
         write_termination_message(ExitCode.UNEXPECTED, msg, stage=Stage.name)
         return int(ExitCode.UNEXPECTED)
-    except Exception as err:  # a bug: say so plainly, keep the traceback for the report
+    except Exception as err:  # noqa: BLE001
+        if "CUDA out of memory" in str(err) or type(err).__name__ == "OutOfMemoryError":
+            # outside the training loop's own back-off (generation, merge): a retry fails the same way
+            msg = (f"GPU out of memory in stage {Stage.name}: {str(err).splitlines()[0]} — lower "
+                   "training.max_seq_length or eval.max_new_tokens, or use quantization.mode: 4bit")
+            log.error(msg)
+            if os.environ.get("LORA_JOBS_DEBUG") == "1":
+                traceback.print_exc()
+            write_termination_message(ExitCode.OUT_OF_MEMORY, msg, stage=Stage.name)
+            return int(ExitCode.OUT_OF_MEMORY)
+        # a bug: say so plainly, keep the traceback for the report
         log.error("unexpected %s in stage %s: %s", type(err).__name__, Stage.name, err)
         traceback.print_exc()
-        code = ExitCode.UNEXPECTED
-        if "CUDA out of memory" in str(err) or type(err).__name__ == "OutOfMemoryError":
-            err = f"GPU out of memory: {err}. Lower training.per_device_batch_size or max_seq_length, or use 4bit"
-        write_termination_message(code, f"{type(err).__name__}: {err}" if not isinstance(err, str) else err,
-                                  stage=Stage.name)
-        return int(code)
+        write_termination_message(ExitCode.UNEXPECTED, f"{type(err).__name__}: {err}", stage=Stage.name)
+        return int(ExitCode.UNEXPECTED)
     print(f"published {meta['location']}", file=sys.stderr)
     print(f"  eval report: {meta['location']}/eval_report.md", file=sys.stderr)
     write_termination_message(ExitCode.SUCCESS, f"published {meta['location']}", stage="done")

@@ -19,11 +19,15 @@ class ExitCode(IntEnum):
     BAD_SPEC = 10  # the spec failed validation or names something impossible
     BAD_DATA = 11  # too few valid rows, unreadable JSONL, a base model that will not load
     STORAGE = 12  # access denied, bucket or key not found, bad credentials
+    OUT_OF_MEMORY = 13  # the GPU ran out of memory at the smallest micro-batch the job can use
+    DIVERGED = 14  # the training loss became NaN or infinite
+    MERGE_MISMATCH = 15  # the merged model does not reproduce base + adapter
     TRANSIENT = 75  # EX_TEMPFAIL: preemption, a flaky network, S3 5xx: retried
 
 
-#: Codes after which a retry can only fail the same way.
-PERMANENT_EXIT_CODES = (ExitCode.BAD_SPEC, ExitCode.BAD_DATA, ExitCode.STORAGE)
+#: Codes after which a retry can only fail the same way (the Job's podFailurePolicy: FailJob).
+PERMANENT_EXIT_CODES = (ExitCode.BAD_SPEC, ExitCode.BAD_DATA, ExitCode.STORAGE, ExitCode.OUT_OF_MEMORY,
+                        ExitCode.DIVERGED, ExitCode.MERGE_MISMATCH)
 
 EXIT_CODE_MEANING = {
     ExitCode.SUCCESS: "finished",
@@ -31,6 +35,9 @@ EXIT_CODE_MEANING = {
     ExitCode.BAD_SPEC: "the spec is invalid (not retried)",
     ExitCode.BAD_DATA: "the data or base model is unusable (not retried)",
     ExitCode.STORAGE: "object storage refused access or the object is missing (not retried)",
+    ExitCode.OUT_OF_MEMORY: "the run does not fit in GPU memory even at the smallest micro-batch (not retried)",
+    ExitCode.DIVERGED: "the training loss became NaN or infinite (not retried)",
+    ExitCode.MERGE_MISMATCH: "the merged model does not match base + adapter; nothing was published (not retried)",
     ExitCode.TRANSIENT: "a transient failure: preemption, network or storage hiccup (retried)",
 }
 
@@ -95,6 +102,24 @@ class StorageError(LoraJobError):
     """Access denied or not found: permanent. Names bucket and key, never a secret."""
 
     exit_code = ExitCode.STORAGE
+
+
+class OutOfMemory(LoraJobError):
+    """The GPU ran out of memory after the job's own back-off (halving the micro-batch)."""
+
+    exit_code = ExitCode.OUT_OF_MEMORY
+
+
+class Diverged(LoraJobError):
+    """The loss became NaN or infinite: the same spec and data would diverge again."""
+
+    exit_code = ExitCode.DIVERGED
+
+
+class MergeMismatch(LoraJobError):
+    """The merged weights do not reproduce base + adapter: a merge bug, never published."""
+
+    exit_code = ExitCode.MERGE_MISMATCH
 
 
 class TransientError(LoraJobError):

@@ -24,13 +24,38 @@ log = logging.getLogger("jobs")
 
 
 class Stage:
-    """The stage now running, for logs and the termination message."""
+    """The stage now running, for logs and the termination message; and what each stage cost."""
 
     name = "setup"
+    started: float | None = None
+    timings: dict[str, dict] = {}
 
 
-def _stage(name: str) -> None:
-    Stage.name = name
+def _peak_gib() -> float | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2)
+
+
+def _stage(name: str | None) -> None:
+    """Close the running stage (wall seconds, peak GPU memory) and start ``name`` (None: just close)."""
+    now = time.perf_counter()
+    if Stage.started is not None:
+        Stage.timings[Stage.name] = {"seconds": round(now - Stage.started, 1), "peak_gpu_gib": _peak_gib()}
+    if name is None:
+        Stage.started = None
+        return
+    try:
+        import torch
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+    except ImportError:
+        pass
+    Stage.name, Stage.started = name, now
     log.info("── %s", name)
 
 
@@ -149,6 +174,27 @@ def prepare(spec: TrainingRunSpec, fetched: Fetched) -> Prepared:
 
 # ------------------------------------------------------------------------------ run
 
+#: Fault injection for the GPU acceptance run: after the plan is made, cap this process's GPU
+#: memory at this many GiB (torch.cuda.set_per_process_memory_fraction), as if another tenant had
+#: taken the rest, so the planned micro-batch really fails and the back-off is exercised.
+MEMORY_FAULT_ENV = "LORA_JOBS_FAULT_GPU_MEMORY_GIB"
+
+
+def _apply_memory_fault(device) -> int | None:
+    """Apply the fault-injection cap, if set; returns it in bytes."""
+    cap = os.environ.get(MEMORY_FAULT_ENV)
+    if not cap or device.type != "cuda":
+        return None
+    import torch
+
+    total = torch.cuda.get_device_properties(device).total_memory
+    fraction = min(1.0, float(cap) * 2**30 / total)
+    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    log.warning("%s=%s: this process may now use only %.1f GiB of the GPU (fault injection)",
+                MEMORY_FAULT_ENV, cap, fraction * total / 2**30)
+    return int(fraction * total)
+
+
 class _StopFlag:
     def __init__(self):
         self.requested = False
@@ -182,6 +228,7 @@ def run(spec: TrainingRunSpec, workdir: Path, *, run_id: str | None = None, imag
 
     signal.signal(signal.SIGTERM, on_sigterm)
     started = time.time()
+    Stage.timings, Stage.started = {}, None
 
     _stage("fetch")
     fetched = fetch(spec, workdir)
@@ -192,12 +239,14 @@ def run(spec: TrainingRunSpec, workdir: Path, *, run_id: str | None = None, imag
     _stage("load")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = resolve_precision(spec.training.precision, device)
+    free_before_load = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
     tok = load_tokenizer(fetched.base_model_dir)
     model = load_model(fetched.base_model_dir, precision=precision, quantization=spec.quantization.mode,
                        device=device, double_quant=spec.quantization.double_quant)
     ctx = spec.base_model.max_context or model_context_length(model.config) or spec.training.max_seq_length
     max_len = min(spec.training.max_seq_length, ctx)
-    plan = fastpath.plan(model.config, spec.training, device, quantization=spec.quantization.mode)
+    plan = fastpath.plan(model.config, spec.training, device, quantization=spec.quantization.mode,
+                         free_memory_bytes=free_before_load)
     if spec.training.gradient_checkpointing != "auto":
         plan.gradient_checkpointing = bool(spec.training.gradient_checkpointing)
     if device.type == "cpu":
@@ -207,6 +256,7 @@ def run(spec: TrainingRunSpec, workdir: Path, *, run_id: str | None = None, imag
     plan.tokens_per_micro_batch = tokens_per_mb
     log.info("device %s, precision %s, quantization %s, max length %d, plan: %s", device, precision,
              spec.quantization.mode, max_len, "; ".join(plan.notes) or plan)
+    memory_cap = _apply_memory_fault(device)
     train_ex, too_long = encode_rows(tok, prepared.train_rows, max_len)
     val_ex, _ = encode_rows(tok, prepared.val_rows, max_len)
     if too_long:
@@ -227,7 +277,7 @@ def run(spec: TrainingRunSpec, workdir: Path, *, run_id: str | None = None, imag
         log.info("validation loss before training: %.4f", val_before)
 
     _stage("train")
-    model = fastpath.prepare_model(wrap_lora(model, spec, gradient_checkpointing=plan.gradient_checkpointing), plan)
+    model = fastpath.prepare_model(wrap_lora(model, spec), plan)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("LoRA: %d trainable parameters of %d (%.2f%%)", trainable, total, 100 * trainable / max(total, 1))
     out_store, out_prefix = open_store(spec.output)
@@ -235,9 +285,14 @@ def run(spec: TrainingRunSpec, workdir: Path, *, run_id: str | None = None, imag
     ckpts = Checkpoints(out_store, join(run_prefix, "checkpoints", spec.spec_hash()), workdir)
     result = train(model, spec, train_ex, val_ex, device=device, plan=plan, checkpoints=ckpts,
                    stop_requested=stop)
+    steady = result.tokens_per_second_steady
+    log.info("trained %d steps in %.0fs: %.0f tokens/s (%s after warm-up), %d examples and ~%.0f tokens per "
+             "step%s", result.state.step, result.seconds, result.tokens_per_second,
+             "n/a" if steady is None else f"{steady:.0f}", result.examples_per_step, result.tokens_per_step,
+             f", peak GPU memory {_peak_gib():.1f} GiB" if device.type == "cuda" else "")
 
     _stage("evaluate")
-    val_after = evaluate_loss(model, val_ex, tokens_per_mb, device)
+    val_after = result.val_loss  # of the adapter about to be published (the best one)
     if val_after is not None:
         log.info("validation loss after training: %.4f (before %.4f)", val_after, val_before)
     gen_after = ev.generate(model, tok, prompts, spec, device, "with adapter") if prompts else []
@@ -245,6 +300,8 @@ def run(spec: TrainingRunSpec, workdir: Path, *, run_id: str | None = None, imag
                              val_loss_before=val_before, val_loss_after=val_after,
                              history=result.state.history, evals=result.state.evals,
                              train_outputs=[r.output for r in prepared.train_rows])
+    report["training"]["published_step"] = result.published_step
+    report["training"]["stopped_early"] = result.state.stopped_early
     out = workdir / "publish"
     if out.exists():
         shutil.rmtree(out)
@@ -260,11 +317,14 @@ def run(spec: TrainingRunSpec, workdir: Path, *, run_id: str | None = None, imag
         if device.type == "cuda":
             torch.cuda.empty_cache()
         m_dtype = merge_dtype(spec.merge.dtype, precision)
+        merge_budget = plan.memory_budget_bytes
+        if memory_cap is not None:
+            merge_budget = min(memory_cap, merge_budget or memory_cap)
         merge_info = merge_and_check(fetched.base_model_dir, out / "adapter", out / "merged", dtype=m_dtype,
                                      tolerance=spec.merge.tolerance,
                                      prompts=[ev_prompt.prompt for ev_prompt in prompts] or
                                      [r.instruction for r in prepared.val_rows[:3]] or ["Hello"],
-                                     tok=tok, device=device)
+                                     tok=tok, device=device, memory_budget_bytes=merge_budget)
     report["merge"] = merge_info
 
     _stage("publish")
@@ -277,11 +337,21 @@ def run(spec: TrainingRunSpec, workdir: Path, *, run_id: str | None = None, imag
         "quantization": spec.quantization.mode,
         "training": {"epochs": spec.training.epochs, "learning_rate": spec.training.learning_rate,
                      "weight_decay": spec.training.weight_decay, "optimizer": spec.training.optimizer,
-                     "effective_batch": spec.training.per_device_batch_size * spec.training.accumulation_for(1),
+                     "examples_per_step": result.examples_per_step,
+                     "tokens_per_step": round(result.tokens_per_step, 1),
+                     "tokens_per_micro_batch": plan.tokens_per_micro_batch,
                      "max_seq_length": max_len, "precision": precision, "seed": spec.training.seed,
+                     "loss_scaling": result.loss_scaling, "gradient_checkpointing": plan.gradient_checkpointing,
                      "steps": result.state.step, "planned_steps": result.total_steps,
+                     "published_step": result.published_step, "best_val_loss": result.state.best_val,
                      "stopped_early": result.state.stopped_early, "resumed_from_step": result.resumed_from,
-                     "tokens_per_second": round(result.tokens_per_second, 1), "plan": result.plan_notes},
+                     "oom_backoffs": result.state.oom_backoffs,
+                     "train_seconds": round(result.seconds, 1),
+                     "tokens_per_second": round(result.tokens_per_second, 1),
+                     "tokens_per_second_steady": None if steady is None else round(steady, 1),
+                     "gpu_memory_budget_gib": None if plan.memory_budget_bytes is None
+                     else round(plan.memory_budget_bytes / 2**30, 1),
+                     "plan": result.plan_notes},
         "dataset": {"train": spec.dataset.train, "sha256": prepared.report["train"]["dataset_sha256"],
                     "rows_kept": prepared.report["train"]["kept_rows"]},
         "metrics": {"train_loss_first": report["training"]["first_loss"],
@@ -295,12 +365,16 @@ def run(spec: TrainingRunSpec, workdir: Path, *, run_id: str | None = None, imag
         "device": str(device), "torch": torch.__version__,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "seconds": round(time.time() - started, 1),
+        "stages": Stage.timings,
     }
     (out / "metadata.json").write_text(json.dumps(metadata, indent=1))
     (out / "data_report.json").write_text(json.dumps(prepared.report, indent=1))
     (out / "eval_report.json").write_text(json.dumps(report, indent=1))
     (out / "eval_report.md").write_text(ev.render_markdown(report, spec))
+    _stage(None)  # what publishing costs is logged below; metadata.json is already written
+    t_pub = time.perf_counter()
     version = publish_version(out_store, run_prefix, out)
+    log.info("published %s in %.1fs", version, time.perf_counter() - t_pub)
     metadata["version"] = version
     metadata["location"] = f"{out_store.label}/{join(run_prefix, version)}"
     return metadata

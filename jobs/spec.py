@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -99,9 +100,12 @@ class TrainingSpec(_Strict):
     weight_decay: float = Field(0.01, ge=0.0, le=0.1, description="AdamW weight decay (guide: 0.01).")
     optimizer: Literal["adamw_torch", "adamw_torch_fused", "paged_adamw_8bit"] = Field(
         "adamw_torch", description="An AdamW variant (guide: AdamW).")
-    per_device_batch_size: int = Field(4, ge=1, le=256, description="Micro-batch size per GPU.")
+    per_device_batch_size: int = Field(4, ge=1, le=256, description="Examples per GPU per accumulation "
+                                       "step; sets the examples per optimizer step with the accumulation. On a GPU "
+                                       "they are packed into micro-batches by tokens (the same examples per step).")
     gradient_accumulation_steps: int | Literal["auto"] = Field(
-        "auto", description="'auto' aims at an effective batch of 16 (guide: 4-16).")
+        "auto", description="'auto' aims at 16 examples per optimizer step (guide: 4-16). An optimizer step sees "
+                            "per_device_batch_size x accumulation x GPUs examples, however they are packed.")
     max_seq_length: int = Field(1024, ge=32, le=131072, description="Token cap per example; capped again by the "
                                                                      "model's context length.")
     packing: bool = Field(True, description="Pack examples into full rows (no padding); attention stays per example.")
@@ -111,11 +115,16 @@ class TrainingSpec(_Strict):
     warmup_ratio: float = Field(0.03, ge=0.0, le=0.5, description="Linear warm-up as a fraction of steps.")
     lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Learning-rate schedule.")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (for smoke runs).")
-    eval_interval_steps: int = Field(50, ge=1, description="Validation loss every N optimizer steps.")
+    eval_interval_steps: int | Literal["auto"] = Field(
+        "auto", description="Validation loss every N optimizer steps; auto: 4 times per epoch (at most 50 steps "
+                            "apart), so early stopping can act on small data.")
     early_stopping_patience: int | None = Field(3, ge=1, description="Stop after N evaluations without a better "
                                                                       "validation loss; null turns it off.")
     checkpoint_interval_steps: int = Field(50, ge=1, description="Checkpoint to object storage every N steps.")
     gradient_checkpointing: bool | Literal["auto"] = Field("auto", description="auto: on when memory is tight.")
+    gpu_memory_gib: float | Literal["auto"] = Field(
+        "auto", description="GPU memory the run plans for, per GPU. auto: all free memory for 16-bit LoRA; "
+                            "12 GiB for QLoRA/8-bit (the guide's 4-12 GB), so the run also fits a small card.")
     logging_interval_steps: int = Field(1, ge=1, description="Progress line every N optimizer steps.")
 
     @field_validator("gradient_accumulation_steps")
@@ -124,6 +133,36 @@ class TrainingSpec(_Strict):
         if isinstance(v, int) and not 1 <= v <= 256:
             raise ValueError("must be between 1 and 256, or 'auto'")
         return v
+
+    @field_validator("eval_interval_steps")
+    @classmethod
+    def _eval_interval(cls, v: Any) -> Any:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be at least 1, or 'auto'")
+        return v
+
+    @field_validator("gpu_memory_gib")
+    @classmethod
+    def _gpu_memory(cls, v: Any) -> Any:
+        if isinstance(v, (int, float)) and not 1 <= v <= 4096:
+            raise ValueError("must be between 1 and 4096 GiB, or 'auto'")
+        return v
+
+    def examples_per_step(self, world_size: int = 1) -> int:
+        """Examples in one optimizer step: per_device_batch_size x accumulation x world size."""
+        return self.per_device_batch_size * self.accumulation_for(world_size) * max(1, world_size)
+
+    def eval_interval_for(self, steps_per_epoch: int) -> int:
+        """Optimizer steps between validations: the spec's number, or 4 times an epoch (at most every 50)."""
+        if self.eval_interval_steps != "auto":
+            return int(self.eval_interval_steps)
+        return max(1, min(50, math.ceil(steps_per_epoch / 4)))
+
+    def warmup_steps_for(self, total_steps: int) -> int:
+        """Warm-up steps: warmup_ratio of the run, but at least a few steps on short runs (not 0 of 14)."""
+        if self.warmup_ratio <= 0 or total_steps < 2:
+            return 0
+        return max(int(round(self.warmup_ratio * total_steps)), min(10, total_steps // 10))
 
     def accumulation_for(self, world_size: int = 1) -> int:
         """Gradient accumulation steps; 'auto' aims at an effective batch of 16."""
@@ -181,8 +220,9 @@ class EvalSpec(_Strict):
 class MergeSpec(_Strict):
     enabled: bool = Field(True, description="Also publish the adapter merged into the base model.")
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="dtype of the merged weights.")
-    tolerance: float = Field(1e-3, gt=0.0, description="Max |logit| difference allowed between merged and "
-                                                       "base+adapter, relative to the logit scale.")
+    tolerance: float = Field(1e-3, gt=0.0, lt=1.0, description="The merge check, done in fp32 before the merged "
+                             "weights are cast to merge.dtype: largest relative error allowed in each merged "
+                             "weight's change (against scale x B x A) and in the logits (against base+adapter).")
 
 
 class ResourcesSpec(_Strict):

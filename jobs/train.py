@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from jobs.errors import DataError, Preempted
+from jobs.errors import DataError, Diverged, OutOfMemory, Preempted
 from jobs.spec import ALL_LINEAR, TrainingRunSpec
 
 log = logging.getLogger("jobs")
@@ -86,13 +86,17 @@ def lora_config(spec: TrainingRunSpec):
                       bias="none", task_type="CAUSAL_LM")
 
 
-def wrap_lora(model, spec: TrainingRunSpec, *, gradient_checkpointing: bool):
-    from peft import get_peft_model, prepare_model_for_kbit_training
+def wrap_lora(model, spec: TrainingRunSpec):
+    """PEFT LoRA on the loaded base; the base stays frozen and in its own dtype.
 
-    # Activation checkpointing itself is switched on by fastpath.prepare_model, from the plan.
-    if spec.quantization.mode != "none":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    No ``prepare_model_for_kbit_training`` for QLoRA: it upcasts the norms and embeddings to fp32,
+    so every activation after them is fp32 — twice the memory, and the bf16 varlen attention
+    kernel no longer applies (an 8B QLoRA run then ran out of memory on a 139 GiB card). The
+    4-bit base is frozen by PEFT either way; activation checkpointing is switched on by
+    ``fastpath.prepare_model`` from the plan.
+    """
+    from peft import get_peft_model
+
     try:
         return get_peft_model(model, lora_config(spec))
     except ValueError as err:  # e.g. target modules not found in the model
@@ -105,12 +109,16 @@ def wrap_lora(model, spec: TrainingRunSpec, *, gradient_checkpointing: bool):
 @dataclass
 class TrainState:
     step: int = 0  # optimizer steps done
-    history: list[dict] = field(default_factory=list)  # {"step", "loss", "lr", "tokens"}
+    history: list[dict] = field(default_factory=list)  # {"step", "loss", "lr", "tokens", "examples"}
     evals: list[dict] = field(default_factory=list)  # {"step", "val_loss"}
     best_val: float | None = None
+    best_step: int | None = None  # the step whose adapter had best_val
     bad_evals: int = 0
     stopped_early: bool = False
     tokens_seen: int = 0
+    examples_seen: int = 0
+    tokens_per_micro_batch: int | None = None  # after any out-of-memory back-off
+    oom_backoffs: list[dict] = field(default_factory=list)  # {"step", "from", "to"}
 
 
 @dataclass
@@ -120,7 +128,13 @@ class TrainResult:
     resumed_from: int | None
     plan_notes: list[str]
     seconds: float
-    tokens_per_second: float
+    tokens_per_second: float  # every step of this run, warm-up (compilation) included
+    tokens_per_second_steady: float | None  # after the warm-up steps
+    examples_per_step: int
+    tokens_per_step: float  # mean over this run's steps
+    val_loss: float | None  # of the adapter the model now holds (the best one)
+    published_step: int  # the step that adapter comes from
+    loss_scaling: bool
 
 
 def _target_tokens(mb: dict) -> int:
@@ -134,53 +148,126 @@ def _target_tokens(mb: dict) -> int:
 
 
 class Schedule:
-    """Which micro-batches make up optimizer step k: a pure function of (seed, epoch)."""
+    """Which examples make up optimizer step k: a pure function of (seed, epoch, rank).
 
-    def __init__(self, examples: list[dict], tokens_per_mb: int, seed: int, epochs: int, accumulation: int,
-                 pack_rows: Callable):
-        self.examples, self.tokens_per_mb, self.seed = examples, tokens_per_mb, seed
-        self.accumulation, self.pack_rows = accumulation, pack_rows
-        self._cache: dict[int, list[dict]] = {}
-        self.per_epoch = len(self.epoch(0))
-        self.steps_per_epoch = max(1, math.ceil(self.per_epoch / accumulation))
-        self.epochs = epochs
+    A step is ``examples_per_step`` examples (the guide's batch, 4-16), whatever their length;
+    each epoch is a fresh shuffle of all examples cut into such groups (the last may be smaller).
+    With several ranks, each takes every world-th example of the group. How a rank's examples are
+    laid into micro-batches is decided per step by the caller's token budget (``micro_batches``),
+    so an out-of-memory back-off changes the layout, never the examples a step sees.
+    """
 
-    def epoch(self, e: int) -> list[dict]:
-        if e not in self._cache:
-            self._cache = {e: self.pack_rows(self.examples, self.tokens_per_mb, seed=self.seed + e, shuffle=True)}
-        return self._cache[e]
+    def __init__(self, examples: list[dict], examples_per_step: int, seed: int, epochs: int, *,
+                 rank: int = 0, world_size: int = 1):
+        if examples_per_step < 1:
+            raise ValueError("examples_per_step must be at least 1")
+        self.examples, self.examples_per_step, self.seed, self.epochs = examples, examples_per_step, seed, epochs
+        self.rank, self.world_size = rank, world_size
+        self.steps_per_epoch = max(1, math.ceil(len(examples) / examples_per_step))
+        self._order: tuple[int, list[int]] | None = None
 
-    def step(self, k: int) -> list[dict]:
+    def _epoch_order(self, e: int) -> list[int]:
+        if self._order is None or self._order[0] != e:
+            order = list(range(len(self.examples)))
+            random.Random(self.seed + e).shuffle(order)
+            self._order = (e, order)
+        return self._order[1]
+
+    def step_indices(self, k: int) -> list[int]:
+        """Indices of every example of step k (all ranks)."""
         e, i = divmod(k, self.steps_per_epoch)
-        mbs = self.epoch(e)
-        return mbs[i * self.accumulation:(i + 1) * self.accumulation]
+        return self._epoch_order(e)[i * self.examples_per_step:(i + 1) * self.examples_per_step]
+
+    def rank_examples(self, k: int) -> list[dict]:
+        return [self.examples[j] for j in self.step_indices(k)[self.rank::self.world_size]]
+
+    def micro_batches(self, k: int, tokens_per_mb: int, pack_step: Callable) -> list[dict]:
+        return pack_step(self.rank_examples(k), tokens_per_mb)
 
 
-def evaluate_loss(model, examples: list[dict], tokens_per_mb: int, device) -> float | None:
-    """Mean token cross-entropy over examples (no dropout, no grad)."""
+class TokenBudget:
+    """Tokens per micro-batch, halved on CUDA out-of-memory down to the longest example."""
+
+    def __init__(self, tokens: int, floor: int):
+        self.tokens, self.floor = int(tokens), int(floor)
+
+    def halve(self) -> bool:
+        new = max(self.floor, (self.tokens // 2 // 64) * 64)
+        if new >= self.tokens:
+            return False
+        self.tokens = new
+        return True
+
+
+def _is_oom(err: BaseException) -> bool:
+    return type(err).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(err)
+
+
+def _free_cuda() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def evaluate_loss(model, examples: list[dict], budget: TokenBudget | int, device) -> float | None:
+    """Mean token cross-entropy over examples (no dropout, no grad); backs off on out-of-memory."""
     import torch
 
     from jobs import fastpath
 
     if not examples:
         return None
+    if not isinstance(budget, TokenBudget):
+        budget = TokenBudget(budget, max(len(e["input_ids"]) for e in examples))
     was_training = model.training
     model.eval()
-    total, n = 0.0, 0
-    with torch.no_grad():
-        for mb in fastpath.pack_rows(examples, tokens_per_mb, seed=0, shuffle=False):
-            loss_sum, ntok = fastpath.lm_loss(model, fastpath.to_device(mb, device))
-            total += float(loss_sum)
-            n += ntok
-    if was_training:
-        model.train()
-    return total / max(1, n)
+    try:
+        while True:
+            try:
+                total = torch.zeros((), dtype=torch.float64, device=device)
+                n = 0
+                with torch.no_grad():
+                    for mb in fastpath.pack_rows(examples, budget.tokens, seed=0, shuffle=False):
+                        loss_sum, ntok = fastpath.lm_loss(model, fastpath.to_device(mb, device))
+                        total += loss_sum.double()
+                        n += ntok
+                return float(total) / max(1, n)
+            except RuntimeError as err:
+                if not _is_oom(err):
+                    raise
+                msg = str(err).splitlines()[0]
+            _free_cuda()
+            before = budget.tokens
+            if not budget.halve():
+                raise OutOfMemory(f"validation ran out of GPU memory at {before} tokens per micro-batch ({msg})",
+                                  hint="lower training.max_seq_length, use quantization.mode: 4bit, or a larger GPU")
+            log.warning("out of GPU memory during validation at %d tokens per micro-batch: retrying at %d",
+                        before, budget.tokens)
+    finally:
+        if was_training:
+            model.train()
+
+
+def _adapter_snapshot(model) -> dict:
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items()}
 
 
 def train(model, spec: TrainingRunSpec, train_ex: list[dict], val_ex: list[dict], *, device, plan,
-          checkpoints, stop_requested: Callable[[], bool] = lambda: False) -> TrainResult:
-    """Train ``model`` (already PEFT-wrapped) in place. ``checkpoints`` saves and restores state."""
+          checkpoints, stop_requested: Callable[[], bool] = lambda: False, rank: int = 0,
+          world_size: int = 1) -> TrainResult:
+    """Train ``model`` (already PEFT-wrapped) in place. ``checkpoints`` saves and restores state.
+
+    When it returns, the model holds the adapter with the best validation loss seen (the last one
+    when there is no validation data), and ``TrainResult.published_step`` says which step that is.
+    """
     import torch
+    from peft import set_peft_model_state_dict
     from transformers import get_scheduler
 
     from jobs import fastpath
@@ -188,88 +275,200 @@ def train(model, spec: TrainingRunSpec, train_ex: list[dict], val_ex: list[dict]
     t = spec.training
     torch.manual_seed(t.seed)
     random.seed(t.seed)
-    accumulation = t.accumulation_for(1)
-    sched = Schedule(train_ex, plan.tokens_per_micro_batch, t.seed, t.epochs, accumulation, fastpath.pack_rows)
+    examples_per_step = t.examples_per_step(world_size)
+    sched = Schedule(train_ex, examples_per_step, t.seed, t.epochs, rank=rank, world_size=world_size)
     total_steps = sched.steps_per_epoch * t.epochs
     if t.max_steps:
         total_steps = min(total_steps, t.max_steps)
+    eval_every = t.eval_interval_for(sched.steps_per_epoch)
     params = [p for p in model.parameters() if p.requires_grad]
-    fused = device.type == "cuda" and t.optimizer == "adamw_torch_fused"
+    cuda = device.type == "cuda"
     if t.optimizer == "paged_adamw_8bit":
         import bitsandbytes as bnb
         optimizer = bnb.optim.PagedAdamW8bit(params, lr=t.learning_rate, weight_decay=t.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay, fused=fused or None)
-    warmup = int(round(t.warmup_ratio * total_steps))
+    else:  # the same AdamW; on a GPU its fused kernel (one launch for all LoRA tensors, no host sync)
+        optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay,
+                                      fused=True if cuda else None)
+    warmup = t.warmup_steps_for(total_steps)
     scheduler = get_scheduler(t.lr_scheduler if t.lr_scheduler != "constant" else "constant_with_warmup",
                               optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    # fp16 has 5 exponent bits: small LoRA gradients underflow without loss scaling. bf16 and fp32 need none.
+    scaling = cuda and plan.dtype == torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=scaling)
 
     state = TrainState()
-    resumed_from = checkpoints.restore(model, optimizer, scheduler, state)
+    longest = max((len(e["input_ids"]) for e in train_ex), default=2)
+    budget = TokenBudget(plan.tokens_per_micro_batch, min(longest, plan.tokens_per_micro_batch))
+    best_adapter = None
+    resumed_from = checkpoints.restore(model, optimizer, scheduler, state, scaler)
     if resumed_from is not None:
         log.info("resumed from checkpoint at step %d of %d", resumed_from, total_steps)
-    log.info("training: %d examples, %d micro-batches/epoch of <=%d tokens, accumulation %d, %d optimizer steps, "
-             "lr %.1e, LoRA r=%d alpha=%d", len(train_ex), sched.per_epoch, plan.tokens_per_micro_batch,
-             accumulation, total_steps, t.learning_rate, spec.lora.rank, spec.lora.alpha)
+        best_adapter = checkpoints.restored_best
+        if state.tokens_per_micro_batch:
+            budget.tokens = min(budget.tokens, state.tokens_per_micro_batch)
+    log.info("training: %d examples, %d examples per optimizer step (%d per device x %d accumulation x %d "
+             "device%s), packed into micro-batches of <=%d tokens; %d optimizer steps (%d per epoch), warm-up %d, "
+             "validation every %d steps; lr %.1e, LoRA r=%d alpha=%d%s", len(train_ex), examples_per_step,
+             t.per_device_batch_size, t.accumulation_for(world_size), world_size, "s" if world_size > 1 else "",
+             budget.tokens, total_steps, sched.steps_per_epoch, warmup, eval_every, t.learning_rate,
+             spec.lora.rank, spec.lora.alpha, ", fp16 loss scaling" if scaling else "")
     model.train()
     t0 = time.perf_counter()
     tokens_this_run = 0
-    steps_this_run = 0
+    step_times: list[float] = []
+    step_tokens: list[int] = []
+    pending: dict | None = None  # the step whose loss is still on its way from the GPU
+    last_end = t0
+
+    def finish(p: dict) -> None:
+        """Read a finished step's loss (waiting only for that step) and record it."""
+        if p["event"] is not None:
+            p["event"].synchronize()
+        loss = float(p["loss"]) / p["n_target"]
+        if not math.isfinite(loss):
+            raise Diverged(f"the training loss became {loss} at step {p['step']}",
+                           hint="lower training.learning_rate, use precision: bf16 or fp32, or check the data "
+                                "for empty or garbled outputs")
+        state.history.append({"step": p["step"], "loss": round(loss, 5), "lr": p["lr"], "tokens": p["tokens"],
+                              "examples": p["examples"]})
+        if p["step"] % t.logging_interval_steps == 0 or p["step"] == total_steps:
+            elapsed = time.perf_counter() - t0
+            log.info("step %d/%d  loss %.4f  lr %.2e  %d examples  %d tokens  %.0f tok/s  step %.2fs  ETA %s",
+                     p["step"], total_steps, loss, p["lr"], p["examples"], p["tokens"],
+                     p["tokens_so_far"] / max(elapsed, 1e-9), p["seconds"], _eta(step_times, total_steps - p["step"]))
+
     while state.step < total_steps and not state.stopped_early:
-        step_t0 = time.perf_counter()
-        mbs = sched.step(state.step)
-        n_target = sum(_target_tokens(mb) for mb in mbs) or 1
-        step_loss = 0.0
-        for mb in mbs:
-            batch = fastpath.to_device(mb, device)
-            loss_sum, _ = fastpath.lm_loss(model, batch)
-            (loss_sum / n_target).backward()
-            step_loss += float(loss_sum.detach())
+        k = state.step
+        while True:  # one optimizer step; on out-of-memory: smaller micro-batches, same examples
+            mbs = sched.micro_batches(k, budget.tokens, fastpath.pack_step)
+            n_target = sum(_target_tokens(mb) for mb in mbs) or 1
+            try:
+                step_loss = torch.zeros((), dtype=torch.float32, device=device)
+                for mb in mbs:
+                    loss_sum, _ = fastpath.lm_loss(model, fastpath.to_device(mb, device))
+                    scaler.scale(loss_sum / n_target).backward()
+                    step_loss += loss_sum.detach().float()
+                break
+            except RuntimeError as err:
+                if not _is_oom(err):
+                    raise
+                msg = str(err).splitlines()[0]
+            optimizer.zero_grad(set_to_none=True)
+            _free_cuda()
+            before = budget.tokens
+            if not budget.halve():
+                raise OutOfMemory(
+                    f"out of GPU memory at step {k + 1} even at {before} tokens per micro-batch "
+                    f"(the longest example is {longest} tokens): {msg}",
+                    hint="lower training.max_seq_length, use quantization.mode: 4bit, turn on "
+                         "training.gradient_checkpointing, or use a GPU with more memory")
+            state.oom_backoffs.append({"step": k + 1, "from": before, "to": budget.tokens})
+            state.tokens_per_micro_batch = budget.tokens
+            log.warning("out of GPU memory at step %d with micro-batches of %d tokens: retrying the step at %d "
+                        "(same %d examples)", k + 1, before, budget.tokens, examples_per_step)
+        lr_used = scheduler.get_last_lr()[0]
+        scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
-        steps_this_run += 1
         real_tokens = sum(len(mb["input_ids"]) for mb in mbs)
         tokens_this_run += real_tokens
         state.tokens_seen += real_tokens
-        loss = step_loss / n_target
-        if not math.isfinite(loss):
-            raise DataError(f"the training loss became {loss} at step {state.step}",
-                            hint="lower training.learning_rate, or check the data for empty or garbled outputs")
-        state.history.append({"step": state.step, "loss": round(loss, 5), "lr": scheduler.get_last_lr()[0],
-                              "tokens": real_tokens})
-        if state.step % t.logging_interval_steps == 0 or state.step == total_steps:
-            elapsed = time.perf_counter() - t0
-            tps = tokens_this_run / max(elapsed, 1e-9)
-            eta = (total_steps - state.step) * elapsed / max(1, steps_this_run)
-            log.info("step %d/%d  loss %.4f  lr %.2e  %.0f tok/s  step %.2fs  ETA %s", state.step, total_steps,
-                     loss, scheduler.get_last_lr()[0], tps, time.perf_counter() - step_t0, _fmt_eta(eta))
-        if val_ex and (state.step % t.eval_interval_steps == 0) and state.step < total_steps:
-            _eval_and_maybe_stop(model, val_ex, plan, device, state, t.early_stopping_patience)
-        if state.step % t.checkpoint_interval_steps == 0 and state.step < total_steps:
-            checkpoints.save(model, optimizer, scheduler, state)
-        if stop_requested():
-            checkpoints.save(model, optimizer, scheduler, state)
+        n_examples = sum(len(mb["seq_lens"]) for mb in mbs)
+        state.examples_seen += n_examples
+        now = time.perf_counter()
+        step_times.append(now - last_end)  # host time between step ends: one step behind the GPU at most
+        step_tokens.append(real_tokens)
+        last_end = now
+        # No host sync here: the loss goes to pinned memory behind an event, and is read once the next
+        # step is queued, so the CPU prepares step k+1 while the GPU still runs step k.
+        event = None
+        if cuda:
+            loss_host = torch.empty((), dtype=torch.float32, pin_memory=True)
+            loss_host.copy_(step_loss, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            loss_host = step_loss
+        current = {"step": state.step, "loss": loss_host, "event": event, "n_target": n_target,
+                   "examples": n_examples, "tokens": real_tokens, "lr": lr_used,
+                   "tokens_so_far": tokens_this_run, "seconds": step_times[-1]}
+        if pending is not None:
+            finish(pending)
+        pending = current
+        due_eval = bool(val_ex) and state.step % eval_every == 0 and state.step < total_steps
+        due_ckpt = state.step % t.checkpoint_interval_steps == 0 and state.step < total_steps
+        stop = stop_requested()
+        if due_eval or due_ckpt or stop or state.step == total_steps:
+            finish(pending)
+            pending = None
+        if due_eval and _eval_and_maybe_stop(model, val_ex, budget, device, state, t.early_stopping_patience):
+            best_adapter = _adapter_snapshot(model)
+        if due_ckpt or stop:
+            checkpoints.save(model, optimizer, scheduler, state, scaler, best_adapter)
+        if stop:
             raise Preempted(f"stopped by SIGTERM at step {state.step}/{total_steps}; checkpoint saved",
                             hint="the Job retries and resumes from this checkpoint")
+    if pending is not None:
+        finish(pending)
+    if cuda:
+        torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
+    if step_times:
+        step_times[-1] += time.perf_counter() - last_end  # the GPU's tail of the last step
+
+    # The adapter to publish: the one with the best validation loss (early stopping's point).
+    val_loss, published_step = None, state.step
+    if val_ex:
+        if state.evals and state.evals[-1]["step"] == state.step:
+            val_loss = state.evals[-1]["val_loss"]
+        else:
+            val_loss = evaluate_loss(model, val_ex, budget, device)
+            state.evals.append({"step": state.step, "val_loss": round(val_loss, 5)})
+            log.info("step %d  validation loss %.4f", state.step, val_loss)
+        if best_adapter is not None and state.best_val is not None and state.best_val < val_loss:
+            set_peft_model_state_dict(model, {k: v.to(device) for k, v in best_adapter.items()})
+            published_step, val_loss = state.best_step, state.best_val
+            log.info("publishing the adapter of step %d (validation loss %.4f), not the last one (%.4f)",
+                     published_step, state.best_val, state.evals[-1]["val_loss"])
+        elif state.best_val is None or val_loss <= state.best_val:
+            state.best_val, state.best_step = val_loss, state.step
+    warm = min(5, len(step_times) // 4) if len(step_times) >= 8 else (1 if len(step_times) > 1 else 0)
+    steady = (sum(step_tokens[warm:]) / max(sum(step_times[warm:]), 1e-9)) if len(step_times) > warm else None
     return TrainResult(state=state, total_steps=total_steps, resumed_from=resumed_from, plan_notes=plan.notes,
-                       seconds=seconds, tokens_per_second=tokens_this_run / max(seconds, 1e-9))
+                       seconds=seconds, tokens_per_second=tokens_this_run / max(seconds, 1e-9),
+                       tokens_per_second_steady=steady, examples_per_step=examples_per_step,
+                       tokens_per_step=sum(step_tokens) / max(1, len(step_tokens)), val_loss=val_loss,
+                       published_step=published_step, loss_scaling=scaling)
 
 
-def _eval_and_maybe_stop(model, val_ex, plan, device, state: TrainState, patience: int | None) -> None:
-    val = evaluate_loss(model, val_ex, plan.tokens_per_micro_batch, device)
+def _eval_and_maybe_stop(model, val_ex, budget, device, state: TrainState, patience: int | None) -> bool:
+    """Validation at this step; True when it is the best so far (the caller keeps that adapter)."""
+    val = evaluate_loss(model, val_ex, budget, device)
     state.evals.append({"step": state.step, "val_loss": round(val, 5)})
     log.info("step %d  validation loss %.4f", state.step, val)
     if state.best_val is None or val < state.best_val - 1e-4:
-        state.best_val, state.bad_evals = val, 0
-    else:
-        state.bad_evals += 1
-        if patience and state.bad_evals >= patience:
-            log.info("early stopping: validation loss has not improved for %d evaluations", patience)
-            state.stopped_early = True
+        state.best_val, state.best_step, state.bad_evals = val, state.step, 0
+        return True
+    state.bad_evals += 1
+    if patience and state.bad_evals >= patience:
+        log.info("early stopping at step %d: validation loss has not improved for %d evaluations (best %.4f at "
+                 "step %d)", state.step, patience, state.best_val, state.best_step)
+        state.stopped_early = True
+    return False
+
+
+def _eta(step_times: list[float], remaining: int) -> str:
+    """Remaining time from the recent steps, leaving out the first one (compilation, warm-up)."""
+    if remaining <= 0:
+        return _fmt_eta(0)
+    recent = step_times[1:][-20:]
+    if not recent:
+        return "estimating"
+    return _fmt_eta(remaining * sum(recent) / len(recent))
 
 
 def _fmt_eta(seconds: float) -> str:
@@ -281,14 +480,42 @@ def _fmt_eta(seconds: float) -> str:
 
 # ------------------------------------------------------------------------- checkpoints
 
+def _optimizer_to_safetensors(sd: dict) -> tuple[dict, dict]:
+    """Split an optimizer state_dict into tensors (for safetensors) and JSON (everything else)."""
+    import torch
+
+    tensors, meta = {}, {"param_groups": sd["param_groups"], "state": {}}
+    for pid, st in sd["state"].items():
+        entry = {}
+        for name, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"state.{pid}.{name}"] = v.detach().contiguous().cpu()
+                entry[name] = {"tensor": f"state.{pid}.{name}"}
+            else:
+                entry[name] = {"value": v}
+        meta["state"][str(pid)] = entry
+    return tensors, meta
+
+
+def _optimizer_from_safetensors(tensors: dict, meta: dict) -> dict:
+    state = {}
+    for pid, entry in meta["state"].items():
+        state[int(pid)] = {name: tensors[v["tensor"]] if "tensor" in v else v["value"] for name, v in entry.items()}
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
 class Checkpoints:
     """Checkpoints in object storage under <output>/<name>/checkpoints/<spec_hash>/step-NNNNNN/.
 
-    A checkpoint counts only once its ``_COMPLETE`` marker exists; the two newest are kept.
+    Everything is safetensors or JSON: a checkpoint comes from a bucket, and anything that can
+    write there must not be able to run code in the next pod (no pickle, no ``torch.load``).
+    A checkpoint counts only once its ``_COMPLETE`` marker exists; the two newest are kept in the
+    bucket, only the newest on local disk.
     """
 
     def __init__(self, store, prefix: str, workdir: Path, keep: int = 2):
         self.store, self.prefix, self.workdir, self.keep = store, prefix.strip("/"), Path(workdir), keep
+        self.restored_best: dict | None = None
 
     def _steps(self) -> list[int]:
         from jobs.storage import join
@@ -299,22 +526,40 @@ class Checkpoints:
                 steps.append(int(d[5:]))
         return sorted(steps)
 
-    def save(self, model, optimizer, scheduler, state: TrainState) -> None:
+    def save(self, model, optimizer, scheduler, state: TrainState, scaler=None, best_adapter=None) -> None:
+        import shutil
+
         import torch
         from peft import get_peft_model_state_dict
+        from safetensors.torch import save_file
 
         from jobs.storage import join, upload_dir
 
         name = f"step-{state.step:06d}"
-        local = self.workdir / "checkpoints" / name
+        root = self.workdir / "checkpoints"
+        local = root / name
         local.mkdir(parents=True, exist_ok=True)
-        torch.save(get_peft_model_state_dict(model), local / "adapter.pt")
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": torch.get_rng_state(), "py_rng": random.getstate()}, local / "optim.pt")
+        save_file({k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(model).items()},
+                  str(local / "adapter.safetensors"))
+        if best_adapter is not None:
+            save_file({k: v.contiguous() for k, v in best_adapter.items()}, str(local / "best_adapter.safetensors"))
+        opt_tensors, opt_meta = _optimizer_to_safetensors(optimizer.state_dict())
+        opt_tensors["rng.cpu"] = torch.get_rng_state()
+        if torch.cuda.is_available():
+            opt_tensors["rng.cuda"] = torch.cuda.get_rng_state()
+        save_file(opt_tensors, str(local / "optimizer.safetensors"))
+        py_rng = random.getstate()
+        extra = {"optimizer": opt_meta, "scheduler": scheduler.state_dict(),
+                 "py_rng": [py_rng[0], list(py_rng[1]), py_rng[2]],
+                 "scaler": scaler.state_dict() if scaler is not None and scaler.is_enabled() else None}
+        (local / "trainer_state.json").write_text(json.dumps(extra))
         (local / "state.json").write_text(json.dumps(state.__dict__))
         upload_dir(self.store, local, join(self.prefix, name))
         self.store.put_bytes(join(self.prefix, name, "_COMPLETE"), b"ok\n")
         log.info("checkpoint saved at step %d to %s/%s", state.step, self.store.label, join(self.prefix, name))
+        for old in root.iterdir():  # the bucket holds the history; the scratch disk keeps only the newest
+            if old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
         for old in self._steps()[:-self.keep]:
             self._delete(old)
 
@@ -330,9 +575,13 @@ class Checkpoints:
             if delete:
                 delete(o.key)
 
-    def restore(self, model, optimizer, scheduler, state: TrainState) -> int | None:
+    def restore(self, model, optimizer, scheduler, state: TrainState, scaler=None) -> int | None:
+        import shutil
+
         import torch
         from peft import set_peft_model_state_dict
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
 
         from jobs.storage import download_prefix, join
 
@@ -343,13 +592,32 @@ class Checkpoints:
         name = f"step-{step:06d}"
         local = self.workdir / "restore" / name
         download_prefix(self.store, join(self.prefix, name) + "/", local)
-        set_peft_model_state_dict(model, torch.load(local / "adapter.pt", map_location="cpu", weights_only=True))
-        extra = torch.load(local / "optim.pt", map_location="cpu", weights_only=False)
-        optimizer.load_state_dict(extra["optimizer"])
+        where = f"{self.store.label}/{join(self.prefix, name)}"
+        if not (local / "adapter.safetensors").is_file():
+            raise DataError(f"checkpoint {where} has no adapter.safetensors (written by an older version, or "
+                            "tampered with); checkpoints are only read as safetensors and JSON",
+                            hint="delete that checkpoint folder to start the run afresh")
+        try:
+            set_peft_model_state_dict(model, load_file(str(local / "adapter.safetensors")))
+            opt = load_file(str(local / "optimizer.safetensors"))
+            best = local / "best_adapter.safetensors"
+            self.restored_best = load_file(str(best)) if best.is_file() else None
+            extra = json.loads((local / "trainer_state.json").read_text())
+            saved = json.loads((local / "state.json").read_text())
+        except (SafetensorError, OSError, ValueError, KeyError) as err:
+            raise DataError(f"checkpoint {where} could not be read: {err}",
+                            hint="delete that checkpoint folder to start the run afresh") from None
+        optimizer.load_state_dict(_optimizer_from_safetensors(opt, extra["optimizer"]))
         scheduler.load_state_dict(extra["scheduler"])
-        torch.set_rng_state(extra["rng"])
-        random.setstate(extra["py_rng"])
-        saved = json.loads((local / "state.json").read_text())
+        if scaler is not None and extra.get("scaler") and scaler.is_enabled():
+            scaler.load_state_dict(extra["scaler"])
+        torch.set_rng_state(opt["rng.cpu"])
+        if "rng.cuda" in opt and torch.cuda.is_available():
+            torch.cuda.set_rng_state(opt["rng.cuda"])
+        v, internal, gauss = extra["py_rng"]
+        random.setstate((v, tuple(internal), gauss))
         for k, v in saved.items():
-            setattr(state, k, v)
+            if hasattr(state, k):
+                setattr(state, k, v)
+        shutil.rmtree(local, ignore_errors=True)
         return step

@@ -70,7 +70,7 @@ def _train(model_dir, spec, tmp_path):
     model = load_model(str(model_dir), precision=precision, quantization=spec.quantization.mode, device=device)
     plan = fastpath.plan(model.config, spec.training, device, quantization=spec.quantization.mode)
     plan.tokens_per_micro_batch = 512
-    model = fastpath.prepare_model(wrap_lora(model, spec, gradient_checkpointing=plan.gradient_checkpointing), plan)
+    model = fastpath.prepare_model(wrap_lora(model, spec), plan)
     examples, _ = encode_rows(tok, [_Row(i) for i in range(80)], 128)
     ckpts = Checkpoints(LocalStore(str(tmp_path / "store")), "ckpt", tmp_path / "work")
     torch.cuda.reset_peak_memory_stats()
@@ -96,8 +96,8 @@ def test_qlora_trains_restores_and_merges_into_16bit_base(tiny_model_dir, tmp_pa
     assert result.state.step == 10 and all(h["loss"] == h["loss"] for h in result.state.history)
     # checkpoints made under 4-bit restore into a fresh 4-bit model
     fresh = fastpath.prepare_model(wrap_lora(load_model(str(tiny_model_dir), precision="bf16", quantization="4bit",
-                                                        device=torch.device("cuda")), spec,
-                                             gradient_checkpointing=False), fastpath.plan(
+                                                        device=torch.device("cuda")), spec),
+                                   fastpath.plan(
         model.config, spec.training, torch.device("cuda"), quantization="4bit"))
     opt = torch.optim.AdamW([p for p in fresh.parameters() if p.requires_grad], lr=1e-4)
     from transformers import get_scheduler

@@ -103,9 +103,9 @@ def test_trainer_has_the_pinned_ml_stack_on_a_read_only_root(images):
             name, version = line.split("==")
             pins[name.strip().lower()] = version.strip()
     probe = ("import json, importlib.metadata as m, torch, transformers, peft, trl, datasets, accelerate, "
-             "safetensors, matplotlib, boto3, yaml, datasketch, gguf, bitsandbytes\n"
+             "safetensors, matplotlib, boto3, yaml, datasketch, gguf, bitsandbytes, liger_kernel\n"
              "names = ['torch', 'transformers', 'peft', 'trl', 'datasets', 'accelerate', 'bitsandbytes', "
-             "'safetensors', 'matplotlib', 'gguf', 'boto3', 'pydantic', 'pydantic-settings', 'pyyaml', 'datasketch']\n"
+             "'safetensors', 'matplotlib', 'gguf', 'boto3', 'pydantic', 'pydantic-settings', 'pyyaml', 'datasketch', 'liger-kernel']\n"
              "print(json.dumps({n: m.version(n) for n in names} | {'cuda': torch.cuda.is_available()}))")
     proc = run_in(images["trainer"], "-c", probe, entrypoint="python", timeout=600)
     got = json.loads(proc.stdout.strip().splitlines()[-1])

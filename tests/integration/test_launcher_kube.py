@@ -181,19 +181,29 @@ def test_cancel_removes_the_job_its_pods_and_its_configmap(kube, lsettings, laun
 
 # ------------------------------------------------------------------------------ failure policy
 
-def test_bad_data_exit_code_fails_the_job_without_retry(kube, lsettings, launcher_env, stack):
-    spec = make_spec(stack, "bad-data", retries=3)
-    job = create_with_hooks(kube, spec, lsettings, **{EXIT: "11", "lora-jobs.test/message": "only 3 valid rows"})
+@pytest.mark.parametrize("code,message,sentence", [
+    (11, "only 3 valid rows", "the data or base model is unusable (not retried)"),
+    (13, "out of GPU memory at step 1 even at 1024 tokens per micro-batch",
+     "the run does not fit in GPU memory even at the smallest micro-batch (not retried)"),
+    (14, "the training loss became nan at step 3", "the training loss became NaN or infinite (not retried)"),
+    (15, "the merged model does not reproduce base + adapter",
+     "the merged model does not match base + adapter; nothing was published (not retried)"),
+])
+def test_deterministic_failures_fail_the_job_without_retry(kube, lsettings, launcher_env, stack, code, message,
+                                                           sentence):
+    run = f"permanent-{code}"
+    spec = make_spec(stack, run, retries=3)
+    job = create_with_hooks(kube, spec, lsettings, **{EXIT: str(code), "lora-jobs.test/message": message})
     name = job["metadata"]["name"]
-    r = cli(launcher_env, "wait", "bad-data", "--timeout", "60")
+    r = cli(launcher_env, "wait", run, "--timeout", "60")
     assert r.returncode == 1, r.stdout + r.stderr
     final = kube.get_job(name)
     failed = condition(final, "Failed")
     assert failed and failed["reason"] == "PodFailurePolicy"
     assert len(pods_of(kube, name)) == 1 and final["status"].get("failed") == 1
-    s = status_json(launcher_env, "bad-data")
-    assert s["state"] == "Failed" and s["exit_code"] == 11
-    assert s["sentence"].startswith("failed: the data or base model is unusable (not retried)")
+    s = status_json(launcher_env, run)
+    assert s["state"] == "Failed" and s["exit_code"] == code
+    assert s["sentence"].startswith(f"failed: {sentence}") and message in s["sentence"]
 
 
 def test_transient_exit_code_is_retried_up_to_the_backoff_limit(kube, lsettings, launcher_env, stack):

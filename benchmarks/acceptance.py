@@ -1,0 +1,240 @@
+"""GPU acceptance: the job itself (``python -m jobs run``, spec defaults) at user scale, and the peer.
+
+Every number here comes from the job's own run: its metadata.json (steady-state and overall
+tokens/s, examples and tokens per step, peak GPU memory and wall time per stage) and its
+published version, verified against its manifest. No training loop of its own.
+
+Subcommands (run by benchmarks/gpu_acceptance.sh, one device call):
+
+  models DIR TOKENIZER         random-weight Llama-3-8B and Qwen2.5-7B shapes (bf16 safetensors)
+  data FILE TOKENIZER N        N instruction/output rows, token lengths as the peer's (lognormal,
+                               median ~350, capped at 2048), text that passes the golden rules
+  job NAME MODEL DATA RES [JSON]  write a spec (defaults + JSON overrides), run the job, record it
+  trl RES                      the strongest peer: STEPS=14 GC=0 BS=4 trl_baseline.py liger_packing
+  summary RES OUTFILE          summary.json from the records in RES
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+LLAMA3_8B = dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                 num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                 max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False)
+QWEN25_7B = dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                 num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                 max_position_embeddings=32768, rope_theta=1000000.0, tie_word_embeddings=False)
+
+
+def cmd_models(root: str, tokenizer: str) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    for name, shape in (("llama3-8b", LLAMA3_8B), ("qwen2.5-7b", QWEN25_7B)):
+        out = Path(root) / name
+        if (out / "config.json").is_file():
+            print(f"{out} exists", flush=True)
+            continue
+        t0 = time.perf_counter()
+        shape = dict(shape)
+        cfg = AutoConfig.for_model(shape.pop("model_type"), **shape)
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+        tmp = out.with_name(out.name + ".part")
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size="5GB")
+        tok.save_pretrained(tmp)
+        tmp.rename(out)
+        n = sum(p.numel() for p in model.parameters())
+        print(f"{out}: {n / 1e9:.2f}B parameters in {time.perf_counter() - t0:.0f}s", flush=True)
+        del model
+        torch.cuda.empty_cache()
+
+
+_NOUNS = ("router", "switch", "firewall", "access point", "modem", "bridge", "mesh node", "cable", "antenna",
+          "port", "channel", "band", "guest network", "VPN tunnel", "DNS server", "DHCP range", "firmware",
+          "admin page", "status light", "reset button", "parental filter", "QoS rule", "port forward")
+_VERBS = ("open", "check", "restart", "update", "disable", "enable", "rename", "move", "test", "replace",
+          "select", "confirm", "save", "clear", "lock", "unplug", "reconnect", "wait for")
+_TAILS = ("before you continue", "from the settings page", "on the main screen", "for every device",
+          "after the lights settle", "under the advanced tab", "in the mobile app", "once a week",
+          "when the signal drops", "with the latest release", "for the second band", "at the back panel")
+
+
+def _sentence(rng: random.Random) -> str:
+    words = [rng.choice(_VERBS).capitalize(), "the", rng.choice(_NOUNS), rng.choice(_TAILS)]
+    if rng.random() < 0.5:
+        words += ["and", rng.choice(_VERBS), "the", rng.choice(_NOUNS)]
+    if rng.random() < 0.3:
+        words += ["within", str(rng.randint(2, 90)), "seconds"]
+    return " ".join(words) + "."
+
+
+def cmd_data(path: str, tokenizer: str, n: int) -> None:
+    """Rows whose token lengths follow the peer's lognormal (median ~350, mean ~455, max 2048)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    rng = random.Random(0)
+    rows = []
+    for i in range(n):
+        target = min(2048, max(32, int(math.exp(rng.gauss(math.log(350), 0.8)))))
+        q = f"Ticket {i}: how do I {rng.choice(_VERBS)} the {rng.choice(_NOUNS)} {rng.choice(_TAILS)}?"
+        budget = target - len(tok(q)["input_ids"]) - 12  # the chat template's own tokens
+        parts: list[str] = []
+        while True:
+            s = _sentence(rng)
+            if parts and len(tok(" ".join(parts + [s]))["input_ids"]) > budget:
+                break
+            parts.append(s)
+            if len(parts) > 400:
+                break
+        rows.append({"instruction": q, "output": " ".join(parts)})
+    Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lens = [len(tok(r["instruction"] + " " + r["output"])["input_ids"]) for r in rows]
+    print(f"{path}: {n} rows, mean {sum(lens) / n:.0f} tokens, max {max(lens)}", flush=True)
+
+
+def _spec(name: str, model: str, data: str, store: str, overrides: dict) -> dict:
+    spec = {"name": name, "base_model": {"uri": model}, "dataset": {"train": data}, "output": store}
+    for key, value in overrides.items():  # {"quantization": {"mode": "4bit"}} and the like
+        spec.setdefault(key, {}).update(value) if isinstance(value, dict) else spec.__setitem__(key, value)
+    return spec
+
+
+def cmd_job(name: str, model: str, data: str, res: str, overrides_json: str = "{}") -> int:
+    """Run the job as the container does and record what it published and measured."""
+    import yaml
+
+    from jobs.publish import verify_version
+    from jobs.storage import LocalStore
+
+    res_dir = Path(res)
+    res_dir.mkdir(parents=True, exist_ok=True)
+    base = Path(os.environ.get("ACCEPT_WORK", "/tmp/accept"))
+    store_dir, work = base / "store", base / f"work-{name}"
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(store_dir / name, ignore_errors=True)
+    overrides = json.loads(overrides_json)
+    spec = _spec(name, model, data, str(store_dir), overrides)
+    spec_path = res_dir / f"spec_{name}.yaml"
+    spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    log_path = res_dir / f"job_{name}.log"
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.run([sys.executable, "-m", "jobs", "run", "--spec", str(spec_path), "--workdir", str(work)],
+                              stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                              env={**os.environ, "PYTHONPATH": f"{os.environ.get('PYTHONPATH', '')}:{REPO}",
+                                   "TERMINATION_MESSAGE_PATH": str(res_dir / f"job_{name}.termination")})
+    wall = time.perf_counter() - t0
+    record = {"name": name, "exit_code": proc.returncode, "wall_seconds": round(wall, 1), "spec": spec,
+              "published": False}
+    store = LocalStore(str(store_dir))
+    if proc.returncode == 0:
+        meta = json.loads(store.get_bytes(f"{name}/v1/metadata.json"))
+        report = json.loads(store.get_bytes(f"{name}/v1/eval_report.json"))
+        problems = verify_version(store, name, "v1")
+        t = meta["training"]
+        record.update({
+            "published": not problems and store.exists(f"{name}/v1/_COMPLETE"), "verify_problems": problems[:5],
+            "tokens_per_second_steady": t["tokens_per_second_steady"], "tokens_per_second": t["tokens_per_second"],
+            "examples_per_step": t["examples_per_step"], "tokens_per_step": t["tokens_per_step"],
+            "tokens_per_micro_batch": t["tokens_per_micro_batch"], "steps": t["steps"],
+            "published_step": t["published_step"], "oom_backoffs": t["oom_backoffs"],
+            "gradient_checkpointing": t["gradient_checkpointing"], "loss_scaling": t["loss_scaling"],
+            "plan": t["plan"], "stages": meta["stages"],
+            "peak_gpu_gib": max((s["peak_gpu_gib"] or 0) for s in meta["stages"].values()),
+            "train_peak_gpu_gib": meta["stages"]["train"]["peak_gpu_gib"],
+            "val_loss_before": meta["metrics"]["val_loss_before"], "val_loss_after": meta["metrics"]["val_loss_after"],
+            "train_loss_first": meta["metrics"]["train_loss_first"],
+            "train_loss_last": meta["metrics"]["train_loss_last"],
+            "merge": report.get("merge"), "merged_published": store.exists(f"{name}/v1/merged/config.json"),
+            "checklist": report.get("checklist"),
+        })
+        # the merged copy (16 GB) is verified above; free the disk for the next run
+        shutil.rmtree(store_dir / name / "v1" / "merged", ignore_errors=True)
+    else:
+        tail = log_path.read_text().splitlines()[-15:]
+        record["log_tail"] = tail
+    shutil.rmtree(work, ignore_errors=True)
+    (res_dir / f"job_{name}.json").write_text(json.dumps(record, indent=1))
+    short = {k: record.get(k) for k in ("exit_code", "published", "tokens_per_second_steady", "tokens_per_second",
+                                         "peak_gpu_gib", "examples_per_step", "steps", "wall_seconds")}
+    print(f"RESULT job {name} {json.dumps(short)}", flush=True)
+    return proc.returncode
+
+
+def cmd_trl(res: str) -> int:
+    res_dir = Path(res)
+    res_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "STEPS": "14", "GC": "0", "BS": "4"}
+    log_path = res_dir / "trl_liger_packing.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "peer" / "trl_baseline.py"), "liger_packing"],
+                              stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    m = re.findall(r"^RESULT (.*)$", log_path.read_text(), flags=re.M)
+    record = {"exit_code": proc.returncode, "config": "STEPS=14 GC=0 BS=4 liger_packing",
+              **(json.loads(m[-1]) if m else {})}
+    (res_dir / "trl_liger_packing.json").write_text(json.dumps(record, indent=1))
+    print(f"RESULT trl {json.dumps(record)[:400]}", flush=True)
+    return proc.returncode
+
+
+def cmd_summary(res: str, outfile: str) -> None:
+    res_dir = Path(res)
+
+    def rec(name):
+        p = res_dir / name
+        return json.loads(p.read_text()) if p.is_file() else {}
+
+    bf16, qlora, qwen = rec("job_bf16.json"), rec("job_qlora.json"), rec("job_qwen.json")
+    trl = rec("trl_liger_packing.json")
+    trl_tps = trl.get("tokens_per_s")
+    s = {
+        "job_bf16_tokens_per_s": bf16.get("tokens_per_second_steady"),
+        "job_bf16_tokens_per_s_with_warmup": bf16.get("tokens_per_second"),
+        "job_bf16_peak_gib": bf16.get("peak_gpu_gib"),
+        "job_bf16_published": bool(bf16.get("published")),
+        "job_bf16_merge_check": (bf16.get("merge") or {}).get("ok"),
+        "job_qlora_tokens_per_s": qlora.get("tokens_per_second_steady"),
+        "job_qlora_peak_gib": qlora.get("peak_gpu_gib"),
+        "job_qlora_published": bool(qlora.get("published")),
+        "job_qwen_tokens_per_s": qwen.get("tokens_per_second_steady"),
+        "job_qwen_peak_gib": qwen.get("peak_gpu_gib"),
+        "job_qwen_published": bool(qwen.get("published")),
+        "trl_best_tokens_per_s": trl_tps,
+        "trl_best_peak_gib": trl.get("peak_mem_gib"),
+        "trl_best_config": trl.get("config"),
+        "ratio_vs_trl_best": (round(bf16["tokens_per_second_steady"] / trl_tps, 2)
+                              if trl_tps and bf16.get("tokens_per_second_steady") else None),
+        "examples_per_step": bf16.get("examples_per_step"),
+        "stages_bf16": bf16.get("stages"), "stages_qlora": qlora.get("stages"), "stages_qwen": qwen.get("stages"),
+    }
+    for extra in sorted(res_dir.glob("job_*.json")):
+        name = extra.stem[4:]
+        if name not in ("bf16", "qlora", "qwen"):
+            r = json.loads(extra.read_text())
+            s[f"job_{name}"] = {k: r.get(k) for k in ("exit_code", "published", "tokens_per_second_steady",
+                                                    "peak_gpu_gib", "oom_backoffs", "loss_scaling")}
+    Path(outfile).write_text(json.dumps(s, indent=1))
+    print(json.dumps(s, indent=1))
+
+
+if __name__ == "__main__":
+    cmd, *args = sys.argv[1:]
+    fn = {"models": cmd_models, "data": lambda p, t, n: cmd_data(p, t, int(n)), "job": cmd_job, "trl": cmd_trl,
+          "summary": cmd_summary}[cmd]
+    rc = fn(*args)
+    sys.exit(rc if isinstance(rc, int) else 0)

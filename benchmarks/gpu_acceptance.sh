@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# GPU acceptance: the job itself, spec defaults, at user scale, beside the strongest peer.
+# Usage (repository root, on the GPU machine): bash benchmarks/gpu_acceptance.sh STAGE...
+#   bf16    python -m jobs run: Llama-3-8B shape, bf16 LoRA, 1,500 rows      (~5 min)
+#   trl     the strongest peer in the same call: STEPS=14 GC=0 BS=4 liger_packing   (~2 min)
+#   qlora   the job with quantization.mode: 4bit, max_seq_length 2048, 500 rows     (~3 min)
+#   qwen    the job on the Qwen2.5-7B shape, bf16 LoRA, 800 rows                    (~3 min)
+#   tests   pytest tests/gpu (fp16 loss scaling, the out-of-memory back-off, QLoRA restore/merge)
+# Models and data are made on first use (random weights; SmolLM2's tokenizer from
+# .gpu-assets/tokenizer). Results: $RES (default benchmarks/results/<date>-h200-job) gets
+# job_*.json, the job logs, trl_*.json and summary.json; a copy goes to $OUT when set.
+# DEADLINE (s, default 560) bounds the call: a stage that would start too late is skipped.
+set -u
+START=$(date +%s)
+DEADLINE=${DEADLINE:-560}
+RES=${RES:-benchmarks/results/$(date +%Y-%m-%d)-h200-job}
+# the 8B and 7B base models (31 GB) live in memory when /dev/shm has room, else on disk
+if [ -z "${MODELS:-}" ]; then
+  MODELS=/tmp/accept-models
+  shm_free=$(df --output=avail -B1G /dev/shm 2>/dev/null | tail -1 | tr -d ' ')
+  [ "${shm_free:-0}" -ge 45 ] && MODELS=/dev/shm/accept-models
+fi
+export ACCEPT_WORK=${ACCEPT_WORK:-/tmp/accept}
+TOK=${TOK:-.gpu-assets/tokenizer}
+mkdir -p "$RES" "$MODELS" "$ACCEPT_WORK"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_DATASETS_DISABLE_PROGRESS_BARS=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+if [ -d .wheels ] && [ ! -f /tmp/site/.done ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .wheels/*.whl \
+    && touch /tmp/site/.done
+fi
+export PYTHONPATH=/tmp/site:$PWD
+left() { echo $(( DEADLINE - ($(date +%s) - START) )); }
+A="python3 benchmarks/acceptance.py"
+
+need() {  # need NAME SECONDS: skip the stage when too little of the call is left
+  if [ "$(left)" -lt "$2" ]; then echo "SKIP $1 (only $(left)s left)"; return 1; fi
+  echo "START $1 t=$(( $(date +%s) - START ))s"
+}
+data() {  # data ROWS -> path of a data file with that many rows
+  local f="$ACCEPT_WORK/data-$1.jsonl"
+  [ -f "$f" ] || $A data "$f" "$TOK" "$1" >&2
+  echo "$f"
+}
+models() { [ -f "$MODELS/llama3-8b/config.json" ] && [ -f "$MODELS/qwen2.5-7b/config.json" ] || $A models "$MODELS" "$TOK"; }
+
+for stage in "$@"; do
+  case $stage in
+    bf16)  need bf16 240 && models && $A job bf16 "$MODELS/llama3-8b" "$(data 1500)" "$RES" ;;
+    trl)   need trl 120 && timeout $(( $(left) - 5 )) $A trl "$RES" ;;
+    qlora) need qlora 150 && models && $A job qlora "$MODELS/llama3-8b" "$(data 500)" "$RES" \
+             '{"quantization": {"mode": "4bit"}, "training": {"max_seq_length": 2048}}' ;;
+    qwen)  need qwen 150 && models && $A job qwen "$MODELS/qwen2.5-7b" "$(data 800)" "$RES" ;;
+    tests) need tests 150 && LORA_GPU_TOKENIZER=$TOK timeout $(( $(left) - 5 )) python3 -m pytest -q -p no:cacheprovider \
+             tests/gpu > "$RES/gpu_tests.log" 2>&1; echo "END tests rc=$?"; tail -5 "$RES/gpu_tests.log" ;;
+  esac
+  echo "END $stage t=$(( $(date +%s) - START ))s"
+done
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$RES/gpu.txt" 2>&1
+python3 -c "import torch,transformers,peft,sys;print(sys.version);print(torch.__version__,torch.version.cuda,transformers.__version__,peft.__version__)" >> "$RES/gpu.txt" 2>&1
+pip list --path /tmp/site 2>/dev/null | tail -n +3 >> "$RES/gpu.txt"
+$A summary "$RES" "$RES/summary.json" > /dev/null
+cat "$RES/summary.json"
+if [ -n "${OUT:-}" ]; then
+  tar czf "$OUT/results.tgz" -C "$RES" . && cp "$RES/summary.json" "$OUT/"
+fi
+echo "total $(( $(date +%s) - START ))s"
