@@ -761,6 +761,21 @@ def prepare_model(model, p: Plan) -> Any:
     return model
 
 
+@contextlib.contextmanager
+def eager_layers(model):
+    """Run the decoder layers uncompiled for a while (generation: a KV cache changes shape every
+    token, which would recompile the per-layer graphs until dynamo's limit)."""
+    layers = list(_decoder(_unwrap(model)).layers)
+    saved = [getattr(layer, "_compiled_call_impl", None) for layer in layers]
+    for layer in layers:
+        layer._compiled_call_impl = None
+    try:
+        yield model
+    finally:
+        for layer, impl in zip(layers, saved):
+            layer._compiled_call_impl = impl
+
+
 def _apply_liger(base) -> bool:
     """Liger's RMSNorm, SwiGLU and RoPE kernels on a loaded model, where Liger knows its type."""
     try:

@@ -295,7 +295,8 @@ def run(spec: TrainingRunSpec, workdir: Path, *, run_id: str | None = None, imag
     val_after = result.val_loss  # of the adapter about to be published (the best one)
     if val_after is not None:
         log.info("validation loss after training: %.4f (before %.4f)", val_after, val_before)
-    gen_after = ev.generate(model, tok, prompts, spec, device, "with adapter") if prompts else []
+    with fastpath.eager_layers(model):
+        gen_after = ev.generate(model, tok, prompts, spec, device, "with adapter") if prompts else []
     report = ev.build_report(spec, prompts=prompts, before=gen_before, after=gen_after,
                              val_loss_before=val_before, val_loss_after=val_after,
                              history=result.state.history, evals=result.state.evals,

@@ -409,6 +409,8 @@ def train(model, spec: TrainingRunSpec, train_ex: list[dict], val_ex: list[dict]
             best_adapter = _adapter_snapshot(model)
         if due_ckpt or stop:
             checkpoints.save(model, optimizer, scheduler, state, scaler, best_adapter)
+        if due_eval or due_ckpt:
+            last_end = time.perf_counter()  # step times (tokens/s, ETA) leave validation and checkpoints out
         if stop:
             raise Preempted(f"stopped by SIGTERM at step {state.step}/{total_steps}; checkpoint saved",
                             hint="the Job retries and resumes from this checkpoint")
