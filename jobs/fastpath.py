@@ -776,12 +776,27 @@ def eager_layers(model):
             layer._compiled_call_impl = impl
 
 
+#: (module, {name: value before Liger}) for every transformers modeling module Liger patched
+_PATCHED_MODULES: list[tuple[Any, dict]] = []
+
+
 def _apply_liger(base) -> bool:
-    """Liger's RMSNorm, SwiGLU and RoPE kernels on a loaded model, where Liger knows its type."""
+    """Liger's RMSNorm, SwiGLU and RoPE kernels on a loaded model, where Liger knows its type.
+
+    Liger patches the instance *and* the transformers modeling module (its classes and its
+    ``apply_rotary_pos_emb``), so any model loaded later in this process would get Triton
+    kernels too — the merge's fp32 reload on the CPU then fails ("Pointer argument cannot be
+    accessed from Triton"). The module's previous values are kept for
+    :func:`undo_module_patches`.
+    """
+    import sys
+
     try:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
     except Exception:  # noqa: BLE001
         return False
+    module = sys.modules.get(type(base).__module__)
+    before = dict(vars(module)) if module is not None else {}
     try:
         _apply_liger_kernel_to_instance(model=base, rope=True, rms_norm=True, swiglu=True,
                                         cross_entropy=False, fused_linear_cross_entropy=False)
@@ -789,6 +804,23 @@ def _apply_liger(base) -> bool:
     except Exception as err:  # noqa: BLE001
         log.warning("Liger kernels not applied: %s", err)
         return False
+    finally:
+        if module is not None:
+            changed = {k: v for k, v in before.items() if vars(module).get(k) is not v}
+            if changed:
+                _PATCHED_MODULES.append((module, changed))
+
+
+def undo_module_patches() -> int:
+    """Put back what :func:`_apply_liger` changed in transformers' modeling modules (the model it
+    was applied to keeps its patched layers, but may lose the RoPE kernel); returns how many names."""
+    n = 0
+    while _PATCHED_MODULES:
+        module, changed = _PATCHED_MODULES.pop()
+        for k, v in changed.items():
+            setattr(module, k, v)
+            n += 1
+    return n
 
 
 def mfu(tokens_per_s: float, n_params: int, peak_flops: float = 989e12, *, checkpointing: bool = False) -> float:

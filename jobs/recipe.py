@@ -187,9 +187,10 @@ def _apply_memory_fault(device) -> int | None:
         return None
     import torch
 
-    total = torch.cuda.get_device_properties(device).total_memory
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    total = torch.cuda.get_device_properties(index).total_memory
     fraction = min(1.0, float(cap) * 2**30 / total)
-    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    torch.cuda.set_per_process_memory_fraction(fraction, index)
     log.warning("%s=%s: this process may now use only %.1f GiB of the GPU (fault injection)",
                 MEMORY_FAULT_ENV, cap, fraction * total / 2**30)
     return int(fraction * total)
@@ -315,6 +316,7 @@ def run(spec: TrainingRunSpec, workdir: Path, *, run_id: str | None = None, imag
     merge_info = None
     if spec.merge.enabled:
         del model
+        fastpath.undo_module_patches()  # the merge reloads the base: plain transformers classes, any device
         if device.type == "cuda":
             torch.cuda.empty_cache()
         m_dtype = merge_dtype(spec.merge.dtype, precision)

@@ -183,3 +183,27 @@ def test_a_pickled_checkpoint_in_the_bucket_is_refused_not_unpickled(tmp_path):
         Checkpoints(store, "run/checkpoints/abc", tmp_path / "work").restore(model, opt, sched, TrainState())
     assert "step-000004" in str(err.value) and "safetensors" in str(err.value)
     assert not os.path.exists(marker), "nothing from the bucket was unpickled"
+
+
+# ------------------------------------------------------------------------------ Liger's global patch
+
+def test_liger_patches_are_undone_before_the_merge_reloads_the_base_on_cpu(base_and_adapter):
+    """QLoRA on an 8B base merges on the CPU; Liger had patched transformers' Llama classes with
+    Triton kernels during training, and the CPU reload then failed. Applied here on a CPU model
+    (patching needs no GPU), undone, and the reload runs its forward on the CPU."""
+    pytest.importorskip("liger_kernel")
+    from transformers import AutoModelForCausalLM
+    from transformers.models.llama import modeling_llama
+
+    from jobs import fastpath
+
+    base_dir, _ = base_and_adapter
+    plain_norm, plain_rope = modeling_llama.LlamaRMSNorm, modeling_llama.apply_rotary_pos_emb
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    assert fastpath._apply_liger(model)
+    assert modeling_llama.LlamaRMSNorm is not plain_norm, "Liger patches the module, not only the instance"
+    assert fastpath.undo_module_patches() >= 2
+    assert modeling_llama.LlamaRMSNorm is plain_norm and modeling_llama.apply_rotary_pos_emb is plain_rope
+    fresh = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.isfinite(fresh(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
