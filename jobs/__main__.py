@@ -27,6 +27,25 @@ def _setup_logging() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
+def _gpus_to_use(spec) -> int:
+    """How many GPUs this run trains on: the spec's, which the container must see."""
+    from jobs.distributed import visible_gpus
+    from jobs.errors import Problem, SpecError
+
+    want = spec.resources.gpus
+    if want <= 1:
+        return want
+    seen = visible_gpus()
+    if seen == 0:
+        log.warning("resources.gpus is %d but no GPU is visible here: training on the CPU in one process", want)
+        return 0
+    if seen < want:
+        raise SpecError([Problem("resources.gpus", f"the spec asks for {want} GPUs but this container sees {seen}",
+                                 "check the node's NVIDIA device plugin and CUDA_VISIBLE_DEVICES, or lower "
+                                 "resources.gpus")])
+    return want
+
+
 def _cmd_run(args) -> int:
     from jobs.recipe import Stage, run
     from jobs.spec import load_spec
@@ -35,8 +54,16 @@ def _cmd_run(args) -> int:
     try:
         spec = load_spec(args.spec)
         workdir = Path(args.workdir or os.environ.get("LORA_JOBS_WORKDIR") or "/scratch")
+        gpus = _gpus_to_use(spec)
+        if gpus > 1 and "WORLD_SIZE" not in os.environ:
+            from jobs.distributed import relaunch
+
+            argv = ["run", "--spec", args.spec] + (["--workdir", args.workdir] if args.workdir else [])
+            return relaunch(gpus, argv)
         log.info("run %s (spec %s) starting; workdir %s", spec.name, spec.spec_hash(), workdir)
         meta = run(spec, workdir, run_id=os.environ.get("LORA_JOBS_RUN_ID"), image=os.environ.get("LORA_JOBS_IMAGE"))
+        if meta is None:  # a rank > 0 of a multi-GPU run: rank 0 reports
+            return 0
     except LoraJobError as err:
         log.error("%s failed in stage %s: %s", spec.name if spec else "run", Stage.name, err)
         if os.environ.get("LORA_JOBS_DEBUG") == "1":

@@ -132,7 +132,11 @@ class Preempted(TransientError):
 
 def write_termination_message(code: ExitCode | int, reason: str, stage: str | None = None,
                               path: str | None = None) -> None:
-    """Write the one-line JSON reason Kubernetes shows in the container's termination state."""
+    """Write the one-line JSON reason Kubernetes shows in the container's termination state.
+
+    Under torchrun only rank 0 writes it (the other ranks' ends are rank 0's business)."""
+    if os.environ.get("RANK", "0") != "0":
+        return
     path = path or os.environ.get("TERMINATION_MESSAGE_PATH", "/dev/termination-log")
     payload = {"exit_code": int(code), "reason": describe_exit_code(int(code)), "message": reason[:3000]}
     if stage:

@@ -204,11 +204,12 @@ class _StopFlag:
         return self.requested
 
 
-def run(spec: TrainingRunSpec, workdir: Path, *, run_id: str | None = None, image: str | None = None) -> dict:
-    """Run every stage; return the summary that is also written as metadata.json."""
+def run(spec: TrainingRunSpec, workdir: Path, *, run_id: str | None = None, image: str | None = None) -> dict | None:
+    """Run every stage; return the summary that is also written as metadata.json (None on ranks > 0)."""
     import torch
     import transformers
 
+    from jobs import distributed
     from jobs import evaluate as ev
     from jobs import fastpath
     from jobs.merge import merge_and_check, merge_dtype
@@ -231,14 +232,25 @@ def run(spec: TrainingRunSpec, workdir: Path, *, run_id: str | None = None, imag
     started = time.time()
     Stage.timings, Stage.started = {}, None
 
+    world = distributed.from_env()
+    device = torch.device(f"cuda:{world.local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    distributed.init(world, device)
+
     _stage("fetch")
-    fetched = fetch(spec, workdir)
+    if world.size == 1:
+        fetched = fetch(spec, workdir)
+    else:  # one download per pod; the other ranks read the same folder
+        box = [fetch(spec, workdir) if world.main else None]
+        import torch.distributed as dist
+        dist.broadcast_object_list(box, src=0)  # our own dataclass between our own processes
+        fetched = box[0]
 
     _stage("prepare")
     prepared = prepare(spec, fetched)
 
     _stage("load")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = resolve_precision(spec.training.precision, device)
     free_before_load = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
     tok = load_tokenizer(fetched.base_model_dir)
@@ -268,24 +280,31 @@ def run(spec: TrainingRunSpec, workdir: Path, *, run_id: str | None = None, imag
 
     if val_ex:
         log.info("validation loss of the base model on %d examples…", len(val_ex))
-    val_before = evaluate_loss(model, val_ex, tokens_per_mb, device)
+    val_before = evaluate_loss(model, val_ex, tokens_per_mb, device, world)
     prompts = ev.prompts_for(spec, prepared.val_rows,
                              ev.parse_prompts_jsonl(fetched.eval_prompts_bytes) if fetched.eval_prompts_bytes else None)
-    if not spec.eval.enabled:
-        prompts = []
+    if not spec.eval.enabled or not world.main:
+        prompts = []  # generations, like everything after training, are rank 0's
     gen_before = ev.generate(model, tok, prompts, spec, device, "base model") if prompts else []
     if val_before is not None:
         log.info("validation loss before training: %.4f", val_before)
 
     _stage("train")
+    torch.manual_seed(spec.training.seed)  # LoRA A is initialised randomly: the same seed, the same run
     model = fastpath.prepare_model(wrap_lora(model, spec), plan)
+    distributed.broadcast_trainable(world, model)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("LoRA: %d trainable parameters of %d (%.2f%%)", trainable, total, 100 * trainable / max(total, 1))
     out_store, out_prefix = open_store(spec.output)
     run_prefix = join(out_prefix, spec.name)
-    ckpts = Checkpoints(out_store, join(run_prefix, "checkpoints", spec.spec_hash()), workdir)
+    ckpts = Checkpoints(out_store, join(run_prefix, "checkpoints", spec.spec_hash()),
+                        workdir if world.main else workdir / f"rank-{world.rank}")
     result = train(model, spec, train_ex, val_ex, device=device, plan=plan, checkpoints=ckpts,
-                   stop_requested=stop)
+                   stop_requested=stop, world=world)
+    if not world.main:  # rank 0 evaluates, merges and publishes
+        log.info("rank %d: training done; rank 0 publishes", world.rank)
+        distributed.shutdown(world)
+        return None
     steady = result.tokens_per_second_steady
     log.info("trained %d steps in %.0fs: %.0f tokens/s (%s after warm-up), %d examples and ~%.0f tokens per "
              "step%s", result.state.step, result.seconds, result.tokens_per_second,
@@ -340,7 +359,7 @@ def run(spec: TrainingRunSpec, workdir: Path, *, run_id: str | None = None, imag
         "quantization": spec.quantization.mode,
         "training": {"epochs": spec.training.epochs, "learning_rate": spec.training.learning_rate,
                      "weight_decay": spec.training.weight_decay, "optimizer": spec.training.optimizer,
-                     "examples_per_step": result.examples_per_step,
+                     "examples_per_step": result.examples_per_step, "world_size": world.size,
                      "tokens_per_step": round(result.tokens_per_step, 1),
                      "tokens_per_micro_batch": plan.tokens_per_micro_batch,
                      "max_seq_length": max_len, "precision": precision, "seed": spec.training.seed,
@@ -380,4 +399,5 @@ def run(spec: TrainingRunSpec, workdir: Path, *, run_id: str | None = None, imag
     log.info("published %s in %.1fs", version, time.perf_counter() - t_pub)
     metadata["version"] = version
     metadata["location"] = f"{out_store.label}/{join(run_prefix, version)}"
+    distributed.shutdown(world)
     return metadata

@@ -149,8 +149,12 @@ class TrainingSpec(_Strict):
         return v
 
     def examples_per_step(self, world_size: int = 1) -> int:
-        """Examples in one optimizer step: per_device_batch_size x accumulation x world size."""
-        return self.per_device_batch_size * self.accumulation_for(world_size) * max(1, world_size)
+        """Examples in one optimizer step. With accumulation 'auto': 16 (or per_device_batch_size if
+        larger) on any number of GPUs, so a run means the same on 1 GPU or 8; with an explicit
+        accumulation: per_device_batch_size x accumulation x world size."""
+        if self.gradient_accumulation_steps == "auto":
+            return max(16, self.per_device_batch_size)
+        return self.per_device_batch_size * int(self.gradient_accumulation_steps) * max(1, world_size)
 
     def eval_interval_for(self, steps_per_epoch: int) -> int:
         """Optimizer steps between validations: the spec's number, or 4 times an epoch (at most every 50)."""
@@ -165,11 +169,11 @@ class TrainingSpec(_Strict):
         return max(int(round(self.warmup_ratio * total_steps)), min(10, total_steps // 10))
 
     def accumulation_for(self, world_size: int = 1) -> int:
-        """Gradient accumulation steps; 'auto' aims at an effective batch of 16."""
+        """Gradient accumulation steps: the spec's, or what 'auto' needs for examples_per_step."""
         if self.gradient_accumulation_steps != "auto":
             return int(self.gradient_accumulation_steps)
         per_step = self.per_device_batch_size * max(1, world_size)
-        return max(1, 16 // per_step)
+        return max(1, math.ceil(self.examples_per_step(world_size) / per_step))
 
 
 class DataRules(_Strict):
@@ -228,7 +232,9 @@ class MergeSpec(_Strict):
 class ResourcesSpec(_Strict):
     """What the Job asks of the cluster. The only pod settings a spec controls."""
 
-    gpus: int = Field(1, ge=0, le=16, description="GPUs for the one training pod.")
+    gpus: int = Field(1, ge=0, le=16, description="GPUs of the training pod. Above 1 the job runs one training "
+                                                  "process per GPU (torchrun, data parallel): every optimizer step's "
+                                                  "examples are split across them, rank 0 publishes.")
     cpu: str = Field("4", pattern=r"^\d+(\.\d+)?m?$", description="CPU request, e.g. '8' or '500m'.")
     memory: str = Field("32Gi", pattern=r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$", description="Memory request.")
     scratch: str = Field("100Gi", pattern=r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$",

@@ -213,8 +213,11 @@ def _free_cuda() -> None:
         torch.cuda.empty_cache()
 
 
-def evaluate_loss(model, examples: list[dict], budget: TokenBudget | int, device) -> float | None:
-    """Mean token cross-entropy over examples (no dropout, no grad); backs off on out-of-memory."""
+def evaluate_loss(model, examples: list[dict], budget: TokenBudget | int, device, world=None) -> float | None:
+    """Mean token cross-entropy over examples (no dropout, no grad); backs off on out-of-memory.
+
+    With several ranks each takes every world-th example and the sums are all-reduced, so every
+    rank gets the same number (early stopping decides the same everywhere)."""
     import torch
 
     from jobs import fastpath
@@ -223,19 +226,21 @@ def evaluate_loss(model, examples: list[dict], budget: TokenBudget | int, device
         return None
     if not isinstance(budget, TokenBudget):
         budget = TokenBudget(budget, max(len(e["input_ids"]) for e in examples))
+    mine = examples if world is None or world.size == 1 else examples[world.rank::world.size]
     was_training = model.training
     model.eval()
     try:
         while True:
             try:
-                total = torch.zeros((), dtype=torch.float64, device=device)
-                n = 0
+                sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, target tokens
                 with torch.no_grad():
-                    for mb in fastpath.pack_rows(examples, budget.tokens, seed=0, shuffle=False):
+                    for mb in (fastpath.pack_rows(mine, budget.tokens, seed=0, shuffle=False) if mine else []):
                         loss_sum, ntok = fastpath.lm_loss(model, fastpath.to_device(mb, device))
-                        total += loss_sum.double()
-                        n += ntok
-                return float(total) / max(1, n)
+                        sums[0] += loss_sum.double()
+                        sums[1] += ntok
+                if world is not None:
+                    world.reduce_sum(sums)
+                return float(sums[0]) / max(1.0, float(sums[1]))
             except RuntimeError as err:
                 if not _is_oom(err):
                     raise
@@ -259,8 +264,7 @@ def _adapter_snapshot(model) -> dict:
 
 
 def train(model, spec: TrainingRunSpec, train_ex: list[dict], val_ex: list[dict], *, device, plan,
-          checkpoints, stop_requested: Callable[[], bool] = lambda: False, rank: int = 0,
-          world_size: int = 1) -> TrainResult:
+          checkpoints, stop_requested: Callable[[], bool] = lambda: False, world=None) -> TrainResult:
     """Train ``model`` (already PEFT-wrapped) in place. ``checkpoints`` saves and restores state.
 
     When it returns, the model holds the adapter with the best validation loss seen (the last one
@@ -272,11 +276,15 @@ def train(model, spec: TrainingRunSpec, train_ex: list[dict], val_ex: list[dict]
 
     from jobs import fastpath
 
+    from jobs.distributed import World
+
+    world = world or World()
+    world_size = world.size
     t = spec.training
     torch.manual_seed(t.seed)
     random.seed(t.seed)
     examples_per_step = t.examples_per_step(world_size)
-    sched = Schedule(train_ex, examples_per_step, t.seed, t.epochs, rank=rank, world_size=world_size)
+    sched = Schedule(train_ex, examples_per_step, t.seed, t.epochs, rank=world.rank, world_size=world_size)
     total_steps = sched.steps_per_epoch * t.epochs
     if t.max_steps:
         total_steps = min(total_steps, t.max_steps)
@@ -324,7 +332,7 @@ def train(model, spec: TrainingRunSpec, train_ex: list[dict], val_ex: list[dict]
         """Read a finished step's loss (waiting only for that step) and record it."""
         if p["event"] is not None:
             p["event"].synchronize()
-        loss = float(p["loss"]) / p["n_target"]
+        loss = float(p["loss"]) / max(1.0, float(p["n_target"]))
         if not math.isfinite(loss):
             raise Diverged(f"the training loss became {loss} at step {p['step']}",
                            hint="lower training.learning_rate, use precision: bf16 or fp32, or check the data "
@@ -341,12 +349,12 @@ def train(model, spec: TrainingRunSpec, train_ex: list[dict], val_ex: list[dict]
         k = state.step
         while True:  # one optimizer step; on out-of-memory: smaller micro-batches, same examples
             mbs = sched.micro_batches(k, budget.tokens, fastpath.pack_step)
-            n_target = sum(_target_tokens(mb) for mb in mbs) or 1
+            n_target = sum(_target_tokens(mb) for mb in mbs)
             try:
                 step_loss = torch.zeros((), dtype=torch.float32, device=device)
                 for mb in mbs:
                     loss_sum, _ = fastpath.lm_loss(model, fastpath.to_device(mb, device))
-                    scaler.scale(loss_sum / n_target).backward()
+                    scaler.scale(loss_sum / max(1, n_target)).backward()
                     step_loss += loss_sum.detach().float()
                 break
             except RuntimeError as err:
@@ -367,6 +375,12 @@ def train(model, spec: TrainingRunSpec, train_ex: list[dict], val_ex: list[dict]
             log.warning("out of GPU memory at step %d with micro-batches of %d tokens: retrying the step at %d "
                         "(same %d examples)", k + 1, before, budget.tokens, examples_per_step)
         lr_used = scheduler.get_last_lr()[0]
+        stop_here = stop_requested()
+        real_tokens = sum(len(mb["input_ids"]) for mb in mbs)
+        if world_size > 1:  # data parallel: one all-reduce of the LoRA gradients a step
+            reduced = world.reduce_step(params, n_target, step_loss, [real_tokens, float(stop_here)], device)
+            n_target, step_loss = reduced[0], reduced[1]
+            real_tokens, stop_here = int(reduced[2]), bool(reduced[3] > 0)  # a host sync: all stop together
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         scaler.step(optimizer)
@@ -374,10 +388,9 @@ def train(model, spec: TrainingRunSpec, train_ex: list[dict], val_ex: list[dict]
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
-        real_tokens = sum(len(mb["input_ids"]) for mb in mbs)
         tokens_this_run += real_tokens
         state.tokens_seen += real_tokens
-        n_examples = sum(len(mb["seq_lens"]) for mb in mbs)
+        n_examples = len(sched.step_indices(k))  # the whole step's, on every rank
         state.examples_seen += n_examples
         now = time.perf_counter()
         step_times.append(now - last_end)  # host time between step ends: one step behind the GPU at most
@@ -393,6 +406,8 @@ def train(model, spec: TrainingRunSpec, train_ex: list[dict], val_ex: list[dict]
             event.record()
         else:
             loss_host = step_loss
+        if isinstance(n_target, torch.Tensor):
+            n_target = float(n_target)
         current = {"step": state.step, "loss": loss_host, "event": event, "n_target": n_target,
                    "examples": n_examples, "tokens": real_tokens, "lr": lr_used,
                    "tokens_so_far": tokens_this_run, "seconds": step_times[-1]}
@@ -401,14 +416,17 @@ def train(model, spec: TrainingRunSpec, train_ex: list[dict], val_ex: list[dict]
         pending = current
         due_eval = bool(val_ex) and state.step % eval_every == 0 and state.step < total_steps
         due_ckpt = state.step % t.checkpoint_interval_steps == 0 and state.step < total_steps
-        stop = stop_requested()
-        if due_eval or due_ckpt or stop or state.step == total_steps:
-            finish(pending)
+        stop = stop_here
+        if due_eval or due_ckpt or stop or state.step == total_steps or not cuda:
+            finish(pending)  # (on a CPU there is nothing to overlap: every step is logged at once)
             pending = None
-        if due_eval and _eval_and_maybe_stop(model, val_ex, budget, device, state, t.early_stopping_patience):
+        if due_eval and _eval_and_maybe_stop(model, val_ex, budget, device, state, t.early_stopping_patience,
+                                             world):
             best_adapter = _adapter_snapshot(model)
-        if due_ckpt or stop:
+        if (due_ckpt or stop) and world.main:  # every rank holds the same weights: rank 0 writes them
             checkpoints.save(model, optimizer, scheduler, state, scaler, best_adapter)
+        if due_ckpt or stop:
+            world.barrier()
         if due_eval or due_ckpt:
             last_end = time.perf_counter()  # step times (tokens/s, ETA) leave validation and checkpoints out
         if stop:
@@ -428,7 +446,7 @@ def train(model, spec: TrainingRunSpec, train_ex: list[dict], val_ex: list[dict]
         if state.evals and state.evals[-1]["step"] == state.step:
             val_loss = state.evals[-1]["val_loss"]
         else:
-            val_loss = evaluate_loss(model, val_ex, budget, device)
+            val_loss = evaluate_loss(model, val_ex, budget, device, world)
             state.evals.append({"step": state.step, "val_loss": round(val_loss, 5)})
             log.info("step %d  validation loss %.4f", state.step, val_loss)
         if best_adapter is not None and state.best_val is not None and state.best_val < val_loss:
@@ -447,9 +465,10 @@ def train(model, spec: TrainingRunSpec, train_ex: list[dict], val_ex: list[dict]
                        published_step=published_step, loss_scaling=scaling)
 
 
-def _eval_and_maybe_stop(model, val_ex, budget, device, state: TrainState, patience: int | None) -> bool:
+def _eval_and_maybe_stop(model, val_ex, budget, device, state: TrainState, patience: int | None,
+                         world=None) -> bool:
     """Validation at this step; True when it is the best so far (the caller keeps that adapter)."""
-    val = evaluate_loss(model, val_ex, budget, device)
+    val = evaluate_loss(model, val_ex, budget, device, world)
     state.evals.append({"step": state.step, "val_loss": round(val, 5)})
     log.info("step %d  validation loss %.4f", state.step, val)
     if state.best_val is None or val < state.best_val - 1e-4:

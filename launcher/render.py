@@ -26,6 +26,8 @@ CONTAINER = "trainer"
 SPEC_DIR = "/etc/lora-jobs"
 SPEC_KEY = "spec.yaml"
 SCRATCH = "/scratch"
+#: memory-backed /dev/shm for multi-GPU pods (NCCL); counts against the pod's memory limit
+SHM_SIZE = "16Gi"
 #: Time for the trainer to write a checkpoint after SIGTERM (preemption, cancel).
 TERMINATION_GRACE_SECONDS = 120
 RUN_AS = 1000
@@ -158,6 +160,11 @@ def render_job(spec: TrainingRunSpec, settings: LauncherSettings) -> dict[str, A
             {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
         ],
     }
+    if r.gpus > 1:
+        # One training process per GPU (torchrun inside the container): NCCL moves data through
+        # shared memory, and the runtime's default 64 MB /dev/shm breaks it.
+        container["volumeMounts"].append({"name": "dshm", "mountPath": "/dev/shm"})
+        pod_spec["volumes"].append({"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": SHM_SIZE}})
     if r.gpus:
         # The GPU node selector and tolerations steer GPU runs only; a CPU run may land anywhere.
         if settings.node_selector:

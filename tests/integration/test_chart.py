@@ -225,7 +225,8 @@ CPU_SPEC = {**MINIMAL_SPEC, "name": "cpu-run",
     (None, {"settings": {"queue": "team-a", "nodeSelector": {"pool": "h200"}, "tolerations": []},
             "priorityClass": {"create": True}, "s3": {"endpoint": "http://minio.storage:9000",
                                                       "existingSecret": "team-s3", "region": "eu-west-1"}}),
-], ids=["example", "defaults-only", "cpu-queued", "settings-variants"])
+    ({**MINIMAL_SPEC, "name": "four-gpus", "resources": {"gpus": 4}}, {}),
+], ids=["example", "defaults-only", "cpu-queued", "settings-variants", "four-gpus"])
 def test_one_off_training_job_is_rendered_as_the_launcher_renders_it(helm, spec, extra):
     from jobs.spec import TrainingRunSpec
     from launcher.render import render_run

@@ -30,6 +30,7 @@ def test_defaults_give_sixteen_examples_per_optimizer_step():
     # more devices: fewer accumulation steps, the same 16 examples a step
     assert t.examples_per_step(2) == 16 and t.accumulation_for(2) == 2
     assert t.examples_per_step(4) == 16 and t.accumulation_for(4) == 1
+    assert t.examples_per_step(3) == 16, "the same step on any number of GPUs"
     assert TrainingSpec(per_device_batch_size=2, gradient_accumulation_steps=3).examples_per_step(2) == 12
 
 

@@ -328,3 +328,19 @@ def test_cluster_configmap_is_read_through_a_kube_client_and_cannot_move_us():
     assert s.image == "chart/trainer:2" and s.namespace == "ml"
     assert s.tolerations == [{"key": "gpu", "operator": "Exists"}]
     assert cluster_values_from_configmap(None) == {}
+
+
+def test_a_multi_gpu_pod_gets_a_memory_backed_dev_shm_and_one_gpu_pods_do_not():
+    one, _ = render.render_run(spec(**{"resources.gpus": 1}), settings())
+    four, _ = render.render_run(spec(**{"resources.gpus": 4}), settings())
+
+    def shm(job):
+        pod = job["spec"]["template"]["spec"]
+        mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+        vols = {v["name"]: v for v in pod["volumes"]}
+        return mounts.get("dshm"), vols.get("dshm")
+
+    assert shm(one) == (None, None)
+    mount, vol = shm(four)
+    assert mount == "/dev/shm" and vol["emptyDir"]["medium"] == "Memory"
+    assert four["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 4
