@@ -19,6 +19,7 @@ log = logging.getLogger("jobs")
 
 VERSION_RE = re.compile(r"^v(\d+)$")
 MARKER = "_COMPLETE"
+CLAIM = "_CLAIM"  # created first, conditionally: whoever creates it owns the version number
 
 
 def existing_versions(store, run_prefix: str) -> dict[int, bool]:
@@ -37,29 +38,50 @@ def build_manifest(folder: Path) -> dict:
                       for p in files}}
 
 
-def publish_version(store, run_prefix: str, folder: Path, *, max_attempts: int = 5) -> str:
-    """Upload ``folder`` as the next version under ``run_prefix``; return 'v<N>'."""
+def publish_version(store, run_prefix: str, folder: Path, *, max_attempts: int = 50) -> str:
+    """Upload ``folder`` as the next version under ``run_prefix``; return 'v<N>'.
+
+    A number is claimed by creating ``v<N>/_CLAIM`` with a conditional write (``If-None-Match: *``):
+    of publishers racing for the same number exactly one wins and the others take the next, so a
+    version never holds a mix of two runs' files. ``latest`` only ever moves forward (a
+    compare-and-swap on its ETag), however the publishers finish.
+    """
     from jobs.storage import upload_dir
 
     manifest = build_manifest(folder)
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
     manifest_sha = sha256_file(folder / "manifest.json")
     files = sorted(p for p in folder.rglob("*") if p.is_file())
+    n = max(existing_versions(store, run_prefix), default=0) + 1
     for _ in range(max_attempts):
-        versions = existing_versions(store, run_prefix)
-        n = max(versions, default=0) + 1
         version = f"v{n}"
         prefix = join(run_prefix, version)
-        if store.list(prefix + "/"):
-            continue  # someone is writing this number right now: never write into it
+        # a folder with objects but no claim is an older publisher's (or a half-written) version
+        if store.list(prefix + "/") or not store.put_bytes_if_absent(join(prefix, CLAIM), manifest_sha.encode()):
+            n += 1
+            continue
         log.info("publishing %d files to %s/%s", len(files), store.label, prefix)
         upload_dir(store, folder, prefix, files=files)
         store.put_bytes(join(prefix, MARKER), (manifest_sha + "\n").encode())
-        store.put_bytes(join(run_prefix, "latest"), (version + "\n").encode(), content_type="text/plain")
+        _advance_latest(store, run_prefix, n)
         log.info("published %s/%s (complete)", store.label, prefix)
         return version
     raise StorageError(f"could not claim a free version number under {store.label}/{run_prefix}",
                        hint="another publisher keeps racing this run; retry later")
+
+
+def _advance_latest(store, run_prefix: str, n: int, attempts: int = 50) -> None:
+    """Point ``latest`` at v<n> unless it already names a newer version."""
+    key = join(run_prefix, "latest")
+    for _ in range(attempts):
+        data, tag = store.get_versioned(key)
+        m = VERSION_RE.match(data.decode().strip()) if data else None
+        if m and int(m.group(1)) >= n:
+            return
+        if store.put_bytes_if_match(key, f"v{n}\n".encode(), tag):
+            return
+    raise StorageError(f"could not move {store.label}/{key} to v{n}: it kept changing under us",
+                       hint="the version is complete; set latest by hand or publish again")
 
 
 def verify_version(store, run_prefix: str, version: str) -> list[str]:

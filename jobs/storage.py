@@ -12,6 +12,7 @@ connection failures are retried with backoff and then raise :class:`TransientErr
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import shutil
 import threading
@@ -102,6 +103,40 @@ class LocalStore:
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
+    def put_bytes_if_absent(self, key: str, data: bytes) -> bool:
+        """Create ``key`` only if it does not exist (O_EXCL); False when it already did."""
+        dest = self._path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
+
+    def get_versioned(self, key: str) -> tuple[bytes | None, str | None]:
+        """(content, tag) of ``key`` for :meth:`put_bytes_if_match`; (None, None) when absent."""
+        p = self._path(key)
+        if not p.is_file():
+            return None, None
+        data = p.read_bytes()
+        return data, hashlib.sha256(data).hexdigest()
+
+    def put_bytes_if_match(self, key: str, data: bytes, tag: str | None) -> bool:
+        """Replace ``key`` only if it still has ``tag`` (None: only if absent). A lock file stands in
+        for the store's compare-and-swap."""
+        import fcntl
+
+        dest = self._path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with open(dest.with_name(dest.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if self.get_versioned(key)[1] != tag:
+                return False
+            self.put_bytes(key, data)
+            return True
+
     def delete(self, key: str) -> None:
         p = self._path(key)
         if p.is_file():
@@ -115,7 +150,7 @@ class LocalStore:
             return []
         out = []
         for p in sorted(base.rglob("*")):
-            if p.is_file() and not p.name.endswith(".part"):
+            if p.is_file() and not p.name.endswith((".part", ".lock")):
                 out.append(ObjectInfo(str(p.relative_to(self.root)), p.stat().st_size))
         return out
 
@@ -187,6 +222,48 @@ class S3Store:
         tmp = f"{dest}.part"
         self._call("download", key, self.client.download_file, self.bucket, key, tmp)
         os.replace(tmp, dest)
+
+    def put_bytes_if_absent(self, key: str, data: bytes) -> bool:
+        """Create ``key`` only if no object has that name (``If-None-Match: *``); False if one did."""
+        return self._conditional_put(key, data, IfNoneMatch="*")
+
+    def get_versioned(self, key: str) -> tuple[bytes | None, str | None]:
+        """(content, ETag) of ``key``; (None, None) when absent."""
+        from botocore.exceptions import ClientError
+
+        def get():
+            try:
+                r = self.client.get_object(Bucket=self.bucket, Key=key)
+            except ClientError as err:
+                if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                    return None, None
+                raise
+            return r["Body"].read(), r["ETag"]
+
+        return self._call("read", key, get)
+
+    def put_bytes_if_match(self, key: str, data: bytes, tag: str | None) -> bool:
+        """Replace ``key`` only if its ETag is still ``tag`` (None: only if absent); False otherwise."""
+        return self._conditional_put(key, data, **({"IfMatch": tag} if tag else {"IfNoneMatch": "*"}))
+
+    def _conditional_put(self, key: str, data: bytes, **condition) -> bool:
+        from botocore.exceptions import ClientError
+
+        def put():
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=key, Body=data, **condition)
+            except ClientError as err:
+                status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+                # 412: the condition failed; 409: a concurrent conditional write won (AWS)
+                if status in (409, 412) or err.response.get("Error", {}).get("Code") in (
+                        "PreconditionFailed", "ConditionalRequestConflict"):
+                    return False
+                if status == 404 and "IfMatch" in condition:  # the object went away: not ours to write
+                    return False
+                raise
+            return True
+
+        return self._call("write", key, put)
 
     def get_bytes(self, key: str) -> bytes:
         resp = self._call("read", key, self.client.get_object, Bucket=self.bucket, Key=key)

@@ -58,3 +58,35 @@ def test_local_store_refuses_keys_that_escape_its_root(tmp_path):
     store = LocalStore(str(tmp_path / "bucket"))
     with pytest.raises(StorageError, match="escapes"):
         store.put_bytes("../outside", b"x")
+
+
+def test_racing_publishers_on_a_folder_store_get_distinct_versions(tmp_path):
+    import threading
+
+    from jobs.publish import existing_versions, publish_version, verify_version
+    from jobs.storage import LocalStore
+
+    store = LocalStore(str(tmp_path / "store"))
+    folders = []
+    for i in range(5):
+        d = tmp_path / f"pub-{i}"
+        d.mkdir()
+        (d / "metadata.json").write_text(f'{{"publisher": {i}}}')
+        (d / "weights.bin").write_bytes(bytes([i]) * 200_000)
+        folders.append(d)
+    start = threading.Barrier(5)
+    got = {}
+
+    def publish(i):
+        start.wait()
+        got[i] = publish_version(LocalStore(str(tmp_path / "store")), "run", folders[i])
+
+    threads = [threading.Thread(target=publish, args=(i,)) for i in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(got.values()) == ["v1", "v2", "v3", "v4", "v5"]
+    assert existing_versions(store, "run") == {n: True for n in range(1, 6)}
+    assert all(verify_version(store, "run", v) == [] for v in got.values())
+    assert store.get_bytes("run/latest").decode().strip() == "v5"

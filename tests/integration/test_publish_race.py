@@ -1,0 +1,76 @@
+"""Publishers racing for one run against the real MinIO: distinct, complete versions and a
+``latest`` that only moves forward (two Jobs of one run name with different ``--set`` overrides
+publish under the same prefix).
+
+Before conditional writes, three concurrent publishers both claimed v2 and left it holding a mix
+of two folders *with* a completion marker.
+"""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+pytestmark = pytest.mark.s3
+
+PUBLISHERS = 6
+
+
+def _folder(tmp_path, i: int):
+    d = tmp_path / f"pub-{i}"
+    (d / "adapter").mkdir(parents=True)
+    # distinct content, several files, one large enough to take a while to upload
+    (d / "adapter" / "adapter_model.safetensors").write_bytes(bytes([i]) * (3 * 2**20 + i))
+    (d / "metadata.json").write_text(f'{{"publisher": {i}}}')
+    (d / "eval_report.md").write_text(f"publisher {i}\n" * 100)
+    return d
+
+
+def test_concurrent_publishers_get_distinct_complete_versions_and_latest_never_goes_back(
+        tmp_path, s3_env, s3_prefix):
+    from jobs.publish import existing_versions, publish_version, verify_version
+    from jobs.storage import open_store
+
+    store, prefix = open_store(s3_prefix)
+    run = f"{prefix}/race"
+    folders = [_folder(tmp_path, i) for i in range(PUBLISHERS)]
+    start = threading.Barrier(PUBLISHERS + 1)
+    got: dict[int, str] = {}
+    errors: list[BaseException] = []
+    seen_latest: list[int] = []
+    done = threading.Event()
+
+    def publish(i):
+        own, _ = open_store(s3_prefix)  # one client each, as separate Jobs would have
+        start.wait()
+        try:
+            got[i] = publish_version(own, run, folders[i])
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    def watch():
+        watcher, _ = open_store(s3_prefix)
+        start.wait()
+        while not done.is_set():
+            data, _tag = watcher.get_versioned(f"{run}/latest")
+            if data:
+                seen_latest.append(int(data.decode().strip()[1:]))
+
+    threads = [threading.Thread(target=publish, args=(i,)) for i in range(PUBLISHERS)]
+    w = threading.Thread(target=watch)
+    w.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    done.set()
+    w.join(timeout=30)
+
+    assert not errors, errors
+    assert sorted(got.values(), key=lambda v: int(v[1:])) == [f"v{n}" for n in range(1, PUBLISHERS + 1)], got
+    assert existing_versions(store, run) == {n: True for n in range(1, PUBLISHERS + 1)}
+    for i, version in got.items():
+        assert verify_version(store, run, version) == [], f"{version} (publisher {i}) is whole and its own"
+        assert store.get_bytes(f"{run}/{version}/metadata.json") == f'{{"publisher": {i}}}'.encode()
+    assert store.get_bytes(f"{run}/latest").decode().strip() == f"v{PUBLISHERS}"
+    assert seen_latest == sorted(seen_latest), f"latest moved backwards: {seen_latest}"
