@@ -499,6 +499,18 @@ def download_file_ranged(store, key: str, dest: str | Path, *, part_size: int = 
     return dest
 
 
+def safe_relative_path(rel: str, what: str) -> Path:
+    """``rel`` (an object key below a prefix, or a manifest entry) as a path that stays inside the
+    folder it is joined to. Refuses absolute paths, ``..`` and ``.`` segments, empty segments and
+    backslashes, naming ``what`` (the bucket/key or manifest) — S3 itself allows all of these."""
+    parts = rel.split("/")
+    if (not rel or rel.startswith("/") or "\\" in rel or any(p in ("", ".", "..") for p in parts)
+            or Path(rel).is_absolute()):
+        raise StorageError(f"{what} names an unsafe path {rel!r} (absolute, '..', '.', '//' or '\\\\')",
+                           hint="that object could write outside the download folder; remove or rename it")
+    return Path(*parts)
+
+
 def download_prefix(store, prefix: str, dest: str | Path, workers: int = 8, *,
                     ranged_threshold: int = RANGED_THRESHOLD) -> list[Path]:
     """Download every object under ``prefix`` into ``dest`` (keys relative to the prefix).
@@ -515,7 +527,10 @@ def download_prefix(store, prefix: str, dest: str | Path, workers: int = 8, *,
 
     def target(o: ObjectInfo) -> Path:
         rel = o.key[len(pre):].lstrip("/") if pre and o.key != pre else Path(o.key).name
-        return dest / rel
+        return dest / safe_relative_path(rel, f"{store.label}/{o.key}")
+
+    for o in objs:  # every key is checked before anything is written
+        target(o)
 
     def one(o: ObjectInfo) -> Path:
         store.get_file(o.key, target(o))

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.errors import StorageError
-from jobs.storage import join, open_store
+from jobs.storage import join, open_store, safe_relative_path
 
 COMPLETE = "_COMPLETE"
 MANIFEST = "manifest.json"
@@ -133,9 +133,7 @@ def download_version(output: str, run: str, version: str | None, dest: str | Pat
     target.mkdir(parents=True, exist_ok=True)
     bad = []
     for rel, info in sorted(entries.items()):
-        if rel.startswith("/") or ".." in Path(rel).parts:
-            raise StorageError(f"manifest of {version} names an unsafe path {rel!r}", hint="do not use it")
-        local = target / rel
+        local = target / safe_relative_path(rel, f"the manifest of {version}")
         store.get_file(join(base, rel), local)
         if _sha256(local) != info["sha256"] or ("size" in info and local.stat().st_size != int(info["size"])):
             bad.append(rel)

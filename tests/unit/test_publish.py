@@ -90,3 +90,22 @@ def test_racing_publishers_on_a_folder_store_get_distinct_versions(tmp_path):
     assert existing_versions(store, "run") == {n: True for n in range(1, 6)}
     assert all(verify_version(store, "run", v) == [] for v in got.values())
     assert store.get_bytes("run/latest").decode().strip() == "v5"
+
+
+@pytest.mark.parametrize("rel", ["../escape", "a/../../b", "/etc/passwd", "a//b", "./x", "a/..", "a\\..\\b", ""])
+def test_keys_that_would_leave_the_download_folder_are_refused(rel):
+    from jobs.errors import StorageError
+    from jobs.storage import safe_relative_path
+
+    with pytest.raises(StorageError) as err:
+        safe_relative_path(rel, "s3://bucket/prefix/x")
+    assert "unsafe path" in str(err.value) and "s3://bucket/prefix/x" in str(err.value)
+
+
+def test_ordinary_keys_map_to_relative_paths():
+    from pathlib import Path
+
+    from jobs.storage import safe_relative_path
+
+    assert safe_relative_path("adapter/adapter_model.safetensors", "x") == Path("adapter/adapter_model.safetensors")
+    assert safe_relative_path("model-00001-of-00004.safetensors", "x") == Path("model-00001-of-00004.safetensors")
