@@ -61,6 +61,8 @@ def _cmd_run(args) -> int:
             argv = ["run", "--spec", args.spec] + (["--workdir", args.workdir] if args.workdir else [])
             return relaunch(gpus, argv)
         log.info("run %s (spec %s) starting; workdir %s", spec.name, spec.spec_hash(), workdir)
+        for advice in spec.advice():
+            log.warning("spec: %s", advice.render())
         meta = run(spec, workdir, run_id=os.environ.get("LORA_JOBS_RUN_ID"), image=os.environ.get("LORA_JOBS_IMAGE"))
         if meta is None:  # a rank > 0 of a multi-GPU run: rank 0 reports
             return 0

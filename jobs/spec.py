@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from jobs.errors import Problem, SpecError
 
@@ -78,9 +78,9 @@ class DatasetSpec(_Strict):
 
 
 class LoraSpec(_Strict):
-    rank: int = Field(16, ge=16, le=64, description="LoRA rank r (guide: 16-64).")
-    alpha: int = Field(16, ge=16, le=64, description="LoRA alpha (guide: 16-64).")
-    dropout: float = Field(0.05, ge=0.0, le=0.5, description="LoRA dropout (guide: 0.05).")
+    rank: int = Field(16, ge=1, le=1024, description="LoRA rank r (guide: 16-64; outside it, a warning).")
+    alpha: int = Field(16, ge=1, le=4096, description="LoRA alpha (guide: 16-64; outside it, a warning).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout (guide: 0.05).")
     target_modules: Literal["all-linear"] | list[Annotated[str, Field(min_length=1)]] = Field(
         ALL_LINEAR, description="'all-linear' or a list of module names such as [q_proj, v_proj].")
     use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha/sqrt(r).")
@@ -95,9 +95,11 @@ class LoraSpec(_Strict):
 
 
 class TrainingSpec(_Strict):
-    epochs: int = Field(1, ge=1, le=3, description="Passes over the training data (guide: 1-3).")
-    learning_rate: float = Field(2e-4, ge=1e-4, le=2e-4, description="AdamW learning rate (guide: 1e-4 to 2e-4).")
-    weight_decay: float = Field(0.01, ge=0.0, le=0.1, description="AdamW weight decay (guide: 0.01).")
+    epochs: int = Field(1, ge=1, le=100, description="Passes over the training data (guide: 1-3; outside it, "
+                                                     "a warning).")
+    learning_rate: float = Field(2e-4, gt=0.0, le=1.0, description="AdamW learning rate (guide: 1e-4 to 2e-4; "
+                                                                   "outside it, a warning).")
+    weight_decay: float = Field(0.01, ge=0.0, le=1.0, description="AdamW weight decay (guide: 0.01).")
     optimizer: Literal["adamw_torch", "adamw_torch_fused", "paged_adamw_8bit"] = Field(
         "adamw_torch", description="An AdamW variant (guide: AdamW).")
     per_device_batch_size: int = Field(4, ge=1, le=256, description="Examples per GPU per accumulation "
@@ -288,10 +290,39 @@ class TrainingRunSpec(_Strict):
             raise ValueError("quantization needs a GPU: set resources.gpus >= 1 or quantization.mode: none")
         return self
 
+    _lines: dict = PrivateAttr(default_factory=dict)  # field path -> YAML line, when loaded from text
+
+    def advice(self) -> list[Problem]:
+        """Values outside the guide's ranges: valid, but worth a warning that names the range and why."""
+        out = []
+        for path, lo, hi, why in GUIDE_RANGES:
+            value: Any = self
+            for part in path.split("."):
+                value = getattr(value, part)
+            if not lo <= value <= hi:
+                out.append(Problem(path, f"{value:g} is outside the guide's {lo:g}-{hi:g}", why,
+                                   line=self._lines.get(tuple(path.split(".")))))
+        return out
+
     def spec_hash(self) -> str:
         """Content hash of the spec (defaults filled in): same spec, same run."""
         canon = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canon.encode()).hexdigest()[:10]
+
+
+#: The guide's ranges (docs/data-rules.md): advice, not limits. (field, low, high, why it matters)
+GUIDE_RANGES = [
+    ("lora.rank", 16, 64, "lower ranks may underfit a new domain or tone, higher ones cost memory and "
+                          "overfit small data"),
+    ("lora.alpha", 16, 64, "alpha/rank scales the adapter's update: far outside the range it is too weak or "
+                           "unstable"),
+    ("training.learning_rate", 1e-4, 2e-4, "above it LoRA training often diverges or copies the data; below it, "
+                                           "it learns slowly"),
+    ("training.epochs", 1, 3, "more passes over small data mostly teach verbatim copying (watch validation loss)"),
+    ("training.weight_decay", 0.0, 0.1, "the guide uses 0.01"),
+    ("lora.dropout", 0.0, 0.2, "the guide uses 0.05; much more slows learning"),
+    ("eval.temperature", 0.2, 0.4, "the guide evaluates at 0.2-0.4, where answers are stable enough to compare"),
+]
 
 
 # ---------------------------------------------------------------------------- loading
@@ -371,6 +402,26 @@ def _too_big(data: Any) -> str | None:
     return None
 
 
+def _did_you_mean(loc: tuple) -> str | None:
+    """The field name closest to an unknown key, among the fields of the section it sits in."""
+    import difflib
+
+    if not loc:
+        return None
+    model: Any = TrainingRunSpec
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if model is None:
+            return None
+    names = list(getattr(model, "model_fields", {}))
+    match = difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
 def problems_from_validation(err: ValidationError, lines: dict[tuple, int] | None = None) -> list[Problem]:
     lines = lines or {}
     problems = []
@@ -380,9 +431,12 @@ def problems_from_validation(err: ValidationError, lines: dict[tuple, int] | Non
         loc = tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p in ("str", "int", "bool"))))
         where = ".".join(str(p) for p in loc) or "(spec)"
         msg = e["msg"].removeprefix("Value error, ")
+        fix = _FIXES.get(e["type"])
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
-        fix = _FIXES.get(e["type"])
+            guess = _did_you_mean(loc)
+            if guess:
+                fix = f"did you mean '{guess}'? Otherwise remove it (see `launcher validate --explain`)"
         line = None
         for n in range(len(loc), -1, -1):
             if loc[:n] in lines:
@@ -459,7 +513,10 @@ def load_spec_text(text: str, source: str | None = None, overrides: list[str] | 
                                  "write the values out; a spec needs no anchors or deep nesting")], source)
     if overrides:
         data = apply_overrides(data, overrides)
-    return parse_spec(data, source=source, lines=_yaml_lines(text))
+    lines = _yaml_lines(text)
+    spec = parse_spec(data, source=source, lines=lines)
+    spec._lines = lines
+    return spec
 
 
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> TrainingRunSpec:

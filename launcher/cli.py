@@ -146,6 +146,12 @@ def _read_spec(path: Path, overrides: list[str]):
     return specmod.load_spec(path, overrides=overrides)
 
 
+def _warn_advice(s) -> None:
+    """Values outside the guide's ranges are allowed: say so, with the range and why, on stderr."""
+    for p in s.advice():
+        typer.echo(f"warning: {p.render()}", err=True)
+
+
 def _emit(data: Any, fmt: Format, table: Callable[[], None]) -> None:
     if fmt == Format.json:
         typer.echo(json.dumps(data, indent=2, default=str))
@@ -446,6 +452,7 @@ def validate(
 
     s = _read_spec(spec, set_)
     typer.echo(f"ok: {spec} is valid — run {s.name}, job {job_name(s)}, spec hash {s.spec_hash()}")
+    _warn_advice(s)
 
 
 @app.command(epilog="Example:  launcher submit spec.yaml --wait   |   launcher submit spec.yaml --dry-run   |   "
@@ -469,6 +476,7 @@ def submit(
 ) -> None:
     """Validate a spec and submit it as a Job (the same spec twice is the same run)."""
     s = _read_spec(spec, set_)
+    _warn_advice(s)
     if local:
         raise typer.Exit(run_local(s, spec, workdir))
     if dry_run:

@@ -50,7 +50,7 @@ def test_validate_ok(runner, tmp_path):
 
 
 def test_validate_lists_every_problem_without_a_traceback(runner, tmp_path):
-    bad = GOOD.replace("name: demo-run", "name: Demo Run") + "lora:\n  rank: 3\n  colour: red\n"
+    bad = GOOD.replace("name: demo-run", "name: Demo Run") + "lora:\n  rank: 0\n  colour: red\n"
     r = runner.invoke(cli.app, ["validate", str(write(tmp_path, bad))])
     assert r.exit_code == 2
     out = r.output
@@ -67,8 +67,10 @@ def test_validate_malformed_yaml_and_missing_file(runner, tmp_path):
 
 def test_validate_set_overrides_and_explain(runner, tmp_path):
     p = write(tmp_path, GOOD)
-    r = runner.invoke(cli.app, ["validate", str(p), "--set", "training.epochs=9"])
+    r = runner.invoke(cli.app, ["validate", str(p), "--set", "training.epochs=0"])
     assert r.exit_code == 2 and "training.epochs" in r.output
+    r = runner.invoke(cli.app, ["validate", str(p), "--set", "training.epochs=9"])  # advice, not an error
+    assert r.exit_code == 0 and "warning: training.epochs" in r.output and "outside the guide's 1-3" in r.output
     r = runner.invoke(cli.app, ["validate", "--explain"])
     assert r.exit_code == 0 and "training.learning_rate" in r.output
 

@@ -248,10 +248,10 @@ dataset:
   train: s3://data/train.jsonl
 output: s3://runs/lora
 lora:
-  rank: 4
+  rank: 0
   ranq: 16
 training:
-  learning_rate: 0.1
+  learning_rate: 0
   epochs: many
 resources:
   gpus: 99

@@ -25,7 +25,7 @@ def test_defaults_follow_the_lora_guide():
 
 def test_every_problem_is_reported_at_once_with_field_and_line():
     bad = MINIMAL.replace("name: support-bot", "name: Support_Bot") + (
-        "lora:\n  rank: 8\n  colour: red\ntraining:\n  learning_rate: 0.01\n  epochs: 5\n")
+        "lora:\n  rank: 0\n  colour: red\ntraining:\n  learning_rate: -0.01\n  epochs: 0\n")
     with pytest.raises(SpecError) as err:
         load_spec_text(bad, source="spec.yaml")
     where = {p.where: p for p in err.value.problems}
@@ -33,6 +33,26 @@ def test_every_problem_is_reported_at_once_with_field_and_line():
     assert where["lora.colour"].message == "unknown field" and where["lora.colour"].line == 7
     assert where["training.epochs"].line == 10
     assert "spec.yaml: 5 problems" in str(err.value)
+
+
+def test_the_guides_ranges_are_advice_with_the_range_and_why_only_the_impossible_is_an_error():
+    expert = load_spec_text(MINIMAL + "lora:\n  rank: 8\n  alpha: 128\ntraining:\n  learning_rate: 3.0e-4\n"
+                                      "  epochs: 4\n")
+    advice = {p.where: p for p in expert.advice()}
+    assert set(advice) == {"lora.rank", "lora.alpha", "training.learning_rate", "training.epochs"}
+    assert "outside the guide's 16-64" in advice["lora.rank"].message and advice["lora.rank"].fix
+    assert advice["training.epochs"].line == 10
+    assert load_spec_text(MINIMAL).advice() == [], "the defaults are the guide's"
+    with pytest.raises(SpecError) as err:
+        load_spec_text(MINIMAL + "lora:\n  rank: 0\n  dropout: 1.0\ntraining:\n  learning_rate: -1\n")
+    assert {p.where for p in err.value.problems} == {"lora.rank", "lora.dropout", "training.learning_rate"}
+
+
+def test_a_misspelled_key_gets_a_suggestion():
+    with pytest.raises(SpecError) as err:
+        load_spec_text(MINIMAL + "lora:\n  rnak: 16\ntrainig:\n  epochs: 2\n")
+    fixes = {p.where: p.fix for p in err.value.problems}
+    assert "did you mean 'rank'?" in fixes["lora.rnak"] and "did you mean 'training'?" in fixes["trainig"]
 
 
 def test_yaml_syntax_error_names_the_line():
