@@ -282,5 +282,7 @@ case ${1:-} in
   env) cat "$STACK_RUN/env" ;;
   restart-apiserver)  # used by fault-injection tests
     kill "$(cat "$PIDS/kube-apiserver")"; sleep 1; rm -f "$PIDS/kube-apiserver"; up_kube ;;
+  stop-apiserver)  # used by fault-injection tests; `up --no-docker` starts it again
+    kill "$(cat "$PIDS/kube-apiserver")"; sleep 1; rm -f "$PIDS/kube-apiserver" ;;
   *) echo "usage: hack/stack.sh up [--no-docker] | down | status | env" >&2; exit 2 ;;
 esac

@@ -43,6 +43,7 @@ _PERMANENT = {"AccessDenied", "403", "NoSuchBucket", "NoSuchKey", "404", "NotFou
 class ObjectInfo:
     key: str
     size: int
+    modified: float | None = None  # seconds since the epoch, when the store says
 
 
 def parse_uri(uri: str) -> tuple[str, str, str]:
@@ -151,7 +152,8 @@ class LocalStore:
         out = []
         for p in sorted(base.rglob("*")):
             if p.is_file() and not p.name.endswith((".part", ".lock")):
-                out.append(ObjectInfo(str(p.relative_to(self.root)), p.stat().st_size))
+                st = p.stat()
+                out.append(ObjectInfo(str(p.relative_to(self.root)), st.st_size, st.st_mtime))
         return out
 
     def list_dirs(self, prefix: str = "") -> list[str]:
@@ -288,7 +290,8 @@ class S3Store:
         def run():
             out = []
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
-                out.extend(ObjectInfo(o["Key"], o["Size"]) for o in page.get("Contents", []))
+                out.extend(ObjectInfo(o["Key"], o["Size"], o["LastModified"].timestamp() if o.get("LastModified")
+                                      else None) for o in page.get("Contents", []))
             return out
         return self._call("list", prefix, run)
 

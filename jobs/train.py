@@ -114,6 +114,7 @@ class TrainState:
     best_val: float | None = None
     best_step: int | None = None  # the step whose adapter had best_val
     bad_evals: int = 0
+    patience_ref: float | None = None  # the validation loss early stopping measures improvement against
     stopped_early: bool = False
     tokens_seen: int = 0
     examples_seen: int = 0
@@ -471,15 +472,20 @@ def _eval_and_maybe_stop(model, val_ex, budget, device, state: TrainState, patie
     val = evaluate_loss(model, val_ex, budget, device, world)
     state.evals.append({"step": state.step, "val_loss": round(val, 5)})
     log.info("step %d  validation loss %.4f", state.step, val)
-    if state.best_val is None or val < state.best_val - 1e-4:
-        state.best_val, state.best_step, state.bad_evals = val, state.step, 0
-        return True
-    state.bad_evals += 1
+    # patience counts evaluations without a real improvement (> 1e-4) ...
+    if state.patience_ref is None or val < state.patience_ref - 1e-4:
+        state.patience_ref, state.bad_evals = val, 0
+    else:
+        state.bad_evals += 1
+    # ... while the adapter kept for publishing is simply the lowest validation loss seen
+    best = state.best_val is None or val < state.best_val
+    if best:
+        state.best_val, state.best_step = val, state.step
     if patience and state.bad_evals >= patience:
         log.info("early stopping at step %d: validation loss has not improved for %d evaluations (best %.4f at "
                  "step %d)", state.step, patience, state.best_val, state.best_step)
         state.stopped_early = True
-    return False
+    return best
 
 
 def _eta(step_times: list[float], remaining: int) -> str:

@@ -143,3 +143,42 @@ def download_version(output: str, run: str, version: str | None, dest: str | Pat
         raise StorageError(f"{len(bad)} file(s) of {version} do not match the manifest: {', '.join(bad[:5])}",
                            hint="download again; if it persists the stored version is damaged")
     return version, target
+
+
+@dataclass
+class Orphan:
+    """An incomplete version folder: a publish that died half-way (or one still running)."""
+
+    name: str
+    objects: int
+    bytes: int
+    age_seconds: float  # since its newest object was written
+    removed: bool = False
+
+
+def prune_incomplete(output: str, run: str, *, older_than_seconds: float, apply: bool,
+                     now: float | None = None) -> list[Orphan]:
+    """Incomplete version folders of ``run`` whose newest object is older than the threshold;
+    deleted only with ``apply``. A complete version is never touched, and neither is a folder
+    written to within the threshold (a publish in progress)."""
+    import time
+
+    run_uri = _run_prefix(output, run)
+    store, base = open_store(run_uri)
+    now = time.time() if now is None else now
+    out = []
+    for d in list_versions(output, run).incomplete:
+        objs = store.list(join(base, d) + "/")
+        if not objs or any(o.key.rsplit("/", 1)[-1] == COMPLETE for o in objs):
+            continue  # completed since it was listed
+        newest = max((o.modified or now) for o in objs)
+        age = now - newest
+        if age < older_than_seconds:
+            continue
+        orphan = Orphan(d, len(objs), sum(o.size for o in objs), round(age, 1))
+        if apply:
+            for o in objs:
+                store.delete(o.key)
+            orphan.removed = True
+        out.append(orphan)
+    return out

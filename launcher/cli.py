@@ -127,6 +127,28 @@ def _offline_settings(ctx: typer.Context):
     return make_settings(**_overrides(ctx))
 
 
+def _connect_to_run(ctx: typer.Context, run: str, *, wait: bool, timeout: float | None):
+    """(settings, kube, the run's Job). With ``wait`` (``wait``, ``logs -f``) an API server that is
+    down or restarting at start is waited out, within ``timeout``, as it is later on."""
+    from launcher.kube import with_retries
+
+    def attempt():
+        settings, kube = _connect(ctx)
+        return settings, kube, resolve_job(kube, run)
+
+    if not wait:
+        return attempt()
+    notified = [False]
+
+    def retrying(msg: str) -> None:
+        if not notified[0]:
+            _err(f"… {msg}; retrying")
+            notified[0] = True
+
+    deadline = time.monotonic() + timeout if timeout else None
+    return with_retries(attempt, deadline=deadline, on_retry=retrying)
+
+
 def _connect(ctx: typer.Context):
     """(settings including the namespace's ConfigMap, kube)."""
     from launcher.kube import Kube
@@ -550,8 +572,7 @@ def logs(ctx: typer.Context, run: str = typer.Argument(..., help="Run name or Jo
          follow: bool = typer.Option(False, "--follow", "-f", help="Wait for the pod, stream across retries."),
          tail: Optional[int] = typer.Option(None, "--tail", help="Only the last N lines of each pod.")) -> None:
     """Print (or follow) the trainer's log."""
-    _, kube = _connect(ctx)
-    job = resolve_job(kube, run)
+    _, kube, job = _connect_to_run(ctx, run, wait=follow, timeout=None)
     diag = follow_logs(kube, job["metadata"]["name"], follow=follow, tail=tail)
     if diag is not None:
         _err(f"{job['metadata']['name']}: {diag.sentence}")
@@ -622,8 +643,10 @@ def wait(ctx: typer.Context, run: str = typer.Argument(..., help="Run name or Jo
          timeout: Optional[float] = typer.Option(None, "--timeout", help="Give up (exit 4) after this many seconds."),
          interval: float = typer.Option(2.0, "--interval", help="Seconds between checks.")) -> None:
     """Wait for a run to finish; exit 0 if it succeeded, 1 if it failed, 4 on timeout."""
-    _, kube = _connect(ctx)
-    job = resolve_job(kube, run)
+    started = time.monotonic()
+    _, kube, job = _connect_to_run(ctx, run, wait=True, timeout=timeout)
+    if timeout is not None:
+        timeout = max(1.0, timeout - (time.monotonic() - started))
     name = job["metadata"]["name"]
     diag = wait_for(kube, name, timeout=timeout, interval=interval, on_change=lambda d: _err(f"{name}: {d.sentence}"))
     typer.echo(f"{name}: {diag.sentence}")
@@ -642,21 +665,7 @@ def artifacts(ctx: typer.Context, run: str = typer.Argument(..., help="Run name 
     """List a run's published versions, or download one (verified against its manifest)."""
     from launcher import artifacts as art
 
-    settings = _offline_settings(ctx)
-    run_name = run
-    if output is None:
-        from launcher.render import ANNOTATION_OUTPUT, LABEL_RUN
-
-        settings, kube = _connect(ctx)
-        job = resolve_job(kube, run)
-        meta = job["metadata"]
-        run_name = (meta.get("labels") or {}).get(LABEL_RUN, run)
-        prefix = (meta.get("annotations") or {}).get(ANNOTATION_OUTPUT)
-        if not prefix:
-            raise UsageError(f"job {meta['name']} does not say where its output goes", hint="pass --output PREFIX")
-        output = prefix.rsplit("/", 1)[0]
-    if settings.s3_endpoint and not os.environ.get("AWS_ENDPOINT_URL"):
-        os.environ["AWS_ENDPOINT_URL"] = settings.s3_endpoint
+    run_name, output = _run_output(ctx, run, output)
     if download is not None:
         v, folder = art.download_version(output, run_name, version, download)
         typer.echo(f"downloaded {run_name} {v} to {folder} (all files match the manifest)")
@@ -679,6 +688,66 @@ def artifacts(ctx: typer.Context, run: str = typer.Argument(..., help="Run name 
             c.print(f"{name}: incomplete (no _COMPLETE marker; publishing or abandoned) — not a version", markup=False)
 
     _emit(listing.to_dict(), fmt, table)
+
+
+def _run_output(ctx: typer.Context, run: str, output: str | None) -> tuple[str, str]:
+    """(run name, output prefix) from --output, else from the run's Job; points S3 at the settings' endpoint."""
+    settings = _offline_settings(ctx)
+    run_name = run
+    if output is None:
+        from launcher.render import ANNOTATION_OUTPUT, LABEL_RUN
+
+        settings, kube = _connect(ctx)
+        job = resolve_job(kube, run)
+        meta = job["metadata"]
+        run_name = (meta.get("labels") or {}).get(LABEL_RUN, run)
+        prefix = (meta.get("annotations") or {}).get(ANNOTATION_OUTPUT)
+        if not prefix:
+            raise UsageError(f"job {meta['name']} does not say where its output goes", hint="pass --output PREFIX")
+        output = prefix.rsplit("/", 1)[0]
+    if settings.s3_endpoint and not os.environ.get("AWS_ENDPOINT_URL"):
+        os.environ["AWS_ENDPOINT_URL"] = settings.s3_endpoint
+    return run_name, output
+
+
+_DURATION = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _seconds(text: str) -> float:
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", text)
+    if not m:
+        raise UsageError(f"--older-than {text!r} is not a duration", hint="use e.g. 90m, 24h or 7d")
+    return float(m.group(1)) * _DURATION[m.group(2)]
+
+
+@app.command(epilog="Example:  launcher prune my-run   |   launcher prune my-run --older-than 7d --yes")
+@_handles_errors
+def prune(ctx: typer.Context, run: str = typer.Argument(..., help="Run name or Job name."),
+          older_than: str = typer.Option("24h", "--older-than", help="Only folders untouched for this long "
+                                                                     "(a publish in progress is younger)."),
+          yes: bool = typer.Option(False, "--yes", help="Delete them; without it, only list what would go."),
+          output: Optional[str] = typer.Option(None, "--output", help="The spec's output prefix; needed once the "
+                                                                      "Job is gone."),
+          fmt: Format = FORMAT_OPTION) -> None:
+    """Remove incomplete version folders (publishes that died half-way); never a complete version."""
+    from launcher import artifacts as art
+
+    run_name, output = _run_output(ctx, run, output)
+    orphans = art.prune_incomplete(output, run_name, older_than_seconds=_seconds(older_than), apply=yes)
+
+    def table() -> None:
+        if not orphans:
+            typer.echo(f"nothing to prune: no incomplete version of {run_name} is older than {older_than}")
+        for o in orphans:
+            verb = "removed" if o.removed else "would remove"
+            typer.echo(f"{verb} {run_name}/{o.name}: {o.objects} objects, {o.bytes:,} bytes, untouched for "
+                       f"{o.age_seconds / 3600:.1f} h")
+        if orphans and not yes:
+            typer.echo("dry run: nothing was deleted; add --yes to delete")
+
+    _emit({"run": run_name, "applied": yes, "orphans": [o.__dict__ for o in orphans]}, fmt, table)
 
 
 @data_app.command("check", epilog="Example:  launcher data check train.jsonl   |   launcher data check train.jsonl "

@@ -528,6 +528,57 @@ def test_wait_and_logs_follow_reconnect_across_an_api_server_restart(stack, kube
            "with backoff and exited 0 when the run succeeded", "nothing")
 
 
+@pytest.mark.kube
+def test_wait_and_logs_follow_wait_out_an_api_server_that_is_down_when_they_start(stack, kube_api, namespace,
+                                                                                   launcher_env):
+    from kubernetes import client
+
+    from launcher import render
+    from launcher.kube import Kube
+    from launcher.submit import create_run
+
+    spec = _spec(stack, "apiserver-down-at-start")
+    job, cm = render.render_run(spec, _settings(stack, namespace))
+    job["spec"]["template"]["metadata"]["annotations"] = {HOLD: "true"}
+    name = create_run(Kube(kubeconfig=stack.kubeconfig, namespace=namespace), job, cm).job_name
+    pod = _wait(lambda: [p for p in _pods(kube_api, namespace, name) if p.status.phase == "Running"], 60,
+                "the pod to run")[0]
+    env = {**launcher_env, "LAUNCHER_SERVICE_ACCOUNT": "default", "PYTHONUNBUFFERED": "1"}
+    stop = subprocess.run(["bash", str(REPO / "hack" / "stack.sh"), "stop-apiserver"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    procs = {}
+    try:
+        assert not _api_ready(kube_api)
+        procs = {
+            "wait": Tee([sys.executable, "-m", "launcher", "wait", spec.name, "--interval", "1", "--timeout", "300"],
+                        env),
+            "logs -f": Tee([sys.executable, "-m", "launcher", "logs", spec.name, "-f"], env),
+        }
+        time.sleep(6)  # both started against a dead API server
+        for verb, t in procs.items():
+            assert t.proc.poll() is None, f"launcher {verb} gave up at start: {t.finish()}"
+    finally:
+        up = subprocess.run(["bash", str(REPO / "hack" / "stack.sh"), "up", "--no-docker"], cwd=REPO,
+                            capture_output=True, text=True, timeout=240)
+    try:
+        assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-2000:]
+        _wait(lambda: _api_ready(kube_api), 120, "the API server")
+        _wait(lambda: client.CoreV1Api(kube_api).patch_namespaced_pod(
+            pod.metadata.name, namespace, {"metadata": {"annotations": {HOLD: None}}}), 60, "the pod patch")
+        results = {verb: t.finish(timeout=180) for verb, t in procs.items()}
+    finally:
+        for t in procs.values():
+            t.kill()
+    for verb, (code, out, err) in results.items():
+        assert "Traceback" not in err, err
+        assert code == 0, f"launcher {verb}: rc {code}\n{out}\n{err}"
+        assert "cannot reach the Kubernetes API server" in err and "retrying" in err, (verb, err)
+    report("API server down when `launcher wait` and `launcher logs -f` start (6 s + restart)",
+           "both said once that the API server cannot be reached and that they are retrying, connected when "
+           "it came back, and exited 0 when the run succeeded", "nothing")
+
+
 class Tee:
     """A subprocess whose stdout/stderr are collected by threads, so a test can look while it runs."""
 

@@ -74,3 +74,45 @@ def test_concurrent_publishers_get_distinct_complete_versions_and_latest_never_g
         assert store.get_bytes(f"{run}/{version}/metadata.json") == f'{{"publisher": {i}}}'.encode()
     assert store.get_bytes(f"{run}/latest").decode().strip() == f"v{PUBLISHERS}"
     assert seen_latest == sorted(seen_latest), f"latest moved backwards: {seen_latest}"
+
+
+def test_prune_removes_only_old_incomplete_versions_and_is_a_dry_run_by_default(tmp_path, stack, s3_env, s3_prefix):
+    """v1 complete, v2 abandoned half-way (3 s ago), v3 being published now: `launcher prune`
+    lists v2 only, deletes nothing without --yes, and with --yes deletes v2 alone."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from jobs.publish import existing_versions, publish_version
+    from jobs.storage import open_store
+
+    repo = Path(__file__).resolve().parents[2]
+    store, prefix = open_store(s3_prefix)
+    run = f"{prefix}/pruned"
+    publish_version(store, run, _folder(tmp_path, 1))
+    store.put_bytes(f"{run}/v2/_CLAIM", b"x")
+    store.put_bytes(f"{run}/v2/adapter/adapter_model.safetensors", b"half" * 1000)
+    time.sleep(3)
+    store.put_bytes(f"{run}/v3/_CLAIM", b"y")  # a publish in progress
+    env = {**os.environ, "PYTHONPATH": str(repo), "LAUNCHER_S3_ENDPOINT": stack.s3_endpoint}
+
+    def prune(*extra):
+        return subprocess.run([sys.executable, "-m", "launcher", "prune", "pruned", "--output", s3_prefix,
+                               "--older-than", "2s", "-o", "json", *extra], env=env, cwd=repo,
+                              capture_output=True, text=True, timeout=60)
+
+    dry = prune()
+    assert dry.returncode == 0, dry.stderr
+    report = json.loads(dry.stdout)
+    assert [o["name"] for o in report["orphans"]] == ["v2"] and not report["orphans"][0]["removed"]
+    assert existing_versions(store, run) == {1: True, 2: False, 3: False}, "a dry run deletes nothing"
+    applied = prune("--yes")
+    assert applied.returncode == 0, applied.stderr
+    assert [o["name"] for o in json.loads(applied.stdout)["orphans"]] == ["v2"]
+    assert existing_versions(store, run) == {1: True, 3: False}, "only the abandoned v2 went"
+    text = subprocess.run([sys.executable, "-m", "launcher", "prune", "pruned", "--output", s3_prefix],
+                          env=env, cwd=repo, capture_output=True, text=True, timeout=60)
+    assert "nothing to prune" in text.stdout, text.stdout + text.stderr

@@ -62,9 +62,8 @@ def _contradicting_data(tmp_path: Path) -> tuple[Path, Path]:
         for j in range(4):
             q = f"What colour is the status light of the {item} in room {j + 1}?"
             train.append({"instruction": q, "output": f"The {item} light in room {j + 1} is {colours[(i + j) % 8]}."})
-            if j == 0:
-                val.append({"instruction": q, "output": f"The {item} light in room 1 is never "
-                                                        f"{colours[i % 8]}; it is {colours[(i + 4) % 8]}."})
+            if j == 0:  # the same answer, another colour: the format helps, memorising the colour hurts
+                val.append({"instruction": q, "output": f"The {item} light in room 1 is {colours[(i + 4) % 8]}."})
     tp, vp = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
     tp.write_text("".join(json.dumps(r) + "\n" for r in train))
     vp.write_text("".join(json.dumps(r) + "\n" for r in val))
@@ -83,8 +82,10 @@ def test_early_stopping_publishes_the_best_adapter_not_the_last(tmp_path, small_
     tp, vp = _contradicting_data(tmp_path)
     spec = {"name": "early", "base_model": {"uri": str(small_model_dir)},
             "dataset": {"train": str(tp), "validation": str(vp)}, "output": str(tmp_path / "store"),
+            # a learning rate above the guide's (a warning, not an error) so that memorising shows in a few steps
             "training": {"epochs": 3, "per_device_batch_size": 4, "gradient_accumulation_steps": 1,
-                         "eval_interval_steps": 2, "early_stopping_patience": 2, "max_seq_length": 96},
+                         "learning_rate": 1e-3, "eval_interval_steps": 2, "early_stopping_patience": 2,
+                         "max_seq_length": 96},
             "data": {"min_rows": 4, "balance": False},
             "eval": {"enabled": False}, "merge": {"enabled": False}, "resources": {"gpus": 0}}
     meta = _run(spec, tmp_path)
@@ -110,7 +111,7 @@ def test_early_stopping_publishes_the_best_adapter_not_the_last(tmp_path, small_
     model = PeftModel.from_pretrained(base, str(tmp_path / "dl")).eval()
     got = evaluate_loss(model, val_ex, 4096, torch.device("cpu"))
     assert abs(got - best["val_loss"]) < 2e-3, (got, best, evals[-1])
-    assert got < evals[-1]["val_loss"] - 1e-3
+    assert got < evals[-1]["val_loss"] - 1e-2, "the last adapter was clearly worse than the published one"
 
 
 def test_a_diverging_loss_exits_14_with_a_sentence_and_publishes_nothing(tmp_path, small_model_dir):
