@@ -510,17 +510,11 @@ def test_wait_and_logs_follow_reconnect_across_an_api_server_restart(stack, kube
         outage = time.monotonic() - t0
         for verb, t in procs.items():
             assert t.proc.poll() is None, f"launcher {verb} gave up during the restart: {t.finish()}"
-        # Let the run finish: kwok completes the pod once the hold annotation is gone.
-        _wait(lambda: client.CoreV1Api(kube_api).patch_namespaced_pod(
-            pod.metadata.name, namespace, {"metadata": {"annotations": {HOLD: None}}}), 60, "the pod patch")
-        results = {verb: t.finish(timeout=120) for verb, t in procs.items()}
+        results = _release_and_finish(kube_api, namespace, pod, procs, timeout=120)
     finally:
         for t in procs.values():
             t.kill()
-    for verb, (code, out, err) in results.items():
-        assert "Traceback" not in err, err
-        assert code == 0, f"launcher {verb}: rc {code}\n{out}\n{err}"
-        assert "retrying" in err, (verb, err)  # it saw the outage, and carried on
+    _assert_carried_on(results)
     assert "succeeded" in "".join(results["wait"][1:]).lower()
     notes = {verb: sum("retrying" in line for line in err.splitlines()) for verb, (_, _, err) in results.items()}
     report(f"API server restarted (down ~{outage:.0f} s) under `launcher wait` and `launcher logs -f`",
@@ -564,19 +558,32 @@ def test_wait_and_logs_follow_wait_out_an_api_server_that_is_down_when_they_star
     try:
         assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-2000:]
         _wait(lambda: _api_ready(kube_api), 120, "the API server")
-        _wait(lambda: client.CoreV1Api(kube_api).patch_namespaced_pod(
-            pod.metadata.name, namespace, {"metadata": {"annotations": {HOLD: None}}}), 60, "the pod patch")
-        results = {verb: t.finish(timeout=180) for verb, t in procs.items()}
+        results = _release_and_finish(kube_api, namespace, pod, procs, timeout=180)
     finally:
         for t in procs.values():
             t.kill()
-    for verb, (code, out, err) in results.items():
-        assert "Traceback" not in err, err
-        assert code == 0, f"launcher {verb}: rc {code}\n{out}\n{err}"
-        assert "cannot reach the Kubernetes API server" in err and "retrying" in err, (verb, err)
+    _assert_carried_on(results)
+    assert all("cannot reach the Kubernetes API server" in err for _, _, err in results.values())
     report("API server down when `launcher wait` and `launcher logs -f` start (6 s + restart)",
            "both said once that the API server cannot be reached and that they are retrying, connected when "
            "it came back, and exited 0 when the run succeeded", "nothing")
+
+
+def _release_and_finish(kube_api, namespace, pod, procs: dict, timeout: float) -> dict:
+    """Let the held run finish (kwok completes the pod once the hold annotation is gone); collect the launchers."""
+    from kubernetes import client
+
+    _wait(lambda: client.CoreV1Api(kube_api).patch_namespaced_pod(
+        pod.metadata.name, namespace, {"metadata": {"annotations": {HOLD: None}}}), 60, "the pod patch")
+    return {verb: t.finish(timeout=timeout) for verb, t in procs.items()}
+
+
+def _assert_carried_on(results: dict) -> None:
+    """Each launcher saw the outage ('retrying'), carried on, and exited 0 without a traceback."""
+    for verb, (code, out, err) in results.items():
+        assert "Traceback" not in err, err
+        assert code == 0, f"launcher {verb}: rc {code}\n{out}\n{err}"
+        assert "retrying" in err, (verb, err)
 
 
 class Tee:
