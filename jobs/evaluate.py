@@ -92,6 +92,17 @@ def parse_prompts_jsonl(data: bytes) -> list[EvalPrompt]:
 GENERATION_BATCH = 16
 
 
+class Generated(str):
+    """A generated answer; ``cut_off`` when it stopped at max_new_tokens rather than at its end."""
+
+    cut_off: bool
+
+    def __new__(cls, text: str, cut_off: bool = False):
+        obj = super().__new__(cls, text)
+        obj.cut_off = cut_off
+        return obj
+
+
 def generate(model, tok, prompts: list[EvalPrompt], spec: TrainingRunSpec, device, label: str = "") -> list[str]:
     """Sampled answers (the guide's temperature/top_p/top_k), prompts batched with left padding."""
     import torch
@@ -116,7 +127,11 @@ def generate(model, tok, prompts: list[EvalPrompt], spec: TrainingRunSpec, devic
                                      temperature=e.temperature if e.temperature > 0 else None, top_p=e.top_p,
                                      top_k=e.top_k, pad_token_id=tok.pad_token_id, use_cache=True)
             width = ids["input_ids"].shape[1]
-            outs += [tok.decode(row[width:], skip_special_tokens=True).strip() for row in gen]
+            for row in gen:
+                new = row[width:].tolist()
+                ended = tok.eos_token_id is not None and tok.eos_token_id in new
+                outs.append(Generated(tok.decode(new, skip_special_tokens=True).strip(),
+                                      cut_off=not ended and len(new) >= e.max_new_tokens))
     finally:
         tok.padding_side = side
     return outs
@@ -135,8 +150,9 @@ def build_report(spec: TrainingRunSpec, *, prompts: list[EvalPrompt], before: li
             "prompt": p.prompt, "expected_band": p.band, "before": b, "after": a, "words": n, "band": got_band,
             "band_ok": None if p.band is None else got_band == p.band,
             "pii": pii_found(a), "copied_share": round(copied, 3), "copied_from": src if copied >= 0.5 else None,
-            "broken": _looks_broken(a),
+            "fluency_flags": fluency_flags(a, cut_off=getattr(a, "cut_off", False)),
         })
+        items[-1]["broken"] = bool(items[-1]["fluency_flags"])
     with_band = [i for i in items if i["band_ok"] is not None]
 
     def ppl(x):
@@ -151,7 +167,9 @@ def build_report(spec: TrainingRunSpec, *, prompts: list[EvalPrompt], before: li
                      "last_loss": history[-1]["loss"] if history else None, "steps": len(history),
                      "evals": evals, "history": history},
         "checklist": {
-            "fluency": {"broken_generations": sum(i["broken"] for i in items), "of": len(items)},
+            "fluency": {"broken_generations": sum(i["broken"] for i in items), "of": len(items),
+                        "flags": {flag: [n for n, i in enumerate(items, 1) if flag in i["fluency_flags"]]
+                                  for flag in FLUENCY_FLAGS if any(flag in i["fluency_flags"] for i in items)}},
             "length_control": {"in_band": sum(bool(i["band_ok"]) for i in with_band), "of": len(with_band)},
             "safety_pii": {"generations_with_pii": sum(bool(i["pii"]) for i in items), "of": len(items)},
             "overfitting_verbatim": {"generations_copying_training": sum(i["copied_share"] >= 0.5 for i in items),
@@ -168,14 +186,59 @@ def _r(x):
     return None if x is None else round(float(x), 5)
 
 
-def _looks_broken(text: str) -> bool:
-    if not text.strip():
-        return True
+#: what makes an answer "broken" (the guide's fluency point), in the order the report lists them
+FLUENCY_FLAGS = ("empty", "repeated_token", "repeated_phrase", "repeated_sentence", "counting_run", "cut_off",
+                 "scaffolding")
+_SCAFFOLD = re.compile(r"(<\|[a-z_]+\|>|\[/?INST\]|###\s*(Instruction|Response)|^\s*(User|Assistant|System):)",
+                       re.I | re.M)
+
+
+def fluency_flags(text: str, *, cut_off: bool = False) -> list[str]:
+    """Why an answer looks degenerate (empty list: it does not). The common LoRA failures:
+    a token or a phrase repeated over and over ("Internet > Internet > Uninstall > Uninstall"), the
+    same sentence again and again, counting ("ports 1, 2, 3, … 16,"), an answer cut off by
+    max_new_tokens mid-sentence, and chat-template scaffolding leaking into the answer."""
+    flags = []
     toks = text.split()
-    # the same token repeated over and over is the classic degenerate output
+    if not toks:
+        return ["empty"]
     if len(toks) >= 8 and max(toks.count(t) for t in set(toks)) / len(toks) > 0.5:
-        return True
-    return bool(re.search(r"(<\|[a-z_]+\|>|\[INST\]|###\s*(Instruction|Response))", text))
+        flags.append("repeated_token")
+    words_ = re.findall(r"[A-Za-z][A-Za-z'-]*", text.lower())
+    # the same span of 1-4 words twice in a row (separators such as '>' or ',' between them do not count),
+    # or any 3-word phrase three times
+    adjacent = any(words_[i:i + n] == words_[i + n:i + 2 * n] and sum(len(w) for w in words_[i:i + n]) >= 4
+                   for n in range(1, 5) for i in range(len(words_) - 2 * n + 1))
+    trigrams = [tuple(words_[i:i + 3]) for i in range(len(words_) - 2)]
+    if adjacent or (trigrams and max(trigrams.count(t) for t in set(trigrams)) >= 3):
+        flags.append("repeated_phrase")
+    sentences = [" ".join(s.lower().split()) for s in re.split(r"(?<=[.!?])\s+|\n+", text)]
+    sentences = [s for s in sentences if len(s.split()) >= 4]
+    if len(sentences) != len(set(sentences)):
+        flags.append("repeated_sentence")
+    if _counting_run(text) >= 6:
+        flags.append("counting_run")
+    if cut_off and not re.search(r"[.!?)\]\"'…:]\s*$", text):
+        flags.append("cut_off")
+    if _SCAFFOLD.search(text):
+        flags.append("scaffolding")
+    return flags
+
+
+def _counting_run(text: str) -> int:
+    """Length of the longest run of consecutive integers separated only by commas, spaces or dashes."""
+    best = run = 0
+    prev = None
+    for m in re.finditer(r"\d+|[^\d\s,;–-]+", text):
+        tok = m.group()
+        if tok.isdigit():
+            n = int(tok)
+            run = run + 1 if prev is not None and n == prev + 1 else 1
+            prev = n
+            best = max(best, run)
+        else:
+            run, prev = 0, None
+    return best
 
 
 def plot_loss(history: list[dict], evals: list[dict], path: Path) -> None:
@@ -207,7 +270,9 @@ def render_markdown(report: dict, spec: TrainingRunSpec, version: str | None = N
              f"| validation loss | {v['loss_before']} | {v['loss_after']} |",
              f"| perplexity | {v['perplexity_before']} | {v['perplexity_after']} |", "",
              "## Checklist (docs/lora-training-guide.md)", "",
-             f"- Fluency: {c['fluency']['broken_generations']} of {c['fluency']['of']} generations look broken",
+             f"- Fluency: {c['fluency']['broken_generations']} of {c['fluency']['of']} generations look broken"
+             + "".join(f"; {flag.replace('_', ' ')}: #{', #'.join(map(str, which))}"
+                       for flag, which in c["fluency"].get("flags", {}).items()),
              f"- Length control: {c['length_control']['in_band']} of {c['length_control']['of']} in their band",
              f"- Safety: {c['safety_pii']['generations_with_pii']} of {c['safety_pii']['of']} generations contain PII",
              f"- Overfitting: {c['overfitting_verbatim']['generations_copying_training']} of "
