@@ -17,8 +17,11 @@ from jobs.storage import join
 
 log = logging.getLogger("jobs")
 
+# The layout of a version, for the publisher and the launcher's reader alike (launcher/artifacts.py).
 VERSION_RE = re.compile(r"^v(\d+)$")
-MARKER = "_COMPLETE"
+MARKER = "_COMPLETE"  # written last; holds the sha256 of manifest.json
+MANIFEST = "manifest.json"
+LATEST = "latest"
 CLAIM = "_CLAIM"  # created first, conditionally: whoever creates it owns the version number
 
 
@@ -49,8 +52,8 @@ def publish_version(store, run_prefix: str, folder: Path, *, max_attempts: int =
     from jobs.storage import upload_dir
 
     manifest = build_manifest(folder)
-    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    manifest_sha = sha256_file(folder / "manifest.json")
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    manifest_sha = sha256_file(folder / MANIFEST)
     files = sorted(p for p in folder.rglob("*") if p.is_file())
     n = max(existing_versions(store, run_prefix), default=0) + 1
     for _ in range(max_attempts):
@@ -72,7 +75,7 @@ def publish_version(store, run_prefix: str, folder: Path, *, max_attempts: int =
 
 def _advance_latest(store, run_prefix: str, n: int, attempts: int = 50) -> None:
     """Point ``latest`` at v<n> unless it already names a newer version."""
-    key = join(run_prefix, "latest")
+    key = join(run_prefix, LATEST)
     for _ in range(attempts):
         data, tag = store.get_versioned(key)
         m = VERSION_RE.match(data.decode().strip()) if data else None
@@ -92,7 +95,7 @@ def verify_version(store, run_prefix: str, version: str) -> list[str]:
     problems = []
     if not store.exists(join(prefix, MARKER)):
         return [f"{version} has no {MARKER} marker: incomplete"]
-    manifest_bytes = store.get_bytes(join(prefix, "manifest.json"))
+    manifest_bytes = store.get_bytes(join(prefix, MANIFEST))
     if store.get_bytes(join(prefix, MARKER)).decode().strip() != hashlib.sha256(manifest_bytes).hexdigest():
         problems.append("manifest.json does not match the sha256 in the marker")
     manifest = json.loads(manifest_bytes)

@@ -15,12 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from jobs.errors import StorageError
+from jobs.modelio import sha256_file as _sha256
+from jobs.publish import LATEST, MANIFEST, MARKER as COMPLETE, existing_versions
 from jobs.storage import join, open_store, safe_relative_path
-
-COMPLETE = "_COMPLETE"
-MANIFEST = "manifest.json"
-LATEST = "latest"
-_VERSION_RE = re.compile(r"^v(\d+)$")
 
 
 @dataclass
@@ -53,11 +50,10 @@ def list_versions(output: str, run: str) -> Listing:
     run_uri = _run_prefix(output, run)
     store, base = open_store(run_uri)
     listing = Listing(run=run, prefix=run_uri)
-    numbered = sorted(((int(m.group(1)), d) for d in store.list_dirs(base) if (m := _VERSION_RE.match(d))))
-    for n, d in numbered:
-        key = join(base, d)
-        objs = store.list(key + "/")
-        if any(o.key.rsplit("/", 1)[-1] == COMPLETE for o in objs):
+    for n, complete in sorted(existing_versions(store, base).items()):  # the publisher's own definition
+        d = f"v{n}"
+        if complete:
+            objs = store.list(join(base, d) + "/")
             listing.versions.append(Version(d, n, f"{run_uri}/{d}", files=len(objs),
                                             bytes=sum(o.size for o in objs)))
         else:
@@ -87,14 +83,6 @@ def manifest_entries(manifest: Any) -> dict[str, dict[str, Any]]:
             if isinstance(info, dict) and "sha256" in info and ("path" in info or "name" in info):
                 out[info.get("path") or info["name"]] = info
     return out
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def download_version(output: str, run: str, version: str | None, dest: str | Path) -> tuple[str, Path]:
