@@ -751,14 +751,20 @@ def prune(ctx: typer.Context, run: str = typer.Argument(..., help="Run name or J
 
 
 @data_app.command("check", epilog="Example:  launcher data check train.jsonl   |   launcher data check train.jsonl "
-                                  "--json")
+                                  "--json   |   launcher data check train.jsonl --spec spec.yaml")
 @_handles_errors
 def data_check(file: Path = typer.Argument(..., help="A JSONL file of {instruction, output} rows."),
-               as_json: bool = typer.Option(False, "--json", help="Print the full report as JSON.")) -> None:
+               as_json: bool = typer.Option(False, "--json", help="Print the full report as JSON."),
+               spec: Optional[Path] = typer.Option(None, "--spec", help="Apply this spec's data rules and seed "
+                                                                        "(default: the guide's rules).")) -> None:
     """Apply the data rules to a local file and report what a run would keep; exit 1 if it would be rejected."""
     from jobs import dataprep
 
-    report = dataprep.check_file(file)
+    if spec is not None:
+        s = _read_spec(spec, [])
+        report = dataprep.check_file(file, s.data, seed=s.training.seed)
+    else:
+        report = dataprep.check_file(file)
     if as_json:
         typer.echo(json.dumps(report, indent=2, default=str))
     else:

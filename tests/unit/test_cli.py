@@ -462,3 +462,19 @@ def test_kube_errors_become_one_sentence_each():
     assert isinstance(err(409, {"kind": "Status"}), k.AlreadyExists)
     assert isinstance(err(422, {"kind": "Status", "message": "spec.template: Invalid"}), k.Invalid)
     assert "401" in err(401, {}).message
+
+
+def test_data_check_with_a_spec_applies_that_specs_rules(runner, tmp_path):
+    """The same 12 rows pass the guide's rules (min_rows 8) and fail a spec that needs 20 rows
+    and drops outputs over 5 words."""
+    pytest.importorskip("jobs.dataprep")
+    rows = [{"instruction": f"Question number {i} about returns?", "output": f"Answer {i}: send it back within "
+             f"{i + 10} days."} for i in range(12)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    spec = write(tmp_path, GOOD + "data:\n  min_rows: 20\n  max_output_words: 5\n")
+    assert runner.invoke(cli.app, ["data", "check", str(data), "--json"]).exit_code == 0
+    r = runner.invoke(cli.app, ["data", "check", str(data), "--spec", str(spec), "--json"])
+    assert r.exit_code == 1, r.output
+    report = json.loads(r.output)
+    assert report["ok"] is False and report["kept_rows"] < 12
