@@ -7,13 +7,19 @@ a local folder, which is what ``make demo`` uses. boto3 is imported lazily.
 
 Errors name the bucket and key and never a credential: access denied and not
 found raise :class:`StorageError` (never retried); 5xx, throttling and
-connection failures are retried with backoff and then raise :class:`TransientError`.
+connection failures are retried by one policy, :class:`RetryPolicy`, installed in
+botocore's own retry hook (no loop of ours around it), and then raise
+:class:`TransientError` (exit 75: the Job reruns the pod). Its worst case is stated:
+with the defaults a call that makes no progress gives up within
+``RetryPolicy().worst_case_stall()`` = 238 s, and an outage shorter than
+``RetryPolicy().shortest_outage_ridden()`` = 31.5 s is always ridden out.
 """
 from __future__ import annotations
 
 import errno
 import hashlib
 import os
+import random
 import shutil
 import threading
 import time
@@ -44,6 +50,80 @@ class ObjectInfo:
     key: str
     size: int
     modified: float | None = None  # seconds since the epoch, when the store says
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """The one retry policy of every S3 request (docs/reliability.md, "Retries").
+
+    botocore sends a request at most ``attempts`` times. A retry is decided by botocore's
+    own classification (connection errors, timeouts, 500/502/503/504, throttling and
+    ``RequestTimeout`` codes); it waits ``d * (0.5 + 0.5 * rand)`` with
+    ``d = min(max_delay, base_delay * 2**(n-1))`` after the n-th failure: exponential with
+    half jitter, so the waits are never all short (a restarting endpoint is ridden out)
+    and never all equal (clients retrying together spread out). Each attempt waits at most
+    ``connect_timeout`` to connect and ``read_timeout`` for each read from the socket.
+    Body streams that break after bytes arrived are resumed from the byte reached
+    (:func:`download_file_ranged`), at most ``resumes`` times per part, each only after
+    progress: a stall without progress is never longer than :meth:`worst_case_stall`.
+    ``LORA_JOBS_S3_ATTEMPTS`` in the environment overrides ``attempts``.
+    """
+
+    attempts: int = 7
+    connect_timeout: float = 5.0
+    read_timeout: float = 20.0
+    base_delay: float = 1.0
+    max_delay: float = 32.0
+    resumes: int = 5
+
+    @classmethod
+    def from_env(cls, **overrides) -> "RetryPolicy":
+        raw = os.environ.get("LORA_JOBS_S3_ATTEMPTS")
+        if raw and "attempts" not in overrides:
+            try:
+                overrides["attempts"] = max(1, int(raw))
+            except ValueError:
+                raise StorageError(f"LORA_JOBS_S3_ATTEMPTS={raw!r} is not a whole number",
+                                   hint="set it to the number of times an S3 request may be sent, e.g. 7") from None
+        return cls(**overrides)
+
+    def _cap(self, n: int) -> float:
+        return min(self.max_delay, self.base_delay * 2 ** (n - 1))
+
+    def delay(self, attempts: int) -> float:
+        """Seconds to wait after the ``attempts``-th failed send (botocore's retry action)."""
+        return self._cap(attempts) * (0.5 + 0.5 * random.random())
+
+    def worst_case_stall(self) -> float:
+        """Longest a request can go without progress before it raises: every attempt
+        timing out on connect and read, every wait at its longest."""
+        return (self.attempts * (self.connect_timeout + self.read_timeout)
+                + sum(self._cap(n) for n in range(1, self.attempts)))
+
+    def shortest_outage_ridden(self) -> float:
+        """An endpoint down for less than this is always waited out (every wait at its shortest)."""
+        return sum(0.5 * self._cap(n) for n in range(1, self.attempts))
+
+    def install(self, client) -> None:
+        """Put this policy into ``client``'s botocore retry hook, in place of botocore's own waits.
+
+        The client was made in botocore's ``legacy`` retry mode (which classifies errors by its
+        ``_retry.json`` and has no retry quota that could cut retries short during an outage);
+        its handler is replaced by one with the same checks and this policy's waits."""
+        from botocore import loaders, retryhandler, translate
+
+        if (client.meta.config.retries or {}).get("mode") != "legacy":
+            raise ValueError("RetryPolicy.install needs a client made with retries={'mode': 'legacy', ...}")
+        model = client.meta.service_model
+        name, prefix = model.service_id.hyphenize(), model.endpoint_prefix
+        data = loaders.create_loader().load_data("_retry")
+        config = translate.build_retry_config(prefix, data.get("retry", {}), data.get("definitions", {}),
+                                              {"max_attempts": self.attempts - 1})
+        handler = retryhandler.RetryHandler(
+            checker=retryhandler.create_checker_from_retry_config(config, operation_name=prefix),
+            action=self.delay)
+        client.meta.events.unregister(f"needs-retry.{name}", unique_id=f"retry-config-{name}")
+        client.meta.events.register(f"needs-retry.{name}", handler, unique_id=f"retry-config-{name}")
 
 
 def parse_uri(uri: str) -> tuple[str, str, str]:
@@ -166,50 +246,48 @@ class LocalStore:
 class S3Store:
     """One bucket on an S3-compatible endpoint."""
 
-    def __init__(self, bucket: str, client=None):
+    def __init__(self, bucket: str, client=None, policy: RetryPolicy | None = None):
+        """``client``: a boto3 S3 client, made by :func:`make_s3_client` when None (pass one made
+        there, so that it carries ``policy``); ``policy``: the retry policy of that client."""
         self.bucket = bucket
         self.label = f"s3://{bucket}"
         self._client = client
+        self.policy = policy or RetryPolicy.from_env()
 
     @property
     def client(self):
         if self._client is None:
-            self._client = make_s3_client()
+            self._client = make_s3_client(self.policy)
         return self._client
 
-    # -- error mapping
+    # -- error mapping: every call of this class goes through here, once; botocore retries inside
     def _call(self, what: str, key: str, fn, *args, **kwargs):
         from boto3.exceptions import RetriesExceededError, S3UploadFailedError
-        from botocore.exceptions import (BotoCoreError, ClientError, ConnectionClosedError,
-                                         EndpointConnectionError, NoCredentialsError, ReadTimeoutError)
-        delay, attempts = 1.0, int(os.environ.get("LORA_JOBS_S3_ATTEMPTS", "6"))
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
         where = f"s3://{self.bucket}/{key}"
-        for attempt in range(1, attempts + 1):
+        try:
             try:
-                try:
-                    return fn(*args, **kwargs)
-                except S3UploadFailedError as wrapped:  # upload_file hides the ClientError: classify that
-                    if isinstance(wrapped.__context__, ClientError):
-                        raise wrapped.__context__ from None
-                    raise
-            except NoCredentialsError:
-                raise StorageError(f"no S3 credentials to {what} {where}",
-                                   hint="set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (in a pod: the "
-                                        "credentials Secret)") from None
-            except ClientError as err:
-                code = str(err.response.get("Error", {}).get("Code", ""))
-                status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-                if code in _PERMANENT or status in (400, 401, 403, 404):
-                    raise StorageError(f"cannot {what} {where}: {_explain(code, status)}",
-                                       hint=_fix_for(code, status)) from None
-                last = f"{code or status}"
-            except (EndpointConnectionError, ConnectionClosedError, ReadTimeoutError, BotoCoreError,
-                    RetriesExceededError, S3UploadFailedError) as err:  # the last two: transfer-manager retries
-                last = type(err).__name__
-            if attempt < attempts:
-                time.sleep(delay)
-                delay = min(delay * 2, 20.0)
-        raise TransientError(f"cannot {what} {where}: storage unavailable ({last}) after {attempts} attempts",
+                return fn(*args, **kwargs)
+            except S3UploadFailedError as wrapped:  # upload_file hides the ClientError: classify that
+                if isinstance(wrapped.__context__, ClientError):
+                    raise wrapped.__context__ from None
+                raise
+        except NoCredentialsError:
+            raise StorageError(f"no S3 credentials to {what} {where}",
+                               hint="set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (in a pod: the "
+                                    "credentials Secret)") from None
+        except ClientError as err:
+            code = str(err.response.get("Error", {}).get("Code", ""))
+            status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            if code in _PERMANENT or status in (400, 401, 403, 404):
+                raise StorageError(f"cannot {what} {where}: {_explain(code, status)}",
+                                   hint=_fix_for(code, status)) from None
+            last = f"{code or status}"
+        except (BotoCoreError, RetriesExceededError, S3UploadFailedError) as err:
+            last = type(err).__name__  # connection, timeout, broken stream; the last two: transfer manager
+        raise TransientError(f"cannot {what} {where}: storage unavailable ({last}) after "
+                             f"{self.policy.attempts} attempts",
                              hint="check that the S3 endpoint is up; the Job retries transient failures")
 
     def put_file(self, path: str | Path, key: str) -> None:
@@ -220,10 +298,9 @@ class S3Store:
         self._call("write", key, self.client.put_object, Bucket=self.bucket, Key=key, Body=data, **extra)
 
     def get_file(self, key: str, dest: str | Path) -> None:
-        Path(dest).parent.mkdir(parents=True, exist_ok=True)
-        tmp = f"{dest}.part"
-        self._call("download", key, self.client.download_file, self.bucket, key, tmp)
-        os.replace(tmp, dest)
+        """One object into ``dest`` (via ``dest.part``): one ranged GET per part, resumed where a
+        stream broke, under :attr:`policy` (never the transfer manager's own download retries)."""
+        download_file_ranged(self, key, dest, workers=1)
 
     def put_bytes_if_absent(self, key: str, data: bytes) -> bool:
         """Create ``key`` only if no object has that name (``If-None-Match: *``); False if one did."""
@@ -268,23 +345,24 @@ class S3Store:
         return self._call("write", key, put)
 
     def get_bytes(self, key: str) -> bytes:
-        resp = self._call("read", key, self.client.get_object, Bucket=self.bucket, Key=key)
-        return resp["Body"].read()
+        return self._call("read", key, lambda: self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read())
 
     def delete(self, key: str) -> None:
         self._call("delete", key, self.client.delete_object, Bucket=self.bucket, Key=key)
 
     def exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError
-        try:
-            self.client.head_object(Bucket=self.bucket, Key=key)
-            return True
-        except ClientError as err:
-            status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-            if status == 404:
-                return False
-            self._call("check", key, self.client.head_object, Bucket=self.bucket, Key=key)
-            return True
+
+        def head() -> bool:
+            try:
+                self.client.head_object(Bucket=self.bucket, Key=key)
+                return True
+            except ClientError as err:
+                if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) == 404:
+                    return False
+                raise
+
+        return self._call("check", key, head)
 
     def list(self, prefix: str = "") -> list[ObjectInfo]:
         def run():
@@ -329,18 +407,22 @@ def _fix_for(code: str, status: int) -> str:
     return "grant the credentials read/write on this bucket and prefix"
 
 
-def make_s3_client():
-    """A boto3 S3 client from the standard AWS environment; path-style for MinIO and friends."""
+def make_s3_client(policy: RetryPolicy | None = None):
+    """A boto3 S3 client from the standard AWS environment, path-style for MinIO and friends,
+    retrying by ``policy`` (default :meth:`RetryPolicy.from_env`)."""
     import boto3
     from botocore.config import Config
 
+    policy = policy or RetryPolicy.from_env()
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
-    cfg = Config(s3={"addressing_style": "path"}, retries={"max_attempts": 3, "mode": "standard"},
-                 connect_timeout=10, read_timeout=120, max_pool_connections=32,
+    cfg = Config(s3={"addressing_style": "path"}, retries={"mode": "legacy", "total_max_attempts": policy.attempts},
+                 connect_timeout=policy.connect_timeout, read_timeout=policy.read_timeout, max_pool_connections=32,
                  # checksum-on-every-request is not supported by every S3-compatible server
                  request_checksum_calculation="when_required", response_checksum_validation="when_required")
-    return boto3.client("s3", endpoint_url=endpoint, region_name=os.environ.get("AWS_REGION", "us-east-1"),
-                        config=cfg)
+    client = boto3.client("s3", endpoint_url=endpoint, region_name=os.environ.get("AWS_REGION", "us-east-1"),
+                          config=cfg)
+    policy.install(client)
+    return client
 
 
 def open_store(uri: str):
@@ -406,8 +488,10 @@ def download_file_ranged(store, key: str, dest: str | Path, *, part_size: int = 
     the ETag, so an object replaced mid-download is never stitched from two versions)
     and ``os.pwrite`` it at its offset as it streams: no temporary copies. A part whose
     connection fails or stalls (the client's read timeout) is retried from the byte it
-    had reached, with the same backoff and error mapping as every other call here:
-    missing/denied → :class:`StorageError`, still failing → :class:`TransientError`.
+    had reached (botocore retries the GET under the store's :class:`RetryPolicy`; a stream
+    that breaks after bytes arrived resumes, at most ``policy.resumes`` times per part),
+    with the error mapping of every other call here: missing/denied → :class:`StorageError`,
+    still failing → :class:`TransientError`.
     The byte count is verified, then ``dest.part`` is renamed to ``dest``; on any
     failure it is removed. A :class:`LocalStore` just copies the file.
     """
@@ -475,8 +559,16 @@ def download_file_ranged(store, key: str, dest: str | Path, *, part_size: int = 
                     else:
                         body.close()
 
-            store._call("download", key, attempt)
-            return reached - start
+            resumed = 0
+            while True:  # botocore retries the GET itself; a stream that breaks after bytes arrived resumes here
+                before = reached
+                try:
+                    store._call("download", key, attempt)
+                    return reached - start
+                except TransientError:
+                    if reached == before or resumed >= store.policy.resumes:
+                        raise
+                    resumed += 1
 
         spans = [(off, min(off + part_size, size)) for off in range(0, size, part_size)]
         got = 0
