@@ -11,40 +11,11 @@ import json
 import time
 from typing import Any, Callable, Iterator
 
-from jobs.errors import LoraJobError
+from launcher.errors import (AlreadyExists, ClusterError, ClusterUnreachable, Forbidden, Invalid,  # noqa: F401
+                             NotFound, TransientClusterError)
 
 #: (connect, read) seconds for ordinary calls; a restarting API server must not hang us.
 TIMEOUT = (5, 30)
-
-
-class ClusterError(LoraJobError):
-    """The cluster refused or could not be reached."""
-
-    cli_exit_code = 3
-
-
-class ClusterUnreachable(ClusterError):
-    pass
-
-
-class Forbidden(ClusterError):
-    pass
-
-
-class NotFound(ClusterError):
-    pass
-
-
-class AlreadyExists(ClusterError):
-    pass
-
-
-class Invalid(ClusterError):
-    pass
-
-
-class TransientClusterError(ClusterError):
-    """5xx, 429 or a dropped connection: worth retrying."""
 
 
 def _plural(kind: str) -> str:

@@ -19,7 +19,7 @@ from pydantic import Field, ValidationError
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from jobs.errors import LoraJobError
+from launcher.errors import SettingsError
 
 CLUSTER_CONFIGMAP = "lora-jobs-launcher"
 CLUSTER_CONFIGMAP_KEY = "settings.yaml"
@@ -29,12 +29,6 @@ DEFAULT_CONFIG_FILE = "~/.config/lora-jobs/launcher.yaml"
 _LOCAL_ONLY = {"kubeconfig", "context", "namespace"}
 
 _cluster_values: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("cluster_values", default={})
-
-
-class SettingsError(LoraJobError):
-    """A settings file or variable is invalid."""
-
-    cli_exit_code = 2
 
 
 def _default_tolerations() -> list[dict[str, Any]]:

@@ -6,31 +6,15 @@ is our lock: two processes submitting the same spec race on ``create``, one gets
 """
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from jobs.errors import LoraJobError
 from jobs.spec import TrainingRunSpec
 from launcher import render
-from launcher.kube import AlreadyExists, Forbidden, Invalid, Kube, NotFound
+from launcher.errors import AlreadyExists, Forbidden, Invalid, NotFound, PreflightError, SubmitConflict
+from launcher.kube import Kube
 from launcher.settings import LauncherSettings
-
-
-class PreflightError(LoraJobError):
-    """One or more preflight checks failed; each line says what and how to fix it."""
-
-    cli_exit_code = 3
-
-    def __init__(self, failures: list[str]):
-        self.failures = failures
-        noun = "check" if len(failures) == 1 else "checks"
-        super().__init__(f"{len(failures)} preflight {noun} failed:\n" + "\n".join(f"  - {f}" for f in failures))
-
-
-class SubmitConflict(LoraJobError):
-    cli_exit_code = 3
 
 
 @dataclass
@@ -50,18 +34,11 @@ class SubmitResult:
 
 # ------------------------------------------------------------------------------ quantities
 
-_SUFFIX = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60,
-           "n": 1e-9, "u": 1e-6, "m": 1e-3, "": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18}
-
-
 def parse_quantity(q: Any) -> float:
-    """A Kubernetes quantity ('500m', '32Gi', '8', 2) as a number."""
-    if isinstance(q, (int, float)):
-        return float(q)
-    m = re.fullmatch(r"\s*([+-]?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?)\s*([A-Za-z]*)\s*", str(q))
-    if not m or m.group(2) not in _SUFFIX:
-        raise ValueError(f"not a quantity: {q!r}")
-    return float(m.group(1)) * _SUFFIX[m.group(2)]
+    """A Kubernetes quantity ('500m', '32Gi', '8', 2) as a number, by the client library's own parser."""
+    from kubernetes.utils import parse_quantity as k8s_quantity
+
+    return float(k8s_quantity(q))
 
 
 # ------------------------------------------------------------------------------ node fit (pure)

@@ -172,7 +172,7 @@ def test_local_resolves_relative_paths_and_exits_with_the_jobs_code(runner, tmp_
     fake = tmp_path / "fakepython"
     fake.write_text('#!/bin/sh\necho "ARGS $*"\nwhile [ "$1" != "--spec" ]; do shift; done\ncat "$2"\nexit 11\n')
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
-    monkeypatch.setattr(cli.sys, "executable", str(fake))
+    monkeypatch.setattr(sys, "executable", str(fake))
     specdir = tmp_path / "proj"
     specdir.mkdir()
     text = ("name: local-run\nbase_model:\n  uri: ./model\ndataset:\n  train: data/train.jsonl\n"
@@ -189,21 +189,31 @@ def test_local_resolves_relative_paths_and_exits_with_the_jobs_code(runner, tmp_
     assert written["output"] == str(specdir / "out")
 
 
-def test_exit_code_mapping():
-    from jobs.errors import SpecError, StorageError
+def test_exit_code_mapping_covers_one_error_hierarchy():
+    from launcher import errors
     from launcher.kube import ClusterUnreachable
+    from launcher.settings import SettingsError
     from launcher.submit import PreflightError
 
-    assert cli.exit_code_for(SpecError([])) == 2
-    assert cli.exit_code_for(ClusterUnreachable("x")) == 3
-    assert cli.exit_code_for(PreflightError(["x"])) == 3
-    assert cli.exit_code_for(StorageError("x")) == 3
-    assert cli.exit_code_for(cli.RunFailed("x")) == 1
-    assert cli.exit_code_for(cli.WaitTimeout("x")) == 4
+    assert ClusterUnreachable is errors.ClusterUnreachable and PreflightError is errors.PreflightError
+    assert SettingsError is errors.SettingsError
+    for name in errors.__all__:
+        obj = getattr(errors, name)
+        if isinstance(obj, type):
+            assert issubclass(obj, errors.LoraJobError), name
+    assert errors.exit_code_for(errors.SpecError([])) == 2
+    assert errors.exit_code_for(errors.SettingsError("x")) == 2
+    assert errors.exit_code_for(errors.UsageError("x")) == 2
+    assert errors.exit_code_for(ClusterUnreachable("x")) == 3
+    assert errors.exit_code_for(PreflightError(["x"])) == 3
+    assert errors.exit_code_for(errors.StorageError("x")) == 3
+    assert errors.exit_code_for(errors.RunFailed("x")) == 1
+    assert errors.exit_code_for(errors.WaitTimeout("x")) == 4
 
 
 def test_log_timestamps_order_regardless_of_fraction_length():
-    k = cli._ts_key
+    from launcher.client import _ts_key as k
+
     assert k("2025-05-01T10:00:00.1Z") > k("2025-05-01T10:00:00.099999999Z")
     assert k("2025-05-01T10:00:00.100000001Z") > k("2025-05-01T10:00:00.1Z")
     assert k("2025-05-01T10:00:01Z") > k("2025-05-01T10:00:00.999Z")
@@ -281,6 +291,9 @@ class FlakyKube:
     def list_events(self, selector):
         return []
 
+    def list_jobs(self, selector):
+        return [{"metadata": {"name": "j"}}]  # RUN "j" is a run name: its Job is "j"
+
     def pod_log(self, pod, **kw):
         answer = self.logs.pop(0) if self.logs else []
         if isinstance(answer, Exception):
@@ -290,28 +303,72 @@ class FlakyKube:
 
 @pytest.fixture()
 def no_sleep(monkeypatch):
-    import launcher.kube
+    import time
 
-    monkeypatch.setattr(launcher.kube.time, "sleep", lambda s: None)
-    monkeypatch.setattr(cli.time, "sleep", lambda s: None)
+    monkeypatch.setattr(time, "sleep", lambda s: None)
 
 
-def test_wait_outlives_an_api_server_outage(no_sleep, capsys):
+def sdk(kube, notes=None):
+    from launcher.client import Client
+    from launcher.settings import make_settings
+
+    return Client(kube=kube, settings=make_settings(namespace="ml"), notes=notes)
+
+
+def test_wait_outlives_an_api_server_outage(no_sleep):
     kube = FlakyKube(["running", "running", "running", "done"], outages={2, 3})
-    seen = []
-    diag = cli.wait_for(kube, "j", timeout=None, on_change=lambda d: seen.append(d.state))
-    assert diag.state == "Succeeded" and seen == ["Running", "Succeeded"]
-    assert "retrying" in capsys.readouterr().err
+    seen, notes = [], []
+    final = sdk(kube, notes.append).wait("j", on_change=lambda st: seen.append(st.state))
+    assert final.state == "Succeeded" and final.succeeded and seen == ["Running", "Succeeded"]
+    assert any("retrying" in n for n in notes)
+
+
+def test_wait_waits_out_an_api_server_that_is_down_when_it_starts(no_sleep):
+    from launcher.kube import ClusterUnreachable
+
+    kube = FlakyKube(["running", "done"])
+    real = kube.list_jobs
+    down = iter([True, True, False])
+
+    def list_jobs(selector):
+        if next(down, False):
+            raise ClusterUnreachable("cannot reach the Kubernetes API server at https://x (connection refused)")
+        return real(selector)
+
+    kube.list_jobs = list_jobs
+    notes = []
+    assert sdk(kube, notes.append).wait("j").state == "Succeeded"
+    assert sum("retrying" in n for n in notes) == 1, notes  # said once, not once per attempt
+
+
+def test_status_of_a_missing_run_is_a_usage_error_with_a_fix():
+    from launcher.errors import UsageError, exit_code_for
+
+    class Empty(FlakyKube):
+        def list_jobs(self, selector):
+            return []
+
+        def get_job(self, name):
+            return None
+
+    with pytest.raises(UsageError) as e:
+        sdk(Empty(["running"])).status("ghost")
+    assert "no run or Job named ghost in namespace ml" in str(e.value) and "launcher list" in e.value.hint
+    assert exit_code_for(e.value) == 2
 
 
 def test_wait_times_out_with_exit_4(monkeypatch):
+    import time
+
+    from launcher.errors import WaitTimeout, exit_code_for
+
     kube = FlakyKube(["running"])
     clock = iter(range(0, 1000, 5))
-    monkeypatch.setattr(cli.time, "monotonic", lambda: next(clock))
-    monkeypatch.setattr(cli.time, "sleep", lambda s: None)
-    with pytest.raises(cli.WaitTimeout) as e:
-        cli.wait_for(kube, "j", timeout=20)
-    assert cli.exit_code_for(e.value) == 4
+    monkeypatch.setattr(time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    with pytest.raises(WaitTimeout) as e:
+        sdk(kube).wait("j", timeout=20)
+    assert exit_code_for(e.value) == 4
 
 
 def test_logs_follow_reconnects_without_repeating_lines(no_sleep):
@@ -324,10 +381,10 @@ def test_logs_follow_reconnects_without_repeating_lines(no_sleep):
         [ts.format(1, "step 1"), ts.format(2, "step 2"), ts.format(3, "step 3")],
         [ts.format(1, "step 1"), ts.format(2, "step 2"), ts.format(3, "step 3"), ts.format(4, "done")],
     ])
-    out, notes = [], []
-    diag = cli.follow_logs(kube, "j", follow=True, echo=out.append, note=notes.append)
-    assert out == ["step 1", "step 2", "step 3", "done"]
-    assert diag.state == "Succeeded"
+    notes = []
+    stream = sdk(kube, notes.append).logs("j", follow=True)
+    assert list(stream) == ["step 1", "step 2", "step 3", "done"]
+    assert stream.outcome.state == "Succeeded"
     assert any("retrying" in n for n in notes)
 
 
@@ -478,3 +535,61 @@ def test_data_check_with_a_spec_applies_that_specs_rules(runner, tmp_path):
     assert r.exit_code == 1, r.output
     report = json.loads(r.output)
     assert report["ok"] is False and report["kept_rows"] < 12
+
+
+# ------------------------------------------------------------------------------ artifacts prune (dry run by default)
+
+def _half_written(tmp_path, age_s=7200):
+    """out/r1: v1 complete, v2 abandoned half-way ``age_s`` ago."""
+    import hashlib
+
+    v1 = tmp_path / "out" / "r1" / "v1"
+    v1.mkdir(parents=True)
+    (v1 / "metadata.json").write_text("{}")
+    digest = hashlib.sha256(b"{}").hexdigest()
+    (v1 / "manifest.json").write_text(json.dumps({"files": {"metadata.json": {"sha256": digest, "size": 2}}}))
+    (v1 / "_COMPLETE").write_text(hashlib.sha256((v1 / "manifest.json").read_bytes()).hexdigest())
+    v2 = tmp_path / "out" / "r1" / "v2"
+    v2.mkdir()
+    (v2 / "_CLAIM").write_text("x")
+    old = __import__("time").time() - age_s
+    os.utime(v2 / "_CLAIM", (old, old))
+    return str(tmp_path / "out")
+
+
+@pytest.mark.parametrize("verb", [["artifacts", "prune"], ["prune"]])
+def test_artifacts_prune_is_a_dry_run_until_yes_and_prune_is_its_alias(runner, tmp_path, verb):
+    out = _half_written(tmp_path)
+    dry = runner.invoke(cli.app, [*verb, "r1", "--output", out, "--older-than", "1h"])
+    assert dry.exit_code == 0, dry.output
+    assert "would remove r1/v2: 1 objects" in dry.output and "dry run: nothing was deleted" in dry.output
+    assert (tmp_path / "out" / "r1" / "v2" / "_CLAIM").exists()
+    r = runner.invoke(cli.app, [*verb, "r1", "--output", out, "--older-than", "1h", "--yes", "-o", "json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output) == {"run": "r1", "applied": True, "orphans": [
+        {"name": "v2", "objects": 1, "bytes": 1, "age_seconds": pytest.approx(7200, abs=60), "removed": True}]}
+    assert not (tmp_path / "out" / "r1" / "v2").exists() or not any((tmp_path / "out" / "r1" / "v2").iterdir())
+    assert (tmp_path / "out" / "r1" / "v1" / "_COMPLETE").exists()
+    again = runner.invoke(cli.app, [*verb, "r1", "--output", out])
+    assert "nothing to prune: no incomplete version of r1 is older than 24h" in again.output
+
+
+def test_artifacts_prune_keeps_a_young_folder_and_rejects_a_bad_duration(runner, tmp_path):
+    out = _half_written(tmp_path, age_s=60)
+    r = runner.invoke(cli.app, ["artifacts", "prune", "r1", "--output", out, "--yes"])
+    assert r.exit_code == 0 and "nothing to prune" in r.output
+    assert (tmp_path / "out" / "r1" / "v2" / "_CLAIM").exists()
+    r = runner.invoke(cli.app, ["artifacts", "prune", "r1", "--output", out, "--older-than", "soon"])
+    assert r.exit_code == 2 and "--older-than 'soon' is not a duration" in r.output and "90m, 24h or 7d" in r.output
+
+
+def test_artifacts_without_a_subcommand_lists_and_help_names_both(runner, tmp_path):
+    out = _half_written(tmp_path)
+    for args in (["artifacts", "r1"], ["artifacts", "list", "r1"], ["artifacts", "-o", "json", "r1"]):
+        r = runner.invoke(cli.app, [*args, "--output", out, "-o", "json"])
+        assert r.exit_code == 0, (args, r.output)
+        assert json.loads(r.output)["incomplete"] == ["v2"], args
+    r = runner.invoke(cli.app, ["artifacts", "--help"])
+    assert r.exit_code == 0 and "prune" in r.output and "list" in r.output
+    r = runner.invoke(cli.app, ["artifacts", "prune", "--help"])
+    assert r.exit_code == 0 and "launcher artifacts prune my-run" in r.output

@@ -1,0 +1,563 @@
+"""The launcher as a library: every verb of the CLI as a typed method of :class:`Client`.
+
+    from launcher.client import Client
+
+    client = Client(namespace="ml")
+    run = client.submit("spec.yaml")
+    status = client.wait(run.job_name, timeout=3600)
+    print(status.state, status.sentence)
+    print([v.name for v in client.artifacts(status.run).versions])
+
+Results are plain dataclasses (``to_dict()`` gives what ``-o json`` prints); every failure
+is a :class:`launcher.errors.LoraJobError` with a message and a fix. ``launcher.cli`` only
+parses flags, calls these methods and prints. Heavy modules (kubernetes, boto3) are
+imported by the methods that need them.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Union
+
+from launcher.errors import RunFailed, UsageError, WaitTimeout
+
+LABEL_APP_SELECTOR = "app.kubernetes.io/name=lora-jobs"
+POD_JOB_LABEL = "batch.kubernetes.io/job-name"
+
+#: What the spec arguments accept: a YAML file, the spec's fields as a dict, or a parsed spec.
+SpecLike = Union[str, Path, dict, Any]
+
+_log = logging.getLogger("launcher")
+
+
+# ------------------------------------------------------------------------------ results
+
+@dataclass
+class Validation:
+    """A valid spec: what it will be called on the cluster, and the advice (values outside the guide's ranges)."""
+
+    spec: Any  # jobs.spec.TrainingRunSpec
+    job_name: str
+    spec_hash: str
+    advice: list[Any] = field(default_factory=list)  # jobs.errors.Problem, each with .render()
+
+
+@dataclass
+class Attempts:
+    active: int
+    succeeded: int
+    failed: int
+    retries_allowed: int | None
+
+
+@dataclass
+class RunStatus:
+    """Where a run is and why: ``state`` is Queued, Pending, Running, Succeeded, Failed or Deleting, and
+    ``sentence`` says why. ``pods`` are the attempts, oldest first. ``to_dict()`` is ``launcher status -o
+    json``; new fields (e.g. a ``progress`` read from the run's storage) are appended, never reordered."""
+
+    run: str | None
+    job: str
+    namespace: str
+    spec_hash: str | None
+    state: str
+    sentence: str
+    exit_code: int | None
+    blocked: bool
+    details: list[str]
+    created: str | None
+    started: str | None
+    completed: str | None
+    attempts: Attempts
+    output: str | None
+    pods: list[Any]  # launcher.diagnose.Attempt
+
+    @property
+    def finished(self) -> bool:
+        return self.state in ("Succeeded", "Failed")
+
+    @property
+    def succeeded(self) -> bool:
+        return self.state == "Succeeded"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class RunSummary:
+    """One row of :meth:`Client.list`."""
+
+    run: str | None
+    job: str
+    state: str
+    sentence: str
+    created: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Cancelled:
+    job: str
+    waited: bool  # True: the Job and its pods are gone; False: deletion was asked for
+
+    @property
+    def message(self) -> str:
+        return f"cancelled: job {self.job}" + (" (job and pods deleted)" if self.waited else " (deleting)")
+
+
+@dataclass
+class Downloaded:
+    run: str
+    version: str
+    path: Path
+
+    @property
+    def message(self) -> str:
+        return f"downloaded {self.run} {self.version} to {self.path} (all files match the manifest)"
+
+
+@dataclass
+class PruneReport:
+    run: str
+    applied: bool  # False: a dry run, nothing was deleted
+    orphans: list[Any]  # launcher.artifacts.Orphan
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class LogStream:
+    """The trainer's log lines (``for line in client.logs(run)``); after the loop, ``outcome`` is the run's
+    final :class:`RunStatus` when following, else None."""
+
+    def __init__(self, lines: Iterator[str] | Any):
+        self._lines = lines
+        self.outcome: RunStatus | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        self.outcome = yield from self._lines
+
+
+# ------------------------------------------------------------------------------ small pure helpers
+
+_DURATION = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str | float | int, what: str = "older_than") -> float:
+    """'90m', '24h', '7d', '30s' (or a number of seconds) as seconds."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        return float(text)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd])\s*", str(text))
+    if not m:
+        raise UsageError(f"{what} {text!r} is not a duration", hint="use e.g. 90m, 24h or 7d")
+    return float(m.group(1)) * _DURATION[m.group(2)]
+
+
+def _is_label_value(s: str) -> bool:
+    return bool(re.fullmatch(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?", s))
+
+
+def _ts_key(ts: str) -> tuple[str, str]:
+    """Order RFC 3339 timestamps with fractions of any length."""
+    if "." in ts:
+        head, frac = ts.split(".", 1)
+        return head, frac.rstrip("Z").ljust(9, "0")
+    return ts.rstrip("Z"), "0" * 9
+
+
+def _by_age(pods: list[dict]) -> list[dict]:
+    return sorted(pods, key=lambda p: (p["metadata"].get("creationTimestamp") or "", p["metadata"]["name"]))
+
+
+def status_of(job: dict, pods: list[dict], diag: Any, namespace: str) -> RunStatus:
+    """A :class:`RunStatus` from the Job, its pods and their diagnosis. Pure."""
+    from launcher.diagnose import attempt_of
+    from launcher.render import ANNOTATION_OUTPUT, LABEL_HASH, LABEL_RUN
+
+    meta, st = job.get("metadata") or {}, job.get("status") or {}
+    labels = meta.get("labels") or {}
+    return RunStatus(
+        run=labels.get(LABEL_RUN), job=meta.get("name"), namespace=meta.get("namespace", namespace),
+        spec_hash=labels.get(LABEL_HASH), state=diag.state, sentence=diag.sentence, exit_code=diag.exit_code,
+        blocked=diag.blocked, details=list(diag.details), created=meta.get("creationTimestamp"),
+        started=st.get("startTime"), completed=st.get("completionTime"),
+        attempts=Attempts(active=st.get("active", 0), succeeded=st.get("succeeded", 0), failed=st.get("failed", 0),
+                          retries_allowed=(job.get("spec") or {}).get("backoffLimit")),
+        output=(meta.get("annotations") or {}).get(ANNOTATION_OUTPUT),
+        pods=[attempt_of(p) for p in _by_age(pods)])
+
+
+# ------------------------------------------------------------------------------ the client
+
+class Client:
+    """The launcher's verbs against one namespace of one cluster (and the object storage its runs publish to).
+
+    ``namespace``, ``context`` and ``kubeconfig`` override the settings (``LAUNCHER_*``, the config file and
+    the namespace's ``lora-jobs-launcher`` ConfigMap; see :mod:`launcher.settings`). ``notes`` receives
+    progress messages meant for a person (retries, "waiting for the pod", pod headers in a log); by default
+    they go to the ``launcher`` logger. ``kube`` and ``settings`` replace the connection, for tests.
+    Nothing connects until a verb needs the cluster.
+    """
+
+    def __init__(self, namespace: str | None = None, *, context: str | None = None, kubeconfig: str | None = None,
+                 notes: Callable[[str], None] | None = None, kube: Any = None, settings: Any = None):
+        self._overrides = {"namespace": namespace, "context": context, "kubeconfig": kubeconfig}
+        self._note = notes or _log.info
+        self._kube = kube
+        self._settings = settings
+        self._offline = settings
+
+    # ------------------------------------------------------------------ connection
+    @property
+    def offline_settings(self):
+        """Settings without the cluster's ConfigMap (what ``--dry-run`` uses)."""
+        if self._offline is None:
+            from launcher.settings import make_settings
+            self._offline = make_settings(**self._overrides)
+        return self._offline
+
+    def connect(self) -> tuple[Any, Any]:
+        """(settings including the namespace's ConfigMap, the kube adaptor); connects once."""
+        if self._kube is None or self._settings is None:
+            from launcher.kube import Kube
+            from launcher.settings import load_settings
+
+            kube = self._kube or Kube.from_settings(self.offline_settings)
+            settings = self._settings or load_settings(kube, **self._overrides)
+            kube.namespace = settings.namespace
+            self._kube, self._settings = kube, settings
+        return self._settings, self._kube
+
+    @property
+    def namespace(self) -> str:
+        return self._settings.namespace if self._settings is not None else self.offline_settings.namespace
+
+    def _retrying(self) -> Callable[[str], None]:
+        """An on_retry callback that notes an outage once, until the next success resets it."""
+        said = [False]
+
+        def note(msg: str) -> None:
+            if not said[0]:
+                self._note(f"… {msg}; retrying")
+                said[0] = True
+
+        note.reset = lambda: said.__setitem__(0, False)  # type: ignore[attr-defined]
+        return note
+
+    def _job_of(self, run: str, *, outlive_outages: bool = False, timeout: float | None = None) -> dict:
+        """The run's newest Job (RUN is a run name or a Job name). With ``outlive_outages`` an API server that
+        is down or restarting is waited out, within ``timeout``, as :meth:`wait` does later on."""
+        from launcher.kube import with_retries
+
+        def attempt() -> dict:
+            _, kube = self.connect()
+            return self._resolve(kube, run)
+
+        if not outlive_outages:
+            return attempt()
+        deadline = time.monotonic() + timeout if timeout else None
+        return with_retries(attempt, deadline=deadline, on_retry=self._retrying())
+
+    @staticmethod
+    def _resolve(kube: Any, run: str) -> dict:
+        from launcher.render import LABEL_RUN
+
+        jobs = kube.list_jobs(f"{LABEL_RUN}={run}") if _is_label_value(run) else []
+        if jobs:
+            return max(jobs, key=lambda j: (j["metadata"].get("creationTimestamp") or "", j["metadata"]["name"]))
+        job = kube.get_job(run)
+        if job is not None:
+            return job
+        raise UsageError(f"no run or Job named {run} in namespace {kube.namespace}",
+                         hint="see `launcher list`, or pass -n NAMESPACE")
+
+    @staticmethod
+    def _snapshot(kube: Any, job_name: str) -> tuple[dict | None, list[dict], list[dict]]:
+        """(Job or None, its pods, Warning events of the Job and its newest pods)."""
+        job = kube.get_job(job_name)
+        if job is None:
+            return None, [], []
+        pods = kube.list_pods(f"{POD_JOB_LABEL}={job_name}")
+        events = kube.list_events(f"involvedObject.name={job_name},type=Warning")
+        for p in pods[-3:]:
+            events += kube.list_events(f"involvedObject.name={p['metadata']['name']},type=Warning")
+        return job, pods, events
+
+    # ------------------------------------------------------------------ specs
+    def load_spec(self, spec: SpecLike, overrides: list[str] | tuple[str, ...] = ()):
+        """A validated ``TrainingRunSpec`` from a YAML file, a dict or a spec; ``overrides`` are ``--set``
+        items (``key.path=value``). Raises ``SpecError`` listing every problem."""
+        from jobs import spec as specmod
+
+        if isinstance(spec, specmod.TrainingRunSpec):
+            if not overrides:
+                return spec
+            spec = spec.model_dump(mode="json")
+        if isinstance(spec, dict):
+            data = specmod.apply_overrides(spec, list(overrides)) if overrides else spec
+            return specmod.parse_spec(data)
+        return specmod.load_spec(spec, overrides=list(overrides))
+
+    def validate(self, spec: SpecLike, overrides: list[str] | tuple[str, ...] = ()) -> Validation:
+        """Check a spec offline: every problem at once (``SpecError``), or the names it will run under."""
+        from launcher.render import job_name
+
+        s = self.load_spec(spec, overrides)
+        return Validation(spec=s, job_name=job_name(s), spec_hash=s.spec_hash(), advice=list(s.advice()))
+
+    def render(self, spec: SpecLike, overrides: list[str] | tuple[str, ...] = ()) -> tuple[dict, dict]:
+        """(Job, ConfigMap) the run would create, from the offline settings; touches no cluster."""
+        from launcher.render import render_run
+
+        return render_run(self.load_spec(spec, overrides), self.offline_settings)
+
+    # ------------------------------------------------------------------ runs on the cluster
+    def submit(self, spec: SpecLike, overrides: list[str] | tuple[str, ...] = (), *, server_dry_run: bool = False,
+               skip_preflight: bool = False):
+        """Preflight-check and create the run (the same spec twice is the same run: ``created`` False).
+        With ``server_dry_run`` the API server admits it but nothing is created. Returns a
+        ``launcher.submit.SubmitResult``; raises ``PreflightError`` listing every failed check."""
+        from launcher.submit import submit as submit_run
+
+        s = self.load_spec(spec, overrides)
+        settings, kube = self.connect()
+        return submit_run(kube, s, settings, server_dry_run=server_dry_run, skip_preflight=skip_preflight)
+
+    def run_local(self, spec: SpecLike, overrides: list[str] | tuple[str, ...] = (), *, workdir: Path | None = None,
+                  base_dir: Path | None = None, on_output: Callable[[str], None] | None = None) -> int:
+        """Run the job here (``python -m jobs run``) and return its exit code (docs/architecture.md).
+        Relative paths in the spec are against ``base_dir``: the spec file's folder, else the current one.
+        Each output line (newline kept) goes to ``on_output`` (default: the ``launcher`` logger)."""
+        from launcher.local import run_local
+
+        if base_dir is None:
+            base_dir = Path(spec).resolve().parent if isinstance(spec, (str, Path)) else Path.cwd()
+        s = self.load_spec(spec, overrides)
+        return run_local(s, base_dir, workdir, on_output=on_output or (lambda line: _log.info(line.rstrip("\n"))),
+                         note=self._note)
+
+    def status(self, run: str) -> RunStatus:
+        """Where a run (its newest Job) is, and why; ``UsageError`` if there is no such run."""
+        from launcher.diagnose import diagnose
+
+        settings, kube = self.connect()
+        job = self._resolve(kube, run)
+        job, pods, events = self._snapshot(kube, job["metadata"]["name"])
+        if job is None:
+            raise UsageError(f"run {run} disappeared while we looked", hint="see `launcher list`")
+        return status_of(job, pods, diagnose(job, pods, events, gpu_resource=settings.gpu_resource), kube.namespace)
+
+    def list(self) -> list[RunSummary]:
+        """The runs in the namespace, newest first."""
+        from launcher.diagnose import diagnose
+        from launcher.render import LABEL_RUN
+
+        settings, kube = self.connect()
+        jobs = kube.list_jobs(LABEL_APP_SELECTOR)
+        by_job: dict[str, list[dict]] = {}
+        for p in kube.list_pods(LABEL_APP_SELECTOR):
+            by_job.setdefault((p["metadata"].get("labels") or {}).get(POD_JOB_LABEL, ""), []).append(p)
+        rows = []
+        for j in sorted(jobs, key=lambda j: j["metadata"].get("creationTimestamp") or "", reverse=True):
+            name = j["metadata"]["name"]
+            d = diagnose(j, by_job.get(name, []), [], gpu_resource=settings.gpu_resource)
+            rows.append(RunSummary(run=(j["metadata"].get("labels") or {}).get(LABEL_RUN), job=name, state=d.state,
+                                   sentence=d.sentence, created=j["metadata"].get("creationTimestamp")))
+        return rows
+
+    def wait(self, run: str, *, timeout: float | None = None, interval: float = 2.0,
+             on_change: Callable[[RunStatus], None] | None = None) -> RunStatus:
+        """Poll until the run finishes and return its final status (whether it succeeded or failed: look at
+        ``state``). Outlives API-server restarts. ``on_change`` sees each new sentence. Raises ``WaitTimeout``
+        after ``timeout`` seconds, ``RunFailed`` if the Job disappears."""
+        from launcher.diagnose import diagnose
+        from launcher.kube import with_retries
+
+        started = time.monotonic()
+        job = self._job_of(run, outlive_outages=True, timeout=timeout)
+        if timeout is not None:
+            timeout = max(1.0, timeout - (time.monotonic() - started))
+        settings, kube = self.connect()
+        name = job["metadata"]["name"]
+        deadline = time.monotonic() + timeout if timeout else None
+        retrying = self._retrying()
+        last = None
+        while True:
+            job, pods, events = with_retries(lambda: self._snapshot(kube, name), deadline=deadline,
+                                             on_retry=retrying)
+            retrying.reset()  # type: ignore[attr-defined]
+            if job is None:
+                raise RunFailed(f"job {name} no longer exists (cancelled, or deleted after its TTL)")
+            diag = diagnose(job, pods, events, gpu_resource=settings.gpu_resource)
+            status = status_of(job, pods, diag, kube.namespace)
+            if diag.sentence != last:
+                if on_change:
+                    on_change(status)
+                last = diag.sentence
+            if diag.finished:
+                return status
+            if deadline is not None and time.monotonic() >= deadline:
+                raise WaitTimeout(f"job {name} is still {diag.state.lower()} after {timeout:g} s: {diag.sentence}",
+                                  hint="wait again with a longer --timeout")
+            time.sleep(interval if deadline is None else max(0.0, min(interval, deadline - time.monotonic())))
+
+    def logs(self, run: str, *, follow: bool = False, tail: int | None = None, poll: float = 1.0) -> LogStream:
+        """The trainer's log lines, pod after pod (retries included).
+
+        With ``follow``: wait for each pod to start, stream until the run ends, reconnect (without repeating
+        lines) when the API server goes away; ``outcome`` is then the final status. A container whose current
+        log cannot be read falls back to its previous instance; one that cannot be read at all is noted."""
+        job = self._job_of(run, outlive_outages=follow)
+        _, kube = self.connect()
+        return LogStream(self._log_lines(kube, job["metadata"]["name"], follow=follow, tail=tail, poll=poll))
+
+    def _log_lines(self, kube: Any, job_name: str, *, follow: bool, tail: int | None, poll: float):
+        from launcher.diagnose import diagnose, trainer_status
+        from launcher.kube import ClusterError, ClusterUnreachable, with_retries
+
+        note = self._note
+        done: set[str] = set()  # pods whose log is printed to the end
+        no_log: set[str] = set()  # pods whose log cannot be read: wait for them to end
+        headed: set[str] = set()
+        last_ts: dict[str, tuple] = {}
+        errors: dict[str, int] = {}
+        said = None
+        printed = False
+
+        def retrying(msg: str) -> None:
+            note(f"… {msg}; retrying")
+
+        while True:
+            job, pods, _ = with_retries(lambda: self._snapshot(kube, job_name), on_retry=retrying)
+            if job is None:
+                raise RunFailed(f"job {job_name} no longer exists (cancelled, or deleted after its TTL)")
+            pods = _by_age(pods)
+            diag = diagnose(job, pods, [])
+            for pod in pods:
+                name = pod["metadata"]["name"]
+                if name in done:
+                    continue
+                cs = trainer_status(pod) or {}
+                state = cs.get("state") or {}
+                ended = "terminated" in state or pod["status"].get("phase") in ("Succeeded", "Failed")
+                started = "running" in state or "terminated" in state or bool(cs.get("restartCount"))
+                if not started or name in no_log:
+                    if ended or (not follow and name in no_log):
+                        done.add(name)
+                        continue
+                    if follow and diag.sentence != said:
+                        note(f"… {diag.sentence}")
+                        said = diag.sentence
+                    break
+                if name not in headed and (headed or len(pods) > 1):
+                    note(f"--- pod {name} ---")
+                headed.add(name)
+                previous = errors.get(name, 0) > 0 and bool(cs.get("restartCount"))
+                try:
+                    for line in kube.pod_log(name, follow=follow and not ended, previous=previous, timestamps=True,
+                                             tail_lines=tail if name not in last_ts else None):
+                        ts, _, text = line.partition(" ")
+                        key = _ts_key(ts)
+                        if name in last_ts and key <= last_ts[name]:
+                            continue  # printed before a reconnect
+                        last_ts[name] = key
+                        yield text
+                        printed = True
+                    errors.pop(name, None)
+                except ClusterUnreachable as err:
+                    if not follow:
+                        raise
+                    retrying(err.message)
+                    time.sleep(2)
+                    break
+                except ClusterError as err:
+                    errors[name] = errors.get(name, 0) + 1
+                    if errors[name] >= 3 or not follow:
+                        note(f"(the log of pod {name} cannot be read: {err.message})")
+                        (done if ended or not follow else no_log).add(name)
+                        continue
+                    time.sleep(min(10.0, 0.5 * 2 ** errors[name]))
+                    break
+                if ended or not follow:
+                    done.add(name)
+                    continue
+                break  # the stream ended while the pod lived (API server restart, read timeout): look again
+            if not follow:
+                if not printed:
+                    note(f"no log yet: {diag.sentence}")
+                return None
+            if diag.finished and all(p["metadata"]["name"] in done for p in pods):
+                return status_of(job, pods, diag, kube.namespace)
+            time.sleep(poll)
+
+    def cancel(self, run: str, *, wait: bool = True, timeout: float = 120) -> Cancelled:
+        """Stop a run: delete its Job, its pods and its spec ConfigMap; with ``wait``, until they are gone
+        (``WaitTimeout`` after ``timeout`` seconds)."""
+        _, kube = self.connect()
+        name = self._resolve(kube, run)["metadata"]["name"]
+        kube.delete_job(name, propagation="Foreground")
+        kube.delete_configmap(name)
+        if wait:
+            deadline = time.monotonic() + timeout
+            while kube.get_job(name) is not None or kube.list_pods(f"{POD_JOB_LABEL}={name}"):
+                if time.monotonic() > deadline:
+                    raise WaitTimeout(f"job {name} is still being deleted after {timeout:g} s",
+                                      hint=f"check its pods: kubectl get pods -l {POD_JOB_LABEL}={name}")
+                time.sleep(1)
+        return Cancelled(name, wait)
+
+    # ------------------------------------------------------------------ published versions
+    def _output_of(self, run: str, output: str | None) -> tuple[str, str]:
+        """(run name, output prefix) from ``output``, else from the run's Job; points S3 at the settings'
+        endpoint (``AWS_ENDPOINT_URL``) unless the environment already names one."""
+        settings = self.offline_settings
+        run_name = run
+        if output is None:
+            from launcher.render import ANNOTATION_OUTPUT, LABEL_RUN
+
+            settings, kube = self.connect()
+            meta = self._resolve(kube, run)["metadata"]
+            run_name = (meta.get("labels") or {}).get(LABEL_RUN, run)
+            prefix = (meta.get("annotations") or {}).get(ANNOTATION_OUTPUT)
+            if not prefix:
+                raise UsageError(f"job {meta['name']} does not say where its output goes", hint="pass --output PREFIX")
+            output = prefix.rsplit("/", 1)[0]
+        if settings.s3_endpoint and not os.environ.get("AWS_ENDPOINT_URL"):
+            os.environ["AWS_ENDPOINT_URL"] = settings.s3_endpoint
+        return run_name, output
+
+    def artifacts(self, run: str, *, output: str | None = None):
+        """The run's complete versions (oldest first), its incomplete folders and ``latest``, as a
+        ``launcher.artifacts.Listing``. ``output`` (the spec's output prefix) is needed once the Job is gone."""
+        from launcher import artifacts as art
+
+        run_name, output = self._output_of(run, output)
+        return art.list_versions(output, run_name)
+
+    def download(self, run: str, dest: str | Path, *, version: str | None = None,
+                 output: str | None = None) -> Downloaded:
+        """Download a complete version (default: latest) to ``dest/<version>``, every file verified against the
+        manifest; ``StorageError`` otherwise."""
+        from launcher import artifacts as art
+
+        run_name, output = self._output_of(run, output)
+        v, folder = art.download_version(output, run_name, version, dest)
+        return Downloaded(run_name, v, folder)
+
+    def prune(self, run: str, *, older_than: str | float = "24h", apply: bool = False,
+              output: str | None = None) -> PruneReport:
+        """Incomplete version folders (publishes that died half-way) untouched for ``older_than`` ('24h', '7d'
+        or seconds); deleted only with ``apply``. A complete version is never touched."""
+        from launcher import artifacts as art
+
+        seconds = parse_duration(older_than)
+        run_name, output = self._output_of(run, output)
+        return PruneReport(run_name, apply, art.prune_incomplete(output, run_name, older_than_seconds=seconds,
+                                                                 apply=apply))
