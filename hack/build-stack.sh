@@ -4,7 +4,8 @@
 # so only a fresh machine pays for the compile (about 25 min on 2 cores).
 #
 # Usage: hack/build-stack.sh [piece ...]   (pieces: kube etcd kwok helm minio)
-# Optional pieces, built only when named: s5cmd (benchmarks/s3_download.py's peer).
+# Optional pieces, built only when named: s5cmd (benchmarks/s3_download.py's peer),
+# mc (the MinIO client the chart's bucket hook runs; tests/integration/test_minio_policy.py).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=hack/lib.sh
@@ -88,7 +89,8 @@ for piece in "${pieces[@]}"; do
     # module's version list (deprecation check), which some proxies refuse.
     s5cmd) build_wrapped s5cmd "$S5CMD_VERSION" github.com/peak/s5cmd/v2 "$S5CMD_VERSION" \
             "-s -w -X github.com/peak/s5cmd/v2/version.Version=$S5CMD_VERSION" github.com/peak/s5cmd/v2 ;;
-    *) echo "unknown piece: $piece (expected kube etcd kwok helm minio, or s5cmd)" >&2; exit 2 ;;
+    mc) build_go mc "$MC_VERSION" -- go install -trimpath -ldflags "-s -w" "github.com/minio/mc@$MC_VERSION" ;;
+    *) echo "unknown piece: $piece (expected kube etcd kwok helm minio, or s5cmd mc)" >&2; exit 2 ;;
   esac
 done
 say "stack binaries ready under $STACK_CACHE"
