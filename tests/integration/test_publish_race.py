@@ -77,7 +77,7 @@ def test_concurrent_publishers_get_distinct_complete_versions_and_latest_never_g
 
 
 def test_prune_removes_only_old_incomplete_versions_and_is_a_dry_run_by_default(tmp_path, stack, s3_env, s3_prefix):
-    """v1 complete, v2 abandoned half-way (3 s ago), v3 being published now: `launcher prune`
+    """v1 complete, v2 abandoned half-way (3 s ago), v3 being published now: `launcher artifacts prune`
     lists v2 only, deletes nothing without --yes, and with --yes deletes v2 alone."""
     import json
     import os
@@ -100,7 +100,7 @@ def test_prune_removes_only_old_incomplete_versions_and_is_a_dry_run_by_default(
     env = {**os.environ, "PYTHONPATH": str(repo), "LAUNCHER_S3_ENDPOINT": stack.s3_endpoint}
 
     def prune(*extra):
-        return subprocess.run([sys.executable, "-m", "launcher", "prune", "pruned", "--output", s3_prefix,
+        return subprocess.run([sys.executable, "-m", "launcher", "artifacts", "prune", "pruned", "--output", s3_prefix,
                                "--older-than", "2s", "-o", "json", *extra], env=env, cwd=repo,
                               capture_output=True, text=True, timeout=60)
 
@@ -113,6 +113,6 @@ def test_prune_removes_only_old_incomplete_versions_and_is_a_dry_run_by_default(
     assert applied.returncode == 0, applied.stderr
     assert [o["name"] for o in json.loads(applied.stdout)["orphans"]] == ["v2"]
     assert existing_versions(store, run) == {1: True, 3: False}, "only the abandoned v2 went"
-    text = subprocess.run([sys.executable, "-m", "launcher", "prune", "pruned", "--output", s3_prefix],
+    text = subprocess.run([sys.executable, "-m", "launcher", "artifacts", "prune", "pruned", "--output", s3_prefix],
                           env=env, cwd=repo, capture_output=True, text=True, timeout=60)
     assert "nothing to prune" in text.stdout, text.stdout + text.stderr
