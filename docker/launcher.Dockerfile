@@ -39,10 +39,11 @@ RUN test -f README.md || echo "# lora-jobs" > README.md \
  && pip install --no-deps --no-build-isolation --no-cache-dir . \
  && cd / && rm -rf /src
 
-RUN groupadd --gid 1000 launcher \
- && useradd --uid 1000 --gid 1000 --home-dir /home/launcher --create-home --shell /usr/sbin/nologin launcher
+# uid/gid 10001, as the chart's pods run: above 10000, so no user of the node.
+RUN groupadd --gid 10001 launcher \
+ && useradd --uid 10001 --gid 10001 --home-dir /home/launcher --create-home --shell /usr/sbin/nologin launcher
 ENV PYTHONDONTWRITEBYTECODE=1
-USER 1000:1000
+USER 10001:10001
 WORKDIR /home/launcher
 ENTRYPOINT ["launcher"]
 CMD ["--help"]

@@ -54,14 +54,12 @@ COPY pyproject.toml ./
 COPY jobs/ ./jobs/
 RUN python -m compileall -q jobs
 
-# uid/gid 1000, matching the Job's runAsUser; no home directory contents, no
-# secrets: credentials come from the Job's secretKeyRef env at run time.
-# Ubuntu bases already own uid 1000 ("ubuntu"): it is replaced, not reused.
-RUN if getent passwd 1000 >/dev/null; then userdel "$(getent passwd 1000 | cut -d: -f1)"; fi \
- && if getent group 1000 >/dev/null; then groupdel "$(getent group 1000 | cut -d: -f1)"; fi \
- && groupadd --gid 1000 trainer \
- && useradd --uid 1000 --gid 1000 --home-dir /scratch --no-create-home --shell /usr/sbin/nologin trainer \
- && install -d -o 1000 -g 1000 -m 0775 /scratch
+# uid/gid 10001, matching the Job's runAsUser: above 10000, so it is no user of
+# the node (uid 1000 is usually the first login user of a host). No
+# home directory contents, no secrets: credentials come from the Job at run time.
+RUN groupadd --gid 10001 trainer \
+ && useradd --uid 10001 --gid 10001 --home-dir /scratch --no-create-home --shell /usr/sbin/nologin trainer \
+ && install -d -o 10001 -g 10001 -m 0775 /scratch
 # The root filesystem is read-only in the Job: everything written goes to /scratch
 # (an emptyDir or ephemeral volume mounted by the Job) or /tmp.
 ENV PYTHONPATH=/opt/lora-jobs \
@@ -71,7 +69,7 @@ ENV PYTHONPATH=/opt/lora-jobs \
     HF_HOME=/scratch/hf \
     MPLCONFIGDIR=/tmp/matplotlib \
     MPLBACKEND=Agg
-USER 1000:1000
+USER 10001:10001
 WORKDIR /scratch
 ENTRYPOINT ["python", "-m", "jobs"]
 CMD ["--help"]

@@ -30,7 +30,8 @@ SCRATCH = "/scratch"
 SHM_SIZE = "16Gi"
 #: Time for the trainer to write a checkpoint after SIGTERM (preemption, cancel).
 TERMINATION_GRACE_SECONDS = 120
-RUN_AS = 1000
+#: uid/gid of the images (docker/*.Dockerfile): above 10000, so no user of the node shares it.
+RUN_AS = 10001
 
 
 def job_name(spec: TrainingRunSpec) -> str:
@@ -87,7 +88,10 @@ def _env(spec: TrainingRunSpec, settings: LauncherSettings) -> list[dict[str, An
 
 def _resources(spec: TrainingRunSpec, settings: LauncherSettings) -> dict[str, Any]:
     r = spec.resources
-    out: dict[str, Any] = {"requests": {"cpu": r.cpu, "memory": r.memory}, "limits": {"memory": r.memory}}
+    # Limits equal to requests: Guaranteed QoS, the last class evicted under node pressure, and
+    # whole cores with the kubelet's static CPU manager.
+    out: dict[str, Any] = {"requests": {"cpu": r.cpu, "memory": r.memory},
+                           "limits": {"cpu": r.cpu, "memory": r.memory}}
     if r.gpus:
         # Extended resources are limits only; the request defaults to the limit.
         out["limits"][settings.gpu_resource] = r.gpus

@@ -2,7 +2,7 @@
 
 test_train_e2e.py proves the code (`python -m jobs` from the tree); this proves the image the
 cluster pulls: built by hack/build-images.sh, run with the hardening the Kubernetes Job applies
-(read-only root filesystem, uid/gid 1000, every capability dropped, no-new-privileges, only
+(read-only root filesystem, uid/gid 10001, every capability dropped, no-new-privileges, only
 /scratch and /tmp writable, HF_HOME=/scratch/hf), credentials only from the environment, the
 spec mounted read-only where the ConfigMap goes and the termination message written to
 /dev/termination-log. The real SmolLM2-135M trains, evaluates, merges and publishes a version
@@ -27,7 +27,7 @@ DEMO = REPO / "examples" / "demo"
 from images import DOCKER, TRAINER  # noqa: E402
 from published import assert_complete_v1, small_cpu_spec  # noqa: E402
 
-UID = 1000
+UID = 10001
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def _spec(folder: Path, name: str, model_uri: str, train_uri: str, output: str) 
     spec = small_cpu_spec(name, model_uri, train_uri, output)
     path = folder / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
-    path.chmod(0o644)  # mounted read-only, read by uid 1000
+    path.chmod(0o644)  # mounted read-only, read by uid 10001
     return path
 
 

@@ -1,6 +1,6 @@
 """The trainer and launcher images, built by hack/build-images.sh on the real Docker engine.
 
-Proves what the images promise the rest of the system: they run as uid 1000 (the Job's
+Proves what the images promise the rest of the system: they run as uid 10001 (the Job's
 runAsUser) with a read-only root filesystem, the trainer's entry point is `python -m jobs`
 with its ML stack importable, the launcher image runs `launcher --help`, no secret or
 credential file is baked in, and a rebuild with unchanged dependencies reuses every
@@ -34,7 +34,7 @@ def run_in(image: str, *args: str, entrypoint: str | None = None, timeout: float
     """As a Job runs it: non-root, read-only root, no capabilities, a writable /scratch and /tmp."""
     ep = ["--entrypoint", entrypoint] if entrypoint else []
     return docker("run", "--rm", "--read-only", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
-                  "--tmpfs", "/tmp:uid=1000,gid=1000", "--tmpfs", "/scratch:uid=1000,gid=1000", "--network", "none",
+                  "--tmpfs", "/tmp:uid=10001,gid=10001", "--tmpfs", "/scratch:uid=10001,gid=10001", "--network", "none",
                   *ep, image, *args, timeout=timeout, check=check)
 
 
@@ -57,11 +57,11 @@ def inspect(image: str) -> dict:
 
 
 @pytest.mark.parametrize("which", ["trainer", "launcher"])
-def test_image_runs_as_uid_1000_not_root(images, which):
+def test_image_runs_as_uid_10001_not_root(images, which):
     config = inspect(images[which])["Config"]
-    assert config["User"] == "1000:1000"
+    assert config["User"] == "10001:10001"
     out = docker("run", "--rm", "--entrypoint", "id", images[which]).stdout
-    assert out.startswith("uid=1000(") and "gid=1000(" in out
+    assert out.startswith("uid=10001(") and "gid=10001(" in out
 
 
 @pytest.mark.parametrize("which", ["trainer", "launcher"])
@@ -119,7 +119,7 @@ def test_trainer_reports_a_bad_spec_with_exit_code_10(images, tmp_path):
     spec.chmod(0o644)
     tmp_path.chmod(0o755)
     proc = docker("run", "--rm", "--read-only", "--cap-drop", "ALL", "--network", "none",
-                  "--tmpfs", "/tmp:uid=1000,gid=1000", "--tmpfs", "/scratch:uid=1000,gid=1000",
+                  "--tmpfs", "/tmp:uid=10001,gid=10001", "--tmpfs", "/scratch:uid=10001,gid=10001",
                   "-v", f"{tmp_path}:/etc/lora-jobs:ro", images["trainer"], "run", "--spec", "/etc/lora-jobs/spec.yaml",
                   check=False)
     assert proc.returncode == 10, proc.stdout + proc.stderr

@@ -104,6 +104,8 @@ def test_gpu_limit_requests_tolerations_and_node_selector():
     res = container(job)["resources"]
     assert res["limits"]["nvidia.com/gpu"] == 2
     assert res["requests"] == {"cpu": "8", "memory": "64Gi"}
+    # limits = requests for CPU and memory: the pod is in the Guaranteed QoS class
+    assert {k: res["limits"][k] for k in ("cpu", "memory")} == res["requests"]
     pod = job["spec"]["template"]["spec"]
     assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
@@ -164,7 +166,7 @@ def test_pod_passes_pod_security_restricted():
     pod = job["spec"]["template"]["spec"]
     for sc in (pod["securityContext"], container(job)["securityContext"]):
         assert sc["runAsNonRoot"] is True
-        assert sc["runAsUser"] == 1000
+        assert sc["runAsUser"] == 10001 and sc["runAsGroup"] == 10001  # above 10000: no user of the node
         assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
     csc = container(job)["securityContext"]
     assert csc["allowPrivilegeEscalation"] is False

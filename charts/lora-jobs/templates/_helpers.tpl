@@ -88,6 +88,84 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- include "lora-jobs.componentName" (list . "minio") }}
 {{- end }}
 
+{{/* The dev MinIO's root credentials: only MinIO itself and its setup hook read them. */}}
+{{- define "lora-jobs.minioRootSecretName" -}}
+{{- include "lora-jobs.componentName" (list . "minio-root") }}
+{{- end }}
+
+{{/* The buckets the dev MinIO creates, which are all the training user may touch. */}}
+{{- define "lora-jobs.minioBuckets" -}}
+{{- toJson (uniq (prepend .Values.minio.extraBuckets .Values.s3.bucket)) }}
+{{- end }}
+
+{{/*
+The MinIO policy of the training user: list and read/write objects in the chart's
+buckets, nothing else (no other bucket, no bucket creation or deletion, no admin).
+Delete is granted because the trainer removes its own checkpoints (jobs/storage.py).
+*/}}
+{{- define "lora-jobs.minioTrainingPolicy" -}}
+{{- $buckets := include "lora-jobs.minioBuckets" . | fromJsonArray }}
+{{- $bucketArns := list }}
+{{- $objectArns := list }}
+{{- range $buckets }}
+{{- $bucketArns = append $bucketArns (printf "arn:aws:s3:::%s" .) }}
+{{- $objectArns = append $objectArns (printf "arn:aws:s3:::%s/*" .) }}
+{{- end }}
+{{- $statements := list
+  (dict "Effect" "Allow" "Action" (list "s3:GetBucketLocation" "s3:ListBucket" "s3:ListBucketMultipartUploads") "Resource" $bucketArns)
+  (dict "Effect" "Allow" "Action" (list "s3:GetObject" "s3:PutObject" "s3:DeleteObject" "s3:AbortMultipartUpload" "s3:ListMultipartUploadParts") "Resource" $objectArns) }}
+{{- toPrettyJson (dict "Version" "2012-10-17" "Statement" $statements) }}
+{{- end }}
+
+{{/* Selector of the training pods that launcher/render.py labels (run_labels). */}}
+{{- define "lora-jobs.trainingPodLabels" -}}
+app.kubernetes.io/name: lora-jobs
+app.kubernetes.io/component: training
+{{- end }}
+
+{{/*
+Egress of every pod that talks to S3 (training pods, the bucket hook, the helm test):
+DNS in kube-system, the dev MinIO's pods, and networkPolicy.s3Egress.
+*/}}
+{{- define "lora-jobs.s3EgressRules" -}}
+- to:
+    - namespaceSelector:
+        matchLabels:
+          kubernetes.io/metadata.name: kube-system
+  ports:
+    - protocol: UDP
+      port: 53
+    - protocol: TCP
+      port: 53
+{{- if .Values.minio.enabled }}
+- to:
+    - podSelector:
+        matchLabels:
+          {{- include "lora-jobs.selectorLabels" . | nindent 10 }}
+          app.kubernetes.io/component: minio
+  ports:
+    - protocol: TCP
+      port: {{ int .Values.minio.port }}
+{{- end }}
+{{- range .Values.networkPolicy.s3Egress }}
+- to:
+    - ipBlock:
+        cidr: {{ .cidr }}
+        {{- with .except }}
+        except:
+          {{- toYaml . | nindent 10 }}
+        {{- end }}
+  ports:
+    {{- range .ports }}
+    - protocol: TCP
+      port: {{ int . }}
+    {{- end }}
+{{- end }}
+{{- with .Values.networkPolicy.extraEgress }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
 {{/* s3.endpoint, or the development MinIO's Service when it is on. */}}
 {{- define "lora-jobs.s3Endpoint" -}}
 {{- if .Values.s3.endpoint }}
@@ -126,13 +204,17 @@ priority_class: {{ if $priority }}{{ $priority | quote }}{{ else }}null{{ end }}
 
 {{/*
 The pod and container security context of every chart-made pod: what Pod Security
-Admission "restricted" demands, and a read-only root filesystem.
+Admission "restricted" demands, and a read-only root filesystem. The uid/gid is the
+images' (docker/*.Dockerfile) and launcher/render.py's RUN_AS: above 10000, so it
+collides with no user of the node.
 */}}
+{{- define "lora-jobs.uid" -}}10001{{- end }}
+
 {{- define "lora-jobs.podSecurityContext" -}}
 runAsNonRoot: true
-runAsUser: 1000
-runAsGroup: 1000
-fsGroup: 1000
+runAsUser: {{ include "lora-jobs.uid" . }}
+runAsGroup: {{ include "lora-jobs.uid" . }}
+fsGroup: {{ include "lora-jobs.uid" . }}
 seccompProfile:
   type: RuntimeDefault
 {{- end }}
@@ -147,18 +229,28 @@ seccompProfile:
   type: RuntimeDefault
 {{- end }}
 
-{{/* Env of a pod that talks to S3 as the jobs do (hooks, tests). */}}
+{{/*
+The S3 credentials Secret as a volume of two files, access-key-id and
+secret-access-key, for the chart's own pods (the helm test, the MinIO hook), which
+read files. Training pods get env (secretKeyRef): boto3 reads keys from env or an
+INI file, not from two files (see checkov-skips.yaml, CKV_K8S_35).
+*/}}
+{{- define "lora-jobs.s3CredentialsVolume" -}}
+name: s3-credentials
+secret:
+  secretName: {{ include "lora-jobs.s3SecretName" . }}
+  defaultMode: 0440
+  items:
+    - key: {{ .Values.s3.accessKeyIdKey }}
+      path: access-key-id
+    - key: {{ .Values.s3.secretAccessKeyKey }}
+      path: secret-access-key
+{{- end }}
+
+{{/* Env of a pod that talks to S3 as the jobs do (hooks, tests); the keys are files. */}}
 {{- define "lora-jobs.s3Env" -}}
-- name: AWS_ACCESS_KEY_ID
-  valueFrom:
-    secretKeyRef:
-      name: {{ include "lora-jobs.s3SecretName" . }}
-      key: {{ .Values.s3.accessKeyIdKey }}
-- name: AWS_SECRET_ACCESS_KEY
-  valueFrom:
-    secretKeyRef:
-      name: {{ include "lora-jobs.s3SecretName" . }}
-      key: {{ .Values.s3.secretAccessKeyKey }}
+- name: S3_CREDENTIALS_DIR
+  value: /etc/lora-jobs/s3
 {{- with include "lora-jobs.s3Endpoint" . }}
 - name: AWS_ENDPOINT_URL
   value: {{ . | quote }}
