@@ -237,7 +237,7 @@ class ResourcesSpec(_Strict):
     gpus: int = Field(1, ge=0, le=16, description="GPUs of the training pod. Above 1 the job runs one training "
                                                   "process per GPU (torchrun, data parallel): every optimizer step's "
                                                   "examples are split across them, rank 0 publishes.")
-    cpu: str = Field("4", pattern=r"^\d+(\.\d+)?m?$", description="CPU request, e.g. '8' or '500m'.")
+    cpu: str = Field("4", pattern=r"^\d+(\.\d+)?m?$", description="CPU request and limit, e.g. '8' or '500m'.")
     memory: str = Field("32Gi", pattern=r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$", description="Memory request.")
     scratch: str = Field("100Gi", pattern=r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$",
                          description="Scratch volume size (data, base model, checkpoints).")
