@@ -5,8 +5,10 @@ environment variables, the user's YAML file (``LAUNCHER_CONFIG`` or
 ``~/.config/lora-jobs/launcher.yaml``), the ``lora-jobs-launcher`` ConfigMap that
 the Helm chart installs in the namespace (key ``settings.yaml``), then defaults.
 
-The ConfigMap needs a cluster, so it is read only by :func:`load_settings` when
-it is given a kube client; everything else works offline (``--dry-run``).
+The file is read by pydantic-settings' own ``YamlConfigSettingsSource``; unknown keys are
+errors (``extra="forbid"``), with a "did you mean". The ConfigMap needs a cluster, so it
+is read only by :func:`load_settings` when it is given a kube client; everything else
+works offline (``--dry-run``).
 """
 from __future__ import annotations
 
@@ -16,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import Field, ValidationError
-from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from launcher.errors import SettingsError
 
@@ -68,43 +69,41 @@ class LauncherSettings(BaseSettings):
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings, env_settings,
                                    dotenv_settings, file_secret_settings) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, _YamlFileSource(settings_cls), _ClusterSource(settings_cls))
+        # The namespace's ConfigMap values (set by load_settings for this one call) are a plain dict source.
+        return (init_settings, env_settings, _config_file_source(settings_cls),
+                InitSettingsSource(settings_cls, init_kwargs=_cluster_values.get()))
 
 
 def config_file_path() -> Path:
     return Path(os.environ.get("LAUNCHER_CONFIG") or DEFAULT_CONFIG_FILE).expanduser()
 
 
-class _DictSource(PydanticBaseSettingsSource):
-    def _data(self) -> dict[str, Any]:  # pragma: no cover - overridden
-        return {}
+def _config_file_source(settings_cls: type[BaseSettings]) -> PydanticBaseSettingsSource:
+    """The user's config file through pydantic-settings' own YAML source; a file that is missing although
+    LAUNCHER_CONFIG names it, or that is not a YAML mapping, is one SettingsError (unknown keys are caught
+    by ``extra="forbid"`` like any other field)."""
+    import yaml
+    from pydantic_settings import YamlConfigSettingsSource
 
-    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
-        return self._data().get(field_name), field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        return dict(self._data())
-
-
-class _YamlFileSource(_DictSource):
-    """The user's config file; unknown keys are errors (a typo must not pass silently)."""
-
-    def _data(self) -> dict[str, Any]:
-        path = config_file_path()
-        explicit = bool(os.environ.get("LAUNCHER_CONFIG"))
-        if not path.is_file():
-            if explicit:
-                raise SettingsError(f"LAUNCHER_CONFIG names {path}, which does not exist",
-                                    hint="fix the path or unset LAUNCHER_CONFIG")
-            return {}
-        return _parse_yaml(path.read_text(encoding="utf-8-sig"), str(path))
-
-
-class _ClusterSource(_DictSource):
-    """Values from the namespace's ConfigMap, set by :func:`load_settings`."""
-
-    def _data(self) -> dict[str, Any]:
-        return _cluster_values.get()
+    path = config_file_path()
+    if not path.is_file():
+        if os.environ.get("LAUNCHER_CONFIG"):
+            raise SettingsError(f"LAUNCHER_CONFIG names {path}, which does not exist",
+                                hint="fix the path or unset LAUNCHER_CONFIG")
+        return YamlConfigSettingsSource(settings_cls, yaml_file=None)
+    try:
+        source = YamlConfigSettingsSource(settings_cls, yaml_file=path, yaml_file_encoding="utf-8-sig")
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}" if mark else str(path)
+        raise SettingsError(f"{where} is not valid YAML: {getattr(err, 'problem', None) or err}",
+                            hint="check indentation and quoting") from None
+    except UnicodeDecodeError:
+        raise SettingsError(f"{path} is not UTF-8 text", hint="save it as UTF-8") from None
+    except (AttributeError, TypeError, ValueError):  # a list or a scalar, not `key: value` lines
+        raise SettingsError(f"{path} must be a mapping of settings",
+                            hint="write `key: value` lines, e.g. `namespace: ml`") from None
+    return source
 
 
 def _parse_yaml(text: str, where: str) -> dict[str, Any]:
@@ -136,6 +135,16 @@ def cluster_values_from_configmap(configmap: dict | None) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k in LauncherSettings.model_fields and k not in _LOCAL_ONLY}
 
 
+def _problem(e: dict[str, Any]) -> str:
+    where = ".".join(str(p) for p in e["loc"]) or "(settings)"
+    if e.get("type") == "extra_forbidden":
+        import difflib
+
+        close = difflib.get_close_matches(where, list(LauncherSettings.model_fields), n=1)
+        return f"{where}: not a setting" + (f" (did you mean {close[0]}?)" if close else "")
+    return f"{where}: {e['msg']}"
+
+
 def make_settings(cluster: dict[str, Any] | None = None, **overrides: Any) -> LauncherSettings:
     """Settings from overrides, env, the config file and ``cluster`` values; invalid ones raise SettingsError."""
     overrides = {k: v for k, v in overrides.items() if v is not None}
@@ -143,8 +152,7 @@ def make_settings(cluster: dict[str, Any] | None = None, **overrides: Any) -> La
     try:
         return LauncherSettings(**overrides)
     except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or '(settings)'}: {e['msg']}"
-                             for e in err.errors())
+        problems = "; ".join(_problem(e) for e in err.errors())
         raise SettingsError(f"invalid launcher settings: {problems}",
                             hint=f"check LAUNCHER_* variables and {config_file_path()}") from None
     finally:
