@@ -9,7 +9,8 @@ Exit codes (every verb):
   4  timed out (wait --timeout)
 
 ``submit --local`` exits with the job's own exit code (docs/architecture.md).
-Heavy imports (kubernetes, boto3, torch) happen inside the verbs that need them,
+Presentation only: flags become calls to :class:`launcher.client.Client`, its results
+become tables, JSON or YAML, and its errors (:mod:`launcher.errors`) one message. Heavy imports (kubernetes, boto3, torch) happen inside the verbs that need them,
 so ``launcher --help`` stays instant.
 """
 from __future__ import annotations

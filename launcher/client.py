@@ -194,6 +194,20 @@ def status_of(job: dict, pods: list[dict], diag: Any, namespace: str) -> RunStat
         pods=[attempt_of(p) for p in _by_age(pods)])
 
 
+class _OutageNote:
+    """An ``on_retry`` callback for :func:`launcher.kube.with_retries` that notes an outage once, not once per
+    attempt."""
+
+    def __init__(self, note: Callable[[str], None]):
+        self.note = note
+        self.said = False
+
+    def __call__(self, msg: str) -> None:
+        if not self.said:
+            self.note(f"… {msg}; retrying")
+            self.said = True
+
+
 # ------------------------------------------------------------------------------ the client
 
 class Client:
@@ -239,17 +253,8 @@ class Client:
     def namespace(self) -> str:
         return self._settings.namespace if self._settings is not None else self.offline_settings.namespace
 
-    def _retrying(self) -> Callable[[str], None]:
-        """An on_retry callback that notes an outage once, until the next success resets it."""
-        said = [False]
-
-        def note(msg: str) -> None:
-            if not said[0]:
-                self._note(f"… {msg}; retrying")
-                said[0] = True
-
-        note.reset = lambda: said.__setitem__(0, False)  # type: ignore[attr-defined]
-        return note
+    def _retrying(self) -> "_OutageNote":
+        return _OutageNote(self._note)
 
     def _job_of(self, run: str, *, outlive_outages: bool = False, timeout: float | None = None) -> dict:
         """The run's newest Job (RUN is a run name or a Job name). With ``outlive_outages`` an API server that
@@ -392,7 +397,7 @@ class Client:
         while True:
             job, pods, events = with_retries(lambda: self._snapshot(kube, name), deadline=deadline,
                                              on_retry=retrying)
-            retrying.reset()  # type: ignore[attr-defined]
+            retrying.said = False  # reachable again: the next outage is news
             if job is None:
                 raise RunFailed(f"job {name} no longer exists (cancelled, or deleted after its TTL)")
             diag = diagnose(job, pods, events, gpu_resource=settings.gpu_resource)
