@@ -17,6 +17,7 @@ from pathlib import Path
 
 from jobs import __version__
 from jobs.errors import DataError, Preempted, SpecError, Problem, StorageError
+from jobs.progress import ProgressWriter, progress_key
 from jobs.spec import TrainingRunSpec
 from jobs.storage import download_prefix, join, open_store, parse_uri
 
@@ -29,6 +30,7 @@ class Stage:
     name = "setup"
     started: float | None = None
     timings: dict[str, dict] = {}
+    progress = None  # jobs.progress.ProgressWriter of rank 0 (None elsewhere, and in tests that call _stage)
 
 
 def _peak_gib() -> float | None:
@@ -56,6 +58,8 @@ def _stage(name: str | None) -> None:
     except ImportError:
         pass
     Stage.name, Stage.started = name, now
+    if Stage.progress is not None:
+        Stage.progress.stage(name)
     log.info("── %s", name)
 
 
@@ -206,16 +210,9 @@ class _StopFlag:
 
 def run(spec: TrainingRunSpec, workdir: Path, *, run_id: str | None = None, image: str | None = None) -> dict | None:
     """Run every stage; return the summary that is also written as metadata.json (None on ranks > 0)."""
-    import torch
     import transformers
 
     from jobs import distributed
-    from jobs import evaluate as ev
-    from jobs import fastpath
-    from jobs.merge import merge_and_check, merge_dtype
-    from jobs.modelio import load_model, load_tokenizer, model_context_length, resolve_precision
-    from jobs.publish import publish_version
-    from jobs.train import Checkpoints, encode_rows, evaluate_loss, train, wrap_lora
 
     workdir.mkdir(parents=True, exist_ok=True)
     transformers.utils.logging.set_verbosity_error()  # our log says what happens; no tqdm bars in pod logs
@@ -233,6 +230,35 @@ def run(spec: TrainingRunSpec, workdir: Path, *, run_id: str | None = None, imag
     Stage.timings, Stage.started = {}, None
 
     world = distributed.from_env()
+    out_store, out_prefix = open_store(spec.output)
+    run_prefix = join(out_prefix, spec.name)
+    Stage.progress = ProgressWriter(out_store, progress_key(run_prefix, spec.spec_hash()), enabled=world.main)
+    Stage.progress.update(run=spec.name, run_id=run_id, world_size=world.size)
+    try:
+        metadata = _run(spec, workdir, world, run_id=run_id, image=image, stop=stop, started=started,
+                        out_store=out_store, run_prefix=run_prefix)
+    except BaseException as err:
+        Stage.progress.close("preempted" if isinstance(err, Preempted) else "failed", error=str(err).splitlines()[0]
+                             if str(err) else type(err).__name__, exit_code=int(getattr(err, "exit_code", 1)))
+        raise
+    if metadata is not None:
+        Stage.progress.close("succeeded", stage="publish", version=metadata["version"],
+                             location=metadata["location"])
+    Stage.progress = None
+    return metadata
+
+
+def _run(spec: TrainingRunSpec, workdir: Path, world, *, run_id, image, stop, started, out_store, run_prefix):
+    import torch
+
+    from jobs import distributed
+    from jobs import evaluate as ev
+    from jobs import fastpath
+    from jobs.merge import merge_and_check, merge_dtype
+    from jobs.modelio import load_model, load_tokenizer, model_context_length, resolve_precision
+    from jobs.publish import publish_version
+    from jobs.train import Checkpoints, encode_rows, evaluate_loss, train, wrap_lora
+
     device = torch.device(f"cuda:{world.local_rank}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -295,12 +321,10 @@ def run(spec: TrainingRunSpec, workdir: Path, *, run_id: str | None = None, imag
     distributed.broadcast_trainable(world, model)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("LoRA: %d trainable parameters of %d (%.2f%%)", trainable, total, 100 * trainable / max(total, 1))
-    out_store, out_prefix = open_store(spec.output)
-    run_prefix = join(out_prefix, spec.name)
     ckpts = Checkpoints(out_store, join(run_prefix, "checkpoints", spec.spec_hash()),
                         workdir if world.main else workdir / f"rank-{world.rank}")
     result = train(model, spec, train_ex, val_ex, device=device, plan=plan, checkpoints=ckpts,
-                   stop_requested=stop, world=world)
+                   stop_requested=stop, world=world, on_progress=Stage.progress.update)
     if not world.main:  # rank 0 evaluates, merges and publishes
         log.info("rank %d: training done; rank 0 publishes", world.rank)
         distributed.shutdown(world)

@@ -265,8 +265,10 @@ def _adapter_snapshot(model) -> dict:
 
 
 def train(model, spec: TrainingRunSpec, train_ex: list[dict], val_ex: list[dict], *, device, plan,
-          checkpoints, stop_requested: Callable[[], bool] = lambda: False, world=None) -> TrainResult:
+          checkpoints, stop_requested: Callable[[], bool] = lambda: False, world=None,
+          on_progress: Callable[..., None] | None = None) -> TrainResult:
     """Train ``model`` (already PEFT-wrapped) in place. ``checkpoints`` saves and restores state.
+    ``on_progress(**fields)`` sees every recorded step and validation (jobs.progress.ProgressWriter.update).
 
     When it returns, the model holds the adapter with the best validation loss seen (the last one
     when there is no validation data), and ``TrainResult.published_step`` says which step that is.
@@ -340,6 +342,13 @@ def train(model, spec: TrainingRunSpec, train_ex: list[dict], val_ex: list[dict]
                                 "for empty or garbled outputs")
         state.history.append({"step": p["step"], "loss": round(loss, 5), "lr": p["lr"], "tokens": p["tokens"],
                               "examples": p["examples"]})
+        if on_progress is not None:
+            elapsed = time.perf_counter() - t0
+            on_progress(step=p["step"], total_steps=total_steps, loss=round(loss, 5), lr=p["lr"],
+                        examples_seen=state.examples_seen, tokens_seen=state.tokens_seen,
+                        epoch=(p["step"] - 1) // max(1, sched.steps_per_epoch) + 1,
+                        tokens_per_s=round(p["tokens_so_far"] / max(elapsed, 1e-9), 1),
+                        eta_s=_eta_seconds(step_times, total_steps - p["step"]))
         if p["step"] % t.logging_interval_steps == 0 or p["step"] == total_steps:
             elapsed = time.perf_counter() - t0
             log.info("step %d/%d  loss %.4f  lr %.2e  %d examples  %d tokens  %.0f tok/s  step %.2fs  ETA %s",
@@ -424,6 +433,8 @@ def train(model, spec: TrainingRunSpec, train_ex: list[dict], val_ex: list[dict]
         if due_eval and _eval_and_maybe_stop(model, val_ex, budget, device, state, t.early_stopping_patience,
                                              world):
             best_adapter = _adapter_snapshot(model)
+        if due_eval and on_progress is not None:
+            on_progress(val_loss=state.evals[-1]["val_loss"], best_val_loss=state.best_val, best_step=state.best_step)
         if (due_ckpt or stop) and world.main:  # every rank holds the same weights: rank 0 writes them
             checkpoints.save(model, optimizer, scheduler, state, scaler, best_adapter)
         if due_ckpt or stop:
@@ -486,6 +497,14 @@ def _eval_and_maybe_stop(model, val_ex, budget, device, state: TrainState, patie
                  "step %d)", state.step, patience, state.best_val, state.best_step)
         state.stopped_early = True
     return best
+
+
+def _eta_seconds(step_times: list[float], remaining: int) -> float | None:
+    """Seconds left from the recent steps, leaving out the first one (compilation); None: not known yet."""
+    if remaining <= 0:
+        return 0.0
+    recent = step_times[1:][-20:]
+    return round(remaining * sum(recent) / len(recent), 1) if recent else None
 
 
 def _eta(step_times: list[float], remaining: int) -> str:

@@ -81,6 +81,18 @@ def test_job_trains_evaluates_merges_and_publishes_a_complete_version(
     second_epoch = sum(h["loss"] * h["tokens"] for h in history[per_epoch:]) / sum(h["tokens"] for h in history[per_epoch:])
     assert second_epoch < first_epoch, f"training loss should fall: epoch 1 {first_epoch:.4f}, epoch 2 {second_epoch:.4f}"
 
+    # Live progress, as `launcher status` reads it: the last word of the run, in the store.
+    from jobs.progress import describe, read_progress
+    from jobs.spec import load_spec_text
+
+    progress = read_progress(store, run_prefix, load_spec_text(spec.read_text()).spec_hash())
+    assert progress is not None, "no progress object"
+    assert progress["state"] == "succeeded" and progress["version"] == "v1", progress
+    assert progress["step"] == progress["total_steps"] == t["steps"], progress
+    assert progress["examples_seen"] >= t["steps"] and progress["tokens_seen"] > 0 and progress["loss"] > 0
+    assert progress["val_loss"] is not None and progress["updated_at"] >= progress["started_at"]
+    assert describe(progress).startswith("succeeded, published v1, loss "), describe(progress)
+
     # The published adapter, reloaded on the base, gives the published merged model's logits.
     dl = tmp_path / "download"
     from jobs.storage import download_prefix
@@ -134,6 +146,12 @@ def test_preempted_run_resumes_from_its_checkpoint_not_step_zero(
     assert stopped_at in (3, 4), tmsg
     store, prefix = open_store(s3_prefix + "/out")
     assert not store.list(f"{prefix}/e2e-resume/v1/"), "a preempted run publishes nothing"
+    from jobs.progress import read_progress
+    from jobs.spec import load_spec_text
+
+    progress = read_progress(store, f"{prefix}/e2e-resume", load_spec_text(spec.read_text()).spec_hash())
+    assert progress["state"] == "preempted" and progress["stage"] == "train" and progress["exit_code"] == 75, progress
+    assert progress["step"] == stopped_at and "stopped by SIGTERM" in progress["error"], progress
 
     # The retry: a fresh workdir (a new pod), same spec.
     proc2 = _run_job(spec, tmp_path / "work2", _job_env(stack), tmp_path / "tmsg2")

@@ -1,0 +1,154 @@
+"""Live progress of a run: a small JSON object in the output store that `launcher status` reads.
+
+``<output>/<run>/progress/<spec-hash>.json`` (one per Job: the Job's name carries the same hash)::
+
+    {"state": "running", "stage": "train", "step": 120, "total_steps": 400, "epoch": 1,
+     "examples_seen": 1920, "tokens_seen": 880000, "loss": 1.23, "val_loss": 1.31,
+     "tokens_per_s": 14000.0, "eta_s": 720, "updated_at": 1764590000.0, ...}
+
+The job writes it from a background thread, at most every ``min_interval`` seconds (stage
+changes and the end are written at once), so a slow or unreachable store never slows
+training, and a failed write is logged once and never fails the run. It outlives the pod:
+`launcher status` shows it where logs are gone. This module is the one home of its layout:
+the job writes through :class:`ProgressWriter`, the launcher reads through
+:func:`read_progress` and words it with :func:`describe`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+
+from jobs.storage import join
+
+log = logging.getLogger("jobs")
+
+FOLDER = "progress"
+MIN_INTERVAL_S = 10.0
+
+
+def progress_key(run_prefix: str, spec_hash: str) -> str:
+    return join(run_prefix, FOLDER, f"{spec_hash}.json")
+
+
+class ProgressWriter:
+    """Keeps the newest progress and writes it to ``store`` at a bounded rate, off the training thread."""
+
+    def __init__(self, store, key: str, *, min_interval: float = MIN_INTERVAL_S, enabled: bool = True):
+        self.store, self.key, self.min_interval = store, key, min_interval
+        self.enabled = enabled
+        self._state: dict = {"state": "running", "started_at": round(time.time(), 1)}
+        self._dirty = False
+        self._urgent = False
+        self._closed = False
+        self._warned = False
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self.writes = 0
+
+    # -- what the job calls
+    def update(self, *, urgent: bool = False, **fields) -> None:
+        if not self.enabled:
+            return
+        with self._cv:
+            self._state.update({k: v for k, v in fields.items()})
+            self._dirty = True
+            self._urgent = self._urgent or urgent
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="progress-writer", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+
+    def stage(self, name: str) -> None:
+        self.update(stage=name, urgent=True)
+
+    def close(self, state: str, *, wait_s: float = 15.0, **fields) -> None:
+        """The last word: ``state`` (succeeded, failed, preempted), written now (waits up to ``wait_s``)."""
+        if not self.enabled:
+            return
+        self.update(state=state, urgent=True, **fields)
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(wait_s)
+
+    # -- the writer thread
+    def _loop(self) -> None:
+        last = float("-inf")
+        while True:
+            with self._cv:
+                while not (self._dirty and (self._urgent or self._closed
+                                            or time.monotonic() >= last + self.min_interval)):
+                    if self._closed and not self._dirty:
+                        return
+                    self._cv.wait(None if not self._dirty else max(0.01, last + self.min_interval - time.monotonic()))
+                snapshot = dict(self._state, updated_at=round(time.time(), 1))
+                self._dirty = self._urgent = False
+            self._write(snapshot)
+            last = time.monotonic()
+
+    def _write(self, snapshot: dict) -> None:
+        try:
+            self.store.put_bytes(self.key, json.dumps(snapshot, sort_keys=True).encode(), "application/json")
+            self.writes += 1
+        except Exception as err:  # progress is a courtesy: it never fails the run
+            if not self._warned:
+                self._warned = True
+                log.warning("progress not written to %s/%s (%s); training goes on, later updates are retried",
+                            self.store.label, self.key, str(err).splitlines()[0])
+
+
+def read_progress(store, run_prefix: str, spec_hash: str) -> dict | None:
+    """The newest progress object of that Job, or None when there is none (yet)."""
+    from jobs.errors import StorageError
+
+    try:
+        if not store.exists(progress_key(run_prefix, spec_hash)):
+            return None
+        data = json.loads(store.get_bytes(progress_key(run_prefix, spec_hash)))
+    except (StorageError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _human(n: float) -> str:
+    return f"{n / 1000:.1f}k" if n >= 1000 else f"{n:.0f}"
+
+
+def _eta(seconds: float) -> str:
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def describe(p: dict, now: float | None = None) -> str:
+    """One line: "training step 120/400, loss 1.2300, val loss 1.3100, 14.0k tok/s, ETA 12m00s (updated 8s ago)"."""
+    stage = p.get("stage") or "starting"
+    state = p.get("state") or "running"
+    parts = []
+    if state != "running":
+        parts.append(f"{state} in {stage}" if state in ("failed", "preempted") else state)
+        if p.get("version"):
+            parts.append(f"published {p['version']}")
+    elif stage == "train" and p.get("total_steps"):
+        parts.append(f"training step {p.get('step', 0)}/{p['total_steps']}")
+    else:
+        parts.append({"fetch": "fetching data and base model", "prepare": "preparing data",
+                      "load": "loading the model", "evaluate": "evaluating", "merge": "merging",
+                      "publish": "publishing"}.get(stage, stage))
+    if p.get("loss") is not None:
+        parts.append(f"loss {p['loss']:.4f}")
+    if p.get("val_loss") is not None:
+        parts.append(f"val loss {p['val_loss']:.4f}")
+    if state == "running" and p.get("tokens_per_s"):
+        parts.append(f"{_human(p['tokens_per_s'])} tok/s")
+    if state == "running" and p.get("eta_s") is not None and stage == "train":
+        parts.append(f"ETA {_eta(p['eta_s'])}")
+    line = ", ".join(parts)
+    if p.get("updated_at"):
+        age = max(0.0, (now or time.time()) - float(p["updated_at"]))
+        line += f" (updated {_eta(age)} ago)"
+    return line
