@@ -102,15 +102,40 @@ class ProgressWriter:
 
 def read_progress(store, run_prefix: str, spec_hash: str) -> dict | None:
     """The newest progress object of that Job, or None when there is none (yet)."""
-    from jobs.errors import StorageError
+    from jobs.errors import LoraJobError
 
     try:
         if not store.exists(progress_key(run_prefix, spec_hash)):
             return None
         data = json.loads(store.get_bytes(progress_key(run_prefix, spec_hash)))
-    except (StorageError, ValueError):
+    except (LoraJobError, ValueError):  # unreadable, denied or unreachable: no progress to show
         return None
     return data if isinstance(data, dict) else None
+
+
+# A status read must answer in seconds, whatever the store does: 2 attempts, short timeouts.
+READ_POLICY_KW = {"attempts": 2, "connect_timeout": 2.0, "read_timeout": 5.0, "base_delay": 0.2}
+
+
+def read_run_progress(run_uri: str | None, spec_hash: str | None) -> dict | None:
+    """Progress of the Job whose run prefix is ``run_uri`` (its ``lora-jobs.io/output`` annotation) and whose
+    spec hash is ``spec_hash``, with ``summary`` (:func:`describe`) added; None when there is none to read."""
+    if not run_uri or not spec_hash:
+        return None
+    from jobs.errors import LoraJobError
+    from jobs.storage import RetryPolicy, S3Store, make_s3_client, open_store
+
+    try:
+        store, prefix = open_store(run_uri)
+        if isinstance(store, S3Store):
+            policy = RetryPolicy(**READ_POLICY_KW)
+            store = S3Store(store.bucket, client=make_s3_client(policy), policy=policy)
+        p = read_progress(store, prefix, spec_hash)
+    except (LoraJobError, ValueError, ImportError):
+        return None
+    if p is not None:
+        p["summary"] = describe(p)
+    return p
 
 
 def _human(n: float) -> str:

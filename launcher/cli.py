@@ -228,6 +228,8 @@ def status(ctx: typer.Context, run: str = typer.Argument(..., help="Run name or 
         c = _console()
         c.print(f"[bold]{_esc(data['job'])}[/] (run {_esc(data['run'])}, namespace {_esc(data['namespace'])})")
         c.print(f"  state:  [bold]{data['state']}[/] — {_esc(data['sentence'])}")
+        if data.get("progress"):
+            c.print(f"  progress: {data['progress']['summary']}", markup=False)
         if data["exit_code"] is not None:
             c.print(f"  exit code: {data['exit_code']}")
         for d in data["details"]:
@@ -273,9 +275,9 @@ def list_runs(ctx: typer.Context, fmt: Format = FORMAT_OPTION) -> None:
         if not rows:
             _console().print(f"no runs in namespace {client.namespace}", markup=False)
             return
-        t = Table("run", "job", "state", "created", "why")
+        t = Table("run", "job", "state", "created", "why / progress")
         for r in rows:
-            t.add_row(r["run"] or "", r["job"], r["state"], r["created"] or "", _esc(r["sentence"]))
+            t.add_row(r["run"] or "", r["job"], r["state"], r["created"] or "", _esc(r["progress"] or r["sentence"]))
         _console().print(t)
 
     _emit(rows, fmt, table)

@@ -75,6 +75,9 @@ class RunStatus:
     attempts: Attempts
     output: str | None
     pods: list[Any]  # launcher.diagnose.Attempt
+    # The job's live progress object (jobs.progress), read from the run's storage, with a one-line "summary";
+    # None when it cannot be read (no credentials here, not written yet, a run from before progress existed).
+    progress: dict | None = None
 
     @property
     def finished(self) -> bool:
@@ -97,6 +100,7 @@ class RunSummary:
     state: str
     sentence: str
     created: str | None
+    progress: str | None = None  # jobs.progress.describe() of a running run's progress object
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -357,12 +361,17 @@ class Client:
         job, pods, events = self._snapshot(kube, job["metadata"]["name"])
         if job is None:
             raise UsageError(f"run {run} disappeared while we looked", hint="see `launcher list`")
-        return status_of(job, pods, diagnose(job, pods, events, gpu_resource=settings.gpu_resource), kube.namespace)
+        from jobs.progress import read_run_progress
+
+        st = status_of(job, pods, diagnose(job, pods, events, gpu_resource=settings.gpu_resource), kube.namespace)
+        st.progress = read_run_progress(st.output, st.spec_hash)
+        return st
 
     def list(self) -> list[RunSummary]:
         """The runs in the namespace, newest first."""
+        from jobs.progress import read_run_progress
         from launcher.diagnose import diagnose
-        from launcher.render import LABEL_RUN
+        from launcher.render import ANNOTATION_OUTPUT, LABEL_HASH, LABEL_RUN
 
         settings, kube = self.connect()
         jobs = kube.list_jobs(LABEL_APP_SELECTOR)
@@ -373,8 +382,15 @@ class Client:
         for j in sorted(jobs, key=lambda j: j["metadata"].get("creationTimestamp") or "", reverse=True):
             name = j["metadata"]["name"]
             d = diagnose(j, by_job.get(name, []), [], gpu_resource=settings.gpu_resource)
-            rows.append(RunSummary(run=(j["metadata"].get("labels") or {}).get(LABEL_RUN), job=name, state=d.state,
-                                   sentence=d.sentence, created=j["metadata"].get("creationTimestamp")))
+            labels = j["metadata"].get("labels") or {}
+            progress = None
+            if d.state == "Running":  # one small read per running run; finished ones say it in their sentence
+                p = read_run_progress((j["metadata"].get("annotations") or {}).get(ANNOTATION_OUTPUT),
+                                      labels.get(LABEL_HASH))
+                progress = p["summary"] if p else None
+            rows.append(RunSummary(run=labels.get(LABEL_RUN), job=name, state=d.state,
+                                   sentence=d.sentence, created=j["metadata"].get("creationTimestamp"),
+                                   progress=progress))
         return rows
 
     def wait(self, run: str, *, timeout: float | None = None, interval: float = 2.0,

@@ -217,3 +217,55 @@ def test_errors_are_the_projects_classes_with_a_fix(sdk, stack, s3_prefix, tmp_p
         Client("default", kubeconfig=str(dead)).list()
     assert "cannot reach the Kubernetes API server at https://127.0.0.1:9" in e.value.message and e.value.hint
     assert isinstance(e.value, errors.ClusterError) and isinstance(e.value, LoraJobError)
+
+
+# ------------------------------------------------------------------------------ live progress
+
+def test_status_and_list_show_the_jobs_live_progress_from_object_storage(sdk, stack, s3_prefix, launcher_env):
+    """kwok runs no trainer, so the progress object is written here by the job's own writer
+    (jobs.progress.ProgressWriter, at the key the job uses); tests/integration/test_train_e2e.py
+    proves that the real job writes it."""
+    import json
+    import subprocess
+    import sys
+
+    from jobs.progress import ProgressWriter, progress_key
+    from jobs.storage import open_store
+
+    name = held(sdk, spec(stack, s3_prefix, "sdk-progress"))
+    running = eventually(lambda: (lambda s: s if s.state == "Running" else None)(sdk.status("sdk-progress")),
+                         what="Running")
+    assert running.progress is None, "nothing written yet: nothing shown"
+
+    store, prefix = open_store(running.output)  # the Job's own annotation says where its run lives
+    writer = ProgressWriter(store, progress_key(prefix, running.spec_hash))
+    writer.stage("train")
+    writer.update(step=120, total_steps=400, loss=1.23, val_loss=1.31, tokens_per_s=14_000.0, eta_s=720.0,
+                  examples_seen=1920, tokens_seen=880_000)
+    writer.close("running", wait_s=10)  # flush now (a job keeps writing; the state stays "running")
+
+    st = sdk.status("sdk-progress")
+    assert st.progress["step"] == 120 and st.progress["total_steps"] == 400
+    line = st.progress["summary"]
+    assert line.startswith("training step 120/400, loss 1.2300, val loss 1.3100, 14.0k tok/s, ETA 12m00s (updated ")
+    row = [r for r in sdk.list() if r.job == name][0]
+    assert row.progress.split(" (updated ")[0] == line.split(" (updated ")[0], (row.progress, line)
+
+    cli = [sys.executable, "-m", "launcher"]
+    out = subprocess.run([*cli, "status", "sdk-progress"], env=launcher_env, capture_output=True, text=True,
+                         timeout=120, cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr
+    assert "progress: training step 120/400, loss 1.2300" in out.stdout, out.stdout
+    js = subprocess.run([*cli, "status", "sdk-progress", "-o", "json"], env=launcher_env, capture_output=True,
+                        text=True, timeout=120, cwd=Path(__file__).resolve().parents[2])
+    assert json.loads(js.stdout)["progress"]["tokens_seen"] == 880_000
+
+    # Without storage credentials the status still answers, without progress, in seconds.
+    no_s3 = {k: v for k, v in launcher_env.items() if not k.startswith("AWS_")}
+    no_s3["AWS_ENDPOINT_URL"] = "http://127.0.0.1:9"
+    t0 = time.monotonic()
+    bare = subprocess.run([*cli, "status", "sdk-progress", "-o", "json"], env=no_s3, capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).resolve().parents[2])
+    assert bare.returncode == 0 and json.loads(bare.stdout)["progress"] is None, bare.stderr
+    assert time.monotonic() - t0 < 30
+    sdk.cancel("sdk-progress", timeout=90)
