@@ -49,7 +49,7 @@ def publish_version(store, run_prefix: str, folder: Path, *, max_attempts: int =
     version never holds a mix of two runs' files. ``latest`` only ever moves forward (a
     compare-and-swap on its ETag), however the publishers finish.
     """
-    from jobs.storage import upload_dir
+    from jobs.storage import TransferProgress, upload_dir
 
     manifest = build_manifest(folder)
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
@@ -64,7 +64,9 @@ def publish_version(store, run_prefix: str, folder: Path, *, max_attempts: int =
             n += 1
             continue
         log.info("publishing %d files to %s/%s", len(files), store.label, prefix)
-        upload_dir(store, folder, prefix, files=files)
+        sent = TransferProgress(f"uploading {version}", sum(p.stat().st_size for p in files))
+        upload_dir(store, folder, prefix, files=files, progress=sent)
+        sent.finish()
         store.put_bytes(join(prefix, MARKER), (manifest_sha + "\n").encode())
         _advance_latest(store, run_prefix, n)
         log.info("published %s/%s (complete)", store.label, prefix)

@@ -19,7 +19,7 @@ from jobs import __version__
 from jobs.errors import DataError, Preempted, SpecError, Problem, StorageError
 from jobs.progress import ProgressWriter, progress_key
 from jobs.spec import TrainingRunSpec
-from jobs.storage import download_prefix, join, open_store, parse_uri
+from jobs.storage import TransferProgress, download_prefix, join, open_store, parse_uri
 
 log = logging.getLogger("jobs")
 
@@ -122,15 +122,14 @@ def fetch(spec: TrainingRunSpec, workdir: Path) -> Fetched:
         size = sum(o.size for o in objs)
         what = f"the base model ({len(objs)} files)"
         _check_space(workdir, size, what)
-        t0 = time.perf_counter()
+        moved = TransferProgress(f"downloading the base model ({len(objs)} files)", size)
         try:
-            download_prefix(store, prefix, dest, workers=16)
+            download_prefix(store, prefix, dest, workers=16, progress=moved)
         except OSError as err:  # the volume filled up under us (another writer, a shared node disk)
             if err.errno != errno.ENOSPC:
                 raise
             raise _no_space(workdir, size, what, shutil.disk_usage(workdir).free, during=True) from None
-        log.info("downloaded base model: %d files, %.1f MiB in %.1fs", len(objs), size / 2**20,
-                 time.perf_counter() - t0)
+        moved.finish()
         base_dir, base_hash = str(dest), hash_dir(dest)
     else:
         p = Path(parse_uri(uri)[2])

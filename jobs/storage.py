@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import logging
 import os
 import random
 import shutil
@@ -29,6 +30,8 @@ from pathlib import Path
 from typing import Iterable
 
 from jobs.errors import StorageError, TransientError
+
+log = logging.getLogger("jobs")
 
 # Objects at least this big are fetched by download_file_ranged (parallel ranged GETs
 # written in place); smaller ones go through get_file. Defaults chosen by
@@ -126,6 +129,56 @@ class RetryPolicy:
         client.meta.events.register(f"needs-retry.{name}", handler, unique_id=f"retry-config-{name}")
 
 
+def _bytes(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+class TransferProgress:
+    """Bytes done of a long transfer, for the pod log and a terminal.
+
+    Call it with each chunk's byte count (from any thread; a negative count takes bytes back, as
+    boto3's upload callback does on a retried part). It logs ``"<what>: 4.2 GiB of 16.0 GiB (26%),
+    512.0 MiB/s, ETA 23s"`` at most every ``interval`` seconds, and :meth:`finish` logs the total and
+    the mean rate once. ``on_update(done, total)`` sees every change (a rich progress bar)."""
+
+    def __init__(self, what: str, total: int, *, interval: float = 10.0, logger: logging.Logger | None = None,
+                 on_update=None):
+        self.what, self.total, self.interval = what, max(0, int(total)), interval
+        self.log = logger or log
+        self.on_update = on_update
+        self.done = 0
+        self.lines = 0
+        self._lock = threading.Lock()
+        self._t0 = time.monotonic()
+        self._last = self._t0
+
+    def __call__(self, n: int) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self.done += n
+            due = now - self._last >= self.interval and self.done < self.total
+            if due:
+                self._last = now
+            done = self.done
+        if self.on_update is not None:
+            self.on_update(done, self.total)
+        if due:
+            rate = done / max(now - self._t0, 1e-9)
+            eta = (self.total - done) / rate if rate > 0 else None
+            pct = f" ({100 * done / self.total:.0f}%)" if self.total else ""
+            self.lines += 1
+            self.log.info("%s: %s of %s%s, %s/s, ETA %s", self.what, _bytes(done), _bytes(self.total), pct,
+                          _bytes(rate), "?" if eta is None else f"{eta:.0f}s")
+
+    def finish(self) -> None:
+        took = time.monotonic() - self._t0
+        self.lines += 1
+        self.log.info("%s: %s in %.1fs (%s/s)", self.what, _bytes(self.done), took, _bytes(self.done / max(took, 1e-9)))
+
+
 def parse_uri(uri: str) -> tuple[str, str, str]:
     """('s3', bucket, key) or ('file', '', absolute-path)."""
     if uri.startswith("s3://"):
@@ -154,12 +207,14 @@ class LocalStore:
             raise StorageError(f"key '{key}' escapes the store root {self.root}")
         return p
 
-    def put_file(self, path: str | Path, key: str) -> None:
+    def put_file(self, path: str | Path, key: str, progress=None) -> None:
         dest = self._path(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(dest.name + ".part")
         shutil.copyfile(path, tmp)
         os.replace(tmp, dest)
+        if progress is not None:
+            progress(dest.stat().st_size)
 
     def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None:
         dest = self._path(key)
@@ -168,12 +223,14 @@ class LocalStore:
         tmp.write_bytes(data)
         os.replace(tmp, dest)
 
-    def get_file(self, key: str, dest: str | Path) -> None:
+    def get_file(self, key: str, dest: str | Path, progress=None) -> None:
         src = self._path(key)
         if not src.is_file():
             raise StorageError(f"{self.root}/{key} not found", hint="check the path in the spec")
         Path(dest).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, dest)
+        if progress is not None:
+            progress(src.stat().st_size)
 
     def get_bytes(self, key: str) -> bytes:
         src = self._path(key)
@@ -290,17 +347,19 @@ class S3Store:
                              f"{self.policy.attempts} attempts",
                              hint="check that the S3 endpoint is up; the Job retries transient failures")
 
-    def put_file(self, path: str | Path, key: str) -> None:
-        self._call("upload to", key, self.client.upload_file, str(path), self.bucket, key)
+    def put_file(self, path: str | Path, key: str, progress=None) -> None:
+        """``progress(n)`` sees the bytes of each part as it is sent (negative when a part is resent)."""
+        self._call("upload to", key, self.client.upload_file, str(path), self.bucket, key,
+                   **({"Callback": progress} if progress is not None else {}))
 
     def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None:
         extra = {"ContentType": content_type} if content_type else {}
         self._call("write", key, self.client.put_object, Bucket=self.bucket, Key=key, Body=data, **extra)
 
-    def get_file(self, key: str, dest: str | Path) -> None:
+    def get_file(self, key: str, dest: str | Path, progress=None) -> None:
         """One object into ``dest`` (via ``dest.part``): one ranged GET per part, resumed where a
         stream broke, under :attr:`policy` (never the transfer manager's own download retries)."""
-        download_file_ranged(self, key, dest, workers=1)
+        download_file_ranged(self, key, dest, workers=1, progress=progress)
 
     def put_bytes_if_absent(self, key: str, data: bytes) -> bool:
         """Create ``key`` only if no object has that name (``If-None-Match: *``); False if one did."""
@@ -480,7 +539,7 @@ def _stream_readinto(body):
 
 
 def download_file_ranged(store, key: str, dest: str | Path, *, part_size: int = RANGED_PART_SIZE,
-                         workers: int = RANGED_WORKERS, read_size: int = RANGED_READ_SIZE) -> Path:
+                         workers: int = RANGED_WORKERS, read_size: int = RANGED_READ_SIZE, progress=None) -> Path:
     """Download one (large) object with parallel ranged GETs written in place into ``dest``.
 
     The object's size and ETag come from one HEAD. ``dest.part`` is preallocated to the
@@ -493,13 +552,13 @@ def download_file_ranged(store, key: str, dest: str | Path, *, part_size: int = 
     with the error mapping of every other call here: missing/denied → :class:`StorageError`,
     still failing → :class:`TransientError`.
     The byte count is verified, then ``dest.part`` is renamed to ``dest``; on any
-    failure it is removed. A :class:`LocalStore` just copies the file.
+    failure it is removed. ``progress(n)`` (e.g. a :class:`TransferProgress`) sees every chunk written. A :class:`LocalStore` just copies the file.
     """
     if part_size < 1 or workers < 1 or read_size < 1:
         raise ValueError("part_size, workers and read_size must be positive")
     dest = Path(dest)
     if not isinstance(store, S3Store):
-        store.get_file(key, dest)
+        store.get_file(key, dest, progress=progress)
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     client = store.client
@@ -551,6 +610,8 @@ def download_file_ranged(store, key: str, dest: str | Path, *, part_size: int = 
                             n = os.pwrite(fd, view, off)
                             view, off = view[n:], off + n
                         reached += got
+                        if progress is not None:
+                            progress(got)
                     complete = True
                 finally:
                     release = getattr(getattr(body, "_raw_stream", None), "release_conn", None) if complete else None
@@ -607,7 +668,7 @@ def safe_relative_path(rel: str, what: str) -> Path:
 
 
 def download_prefix(store, prefix: str, dest: str | Path, workers: int = 8, *,
-                    ranged_threshold: int = RANGED_THRESHOLD) -> list[Path]:
+                    ranged_threshold: int = RANGED_THRESHOLD, progress=None) -> list[Path]:
     """Download every object under ``prefix`` into ``dest`` (keys relative to the prefix).
 
     Small objects go ``workers`` at a time through ``get_file``; meanwhile objects of at
@@ -628,7 +689,7 @@ def download_prefix(store, prefix: str, dest: str | Path, workers: int = 8, *,
         target(o)
 
     def one(o: ObjectInfo) -> Path:
-        store.get_file(o.key, target(o))
+        store.get_file(o.key, target(o), progress=progress)
         return target(o)
 
     big = [o for o in objs if isinstance(store, S3Store) and o.size >= ranged_threshold]
@@ -636,18 +697,19 @@ def download_prefix(store, prefix: str, dest: str | Path, workers: int = 8, *,
     with ThreadPoolExecutor(max_workers=workers) as pool:
         small = [pool.submit(one, o) for o in objs if o.key not in big_keys]
         for o in big:
-            download_file_ranged(store, o.key, target(o))
+            download_file_ranged(store, o.key, target(o), progress=progress)
         for fut in small:
             fut.result()
     return [target(o) for o in objs]
 
 
-def upload_dir(store, src: str | Path, prefix: str, files: Iterable[Path] | None = None, workers: int = 8) -> None:
+def upload_dir(store, src: str | Path, prefix: str, files: Iterable[Path] | None = None, workers: int = 8,
+               progress=None) -> None:
     src = Path(src)
     files = list(files) if files is not None else sorted(p for p in src.rglob("*") if p.is_file())
 
     def one(p: Path) -> None:
-        store.put_file(p, join(prefix, str(p.relative_to(src))))
+        store.put_file(p, join(prefix, str(p.relative_to(src))), progress=progress)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         list(pool.map(one, files))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import Any
 from jobs.errors import StorageError
 from jobs.modelio import sha256_file as _sha256
 from jobs.publish import LATEST, MANIFEST, MARKER as COMPLETE, existing_versions
-from jobs.storage import join, open_store, safe_relative_path
+from jobs.storage import TransferProgress, join, open_store, safe_relative_path
 
 
 @dataclass
@@ -85,9 +86,11 @@ def manifest_entries(manifest: Any) -> dict[str, dict[str, Any]]:
     return out
 
 
-def download_version(output: str, run: str, version: str | None, dest: str | Path) -> tuple[str, Path]:
+def download_version(output: str, run: str, version: str | None, dest: str | Path,
+                     on_progress=None) -> tuple[str, Path]:
     """Download a complete version (default: latest) into ``dest/<version>``; verify every file against the
-    manifest and the manifest against ``_COMPLETE``. Returns (version, folder)."""
+    manifest and the manifest against ``_COMPLETE``. Returns (version, folder). ``on_progress(done, total)``
+    sees the bytes as they arrive (a progress bar); the ``launcher`` logger gets a line every 10 s."""
     listing = list_versions(output, run)
     if not listing.versions:
         extra = f" ({len(listing.incomplete)} incomplete)" if listing.incomplete else ""
@@ -120,9 +123,12 @@ def download_version(output: str, run: str, version: str | None, dest: str | Pat
     target = Path(dest) / version
     target.mkdir(parents=True, exist_ok=True)
     bad = []
+    total = sum(int(info.get("size") or 0) for info in entries.values())
+    moved = TransferProgress(f"downloading {run} {version}", total, on_update=on_progress,
+                             logger=logging.getLogger("launcher"))
     for rel, info in sorted(entries.items()):
         local = target / safe_relative_path(rel, f"the manifest of {version}")
-        store.get_file(join(base, rel), local)
+        store.get_file(join(base, rel), local, progress=moved)
         if _sha256(local) != info["sha256"] or ("size" in info and local.stat().st_size != int(info["size"])):
             bad.append(rel)
     (target / MANIFEST).write_bytes(manifest_raw)

@@ -127,9 +127,9 @@ def _esc(text: Any) -> str:
     return escape(str(text))
 
 
-def _console():
+def _console(stderr: bool = False):
     from rich.console import Console
-    return Console(highlight=False, soft_wrap=True)
+    return Console(highlight=False, soft_wrap=True, stderr=stderr)
 
 
 FORMAT_OPTION = typer.Option(Format.table, "--format", "-o", help="Output: table, json or yaml.")
@@ -325,6 +325,20 @@ app.add_typer(artifacts_app, name="artifacts")
 OUTPUT_OPTION = typer.Option(None, "--output", help="The spec's output prefix; needed once the Job is gone.")
 
 
+def _download_with_bar(client, run: str, dest: Path, version: Optional[str], output: Optional[str]):
+    """The download, with a rich progress bar (bytes, MiB/s, ETA) when stderr is a terminal."""
+    if not sys.stderr.isatty():
+        return client.download(run, dest, version=version, output=output)
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                               TransferSpeedColumn)
+
+    with Progress(TextColumn(f"downloading {run}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TimeRemainingColumn(), console=_console(stderr=True), transient=True) as bar:
+        task = bar.add_task("download", total=None)
+        return client.download(run, dest, version=version, output=output,
+                               on_progress=lambda done, total: bar.update(task, completed=done, total=total))
+
+
 @artifacts_app.command("list", epilog="Example:  launcher artifacts my-run   |   launcher artifacts my-run --download "
                                       "./out   |   launcher artifacts my-run --output s3://bucket/runs")
 @_handles_errors
@@ -336,7 +350,7 @@ def artifacts(ctx: typer.Context, run: str = typer.Argument(..., help="Run name 
     """List a run's published versions, or download one (verified against its manifest)."""
     client = _client(ctx)
     if download is not None:
-        typer.echo(client.download(run, download, version=version, output=output).message)
+        typer.echo(_download_with_bar(client, run, download, version, output).message)
         return
     listing = client.artifacts(run, output=output)
 

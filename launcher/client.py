@@ -563,13 +563,13 @@ class Client:
         return art.list_versions(output, run_name)
 
     def download(self, run: str, dest: str | Path, *, version: str | None = None,
-                 output: str | None = None) -> Downloaded:
+                 output: str | None = None, on_progress: Callable[[int, int], None] | None = None) -> Downloaded:
         """Download a complete version (default: latest) to ``dest/<version>``, every file verified against the
-        manifest; ``StorageError`` otherwise."""
+        manifest; ``StorageError`` otherwise. ``on_progress(bytes_done, bytes_total)`` follows the transfer."""
         from launcher import artifacts as art
 
         run_name, output = self._output_of(run, output)
-        v, folder = art.download_version(output, run_name, version, dest)
+        v, folder = art.download_version(output, run_name, version, dest, on_progress=on_progress)
         return Downloaded(run_name, v, folder)
 
     def prune(self, run: str, *, older_than: str | float = "24h", apply: bool = False,

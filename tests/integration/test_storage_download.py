@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from jobs.errors import StorageError, TransientError
-from jobs.storage import RetryPolicy, S3Store, download_file_ranged, download_prefix
+from jobs.storage import RetryPolicy, S3Store, TransferProgress, download_file_ranged, download_prefix
 
 pytestmark = pytest.mark.s3
 
@@ -64,7 +64,9 @@ def test_exact_bytes_around_part_boundaries(stack, s3_prefix, tmp_path, size):
     ranges = _count_gets(client)
 
     dest = tmp_path / "sub" / "out.bin"
-    got = download_file_ranged(S3Store(bucket, client=client), key, dest, part_size=PART, workers=3)
+    moved = TransferProgress("downloading", size)
+    got = download_file_ranged(S3Store(bucket, client=client), key, dest, part_size=PART, workers=3, progress=moved)
+    assert moved.done == size
 
     assert got == dest
     assert dest.stat().st_size == size
@@ -139,7 +141,9 @@ def test_minio_paused_mid_download_is_retried_and_completes(stack, s3_prefix, tm
     dest = tmp_path / "big.safetensors"
     t0 = time.monotonic()
     try:
-        download_file_ranged(S3Store(bucket, client=client, policy=policy), key, dest, part_size=PART, workers=4)
+        moved = TransferProgress("downloading", size)
+        download_file_ranged(S3Store(bucket, client=client, policy=policy), key, dest, part_size=PART, workers=4,
+                             progress=moved)
     finally:
         if paused.is_set() and not resumed.wait(pause_s + 5):
             os.kill(pid, signal.SIGCONT)  # never leave the shared MinIO stopped
@@ -148,6 +152,7 @@ def test_minio_paused_mid_download_is_retried_and_completes(stack, s3_prefix, tm
     assert paused.is_set() and resumed.is_set()
     assert elapsed >= pause_s
     assert dest.read_bytes() == data
+    assert moved.done == size, "resumed parts count each byte once"
     parts = -(-size // PART)
     assert len(sends) > parts, f"{len(sends)} GETs for {parts} parts: nothing was retried"
 
