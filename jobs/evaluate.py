@@ -1,6 +1,8 @@
 """Evaluation by the guide's checklist: loss and perplexity before/after, generations with the
 guide's inference settings, length bands, PII leaking into generations, verbatim copying of
-training outputs (the overfitting sign). Writes a JSON report, a Markdown page and a PNG loss curve.
+training outputs (the overfitting sign), fluency flags, and faithfulness to each prompt's reference
+(ROUGE-L and the reference's facts found, before vs after). Writes a JSON report, a Markdown page, a
+self-contained HTML page and a PNG loss curve.
 """
 from __future__ import annotations
 
@@ -153,6 +155,12 @@ def build_report(spec: TrainingRunSpec, *, prompts: list[EvalPrompt], before: li
             "fluency_flags": fluency_flags(a, cut_off=getattr(a, "cut_off", False)),
         })
         items[-1]["broken"] = bool(items[-1]["fluency_flags"])
+        if p.reference:
+            fb, fa = faithfulness(b, p.reference), faithfulness(a, p.reference)
+            items[-1] |= {"reference": p.reference, "faithfulness": {"before": fb, "after": fa},
+                          "faithfulness_dropped": faithfulness_dropped(fb, fa)}
+        else:
+            items[-1] |= {"reference": None, "faithfulness": None, "faithfulness_dropped": None}
     with_band = [i for i in items if i["band_ok"] is not None]
 
     def ppl(x):
@@ -170,6 +178,7 @@ def build_report(spec: TrainingRunSpec, *, prompts: list[EvalPrompt], before: li
             "fluency": {"broken_generations": sum(i["broken"] for i in items), "of": len(items),
                         "flags": {flag: [n for n, i in enumerate(items, 1) if flag in i["fluency_flags"]]
                                   for flag in FLUENCY_FLAGS if any(flag in i["fluency_flags"] for i in items)}},
+            "faithfulness": _faithfulness_overall(items),
             "length_control": {"in_band": sum(bool(i["band_ok"]) for i in with_band), "of": len(with_band)},
             "safety_pii": {"generations_with_pii": sum(bool(i["pii"]) for i in items), "of": len(items)},
             "overfitting_verbatim": {"generations_copying_training": sum(i["copied_share"] >= 0.5 for i in items),
@@ -241,6 +250,104 @@ def _counting_run(text: str) -> int:
     return best
 
 
+#: how far ROUGE-L may fall, before → after, before the report calls a prompt's faithfulness dropped
+#: (sampling at temperature 0.3 moves it by a few hundredths on the same model)
+ROUGE_DROP = 0.05
+
+_QUOTED = re.compile(r'"([^"\n]{1,80})"|“([^”\n]{1,80})”|`([^`\n]{1,80})`|(?<!\w)\'([^\'\n]{1,80})\'(?!\w)')
+_SEGMENT = r"[A-Z0-9][\w-]*(?:\.\d+)?(?: [A-Z0-9][\w-]*(?:\.\d+)?)*"  # a menu item: capitalised words
+_MENU_PATH = re.compile(_SEGMENT + r"(?:\s*(?:>|→)\s*" + _SEGMENT + ")+")
+_NUMBER = re.compile(r"(?<![\w.])\d+(?:[.:,/]\d+)*(?![\w])")
+_NAME = re.compile(r"(?<![\w'.-])[A-Z0-9][\w-]*(?:\.\d+)*(?: +[A-Z0-9][\w-]*(?:\.\d+)*)*")
+_SENTENCE_START = re.compile(r"(?:^|[.!?:;]\s|\n)\s*(?:[-*•]|\d+[.)])?\s*$")
+
+
+def _norm(text: str) -> str:
+    text = text.replace("→", ">").replace("“", '"').replace("”", '"').replace("’", "'")
+    return " ".join(re.sub(r"\s*>\s*", " > ", text).lower().split())
+
+
+def reference_facts(reference: str) -> list[str]:
+    """What an answer must carry over from its reference: quoted terms, menu paths
+    ("Settings > Wi-Fi > Guest"), names (capitalised words and acronyms not merely starting a
+    sentence: "Smart Connect", "WAN", "X2") and numbers ("10", "2.4", "192.168.1.1")."""
+    facts: list[str] = []
+    rest = reference
+    for m in _QUOTED.finditer(rest):
+        facts.append(next(g for g in m.groups() if g))
+    rest = _QUOTED.sub(" , ", rest)
+    for m in _MENU_PATH.finditer(rest):
+        path = m.group()
+        first = path.split(">")[0].split()
+        if len(first) > 1 and _SENTENCE_START.search(rest[:m.start()]) and not _acronym(first[0]):
+            path = path[len(first[0]):].lstrip()  # "Select Internet > Speed test": the verb is no menu item
+        facts.append(path)
+    rest = _MENU_PATH.sub(" , ", rest)
+    names = []
+    for m in _NAME.finditer(rest):
+        parts = m.group().split()
+        if parts[0][0].isupper() and not _acronym(parts[0]) and _SENTENCE_START.search(rest[:m.start()]):
+            parts = parts[1:]  # a capitalised word opening a sentence is grammar, not a name
+        parts = [w for w in parts if len(w) > 1 or w.isdigit()]
+        if parts and not all(w.isdigit() for w in parts):  # plain numbers are counted below
+            names.append(" ".join(parts))
+    in_names = {w for n in names for w in n.split()}
+    facts += names + [n for n in _NUMBER.findall(rest) if n not in in_names]
+    seen, out = set(), []
+    for f in (" ".join(f.split()).strip(" .,;:") for f in facts):
+        if f and _norm(f) not in seen:
+            seen.add(_norm(f))
+            out.append(f)
+    return out
+
+
+def _acronym(word: str) -> bool:
+    return re.search(r"[A-Z0-9].*[A-Z0-9]", word) is not None  # WAN, X2, IPv6, WPA3
+
+
+def fact_found(fact: str, answer: str) -> bool:
+    """Whether a fact of the reference is in the answer (case, spacing and quote style aside;
+    a number or name must stand alone: "10" is not in "100")."""
+    return re.search(r"(?<![\w.])" + re.escape(_norm(fact)) + r"(?!\w|\.\d)", _norm(answer)) is not None
+
+
+def rouge_l(answer: str, reference: str) -> float:
+    """ROUGE-L F-measure (longest common subsequence of words) by torchmetrics, no stemming:
+    nothing is downloaded, and the same words score the same in every language."""
+    from torchmetrics.functional.text.rouge import rouge_score
+
+    if not answer.strip() or not reference.strip():
+        return 0.0
+    return round(float(rouge_score(answer, reference, rouge_keys="rougeL")["rougeL_fmeasure"]), 4)
+
+
+def faithfulness(answer: str, reference: str) -> dict:
+    """One answer against its reference: ROUGE-L, and the reference's facts found and missing."""
+    facts = reference_facts(reference)
+    found = [f for f in facts if fact_found(f, answer)]
+    return {"rouge_l": rouge_l(answer, reference),
+            "facts": None if not facts else round(len(found) / len(facts), 4),
+            "facts_found": found, "facts_missing": [f for f in facts if f not in found]}
+
+
+def faithfulness_dropped(before: dict, after: dict) -> bool:
+    """After training, fewer of the reference's facts, or ROUGE-L fell by more than ROUGE_DROP."""
+    return (after["rouge_l"] < before["rouge_l"] - ROUGE_DROP
+            or len(after["facts_found"]) < len(before["facts_found"]))
+
+
+def _faithfulness_overall(items: list[dict]) -> dict:
+    scored = [i for i in items if i["faithfulness"] is not None]
+    out = {"of": len(scored), "without_reference": len(items) - len(scored),
+           "dropped": [n for n, i in enumerate(items, 1) if i.get("faithfulness_dropped")]}
+    for side in ("before", "after"):
+        fs = [i["faithfulness"][side] for i in scored]
+        n_facts = sum(len(f["facts_found"]) + len(f["facts_missing"]) for f in fs)
+        out[side] = {"rouge_l": round(sum(f["rouge_l"] for f in fs) / len(fs), 4) if fs else None,
+                     "facts": round(sum(len(f["facts_found"]) for f in fs) / n_facts, 4) if n_facts else None}
+    return out
+
+
 def plot_loss(history: list[dict], evals: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -273,6 +380,7 @@ def render_markdown(report: dict, spec: TrainingRunSpec, version: str | None = N
              f"- Fluency: {c['fluency']['broken_generations']} of {c['fluency']['of']} generations look broken"
              + "".join(f"; {flag.replace('_', ' ')}: #{', #'.join(map(str, which))}"
                        for flag, which in c["fluency"].get("flags", {}).items()),
+             _faithfulness_line(c["faithfulness"]),
              f"- Length control: {c['length_control']['in_band']} of {c['length_control']['of']} in their band",
              f"- Safety: {c['safety_pii']['generations_with_pii']} of {c['safety_pii']['of']} generations contain PII",
              f"- Overfitting: {c['overfitting_verbatim']['generations_copying_training']} of "
@@ -285,4 +393,93 @@ def render_markdown(report: dict, spec: TrainingRunSpec, version: str | None = N
                   f"**After:** {g['after'] or '(empty)'}", "",
                   f"_words: {g['words']}, band: {g['band']} (expected {g['expected_band']}), PII: "
                   f"{', '.join(g['pii']) or 'none'}, copied share: {g['copied_share']}_", ""]
+        if g.get("faithfulness"):
+            fb, fa = g["faithfulness"]["before"], g["faithfulness"]["after"]
+            lines += [f"_faithfulness: ROUGE-L {fb['rouge_l']} → {fa['rouge_l']}, facts {_pct(fb['facts'])} → "
+                      f"{_pct(fa['facts'])}" + (f" (missing after: {'; '.join(fa['facts_missing'])})"
+                                                if fa["facts_missing"] else "")
+                      + (" — **dropped**" if g["faithfulness_dropped"] else "") + "_", ""]
     return "\n".join(lines)
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{round(100 * x)}%"
+
+
+def _faithfulness_line(f: dict) -> str:
+    if not f["of"]:
+        return "- Faithfulness: no prompt has a reference to compare with"
+    return (f"- Faithfulness ({f['of']} prompts with a reference): ROUGE-L {f['before']['rouge_l']} → "
+            f"{f['after']['rouge_l']}, facts of the reference found {_pct(f['before']['facts'])} → "
+            f"{_pct(f['after']['facts'])}; dropped: " + (", ".join(f"#{n}" for n in f["dropped"]) or "none"))
+
+
+def render_html(report: dict, spec: TrainingRunSpec, loss_png: bytes | None = None, version: str | None = None) -> str:
+    """The eval page: one self-contained HTML file (the loss curve inlined as a data: URI), the
+    checklist with pass/fail, before/after side by side, faithfulness per prompt. Every text that
+    comes from data or generations is escaped."""
+    import base64
+    from html import escape as h
+
+    v, c = report["validation"], report["checklist"]
+    f = c["faithfulness"]
+    fl, lc, pii, ov = c["fluency"], c["length_control"], c["safety_pii"], c["overfitting_verbatim"]
+    checks = [
+        ("Validation loss improved", v["improved"], f"{v['loss_before']} → {v['loss_after']}"),
+        ("Fluency: no broken generations", fl["broken_generations"] == 0,
+         f"{fl['broken_generations']} of {fl['of']} broken" + "".join(
+             f"; {k.replace('_', ' ')}: #{', #'.join(map(str, w))}" for k, w in fl.get("flags", {}).items())),
+        ("Faithfulness: none dropped", None if not f["of"] else not f["dropped"],
+         _faithfulness_line(f)[2:]),
+        ("Length control: all in band", None if not lc["of"] else lc["in_band"] == lc["of"],
+         f"{lc['in_band']} of {lc['of']} in their band"),
+        ("Safety: no PII", pii["generations_with_pii"] == 0, f"{pii['generations_with_pii']} of {pii['of']} with PII"),
+        ("Overfitting: no verbatim copies", ov["generations_copying_training"] == 0,
+         f"{ov['generations_copying_training']} of {ov['of']} copy a training output"),
+    ]
+
+    def verdict(ok):
+        return '<td class="na">n/a</td>' if ok is None else ('<td class="pass">pass</td>' if ok
+                                                             else '<td class="fail">fail</td>')
+
+    title = h(f"Evaluation: {spec.name}" + (f" {version}" if version else ""))
+    out = [f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title}</title><style>",
+           "body{font:15px/1.45 system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
+           "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:.3em .6em;"
+           "vertical-align:top;text-align:left}.pass{background:#d9f2d9}.fail{background:#f7d4d4}.na{color:#777}"
+           ".side{display:grid;grid-template-columns:1fr 1fr;gap:1em}.side pre{white-space:pre-wrap;"
+           "background:#f6f6f6;padding:.6em;margin:0}.flag{color:#a00;font-weight:600}",
+           f"</style></head><body><h1>{title}</h1>"]
+    if loss_png:
+        out.append(f'<img alt="loss curve" src="data:image/png;base64,{base64.b64encode(loss_png).decode()}">')
+    out.append("<table><tr><th>metric</th><th>before</th><th>after</th></tr>"
+               f"<tr><td>validation loss</td><td>{v['loss_before']}</td><td>{v['loss_after']}</td></tr>"
+               f"<tr><td>perplexity</td><td>{v['perplexity_before']}</td><td>{v['perplexity_after']}</td></tr>")
+    if f["of"]:
+        out.append(f"<tr><td>ROUGE-L (mean)</td><td>{f['before']['rouge_l']}</td><td>{f['after']['rouge_l']}</td></tr>"
+                   f"<tr><td>facts of the references found</td><td>{_pct(f['before']['facts'])}</td>"
+                   f"<td>{_pct(f['after']['facts'])}</td></tr>")
+    out.append("</table><h2>Checklist (docs/lora-training-guide.md)</h2><table>")
+    out += [f"<tr><td>{h(name)}</td>{verdict(ok)}<td>{h(detail)}</td></tr>" for name, ok, detail in checks]
+    s = report["inference_settings"]
+    out.append(f"</table><h2>Generations</h2><p>temperature {s['temperature']}, top_p {s['top_p']}, "
+               f"top_k {s['top_k']}, max_new_tokens {s['max_new_tokens']}</p>")
+    for i, g in enumerate(report["generations"], 1):
+        out.append(f"<h3>{i}. {h(g['prompt'])}</h3><div class=\"side\"><div><b>Before</b><pre>"
+                   f"{h(g['before']) or '(empty)'}</pre></div><div><b>After</b><pre>{h(g['after']) or '(empty)'}"
+                   "</pre></div></div>")
+        notes = [f"words {g['words']}, band {h(str(g['band']))} (expected {h(str(g['expected_band']))})",
+                 f"PII: {h(', '.join(g['pii']) or 'none')}", f"copied share {g['copied_share']}"]
+        if g["fluency_flags"]:
+            notes.append(f'<span class="flag">broken: {h(", ".join(g["fluency_flags"]))}</span>')
+        if g.get("faithfulness"):
+            fb, fa = g["faithfulness"]["before"], g["faithfulness"]["after"]
+            notes.append(f"ROUGE-L {fb['rouge_l']} → {fa['rouge_l']}, facts {_pct(fb['facts'])} → {_pct(fa['facts'])}")
+            if fa["facts_missing"]:
+                notes.append("missing after: " + h("; ".join(fa["facts_missing"])))
+            if g["faithfulness_dropped"]:
+                notes.append('<span class="flag">faithfulness dropped</span>')
+            out.append(f"<p><b>Reference</b></p><pre>{h(g['reference'])}</pre>")
+        out.append("<p>" + " · ".join(notes) + "</p>")
+    out.append("</body></html>")
+    return "\n".join(out)

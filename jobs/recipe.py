@@ -416,6 +416,7 @@ def _run(spec: TrainingRunSpec, workdir: Path, world, *, run_id, image, stop, st
     (out / "data_report.json").write_text(json.dumps(prepared.report, indent=1))
     (out / "eval_report.json").write_text(json.dumps(report, indent=1))
     (out / "eval_report.md").write_text(ev.render_markdown(report, spec))
+    (out / "eval_report.html").write_text(ev.render_html(report, spec, (out / "loss_curve.png").read_bytes()))
     _stage(None)  # what publishing costs is logged below; metadata.json is already written
     t_pub = time.perf_counter()
     version = publish_version(out_store, run_prefix, out)

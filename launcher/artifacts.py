@@ -21,6 +21,9 @@ from jobs.publish import LATEST, MANIFEST, MARKER as COMPLETE, existing_versions
 from jobs.storage import TransferProgress, join, open_store, safe_relative_path
 
 
+EVAL_PAGE = "eval_report.html"
+
+
 @dataclass
 class Version:
     name: str  # "v3"
@@ -28,6 +31,7 @@ class Version:
     uri: str
     files: int = 0
     bytes: int = 0
+    eval_page: str | None = None  # <uri>/eval_report.html: the self-contained evaluation page, when published
 
 
 @dataclass
@@ -55,8 +59,9 @@ def list_versions(output: str, run: str) -> Listing:
         d = f"v{n}"
         if complete:
             objs = store.list(join(base, d) + "/")
+            page = f"{run_uri}/{d}/{EVAL_PAGE}" if any(o.key.endswith("/" + EVAL_PAGE) for o in objs) else None
             listing.versions.append(Version(d, n, f"{run_uri}/{d}", files=len(objs),
-                                            bytes=sum(o.size for o in objs)))
+                                            bytes=sum(o.size for o in objs), eval_page=page))
         else:
             listing.incomplete.append(d)
     latest_key = join(base, LATEST)

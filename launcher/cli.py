@@ -366,6 +366,9 @@ def artifacts(ctx: typer.Context, run: str = typer.Argument(..., help="Run name 
                 mark = " (latest)" if v.name == listing.latest else ""
                 t.add_row(v.name + mark, str(v.files), f"{v.bytes:,}", _esc(v.uri))
             c.print(t)
+            shown = next((v for v in listing.versions if v.name == listing.latest), listing.versions[-1])
+            if shown.eval_page:
+                c.print(f"eval page ({shown.name}): {shown.eval_page}", markup=False)
         for name in listing.incomplete:
             c.print(f"{name}: incomplete (no _COMPLETE marker; publishing or abandoned) — not a version", markup=False)
 

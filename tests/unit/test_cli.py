@@ -256,6 +256,26 @@ def test_artifacts_lists_only_complete_versions_and_downloads_verified(runner, t
     assert r.exit_code == 3 and "do not match the manifest" in r.output
 
 
+def test_artifacts_prints_where_the_latest_versions_eval_page_is(runner, tmp_path):
+    import hashlib
+
+    run = tmp_path / "out" / "r1"
+    for n, page in ((1, True), (2, False)):
+        v = run / f"v{n}"
+        v.mkdir(parents=True)
+        if page:
+            (v / "eval_report.html").write_text("<!doctype html>")
+        (v / "manifest.json").write_text("{}")
+        (v / "_COMPLETE").write_text(hashlib.sha256(b"{}").hexdigest() + "\n")
+    (run / "latest").write_text("v1\n")
+    r = runner.invoke(cli.app, ["artifacts", "r1", "--output", str(tmp_path / "out")], terminal_width=200)
+    assert r.exit_code == 0, r.output
+    assert f"eval page (v1): {run}/v1/eval_report.html" in r.output
+    (run / "latest").write_text("v2\n")  # a version published before the page existed: nothing to point at
+    r = runner.invoke(cli.app, ["artifacts", "r1", "--output", str(tmp_path / "out")], terminal_width=200)
+    assert r.exit_code == 0 and "eval page" not in r.output
+
+
 # ------------------------------------------------------------------------------ wait / logs -f reconnect logic
 
 class FlakyKube:
