@@ -32,13 +32,43 @@ _NUM_PERM = 128
 
 @dataclass(frozen=True)
 class Row:
-    """One valid training example; ``line`` is its 1-based line in the source file."""
+    """One valid training example; ``line`` is its 1-based line in the source file.
+
+    A conversation (``messages`` or ShareGPT ``conversations``) keeps every turn in ``turns``
+    as (role, content) pairs, roles system/user/assistant; its ``instruction`` is the last user
+    turn and its ``output`` the last assistant turn (what evaluation compares against)."""
 
     line: int
     instruction: str
     output: str
     input: str = ""
     persona: str | None = None
+    turns: tuple[tuple[str, str], ...] = ()
+
+
+def assistant_texts(row: Row) -> list[str]:
+    """What the model learns to write: the output, or every assistant turn of a conversation."""
+    return [c for r, c in row.turns if r == "assistant"] if row.turns else [row.output]
+
+
+def user_texts(row: Row) -> list[str]:
+    return [c for r, c in row.turns if r != "assistant"] if row.turns else [row.instruction, row.input]
+
+
+def with_assistant_texts(row: Row, texts: list[str]) -> Row:
+    """``row`` with its assistant text(s) replaced, in order."""
+    if not row.turns:
+        return replace(row, output=texts[0])
+    it = iter(texts)
+    turns = tuple((r, next(it) if r == "assistant" else c) for r, c in row.turns)
+    return replace(row, turns=turns, output=[c for r, c in turns if r == "assistant"][-1])
+
+
+def map_assistant(row: Row, fn: Callable[[str], str]) -> tuple[Row, bool, bool]:
+    """Apply ``fn`` to every assistant text: (new row, changed?, some text left without words?)."""
+    old = assistant_texts(row)
+    new = [fn(x) for x in old]
+    return with_assistant_texts(row, new), new != old, any(count_words(x) == 0 for x in new)
 
 
 @dataclass
@@ -87,7 +117,83 @@ def _is_encodable(text: str) -> bool:
     return True
 
 
-def _parse_line(raw: bytes, n: int, persona_field: str) -> Row | Problem | None:
+#: the formats a data file may be in; "auto" looks at the file's first JSON object
+FORMATS = ("instruction", "messages", "sharegpt")
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                   "chatgpt": "assistant", "model": "assistant", "system": "system"}
+_FIX_MESSAGES = ('give "messages" as a list of {"role": "system"|"user"|"assistant", "content": "..."}: '
+                 "an optional system turn first, then user and assistant turns in turn, ending with an assistant turn")
+_FIX_SHAREGPT = ('give "conversations" as a list of {"from": "system"|"human"|"gpt", "value": "..."}: '
+                 "an optional system turn first, then human and gpt turns in turn, ending with a gpt turn")
+
+
+def detect_format(data: bytes) -> str:
+    """The format of a JSONL file, from its first line that is a JSON object: a "messages" list is
+    the chat format, a "conversations" list ShareGPT, anything else instruction/output (alpaca)."""
+    for raw in _split_lines(bytes(data)):
+        try:
+            obj = json.loads(raw.decode("utf-8").lstrip("\ufeff"))
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            continue
+        if isinstance(obj, dict):
+            return "messages" if "messages" in obj else "sharegpt" if "conversations" in obj else "instruction"
+    return "instruction"
+
+
+def _parse_turns(obj: dict, fmt: str) -> tuple[tuple[tuple[str, str], ...], list[str]]:
+    """The turns of a conversation and what is wrong with them (turns are numbered from 1)."""
+    key, role_key, text_key = ("messages", "role", "content") if fmt == "messages" else \
+        ("conversations", "from", "value")
+    raw = obj.get(key)
+    if key not in obj:
+        return (), [f"missing '{key}'"]
+    if not isinstance(raw, list):
+        return (), [f"'{key}' must be a list of turns, got {_type_name(raw)}"]
+    if not raw:
+        return (), [f"'{key}' is empty"]
+    turns, errors = [], []
+    for i, turn in enumerate(raw, 1):
+        if not isinstance(turn, dict):
+            errors.append(f"turn {i} must be an object, got {_type_name(turn)}")
+            continue
+        role, text = turn.get(role_key), turn.get(text_key)
+        if not isinstance(role, str):
+            errors.append(f"turn {i}: missing '{role_key}'" if role is None else
+                          f"turn {i}: '{role_key}' must be a string, got {_type_name(role)}")
+            continue
+        norm = role.strip().lower() if fmt == "messages" else _SHAREGPT_ROLES.get(role.strip().lower())
+        if norm not in ("system", "user", "assistant"):
+            allowed = "system, user, assistant" if fmt == "messages" else "system, human, gpt"
+            errors.append(f"turn {i}: role '{role}' is not one of {allowed}")
+            continue
+        if not isinstance(text, str):
+            errors.append(f"turn {i} ({norm}): missing '{text_key}'" if text is None else
+                          f"turn {i} ({norm}): '{text_key}' must be a string, got {_type_name(text)}")
+            continue
+        if not text.strip():
+            errors.append(f"turn {i} ({norm}): empty '{text_key}'")
+            continue
+        if not _is_encodable(text):
+            errors.append(f"turn {i} ({norm}): contains an unpaired \\ud800-\\udfff escape")
+            continue
+        turns.append((i, norm, text.strip()))
+    if errors:
+        return (), errors
+    for (i, role, _), prev in zip(turns, [None] + turns[:-1]):
+        if role == "system" and prev is not None:
+            errors.append(f"turn {i}: a system turn may only come first")
+        elif role != "system" and (prev is None or prev[1] == "system") and role != "user":
+            errors.append(f"turn {i}: the conversation must start with a user turn, got {role}")
+        elif prev is not None and role == prev[1] and role != "system":
+            errors.append(f"turn {i}: two {role} turns in a row (turns {prev[0]} and {i})")
+    if not any(role == "assistant" for _, role, _ in turns):
+        errors.append("no assistant turn: nothing to learn")
+    elif turns[-1][1] != "assistant":
+        errors.append(f"turn {turns[-1][0]}: ends with a {turns[-1][1]} turn that has no answer")
+    return tuple((r, c) for _, r, c in turns), errors[:5]
+
+
+def _parse_line(raw: bytes, n: int, persona_field: str, fmt: str = "instruction") -> Row | Problem | None:
     """One line → a Row, a Problem, or None for a blank line. Never raises."""
     where = f"line {n}"
     if len(raw) > MAX_LINE_BYTES:
@@ -113,6 +219,8 @@ def _parse_line(raw: bytes, n: int, persona_field: str) -> Row | Problem | None:
         return Problem(where, f"not valid JSON: {err}", _FIX_JSON, n)
     if not isinstance(obj, dict):
         return Problem(where, f"expected a JSON object, got {_type_name(obj)}", _FIX_JSON, n)
+    if fmt != "instruction":
+        return _parse_conversation(obj, n, persona_field, fmt)
 
     errors: list[str] = []
     values: dict[str, str] = {}
@@ -143,8 +251,33 @@ def _parse_line(raw: bytes, n: int, persona_field: str) -> Row | Problem | None:
                input=(extra or "").strip(), persona=(persona or "").strip() or None)
 
 
-def read_jsonl(data: bytes, *, persona_field: str = "persona") -> tuple[list[Row], list[Problem]]:
+def _persona_of(obj: dict, persona_field: str) -> tuple[str | None, str | None]:
+    key = next((k for k in (persona_field, "persona", "tone") if obj.get(k) is not None), None)
+    value = obj.get(key) if key else None
+    if value is not None and not isinstance(value, str):
+        return None, f"'{key}' must be a string, got {_type_name(value)}"
+    return (value or "").strip() or None, None
+
+
+def _parse_conversation(obj: dict, n: int, persona_field: str, fmt: str) -> Row | Problem:
+    turns, errors = _parse_turns(obj, fmt)
+    persona, bad = _persona_of(obj, persona_field)
+    if bad:
+        errors.append(bad)
+    if errors:
+        return Problem(f"line {n}", "; ".join(errors), _FIX_MESSAGES if fmt == "messages" else _FIX_SHAREGPT, n)
+    last_answer = max(i for i, (r, _) in enumerate(turns) if r == "assistant")
+    question = next(c for r, c in reversed(turns[:last_answer]) if r == "user")
+    return Row(line=n, instruction=question, output=turns[last_answer][1], persona=persona, turns=turns)
+
+
+def read_jsonl(data: bytes, *, persona_field: str = "persona", fmt: str = "auto") -> tuple[list[Row], list[Problem]]:
     """Parse JSONL bytes into valid rows and one :class:`Problem` per bad line.
+
+    ``fmt``: "instruction" ({instruction, input?, output}), "messages" ({messages: [{role,
+    content}]}), "sharegpt" ({conversations: [{from, value}]}) or "auto" (:func:`detect_format`).
+    A conversation with a wrong role, an empty turn, turns out of order or no assistant turn is
+    a problem of its line, like a malformed instruction row.
 
     Never raises on any input: a BOM, CRLF endings, invalid UTF-8, oversized or
     deeply nested lines, NaN/Infinity, non-objects and wrong types each become a
@@ -156,13 +289,15 @@ def read_jsonl(data: bytes, *, persona_field: str = "persona") -> tuple[list[Row
     data = bytes(data)
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
+    if fmt == "auto":
+        fmt = detect_format(data)
     rows: list[Row] = []
     problems: list[Problem] = []
     # Split on \n only, so line numbers match what an editor shows; \r\n loses its \r.
     for n, raw in enumerate(_split_lines(data), start=1):
         if raw.endswith(b"\r"):
             raw = raw[:-1]
-        parsed = _parse_line(raw, n, persona_field)
+        parsed = _parse_line(raw, n, persona_field, fmt)
         if isinstance(parsed, Row):
             rows.append(parsed)
         elif parsed is not None:
@@ -283,15 +418,15 @@ def strip_boilerplate(rows: list[Row]) -> RuleResult:
     """Rule: strip 'As an AI…' boilerplate and disclaimers from outputs; drop rows left empty."""
     kept, lines, dropped = [], [], []
     for row in rows:
-        cleaned = strip_boilerplate_text(row.output)
-        if cleaned == row.output:
+        cleaned, changed, emptied = map_assistant(row, strip_boilerplate_text)
+        if not changed:
             kept.append(row)
             continue
         lines.append(row.line)
-        if count_words(cleaned) == 0:
+        if emptied:  # an answer that was only boilerplate: the row (or conversation) teaches nothing else
             dropped.append(row.line)
         else:
-            kept.append(replace(row, output=cleaned))
+            kept.append(cleaned)
     return RuleResult(kept, lines, "stripped", {"dropped": len(dropped)})
 
 
@@ -337,7 +472,7 @@ def remove_urls_text(text: str) -> str:
 
 def asks_about_links(row: Row) -> bool:
     """The instruction (or input) itself is about a URL or link: the URL is the answer."""
-    text = f"{row.instruction}\n{row.input}"
+    text = "\n".join(user_texts(row))
     return bool(URL_RE.search(text) or _ABOUT_LINKS.search(text))
 
 
@@ -345,7 +480,7 @@ def remove_urls(rows: list[Row]) -> RuleResult:
     """Rule: remove URLs from outputs unless the row asks about a link; drop rows left empty."""
     kept, lines, dropped, about = [], [], 0, 0
     for row in rows:
-        if not URL_RE.search(row.output):
+        if not any(URL_RE.search(x) for x in assistant_texts(row)):
             kept.append(row)
             continue
         if asks_about_links(row):
@@ -353,11 +488,11 @@ def remove_urls(rows: list[Row]) -> RuleResult:
             kept.append(row)
             continue
         lines.append(row.line)
-        cleaned = remove_urls_text(row.output)
-        if count_words(cleaned) == 0:
+        cleaned, _, emptied = map_assistant(row, remove_urls_text)
+        if emptied:
             dropped += 1
         else:
-            kept.append(replace(row, output=cleaned))
+            kept.append(cleaned)
     return RuleResult(kept, lines, "removed", {"dropped": dropped, "kept_on_topic": about})
 
 
@@ -435,14 +570,19 @@ def handle_pii(rows: list[Row], mode: str) -> RuleResult:
         return RuleResult(list(rows))
     kept, lines, kinds = [], [], Counter()
     for row in rows:
-        redacted, found = find_pii(row.output)
+        found: Counter = Counter()
+        redacted_texts = []
+        for text in assistant_texts(row):
+            redacted, f = find_pii(text)
+            redacted_texts.append(redacted)
+            found.update(f)
         if not found:
             kept.append(row)
             continue
         lines.append(row.line)
         kinds.update(found)
         if mode == "redact":
-            kept.append(replace(row, output=redacted))
+            kept.append(with_assistant_texts(row, redacted_texts))
     action = "redacted" if mode == "redact" else "dropped"
     return RuleResult(kept, lines, action, {"kinds": dict(sorted(kinds.items()))})
 
@@ -493,14 +633,14 @@ def limit_sentences(rows: list[Row], max_words: int, mode: str) -> RuleResult:
         return RuleResult(list(rows))
     kept, lines = [], []
     for row in rows:
-        if not long_sentences(row.output, max_words):
+        if not any(long_sentences(x, max_words) for x in assistant_texts(row)):
             kept.append(row)
             continue
         lines.append(row.line)
         if mode == "flag":
             kept.append(row)
         elif mode == "trim":
-            kept.append(replace(row, output=_map_sentences(row.output, lambda s: trim_sentence(s, max_words))))
+            kept.append(map_assistant(row, lambda x: _map_sentences(x, lambda s: trim_sentence(s, max_words)))[0])
     action = {"flag": "flagged", "trim": "trimmed", "drop": "dropped"}[mode]
     return RuleResult(kept, lines, action, {"max_sentence_words": max_words})
 
@@ -509,7 +649,7 @@ def limit_output_words(rows: list[Row], max_words: int | None) -> RuleResult:
     """Rule: drop rows whose output has more than ``max_words`` words (None: off)."""
     if max_words is None:
         return RuleResult(list(rows))
-    kept = [r for r in rows if count_words(r.output) <= max_words]
+    kept = [r for r in rows if all(count_words(x) <= max_words for x in assistant_texts(r))]
     keep_lines = {r.line for r in kept}
     lines = [r.line for r in rows if r.line not in keep_lines]
     return RuleResult(kept, lines, "dropped", {"max_output_words": max_words})
@@ -518,7 +658,8 @@ def limit_output_words(rows: list[Row], max_words: int | None) -> RuleResult:
 # ---------------------------------------------------------------------------- rules: dedup
 
 def _row_key(row: Row) -> str:
-    return "\x1f".join(_normalise(t) for t in (row.instruction, row.input, row.output))
+    parts = [f"{r}:{c}" for r, c in row.turns] if row.turns else [row.instruction, row.input, row.output]
+    return "\x1f".join(_normalise(t) for t in parts)
 
 
 def dedup_exact(rows: list[Row]) -> RuleResult:
@@ -571,7 +712,8 @@ def dedup_near(rows: list[Row], threshold: float, seed: int = 42) -> RuleResult:
     kept, lines, pairs = [], [], []
     sets: dict[str, tuple[set[str], int]] = {}
     for i, row in enumerate(rows):
-        sh = shingles(f"{row.instruction} {row.input} {row.output}")
+        sh = shingles(" ".join(c for _, c in row.turns) if row.turns else
+                      f"{row.instruction} {row.input} {row.output}")
         mh = template.copy()  # shares the permutations: cheaper than a new MinHash per row
         mh.update_batch([s.encode("utf-8") for s in sh])
         match = None
@@ -695,9 +837,11 @@ def _top_reasons(report: dict, limit: int = 3) -> list[str]:
 def prepare_report(data: bytes, rules: DataRules, *, seed: int = 42) -> Prepared:
     """Like :func:`prepare` but never raises: the caller decides what too few rows means."""
     data = bytes(data) if not isinstance(data, str) else data.encode("utf-8", "surrogatepass")
-    rows, problems = read_jsonl(data, persona_field=rules.balance_field)
+    fmt = detect_format(data) if rules.format == "auto" else rules.format
+    rows, problems = read_jsonl(data, persona_field=rules.balance_field, fmt=fmt)
     kept, entries = _run_rules(rows, rules, seed)
     report: dict[str, Any] = {
+        "format": fmt,
         "total_lines": count_lines(data),
         "valid_rows": len(rows),
         "kept_rows": len(kept),
@@ -781,7 +925,8 @@ def format_report(report: dict[str, Any], *, max_problems: int = 20) -> str:
     """A short human-readable summary of a report: what ``launcher data check`` prints."""
     head = f"{report.get('source', 'dataset')} (sha256 {report['dataset_sha256'][:12]})"
     out = [head,
-           f"  {report['total_lines']} lines, {report['valid_rows']} valid rows, {report['kept_rows']} kept"]
+           f"  {report['total_lines']} lines ({report.get('format', 'instruction')} format), {report['valid_rows']} "
+           f"valid rows, {report['kept_rows']} kept"]
     personas = report.get("personas") or {}
     if len(personas) > 1 or (personas and NO_PERSONA not in personas):
         out.append("  personas: " + ", ".join(f"{k} {v}" for k, v in personas.items()))

@@ -181,6 +181,10 @@ class TrainingSpec(_Strict):
 class DataRules(_Strict):
     """The golden rules of data preparation; each switchable."""
 
+    format: Literal["auto", "instruction", "messages", "sharegpt"] = Field(
+        "auto", description="Rows: {instruction, input?, output} (alpaca), {messages: [{role, content}]} (system/"
+                            "user/assistant, multi-turn) or ShareGPT {conversations: [{from, value}]}; auto: by the "
+                            "file's first row. The rules apply to every assistant turn; loss is on assistant turns only.")
     strip_boilerplate: bool = Field(True, description="Remove 'As an AI…' boilerplate and disclaimers.")
     remove_urls: bool = Field(True, description="Remove URLs from outputs (kept when a row is about the URL).")
     long_sentences: Literal["flag", "trim", "drop", "off"] = Field(
@@ -306,7 +310,10 @@ class TrainingRunSpec(_Strict):
 
     def spec_hash(self) -> str:
         """Content hash of the spec (defaults filled in): same spec, same run."""
-        canon = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        fields = self.model_dump(mode="json")
+        if fields["data"]["format"] == "auto":  # added later: the default keeps every earlier run's hash
+            del fields["data"]["format"]
+        canon = json.dumps(fields, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canon.encode()).hexdigest()[:10]
 
 

@@ -28,12 +28,71 @@ IGNORE = -100
 # ------------------------------------------------------------------------ tokenisation
 
 def messages_for(row) -> list[dict]:
+    """The prompt of a row as chat messages: its user turn, or a conversation up to its last answer."""
+    if getattr(row, "turns", ()):
+        last = max(i for i, (r, _) in enumerate(row.turns) if r == "assistant")
+        return [{"role": r, "content": c} for r, c in row.turns[:last]]
     user = row.instruction if not row.input else f"{row.instruction}\n\n{row.input}"
     return [{"role": "user", "content": user}]
 
 
+def _plain_turn(role: str, content: str) -> str:
+    return {"system": "### System:\n", "user": "### Instruction:\n"}[role] + content + "\n\n"
+
+
+def conversation_segments(tok, turns) -> list[tuple[str, bool]]:
+    """A conversation as text segments in order, each marked trained (an assistant answer with
+    the template's end-of-turn) or not (system, user, and the template's own scaffolding). Each
+    answer is what the chat template adds between the prompt up to it (with the generation
+    prompt) and the conversation through it; a template that rewrites earlier turns when a
+    later one is added falls back to training only the last answer."""
+    msgs = [{"role": r, "content": c} for r, c in turns]
+    segs: list[tuple[str, bool]] = []
+    if not getattr(tok, "chat_template", None):
+        for m in msgs:
+            if m["role"] == "assistant":
+                segs += [("### Response:\n", False), (m["content"] + (tok.eos_token or "") + "\n\n", True)]
+            else:
+                segs.append((_plain_turn(m["role"], m["content"]), False))
+        return segs
+    done = ""
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        prompt = tok.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True)
+        full = tok.apply_chat_template(msgs[:i + 1], tokenize=False)
+        if not (prompt.startswith(done) and full.startswith(prompt)):
+            last = max(j for j, x in enumerate(msgs) if x["role"] == "assistant")
+            prompt = tok.apply_chat_template(msgs[:last], tokenize=False, add_generation_prompt=True)
+            return [(prompt, False), (msgs[last]["content"] + (tok.eos_token or ""), True)]
+        segs += [(prompt[len(done):], False), (full[len(prompt):], True)]
+        done = full
+    return segs
+
+
+def _encode_conversation(tok, row, max_len: int) -> dict | None:
+    ids: list[int] = []
+    labels: list[int] = []
+    first_answer_at = None
+    for text, trained in conversation_segments(tok, row.turns):
+        piece = tok(text, add_special_tokens=False)["input_ids"]
+        if not ids and tok.bos_token_id is not None and getattr(tok, "add_bos_token", False) and \
+                (not piece or piece[0] != tok.bos_token_id):
+            piece = [tok.bos_token_id] + piece
+        if trained and first_answer_at is None:
+            first_answer_at = len(ids)
+        ids += piece
+        labels += piece if trained else [IGNORE] * len(piece)
+    if first_answer_at is None or first_answer_at >= max_len - 4:
+        return None  # not even the first answer fits
+    return {"input_ids": ids[:max_len], "labels": labels[:max_len]}
+
+
 def encode_example(tok, row, max_len: int) -> dict | None:
-    """input_ids and labels for one row; loss only on the answer. None if the prompt alone is too long."""
+    """input_ids and labels for one row; loss only on the answer (every assistant turn of a
+    conversation; system, user and template tokens masked). None if the prompt alone is too long."""
+    if getattr(row, "turns", ()):
+        return _encode_conversation(tok, row, max_len)
     prompt_msgs = messages_for(row)
     full_msgs = prompt_msgs + [{"role": "assistant", "content": row.output}]
     if getattr(tok, "chat_template", None):
