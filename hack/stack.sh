@@ -3,8 +3,9 @@
 #   MinIO (S3)  ·  etcd + kube-apiserver + kube-controller-manager + kube-scheduler
 #   kwok (fake GPU and CPU nodes; pods go through their lifecycle without a kubelet)
 #   helm  ·  dockerd (started when not running) with a debootstrapped base image
+#   optional: the MLflow tracking server (SQLite, artifacts proxied), with `up --mlflow` or `mlflow`
 #
-# Usage: hack/stack.sh up [--no-docker] [--s3-only] | down | status | env
+# Usage: hack/stack.sh up [--no-docker] [--s3-only] [--mlflow] | mlflow | down | status | env
 # `up` writes $STACK_RUN/env (KUBECONFIG, AWS_*, HELM, ...) for tests and shells:
 #   source .stack/env && kubectl-less curl, python -m launcher, pytest ...
 set -euo pipefail
@@ -19,6 +20,7 @@ KWOK_PORT=${KWOK_PORT:-20247}
 MINIO_PORT=${MINIO_PORT:-29000}
 MINIO_CONSOLE_PORT=${MINIO_CONSOLE_PORT:-29001}
 TEST_BUCKET=${TEST_BUCKET:-lora-test}
+MLFLOW_PORT=${MLFLOW_PORT:-25000}
 
 PIDS="$STACK_RUN/pids"
 PKI="$STACK_RUN/pki"
@@ -215,6 +217,22 @@ up_docker() {
   "$here/base-image.sh"
 }
 
+up_mlflow() {  # the tracking server: SQLite and an artifact folder under .stack, loopback only
+  local mlflow; mlflow=$("$here/mlflow.sh")
+  mkdir -p "$STACK_RUN/mlflow/artifacts"
+  say "starting MLflow $MLFLOW_VERSION on http://127.0.0.1:$MLFLOW_PORT"
+  start mlflow "$STACK_LOGS/mlflow.log" "$mlflow" server --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
+    --backend-store-uri "sqlite:///$STACK_RUN/mlflow/mlflow.db" \
+    --serve-artifacts --artifacts-destination "$STACK_RUN/mlflow/artifacts"
+  # the first start creates the database (~20 s of migrations)
+  wait_for MLflow 120 "$STACK_LOGS/mlflow.log" "is port $MLFLOW_PORT free? (MLFLOW_PORT=... to move it)" \
+    curl -fsS "http://127.0.0.1:$MLFLOW_PORT/health"
+  cat > "$STACK_RUN/mlflow.env" <<EOF
+export STACK_MLFLOW_URI=http://127.0.0.1:$MLFLOW_PORT
+export STACK_MLFLOW_PID_FILE=$PIDS/mlflow
+EOF
+}
+
 write_env() {
   # shellcheck disable=SC1091
   . "$STACK_RUN/minio.creds"
@@ -233,14 +251,16 @@ export STACK_KWOK_PORT=$KWOK_PORT
 export STACK_MINIO_PID_FILE=$PIDS/minio
 export STACK_APISERVER_PID_FILE=$PIDS/kube-apiserver
 EOF
+  if running mlflow && [ -f "$STACK_RUN/mlflow.env" ]; then cat "$STACK_RUN/mlflow.env" >> "$STACK_RUN/env"; fi
   chmod 600 "$STACK_RUN/env"
 }
 
 cmd_up() {
-  local docker=1 kube=1 arg
+  local docker=1 kube=1 mlflow=0 arg
   for arg in "$@"; do
     case $arg in
       --no-docker) docker=0 ;;
+      --mlflow) mlflow=1 ;;
       --s3-only) docker=0; kube=0 ;;
       *) echo "unknown option $arg" >&2; exit 2 ;;
     esac
@@ -249,6 +269,7 @@ cmd_up() {
   up_minio
   [ $kube = 1 ] && up_kube
   [ $docker = 1 ] && up_docker
+  [ $mlflow = 1 ] && up_mlflow
   write_env
   "$HELM" version --short >/dev/null || fail "helm does not run" /dev/null "rebuild it: hack/build-stack.sh helm"
   say "stack is up: source $STACK_RUN/env"
@@ -256,6 +277,12 @@ cmd_up() {
 
 cmd_down() {
   local name
+  if running mlflow; then  # a process group: the server and its uvicorn worker
+    kill -- "-$(cat "$PIDS/mlflow")" 2>/dev/null || true
+    for _ in $(seq 40); do running mlflow || break; sleep 0.25; done
+    running mlflow && kill -9 -- "-$(cat "$PIDS/mlflow")" 2>/dev/null || true
+  fi
+  rm -rf "$PIDS/mlflow" "$STACK_RUN/mlflow" "$STACK_RUN/mlflow.env"
   for name in kwok kube-scheduler kube-controller-manager kube-apiserver etcd minio dockerd; do
     if running "$name"; then
       kill "$(cat "$PIDS/$name")" 2>/dev/null || true
@@ -270,13 +297,14 @@ cmd_down() {
 
 cmd_status() {
   local name
-  for name in minio etcd kube-apiserver kube-controller-manager kube-scheduler kwok dockerd; do
+  for name in minio etcd kube-apiserver kube-controller-manager kube-scheduler kwok dockerd mlflow; do
     if running "$name"; then echo "$name: running (pid $(cat "$PIDS/$name"))"; else echo "$name: stopped"; fi
   done
 }
 
 case ${1:-} in
   up) shift; cmd_up "$@" ;;
+  mlflow) up_mlflow; if [ -f "$STACK_RUN/env" ]; then write_env; fi ;;  # on demand (tests marked mlflow)
   down) cmd_down ;;
   status) cmd_status ;;
   env) cat "$STACK_RUN/env" ;;
@@ -284,5 +312,5 @@ case ${1:-} in
     kill "$(cat "$PIDS/kube-apiserver")"; sleep 1; rm -f "$PIDS/kube-apiserver"; up_kube ;;
   stop-apiserver)  # used by fault-injection tests; `up --no-docker` starts it again
     kill "$(cat "$PIDS/kube-apiserver")"; sleep 1; rm -f "$PIDS/kube-apiserver" ;;
-  *) echo "usage: hack/stack.sh up [--no-docker] | down | status | env" >&2; exit 2 ;;
+  *) echo "usage: hack/stack.sh up [--no-docker] [--s3-only] [--mlflow] | mlflow | down | status | env" >&2; exit 2 ;;
 esac

@@ -31,6 +31,7 @@ class Stage:
     started: float | None = None
     timings: dict[str, dict] = {}
     progress = None  # jobs.progress.ProgressWriter of rank 0 (None elsewhere, and in tests that call _stage)
+    tracker = None  # jobs.tracking.MlflowTracker when the spec asks for tracking (rank 0 only)
 
 
 def _peak_gib() -> float | None:
@@ -233,18 +234,39 @@ def run(spec: TrainingRunSpec, workdir: Path, *, run_id: str | None = None, imag
     run_prefix = join(out_prefix, spec.name)
     Stage.progress = ProgressWriter(out_store, progress_key(run_prefix, spec.spec_hash()), enabled=world.main)
     Stage.progress.update(run=spec.name, run_id=run_id, world_size=world.size)
+    Stage.tracker = _start_tracker(spec, run_id, world)
     try:
         metadata = _run(spec, workdir, world, run_id=run_id, image=image, stop=stop, started=started,
                         out_store=out_store, run_prefix=run_prefix)
     except BaseException as err:
         Stage.progress.close("preempted" if isinstance(err, Preempted) else "failed", error=str(err).splitlines()[0]
                              if str(err) else type(err).__name__, exit_code=int(getattr(err, "exit_code", 1)))
+        if Stage.tracker is not None:  # KILLED: the retried pod carries on with the same MLflow run
+            Stage.tracker.finish("KILLED" if isinstance(err, Preempted) else "FAILED", wait_s=5.0)
+        Stage.tracker = None
         raise
     if metadata is not None:
         Stage.progress.close("succeeded", stage="publish", version=metadata["version"],
                              location=metadata["location"])
-    Stage.progress = None
+        if Stage.tracker is not None:
+            from jobs.tracking import TAG_LOCATION
+
+            page = workdir / "publish"
+            Stage.tracker.finish("FINISHED", metrics=metadata["metrics"], tags={TAG_LOCATION: metadata["location"]},
+                                 artifacts=[page / "eval_report.md", page / "eval_report.html"])
+    Stage.progress = Stage.tracker = None
     return metadata
+
+
+def _start_tracker(spec: TrainingRunSpec, run_id: str | None, world):
+    """The MLflow run of this training run, when the spec asks for one: params and tags sent (off this thread)."""
+    from jobs.tracking import TAG_RUN_ID, TAG_SPEC_HASH, flatten_params, open_tracker
+
+    tracker = open_tracker(spec, run_name=run_id or spec.name, enabled=world.main)
+    if tracker is not None:
+        tracker.start(flatten_params(spec.model_dump(mode="json")),
+                      {TAG_SPEC_HASH: spec.spec_hash(), TAG_RUN_ID: run_id or spec.name, "lora-jobs.run": spec.name})
+    return tracker
 
 
 def _run(spec: TrainingRunSpec, workdir: Path, world, *, run_id, image, stop, started, out_store, run_prefix):
@@ -256,6 +278,7 @@ def _run(spec: TrainingRunSpec, workdir: Path, world, *, run_id, image, stop, st
     from jobs.merge import merge_and_check, merge_dtype
     from jobs.modelio import load_model, load_tokenizer, model_context_length, resolve_precision
     from jobs.publish import publish_version
+    from jobs.tracking import TENSORBOARD_DIR, write_tensorboard
     from jobs.train import Checkpoints, encode_rows, evaluate_loss, train, wrap_lora
 
     device = torch.device(f"cuda:{world.local_rank}" if torch.cuda.is_available() else "cpu")
@@ -266,11 +289,13 @@ def _run(spec: TrainingRunSpec, workdir: Path, world, *, run_id, image, stop, st
     _stage("fetch")
     if world.size == 1:
         fetched = fetch(spec, workdir)
-    else:  # one download per pod; the other ranks read the same folder
-        box = [fetch(spec, workdir) if world.main else None]
+    else:  # one download per pod (its local rank 0, into its own scratch); the pod's other ranks read it
         import torch.distributed as dist
+        mine = fetch(spec, workdir) if world.local_rank == 0 else None
+        dist.barrier()  # every pod's download is done
+        box = [mine if world.main else None]
         dist.broadcast_object_list(box, src=0)  # our own dataclass between our own processes
-        fetched = box[0]
+        fetched = mine or box[0]  # the same workdir path on every pod
 
     _stage("prepare")
     prepared = prepare(spec, fetched)
@@ -322,8 +347,19 @@ def _run(spec: TrainingRunSpec, workdir: Path, world, *, run_id, image, stop, st
     log.info("LoRA: %d trainable parameters of %d (%.2f%%)", trainable, total, 100 * trainable / max(total, 1))
     ckpts = Checkpoints(out_store, join(run_prefix, "checkpoints", spec.spec_hash()),
                         workdir if world.main else workdir / f"rank-{world.rank}")
+    tokens_per_s: dict[int, float] = {}  # per logged step, for the TensorBoard file
+
+    def on_progress(**fields) -> None:
+        if fields.get("tokens_per_s") is not None and "step" in fields:
+            tokens_per_s[fields["step"]] = fields["tokens_per_s"]
+        Stage.progress.update(**fields)
+        if Stage.tracker is not None:
+            Stage.tracker.on_progress(**fields)
+
     result = train(model, spec, train_ex, val_ex, device=device, plan=plan, checkpoints=ckpts,
-                   stop_requested=stop, world=world, on_progress=Stage.progress.update)
+                   stop_requested=stop, world=world, on_progress=on_progress)
+    if Stage.tracker is not None:
+        Stage.tracker.evaluations(result.state.evals)  # the final validation is not a progress event
     if not world.main:  # rank 0 evaluates, merges and publishes
         log.info("rank %d: training done; rank 0 publishes", world.rank)
         distributed.shutdown(world)
@@ -351,6 +387,7 @@ def _run(spec: TrainingRunSpec, workdir: Path, world, *, run_id, image, stop, st
         shutil.rmtree(out)
     out.mkdir(parents=True)
     ev.plot_loss(result.state.history, result.state.evals, out / "loss_curve.png")
+    write_tensorboard(out / TENSORBOARD_DIR, result.state.history, result.state.evals, tokens_per_s)
 
     _stage("merge")
     model.save_pretrained(out / "adapter", safe_serialization=True)

@@ -250,6 +250,20 @@ class ResourcesSpec(_Strict):
     priority_class: str | None = Field(None, description="PriorityClass name for the pod.")
 
 
+class MlflowSpec(_Strict):
+    uri_env: str = Field("MLFLOW_TRACKING_URI", pattern=r"^[A-Z_][A-Z0-9_]*$",
+                         description="Name of the pod's environment variable holding the tracking URI (the "
+                                     "launcher sets it from its mlflow_tracking_uri setting; a token comes only "
+                                     "from the Secret named by mlflow_token_secret, never from the spec).")
+    experiment: str = Field(min_length=1, max_length=500, description="MLflow experiment; created when missing.")
+
+
+class TrackingSpec(_Strict):
+    mlflow: MlflowSpec | None = Field(None, description="Log params (the whole spec), metrics per step and "
+                                      "evaluation, the version's location and the eval page to an MLflow "
+                                      "server. A tracker that is down never fails the run.")
+
+
 class Quantization(_Strict):
     mode: Literal["none", "8bit", "4bit"] = Field("none", description="4bit = QLoRA with NF4 via bitsandbytes.")
     double_quant: bool = Field(True, description="Nested quantisation of the 4-bit scales.")
@@ -269,6 +283,8 @@ class TrainingRunSpec(_Strict):
     eval: EvalSpec = Field(default_factory=EvalSpec)
     merge: MergeSpec = Field(default_factory=MergeSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    tracking: TrackingSpec | None = Field(None, description="Optional experiment tracking (MLflow). TensorBoard "
+                                          "event files are published in every version regardless.")
     labels: dict[Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9_.]{0,61}[a-z0-9])?$")],
                  Annotated[str, Field(pattern=r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")]] = Field(
         default_factory=dict, description="Extra labels for the Job (team, project).")
@@ -310,7 +326,9 @@ class TrainingRunSpec(_Strict):
 
     def spec_hash(self) -> str:
         """Content hash of the spec (defaults filled in): same spec, same run."""
-        fields = self.model_dump(mode="json")
+        # Where a run is reported is not what it trains: a tracking change must not restart a run from
+        # step 0 (the hash keys its checkpoints) nor rename its Job.
+        fields = self.model_dump(mode="json", exclude={"tracking"})
         if fields["data"]["format"] == "auto":  # added later: the default keeps every earlier run's hash
             del fields["data"]["format"]
         canon = json.dumps(fields, sort_keys=True, separators=(",", ":"))
@@ -420,8 +438,7 @@ def _did_you_mean(loc: tuple) -> str | None:
         field = getattr(model, "model_fields", {}).get(part)
         if field is None:
             return None
-        ann = field.annotation
-        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        model = _section_model(field.annotation)
         if model is None:
             return None
     names = list(getattr(model, "model_fields", {}))
@@ -573,13 +590,20 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def _section_model(ann) -> type[BaseModel] | None:
+    """The model of a section field: ``LoraSpec``, or ``TrackingSpec`` of an optional ``TrackingSpec | None``."""
+    args = [a for a in getattr(ann, "__args__", ()) if a is not type(None)] if type(None) in getattr(
+        ann, "__args__", ()) else [ann]
+    sub = args[0] if len(args) == 1 else None
+    return sub if isinstance(sub, type) and issubclass(sub, BaseModel) else None
+
+
 def field_docs(model: type[BaseModel] = TrainingRunSpec, prefix: str = "") -> list[tuple[str, str, str]]:
     """(path, default, description) for every field: the reference that docs and --explain print."""
     rows = []
     for name, f in model.model_fields.items():
         path = f"{prefix}{name}"
-        ann = f.annotation
-        sub = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        sub = _section_model(f.annotation)
         if sub is not None:
             rows.extend(field_docs(sub, path + "."))
             continue

@@ -83,6 +83,12 @@ def _env(spec: TrainingRunSpec, settings: LauncherSettings) -> list[dict[str, An
         {"name": "LORA_JOBS_IMAGE", "value": settings.image},
         {"name": "HF_HOME", "value": f"{SCRATCH}/hf"},
     ]
+    mlflow = spec.tracking.mlflow if spec.tracking is not None else None
+    if mlflow is not None and settings.mlflow_tracking_uri:
+        env.append({"name": mlflow.uri_env, "value": settings.mlflow_tracking_uri})
+    if mlflow is not None and settings.mlflow_token_secret:  # the token only ever from a Secret
+        env.append({"name": "MLFLOW_TRACKING_TOKEN", "valueFrom": {"secretKeyRef": {
+            "name": settings.mlflow_token_secret, "key": "MLFLOW_TRACKING_TOKEN"}}})
     return env
 
 

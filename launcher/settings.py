@@ -65,6 +65,10 @@ class LauncherSettings(BaseSettings):
                                             description="Finished Jobs (and their spec) are deleted after this.")
     priority_class: str | None = Field(None, description="Default PriorityClass (a spec's resources.priority_class "
                                                          "wins).")
+    mlflow_tracking_uri: str | None = Field(None, description="MLflow tracking server URL, given to jobs whose spec "
+                                                              "has tracking.mlflow, in the variable it names.")
+    mlflow_token_secret: str | None = Field(None, description="Secret whose key MLFLOW_TRACKING_TOKEN is the "
+                                                              "tracking server's bearer token (none: no auth).")
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings, env_settings,

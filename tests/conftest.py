@@ -85,6 +85,36 @@ def stack() -> Stack:
                  env_file=str(env_file))
 
 
+@dataclass(frozen=True)
+class MlflowServer:
+    uri: str
+    pid_file: str  # of the server's process group (fault tests stop and continue it)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server() -> MlflowServer:
+    """The stack's MLflow tracking server (SQLite, artifacts proxied), started on first use:
+    `hack/stack.sh mlflow` installs the pinned mlflow in its own venv once per machine."""
+    import urllib.request
+
+    env_file = STACK_RUN / "mlflow.env"
+
+    def up() -> bool:
+        try:
+            urllib.request.urlopen(_read_env(env_file)["STACK_MLFLOW_URI"] + "/health", timeout=5)
+            return True
+        except Exception:
+            return False
+
+    if not (env_file.is_file() and up()):
+        proc = subprocess.run(["bash", str(REPO / "hack" / "stack.sh"), "mlflow"], cwd=REPO,
+                              stdout=sys.stderr, stderr=subprocess.STDOUT)
+        if proc.returncode != 0:
+            pytest.fail("the MLflow server did not start (hack/stack.sh mlflow); its message is above", pytrace=False)
+    env = _read_env(env_file)
+    return MlflowServer(uri=env["STACK_MLFLOW_URI"], pid_file=env["STACK_MLFLOW_PID_FILE"])
+
+
 @pytest.fixture(scope="session")
 def kube_api(stack):
     from kubernetes import client, config

@@ -1,5 +1,9 @@
-"""What the end-to-end tests share: the small CPU run they ask for and what they check of its version."""
+"""What the end-to-end tests share: the small CPU run they ask for, what they check of its version, how they read MLflow."""
 from __future__ import annotations
+
+import json
+import urllib.parse
+import urllib.request
 
 REQUIRED = ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "merged/config.json",
             "tokenizer/tokenizer.json", "metadata.json", "data_report.json", "eval_report.json",
@@ -15,6 +19,7 @@ def assert_complete_v1(store, run_prefix: str) -> set[str]:
     keys = {o.key[len(run_prefix) + 4:] for o in store.list(f"{run_prefix}/v1/")}
     for needed in REQUIRED:
         assert needed in keys, f"{needed} missing from the published version"
+    assert any(k.startswith("tensorboard/events.out.tfevents.") for k in keys), "TensorBoard event file missing"
     return keys
 
 
@@ -35,3 +40,22 @@ def small_cpu_spec(name: str, model_uri: str, train_uri: str, output: str, **tra
         "merge": {"enabled": True},
         "resources": {"gpus": 0},
     }
+
+
+def mlflow_get(uri: str, endpoint: str, **query) -> dict:
+    """A GET of MLflow's REST API, as any MLflow client would make it."""
+    url = f"{uri}/api/2.0/{endpoint}?{urllib.parse.urlencode(query)}"
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return json.loads(resp.read())
+
+
+def find_run(uri: str, experiment: str) -> dict:
+    """The one run of ``experiment``: {"info", "data"}."""
+    exp_id = mlflow_get(uri, "mlflow/experiments/get-by-name", experiment_name=experiment)["experiment"]["experiment_id"]
+    req = urllib.request.Request(f"{uri}/api/2.0/mlflow/runs/search", method="POST",
+                                 data=json.dumps({"experiment_ids": [exp_id]}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        runs = json.loads(resp.read()).get("runs", [])
+    assert len(runs) == 1, runs
+    return runs[0]

@@ -7,11 +7,12 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 import yaml
-from published import assert_complete_v1, small_cpu_spec
+from published import assert_complete_v1, find_run, mlflow_get, small_cpu_spec
 
 pytestmark = [pytest.mark.train, pytest.mark.s3]
 
@@ -46,14 +47,18 @@ def _run_job(spec: Path, workdir: Path, env: dict, tmsg: Path, timeout: int = 60
                           env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
+@pytest.mark.mlflow
 def test_job_trains_evaluates_merges_and_publishes_a_complete_version(
-        tmp_path, stack, s3_client, s3_prefix, model_in_minio, small_model_dir, s3_env):
+        tmp_path, stack, s3_client, s3_prefix, model_in_minio, small_model_dir, s3_env, mlflow_server):
     from jobs.storage import open_store
 
     train_uri = _upload_data(s3_client, stack, s3_prefix)
     spec = _spec(tmp_path, "e2e-cpu", model_in_minio, train_uri, s3_prefix + "/out")
+    experiment = f"e2e-{uuid.uuid4().hex[:8]}"  # the run is tracked, as a spec with tracking.mlflow asks
+    spec.write_text(yaml.safe_dump({**yaml.safe_load(spec.read_text()),
+                                    "tracking": {"mlflow": {"experiment": experiment}}}))
     tmsg = tmp_path / "termination-log"
-    proc = _run_job(spec, tmp_path / "work", _job_env(stack), tmsg)
+    proc = _run_job(spec, tmp_path / "work", {**_job_env(stack), "MLFLOW_TRACKING_URI": mlflow_server.uri}, tmsg)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert json.loads(tmsg.read_text())["exit_code"] == 0
     assert "tok/s" in proc.stderr and "ETA" in proc.stderr, "progress lines are logged"
@@ -93,9 +98,34 @@ def test_job_trains_evaluates_merges_and_publishes_a_complete_version(
     assert progress["val_loss"] is not None and progress["updated_at"] >= progress["started_at"]
     assert describe(progress).startswith("succeeded, published v1, loss "), describe(progress)
 
+    from jobs.storage import download_prefix
+
+    # The MLflow run: the whole spec as params, loss per step, val_loss per evaluation, where v1 is, the eval page.
+    run = find_run(mlflow_server.uri, experiment)
+    assert run["info"]["status"] == "FINISHED"
+    params = {p["key"]: p["value"] for p in run["data"]["params"]}
+    assert params["lora.rank"] == "16" and params["training.epochs"] == "2" and params["name"] == "e2e-cpu"
+    tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+    assert tags["lora-jobs.version_location"] == f"{s3_prefix}/out/e2e-cpu/v1", tags
+    run_id = run["info"]["run_id"]
+    loss = mlflow_get(mlflow_server.uri, "mlflow/metrics/get-history", run_id=run_id, metric_key="loss")["metrics"]
+    assert sorted(m["step"] for m in loss) == [h["step"] for h in history], "one loss per step"
+    val = mlflow_get(mlflow_server.uri, "mlflow/metrics/get-history", run_id=run_id, metric_key="val_loss")["metrics"]
+    assert sorted(v["step"] for v in val) == [e["step"] for e in report["training"]["evals"]], "one per evaluation"
+    latest = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+    assert latest["val_loss_after"] == pytest.approx(m["val_loss_after"]) and latest["tokens_per_s"] > 0
+    # The TensorBoard event file of the version holds the same steps.
+    from jobs.tracking import read_tensorboard
+    tb = tmp_path / "tb"
+    download_prefix(store, f"{run_prefix}/v1/tensorboard/", tb)
+    scalars = read_tensorboard(tb)
+    assert [s for s, _ in scalars["loss"]] == [h["step"] for h in history] and len(scalars["val_loss"]) == len(val) > 0
+    root = run["info"]["artifact_uri"].split(":", 1)[1].lstrip("/")
+    assert "eval_report.md" in {f["path"] for f in mlflow_get(mlflow_server.uri, "mlflow-artifacts/artifacts",
+                                                                 path=root)["files"]}
+
     # The published adapter, reloaded on the base, gives the published merged model's logits.
     dl = tmp_path / "download"
-    from jobs.storage import download_prefix
     download_prefix(store, f"{run_prefix}/v1/", dl)
     import torch
     from peft import PeftModel

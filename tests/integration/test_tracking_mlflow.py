@@ -1,0 +1,90 @@
+"""The job's MLflow tracker against the real tracking server of the stack (mlflow, SQLite, artifacts proxied).
+
+The demo-sized training run that tracks end to end is tests/integration/test_train_e2e.py's first test;
+these prove the tracker's contract without training: what lands on the server, and that a server that
+hangs never slows the caller.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+import uuid
+
+import pytest
+from published import find_run, mlflow_get
+
+from jobs.tracking import TAG_LOCATION, TAG_SPEC_HASH, MlflowClient, MlflowTracker
+
+pytestmark = pytest.mark.mlflow
+
+
+def test_params_metrics_tags_and_the_eval_page_land_on_the_server(mlflow_server, tmp_path):
+    experiment = f"t-{uuid.uuid4().hex[:8]}"
+    tracker = MlflowTracker(MlflowClient(mlflow_server.uri), experiment, run_name="r-abc", spec_hash="abc")
+    tracker.start({"lora.rank": "16", "training.epochs": "2"}, {TAG_SPEC_HASH: "abc"})
+    for step in range(1, 6):
+        tracker.on_progress(step=step, loss=2.0 / step, lr=1e-4, tokens_per_s=100.0 * step, total_steps=5)
+        if step % 2 == 0:
+            tracker.on_progress(val_loss=1.0 / step, best_val_loss=1.0 / step)
+    page = tmp_path / "eval_report.md"
+    page.write_text("# Evaluation\n")
+    tracker.finish("FINISHED", metrics={"val_loss_before": 2.0, "val_loss_after": 0.25},
+                   tags={TAG_LOCATION: "s3://b/runs/r/v1"}, artifacts=[page, tmp_path / "eval_report.html"])
+
+    run = find_run(mlflow_server.uri, experiment)
+    info, data = run["info"], run["data"]
+    assert info["status"] == "FINISHED" and info["run_name"] == "r-abc"
+    params = {p["key"]: p["value"] for p in data["params"]}
+    tags = {t["key"]: t["value"] for t in data["tags"]}
+    assert params == {"lora.rank": "16", "training.epochs": "2"}
+    assert tags[TAG_LOCATION] == "s3://b/runs/r/v1" and tags[TAG_SPEC_HASH] == "abc"
+    loss = mlflow_get(mlflow_server.uri, "mlflow/metrics/get-history", run_id=info["run_id"], metric_key="loss")
+    assert [(m["step"], m["value"]) for m in loss["metrics"]] == [(s, 2.0 / s) for s in range(1, 6)]
+    val = mlflow_get(mlflow_server.uri, "mlflow/metrics/get-history", run_id=info["run_id"], metric_key="val_loss")
+    assert [(m["step"], m["value"]) for m in val["metrics"]] == [(2, 0.5), (4, 0.25)]
+    latest = {m["key"]: m["value"] for m in data["metrics"]}
+    assert latest["val_loss_after"] == 0.25 and latest["tokens_per_s"] == 500.0
+    root = info["artifact_uri"].split(":", 1)[1].lstrip("/")
+    files = mlflow_get(mlflow_server.uri, "mlflow-artifacts/artifacts", path=root)["files"]
+    assert [f["path"] for f in files] == ["eval_report.md"]  # no eval_report.html here: nothing to upload
+
+
+def test_a_retried_pod_carries_on_with_the_unfinished_run_of_its_spec(mlflow_server):
+    experiment = f"t-{uuid.uuid4().hex[:8]}"
+    first = MlflowTracker(MlflowClient(mlflow_server.uri), experiment, run_name="r", spec_hash="h1")
+    first.start({"lora.rank": "16"}, {TAG_SPEC_HASH: "h1"})
+    first.on_progress(step=1, loss=2.0, lr=1e-4, tokens_per_s=1.0)
+    first.finish("KILLED")  # preempted
+    second = MlflowTracker(MlflowClient(mlflow_server.uri), experiment, run_name="r", spec_hash="h1")
+    second.start({"lora.rank": "16"}, {TAG_SPEC_HASH: "h1"})
+    second.on_progress(step=2, loss=1.5, lr=1e-4, tokens_per_s=1.0)
+    second.finish("FINISHED")
+    run = find_run(mlflow_server.uri, experiment)  # one run, not two
+    assert run["info"]["status"] == "FINISHED"
+    loss = mlflow_get(mlflow_server.uri, "mlflow/metrics/get-history", run_id=run["info"]["run_id"], metric_key="loss")
+    assert [m["step"] for m in loss["metrics"]] == [1, 2]
+
+
+def test_a_hung_server_never_slows_the_caller_and_the_run_goes_on_untracked(mlflow_server, caplog):
+    pgid = int(open(mlflow_server.pid_file).read().strip())
+    tracker = MlflowTracker(MlflowClient(mlflow_server.uri), f"t-{uuid.uuid4().hex[:8]}", run_name="r",
+                            spec_hash="h")
+    os.killpg(pgid, signal.SIGSTOP)  # accepts connections (the kernel does), answers nothing
+    try:
+        with caplog.at_level(logging.WARNING, logger="jobs"):
+            t0 = time.perf_counter()
+            tracker.start({"lora.rank": "16"}, {})
+            for step in range(1, 20_001):  # more than the queue holds: the surplus is dropped, not waited for
+                tracker.on_progress(step=step, loss=1.0, lr=1e-4, tokens_per_s=1.0)
+            assert time.perf_counter() - t0 < 2.0, "the training thread is never held up"
+            t0 = time.perf_counter()
+            tracker.finish("FINISHED", metrics={"val_loss_after": 1.0}, wait_s=10.0)
+            assert time.perf_counter() - t0 < 12.0, "the end of the run waits a bounded time"
+    finally:
+        os.killpg(pgid, signal.SIGCONT)
+    assert tracker.dropped > 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings and all("MLflow" in w for w in warnings) and len(warnings) <= 2, warnings
+    mlflow_get(mlflow_server.uri, "mlflow/experiments/search", max_results=1)  # the server is fine again
