@@ -277,10 +277,10 @@ cmd_up() {
 
 cmd_down() {
   local name
-  if running mlflow; then  # a process group: the server and its uvicorn worker
+  if running mlflow; then  # a process group: the server, its uvicorn worker and job consumers
     kill -- "-$(cat "$PIDS/mlflow")" 2>/dev/null || true
-    for _ in $(seq 40); do running mlflow || break; sleep 0.25; done
-    running mlflow && kill -9 -- "-$(cat "$PIDS/mlflow")" 2>/dev/null || true
+    for _ in $(seq 60); do running mlflow || break; sleep 0.25; done
+    kill -9 -- "-$(cat "$PIDS/mlflow")" 2>/dev/null || true  # whatever of the group outlived the leader
   fi
   rm -rf "$PIDS/mlflow" "$STACK_RUN/mlflow" "$STACK_RUN/mlflow.env"
   for name in kwok kube-scheduler kube-controller-manager kube-apiserver etcd minio dockerd; do
