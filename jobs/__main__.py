@@ -55,11 +55,12 @@ def _cmd_run(args) -> int:
         spec = load_spec(args.spec)
         workdir = Path(args.workdir or os.environ.get("LORA_JOBS_WORKDIR") or "/scratch")
         gpus = _gpus_to_use(spec)
-        if gpus > 1 and "WORLD_SIZE" not in os.environ:
+        nodes = int(os.environ.get("PET_NNODES") or 1)  # the launcher sets PET_* on multi-node pods
+        if (gpus > 1 or nodes > 1) and "WORLD_SIZE" not in os.environ:
             from jobs.distributed import relaunch
 
             argv = ["run", "--spec", args.spec] + (["--workdir", args.workdir] if args.workdir else [])
-            return relaunch(gpus, argv)
+            return relaunch(max(1, gpus), argv, nodes=nodes)
         log.info("run %s (spec %s) starting; workdir %s", spec.name, spec.spec_hash(), workdir)
         for advice in spec.advice():
             log.warning("spec: %s", advice.render())

@@ -2,7 +2,10 @@
 
 With ``resources.gpus: N > 1`` the container's ``python -m jobs run`` starts itself again under
 ``python -m torch.distributed.run --standalone --nproc-per-node N`` (:func:`relaunch`), one
-process a GPU. The processes train data-parallel over the LoRA parameters: each takes its share
+process a GPU. With ``resources.nodes: M > 1`` the launcher renders an Indexed Job of M pods and a
+headless Service; each pod's torchrun joins a static rendezvous on pod 0 (``PET_*`` variables: node
+rank = the pod's completion index), and the world is M x N processes. Every node's local rank 0
+downloads the base model to its own scratch volume. The processes train data-parallel over the LoRA parameters: each takes its share
 of every optimizer step's examples (``Schedule``), and the gradients are summed across ranks
 once a step (:meth:`World.reduce_step`), weighted by target tokens so the step's loss is the
 same token mean as on one GPU. Rank 0 alone checkpoints, generates, merges and publishes.
@@ -116,14 +119,24 @@ def visible_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def relaunch(gpus: int, argv: list[str]) -> int:
-    """Run ``python -m jobs <argv>`` under torchrun with one process per GPU; return the job's exit code."""
+def relaunch(gpus: int, argv: list[str], *, nodes: int = 1) -> int:
+    """Run ``python -m jobs <argv>`` under torchrun with one process per GPU (``gpus`` per node; 1 on a CPU
+    node) and return the job's exit code. With ``nodes > 1`` torchrun takes the rendezvous from the
+    ``PET_*`` variables the launcher put on each pod (node rank, pod 0's address and port)."""
     from jobs.errors import ExitCode
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}",
+    if nodes > 1:
+        rendezvous = [f"--nnodes={nodes}", f"--node-rank={os.environ.get('PET_NODE_RANK', '0')}",
+                      f"--master-addr={os.environ.get('PET_MASTER_ADDR', '127.0.0.1')}",
+                      f"--master-port={os.environ.get('PET_MASTER_PORT', '29500')}"]
+        log.info("node %s of %d: starting %d training process%s (torchrun %s)", os.environ.get("PET_NODE_RANK", "0"),
+                 nodes, gpus, "es" if gpus > 1 else "", " ".join(rendezvous))
+    else:
+        rendezvous = ["--standalone"]
+        log.info("%d GPUs: starting one training process per GPU (torchrun --standalone --nproc-per-node %d)",
+                 gpus, gpus)
+    cmd = [sys.executable, "-m", "torch.distributed.run", *rendezvous, f"--nproc-per-node={gpus}",
            "-m", "jobs", *argv]
-    log.info("%d GPUs: starting one training process per GPU (torchrun --standalone --nproc-per-node %d)",
-             gpus, gpus)
     env = {**os.environ, "LORA_JOBS_UNDER_TORCHRUN": "1"}
     env.setdefault("OMP_NUM_THREADS", "4")
     path = os.environ.get("TERMINATION_MESSAGE_PATH", "/dev/termination-log")

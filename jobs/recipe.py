@@ -289,11 +289,13 @@ def _run(spec: TrainingRunSpec, workdir: Path, world, *, run_id, image, stop, st
     _stage("fetch")
     if world.size == 1:
         fetched = fetch(spec, workdir)
-    else:  # one download per pod; the other ranks read the same folder
-        box = [fetch(spec, workdir) if world.main else None]
+    else:  # one download per pod (its local rank 0, into its own scratch); the pod's other ranks read it
         import torch.distributed as dist
+        mine = fetch(spec, workdir) if world.local_rank == 0 else None
+        dist.barrier()  # every pod's download is done
+        box = [mine if world.main else None]
         dist.broadcast_object_list(box, src=0)  # our own dataclass between our own processes
-        fetched = box[0]
+        fetched = mine or box[0]  # the same workdir path on every pod
 
     _stage("prepare")
     prepared = prepare(spec, fetched)

@@ -241,6 +241,10 @@ class ResourcesSpec(_Strict):
     gpus: int = Field(1, ge=0, le=16, description="GPUs of the training pod. Above 1 the job runs one training "
                                                   "process per GPU (torchrun, data parallel): every optimizer step's "
                                                   "examples are split across them, rank 0 publishes.")
+    nodes: int = Field(1, ge=1, le=64, description="Pods (nodes) of the run, each with `gpus` GPUs. Above 1 the "
+                                                   "launcher renders an Indexed Job (one pod per node, completion "
+                                                   "index = node rank) and a headless Service for torchrun's "
+                                                   "rendezvous; the world is nodes x gpus processes.")
     cpu: str = Field("4", pattern=r"^\d+(\.\d+)?m?$", description="CPU request and limit, e.g. '8' or '500m'.")
     memory: str = Field("32Gi", pattern=r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$", description="Memory request.")
     scratch: str = Field("100Gi", pattern=r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$",
@@ -331,6 +335,8 @@ class TrainingRunSpec(_Strict):
         fields = self.model_dump(mode="json", exclude={"tracking"})
         if fields["data"]["format"] == "auto":  # added later: the default keeps every earlier run's hash
             del fields["data"]["format"]
+        if fields["resources"]["nodes"] == 1:  # likewise
+            del fields["resources"]["nodes"]
         canon = json.dumps(fields, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canon.encode()).hexdigest()[:10]
 

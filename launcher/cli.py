@@ -252,9 +252,11 @@ def status(ctx: typer.Context, run: str = typer.Argument(..., help="Run name or 
 @_handles_errors
 def logs(ctx: typer.Context, run: str = typer.Argument(..., help="Run name or Job name."),
          follow: bool = typer.Option(False, "--follow", "-f", help="Wait for the pod, stream across retries."),
-         tail: Optional[int] = typer.Option(None, "--tail", help="Only the last N lines of each pod.")) -> None:
+         tail: Optional[int] = typer.Option(None, "--tail", help="Only the last N lines of each pod."),
+         rank: Optional[int] = typer.Option(None, "--rank", help="A multi-node run's node rank (default 0, the "
+                                                                  "one that publishes).")) -> None:
     """Print (or follow) the trainer's log."""
-    stream = _client(ctx).logs(run, follow=follow, tail=tail)
+    stream = _client(ctx).logs(run, follow=follow, tail=tail, rank=rank)
     for line in stream:
         typer.echo(line)
     if stream.outcome is not None:

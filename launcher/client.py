@@ -429,17 +429,27 @@ class Client:
                                   hint="wait again with a longer --timeout")
             time.sleep(interval if deadline is None else max(0.0, min(interval, deadline - time.monotonic())))
 
-    def logs(self, run: str, *, follow: bool = False, tail: int | None = None, poll: float = 1.0) -> LogStream:
+    def logs(self, run: str, *, follow: bool = False, tail: int | None = None, poll: float = 1.0,
+             rank: int | None = None) -> LogStream:
         """The trainer's log lines, pod after pod (retries included).
 
         With ``follow``: wait for each pod to start, stream until the run ends, reconnect (without repeating
         lines) when the API server goes away; ``outcome`` is then the final status. A container whose current
-        log cannot be read falls back to its previous instance; one that cannot be read at all is noted."""
+        log cannot be read falls back to its previous instance; one that cannot be read at all is noted.
+        A multi-node run's pods are its node ranks: ``rank`` picks one (default 0, the rank that publishes)."""
         job = self._job_of(run, outlive_outages=follow)
+        spec = job.get("spec") or {}
+        nodes = int(spec.get("completions") or 1) if spec.get("completionMode") == "Indexed" else 1
+        if rank is not None and not 0 <= rank < nodes:
+            raise UsageError(f"run {run} has {nodes} pod{'s' if nodes > 1 else ''} (node ranks 0-{nodes - 1}); "
+                             f"there is no rank {rank}", hint=f"pick --rank between 0 and {nodes - 1}")
+        index = (rank or 0) if nodes > 1 else None
         _, kube = self.connect()
-        return LogStream(self._log_lines(kube, job["metadata"]["name"], follow=follow, tail=tail, poll=poll))
+        return LogStream(self._log_lines(kube, job["metadata"]["name"], follow=follow, tail=tail, poll=poll,
+                                         index=index))
 
-    def _log_lines(self, kube: Any, job_name: str, *, follow: bool, tail: int | None, poll: float):
+    def _log_lines(self, kube: Any, job_name: str, *, follow: bool, tail: int | None, poll: float,
+                   index: int | None = None):
         from launcher.diagnose import diagnose, trainer_status
         from launcher.kube import ClusterError, ClusterUnreachable, with_retries
 
@@ -459,8 +469,11 @@ class Client:
             job, pods, _ = with_retries(lambda: self._snapshot(kube, job_name), on_retry=retrying)
             if job is None:
                 raise RunFailed(f"job {job_name} no longer exists (cancelled, or deleted after its TTL)")
-            pods = _by_age(pods)
             diag = diagnose(job, pods, [])
+            pods = _by_age(pods)
+            if index is not None:  # one node rank of a multi-node run: its pods, retries included
+                pods = [p for p in pods if ((p.get("metadata") or {}).get("annotations") or {}).get(
+                    "batch.kubernetes.io/job-completion-index") == str(index)]
             for pod in pods:
                 name = pod["metadata"]["name"]
                 if name in done:

@@ -232,39 +232,63 @@ def diagnose(job: dict, pods: list[dict], events: list[dict], *, gpu_resource: s
             return Diagnosis(PENDING, f"cannot create the pod: {msg}{fix}", details, blocked=True)
         return Diagnosis(PENDING, "waiting for the Job controller to create a pod" + retry_note, details)
 
-    pod, a = live[-1]
-    if a.phase == "Running":
-        node = f" on {a.node}" if a.node else ""
-        return Diagnosis(RUNNING, f"running{node}" + retry_note, details)
+    def one(pod: dict, a: Attempt) -> Diagnosis:
+        if a.phase == "Running":
+            node = f" on {a.node}" if a.node else ""
+            return Diagnosis(RUNNING, f"running{node}" + retry_note, details)
 
-    # Pending: not scheduled, or scheduled but the container cannot start.
-    sched = _condition(pod, "PodScheduled")
-    if sched and str(sched.get("status")) == "False":
-        msg = _short_scheduler_message(sched.get("message") or sched.get("reason") or "unschedulable")
-        details.append(f"scheduler: {sched.get('message')}")
-        if f"Insufficient {gpu_resource}" in msg or re.search(r"Insufficient \S*gpu", msg):
-            return Diagnosis(PENDING, f"waiting for GPUs: {msg}" + retry_note, details)
-        return Diagnosis(PENDING, f"waiting for a node: {msg}" + retry_note, details)
-    if a.reason in _IMAGE_ERRORS:
-        image = ((pod.get("spec") or {}).get("containers") or [{}])[0].get("image", "?")
-        return Diagnosis(PENDING, f"cannot pull the trainer image {image} ({a.reason}): {a.message or ''}".rstrip(": ")
-                         + " — check the image name and tag (LAUNCHER_IMAGE) and the registry credentials",
-                         details, blocked=True)
-    if a.reason in _CONFIG_ERRORS:
-        msg = a.message or a.reason
-        fix = ""
-        if "secret" in msg.lower():
-            fix = " — create the S3 credentials Secret with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
-        return Diagnosis(PENDING, f"cannot start the container: {msg}{fix}", details, blocked=True)
-    if a.reason == "ContainerCreating" or (sched and str(sched.get("status")) == "True"):
-        mount = [e for e in warnings if e.get("reason") == "FailedMount"
-                 and (e.get("involvedObject") or {}).get("name") == a.pod]
-        if mount:
-            return Diagnosis(PENDING, f"cannot mount a volume: {(mount[-1].get('message') or '').strip()}",
+        # Pending: not scheduled, or scheduled but the container cannot start.
+        sched = _condition(pod, "PodScheduled")
+        if sched and str(sched.get("status")) == "False":
+            msg = _short_scheduler_message(sched.get("message") or sched.get("reason") or "unschedulable")
+            details.append(f"scheduler: {sched.get('message')}")
+            if f"Insufficient {gpu_resource}" in msg or re.search(r"Insufficient \S*gpu", msg):
+                return Diagnosis(PENDING, f"waiting for GPUs: {msg}" + retry_note, details)
+            return Diagnosis(PENDING, f"waiting for a node: {msg}" + retry_note, details)
+        if a.reason in _IMAGE_ERRORS:
+            image = ((pod.get("spec") or {}).get("containers") or [{}])[0].get("image", "?")
+            return Diagnosis(PENDING, f"cannot pull the trainer image {image} ({a.reason}): {a.message or ''}".rstrip(": ")
+                             + " — check the image name and tag (LAUNCHER_IMAGE) and the registry credentials",
                              details, blocked=True)
-        node = f" on {a.node}" if a.node else ""
-        return Diagnosis(PENDING, f"starting{node}" + retry_note, details)
-    return Diagnosis(PENDING, "waiting to be scheduled" + retry_note, details)
+        if a.reason in _CONFIG_ERRORS:
+            msg = a.message or a.reason
+            fix = ""
+            if "secret" in msg.lower():
+                fix = " — create the S3 credentials Secret with keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+            return Diagnosis(PENDING, f"cannot start the container: {msg}{fix}", details, blocked=True)
+        if a.reason == "ContainerCreating" or (sched and str(sched.get("status")) == "True"):
+            mount = [e for e in warnings if e.get("reason") == "FailedMount"
+                     and (e.get("involvedObject") or {}).get("name") == a.pod]
+            if mount:
+                return Diagnosis(PENDING, f"cannot mount a volume: {(mount[-1].get('message') or '').strip()}",
+                                 details, blocked=True)
+            node = f" on {a.node}" if a.node else ""
+            return Diagnosis(PENDING, f"starting{node}" + retry_note, details)
+        return Diagnosis(PENDING, "waiting to be scheduled" + retry_note, details)
+
+    total = int(spec.get("completions") or 1)
+    if spec.get("completionMode") != "Indexed" or total <= 1:
+        pod, a = live[-1]
+        return one(pod, a)
+    # A multi-node run: one pod per completion index (node rank); the newest of each index counts.
+    by_index: dict[int, tuple[dict, Attempt]] = {}
+    for p, att in live:
+        idx = (_meta(p).get("annotations") or {}).get("batch.kubernetes.io/job-completion-index")
+        if idx is not None and str(idx).isdigit():
+            by_index[int(idx)] = (p, att)
+    waiting = [(i, *by_index[i]) for i in sorted(by_index) if by_index[i][1].phase != "Running"]
+    if not waiting:
+        missing = [i for i in range(total) if i not in by_index]
+        if not missing:
+            nodes = sorted({att.node for _, att in by_index.values() if att.node})
+            return Diagnosis(RUNNING, f"running: {total} pods on {', '.join(nodes) or 'their nodes'}" + retry_note,
+                             details)
+        return Diagnosis(PENDING, f"pod {missing[0]} of {total}: waiting for the Job controller to create it"
+                         + retry_note, details)
+    i, pod, a = waiting[0]
+    d = one(pod, a)
+    d.sentence = f"pod {i} of {total} is {a.phase}: {d.sentence}"
+    return d
 
 
 def _failed(cond: dict, counted: list[Attempt], evicted: list[Attempt], spec: dict,

@@ -214,6 +214,18 @@ class Kube:
         except (NotFound, AlreadyExists):  # 409: the uid precondition failed, someone replaced it
             return False
 
+    # Services (the headless Service of a multi-node run)
+    def create_service(self, body: dict, *, dry_run: bool = False, namespace: str | None = None) -> dict:
+        ns = self._ns(namespace)
+        kw = {"dry_run": "All"} if dry_run else {}
+        return self._json(self.call("create", "service", body["metadata"]["name"], ns,
+                                    self._core().create_namespaced_service, ns, body,
+                                    _preload_content=False, _request_timeout=TIMEOUT, **kw))
+
+    def get_service(self, name: str, namespace: str | None = None) -> dict | None:
+        ns = self._ns(namespace)
+        return self._get_or_none("get", "service", name, ns, self._core().read_namespaced_service, name, ns)
+
     # Read-only lookups
     def get_namespace(self, name: str | None = None) -> dict | None:
         ns = self._ns(name)

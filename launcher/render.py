@@ -28,6 +28,10 @@ SPEC_KEY = "spec.yaml"
 SCRATCH = "/scratch"
 #: memory-backed /dev/shm for multi-GPU pods (NCCL); counts against the pod's memory limit
 SHM_SIZE = "16Gi"
+#: torchrun's rendezvous port on node 0 (multi-node runs).
+RENDEZVOUS_PORT = 29500
+#: The Job controller's annotation on each pod of an Indexed Job: its completion index = node rank.
+INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
 #: Time for the trainer to write a checkpoint after SIGTERM (preemption, cancel).
 TERMINATION_GRACE_SECONDS = 120
 #: uid/gid of the images (docker/*.Dockerfile): above 10000, so no user of the node shares it.
@@ -83,6 +87,18 @@ def _env(spec: TrainingRunSpec, settings: LauncherSettings) -> list[dict[str, An
         {"name": "LORA_JOBS_IMAGE", "value": settings.image},
         {"name": "HF_HOME", "value": f"{SCRATCH}/hf"},
     ]
+    if spec.resources.nodes > 1:
+        # torchrun reads its arguments from PET_* variables: static rendezvous on pod 0, whose DNS name
+        # <job>-0.<service> the headless Service gives it; the node rank is the pod's completion index.
+        name = job_name(spec)
+        env += [
+            {"name": "PET_NNODES", "value": str(spec.resources.nodes)},
+            {"name": "PET_NPROC_PER_NODE", "value": str(max(1, spec.resources.gpus))},
+            {"name": "PET_NODE_RANK", "valueFrom": {"fieldRef": {
+                "fieldPath": f"metadata.annotations['{INDEX_ANNOTATION}']"}}},
+            {"name": "PET_MASTER_ADDR", "value": f"{name}-0.{name}"},
+            {"name": "PET_MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
+        ]
     mlflow = spec.tracking.mlflow if spec.tracking is not None else None
     if mlflow is not None and settings.mlflow_tracking_uri:
         env.append({"name": mlflow.uri_env, "value": settings.mlflow_tracking_uri})
@@ -170,7 +186,9 @@ def render_job(spec: TrainingRunSpec, settings: LauncherSettings) -> dict[str, A
             {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
         ],
     }
-    if r.gpus > 1:
+    if r.nodes > 1:
+        pod_spec["subdomain"] = name  # with the headless Service: <job>-<index>.<job> resolves to each pod
+    if r.gpus > 1 or r.nodes > 1:
         # One training process per GPU (torchrun inside the container): NCCL moves data through
         # shared memory, and the runtime's default 64 MB /dev/shm breaks it.
         container["volumeMounts"].append({"name": "dshm", "mountPath": "/dev/shm"})
@@ -185,17 +203,21 @@ def render_job(spec: TrainingRunSpec, settings: LauncherSettings) -> dict[str, A
     if priority:
         pod_spec["priorityClassName"] = priority
     job_spec: dict[str, Any] = {
-        "backoffLimit": r.retries,
+        # A multi-node run fails as a gang (a peer's death ends every rank's collectives): up to `nodes` pod
+        # failures per retry of the run.
+        "backoffLimit": r.retries * r.nodes,
         "activeDeadlineSeconds": max(1, int(r.timeout_hours * 3600)),
         "ttlSecondsAfterFinished": settings.ttl_seconds_after_finished,
-        "completions": 1,
-        "parallelism": 1,
+        "completions": r.nodes,
+        "parallelism": r.nodes,
         "podReplacementPolicy": "Failed",
         "podFailurePolicy": _pod_failure_policy(),
         "template": {"metadata": {"labels": labels}, "spec": pod_spec},
     }
+    if r.nodes > 1:
+        job_spec["completionMode"] = "Indexed"
     if settings.queue:
-        job_spec["suspend"] = True  # Kueue admits (unsuspends) it
+        job_spec["suspend"] = True  # Kueue admits (unsuspends) it, all `nodes` pods as one workload
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -205,8 +227,28 @@ def render_job(spec: TrainingRunSpec, settings: LauncherSettings) -> dict[str, A
     }
 
 
+def render_service(spec: TrainingRunSpec, settings: LauncherSettings) -> dict[str, Any] | None:
+    """The headless Service of a multi-node run (the pods' ``subdomain``: stable DNS names for torchrun's
+    rendezvous); None for a one-pod run. Owned by the Job once it exists, so it goes with the Job."""
+    if spec.resources.nodes <= 1:
+        return None
+    name = job_name(spec)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": settings.namespace, "labels": run_labels(spec)},
+        "spec": {
+            "clusterIP": "None",
+            "selector": {"batch.kubernetes.io/job-name": name},
+            # the rendezvous starts before anything is "ready": resolve the pods as soon as they have an IP
+            "publishNotReadyAddresses": True,
+            "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT, "targetPort": RENDEZVOUS_PORT}],
+        },
+    }
+
+
 def render_run(spec: TrainingRunSpec, settings: LauncherSettings) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(Job, ConfigMap) for one run."""
+    """(Job, ConfigMap) for one run (a multi-node run also needs :func:`render_service`)."""
     return render_job(spec, settings), render_configmap(spec, settings)
 
 

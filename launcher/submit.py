@@ -85,11 +85,22 @@ def fit_failure(nodes: list[dict], job: dict, gpu_resource: str) -> str | None:
     if not nodes:
         return "the cluster has no nodes — add nodes (or check that you may list them)"
     reasons = []
+    want = int((job.get("spec") or {}).get("completions") or 1)  # the pods of a multi-node run
+    per_pod = parse_quantity(requests.get(gpu_resource, 0))
+    room = 0  # how many of the run's pods the cluster could ever hold at once (GPUs are the scarce part)
     for node in nodes:
         why = node_fit_problem(node, pod_spec, requests)
         if why is None:
-            return None
+            alloc = parse_quantity(((node.get("status") or {}).get("allocatable") or {}).get(gpu_resource, 0))
+            room += int(alloc // per_pod) if per_pod else want
+            if room >= want:
+                return None
+            continue
         reasons.append(f"{(node.get('metadata') or {}).get('name', '?')} {why}")
+    if room:
+        return (f"the run's {want} pods (resources.nodes) need {int(per_pod)} {gpu_resource} each, and the "
+                f"cluster's nodes can ever hold only {room} such pods at once — lower resources.nodes to {room} "
+                "or add GPU nodes")
     gpus = requests.get(gpu_resource)
     best = max((parse_quantity(((n.get("status") or {}).get("allocatable") or {}).get(gpu_resource, 0))
                 for n in nodes), default=0)
@@ -121,7 +132,7 @@ def local_path_problems(spec: TrainingRunSpec) -> list[str]:
 # ------------------------------------------------------------------------------ preflight (I/O)
 
 def preflight(kube: Kube, spec: TrainingRunSpec, settings: LauncherSettings, job: dict, configmap: dict,
-              *, check_nodes: bool = True) -> list[str]:
+              service: dict | None = None, *, check_nodes: bool = True) -> list[str]:
     """Run every check, raise :class:`PreflightError` listing all failures; return warnings (checks skipped
     because RBAC does not let us look)."""
     failures: list[str] = local_path_problems(spec)
@@ -167,7 +178,10 @@ def preflight(kube: Kube, spec: TrainingRunSpec, settings: LauncherSettings, job
 
     if not failures and kube.get_job(job["metadata"]["name"]) is None:
         # Server-side dry-run: admission (Pod Security, quota, Kueue webhooks) and schema, nothing persisted.
-        for create, body in ((kube.create_configmap, configmap), (kube.create_job, job)):
+        bodies = [(kube.create_configmap, configmap), (kube.create_job, job)]
+        if service is not None:
+            bodies.append((kube.create_service, service))
+        for create, body in bodies:
             try:
                 create(body, dry_run=True)
             except AlreadyExists:
@@ -190,8 +204,9 @@ def _wait_gone(kube: Kube, name: str, timeout: float = 60.0) -> None:
         time.sleep(1)
 
 
-def create_run(kube: Kube, job: dict, configmap: dict) -> SubmitResult:
-    """Create ConfigMap then Job, then make the Job own the ConfigMap. Idempotent and race-safe."""
+def create_run(kube: Kube, job: dict, configmap: dict, service: dict | None = None) -> SubmitResult:
+    """Create ConfigMap then Job, then make the Job own the ConfigMap (and create the multi-node run's
+    headless ``service``, owned by the Job). Idempotent and race-safe."""
     name = job["metadata"]["name"]
     want_hash = job["metadata"]["labels"][render.LABEL_HASH]
 
@@ -233,13 +248,26 @@ def create_run(kube: Kube, job: dict, configmap: dict) -> SubmitResult:
             raise SubmitConflict(f"job {name} was created and deleted while we submitted",
                                  hint="submit again") from None
         _own(kube, name, live)
+        _create_service(kube, service, live)
         return _already(live, want_hash)
     except Exception:
         if created_cm:
             kube.delete_configmap(name)
         raise
     _own(kube, name, created)
+    _create_service(kube, service, created)
     return SubmitResult(name, True, created)
+
+
+def _create_service(kube: Kube, service: dict | None, job: dict) -> None:
+    """The headless Service, owned by the Job: the garbage collector deletes it with the Job (cancel, TTL)."""
+    if service is None or not (job.get("metadata") or {}).get("uid"):
+        return
+    body = {**service, "metadata": {**service["metadata"], "ownerReferences": [render.owner_reference(job)]}}
+    try:
+        kube.create_service(body)
+    except AlreadyExists:
+        pass
 
 
 def _wait_configmap_gone(kube: Kube, name: str, timeout: float = 30.0) -> None:
@@ -267,16 +295,19 @@ def submit(kube: Kube, spec: TrainingRunSpec, settings: LauncherSettings, *, ser
            skip_preflight: bool = False) -> SubmitResult:
     """Validate against the cluster, then create the run (or find it already there)."""
     job, configmap = render.render_run(spec, settings)
+    service = render.render_service(spec, settings)
     name = job["metadata"]["name"]
     existing = kube.get_job(name)
     if existing is not None and not (existing.get("metadata") or {}).get("deletionTimestamp"):
         return _already(existing, job["metadata"]["labels"][render.LABEL_HASH])
-    warnings = [] if skip_preflight else preflight(kube, spec, settings, job, configmap)
+    warnings = [] if skip_preflight else preflight(kube, spec, settings, job, configmap, service)
     if server_dry_run:
         if skip_preflight:
             kube.create_configmap(configmap, dry_run=True)
             kube.create_job(job, dry_run=True)
+            if service is not None:
+                kube.create_service(service, dry_run=True)
         return SubmitResult(name, False, job, warnings, dry_run=True)
-    result = create_run(kube, job, configmap)
+    result = create_run(kube, job, configmap, service)
     result.warnings = warnings
     return result

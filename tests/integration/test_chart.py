@@ -143,6 +143,15 @@ def test_lint_strict_passes_with_default_and_full_values(helm):
     run_helm(helm, "lint", "--strict", str(CHART), values=full_values())
 
 
+def test_a_multi_node_gitops_job_is_refused_with_the_fix(helm):
+    proc = run_helm(helm, "template", "lora-jobs", str(CHART), check=False, values={"trainingJob": {
+        "enabled": True, "specHash": "abcdef0123", "spec": {
+            "name": "big", "base_model": {"uri": "s3://models/llama/"}, "dataset": {"train": "s3://data/t.jsonl"},
+            "output": "s3://runs/lora", "resources": {"gpus": 8, "nodes": 2}}}})
+    assert proc.returncode != 0
+    assert "resources.nodes > 1" in proc.stderr and "submit it with the launcher" in proc.stderr, proc.stderr
+
+
 @pytest.mark.parametrize("values, named", [
     ({"s3": {"regoin": "eu-west-1"}}, "/s3"),  # a typo is not silently ignored
     ({"settings": {"ttlSecondsAfterFinished": -5}}, "/settings/ttlSecondsAfterFinished"),
@@ -197,6 +206,7 @@ def test_launcher_role_grants_each_verb_it_needs_and_no_more(helm):
         ("batch", "jobs", (), "delete"),
         ("", "configmaps", (), "create"), ("", "configmaps", (), "get"), ("", "configmaps", (), "patch"),
         ("", "configmaps", (), "delete"),
+        ("", "services", (), "create"),
         ("", "pods", (), "list"), ("", "pods/log", (), "get"), ("", "events", (), "list"),
         ("", "secrets", ("lora-jobs-s3",), "get"),
         ("", "serviceaccounts", ("lora-jobs-trainer",), "get"),
@@ -430,6 +440,7 @@ def test_the_launcher_account_is_refused_what_its_role_does_not_grant(installed,
             "delete the Role": lambda: client.RbacAuthorizationV1Api(api).delete_namespaced_role(
                 "lora-jobs-launcher", namespace),
             "list nodes": lambda: core.list_node(),
+            "delete a Service": lambda: core.delete_namespaced_service("any", namespace),
         }
         for what, call in refused.items():
             with pytest.raises(ApiException) as err:

@@ -66,6 +66,44 @@ def test_two_processes_train_like_one_and_publish_one_version(tmp_path, small_mo
     for a, b in zip(h1, h2):  # the same token-mean loss; fp32 sums in another order
         assert abs(a["loss"] - b["loss"]) <= 1e-4 * abs(a["loss"]), (h1, h2)
 
+    # Two "nodes" as a multi-node pod pair runs them: each its own `python -m jobs run` with the PET_*
+    # variables the launcher renders, its own scratch folder, one torchrun each, rendezvous on node 0.
+    nodes = _two_nodes(tmp_path, "nodes", small_model_dir)
+    for rank, (proc, out) in enumerate(nodes):
+        assert proc.returncode == 0, f"node {rank}:\n{out[-3000:]}"
+    assert "node 1 of 2: starting 1 training process (torchrun --nnodes=2 --node-rank=1" in nodes[1][1]
+    assert "rank 1 of 2" in nodes[1][1] and "rank 1: training done; rank 0 publishes" in nodes[1][1]
+    assert existing_versions(store, "nodes") == {1: True}, "node 0's rank 0 alone publishes, once"
+    hn = history("nodes")
+    assert [h["tokens"] for h in hn] == [h["tokens"] for h in h1]
+    for a, b in zip(h1, hn):
+        assert abs(a["loss"] - b["loss"]) <= 1e-4 * abs(a["loss"]), (h1, hn)
+
+
+def _two_nodes(tmp_path: Path, name: str, model_dir: Path) -> list[tuple[subprocess.Popen, str]]:
+    import socket
+
+    spec = {"name": name, "base_model": {"uri": str(model_dir)}, "dataset": {"train": str(DEMO / "train.jsonl")},
+            "output": str(tmp_path / "store"), "training": {"max_steps": 4, "max_seq_length": 256},
+            "lora": {"dropout": 0.0}, "eval": {"enabled": False}, "merge": {"enabled": False},
+            "resources": {"gpus": 0, "nodes": 2}}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+               "TERMINATION_MESSAGE_PATH": str(tmp_path / f"{name}-{rank}.termination"),
+               "PET_NNODES": "2", "PET_NODE_RANK": str(rank), "PET_MASTER_ADDR": "127.0.0.1",
+               "PET_MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, "-m", "jobs", "run", "--spec", str(path), "--workdir",
+                                       str(tmp_path / f"work-{name}-node{rank}")], env=env, cwd=REPO,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=900)[0] for p in procs]
+    return list(zip(procs, outs))
+
 
 def test_under_torchrun_the_job_still_exits_with_its_own_code(tmp_path, small_model_dir, monkeypatch):
     """torchrun exits 1 whatever its workers did; the job's relaunch maps it back (11: bad data,
@@ -87,3 +125,71 @@ def test_under_torchrun_the_job_still_exits_with_its_own_code(tmp_path, small_mo
     assert code == 11
     msg = json.loads(tmsg.read_text())
     assert msg["exit_code"] == 11 and msg["stage"] == "prepare"
+
+
+def _children_with_rank(pid: int) -> dict[int, int]:
+    """{rank: pid} of torchrun's worker processes (read from /proc: their RANK variable)."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            try:
+                env = dict(kv.split("=", 1) for kv in Path(f"/proc/{child}/environ").read_text().split("\0") if "=" in kv)
+            except OSError:
+                continue
+            if "RANK" in env:
+                out[int(env["RANK"])] = int(child)
+    return out
+
+
+def test_sigterm_to_one_rank_checkpoints_all_and_the_retry_resumes_at_that_step(tmp_path, small_model_dir):
+    """The kubelet's SIGTERM may reach one worker first: the stop flag travels with the step's all-reduce,
+    so every rank stops after the same step, rank 0 checkpoints, the run exits 75, and the retry (a new
+    pod: a fresh workdir) resumes from that step with the same world size."""
+    import signal
+    import time
+
+    spec = {"name": "stop", "base_model": {"uri": str(small_model_dir)}, "dataset": {"train": str(DEMO / "train.jsonl")},
+            "output": str(tmp_path / "store"),
+            "training": {"max_steps": 6, "max_seq_length": 256, "checkpoint_interval_steps": 100, "epochs": 3},
+            "lora": {"dropout": 0.0}, "eval": {"enabled": False}, "merge": {"enabled": False}, "resources": {"gpus": 0}}
+    path = tmp_path / "stop.yaml"
+    path.write_text(yaml.safe_dump(spec))
+
+    def start(n: int):
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+               "TERMINATION_MESSAGE_PATH": str(tmp_path / f"stop-{n}.termination")}
+        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                                 "-m", "jobs", "run", "--spec", str(path), "--workdir", str(tmp_path / f"work-{n}")],
+                                env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    first = start(1)
+    log = []
+    deadline = time.time() + 600
+    for line in first.stdout:
+        log.append(line)
+        if "step 2/6" in line:
+            ranks = _children_with_rank(first.pid)
+            assert 1 in ranks, ranks
+            os.kill(ranks[1], signal.SIGTERM)  # rank 1 only
+            break
+        assert time.time() < deadline, "".join(log[-20:])
+    log.append(first.stdout.read())
+    first.wait(timeout=300)
+    text = "".join(log)
+    msg = json.loads((tmp_path / "stop-1.termination").read_text())
+    assert msg["exit_code"] == 75 and msg["stage"] == "train", (msg, text[-3000:])
+    stopped = int(__import__("re").search(r"stopped by SIGTERM at step (\d+)/6", msg["message"]).group(1))
+    assert stopped in (2, 3, 4), msg
+
+    second = start(2)
+    out = second.communicate(timeout=900)[0]
+    assert json.loads((tmp_path / "stop-2.termination").read_text())["exit_code"] == 0, out[-3000:]
+    assert f"resumed from checkpoint at step {stopped} of 6" in out, out[-3000:]
+    assert f"step {stopped + 1}/6" in out and "step 1/6 " not in out
+    from jobs.publish import existing_versions
+    from jobs.storage import LocalStore
+
+    store = LocalStore(str(tmp_path / "store"))
+    assert existing_versions(store, "stop") == {1: True}
+    report = json.loads(store.get_bytes("stop/v1/eval_report.json"))
+    assert [h["step"] for h in report["training"]["history"]] == [1, 2, 3, 4, 5, 6]
