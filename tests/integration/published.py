@@ -7,7 +7,7 @@ import urllib.request
 
 REQUIRED = ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "merged/config.json",
             "tokenizer/tokenizer.json", "metadata.json", "data_report.json", "eval_report.json",
-            "eval_report.md", "loss_curve.png", "manifest.json", "_COMPLETE")
+            "eval_report.md", "eval_report.html", "loss_curve.png", "manifest.json", "_COMPLETE")
 
 
 def assert_complete_v1(store, run_prefix: str) -> set[str]:

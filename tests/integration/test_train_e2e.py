@@ -1,6 +1,7 @@
 """The training job end to end on CPU: real SmolLM2-135M, real MinIO, the real container entrypoint."""
 from __future__ import annotations
 
+import html
 import json
 import os
 import signal
@@ -80,6 +81,11 @@ def test_job_trains_evaluates_merges_and_publishes_a_complete_version(
     assert data_report["train"]["total_lines"] >= data_report["train"]["kept_rows"] > 0
     assert report["merge"]["ok"] and report["merge"]["max_relative_logit_diff"] <= report["merge"]["tolerance"]
     assert len(report["generations"]) == 2 and all("after" in g for g in report["generations"])
+    faith = report["checklist"]["faithfulness"]  # no eval prompts given: the held-out rows' outputs are the references
+    assert faith["of"] == 2 and faith["after"]["rouge_l"] is not None and faith["before"]["rouge_l"] is not None
+    page = store.get_bytes(f"{run_prefix}/v1/eval_report.html").decode()
+    assert page.startswith("<!doctype html>") and "data:image/png;base64," in page  # the loss curve, inline
+    assert html.escape(report["generations"][0]["prompt"]) in page
     history = report["training"]["history"]
     per_epoch = t["planned_steps"] // 2
     first_epoch = sum(h["loss"] * h["tokens"] for h in history[:per_epoch]) / sum(h["tokens"] for h in history[:per_epoch])
