@@ -105,7 +105,7 @@ class FaultAfter:
     def __getattr__(self, name):
         return getattr(self._store, name)
 
-    def put_file(self, path, key):
+    def put_file(self, path, key, progress=None):
         with self._lock:
             self.calls += 1
             fire = self.calls == self._n
@@ -113,7 +113,7 @@ class FaultAfter:
             self.thread = threading.Thread(target=self._fault, daemon=True)
             self.thread.start()
             time.sleep(0.1)  # let the fault land while this and the other workers' uploads are in flight
-        return self._store.put_file(path, key)
+        return self._store.put_file(path, key, progress=progress)
 
 
 class Watcher(threading.Thread):
