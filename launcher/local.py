@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +52,12 @@ def run_local(spec: TrainingRunSpec, base: Path, workdir: Path | None, *, on_out
     note(f"running {name} locally in {workdir}")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1, text=True,
                             errors="replace")
+    # A SIGTERM to us (a timeout, a CI runner, a terminal closing) goes to the job as well: it checkpoints
+    # and exits 75, as in a pod, instead of training on as an orphan.
+    try:
+        previous = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signal.SIGTERM))
+    except ValueError:  # not the main thread (a library caller's worker): signals stay theirs
+        previous = None
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -63,3 +70,6 @@ def run_local(spec: TrainingRunSpec, base: Path, workdir: Path | None, *, on_out
         except subprocess.TimeoutExpired:
             proc.kill()
             return proc.wait()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,57 @@
+"""`launcher submit --local` stopped by SIGTERM (a timeout, a CI runner): the job gets the signal too,
+checkpoints and exits 75 like a preempted pod; no training process is left behind."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.train
+
+REPO = Path(__file__).resolve().parents[2]
+DEMO = REPO / "examples" / "demo"
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if text in (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                    out.append(int(d.name))
+            except OSError:
+                pass
+    return out
+
+
+def test_sigterm_to_a_local_run_reaches_the_job_which_checkpoints_and_exits_75(tmp_path, small_model_dir):
+    spec = {"name": "local-stop", "base_model": {"uri": str(small_model_dir)},
+            "dataset": {"train": str(DEMO / "train.jsonl")}, "output": str(tmp_path / "store"),
+            "training": {"epochs": 3, "max_seq_length": 256}, "eval": {"enabled": False},
+            "merge": {"enabled": False}, "resources": {"gpus": 0}}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    work = tmp_path / "work"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"}
+    proc = subprocess.Popen([sys.executable, "-m", "launcher", "submit", str(path), "--local", "--workdir", str(work)],
+                            env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    deadline = time.time() + 600
+    for line in proc.stdout:
+        seen.append(line)
+        if " step 1/" in line:
+            proc.send_signal(signal.SIGTERM)  # to the launcher only, as `timeout` does
+            break
+        assert time.time() < deadline, "".join(seen[-20:])
+    rest = proc.communicate(timeout=300)[0]
+    text = "".join(seen) + rest
+    assert proc.returncode == 75, text[-3000:]
+    assert "SIGTERM received" in text and "stopped by SIGTERM at step" in text, text[-3000:]
+    assert _processes_mentioning(str(work)) == [], "a training process outlived the launcher"
+    assert list((tmp_path / "store" / "local-stop" / "checkpoints").rglob("_COMPLETE")), "a checkpoint was saved"
