@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import queue
+import shutil
 import threading
 import time
 import urllib.error
@@ -279,12 +280,31 @@ TENSORBOARD_DIR = "tensorboard"
 
 
 def write_tensorboard(folder: Path, history: list[dict], evals: list[dict],
-                      tokens_per_s: dict[int, float] | None = None) -> Path:
+                      tokens_per_s: dict[int, float] | None = None) -> Path | None:
     """Event files of the run's scalars (``loss``, ``lr``, ``tokens_per_s`` per step, ``val_loss`` per
-    evaluation) in ``folder``; `tensorboard --logdir` reads them. Returns the folder."""
-    from tensorboardX import SummaryWriter
+    evaluation) in ``folder``; `tensorboard --logdir` reads them. Returns the folder.
 
+    Best effort, like the MLflow tracker: the event files are a convenience beside ``metadata.json`` and
+    the eval report, so a missing ``tensorboardX`` (an image built without it) or a writer that fails is
+    one warning and None, never the end of a run that trained (GPU call 7 lost a trained QLoRA run so)."""
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError as err:
+        log.warning("TensorBoard event files are not written (%s); the version is published without "
+                    "tensorboard/", err)
+        return None
     folder.mkdir(parents=True, exist_ok=True)
+    try:
+        _write_scalars(SummaryWriter, folder, history, evals, tokens_per_s)
+    except Exception as err:  # noqa: BLE001 - a convenience file must not fail the run
+        log.warning("TensorBoard event files could not be written (%s: %s); the version is published "
+                    "without them", type(err).__name__, err)
+        shutil.rmtree(folder, ignore_errors=True)
+        return None
+    return folder
+
+
+def _write_scalars(SummaryWriter, folder: Path, history, evals, tokens_per_s) -> None:
     writer = SummaryWriter(logdir=str(folder), flush_secs=3600)
     try:
         for h in history:
@@ -297,7 +317,6 @@ def write_tensorboard(folder: Path, history: list[dict], evals: list[dict],
             writer.add_scalar("val_loss", e["val_loss"], e["step"])
     finally:
         writer.close()
-    return folder
 
 
 def read_tensorboard(folder: Path) -> dict[str, list[tuple[int, float]]]:

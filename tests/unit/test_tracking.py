@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import socket
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -95,6 +96,42 @@ def test_tensorboard_event_files_hold_every_step_scalar(tmp_path):
     assert scalars["loss"][1][1] == pytest.approx(1.0) and scalars["lr"][4][1] == pytest.approx(5e-4)
     assert scalars["tokens_per_s"][2] == (3, pytest.approx(150.0))
     assert scalars["val_loss"] == [(0, pytest.approx(2.5)), (2, pytest.approx(1.5)), (5, pytest.approx(1.2))]
+
+
+def test_without_tensorboardx_the_event_files_are_skipped_with_one_warning_not_an_error(tmp_path, monkeypatch,
+                                                                                         caplog):
+    import sys
+
+    from jobs.tracking import write_tensorboard
+
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)  # `import tensorboardX` now raises ImportError
+    history = [{"step": 1, "loss": 2.0, "lr": 1e-4}]
+    with caplog.at_level(logging.WARNING, logger="jobs"):
+        assert write_tensorboard(tmp_path / "publish" / "tensorboard", history, [{"step": 1, "val_loss": 1.5}]) is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "tensorboardX" in warnings[0] and "published without" in warnings[0]
+    assert not (tmp_path / "publish" / "tensorboard").exists()  # nothing half-written goes into the version
+
+
+def test_a_failing_event_writer_leaves_no_folder_and_does_not_raise(tmp_path, monkeypatch, caplog):
+    import tensorboardX
+
+    from jobs.tracking import write_tensorboard
+
+    class Broken:
+        def __init__(self, logdir, **kw):
+            (Path(logdir) / "events.out.tfevents.partial").write_bytes(b"x")
+
+        def add_scalar(self, *a):
+            raise OSError(28, "No space left on device")
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tensorboardX, "SummaryWriter", Broken)
+    with caplog.at_level(logging.WARNING, logger="jobs"):
+        assert write_tensorboard(tmp_path / "tb", [{"step": 1, "loss": 1.0}], []) is None
+    assert "No space left" in caplog.text and not (tmp_path / "tb").exists()
 
 
 def test_the_pod_gets_the_tracking_uri_in_the_named_variable_and_the_token_only_from_a_secret():
