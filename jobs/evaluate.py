@@ -58,17 +58,43 @@ def longest_copied_span(generated: str, train_outputs: list[str], n: int = 8) ->
     return best, best_src
 
 
+class ConversationPrompt(EvalPrompt):
+    """A held-out conversation as an eval prompt: ``prompt`` is its last user turn (what the report
+    shows), ``context`` every turn before its last answer (system and earlier turns included): what
+    the model is asked with."""
+
+    context: tuple[tuple[str, str], ...] = ()
+
+
 def prompts_for(spec: TrainingRunSpec, val_rows, loaded_prompts: list[EvalPrompt] | None) -> list[EvalPrompt]:
     if loaded_prompts:
         return loaded_prompts
     if isinstance(spec.eval.prompts, list):
         return spec.eval.prompts
-    out = []
+    out: list[EvalPrompt] = []
     for r in val_rows[: spec.eval.num_prompts]:
+        band = band_of(words(r.output), spec.eval.length_bands)
+        if r.turns:  # reference: the last answer; the model sees the conversation up to it
+            last = max(i for i, (role, _) in enumerate(r.turns) if role == "assistant")
+            out.append(ConversationPrompt(prompt=r.instruction, band=band, reference=r.output,
+                                          context=r.turns[:last]))
+            continue
         text = r.instruction if not r.input else f"{r.instruction}\n\n{r.input}"
-        out.append(EvalPrompt(prompt=text, band=band_of(words(r.output), spec.eval.length_bands),
-                              reference=r.output))
+        out.append(EvalPrompt(prompt=text, band=band, reference=r.output))
     return out
+
+
+def prompt_text(tok, p: EvalPrompt) -> str:
+    """What the model is asked, rendered as training renders it: the prompt as one user turn, or a
+    held-out conversation's turns before its last answer (chat template, else the plain layout),
+    ending where the answer starts."""
+    from jobs.train import conversation_segments, prompt_text_for
+
+    context = getattr(p, "context", ())
+    if not context:
+        return prompt_text_for(tok, p.prompt)
+    segments = conversation_segments(tok, tuple(context) + (("assistant", ""),))
+    return "".join(text for text, _ in segments[:-1])  # everything but the (empty) answer itself
 
 
 def parse_prompts_jsonl(data: bytes) -> list[EvalPrompt]:
@@ -109,8 +135,6 @@ def generate(model, tok, prompts: list[EvalPrompt], spec: TrainingRunSpec, devic
     """Sampled answers (the guide's temperature/top_p/top_k), prompts batched with left padding."""
     import torch
 
-    from jobs.train import prompt_text_for
-
     e = spec.eval
     outs: list[str] = []
     model.eval()
@@ -122,21 +146,40 @@ def generate(model, tok, prompts: list[EvalPrompt], spec: TrainingRunSpec, devic
             batch = prompts[start:start + GENERATION_BATCH]
             log.info("generating %d-%d of %d%s: %s", start + 1, start + len(batch), len(prompts),
                      f" ({label})" if label else "", batch[0].prompt[:60] + ("…" if len(batch[0].prompt) > 60 else ""))
-            texts = [prompt_text_for(tok, p.prompt) for p in batch]
+            texts = [prompt_text(tok, p) for p in batch]
             ids = tok(texts, return_tensors="pt", add_special_tokens=False, padding=True).to(device)
             with torch.no_grad():
                 gen = model.generate(**ids, max_new_tokens=e.max_new_tokens, do_sample=e.temperature > 0,
                                      temperature=e.temperature if e.temperature > 0 else None, top_p=e.top_p,
                                      top_k=e.top_k, pad_token_id=tok.pad_token_id, use_cache=True)
             width = ids["input_ids"].shape[1]
+            stop = stop_token_ids(model, tok)
             for row in gen:
-                new = row[width:].tolist()
-                ended = tok.eos_token_id is not None and tok.eos_token_id in new
-                outs.append(Generated(tok.decode(new, skip_special_tokens=True).strip(),
-                                      cut_off=not ended and len(new) >= e.max_new_tokens))
+                answer, cut_off = answer_ids(row[width:].tolist(), stop, e.max_new_tokens)
+                # special tokens inside the answer stay: a leaked "<|im_start|>user" is scaffolding to flag
+                outs.append(Generated(tok.decode(answer, skip_special_tokens=False).strip(), cut_off=cut_off))
     finally:
         tok.padding_side = side
     return outs
+
+
+def stop_token_ids(model, tok) -> set[int]:
+    """The ids generation stops at: the model's generation config (what ``generate`` obeys), else the
+    tokenizer's EOS. They can differ: SmolLM2 converted from GGUF stops at <|im_end|> while its
+    tokenizer calls <|im_start|> the EOS (and pads with it)."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if ids is None:
+        ids = tok.eos_token_id
+    return set() if ids is None else {ids} if isinstance(ids, int) else set(ids)
+
+
+def answer_ids(new: list[int], stop: set[int], max_new_tokens: int) -> tuple[list[int], bool]:
+    """One row of a batched generation: the answer (up to its first stop token; what follows is
+    padding) and whether it was cut off, i.e. ran to max_new_tokens without a stop token."""
+    for i, t in enumerate(new):
+        if t in stop:
+            return new[:i], False
+    return new, len(new) >= max_new_tokens
 
 
 def build_report(spec: TrainingRunSpec, *, prompts: list[EvalPrompt], before: list[str], after: list[str],
@@ -153,6 +196,8 @@ def build_report(spec: TrainingRunSpec, *, prompts: list[EvalPrompt], before: li
             "band_ok": None if p.band is None else got_band == p.band,
             "pii": pii_found(a), "copied_share": round(copied, 3), "copied_from": src if copied >= 0.5 else None,
             "fluency_flags": fluency_flags(a, cut_off=getattr(a, "cut_off", False)),
+            # a conversation's turns before its last question (the question itself is "prompt")
+            "context": [list(t) for t in getattr(p, "context", ())[:-1]] or None,
         })
         items[-1]["broken"] = bool(items[-1]["fluency_flags"])
         if p.reference:
@@ -177,7 +222,9 @@ def build_report(spec: TrainingRunSpec, *, prompts: list[EvalPrompt], before: li
         "checklist": {
             "fluency": {"broken_generations": sum(i["broken"] for i in items), "of": len(items),
                         "flags": {flag: [n for n, i in enumerate(items, 1) if flag in i["fluency_flags"]]
-                                  for flag in FLUENCY_FLAGS if any(flag in i["fluency_flags"] for i in items)}},
+                                  for flag in FLUENCY_FLAGS if any(flag in i["fluency_flags"] for i in items)},
+                        "broken": [{"prompt": n, "text": i["prompt"], "flags": i["fluency_flags"]}
+                                   for n, i in enumerate(items, 1) if i["broken"]]},
             "faithfulness": _faithfulness_overall(items),
             "length_control": {"in_band": sum(bool(i["band_ok"]) for i in with_band), "of": len(with_band)},
             "safety_pii": {"generations_with_pii": sum(bool(i["pii"]) for i in items), "of": len(items)},
@@ -196,17 +243,22 @@ def _r(x):
 
 
 #: what makes an answer "broken" (the guide's fluency point), in the order the report lists them
-FLUENCY_FLAGS = ("empty", "repeated_token", "repeated_phrase", "repeated_sentence", "counting_run", "cut_off",
-                 "scaffolding")
-_SCAFFOLD = re.compile(r"(<\|[a-z_]+\|>|\[/?INST\]|###\s*(Instruction|Response)|^\s*(User|Assistant|System):)",
-                       re.I | re.M)
+FLUENCY_FLAGS = ("empty", "repeated_token", "repeated_phrase", "repeated_sentence", "repeated_number",
+                 "counting_run", "cut_off", "scaffolding")
+# chat-template tokens (kept in the answer by generate), instruction-format headers and role prefixes
+_SCAFFOLD = re.compile(r"(<\|[a-z_]+\|>|</?s>|\[/?INST\]|###\s*(Instruction|Response|System)|"
+                       r"^\s*(User|Assistant|System|Human|GPT):)", re.I | re.M)
+# the same number (192.168.8.1, 16) three times or more in a row, with only commas, spaces or "and" between
+_REPEATED_NUMBER = re.compile(r"(?<![\w.])(\d+(?:[.:/]\d+)*)"
+                              r"(?:(?:\s*[,;]\s*|\s+)(?:(?:and|or)\s+)?\1(?![\w]|[.:/]\d)){2,}")
 
 
 def fluency_flags(text: str, *, cut_off: bool = False) -> list[str]:
     """Why an answer looks degenerate (empty list: it does not). The common LoRA failures:
     a token or a phrase repeated over and over ("Internet > Internet > Uninstall > Uninstall"), the
-    same sentence again and again, counting ("ports 1, 2, 3, … 16,"), an answer cut off by
-    max_new_tokens mid-sentence, and chat-template scaffolding leaking into the answer."""
+    same sentence again and again, the same number again and again ("192.168.8.1, 192.168.8.1,
+    192.168.8.1"), counting ("ports 1, 2, 3, … 16,"), an answer cut off by max_new_tokens
+    mid-sentence, and chat-template scaffolding leaking into the answer."""
     flags = []
     toks = text.split()
     if not toks:
@@ -225,6 +277,8 @@ def fluency_flags(text: str, *, cut_off: bool = False) -> list[str]:
     sentences = [s for s in sentences if len(s.split()) >= 4]
     if len(sentences) != len(set(sentences)):
         flags.append("repeated_sentence")
+    if _REPEATED_NUMBER.search(text):
+        flags.append("repeated_number")
     if _counting_run(text) >= 6:
         flags.append("counting_run")
     if cut_off and not re.search(r"[.!?)\]\"'…:]\s*$", text):
@@ -235,18 +289,26 @@ def fluency_flags(text: str, *, cut_off: bool = False) -> list[str]:
 
 
 def _counting_run(text: str) -> int:
-    """Length of the longest run of consecutive integers separated only by commas, spaces or dashes."""
+    """Length of the longest run of consecutive integers separated only by commas, spaces or dashes.
+    An ellipsis after three or more of them and before a larger number ("1, 2, 3, 4, 5, … 16")
+    continues the run over the numbers it leaves out."""
     best = run = 0
     prev = None
-    for m in re.finditer(r"\d+|[^\d\s,;–-]+", text):
+    ellipsis = False
+    for m in re.finditer(r"\d+|…|\.{3}|[^\d\s,;–-]+", text):
         tok = m.group()
         if tok.isdigit():
             n = int(tok)
-            run = run + 1 if prev is not None and n == prev + 1 else 1
-            prev = n
+            if prev is not None and (n == prev + 1 or (ellipsis and run >= 3 and n > prev)):
+                run += n - prev
+            else:
+                run = 1
+            prev, ellipsis = n, False
             best = max(best, run)
+        elif tok in ("…", "...") and prev is not None and not ellipsis:
+            ellipsis = True
         else:
-            run, prev = 0, None
+            run, prev, ellipsis = 0, None, False
     return best
 
 
@@ -377,9 +439,7 @@ def render_markdown(report: dict, spec: TrainingRunSpec, version: str | None = N
              f"| validation loss | {v['loss_before']} | {v['loss_after']} |",
              f"| perplexity | {v['perplexity_before']} | {v['perplexity_after']} |", "",
              "## Checklist (docs/lora-training-guide.md)", "",
-             f"- Fluency: {c['fluency']['broken_generations']} of {c['fluency']['of']} generations look broken"
-             + "".join(f"; {flag.replace('_', ' ')}: #{', #'.join(map(str, which))}"
-                       for flag, which in c["fluency"].get("flags", {}).items()),
+             f"- Fluency: {fluency_line(c['fluency'])}",
              _faithfulness_line(c["faithfulness"]),
              f"- Length control: {c['length_control']['in_band']} of {c['length_control']['of']} in their band",
              f"- Safety: {c['safety_pii']['generations_with_pii']} of {c['safety_pii']['of']} generations contain PII",
@@ -389,7 +449,10 @@ def render_markdown(report: dict, spec: TrainingRunSpec, version: str | None = N
              f"Settings: temperature {report['inference_settings']['temperature']}, top_p "
              f"{report['inference_settings']['top_p']}, top_k {report['inference_settings']['top_k']}.", ""]
     for i, g in enumerate(report["generations"], 1):
-        lines += [f"### {i}. {g['prompt'][:200]}", "", f"**Before:** {g['before'] or '(empty)'}", "",
+        lines += [f"### {i}. {g['prompt'][:200]}", ""]
+        if g.get("context"):
+            lines += [f"_asked after {len(g['context'])} earlier turns of its conversation_", ""]
+        lines += [f"**Before:** {g['before'] or '(empty)'}", "",
                   f"**After:** {g['after'] or '(empty)'}", "",
                   f"_words: {g['words']}, band: {g['band']} (expected {g['expected_band']}), PII: "
                   f"{', '.join(g['pii']) or 'none'}, copied share: {g['copied_share']}_", ""]
@@ -400,6 +463,20 @@ def render_markdown(report: dict, spec: TrainingRunSpec, version: str | None = N
                                                 if fa["facts_missing"] else "")
                       + (" — **dropped**" if g["faithfulness_dropped"] else "") + "_", ""]
     return "\n".join(lines)
+
+
+def fluency_line(fl: dict) -> str:
+    """The fluency checklist in one line, each broken answer named by its prompt and flags:
+    '2 of 6 generations look broken: #4 "Which ports…" (counting run, cut off); #6 …'."""
+    head = f"{fl['broken_generations']} of {fl['of']} generations look broken"
+    named = [f"#{b['prompt']} \"{_clip(b['text'], 60)}\" ({', '.join(f.replace('_', ' ') for f in b['flags'])})"
+             for b in fl.get("broken", [])]
+    return head + (": " + "; ".join(named) if named else "")
+
+
+def _clip(text: str, n: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[:n - 1] + "…"
 
 
 def _pct(x) -> str:
@@ -426,9 +503,7 @@ def render_html(report: dict, spec: TrainingRunSpec, loss_png: bytes | None = No
     fl, lc, pii, ov = c["fluency"], c["length_control"], c["safety_pii"], c["overfitting_verbatim"]
     checks = [
         ("Validation loss improved", v["improved"], f"{v['loss_before']} → {v['loss_after']}"),
-        ("Fluency: no broken generations", fl["broken_generations"] == 0,
-         f"{fl['broken_generations']} of {fl['of']} broken" + "".join(
-             f"; {k.replace('_', ' ')}: #{', #'.join(map(str, w))}" for k, w in fl.get("flags", {}).items())),
+        ("Fluency: no broken generations", fl["broken_generations"] == 0, fluency_line(fl)),
         ("Faithfulness: none dropped", None if not f["of"] else not f["dropped"],
          _faithfulness_line(f)[2:]),
         ("Length control: all in band", None if not lc["of"] else lc["in_band"] == lc["of"],
@@ -465,7 +540,11 @@ def render_html(report: dict, spec: TrainingRunSpec, loss_png: bytes | None = No
     out.append(f"</table><h2>Generations</h2><p>temperature {s['temperature']}, top_p {s['top_p']}, "
                f"top_k {s['top_k']}, max_new_tokens {s['max_new_tokens']}</p>")
     for i, g in enumerate(report["generations"], 1):
-        out.append(f"<h3>{i}. {h(g['prompt'])}</h3><div class=\"side\"><div><b>Before</b><pre>"
+        out.append(f"<h3>{i}. {h(g['prompt'])}</h3>")
+        if g.get("context"):
+            out.append(f"<details><summary>asked after {len(g['context'])} earlier turns</summary><pre>"
+                       + h("\n".join(f"{role}: {text}" for role, text in g["context"])) + "</pre></details>")
+        out.append("<div class=\"side\"><div><b>Before</b><pre>"
                    f"{h(g['before']) or '(empty)'}</pre></div><div><b>After</b><pre>{h(g['after']) or '(empty)'}"
                    "</pre></div></div>")
         notes = [f"words {g['words']}, band {h(str(g['band']))} (expected {h(str(g['expected_band']))})",

@@ -23,6 +23,8 @@ if f and f["of"]:
           f"dropped: {', '.join(f'#{n}' for n in f['dropped']) or 'none'}")
 fl = report["checklist"]["fluency"]
 print(f"fluency: {fl['broken_generations']} of {fl['of']} answers look broken")
+for b in fl.get("broken", []):
+    print(f"  #{b['prompt']} {b['text'][:70]}: {', '.join(x.replace('_', ' ') for x in b['flags'])}")
 if report["generations"]:
     g = report["generations"][0]
     print(f"\nprompt: {g['prompt']}\n  before: {g['before'][:300]}\n  after:  {g['after'][:300]}")
