@@ -161,6 +161,8 @@ def test_a_multi_node_gitops_job_is_refused_with_the_fix(helm):
     ({"trainingJob": {"enabled": True, "spec": {"name": "Bad_Name"}}}, "/trainingJob/spec/name"),
     ({"trainingJob": {"enabled": True, "specHash": "abc", "spec": {}}}, "/trainingJob/specHash"),
     ({"trainingJob": {"spec": {"resources": {"cpu": 4}}}}, "/trainingJob/spec/resources/cpu"),
+    ({"settings": {"mlflowTrackingUri": "mlflow server"}}, "/settings/mlflowTrackingUri"),
+    ({"settings": {"mlflowTokenSecret": "Not_A_Secret_Name"}}, "/settings/mlflowTokenSecret"),
 ])
 def test_invalid_values_fail_on_the_schema_naming_the_value(helm, values, named):
     proc = run_helm(helm, "template", "lora-jobs", str(CHART), values=values, check=False)
@@ -186,6 +188,23 @@ def test_default_values_render_the_namespace_kit_and_no_optional_parts(helm):
     settings = settings_from_chart(docs, "ns-test")
     assert settings.s3_secret_name == "lora-jobs-s3" and settings.service_account == "lora-jobs-trainer"
     assert settings.image == "lora-jobs/trainer:0.1.0"
+
+
+def test_the_mlflow_settings_reach_the_launcher_through_its_configmap(helm):
+    unset = settings_from_chart(template(helm), "ns-test")
+    assert unset.mlflow_tracking_uri is None and unset.mlflow_token_secret is None
+    docs = template(helm, values={"settings": {"mlflowTrackingUri": "http://mlflow.mlflow.svc:5000",
+                                               "mlflowTokenSecret": "mlflow-token"}})
+    settings = settings_from_chart(docs, "ns-test")
+    assert settings.mlflow_tracking_uri == "http://mlflow.mlflow.svc:5000"
+    assert settings.mlflow_token_secret == "mlflow-token"
+
+
+def test_every_launcher_setting_of_the_chart_is_documented_in_the_chart_readme():
+    readme = (CHART / "README.md").read_text()
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    missing = [k for k in values["settings"] if f"`settings.{k}`" not in readme]
+    assert not missing, f"charts/lora-jobs/README.md does not document {missing}"
 
 
 def test_names_stay_within_63_characters(helm):
@@ -237,7 +256,13 @@ CPU_SPEC = {**MINIMAL_SPEC, "name": "cpu-run",
             "priorityClass": {"create": True}, "s3": {"endpoint": "http://minio.storage:9000",
                                                       "existingSecret": "team-s3", "region": "eu-west-1"}}),
     ({**MINIMAL_SPEC, "name": "four-gpus", "resources": {"gpus": 4}}, {}),
-], ids=["example", "defaults-only", "cpu-queued", "settings-variants", "four-gpus"])
+    ({**MINIMAL_SPEC, "name": "tracked", "tracking": {"mlflow": {"experiment": "support-bot"}}},
+     {"settings": {"mlflowTrackingUri": "http://mlflow.mlflow.svc:5000", "mlflowTokenSecret": "mlflow-token"}}),
+    ({**MINIMAL_SPEC, "name": "tracked-own-var", "tracking": {"mlflow": {"experiment": "e", "uri_env": "TRACKER"}}},
+     {"settings": {"mlflowTrackingUri": "https://mlflow.example"}}),
+    ({**MINIMAL_SPEC, "name": "untracked", "tracking": {"mlflow": {"experiment": "e"}}}, {}),
+], ids=["example", "defaults-only", "cpu-queued", "settings-variants", "four-gpus", "tracked", "tracked-own-var",
+        "tracking-without-server"])
 def test_one_off_training_job_is_rendered_as_the_launcher_renders_it(helm, spec, extra):
     from jobs.spec import TrainingRunSpec
     from launcher.render import render_run
@@ -250,6 +275,12 @@ def test_one_off_training_job_is_rendered_as_the_launcher_renders_it(helm, spec,
 
     chart_job = find(docs, "Job", job["metadata"]["name"])
     assert chart_job == job, diff(job, chart_job)
+    env = {e["name"]: e for e in chart_job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    mlflow, uri = (spec.get("tracking") or {}).get("mlflow"), extra.get("settings", {}).get("mlflowTrackingUri")
+    if mlflow and uri:  # both renderings carry it, not merely agree on leaving it out
+        assert env[mlflow.get("uri_env", "MLFLOW_TRACKING_URI")]["value"] == uri
+    else:
+        assert not {"MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN", "TRACKER"} & set(env)
     chart_cm = find(docs, "ConfigMap", configmap["metadata"]["name"])
     assert chart_cm["metadata"] == configmap["metadata"]
     # The spec text differs in layout (Go vs PyYAML) but is the same spec, hence the same run.

@@ -200,6 +200,8 @@ ttl_seconds_after_finished: {{ int .Values.settings.ttlSecondsAfterFinished }}
 {{- $priority = .Values.priorityClass.name }}
 {{- end }}
 priority_class: {{ if $priority }}{{ $priority | quote }}{{ else }}null{{ end }}
+mlflow_tracking_uri: {{ with .Values.settings.mlflowTrackingUri }}{{ . | quote }}{{ else }}null{{ end }}
+mlflow_token_secret: {{ with .Values.settings.mlflowTokenSecret }}{{ . | quote }}{{ else }}null{{ end }}
 {{- end }}
 
 {{/*
