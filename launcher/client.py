@@ -34,6 +34,24 @@ SpecLike = Union[str, Path, dict, Any]
 _log = logging.getLogger("launcher")
 
 
+def tracking_advice(spec, settings) -> list:
+    """A warning, not an error, when the spec asks for MLflow tracking but the settings name no tracking
+    server: the run trains and publishes as usual, untracked. ``validate`` works offline, so the namespace's
+    ConfigMap (the chart's ``settings.mlflowTrackingUri``) is not read: the warning says so."""
+    from jobs.errors import Problem
+
+    mlflow = spec.tracking.mlflow if spec.tracking is not None else None
+    if mlflow is None or settings.mlflow_tracking_uri:
+        return []
+    from launcher.settings import config_file_path
+
+    return [Problem("tracking.mlflow", "no MLflow tracking URI is configured in the launcher settings, so the run "
+                    f"will not be tracked (its pod gets no {mlflow.uri_env})",
+                    f"set LAUNCHER_MLFLOW_TRACKING_URI or mlflow_tracking_uri in {config_file_path()}; on a "
+                    "cluster the chart's settings.mlflowTrackingUri sets it for the namespace (not read by "
+                    "validate); a --local run reads $" + mlflow.uri_env + " from your environment")]
+
+
 # ------------------------------------------------------------------------------ results
 
 @dataclass
@@ -315,11 +333,13 @@ class Client:
         return specmod.load_spec(spec, overrides=list(overrides))
 
     def validate(self, spec: SpecLike, overrides: list[str] | tuple[str, ...] = ()) -> Validation:
-        """Check a spec offline: every problem at once (``SpecError``), or the names it will run under."""
+        """Check a spec offline: every problem at once (``SpecError``), or the names it will run under,
+        with advice: values outside the guide's ranges, and a tracking section no server is configured for."""
         from launcher.render import job_name
 
         s = self.load_spec(spec, overrides)
-        return Validation(spec=s, job_name=job_name(s), spec_hash=s.spec_hash(), advice=list(s.advice()))
+        return Validation(spec=s, job_name=job_name(s), spec_hash=s.spec_hash(),
+                          advice=list(s.advice()) + tracking_advice(s, self.offline_settings))
 
     def render(self, spec: SpecLike, overrides: list[str] | tuple[str, ...] = ()) -> tuple[dict, dict]:
         """(Job, ConfigMap) the run would create, from the offline settings; touches no cluster."""

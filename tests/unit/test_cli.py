@@ -75,6 +75,30 @@ def test_validate_set_overrides_and_explain(runner, tmp_path):
     assert r.exit_code == 0 and "training.learning_rate" in r.output
 
 
+def test_validate_warns_but_passes_when_the_spec_asks_for_mlflow_and_no_tracking_uri_is_set(runner, tmp_path,
+                                                                                            monkeypatch):
+    from launcher.client import Client
+
+    p = write(tmp_path, GOOD + "tracking:\n  mlflow: {experiment: support-bot}\n")
+    r = runner.invoke(cli.app, ["validate", str(p)])
+    assert r.exit_code == 0 and "is valid" in r.output
+    assert "warning: tracking.mlflow: no MLflow tracking URI is configured" in r.output
+    assert "LAUNCHER_MLFLOW_TRACKING_URI" in r.output and "settings.mlflowTrackingUri" in r.output
+    assert [a.where for a in Client().validate(p).advice] == ["tracking.mlflow"]
+    # a URI from the variable or from the config file: nothing to warn about
+    monkeypatch.setenv("LAUNCHER_MLFLOW_TRACKING_URI", "http://127.0.0.1:25000")
+    r = runner.invoke(cli.app, ["validate", str(p)])
+    assert r.exit_code == 0 and "warning" not in r.output
+    monkeypatch.delenv("LAUNCHER_MLFLOW_TRACKING_URI")
+    config = Path(os.environ["HOME"]) / ".config" / "lora-jobs" / "launcher.yaml"
+    config.parent.mkdir(parents=True)
+    config.write_text("mlflow_tracking_uri: http://127.0.0.1:25000\n")
+    assert Client().validate(p).advice == []
+    # a spec without tracking never warns
+    config.unlink()
+    assert Client().validate(write(tmp_path, GOOD, "untracked.yaml")).advice == []
+
+
 def test_submit_dry_run_prints_job_and_configmap_yaml(runner, tmp_path):
     r = runner.invoke(cli.app, ["-n", "ml", "submit", str(write(tmp_path, GOOD)), "--dry-run",
                                 "--set", "training.epochs=2"])
