@@ -5,7 +5,8 @@
 #
 # Usage: hack/build-stack.sh [piece ...]   (pieces: kube etcd kwok helm minio)
 # Optional pieces, built only when named: s5cmd (benchmarks/s3_download.py's peer),
-# mc (the MinIO client the chart's bucket hook runs; tests/integration/test_minio_policy.py).
+# mc (the MinIO client the chart's bucket hook runs; tests/integration/test_minio_policy.py),
+# kueue (the queue controller: hack/stack.sh kueue; tests marked kueue).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=hack/lib.sh
@@ -90,7 +91,10 @@ for piece in "${pieces[@]}"; do
     s5cmd) build_wrapped s5cmd "$S5CMD_VERSION" github.com/peak/s5cmd/v2 "$S5CMD_VERSION" \
             "-s -w -X github.com/peak/s5cmd/v2/version.Version=$S5CMD_VERSION" github.com/peak/s5cmd/v2 ;;
     mc) build_go mc "$MC_VERSION" -- go install -trimpath -ldflags "-s -w" "github.com/minio/mc@$MC_VERSION" ;;
-    *) echo "unknown piece: $piece (expected kube etcd kwok helm minio, or s5cmd mc)" >&2; exit 2 ;;
+    # Kueue's controller manager (hack/stack.sh kueue); its CRDs come from the same module's config/.
+    kueue) build_go kueue "$KUEUE_VERSION" -- go install -trimpath \
+            -ldflags "-s -w -X sigs.k8s.io/kueue/pkg/version.GitVersion=$KUEUE_VERSION" "sigs.k8s.io/kueue/cmd/kueue@$KUEUE_VERSION" ;;
+    *) echo "unknown piece: $piece (expected kube etcd kwok helm minio, or s5cmd mc kueue)" >&2; exit 2 ;;
   esac
 done
 say "stack binaries ready under $STACK_CACHE"

@@ -4,8 +4,9 @@
 #   kwok (fake GPU and CPU nodes; pods go through their lifecycle without a kubelet)
 #   helm  ·  dockerd (started when not running) with a debootstrapped base image
 #   optional: the MLflow tracking server (SQLite, artifacts proxied), with `up --mlflow` or `mlflow`
+#   optional: Kueue (hack/kueue.sh), with `kueue`; `down` stops it too
 #
-# Usage: hack/stack.sh up [--no-docker] [--s3-only] [--mlflow] | mlflow | down | status | env
+# Usage: hack/stack.sh up [--no-docker] [--s3-only] [--mlflow] | mlflow | kueue | down | status | env
 # `up` writes $STACK_RUN/env (KUBECONFIG, AWS_*, HELM, ...) for tests and shells:
 #   source .stack/env && kubectl-less curl, python -m launcher, pytest ...
 set -euo pipefail
@@ -252,6 +253,7 @@ export STACK_MINIO_PID_FILE=$PIDS/minio
 export STACK_APISERVER_PID_FILE=$PIDS/kube-apiserver
 EOF
   if running mlflow && [ -f "$STACK_RUN/mlflow.env" ]; then cat "$STACK_RUN/mlflow.env" >> "$STACK_RUN/env"; fi
+  if [ -f "$STACK_RUN/kueue/env" ]; then cat "$STACK_RUN/kueue/env" >> "$STACK_RUN/env"; fi
   chmod 600 "$STACK_RUN/env"
 }
 
@@ -283,6 +285,7 @@ cmd_down() {
     kill -9 -- "-$(cat "$PIDS/mlflow")" 2>/dev/null || true  # whatever of the group outlived the leader
   fi
   rm -rf "$PIDS/mlflow" "$STACK_RUN/mlflow" "$STACK_RUN/mlflow.env"
+  "$here/kueue.sh" down  # before the apiserver: its webhook configurations go first
   for name in kwok kube-scheduler kube-controller-manager kube-apiserver etcd minio dockerd; do
     if running "$name"; then
       kill "$(cat "$PIDS/$name")" 2>/dev/null || true
@@ -305,6 +308,7 @@ cmd_status() {
 case ${1:-} in
   up) shift; cmd_up "$@" ;;
   mlflow) up_mlflow; if [ -f "$STACK_RUN/env" ]; then write_env; fi ;;  # on demand (tests marked mlflow)
+  kueue) "$here/kueue.sh" up; if [ -f "$STACK_RUN/env" ]; then write_env; fi ;;  # on demand (tests marked kueue)
   down) cmd_down ;;
   status) cmd_status ;;
   env) cat "$STACK_RUN/env" ;;
@@ -312,5 +316,5 @@ case ${1:-} in
     kill "$(cat "$PIDS/kube-apiserver")"; sleep 1; rm -f "$PIDS/kube-apiserver"; up_kube ;;
   stop-apiserver)  # used by fault-injection tests; `up --no-docker` starts it again
     kill "$(cat "$PIDS/kube-apiserver")"; sleep 1; rm -f "$PIDS/kube-apiserver" ;;
-  *) echo "usage: hack/stack.sh up [--no-docker] [--s3-only] [--mlflow] | mlflow | down | status | env" >&2; exit 2 ;;
+  *) echo "usage: hack/stack.sh up [--no-docker] [--s3-only] [--mlflow] | mlflow | kueue | down | status | env" >&2; exit 2 ;;
 esac

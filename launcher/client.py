@@ -317,6 +317,17 @@ class Client:
             events += kube.list_events(f"involvedObject.name={p['metadata']['name']},type=Warning")
         return job, pods, events
 
+    @staticmethod
+    def _workload(kube: Any, job: dict | None) -> dict | None:
+        """Kueue's Workload of a suspended Job that names a queue (why it waits; whether Kueue preempted it)."""
+        from launcher.render import LABEL_QUEUE
+
+        if not job or not (job.get("spec") or {}).get("suspend") or \
+                LABEL_QUEUE not in (job["metadata"].get("labels") or {}):
+            return None
+        read = getattr(kube, "job_workload", None)  # an adaptor without it (a test's fake): the queue alone
+        return read(job) if read else None
+
     # ------------------------------------------------------------------ specs
     def load_spec(self, spec: SpecLike, overrides: list[str] | tuple[str, ...] = ()):
         """A validated ``TrainingRunSpec`` from a YAML file, a dict or a spec; ``overrides`` are ``--set``
@@ -383,7 +394,8 @@ class Client:
             raise UsageError(f"run {run} disappeared while we looked", hint="see `launcher list`")
         from jobs.progress import read_run_progress
 
-        st = status_of(job, pods, diagnose(job, pods, events, gpu_resource=settings.gpu_resource), kube.namespace)
+        st = status_of(job, pods, diagnose(job, pods, events, gpu_resource=settings.gpu_resource,
+                                           workload=self._workload(kube, job)), kube.namespace)
         st.progress = read_run_progress(st.output, st.spec_hash)
         return st
 
@@ -436,7 +448,7 @@ class Client:
             retrying.said = False  # reachable again: the next outage is news
             if job is None:
                 raise RunFailed(f"job {name} no longer exists (cancelled, or deleted after its TTL)")
-            diag = diagnose(job, pods, events, gpu_resource=settings.gpu_resource)
+            diag = diagnose(job, pods, events, gpu_resource=settings.gpu_resource, workload=self._workload(kube, job))
             status = status_of(job, pods, diag, kube.namespace)
             if diag.sentence != last:
                 if on_change:

@@ -172,8 +172,10 @@ def _event_time(e: dict) -> str:
 
 # ----------------------------------------------------------------------------- the decision
 
-def diagnose(job: dict, pods: list[dict], events: list[dict], *, gpu_resource: str = "nvidia.com/gpu") -> Diagnosis:
-    """Where the run is, in one sentence, plus details and the trainer's exit code when it ended."""
+def diagnose(job: dict, pods: list[dict], events: list[dict], *, gpu_resource: str = "nvidia.com/gpu",
+             workload: dict | None = None) -> Diagnosis:
+    """Where the run is, in one sentence, plus details and the trainer's exit code when it ended. ``workload``:
+    Kueue's Workload of a suspended queued Job, when it could be read (why it waits, whether it was preempted)."""
     name = _meta(job).get("name", "?")
     spec = job.get("spec") or {}
     st = _status(job)
@@ -214,7 +216,7 @@ def diagnose(job: dict, pods: list[dict], events: list[dict], *, gpu_resource: s
     if "Suspended" in conds:
         queue = (_meta(job).get("labels") or {}).get("kueue.x-k8s.io/queue-name")
         where = f"Kueue queue {queue}" if queue else "its queue (the Job is suspended)"
-        return Diagnosis(QUEUED, f"queued: waiting for {where} to admit it", details)
+        return Diagnosis(QUEUED, f"queued: waiting for {where} to admit it{_kueue_says(workload, details)}", details)
 
     live = [(p, a) for p, a in zip(pods, attempts) if a.phase in ("Pending", "Running", "Unknown")
             and not _meta(p).get("deletionTimestamp")]
@@ -289,6 +291,25 @@ def diagnose(job: dict, pods: list[dict], events: list[dict], *, gpu_resource: s
     d = one(pod, a)
     d.sentence = f"pod {i} of {total} is {a.phase}: {d.sentence}"
     return d
+
+
+def _kueue_says(workload: dict | None, details: list[str]) -> str:
+    """What Kueue's Workload adds to "queued": why it is not admitted, and a preemption (which suspends the Job:
+    the Job controller deletes its pods without counting a failure, so it costs no retry)."""
+    if not workload:
+        return ""
+    conds = {c.get("type"): c for c in _status(workload).get("conditions") or []}
+    tail = ""
+    reserved = conds.get("QuotaReserved") or {}
+    if str(reserved.get("status")) == "False" and reserved.get("message"):
+        tail += f": {reserved['message'].rstrip('.')}"
+    evicted = conds.get("Evicted") or {}
+    if str(evicted.get("status")) == "True":  # until Kueue admits it again
+        what = "preempted by Kueue" if evicted.get("reason") == "Preempted" else f"evicted by Kueue ({evicted.get('reason')})"
+        tail += f" ({what}: {(evicted.get('message') or '').rstrip('.')}; not counted against retries)"
+    details.append(f"Kueue workload {_meta(workload).get('name', '?')}: " + "; ".join(
+        f"{t} {c.get('status')} ({c.get('reason')}): {c.get('message')}" for t, c in conds.items()))
+    return tail
 
 
 def _failed(cond: dict, counted: list[Attempt], evicted: list[Attempt], spec: dict,

@@ -166,6 +166,22 @@ class Kube:
         ns = self._ns(namespace)
         return self._get_or_none("get", "job", name, ns, self._batch().read_namespaced_job, name, ns)
 
+    def job_workload(self, job: dict) -> dict | None:
+        """Kueue's Workload of a queued Job (it says why the Job waits, or that Kueue preempted it); None where
+        Kueue is not installed or the launcher may not read Workloads: the status then names only the queue."""
+        from kubernetes import client
+
+        ns = self._ns(job["metadata"].get("namespace"))
+        try:
+            data = self._json(self.call("list", "workload", None, ns, client.CustomObjectsApi(self.api)
+                                        .list_namespaced_custom_object, "kueue.x-k8s.io", "v1beta2", ns, "workloads",
+                                        label_selector=f"kueue.x-k8s.io/job-uid={job['metadata'].get('uid')}",
+                                        _preload_content=False, _request_timeout=TIMEOUT))
+        except ClusterError:
+            return None
+        items = data.get("items") or []
+        return max(items, key=lambda w: w["metadata"].get("creationTimestamp") or "") if items else None
+
     def list_jobs(self, label_selector: str | None = None, namespace: str | None = None) -> list[dict]:
         ns = self._ns(namespace)
         kw = {"label_selector": label_selector} if label_selector else {}

@@ -116,6 +116,18 @@ def mlflow_server() -> MlflowServer:
 
 
 @pytest.fixture(scope="session")
+def kueue(stack) -> str:
+    """Kueue's controller against the stack's apiserver, its CRDs and webhooks installed: started on first use
+    (`hack/stack.sh kueue` builds the pinned Kueue once per machine); stopped by `hack/stack.sh down`.
+    Returns Kueue's namespace."""
+    proc = subprocess.run(["bash", str(REPO / "hack" / "stack.sh"), "kueue"], cwd=REPO,
+                          stdout=sys.stderr, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        pytest.fail("Kueue did not start (hack/stack.sh kueue); its message is above", pytrace=False)
+    return _read_env(STACK_RUN / "kueue" / "env")["STACK_KUEUE_NAMESPACE"]
+
+
+@pytest.fixture(scope="session")
 def kube_api(stack):
     from kubernetes import client, config
 

@@ -291,3 +291,34 @@ def test_parse_quantity():
     assert parse_quantity("1k") == 1000 and parse_quantity("1e3") == 1000
     with pytest.raises(ValueError):
         parse_quantity("lots")
+
+
+def _workload(*conditions):
+    return {"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "Workload",
+            "metadata": {"name": f"job-{JOB}-5b1e2", "namespace": "ml", "labels": {"kueue.x-k8s.io/job-uid": "u-1"}},
+            "status": {"conditions": [dict(c) for c in conditions]}}
+
+
+def test_a_queued_run_says_why_kueue_has_not_admitted_it_and_that_a_preemption_cost_no_retry():
+    suspended = job([cond("Suspended", "JobSuspended", "Job suspended")], suspend=True,
+                    labels={"kueue.x-k8s.io/queue-name": "team-a"})
+    waiting = _workload(cond("QuotaReserved", "Pending", "couldn't assign flavors to pod set main: insufficient "
+                             "unused quota for nvidia.com/gpu in flavor gpu, 8 more needed", status="False"))
+    d = diagnose(suspended, [], [], workload=waiting)
+    assert d.state == "Queued"
+    assert d.sentence == ("queued: waiting for Kueue queue team-a to admit it: couldn't assign flavors to pod set "
+                          "main: insufficient unused quota for nvidia.com/gpu in flavor gpu, 8 more needed")
+    assert any(line.startswith(f"Kueue workload job-{JOB}-5b1e2: QuotaReserved False (Pending)") for line in d.details)
+
+    preempted = _workload(
+        cond("QuotaReserved", "Pending", "couldn't assign flavors to pod set main: insufficient unused quota for "
+             "nvidia.com/gpu in flavor gpu, 8 more needed", status="False"),
+        cond("Evicted", "Preempted", "Preempted to accommodate a workload (UID: w-2, JobUID: j-2) due to "
+             "prioritization in the ClusterQueue"))
+    d = diagnose(suspended, [], [], workload=preempted)
+    assert d.state == "Queued" and d.sentence.endswith(
+        "(preempted by Kueue: Preempted to accommodate a workload (UID: w-2, JobUID: j-2) due to prioritization "
+        "in the ClusterQueue; not counted against retries)"), d.sentence
+
+    assert diagnose(suspended, [], []).sentence == "queued: waiting for Kueue queue team-a to admit it", \
+        "without the Workload (no Kueue, or no right to read it): the queue alone"
