@@ -11,7 +11,15 @@ once a step (:meth:`World.reduce_step`), weighted by target tokens so the step's
 same token mean as on one GPU. Rank 0 alone checkpoints, generates, merges and publishes.
 
 torchrun itself exits 1 whatever its workers did; :func:`relaunch` maps its end back onto the
-exit-code contract from the termination message rank 0 wrote.
+exit-code contract from the termination message each pod's local rank 0 wrote.
+
+A gang: the ranks fail together. A collective whose peer died (its socket closed: a SIGKILL, an
+OOM kill, a lost pod) or went silent (a lost node: nothing closes the socket) raises within
+``COLLECTIVE_TIMEOUT_S`` instead of torch's default 30 minutes for gloo; :func:`collective` turns that into
+:class:`jobs.errors.PeerLost` (exit 75), so every surviving pod ends too, the Job replaces every index, and
+the new gang resumes from the newest checkpoint. Waits where one rank works alone (a base-model download,
+rank 0's generations or checkpoint, rank 0's evaluate-merge-publish at the end) go through a second, gloo
+group with the longer ``WAIT_TIMEOUT_S``.
 """
 from __future__ import annotations
 
@@ -20,9 +28,37 @@ import logging
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 log = logging.getLogger("jobs")
+
+#: How long a training collective (the step's all-reduce, validation sums) waits for a silent peer. A healthy
+#: step waits only for the slowest rank's compute; torch's default for gloo is 30 minutes, NCCL's 10.
+COLLECTIVE_TIMEOUT_S = int(os.environ.get("LORA_JOBS_COLLECTIVE_TIMEOUT_S") or 300)
+#: How long a barrier waits while one rank works alone: every pod's base-model download, rank 0's checkpoint
+#: upload and generations, and at the end rank 0's evaluation, merge and publish (the other ranks wait for it,
+#: so that a failure there fails the whole gang instead of leaving pod 0 to retry alone).
+WAIT_TIMEOUT_S = int(os.environ.get("LORA_JOBS_WAIT_TIMEOUT_S") or 7200)
+#: How long torchrun's static rendezvous waits for every node. It must outlast a gang restart: the survivors
+#: notice within COLLECTIVE_TIMEOUT_S, then the Job controller's back-off (10 s, 20 s, 40 s, ...) and pod start.
+RENDEZVOUS_TIMEOUT_S = int(os.environ.get("LORA_JOBS_RENDEZVOUS_TIMEOUT_S") or 900)
+
+_wait_group = None  # the gloo group of World.barrier (WAIT_TIMEOUT_S), made by init()
+
+
+@contextmanager
+def collective(what: str, world: "World"):
+    """Run a torch.distributed call; a peer that died or went silent becomes PeerLost (exit 75: the Job
+    restarts the whole run from the newest checkpoint), not an unexpected crash or a 30-minute hang."""
+    try:
+        yield
+    except RuntimeError as err:  # gloo: "Connection closed by peer", "Timed out waiting ...ms"; NCCL: DistError
+        from jobs.errors import PeerLost
+
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PeerLost(f"rank {world.rank} of {world.size} lost a peer during {what}: {first}",
+                       hint="every rank of the run stops; the Job restarts all of them from the newest checkpoint")
 
 
 @dataclass(frozen=True)
@@ -35,11 +71,13 @@ class World:
     def main(self) -> bool:
         return self.rank == 0
 
-    def barrier(self) -> None:
+    def barrier(self, what: str = "a wait for every rank") -> None:
+        """Wait for every rank where one of them may be working alone (WAIT_TIMEOUT_S, not the step's)."""
         if self.size > 1:
             import torch.distributed as dist
 
-            dist.barrier()
+            with collective(what, self):
+                dist.barrier(group=_wait_group)
 
     def reduce_step(self, params, n_local: int, loss_local, extras: list[float], device):
         """Sum every rank's gradients (each scaled by its target-token count) and divide by the
@@ -56,7 +94,8 @@ class World:
         tail = torch.stack([torch.tensor(float(n_local), device=device), loss_local.float().reshape(()).to(device),
                             *[torch.tensor(float(x), device=device) for x in extras]])
         flat = torch.cat([g.reshape(-1).float() * n_local for g in grads] + [tail])
-        dist.all_reduce(flat)
+        with collective("the step's gradient all-reduce", self):
+            dist.all_reduce(flat)
         total = flat[-len(tail)].clamp(min=1.0)
         offset = 0
         for g in grads:
@@ -70,7 +109,8 @@ class World:
         if self.size > 1:
             import torch.distributed as dist
 
-            dist.all_reduce(values)
+            with collective("the validation all-reduce", self):
+                dist.all_reduce(values)
         return values
 
 
@@ -81,7 +121,8 @@ def broadcast_trainable(world: World, model) -> None:
     import torch
     import torch.distributed as dist
 
-    with torch.no_grad():
+    world.barrier("rank 0's generations with the base model")  # rank 0 may have generated alone
+    with torch.no_grad(), collective("the adapter broadcast", world):
         for p in model.parameters():
             if p.requires_grad:
                 dist.broadcast(p.data, src=0)
@@ -93,22 +134,34 @@ def from_env() -> World:
 
 
 def init(world: World, device) -> None:
-    """Join the process group torchrun set up: NCCL between GPUs, gloo on CPUs."""
+    """Join the process group torchrun set up: NCCL between GPUs, gloo on CPUs; a collective waits
+    COLLECTIVE_TIMEOUT_S for a silent peer, a barrier WAIT_TIMEOUT_S (its own gloo group)."""
+    global _wait_group
     if world.size <= 1:
         return
+    from datetime import timedelta
+
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    log.info("rank %d of %d (local rank %d) on %s", world.rank, world.size, world.local_rank, device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
+    _wait_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=WAIT_TIMEOUT_S))
+    log.info("rank %d of %d (local rank %d) on %s; a silent peer ends the run after %d s", world.rank, world.size,
+             world.local_rank, device, COLLECTIVE_TIMEOUT_S)
 
 
 def shutdown(world: World) -> None:
+    """Leave together: the other ranks wait here until rank 0 has published (rank 0 calls this last), so a
+    failure of rank 0 after training ends every pod and the gang restarts as a whole."""
+    global _wait_group
     if world.size > 1:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            world.barrier("the wait for rank 0 to publish")
             dist.destroy_process_group()
+        _wait_group = None
 
 
 def visible_gpus() -> int:
@@ -131,12 +184,16 @@ def relaunch(gpus: int, argv: list[str], *, nodes: int = 1) -> int:
                       f"--master-port={os.environ.get('PET_MASTER_PORT', '29500')}"]
         log.info("node %s of %d: starting %d training process%s (torchrun %s)", os.environ.get("PET_NODE_RANK", "0"),
                  nodes, gpus, "es" if gpus > 1 else "", " ".join(rendezvous))
+        # static rendezvous: its store's timeout is how long the nodes of a restarted gang wait for each other
+        rendezvous.append(f"--rdzv-conf=timeout={RENDEZVOUS_TIMEOUT_S}")
     else:
         rendezvous = ["--standalone"]
         log.info("%d GPUs: starting one training process per GPU (torchrun --standalone --nproc-per-node %d)",
                  gpus, gpus)
+    # No restarts inside the pod: a restart is the Job's (it counts them, and only it can restart every pod of
+    # a multi-node gang). When one worker dies, torchrun stops the others (SIGTERM, SIGKILL after 30 s).
     cmd = [sys.executable, "-m", "torch.distributed.run", *rendezvous, f"--nproc-per-node={gpus}",
-           "-m", "jobs", *argv]
+           "--max-restarts=0", "-m", "jobs", *argv]
     env = {**os.environ, "LORA_JOBS_UNDER_TORCHRUN": "1"}
     env.setdefault("OMP_NUM_THREADS", "4")
     path = os.environ.get("TERMINATION_MESSAGE_PATH", "/dev/termination-log")
@@ -151,7 +208,7 @@ def relaunch(gpus: int, argv: list[str], *, nodes: int = 1) -> int:
         proc.terminate()
         rc = proc.wait()
     # torchrun forwards SIGTERM to the workers (rank 0 checkpoints) but exits 1 itself:
-    # the code that counts is the one rank 0 wrote into the termination message.
+    # the code that counts is the one this pod's local rank 0 wrote into the termination message.
     try:
         with open(path, encoding="utf-8") as f:
             return int(json.loads(f.read())["exit_code"])

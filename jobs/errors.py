@@ -130,12 +130,18 @@ class Preempted(TransientError):
     """SIGTERM arrived: a checkpoint was written and the pod should be retried."""
 
 
+class PeerLost(TransientError):
+    """Another rank of a multi-process run died or went silent: this rank stops too, so the whole gang
+    restarts (an Indexed Job replaces only the pods that failed)."""
+
+
 def write_termination_message(code: ExitCode | int, reason: str, stage: str | None = None,
                               path: str | None = None) -> None:
     """Write the one-line JSON reason Kubernetes shows in the container's termination state.
 
-    Under torchrun only rank 0 writes it (the other ranks' ends are rank 0's business)."""
-    if os.environ.get("RANK", "0") != "0":
+    Under torchrun each pod's local rank 0 writes it for its pod (the pod's other ranks' ends are its
+    business): rank 0's is the run's, and another node's tells its own pod's end (75 when it lost a peer)."""
+    if os.environ.get("LOCAL_RANK", "0") != "0":
         return
     path = path or os.environ.get("TERMINATION_MESSAGE_PATH", "/dev/termination-log")
     payload = {"exit_code": int(code), "reason": describe_exit_code(int(code)), "message": reason[:3000]}

@@ -292,7 +292,7 @@ def _run(spec: TrainingRunSpec, workdir: Path, world, *, run_id, image, stop, st
     else:  # one download per pod (its local rank 0, into its own scratch); the pod's other ranks read it
         import torch.distributed as dist
         mine = fetch(spec, workdir) if world.local_rank == 0 else None
-        dist.barrier()  # every pod's download is done
+        world.barrier("every pod's base-model download")
         box = [mine if world.main else None]
         dist.broadcast_object_list(box, src=0)  # our own dataclass between our own processes
         fetched = mine or box[0]  # the same workdir path on every pod

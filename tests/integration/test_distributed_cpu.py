@@ -193,3 +193,143 @@ def test_sigterm_to_one_rank_checkpoints_all_and_the_retry_resumes_at_that_step(
     assert existing_versions(store, "stop") == {1: True}
     report = json.loads(store.get_bytes("stop/v1/eval_report.json"))
     assert [h["step"] for h in report["training"]["history"]] == [1, 2, 3, 4, 5, 6]
+
+
+def _descendant_with_rank(pid: int, rank: int) -> int | None:
+    """The pid of the training process with RANK=rank under ``pid`` (relaunch -> torchrun -> workers)."""
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        for task in Path(f"/proc/{p}/task").iterdir():
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            for child in children:
+                try:
+                    env = dict(kv.split("=", 1) for kv in Path(f"/proc/{child}/environ").read_text().split("\0")
+                               if "=" in kv)
+                except OSError:
+                    continue
+                if env.get("RANK") == str(rank):
+                    return child
+                todo.append(child)
+    return None
+
+
+class _Gang:
+    """Two "nodes" as a 2-pod Indexed Job runs them (each its own ``python -m jobs run``, relaunched under
+    torchrun with the rendered PET_* variables, its own scratch and termination message); one attempt."""
+
+    def __init__(self, tmp_path: Path, spec_path: Path, attempt: int, **env):
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.tmsg = [tmp_path / f"attempt{attempt}-node{r}.termination" for r in range(2)]
+        self.procs = []
+        for rank in range(2):
+            e = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **env,
+                 "TERMINATION_MESSAGE_PATH": str(self.tmsg[rank]), "PET_NNODES": "2", "PET_NODE_RANK": str(rank),
+                 "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(port)}
+            self.procs.append(subprocess.Popen(
+                [sys.executable, "-m", "jobs", "run", "--spec", str(spec_path), "--workdir",
+                 str(tmp_path / f"work-attempt{attempt}-node{rank}")],
+                env=e, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        self.log: list[str] = []
+
+    def read_node0_until(self, *needles: str, timeout: float = 600) -> None:
+        """Read node 0's log until every needle has been seen, in order."""
+        import time
+
+        deadline = time.time() + timeout
+        want = list(needles)
+        for line in self.procs[0].stdout:
+            self.log.append(line)
+            if want and want[0] in line:
+                want.pop(0)
+                if not want:
+                    return
+            assert time.time() < deadline, "".join(self.log[-30:])
+        raise AssertionError(f"node 0 ended before {want}:\n" + "".join(self.log[-30:]))
+
+    def message(self, node: int) -> dict:
+        return json.loads(self.tmsg[node].read_text())
+
+    def finish(self, timeout: float = 900) -> list[str]:
+        out0 = "".join(self.log) + self.procs[0].communicate(timeout=timeout)[0]
+        out1 = self.procs[1].communicate(timeout=timeout)[0]
+        return [out0, out1]
+
+
+def test_a_rank_killed_hard_or_gone_silent_ends_every_node_and_the_gang_resumes_from_the_newest_checkpoint(
+        tmp_path, small_model_dir):
+    """An Indexed Job replaces only the pod that failed, so a multi-node run is a gang only if every surviving
+    pod ends too, promptly, with the transient code. SIGKILL of node 1's rank (its socket closes): node 0 exits
+    75 within seconds. Node 1's rank frozen (SIGSTOP: a lost node, nothing closes the socket): node 0 exits 75
+    once the collective timeout passes (here 20 s; torch's gloo default is 30 minutes). Each new gang resumes
+    from the newest checkpoint, and the run publishes exactly one version with every step once."""
+    import signal
+    import time
+
+    from jobs.publish import existing_versions
+    from jobs.storage import LocalStore
+
+    spec = {"name": "gang", "base_model": {"uri": str(small_model_dir)}, "dataset": {"train": str(DEMO / "train.jsonl")},
+            "output": str(tmp_path / "store"),
+            # 4 examples a step (2 per rank) and short rows: what is proved is the gang's end, not the training
+            "training": {"max_steps": 6, "max_seq_length": 128, "checkpoint_interval_steps": 2,
+                         "per_device_batch_size": 2, "gradient_accumulation_steps": 1},
+            "lora": {"dropout": 0.0}, "eval": {"enabled": False}, "merge": {"enabled": False},
+            "resources": {"gpus": 0, "nodes": 2}}
+    path = tmp_path / "gang.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    timeout_s = 20
+
+    # attempt 1: a hard death of node 1's rank after the step-2 checkpoint
+    first = _Gang(tmp_path, path, 1, LORA_JOBS_COLLECTIVE_TIMEOUT_S=str(timeout_s))
+    first.read_node0_until("checkpoint saved at step 2", "step 3/6")
+    victim = _descendant_with_rank(first.procs[1].pid, 1)
+    assert victim, "node 1's training process"
+    os.kill(victim, signal.SIGKILL)
+    killed = time.monotonic()
+    out0, out1 = first.finish(timeout=300)
+    noticed = time.monotonic() - killed
+    assert first.procs[0].returncode == 75, out0[-3000:]
+    msg = first.message(0)
+    assert msg["exit_code"] == 75 and msg["stage"] == "train", msg
+    assert msg["message"].startswith("rank 0 of 2 lost a peer during the "), msg  # the step's or validation's
+    assert "Connection closed by peer" in msg["message"], msg
+    assert noticed < 60, f"node 0 took {noticed:.0f} s to notice a dead peer"
+    assert first.procs[1].returncode not in (0, *range(10, 16)), "node 1 failed, and not as 'never retry'"
+
+    # attempt 2 (the Job replaced both pods): resumes at step 2; node 1's rank goes silent after the step-4 one
+    second = _Gang(tmp_path, path, 2, LORA_JOBS_COLLECTIVE_TIMEOUT_S=str(timeout_s))
+    second.read_node0_until("resumed from checkpoint at step 2 of 6", "checkpoint saved at step 4", "step 5/6")
+    frozen = _descendant_with_rank(second.procs[1].pid, 1)
+    assert frozen
+    os.kill(frozen, signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        second.procs[0].wait(timeout=timeout_s + 120)
+        noticed = time.monotonic() - stopped
+    finally:
+        os.kill(frozen, signal.SIGKILL)  # what the kubelet of a lost node never gets to do
+    out0, out1 = second.finish(timeout=300)
+    assert second.procs[0].returncode == 75, out0[-3000:]
+    msg = second.message(0)
+    assert msg["exit_code"] == 75 and "lost a peer" in msg["message"] and "Timed out" in msg["message"], msg
+    assert timeout_s - 5 <= noticed < timeout_s + 90, f"node 0 noticed a silent peer after {noticed:.0f} s"
+
+    # attempt 3: resumes at step 4 and publishes once
+    third = _Gang(tmp_path, path, 3, LORA_JOBS_COLLECTIVE_TIMEOUT_S=str(timeout_s))
+    out0, out1 = third.finish()
+    assert third.procs[0].returncode == 0 and third.procs[1].returncode == 0, out0[-3000:] + out1[-2000:]
+    assert third.message(0)["exit_code"] == 0
+    for out in (out0, out1):
+        assert "resumed from checkpoint at step 4 of 6" in out and "step 5/6" in out and "step 3/6" not in out
+    store = LocalStore(str(tmp_path / "store"))
+    assert existing_versions(store, "gang") == {1: True}, "one version, published once by node 0's rank 0"
+    report = json.loads(store.get_bytes("gang/v1/eval_report.json"))
+    assert [h["step"] for h in report["training"]["history"]] == [1, 2, 3, 4, 5, 6]

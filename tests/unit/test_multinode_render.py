@@ -78,3 +78,26 @@ def test_preflight_counts_how_many_of_the_runs_pods_the_cluster_can_ever_hold():
     msg = fit_failure([_node("a", 8)], job, "nvidia.com/gpu")
     assert msg and "the run's 3 pods (resources.nodes) need 4 nvidia.com/gpu each" in msg
     assert "can ever hold only 2 such pods" in msg and "lower resources.nodes to 2" in msg
+
+
+def test_a_multi_node_job_is_rendered_to_fail_and_finish_as_a_gang():
+    """What the Job API can do for a gang (the pods do the rest: a dead or silent peer ends every rank with
+    exit 75, tests/integration/test_distributed_cpu.py): every failure of any index counts against one
+    budget of retries x nodes; a permanent exit code of any pod fails the whole Job at once; a preempted or
+    evicted pod is not counted; a replacement starts only once its predecessor has ended; and the Job is done
+    when node 0 (the publisher) is."""
+    from jobs.errors import PERMANENT_EXIT_CODES
+
+    _, job, _ = _render(gpus=4, nodes=4, retries=2)
+    js = job["spec"]
+    assert js["backoffLimit"] == 8 and "backoffLimitPerIndex" not in js and "maxFailedIndexes" not in js
+    assert js["podReplacementPolicy"] == "Failed"
+    assert js["successPolicy"] == {"rules": [{"succeededIndexes": "0"}]}
+    rules = js["podFailurePolicy"]["rules"]
+    assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    assert rules[1]["action"] == "FailJob" and rules[1]["onExitCodes"]["operator"] == "In"
+    assert {int(c) for c in PERMANENT_EXIT_CODES} <= set(rules[1]["onExitCodes"]["values"])
+    assert 75 not in rules[1]["onExitCodes"]["values"] and len(rules) == 2, "75 (a lost peer) is retried"
+
+    _, one, _ = _render(gpus=4)
+    assert "successPolicy" not in one["spec"], "a success policy needs an Indexed Job"
