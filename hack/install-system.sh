@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the local stack needs, when missing: the Docker
 # engine (docker.io), debootstrap for the base image, curl and openssl for the
-# stack scripts. Go and Python 3.11 are expected on the machine already.
+# stack scripts, and for the real node (hack/node.sh) containerd, runc, the CNI
+# plugins, socat, skopeo, iproute2 and gcc (the static pause binary). Go and Python 3.11
+# are expected on the machine already.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 . "$here/lib.sh"
@@ -12,6 +14,14 @@ command -v debootstrap >/dev/null || need+=(debootstrap)
 command -v curl >/dev/null || need+=(curl)
 command -v openssl >/dev/null || need+=(openssl)
 command -v iptables >/dev/null || need+=(iptables)
+command -v containerd >/dev/null || need+=(containerd)
+command -v runc >/dev/null || need+=(runc)
+[ -x /usr/lib/cni/bridge ] || need+=(containernetworking-plugins)
+command -v socat >/dev/null || need+=(socat)
+command -v skopeo >/dev/null || need+=(skopeo)
+command -v ip >/dev/null || need+=(iproute2)
+command -v nsenter >/dev/null || need+=(util-linux)
+command -v gcc >/dev/null || need+=(gcc libc6-dev)
 if [ ${#need[@]} -gt 0 ]; then
   log="$STACK_LOGS/apt.log"
   say "installing ${need[*]} with apt-get (log: $log)"

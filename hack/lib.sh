@@ -24,3 +24,41 @@ piece_dir() { echo "$STACK_CACHE/$1-$2"; }
 piece_bin() {  # piece_bin PIECE VERSION BINARY
   echo "$(piece_dir "$1" "$2")/bin/$3"
 }
+
+# Daemons of the stack: one pid file each under $PIDS.
+PIDS="$STACK_RUN/pids"
+
+running() {  # a zombie is not running: killed daemons may never be reaped where PID 1 does not reap
+  local pid
+  [ -f "$PIDS/$1" ] || return 1
+  pid=$(cat "$PIDS/$1")
+  kill -0 "$pid" 2>/dev/null || return 1
+  [ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != "Z" ]
+}
+
+start() {  # start NAME LOGFILE CMD...: a daemon in its own session, pid recorded
+  local name=$1 log=$2; shift 2
+  if running "$name"; then return 0; fi
+  mkdir -p "$PIDS"
+  setsid "$@" >"$log" 2>&1 < /dev/null &
+  echo $! > "$PIDS/$name"
+}
+
+wait_for() {  # wait_for WHAT SECONDS LOG FIX CMD...
+  local what=$1 secs=$2 log=$3 fix=$4; shift 4
+  local i
+  for ((i = 0; i < secs * 4; i++)); do
+    if "$@" >/dev/null 2>&1; then return 0; fi
+    sleep 0.25
+  done
+  fail "$what did not become ready within ${secs}s" "$log" "$fix"
+}
+
+stop_daemon() {  # stop_daemon NAME: TERM, up to 10 s, then KILL
+  if running "$1"; then
+    kill "$(cat "$PIDS/$1")" 2>/dev/null || true
+    for _ in $(seq 40); do running "$1" || break; sleep 0.25; done
+    running "$1" && kill -9 "$(cat "$PIDS/$1")" 2>/dev/null || true
+  fi
+  rm -f "$PIDS/$1"
+}

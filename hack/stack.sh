@@ -3,10 +3,12 @@
 #   MinIO (S3)  ·  etcd + kube-apiserver + kube-controller-manager + kube-scheduler
 #   kwok (fake GPU and CPU nodes; pods go through their lifecycle without a kubelet)
 #   helm  ·  dockerd (started when not running) with a debootstrapped base image
+#   a real node (hack/node.sh): kubelet + containerd + CNI in a network namespace of its own,
+#   and the image registry it pulls from; needs Docker once (the pause image). `--no-node` skips it.
 #   optional: the MLflow tracking server (SQLite, artifacts proxied), with `up --mlflow` or `mlflow`
 #   optional: Kueue (hack/kueue.sh), with `kueue`; `down` stops it too
 #
-# Usage: hack/stack.sh up [--no-docker] [--s3-only] [--mlflow] | mlflow | kueue | down | status | env
+# Usage: hack/stack.sh up [--no-docker] [--no-node] [--s3-only] [--mlflow] | mlflow | kueue | down | status | env
 # `up` writes $STACK_RUN/env (KUBECONFIG, AWS_*, HELM, ...) for tests and shells:
 #   source .stack/env && kubectl-less curl, python -m launcher, pytest ...
 set -euo pipefail
@@ -23,7 +25,6 @@ MINIO_CONSOLE_PORT=${MINIO_CONSOLE_PORT:-29001}
 TEST_BUCKET=${TEST_BUCKET:-lora-test}
 MLFLOW_PORT=${MLFLOW_PORT:-25000}
 
-PIDS="$STACK_RUN/pids"
 PKI="$STACK_RUN/pki"
 KCFG="$STACK_RUN/kubeconfig"
 
@@ -33,32 +34,6 @@ ETCD=$(bin etcd "$ETCD_VERSION" server)  # go names a /v3 module binary after "s
 KWOK=$(bin kwok "$KWOK_VERSION" kwok)
 HELM=$(bin helm "$HELM_VERSION" helm)
 MINIO=$(bin minio "$MINIO_VERSION" minio)
-
-running() {  # a zombie is not running: killed daemons may never be reaped where PID 1 does not reap
-  local pid
-  [ -f "$PIDS/$1" ] || return 1
-  pid=$(cat "$PIDS/$1")
-  kill -0 "$pid" 2>/dev/null || return 1
-  [ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != "Z" ]
-}
-
-start() {  # start NAME LOGFILE CMD...: a daemon in its own session, pid recorded
-  local name=$1 log=$2; shift 2
-  if running "$name"; then return 0; fi
-  mkdir -p "$PIDS"
-  setsid "$@" >"$log" 2>&1 < /dev/null &
-  echo $! > "$PIDS/$name"
-}
-
-wait_for() {  # wait_for WHAT SECONDS LOG FIX CMD...
-  local what=$1 secs=$2 log=$3 fix=$4; shift 4
-  local i
-  for ((i = 0; i < secs * 4; i++)); do
-    if "$@" >/dev/null 2>&1; then return 0; fi
-    sleep 0.25
-  done
-  fail "$what did not become ready within ${secs}s" "$log" "$fix"
-}
 
 gen_pki() {
   [ -f "$PKI/.complete" ] && return 0
@@ -78,6 +53,22 @@ gen_pki() {
     chmod 600 ./*.key tokens.csv admin.token
   )
   touch "$PKI/.complete"
+}
+
+gen_node_pki() {  # the real node's client certificates (hack/node.sh), added to an older PKI too
+  [ -f "$PKI/node.crt" ] && return 0
+  (
+    cd "$PKI"
+    # the apiserver's client certificate towards kubelets (logs, exec): a cluster admin
+    openssl req -newkey rsa:2048 -nodes -keyout kubelet-client.key -out kubelet-client.csr \
+      -subj "/O=system:masters/CN=kube-apiserver-kubelet-client" 2>/dev/null
+    openssl x509 -req -in kubelet-client.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out kubelet-client.crt -days 3650 2>/dev/null
+    # the kubelet's identity: the Node authorizer and NodeRestriction scope it to its own node
+    openssl req -newkey rsa:2048 -nodes -keyout node.key -out node.csr \
+      -subj "/O=system:nodes/CN=system:node:${NODE_NAME:-lora-node-0}" 2>/dev/null
+    openssl x509 -req -in node.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out node.crt -days 3650 2>/dev/null
+    chmod 600 ./*.key
+  )
 }
 
 write_kubeconfig() {
@@ -130,6 +121,7 @@ up_kube() {
     [ -x "$KUBE_BIN/$b" ] || fail "$b is not built" "$STACK_LOGS/build-kube.log" "run hack/build-stack.sh kube"
   done
   gen_pki
+  gen_node_pki
   write_kubeconfig
   mkdir -p "$STACK_RUN/etcd"
   say "starting etcd on 127.0.0.1:$ETCD_PORT"
@@ -145,7 +137,10 @@ up_kube() {
     --etcd-servers "http://127.0.0.1:$ETCD_PORT" --bind-address 127.0.0.1 --secure-port "$API_PORT" \
     --advertise-address 127.0.0.1 --endpoint-reconciler-type none \
     --tls-cert-file "$PKI/apiserver.crt" --tls-private-key-file "$PKI/apiserver.key" --client-ca-file "$PKI/ca.crt" \
-    --token-auth-file "$PKI/tokens.csv" --authorization-mode RBAC \
+    --token-auth-file "$PKI/tokens.csv" --authorization-mode Node,RBAC \
+    --enable-admission-plugins NodeRestriction,PodNodeSelector,PodTolerationRestriction \
+    --kubelet-client-certificate "$PKI/kubelet-client.crt" --kubelet-client-key "$PKI/kubelet-client.key" \
+    --kubelet-preferred-address-types InternalIP \
     --service-account-issuer https://kubernetes.default.svc.cluster.local \
     --service-account-key-file "$PKI/sa.pub" --service-account-signing-key-file "$PKI/sa.key" \
     --service-cluster-ip-range 10.96.0.0/16 --allow-privileged=true --profiling=false
@@ -253,17 +248,19 @@ export STACK_MINIO_PID_FILE=$PIDS/minio
 export STACK_APISERVER_PID_FILE=$PIDS/kube-apiserver
 EOF
   if running mlflow && [ -f "$STACK_RUN/mlflow.env" ]; then cat "$STACK_RUN/mlflow.env" >> "$STACK_RUN/env"; fi
+  if running node-kubelet && [ -f "$STACK_RUN/node/env" ]; then cat "$STACK_RUN/node/env" >> "$STACK_RUN/env"; fi
   if [ -f "$STACK_RUN/kueue/env" ]; then cat "$STACK_RUN/kueue/env" >> "$STACK_RUN/env"; fi
   chmod 600 "$STACK_RUN/env"
 }
 
 cmd_up() {
-  local docker=1 kube=1 mlflow=0 arg
+  local docker=1 kube=1 mlflow=0 node=1 arg
   for arg in "$@"; do
     case $arg in
-      --no-docker) docker=0 ;;
+      --no-docker) docker=0; node=0 ;;
+      --no-node) node=0 ;;
       --mlflow) mlflow=1 ;;
-      --s3-only) docker=0; kube=0 ;;
+      --s3-only) docker=0; kube=0; node=0 ;;
       *) echo "unknown option $arg" >&2; exit 2 ;;
     esac
   done
@@ -271,6 +268,7 @@ cmd_up() {
   up_minio
   [ $kube = 1 ] && up_kube
   [ $docker = 1 ] && up_docker
+  [ $node = 1 ] && API_PORT=$API_PORT MINIO_PORT=$MINIO_PORT "$here/node.sh" up
   [ $mlflow = 1 ] && up_mlflow
   write_env
   "$HELM" version --short >/dev/null || fail "helm does not run" /dev/null "rebuild it: hack/build-stack.sh helm"
@@ -286,6 +284,7 @@ cmd_down() {
   fi
   rm -rf "$PIDS/mlflow" "$STACK_RUN/mlflow" "$STACK_RUN/mlflow.env"
   "$here/kueue.sh" down  # before the apiserver: its webhook configurations go first
+  "$here/node.sh" down  # before the apiserver: the kubelet's pods stop with it
   for name in kwok kube-scheduler kube-controller-manager kube-apiserver etcd minio dockerd; do
     if running "$name"; then
       kill "$(cat "$PIDS/$name")" 2>/dev/null || true
@@ -303,6 +302,7 @@ cmd_status() {
   for name in minio etcd kube-apiserver kube-controller-manager kube-scheduler kwok dockerd mlflow; do
     if running "$name"; then echo "$name: running (pid $(cat "$PIDS/$name"))"; else echo "$name: stopped"; fi
   done
+  "$here/node.sh" status
 }
 
 case ${1:-} in
@@ -316,5 +316,5 @@ case ${1:-} in
     kill "$(cat "$PIDS/kube-apiserver")"; sleep 1; rm -f "$PIDS/kube-apiserver"; up_kube ;;
   stop-apiserver)  # used by fault-injection tests; `up --no-docker` starts it again
     kill "$(cat "$PIDS/kube-apiserver")"; sleep 1; rm -f "$PIDS/kube-apiserver" ;;
-  *) echo "usage: hack/stack.sh up [--no-docker] [--s3-only] [--mlflow] | mlflow | kueue | down | status | env" >&2; exit 2 ;;
+  *) echo "usage: hack/stack.sh up [--no-docker] [--no-node] [--s3-only] [--mlflow] | mlflow | kueue | down | status | env" >&2; exit 2 ;;
 esac

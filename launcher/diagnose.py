@@ -142,6 +142,11 @@ def attempt_of(pod: dict) -> Attempt:
         sched = _condition(pod, "PodScheduled")
         if sched and str(sched.get("status")) == "False":
             reason, message = sched.get("reason") or "Unschedulable", sched.get("message")
+    if reason == "OOMKilled" and not (term and "exit_code" in parse_termination_message(term.get("message"))):
+        # The kernel killed it: no message of the job's own, only the log's last line (FallbackToLogsOnError).
+        limit = ((next((c for c in (pod.get("spec") or {}).get("containers") or [] if c.get("name") == CONTAINER),
+                       {}).get("resources") or {}).get("limits") or {}).get("memory")
+        message = f"it used more memory than its limit of {limit}" if limit else "it used more memory than its limit"
     if evicted:
         reason = (disruption or {}).get("reason") or st.get("reason") or "Evicted"
         message = (disruption or {}).get("message") or st.get("message") or message
@@ -151,6 +156,10 @@ def attempt_of(pod: dict) -> Attempt:
 
 
 def _explain_exit(a: Attempt) -> str:
+    if a.reason == "OOMKilled":
+        return (f"the kernel killed the trainer because {a.message or 'it used more memory than its limit'} "
+                f"(OOMKilled, exit code {a.exit_code if a.exit_code is not None else 137}) — raise resources.memory, "
+                "or lower training.max_seq_length or per_device_batch_size")
     if a.exit_code is None:
         return a.message or a.reason or "failed"
     text = describe_exit_code(a.exit_code)

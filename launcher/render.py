@@ -121,11 +121,13 @@ def _resources(spec: TrainingRunSpec, settings: LauncherSettings) -> dict[str, A
 
 
 def _pod_failure_policy() -> dict[str, Any]:
-    # A rule-less failure (exit 1, 75, OOM) is counted against backoffLimit: that is "Count otherwise".
+    # A rule-less failure (exit 1, 75) is counted against backoffLimit: that is "Count otherwise".
+    # 137 (SIGKILL) once evictions and preemptions are ignored is the kernel's OOM killer at the memory
+    # limit, or a kill after the grace period: a retry with the same limit is OOMKilled again.
     return {"rules": [
         {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
         {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
-                                              "values": sorted(int(c) for c in PERMANENT_EXIT_CODES)}},
+                                              "values": sorted({*(int(c) for c in PERMANENT_EXIT_CODES), 137})}},
     ]}
 
 

@@ -173,7 +173,19 @@ def test_deadline_exceeded():
 def test_oom_kill_is_explained():
     p = pod(phase="Failed", state=terminated(137, "", reason="OOMKilled"))
     d = diagnose(job([cond("Failed", "BackoffLimitExceeded")], failed=1, backoff=0), [p], [])
-    assert d.exit_code == 137 and "out of memory" in d.sentence
+    assert d.exit_code == 137 and "OOMKilled" in d.sentence and "raise resources.memory" in d.sentence
+
+
+def test_oom_kill_fails_the_job_at_once_and_names_the_limit():
+    p = pod(phase="Failed", state=terminated(137, "", reason="OOMKilled"))
+    p["spec"]["containers"][0]["resources"] = {"limits": {"memory": "350Mi"}, "requests": {"memory": "350Mi"}}
+    d = diagnose(job([cond("Failed", "PodFailurePolicy",
+                           f"Container trainer for pod ml/{JOB}-a1 failed with exit code 137 matching FailJob "
+                           "rule at index 1")], failed=1), [p], [])
+    assert d.state == "Failed" and d.exit_code == 137
+    assert d.sentence == ("failed: the kernel killed the trainer because it used more memory than its limit of "
+                          "350Mi (OOMKilled, exit code 137) — raise resources.memory, or lower "
+                          "training.max_seq_length or per_device_batch_size")
 
 
 def test_fallback_to_logs_termination_message_uses_the_last_line():

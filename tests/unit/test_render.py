@@ -136,7 +136,7 @@ def test_job_failure_handling():
     rules = js["podFailurePolicy"]["rules"]
     assert rules[0] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
     assert rules[1]["action"] == "FailJob"
-    assert rules[1]["onExitCodes"] == {"containerName": "trainer", "operator": "In", "values": [10, 11, 12, 13, 14, 15]}
+    assert rules[1]["onExitCodes"] == {"containerName": "trainer", "operator": "In", "values": [10, 11, 12, 13, 14, 15, 137]}
     assert sorted(int(c) for c in PERMANENT_EXIT_CODES) == [10, 11, 12, 13, 14, 15]
 
 

@@ -1,0 +1,307 @@
+"""The trainer as a REAL pod: the stack's real node (hack/node.sh: kubelet + containerd + runc + a CNI
+bridge, in a network namespace of its own) pulls the trainer image by name from the stack's registry and
+runs it, hardened, in a namespace that enforces the "restricted" Pod Security Standard.
+
+Nothing here is injected: image pull errors come from the registry, a missing Secret key from the
+kubelet, OOMKilled from the kernel's memory cgroup, an eviction from the Eviction API, logs from the
+container's own log file through the API server and the kubelet. Each run is `launcher submit` of a
+CPU spec (SmolLM2-135M from MinIO, a few steps).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from published import assert_complete_v1, small_cpu_spec
+
+pytestmark = [pytest.mark.node, pytest.mark.train, pytest.mark.s3]
+
+REPO = Path(__file__).resolve().parents[2]
+POOL_LABEL = "lora-jobs.dev/node-pool=real"
+TAINT = "lora-jobs.dev/real-node"
+
+
+# ------------------------------------------------------------------------------ fixtures
+
+@pytest.fixture(scope="session")
+def node(stack) -> dict[str, str]:
+    """The real node's facts from the stack's env file; the node must be Ready."""
+    env = stack.env()
+    if "STACK_NODE_NAME" not in env:
+        pytest.fail("the stack runs without its real node (hack/stack.sh up --no-node?): "
+                    "start it with hack/stack.sh up", pytrace=False)
+    return env
+
+
+@pytest.fixture(scope="session")
+def trainer_ref(node) -> str:
+    """The trainer image, built by the project's script and pushed to the stack's registry."""
+    from images import TRAINER
+
+    for cmd in (["bash", str(REPO / "hack" / "build-images.sh"), "trainer"],
+                ["bash", str(REPO / "hack" / "node.sh"), "push", TRAINER]):
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+        assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return f"{node['STACK_REGISTRY']}/{TRAINER}"
+
+
+@pytest.fixture()
+def real_ns(kube_api, stack, node):
+    """A namespace whose pods go to the real node (as a dedicated node pool: PodNodeSelector and
+    PodTolerationRestriction annotations), enforcing the restricted Pod Security Standard, with the
+    S3 Secret and the trainer's ServiceAccount that the chart would install."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(kube_api)
+    name = f"real-{uuid.uuid4().hex[:8]}"
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(
+        name=name,
+        labels={"lora-jobs.io/test": "true", "pod-security.kubernetes.io/enforce": "restricted",
+                "pod-security.kubernetes.io/enforce-version": "latest"},
+        annotations={"scheduler.alpha.kubernetes.io/node-selector": POOL_LABEL,
+                     "scheduler.alpha.kubernetes.io/defaultTolerations": json.dumps(
+                         [{"key": TAINT, "operator": "Exists", "effect": "NoSchedule"}])})))
+    core.create_namespaced_secret(name, client.V1Secret(
+        metadata=client.V1ObjectMeta(name="lora-jobs-s3"),
+        string_data={"AWS_ACCESS_KEY_ID": stack.s3_access_key, "AWS_SECRET_ACCESS_KEY": stack.s3_secret_key}))
+    core.create_namespaced_service_account(name, client.V1ServiceAccount(
+        metadata=client.V1ObjectMeta(name="lora-jobs-trainer")))
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        if any(sa.metadata.name == "default" for sa in core.list_namespaced_service_account(name).items):
+            break
+        time.sleep(0.2)
+    yield name
+    core.delete_namespace(name, propagation_policy="Background")
+
+
+def env_for(stack, node, namespace: str, image: str, tmp_path: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LAUNCHER_", "AWS_"))}
+    env.update(stack.s3_env())
+    env.update({
+        "LAUNCHER_KUBECONFIG": stack.kubeconfig,
+        "LAUNCHER_NAMESPACE": namespace,
+        # The pods reach MinIO through the node's bridge; the launcher (here) through loopback.
+        "LAUNCHER_S3_ENDPOINT": node["STACK_POD_S3_ENDPOINT"],
+        "LAUNCHER_IMAGE": image,
+        "LAUNCHER_IMAGE_PULL_POLICY": "Always",  # one tag, rebuilt: the registry decides what runs
+        "PYTHONPATH": str(REPO),
+        "HOME": str(tmp_path),
+    })
+    return env
+
+
+def cli(env: dict, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "launcher", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def status(env: dict, run: str) -> dict:
+    r = cli(env, "status", run, "-o", "json")
+    assert r.returncode in (0, 1), r.stdout + r.stderr
+    return json.loads(r.stdout)
+
+
+def wait_status(env: dict, run: str, pred, timeout: float, what: str, seen: list | None = None) -> dict:
+    deadline = time.monotonic() + timeout
+    s: dict = {}
+    while time.monotonic() < deadline:
+        s = status(env, run)
+        if seen is not None and (not seen or seen[-1] != s["state"]):
+            seen.append(s["state"])
+        if pred(s):
+            return s
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last status: {s}")
+
+
+def write_spec(tmp_path: Path, spec: dict) -> Path:
+    p = tmp_path / f"{spec['name']}.yaml"
+    p.write_text(yaml.safe_dump(spec))
+    return p
+
+
+def cpu_spec(name: str, model_uri: str, train_uri: str, output: str, memory: str = "6Gi", **training) -> dict:
+    spec = small_cpu_spec(name, model_uri, train_uri, output, **training)
+    spec["resources"] = {"gpus": 0, "cpu": "2", "memory": memory, "scratch": "4Gi"}
+    return spec
+
+
+@pytest.fixture()
+def train_data(s3_prefix, s3_client, stack) -> str:
+    rows = [{"instruction": f"What is the status light number {i} on the Acme X{i}?",
+             "output": f"Light {i} on the Acme X{i} means the router is updating; wait {i} minutes."} for i in range(16)]
+    key = s3_prefix.split("/", 3)[3] + "/train.jsonl"
+    s3_client.put_object(Bucket=stack.bucket, Key=key, Body="\n".join(json.dumps(r) for r in rows).encode())
+    return f"s3://{stack.bucket}/{key}"
+
+
+# ------------------------------------------------------------------------------ the trainer pod
+
+def test_trainer_runs_as_a_real_pod_and_publishes(stack, node, trainer_ref, real_ns, model_in_minio, train_data,
+                                                  s3_prefix, tmp_path):
+    from jobs.storage import open_store
+
+    env = env_for(stack, node, real_ns, trainer_ref, tmp_path)
+    spec = cpu_spec("real-pod", model_in_minio, train_data, f"{s3_prefix}/runs")
+    r = cli(env, "submit", str(write_spec(tmp_path, spec)))
+    assert r.returncode == 0, r.stdout + r.stderr
+
+    seen: list[str] = []
+    wait_status(env, "real-pod", lambda s: s["state"] == "Running", 300, "the pod to run", seen)
+    # `logs -f` follows the real container log through the API server and the kubelet, to its end.
+    follow = subprocess.Popen([sys.executable, "-m", "launcher", "logs", "real-pod", "-f"], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = [], []
+    t = threading.Thread(target=lambda: (out.append(follow.stdout.read()), err.append(follow.stderr.read())))
+    t.start()
+    final = wait_status(env, "real-pod", lambda s: s["state"] in ("Succeeded", "Failed"), 900, "the run to end", seen)
+    t.join(timeout=120)
+    assert follow.wait(timeout=10) == 0, err
+    assert final["state"] == "Succeeded", final
+    assert seen[0] == "Pending" and seen[-2:] == ["Running", "Succeeded"], seen
+    assert final["pods"][0]["node"] == node["STACK_NODE_NAME"], final["pods"]
+
+    log_text = out[0]
+    for stage in ("fetch", "train", "evaluate", "merge", "publish"):
+        assert stage in log_text, f"stage {stage} missing from the followed log:\n{log_text[-3000:]}"
+    assert "published" in log_text.splitlines()[-1] or "published" in log_text[-2000:], log_text[-2000:]
+
+    store, prefix = open_store(f"{s3_prefix}/runs")
+    run_prefix = f"{prefix}/real-pod"
+    keys = assert_complete_v1(store, run_prefix)
+    secret = stack.s3_secret_key
+    assert secret not in log_text and secret not in json.dumps(final)
+    for key in keys:
+        if key.endswith((".json", ".md", ".html", ".txt", ".yaml", "latest", "_COMPLETE")):
+            assert secret not in store.get_bytes(f"{run_prefix}/v1/{key}").decode(errors="replace"), key
+
+
+# ------------------------------------------------------------------------------ faults, for real
+
+def test_a_missing_image_fails_to_pull_and_status_says_so(stack, node, trainer_ref, real_ns, model_in_minio,
+                                                          train_data, s3_prefix, tmp_path):
+    missing = trainer_ref.rsplit(":", 1)[0] + ":no-such-tag"
+    env = env_for(stack, node, real_ns, missing, tmp_path)
+    r = cli(env, "submit", str(write_spec(tmp_path, cpu_spec("bad-tag", model_in_minio, train_data,
+                                                             f"{s3_prefix}/runs"))))
+    assert r.returncode == 0, r.stdout + r.stderr
+    s = wait_status(env, "bad-tag", lambda s: s["blocked"], 120, "the pull to fail")
+    assert s["state"] == "Pending" and s["pods"][-1]["reason"] in ("ErrImagePull", "ImagePullBackOff"), s
+    assert f"cannot pull the trainer image {missing}" in s["sentence"] and "not found" in s["sentence"], s
+    r = cli(env, "status", "bad-tag")
+    assert "cannot pull the trainer image" in r.stdout and "Traceback" not in r.stdout + r.stderr
+
+
+def test_a_missing_secret_key_is_diagnosed(kube_api, stack, node, trainer_ref, real_ns, model_in_minio, train_data,
+                                           s3_prefix, tmp_path):
+    from kubernetes import client
+
+    client.CoreV1Api(kube_api).patch_namespaced_secret(
+        "lora-jobs-s3", real_ns, {"data": {"AWS_SECRET_ACCESS_KEY": None}})
+    env = env_for(stack, node, real_ns, trainer_ref, tmp_path)
+    spec = str(write_spec(tmp_path, cpu_spec("no-key", model_in_minio, train_data, f"{s3_prefix}/runs")))
+    r = cli(env, "submit", spec)
+    assert r.returncode == 3 and "Secret lora-jobs-s3 has no key AWS_SECRET_ACCESS_KEY" in r.stderr, r.stderr
+    # Past the launcher's check (a Secret edited after submit looks the same): the kubelet refuses.
+    r = cli(env, "submit", spec, "--skip-preflight")
+    assert r.returncode == 0, r.stdout + r.stderr
+    s = wait_status(env, "no-key", lambda s: s["blocked"], 180, "the kubelet to refuse the container")
+    assert s["pods"][-1]["reason"] == "CreateContainerConfigError", s
+    assert "AWS_SECRET_ACCESS_KEY" in s["sentence"] and "lora-jobs-s3" in s["sentence"], s
+    assert "create the S3 credentials Secret" in s["sentence"], s
+
+
+def test_a_memory_limit_too_low_is_oomkilled_diagnosed_and_not_retried(stack, node, trainer_ref, real_ns,
+                                                                       model_in_minio, train_data, s3_prefix,
+                                                                       tmp_path):
+    env = env_for(stack, node, real_ns, trainer_ref, tmp_path)
+    spec = cpu_spec("too-small", model_in_minio, train_data, f"{s3_prefix}/runs", memory="350Mi")
+    r = cli(env, "submit", str(write_spec(tmp_path, spec)))
+    assert r.returncode == 0, r.stdout + r.stderr
+    s = wait_status(env, "too-small", lambda s: s["state"] in ("Succeeded", "Failed"), 600, "the run to end")
+    assert s["state"] == "Failed" and s["exit_code"] == 137, s
+    assert len(s["pods"]) == 1, f"an OOM kill is not retried with the same limit: {s['pods']}"
+    assert s["pods"][0]["reason"] == "OOMKilled", s["pods"]
+    assert "more memory than its limit of 350Mi" in s["sentence"] and "raise resources.memory" in s["sentence"], s
+
+
+def test_an_eviction_mid_training_resumes_from_the_checkpoint_and_publishes_once(kube_api, stack, node, trainer_ref,
+                                                                                 real_ns, model_in_minio,
+                                                                                 train_data, s3_prefix, tmp_path):
+    from kubernetes import client
+    from jobs.storage import open_store
+
+    env = env_for(stack, node, real_ns, trainer_ref, tmp_path)
+    spec = cpu_spec("evicted", model_in_minio, train_data, f"{s3_prefix}/runs", epochs=3,
+                    checkpoint_interval_steps=1)
+    r = cli(env, "submit", str(write_spec(tmp_path, spec)))
+    assert r.returncode == 0, r.stdout + r.stderr
+    store, prefix = open_store(f"{s3_prefix}/runs")
+
+    def checkpointed(s):  # training, with a checkpoint in storage that a retry can resume from
+        p = s.get("progress") or {}
+        return s["state"] == "Running" and p.get("stage") == "train" and (p.get("step") or 0) >= 2 and \
+            any("checkpoint" in o.key for o in store.list(f"{prefix}/evicted/"))
+
+    s = wait_status(env, "evicted", checkpointed, 600, "a checkpoint mid-training")
+    pod = s["pods"][-1]["pod"]
+    step_at_eviction = s["progress"]["step"]
+    core = client.CoreV1Api(kube_api)
+    # The evicted pod is deleted once it ends (the Job controller counts it, then drops its finalizer),
+    # so its end is read from a watch, as it happens.
+    ends: list[dict] = []
+
+    def watch_pod():
+        from kubernetes import watch
+
+        for ev in watch.Watch().stream(core.list_namespaced_pod, real_ns, field_selector=f"metadata.name={pod}",
+                                       timeout_seconds=300):
+            obj = ev["object"]
+            for cs in obj.status.container_statuses or []:
+                if cs.state.terminated:
+                    ends.append({"exit_code": cs.state.terminated.exit_code,
+                                 "conditions": {c.type: c.status for c in obj.status.conditions or []},
+                                 "reason": next((c.reason for c in obj.status.conditions or []
+                                                 if c.type == "DisruptionTarget"), None)})
+            if ev["type"] == "DELETED":
+                return
+
+    watcher = threading.Thread(target=watch_pod, daemon=True)
+    watcher.start()
+    time.sleep(0.5)
+    core.create_namespaced_pod_eviction(pod, real_ns, client.V1Eviction(
+        metadata=client.V1ObjectMeta(name=pod, namespace=real_ns)))
+
+    final = wait_status(env, "evicted", lambda s: s["state"] in ("Succeeded", "Failed"), 900, "the run to end")
+    watcher.join(timeout=60)
+    assert final["state"] == "Succeeded", final
+    assert ends, "the evicted pod's end was seen"
+    assert ends[-1]["exit_code"] == 75, f"the evicted pod checkpointed and exited with the transient code: {ends}"
+    assert ends[-1]["conditions"].get("DisruptionTarget") == "True", ends[-1]
+    assert ends[-1]["reason"] == "EvictionByEvictionAPI", ends[-1]
+    assert [p["pod"] for p in final["pods"]] != [pod] and final["pods"][-1]["exit_code"] == 0, final["pods"]
+    assert final["attempts"]["failed"] == 0, f"an eviction is not counted against retries: {final['attempts']}"
+
+    r = cli(env, "logs", "evicted")
+    assert r.returncode == 0, r.stderr
+    resumed = [line for line in r.stdout.splitlines() if "resum" in line.lower()]
+    assert resumed, f"the retry says where it resumed:\n{r.stdout[-3000:]}"
+    import re
+
+    at, total = map(int, re.search(r"step (\d+) of (\d+)", resumed[0]).groups())
+    # SIGTERM checkpoints the step it is on: no earlier than what progress last showed, before the end
+    assert step_at_eviction <= at < total, (step_at_eviction, resumed)
+    versions = sorted({o.key.split("/")[-2] for o in store.list(f"{prefix}/evicted/")
+                       if o.key.endswith("/_COMPLETE") and re.fullmatch(r"v\d+", o.key.split("/")[-2])})
+    assert versions == ["v1"], versions
+    assert_complete_v1(store, f"{prefix}/evicted")
