@@ -16,7 +16,7 @@
 # lora-jobs.dev/node-pool=real (the PodNodeSelector and PodTolerationRestriction admission
 # plugins) sends its pods there, as a dedicated node pool would.
 #
-# Usage: hack/node.sh up | down | status | push IMAGE...
+# Usage: hack/node.sh up | down | status | push IMAGE... | stop-kubelet | start-kubelet
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=hack/lib.sh
@@ -209,6 +209,16 @@ shutdownGracePeriod: 0s
 EOF
 }
 
+start_kubelet() {
+  say "starting kubelet $KUBE_VERSION as node $NODE_NAME ($NODE_IP)"
+  start node-kubelet "$STACK_LOGS/node-kubelet.log" \
+    nsenter --net="/run/netns/$NETNS" -- "$KUBELET" --config "$NODE_RUN/kubelet.yaml" \
+    --kubeconfig "$NODE_RUN/kubelet.kubeconfig" --root-dir "$NODE_RUN/kubelet" --cert-dir "$NODE_RUN/kubelet/pki" \
+    --hostname-override "$NODE_NAME" --node-ip "$NODE_IP" \
+    --node-labels "lora-jobs.dev/node-pool=real,type=real"
+  wait_for "node $NODE_NAME Ready" 90 "$STACK_LOGS/node-kubelet.log" "see the kubelet's log" node_ready
+}
+
 up_node() {
   need_tools
   up_registry
@@ -222,13 +232,7 @@ up_node() {
   start node-containerd "$STACK_LOGS/node-containerd.log" \
     nsenter --net="/run/netns/$NETNS" -- containerd --config "$NODE_RUN/containerd.toml"
   wait_for containerd 30 "$STACK_LOGS/node-containerd.log" "see the log" ctr_ version
-  say "starting kubelet $KUBE_VERSION as node $NODE_NAME ($NODE_IP)"
-  start node-kubelet "$STACK_LOGS/node-kubelet.log" \
-    nsenter --net="/run/netns/$NETNS" -- "$KUBELET" --config "$NODE_RUN/kubelet.yaml" \
-    --kubeconfig "$NODE_RUN/kubelet.kubeconfig" --root-dir "$NODE_RUN/kubelet" --cert-dir "$NODE_RUN/kubelet/pki" \
-    --hostname-override "$NODE_NAME" --node-ip "$NODE_IP" \
-    --node-labels "lora-jobs.dev/node-pool=real,type=real"
-  wait_for "node $NODE_NAME Ready" 90 "$STACK_LOGS/node-kubelet.log" "see the kubelet's log" node_ready
+  start_kubelet
   cat > "$NODE_RUN/env" <<EOF
 export STACK_NODE_NAME=$NODE_NAME
 export STACK_NODE_TAINT=$TAINT_KEY
@@ -302,5 +306,8 @@ case ${1:-} in
       if running "$name"; then echo "$name: running (pid $(cat "$PIDS/$name"))"; else echo "$name: stopped"; fi
     done ;;
   push) shift; cmd_push "$@" ;;
-  *) echo "usage: hack/node.sh up | down | status | push IMAGE..." >&2; exit 2 ;;
+  # fault tests: the node goes away (its pods' containers run on) and comes back
+  stop-kubelet) stop_daemon node-kubelet ;;
+  start-kubelet) start_kubelet ;;
+  *) echo "usage: hack/node.sh up | down | status | push IMAGE... | stop-kubelet | start-kubelet" >&2; exit 2 ;;
 esac

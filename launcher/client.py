@@ -329,6 +329,24 @@ class Client:
         return read(job) if read else None
 
     # ------------------------------------------------------------------ specs
+    @staticmethod
+    def _nodes(kube: Any, pods: list[dict]) -> dict[str, dict]:
+        """The nodes of the run's running pods, to tell a node that stopped reporting. Best effort: a user
+        whose Role cannot read nodes (cluster-scoped) gets the diagnosis without them."""
+        from launcher.errors import LoraJobError
+
+        names = {(p.get("spec") or {}).get("nodeName") for p in pods
+                 if (p.get("status") or {}).get("phase") == "Running"} - {None}
+        out: dict[str, dict] = {}
+        for name in sorted(names):
+            try:
+                node = kube.get_node(name)
+            except LoraJobError:
+                return out
+            if node:
+                out[name] = node
+        return out
+
     def load_spec(self, spec: SpecLike, overrides: list[str] | tuple[str, ...] = ()):
         """A validated ``TrainingRunSpec`` from a YAML file, a dict or a spec; ``overrides`` are ``--set``
         items (``key.path=value``). Raises ``SpecError`` listing every problem."""
@@ -395,7 +413,8 @@ class Client:
         from jobs.progress import read_run_progress
 
         st = status_of(job, pods, diagnose(job, pods, events, gpu_resource=settings.gpu_resource,
-                                           workload=self._workload(kube, job)), kube.namespace)
+                                           workload=self._workload(kube, job), nodes=self._nodes(kube, pods)),
+                       kube.namespace)
         st.progress = read_run_progress(st.output, st.spec_hash)
         return st
 
@@ -448,7 +467,8 @@ class Client:
             retrying.said = False  # reachable again: the next outage is news
             if job is None:
                 raise RunFailed(f"job {name} no longer exists (cancelled, or deleted after its TTL)")
-            diag = diagnose(job, pods, events, gpu_resource=settings.gpu_resource, workload=self._workload(kube, job))
+            diag = diagnose(job, pods, events, gpu_resource=settings.gpu_resource, workload=self._workload(kube, job),
+                            nodes=self._nodes(kube, pods))
             status = status_of(job, pods, diag, kube.namespace)
             if diag.sentence != last:
                 if on_change:

@@ -181,10 +181,23 @@ def _event_time(e: dict) -> str:
 
 # ----------------------------------------------------------------------------- the decision
 
+def _node_trouble(node: dict | None) -> str | None:
+    """Why a node is not Ready (its kubelet stopped reporting, or says it is not ready), or None."""
+    if not node:
+        return None
+    ready = _condition(node, "Ready")
+    if ready is None or str(ready.get("status")) == "True":
+        return None
+    since = ready.get("lastTransitionTime")
+    why = (ready.get("message") or ready.get("reason") or "not ready").rstrip(".")
+    return f"{why}" + (f" (since {since})" if since else "")
+
+
 def diagnose(job: dict, pods: list[dict], events: list[dict], *, gpu_resource: str = "nvidia.com/gpu",
-             workload: dict | None = None) -> Diagnosis:
+             workload: dict | None = None, nodes: dict[str, dict] | None = None) -> Diagnosis:
     """Where the run is, in one sentence, plus details and the trainer's exit code when it ended. ``workload``:
-    Kueue's Workload of a suspended queued Job, when it could be read (why it waits, whether it was preempted)."""
+    Kueue's Workload of a suspended queued Job, when it could be read (why it waits, whether it was preempted).
+    ``nodes``: the running pods' nodes by name, when they could be read (a node that stopped reporting)."""
     name = _meta(job).get("name", "?")
     spec = job.get("spec") or {}
     st = _status(job)
@@ -246,6 +259,13 @@ def diagnose(job: dict, pods: list[dict], events: list[dict], *, gpu_resource: s
     def one(pod: dict, a: Attempt) -> Diagnosis:
         if a.phase == "Running":
             node = f" on {a.node}" if a.node else ""
+            trouble = _node_trouble((nodes or {}).get(a.node or ""))
+            if trouble:
+                details.append(f"node {a.node}: {trouble}")
+                return Diagnosis(RUNNING, f"running{node}, but node {a.node} is not Ready: {trouble} — the pod "
+                                 "keeps its place while the node comes back; if it stays away, Kubernetes evicts "
+                                 "the pod (5 min by default) and the run retries from its newest checkpoint"
+                                 + retry_note, details)
             return Diagnosis(RUNNING, f"running{node}" + retry_note, details)
 
         # Pending: not scheduled, or scheduled but the container cannot start.

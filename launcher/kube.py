@@ -256,6 +256,9 @@ class Kube:
         return self._get_or_none("get", "serviceaccount", name, ns, self._core().read_namespaced_service_account,
                                  name, ns)
 
+    def get_node(self, name: str) -> dict | None:
+        return self._get_or_none("get", "node", name, None, self._core().read_node, name)
+
     def list_nodes(self) -> list[dict]:
         data = self._json(self.call("list", "node", None, None, self._core().list_node, _preload_content=False,
                                     _request_timeout=TIMEOUT))

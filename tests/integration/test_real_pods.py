@@ -305,3 +305,35 @@ def test_an_eviction_mid_training_resumes_from_the_checkpoint_and_publishes_once
                        if o.key.endswith("/_COMPLETE") and re.fullmatch(r"v\d+", o.key.split("/")[-2])})
     assert versions == ["v1"], versions
     assert_complete_v1(store, f"{prefix}/evicted")
+
+
+def test_a_node_whose_kubelet_stops_is_named_and_the_run_recovers_when_it_returns(stack, node, trainer_ref,
+                                                                                  real_ns, model_in_minio,
+                                                                                  train_data, s3_prefix, tmp_path):
+    from jobs.storage import open_store
+
+    env = env_for(stack, node, real_ns, trainer_ref, tmp_path)
+    spec = cpu_spec("node-away", model_in_minio, train_data, f"{s3_prefix}/runs")
+    r = cli(env, "submit", str(write_spec(tmp_path, spec)))
+    assert r.returncode == 0, r.stdout + r.stderr
+    s = wait_status(env, "node-away", lambda s: s["state"] == "Running" and (s.get("progress") or {}).get("stage")
+                    in ("prepare", "train"), 600, "the run to start working")
+    pod = s["pods"][-1]["pod"]
+    node_sh = ["bash", str(REPO / "hack" / "node.sh")]
+    subprocess.run([*node_sh, "stop-kubelet"], cwd=REPO, check=True, capture_output=True)
+    try:
+        # The node lifecycle controller marks the node Unknown after its grace period (50 s in v1.34).
+        lost = wait_status(env, "node-away", lambda s: "is not Ready" in s["sentence"], 150,
+                           "status to name the node that stopped reporting")
+        assert f"node {node['STACK_NODE_NAME']} is not Ready: Kubelet stopped posting node status" \
+            in lost["sentence"], lost["sentence"]
+        r = cli(env, "status", "node-away")
+        assert "is not Ready" in r.stdout and "Traceback" not in r.stdout + r.stderr
+    finally:
+        subprocess.run([*node_sh, "start-kubelet"], cwd=REPO, check=True, capture_output=True)
+    # The containers ran on without their kubelet; back, it reports them again and the run finishes.
+    final = wait_status(env, "node-away", lambda s: s["state"] in ("Succeeded", "Failed"), 900, "the run to end")
+    assert final["state"] == "Succeeded", final
+    assert [p["pod"] for p in final["pods"]] == [pod], "the same pod finished: nothing was retried"
+    store, prefix = open_store(f"{s3_prefix}/runs")
+    assert_complete_v1(store, f"{prefix}/node-away")

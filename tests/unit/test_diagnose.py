@@ -334,3 +334,18 @@ def test_a_queued_run_says_why_kueue_has_not_admitted_it_and_that_a_preemption_c
 
     assert diagnose(suspended, [], []).sentence == "queued: waiting for Kueue queue team-a to admit it", \
         "without the Workload (no Kueue, or no right to read it): the queue alone"
+
+
+def test_a_running_pod_on_a_node_that_stopped_reporting_says_so():
+    p = pod("n1", "Running", node="gpu-node-3", state={"running": {"startedAt": "2025-05-01T10:00:05Z"}})
+    lost = {"metadata": {"name": "gpu-node-3"}, "status": {"conditions": [
+        {"type": "Ready", "status": "Unknown", "reason": "NodeStatusUnknown",
+         "message": "Kubelet stopped posting node status.", "lastTransitionTime": "2025-05-01T10:05:00Z"}]}}
+    d = diagnose(job(active=1), [p], [], nodes={"gpu-node-3": lost})
+    assert d.state == "Running"
+    assert d.sentence.startswith("running on gpu-node-3, but node gpu-node-3 is not Ready: Kubelet stopped posting "
+                                 "node status (since 2025-05-01T10:05:00Z)")
+    assert "retries from its newest checkpoint" in d.sentence
+    healthy = {"metadata": {"name": "gpu-node-3"}, "status": {"conditions": [{"type": "Ready", "status": "True"}]}}
+    assert diagnose(job(active=1), [p], [], nodes={"gpu-node-3": healthy}).sentence == "running on gpu-node-3"
+    assert diagnose(job(active=1), [p], []).sentence == "running on gpu-node-3"  # nodes unreadable: as before
