@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import os
 import random
 import threading
 from dataclasses import dataclass, field
@@ -561,6 +562,7 @@ class Plan:
     ce_impl: str = "chunked"         # "chunked" (ours) or "liger" (fused linear CE)
     lean_lora: bool = True           # LoRA in the activation dtype (see install_lean_lora)
     memory_budget_bytes: int | None = None  # GPU memory the plan fits into (None on CPU)
+    fp8: bool = False                # FP8 GEMMs for the frozen base projections (see apply_fp8)
 
 
 def _cfg(model_config, name, default=None):
@@ -652,6 +654,9 @@ def plan(model_config, training, device: torch.device | str, *, free_memory_byte
     """
     device = torch.device(device)
     notes: list[str] = []
+    fp8_req = getattr(training, "fp8", "off")
+    if fp8_req == "on" and device.type != "cuda":
+        _fp8_refused("this run has no GPU")
     max_seq = int(getattr(training, "max_seq_length", 1024))
     ctx = _cfg(model_config, "max_position_embeddings", None)
     if ctx:
@@ -672,6 +677,18 @@ def plan(model_config, training, device: torch.device | str, *, free_memory_byte
         dtype = torch.bfloat16 if bf16_ok else torch.float16
     else:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    fp8 = False
+    if fp8_req != "off":
+        ok, why = fp8_support(device)
+        if ok and quantization != "none":
+            ok, why = False, f"quantization {quantization} replaces the projections"
+        if ok and dtype != torch.bfloat16:
+            ok, why = False, f"precision is {str(dtype).removeprefix('torch.')}, FP8 training wants bf16"
+        if not ok and fp8_req == "on":
+            _fp8_refused(why)
+        fp8 = ok
+        notes.append(f"FP8 ({fp8_recipe()} scaling, torchao) for the frozen projections' forward and input-gradient "
+                     "GEMMs; LoRA, attention, norms and the lm_head in bf16" if ok else f"FP8 off: {why}")
     if varlen_available(device) and dtype != torch.float32:
         notes.append("attention: flash varlen kernel (torch.nn.attention.varlen) over packed rows")
     else:
@@ -732,7 +749,7 @@ def plan(model_config, training, device: torch.device | str, *, free_memory_byte
     notes.append(f"free {free_memory_bytes / 2**30:.1f} GiB, planning for {budget_total / 2**30:.1f} GiB, "
                  f"weights ~{weights / 2**30:.1f} GiB, activations ~{(per_tok_gc if gc else per_tok_nogc) / 2**20:.2f} MiB/token "
                  f"-> {tokens} tokens per micro-batch, checkpointing {'on' if gc else 'off'}")
-    return Plan(ATTN_IMPL, dtype, gc, tokens, compile_ok, notes, liger, "chunked", True, budget_total)
+    return Plan(ATTN_IMPL, dtype, gc, tokens, compile_ok, notes, liger, "chunked", True, budget_total, fp8)
 
 
 def prepare_model(model, p: Plan) -> Any:
@@ -751,6 +768,9 @@ def prepare_model(model, p: Plan) -> Any:
     elif p.liger_kernels:
         _apply_liger(base)
     base.config.use_cache = False
+    if p.fp8:
+        n = apply_fp8(model)
+        log.info("FP8: %d frozen projections run their GEMMs in float8 (%s scaling)", n, fp8_recipe())
     if p.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(base, "enable_input_require_grads"):
@@ -759,6 +779,145 @@ def prepare_model(model, p: Plan) -> Any:
         for layer in _decoder(base).layers:
             layer.compile(dynamic=True)
     return model
+
+
+# ----------------------------------------------------------------------------- FP8 (frozen base)
+
+#: torchao float8 recipe: "tensorwise" (one dynamic scale per tensor, e4m3 forward / e5m2 gradients:
+#: torchao's default and its fastest) or "rowwise" (a scale per row, e4m3 throughout: more accurate,
+#: slower kernels). The environment variable is for benchmarks; the spec only says on/off/auto.
+FP8_RECIPE_ENV = "LORA_JOBS_FP8_RECIPE"
+FP8_RECIPES = ("tensorwise", "rowwise")
+
+
+def fp8_recipe() -> str:
+    recipe = os.environ.get(FP8_RECIPE_ENV, "tensorwise")
+    return recipe if recipe in FP8_RECIPES else "tensorwise"
+
+
+def fp8_support(device) -> tuple[bool, str]:
+    """Whether FP8 training of the frozen projections can run on ``device``; if not, why."""
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False, "not a CUDA GPU"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        return False, f"this GPU (compute capability {major}.{minor}) has no FP8 matmuls; they need 8.9+"
+    try:
+        import torchao.float8  # noqa: F401
+    except Exception as err:  # noqa: BLE001 - not installed, or built for another torch
+        return False, f"torchao's float8 does not import ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
+    return True, "ok"
+
+
+def _fp8_refused(why: str):
+    from jobs.errors import Problem, SpecError
+
+    raise SpecError([Problem("training.fp8", f"training.fp8 is on, but {why}",
+                             "use a GPU with FP8 matmuls (L4, L40S, H100, H200, B200 and newer) with torchao "
+                             "installed, or set training.fp8: auto (FP8 where it can run) or off")])
+
+
+def _fp8_candidate(module, fqn: str) -> bool:
+    # only the frozen nn.Linear under a PEFT LoRA layer; FP8 GEMMs want both dims divisible by 16
+    return (type(module) is torch.nn.Linear and fqn.split(".")[-1] == "base_layer"
+            and not module.weight.requires_grad and module.in_features % 16 == 0 and module.out_features % 16 == 0)
+
+
+def apply_fp8(model) -> int:
+    """Swap the frozen base projections under PEFT's LoRA layers for FP8 ones (torchao's float8).
+
+    Their forward and input-gradient GEMMs then run in FP8 with dynamic scaling; the weight
+    gradient is never computed (see :func:`_frozen_float8_linear`). LoRA A/B, the embeddings and
+    the lm_head keep their dtype. The weights are shared, not copied. :func:`remove_fp8` puts the
+    original modules back. Returns how many were swapped.
+    """
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+    recipe = fp8_recipe()
+    config = Float8LinearConfig() if recipe == "tensorwise" else Float8LinearConfig.from_recipe_name(recipe)
+    originals: dict[str, torch.nn.Module] = {}
+
+    def pick(module, fqn):
+        if _fp8_candidate(module, fqn):
+            originals[fqn] = module
+            return True
+        return False
+
+    convert_to_float8_training(model, module_filter_fn=pick, config=config)
+    frozen = _frozen_float8_linear()
+    for fqn in originals:
+        model.get_submodule(fqn).__class__ = frozen
+    model.__dict__["_fastpath_fp8_originals"] = originals
+    return len(originals)
+
+
+_FROZEN_FLOAT8: list[type] = []
+
+
+def _frozen_float8_linear() -> type:
+    """torchao's ``Float8Linear`` for a frozen weight: forward and input gradient only.
+
+    torchao's matmul (``matmul_with_hp_or_float8_args``) always computes the weight gradient as
+    well: a third GEMM that a frozen base throws away, and one whose inner dimension is the
+    micro-batch's token count, which FP8 GEMMs need divisible by 16, so ``torch.compile`` with
+    dynamic shapes refuses it ("Expected self.size(1) to be divisible by 16", GPU call 8). This
+    one does the same casts (torchao's ``hp_tensor_to_float8_dynamic``, the config's scaling) for
+    the two GEMMs that a frozen projection needs, and saves only the weight for the backward, not
+    its input.
+    """
+    if _FROZEN_FLOAT8:
+        return _FROZEN_FLOAT8[0]
+    from torchao.float8.float8_linear import Float8Linear
+    from torchao.float8.float8_scaling_utils import get_maybe_axiswise_dim, hp_tensor_to_float8_dynamic
+    from torchao.float8.float8_training_tensor import GemmInputRole
+
+    def cast(t, cast_config, mm_config, role, dim, config):
+        return hp_tensor_to_float8_dynamic(
+            t, cast_config.target_dtype, mm_config, gemm_input_role=role,
+            scaling_granularity=cast_config.scaling_granularity,
+            axiswise_dim=get_maybe_axiswise_dim(dim, cast_config.scaling_granularity),
+            round_scales_to_power_of_2=config.round_scales_to_power_of_2)
+
+    @torch._dynamo.allow_in_graph
+    class FrozenFloat8Matmul(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, weight_t, mm_config, config):
+            ctx.save_for_backward(weight_t)
+            ctx.mm_config, ctx.config = mm_config, config
+            x8 = cast(x.reshape(-1, x.shape[-1]), config.cast_config_input, mm_config, GemmInputRole.INPUT, -1, config)
+            w8 = cast(weight_t, config.cast_config_weight, mm_config, GemmInputRole.WEIGHT, 0, config)
+            out = torch.mm(x8, w8)
+            return out.reshape(*x.shape[:-1], out.shape[-1])
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            (weight_t,) = ctx.saved_tensors
+            c = ctx.config
+            g = grad_out.reshape(-1, grad_out.shape[-1])
+            g8 = cast(g, c.cast_config_grad_output, ctx.mm_config, GemmInputRole.GRAD_OUTPUT, -1, c)
+            w8 = cast(weight_t, c.cast_config_weight_for_grad_input, ctx.mm_config, GemmInputRole.WEIGHT, -1, c)
+            grad_in = torch.mm(g8, w8.t())
+            return grad_in.reshape(*grad_out.shape[:-1], grad_in.shape[-1]), None, None, None
+
+    class FrozenFloat8Linear(Float8Linear):
+        def forward(self, input: torch.Tensor) -> torch.Tensor:
+            if torch.is_autocast_enabled():
+                input = input.to(torch.get_autocast_gpu_dtype())
+            out = FrozenFloat8Matmul.apply(input, self.weight.t(), self.linear_mm_config, self.config)
+            return out if self.bias is None else out + self.bias.to(out.dtype)
+
+    _FROZEN_FLOAT8.append(FrozenFloat8Linear)
+    return FrozenFloat8Linear
+
+
+def remove_fp8(model) -> int:
+    """Put back the bf16 projections that :func:`apply_fp8` swapped; returns how many (0 when none)."""
+    originals = model.__dict__.pop("_fastpath_fp8_originals", None) or {}
+    for fqn, module in originals.items():
+        parent, _, name = fqn.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, name, module)
+    return len(originals)
 
 
 @contextlib.contextmanager

@@ -258,6 +258,25 @@ def run(spec: TrainingRunSpec, workdir: Path, *, run_id: str | None = None, imag
     return metadata
 
 
+def _compile_cache(spec: TrainingRunSpec, model, plan, store, run_prefix: str, world):
+    """The run's compile cache (restored now, before anything compiles), or None when nothing compiles."""
+    if not plan.compile:
+        return None
+    from jobs import fastpath
+    from jobs.compile_cache import CompileCache, cache_key, signing_key
+
+    config = {k: v for k, v in model.config.to_dict().items()
+              if not k.startswith("_") and k not in ("transformers_version", "name_or_path")}
+    lora = spec.lora
+    facts = {"dtype": str(plan.dtype), "fp8": fastpath.fp8_recipe() if plan.fp8 else None,
+             "checkpointing": plan.gradient_checkpointing, "attention": plan.attn_implementation,
+             "lora": [lora.rank, lora.alpha, lora.dropout > 0, lora.target_modules, lora.use_rslora, lora.use_dora],
+             "world_size": world.size}
+    cache = CompileCache(store, run_prefix, cache_key(config, facts), signing_key(), writer=world.main)
+    cache.restore()
+    return cache
+
+
 def _start_tracker(spec: TrainingRunSpec, run_id: str | None, world):
     """The MLflow run of this training run, when the spec asks for one: params and tags sent (off this thread)."""
     from jobs.tracking import TAG_RUN_ID, TAG_SPEC_HASH, flatten_params, open_tracker
@@ -356,8 +375,11 @@ def _run(spec: TrainingRunSpec, workdir: Path, world, *, run_id, image, stop, st
         if Stage.tracker is not None:
             Stage.tracker.on_progress(**fields)
 
+    cache = _compile_cache(spec, model, plan, out_store, run_prefix, world)
     result = train(model, spec, train_ex, val_ex, device=device, plan=plan, checkpoints=ckpts,
-                   stop_requested=stop, world=world, on_progress=on_progress)
+                   stop_requested=stop, world=world, on_progress=on_progress, compile_cache=cache)
+    if cache is not None:
+        cache.save()  # now with the validation graphs too
     if Stage.tracker is not None:
         Stage.tracker.evaluations(result.state.evals)  # the final validation is not a progress event
     if not world.main:  # rank 0 evaluates, merges and publishes
@@ -371,6 +393,8 @@ def _run(spec: TrainingRunSpec, workdir: Path, world, *, run_id, image, stop, st
              f", peak GPU memory {_peak_gib():.1f} GiB" if device.type == "cuda" else "")
 
     _stage("evaluate")
+    if fastpath.remove_fp8(model):  # generations (and what is published) use the bf16 base, as the merge does
+        log.info("FP8 projections swapped back to bf16 for evaluation")
     val_after = result.val_loss  # of the adapter about to be published (the best one)
     if val_after is not None:
         log.info("validation loss after training: %.4f (before %.4f)", val_after, val_before)
@@ -424,6 +448,9 @@ def _run(spec: TrainingRunSpec, workdir: Path, world, *, run_id, image, stop, st
                      "tokens_per_micro_batch": plan.tokens_per_micro_batch,
                      "max_seq_length": max_len, "precision": precision, "seed": spec.training.seed,
                      "loss_scaling": result.loss_scaling, "gradient_checkpointing": plan.gradient_checkpointing,
+                     "fp8": plan.fp8, "fp8_recipe": fastpath.fp8_recipe() if plan.fp8 else None,
+                     "first_step_seconds": result.first_step_seconds,
+                     "compile_cache": cache.summary() if cache is not None else None,
                      "steps": result.state.step, "planned_steps": result.total_steps,
                      "published_step": result.published_step, "best_val_loss": result.state.best_val,
                      "stopped_early": result.state.stopped_early, "resumed_from_step": result.resumed_from,

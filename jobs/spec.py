@@ -128,6 +128,13 @@ class TrainingSpec(_Strict):
         "auto", description="GPU memory the run plans for, per GPU. auto: all free memory for 16-bit LoRA; "
                             "12 GiB for QLoRA/8-bit (the guide's 4-12 GB), so the run also fits a small card.")
     logging_interval_steps: int = Field(1, ge=1, description="Progress line every N optimizer steps.")
+    fp8: Literal["auto", "on", "off"] = Field(
+        "off", description="FP8 matmuls (torchao float8, dynamic tensorwise scaling) for the frozen base model's "
+                           "projections on GPUs that have them (compute capability >= 8.9: Ada, Hopper and newer): "
+                           "their forward and input-gradient GEMMs run in FP8; LoRA A/B, norms, attention, the "
+                           "lm_head, the optimizer and the merge stay in bf16/fp32, and evaluation after training "
+                           "runs the bf16 base. off (default); auto: on where the GPU and torchao allow it; on: "
+                           "the run fails where they do not. Not with quantization.")
 
     @field_validator("gradient_accumulation_steps")
     @classmethod
@@ -142,6 +149,12 @@ class TrainingSpec(_Strict):
         if isinstance(v, int) and v < 1:
             raise ValueError("must be at least 1, or 'auto'")
         return v
+
+    @field_validator("fp8", mode="before")
+    @classmethod
+    def _fp8_yaml_booleans(cls, v: Any) -> Any:
+        # YAML 1.1 reads a bare `fp8: on` / `fp8: off` as a boolean
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
     @field_validator("gpu_memory_gib")
     @classmethod
@@ -312,6 +325,11 @@ class TrainingRunSpec(_Strict):
             raise ValueError("lora.use_dora cannot be combined with quantization.mode 4bit; turn one off")
         if self.quantization.mode != "none" and self.resources.gpus == 0:
             raise ValueError("quantization needs a GPU: set resources.gpus >= 1 or quantization.mode: none")
+        if self.training.fp8 == "on" and self.quantization.mode != "none":
+            raise ValueError("training.fp8: on needs a 16-bit base model; quantization.mode 4bit/8bit already "
+                             "replaces its projections: turn one off")
+        if self.training.fp8 == "on" and self.resources.gpus == 0:
+            raise ValueError("training.fp8: on needs a GPU: set resources.gpus >= 1 or training.fp8: off")
         return self
 
     _lines: dict = PrivateAttr(default_factory=dict)  # field path -> YAML line, when loaded from text
@@ -337,6 +355,8 @@ class TrainingRunSpec(_Strict):
             del fields["data"]["format"]
         if fields["resources"]["nodes"] == 1:  # likewise
             del fields["resources"]["nodes"]
+        if fields["training"]["fp8"] == "off":  # likewise
+            del fields["training"]["fp8"]
         canon = json.dumps(fields, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canon.encode()).hexdigest()[:10]
 

@@ -195,6 +195,7 @@ class TrainResult:
     val_loss: float | None  # of the adapter the model now holds (the best one)
     published_step: int  # the step that adapter comes from
     loss_scaling: bool
+    first_step_seconds: float | None = None  # this run's first optimizer step, compilation included
 
 
 def _target_tokens(mb: dict) -> int:
@@ -325,9 +326,11 @@ def _adapter_snapshot(model) -> dict:
 
 def train(model, spec: TrainingRunSpec, train_ex: list[dict], val_ex: list[dict], *, device, plan,
           checkpoints, stop_requested: Callable[[], bool] = lambda: False, world=None,
-          on_progress: Callable[..., None] | None = None) -> TrainResult:
+          on_progress: Callable[..., None] | None = None, compile_cache=None) -> TrainResult:
     """Train ``model`` (already PEFT-wrapped) in place. ``checkpoints`` saves and restores state.
     ``on_progress(**fields)`` sees every recorded step and validation (jobs.progress.ProgressWriter.update).
+    ``compile_cache`` (a :class:`jobs.compile_cache.CompileCache`) is saved once the first step has
+    compiled, so a retry that comes before the end of training starts warm too.
 
     When it returns, the model holds the adapter with the best validation loss seen (the last one
     when there is no validation data), and ``TrainResult.published_step`` says which step that is.
@@ -498,7 +501,11 @@ def train(model, spec: TrainingRunSpec, train_ex: list[dict], val_ex: list[dict]
             checkpoints.save(model, optimizer, scheduler, state, scaler, best_adapter)
         if due_ckpt or stop:
             world.barrier()
-        if due_eval or due_ckpt:
+        paused = due_eval or due_ckpt
+        if compile_cache is not None and len(step_times) == 1:
+            compile_cache.save()  # the first step compiled the forward and backward graphs
+            paused = True
+        if paused:
             last_end = time.perf_counter()  # step times (tokens/s, ETA) leave validation and checkpoints out
         if stop:
             raise Preempted(f"stopped by SIGTERM at step {state.step}/{total_steps}; checkpoint saved",
@@ -533,7 +540,8 @@ def train(model, spec: TrainingRunSpec, train_ex: list[dict], val_ex: list[dict]
                        seconds=seconds, tokens_per_second=tokens_this_run / max(seconds, 1e-9),
                        tokens_per_second_steady=steady, examples_per_step=examples_per_step,
                        tokens_per_step=sum(step_tokens) / max(1, len(step_tokens)), val_loss=val_loss,
-                       published_step=published_step, loss_scaling=scaling)
+                       published_step=published_step, loss_scaling=scaling,
+                       first_step_seconds=round(step_times[0], 1) if step_times else None)
 
 
 def _eval_and_maybe_stop(model, val_ex, budget, device, state: TrainState, patience: int | None,

@@ -5,6 +5,8 @@ defaults, on random-weight Llamas with SmolLM2's tokenizer (no hub here), a loca
 * the out-of-memory back-off: after the plan is made, this process's GPU memory is capped
   (``LORA_JOBS_FAULT_GPU_MEMORY_GIB``), so the planned micro-batch really fails; the step is
   retried with smaller micro-batches of the same examples and the run publishes.
+* FP8 (``training.fp8: on``, where the GPU has FP8): trains, merges, publishes; the same run again
+  finds the compile cache its first run saved next to the checkpoints.
 
 The 8B-scale runs are benchmarks/gpu_acceptance.sh. Run: ``LORA_GPU_TOKENIZER=path pytest tests/gpu``.
 """
@@ -22,6 +24,7 @@ torch = pytest.importorskip("torch")
 if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
+from jobs import fastpath  # noqa: E402
 from jobs.modelio import load_tokenizer  # noqa: E402
 from jobs.publish import verify_version  # noqa: E402
 from jobs.recipe import MEMORY_FAULT_ENV, run  # noqa: E402
@@ -106,3 +109,22 @@ def test_out_of_memory_halves_the_micro_batch_and_the_run_still_publishes(tmp_pa
     assert t["steps"] == 8 and t["examples_per_step"] == 16
     assert [h["examples"] for h in report["training"]["history"]] == [16] * 8, "the same examples per step"
     assert t["tokens_per_micro_batch"] > first["to"], "the plan did not know about the cap: it really failed"
+
+
+def test_fp8_trains_through_the_job_publishes_and_a_rerun_starts_from_the_compile_cache(tmp_path, small_llama,
+                                                                                        data, monkeypatch):
+    if not fastpath.fp8_support(torch.device("cuda"))[0]:
+        pytest.skip(f"no FP8 here: {fastpath.fp8_support(torch.device('cuda'))[1]}")
+    monkeypatch.setenv("LORA_JOBS_COMPILE_CACHE_KEY", "gpu-test")
+    meta, report = _run(tmp_path, small_llama, data, "fp8", training={"fp8": "on", "max_steps": 12})
+    t = meta["training"]
+    assert t["fp8"] is True and any(n.startswith("FP8 (") for n in t["plan"])
+    assert all(math.isfinite(h["loss"]) for h in report["training"]["history"])
+    assert meta["metrics"]["val_loss_after"] < meta["metrics"]["val_loss_before"] - 0.5, meta["metrics"]
+    assert report["merge"]["ok"], report["merge"]
+    assert t["compile_cache"]["outcome"].startswith("cold") and t["compile_cache"]["saved_bytes"] > 0
+    # the same run again (its next version): the cache saved next to the checkpoints is found and loaded
+    again = run(parse_spec({"name": "fp8", "base_model": {"uri": str(small_llama)}, "dataset": {"train": str(data)},
+                            "output": str(tmp_path / "store"), "eval": {"enabled": False},
+                            "training": {"fp8": "on", "max_steps": 12, "seed": 7}}), tmp_path / "work2")
+    assert again["version"] == "v2" and again["training"]["compile_cache"]["outcome"] == "warm"

@@ -1,0 +1,156 @@
+"""Warm start: torch.compile's artifacts, saved next to the checkpoints and restored by a retry or a rerun.
+
+The first optimizer step of a compiled run pays one to two minutes of compilation (dynamo,
+AOTAutograd, inductor, Triton). torch's portable cache (``torch.compiler.save_cache_artifacts`` /
+``load_cache_artifacts``) serialises what inductor and AOTAutograd produced, Triton binaries
+included, into one blob; loaded before the first compile, inductor finds its graphs and kernels and
+only dynamo's tracing is paid again.
+
+Where: ``<output>/<run>/compile-cache/<key>.bin`` beside ``checkpoints/``, where the key is a hash of
+everything that changes the compiled graphs (torch, Triton and CUDA versions, the GPU, the model's
+config, the LoRA settings, dtype, FP8, checkpointing). So a retried pod finds it, and so does a rerun
+of the same run name with the same shapes (more epochs, other data): its spec hash differs, its
+graphs do not.
+
+Trust: checkpoints are safetensors and JSON only, because anything that can write the bucket must
+not be able to run code in the next pod. These artifacts *are* code (inductor's output is Python
+source, the kernels are binaries), so a blob is loaded only when its HMAC-SHA256 verifies under a
+key that the run's pods hold and a bucket writer does not: ``$LORA_JOBS_COMPILE_CACHE_KEY``, else
+the object store's secret key (``$AWS_SECRET_ACCESS_KEY``). With neither there is no cache, and a
+blob that does not verify is ignored with a warning. Every failure here is a log line: a cache
+never fails or changes a run, it only makes its first step shorter.
+"""
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+import time
+
+log = logging.getLogger("jobs")
+
+KEY_ENV = "LORA_JOBS_COMPILE_CACHE_KEY"
+FOLDER = "compile-cache"
+MAGIC = b"lora-jobs compile cache v1\n"
+
+
+def signing_key(env=os.environ) -> bytes | None:
+    """The HMAC key: ``$LORA_JOBS_COMPILE_CACHE_KEY``, else the object store's secret key, else None."""
+    key = env.get(KEY_ENV) or env.get("AWS_SECRET_ACCESS_KEY")
+    return key.encode() if key else None
+
+
+def seal(payload: bytes, key: bytes) -> bytes:
+    return MAGIC + hmac.new(key, payload, hashlib.sha256).digest() + payload
+
+
+def unseal(blob: bytes, key: bytes) -> bytes | None:
+    """The payload of a sealed blob, or None when it was not sealed with ``key`` (or was changed since)."""
+    head = len(MAGIC) + 32
+    if len(blob) < head or not blob.startswith(MAGIC):
+        return None
+    mac, payload = blob[len(MAGIC):head], blob[head:]
+    return payload if hmac.compare_digest(mac, hmac.new(key, payload, hashlib.sha256).digest()) else None
+
+
+def cache_key(model_config: dict, facts: dict) -> str:
+    """A short hash of the model's config and of the facts that shape the compiled graphs."""
+    import torch
+
+    versions = {"torch": torch.__version__, "cuda": torch.version.cuda}
+    try:
+        import triton
+        versions["triton"] = triton.__version__
+    except Exception:  # noqa: BLE001 - no Triton: no inductor GPU kernels either
+        pass
+    if torch.cuda.is_available():
+        versions["gpu"] = torch.cuda.get_device_name()
+    blob = json.dumps({"model": model_config, "facts": facts, "versions": versions}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class CompileCache:
+    """One run's compile artifacts in the object store. ``restore`` before the first compiled step,
+    ``save`` after it (and after training, for the validation graphs); both only log on failure."""
+
+    def __init__(self, store, run_prefix: str, key: str, secret: bytes | None, *, writer: bool = True):
+        from jobs.storage import join
+
+        self.store, self.secret, self.writer = store, secret, writer
+        self.object_key = join(run_prefix, FOLDER, f"{key}.bin")
+        self.where = f"{getattr(store, 'label', '')}/{self.object_key}"
+        self.restored_bytes = 0
+        self.saved_bytes = 0
+        self.restore_seconds: float | None = None
+        self.outcome = "not tried"
+
+    def summary(self) -> dict:
+        return {"object": self.where, "outcome": self.outcome, "restored_bytes": self.restored_bytes,
+                "saved_bytes": self.saved_bytes, "restore_seconds": self.restore_seconds}
+
+    def restore(self) -> bool:
+        if self.secret is None:
+            self.outcome = "off (no key)"
+            log.info("compile cache off: neither $%s nor $AWS_SECRET_ACCESS_KEY is set, so a cached artifact "
+                     "could not be verified; the first step compiles from scratch", KEY_ENV)
+            return False
+        t0 = time.perf_counter()
+        try:
+            if not self.store.exists(self.object_key):
+                self.outcome = "cold (none saved yet)"
+                return False
+            blob = self.store.get_bytes(self.object_key)
+        except Exception as err:  # noqa: BLE001 - a cache the store cannot serve is no cache
+            self.outcome = f"cold (read failed: {type(err).__name__})"
+            log.warning("compile cache %s could not be read (%s: %s); compiling from scratch", self.where,
+                        type(err).__name__, str(err).splitlines()[0][:200] if str(err) else "")
+            return False
+        payload = unseal(blob, self.secret)
+        if payload is None:
+            self.outcome = "refused (signature does not verify)"
+            log.warning("compile cache %s is not signed with this run's key (written by someone else, or "
+                        "changed): it is not loaded; compiling from scratch", self.where)
+            return False
+        import torch
+
+        try:
+            torch.compiler.load_cache_artifacts(payload)
+        except Exception as err:  # noqa: BLE001 - another torch's format, a corrupt entry
+            self.outcome = f"cold (load failed: {type(err).__name__})"
+            log.warning("compile cache %s could not be loaded (%s: %s); compiling from scratch", self.where,
+                        type(err).__name__, str(err).splitlines()[0][:200] if str(err) else "")
+            return False
+        self.restored_bytes = len(payload)
+        self.restore_seconds = round(time.perf_counter() - t0, 2)
+        self.outcome = "warm"
+        log.info("compile cache: %.1f MiB of compiled graphs and kernels restored from %s in %.1fs",
+                 len(payload) / 2**20, self.where, self.restore_seconds)
+        return True
+
+    def save(self) -> int:
+        """Write what this process compiled so far, when it is more than what is stored; returns bytes written."""
+        if self.secret is None or not self.writer:
+            return 0
+        import torch
+
+        try:
+            got = torch.compiler.save_cache_artifacts()
+        except Exception as err:  # noqa: BLE001
+            log.warning("compile cache not saved (%s: %s)", type(err).__name__, str(err).splitlines()[0][:200])
+            return 0
+        if not got:
+            return 0
+        payload = got[0]
+        if len(payload) <= max(self.saved_bytes, self.restored_bytes):
+            return 0  # nothing new since the last save (or than what was restored)
+        try:
+            self.store.put_bytes(self.object_key, seal(payload, self.secret))
+        except Exception as err:  # noqa: BLE001
+            log.warning("compile cache not saved to %s (%s: %s)", self.where, type(err).__name__,
+                        str(err).splitlines()[0][:200] if str(err) else "")
+            return 0
+        self.saved_bytes = len(payload)
+        log.info("compile cache: %.1f MiB saved to %s", len(payload) / 2**20, self.where)
+        return len(payload)

@@ -1,0 +1,144 @@
+"""FP8 and the compile cache without a GPU: the spec field, the plan's decision, which modules are
+swapped, and a compile cache that loads only what this run's key signed (tests/gpu runs them for real)."""
+from __future__ import annotations
+
+import logging
+import sys
+import types
+
+import pytest
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+
+from jobs import compile_cache as cc  # noqa: E402
+from jobs import fastpath  # noqa: E402
+from jobs.errors import SpecError  # noqa: E402
+from jobs.spec import TrainingSpec, parse_spec  # noqa: E402
+from jobs.storage import LocalStore  # noqa: E402
+
+pytestmark = pytest.mark.unit
+
+BASE = {"name": "support-bot", "base_model": {"uri": "s3://models/m/"},
+        "dataset": {"train": "s3://data/train.jsonl"}, "output": "s3://runs/lora"}
+LLAMA = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+         "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192}
+
+
+# ------------------------------------------------------------------ spec and plan
+
+def test_fp8_is_off_by_default_and_off_keeps_every_earlier_spec_hash():
+    plain = parse_spec(BASE)
+    assert plain.training.fp8 == "off"
+    assert plain.spec_hash() == parse_spec({**BASE, "training": {"fp8": "off"}}).spec_hash()
+    on = parse_spec({**BASE, "training": {"fp8": "on"}})
+    assert on.spec_hash() != plain.spec_hash()  # FP8 changes the numbers: another run, other checkpoints
+
+
+def test_fp8_on_with_quantization_or_without_a_gpu_is_refused_with_the_field_named():
+    with pytest.raises(SpecError) as err:
+        parse_spec({**BASE, "training": {"fp8": "on"}, "quantization": {"mode": "4bit"}})
+    assert "training.fp8" in str(err.value)
+    with pytest.raises(SpecError):
+        parse_spec({**BASE, "training": {"fp8": "on"}, "resources": {"gpus": 0}})
+    with pytest.raises(SpecError):
+        parse_spec({**BASE, "training": {"fp8": "sometimes"}})
+    parse_spec({**BASE, "training": {"fp8": "auto"}, "quantization": {"mode": "4bit"}})  # auto just stays off
+
+
+def test_plan_fp8_auto_falls_back_with_a_note_and_on_fails_where_fp8_cannot_run():
+    # no GPU in this process: "cuda" plans (as in the other plan tests) see no FP8 support
+    auto = fastpath.plan(LLAMA, TrainingSpec(fp8="auto"), torch.device("cuda"), free_memory_bytes=139 * 2**30)
+    assert auto.fp8 is False and any(n.startswith("FP8 off:") for n in auto.notes)
+    assert fastpath.plan(LLAMA, TrainingSpec(), torch.device("cuda"), free_memory_bytes=139 * 2**30).fp8 is False
+    for device in ("cuda", "cpu"):
+        with pytest.raises(SpecError) as err:
+            fastpath.plan(LLAMA, TrainingSpec(fp8="on"), torch.device(device), free_memory_bytes=139 * 2**30)
+        assert err.value.problems[0].where == "training.fp8"
+
+
+def test_apply_fp8_swaps_only_the_frozen_base_projections_and_remove_puts_them_back(monkeypatch):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    model = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=16, target_modules="all-linear"))
+    swapped = []
+
+    class FakeFloat8Linear(torch.nn.Linear):
+        pass
+
+    def convert(model, *, module_filter_fn, config):  # torchao's module swap, by its contract
+        for fqn, mod in list(model.named_modules()):
+            if isinstance(mod, torch.nn.Linear) and module_filter_fn(mod, fqn):
+                new = FakeFloat8Linear(mod.in_features, mod.out_features, bias=False, device="meta")
+                new.weight = mod.weight
+                parent, _, name = fqn.rpartition(".")
+                setattr(model.get_submodule(parent), name, new)
+                swapped.append(fqn)
+        return model
+
+    float8 = types.ModuleType("torchao.float8")
+    float8.convert_to_float8_training = convert
+    float8.Float8LinearConfig = type("Float8LinearConfig", (), {"from_recipe_name": staticmethod(lambda n: n)})
+    monkeypatch.setitem(sys.modules, "torchao", types.ModuleType("torchao"))
+    monkeypatch.setitem(sys.modules, "torchao.float8", float8)
+    frozen = type("FrozenFakeFloat8Linear", (FakeFloat8Linear,), {})
+    monkeypatch.setattr(fastpath, "_frozen_float8_linear", lambda: frozen)
+
+    before = {n: type(m) for n, m in model.named_modules()}
+    assert fastpath.apply_fp8(model) == 2 * 7  # q k v o gate up down in each of 2 layers
+    assert all(f.endswith(".base_layer") for f in swapped)
+    assert not any("lora_" in f or "lm_head" in f for f in swapped)
+    assert type(model.get_submodule(swapped[0])) is frozen
+    assert fastpath.remove_fp8(model) == 14
+    assert {n: type(m) for n, m in model.named_modules()} == before
+    assert fastpath.remove_fp8(model) == 0
+
+
+# ------------------------------------------------------------------ compile cache
+
+def test_a_sealed_blob_opens_only_with_its_key_and_unchanged():
+    blob = cc.seal(b"graphs and kernels", b"k1")
+    assert cc.unseal(blob, b"k1") == b"graphs and kernels"
+    assert cc.unseal(blob, b"k2") is None
+    assert cc.unseal(blob[:-1] + b"X", b"k1") is None
+    assert cc.unseal(b"graphs and kernels", b"k1") is None
+
+
+def test_the_cache_round_trips_through_the_store_and_refuses_what_another_key_wrote(tmp_path, monkeypatch, caplog):
+    loaded = []
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: (b"compiled" * 100, None))
+    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", lambda data: loaded.append(data))
+    store = LocalStore(str(tmp_path))
+    key = cc.cache_key({"hidden_size": 64}, {"fp8": None})
+    assert key == cc.cache_key({"hidden_size": 64}, {"fp8": None}) != cc.cache_key({"hidden_size": 64}, {"fp8": "x"})
+
+    first = cc.CompileCache(store, "runs/bot", key, b"secret")
+    assert first.restore() is False and first.outcome.startswith("cold")
+    assert first.save() == 800 and first.save() == 0  # nothing new the second time
+    again = cc.CompileCache(store, "runs/bot", key, b"secret")
+    assert again.restore() is True and loaded == [b"compiled" * 100] and again.summary()["outcome"] == "warm"
+
+    planted = cc.CompileCache(store, "runs/bot", key, b"someone else's key")
+    with caplog.at_level(logging.WARNING, logger="jobs"):
+        assert planted.restore() is False
+    assert "not loaded" in caplog.text and len(loaded) == 1  # never handed to torch
+
+
+def test_without_a_key_there_is_no_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.compiler, "save_cache_artifacts", lambda: pytest.fail("must not be called"))
+    assert cc.signing_key({}) is None
+    assert cc.signing_key({"AWS_SECRET_ACCESS_KEY": "s3"}) == b"s3"
+    assert cc.signing_key({cc.KEY_ENV: "k", "AWS_SECRET_ACCESS_KEY": "s3"}) == b"k"
+    off = cc.CompileCache(LocalStore(str(tmp_path)), "runs/bot", "abc", None)
+    assert off.restore() is False and off.save() == 0 and off.outcome == "off (no key)"
+
+
+def test_bare_yaml_on_and_off_mean_on_and_off():
+    from jobs.spec import load_spec_text
+
+    text = "name: bot\nbase_model: {uri: s3://models/x/}\ndataset: {train: s3://data/t.jsonl}\noutput: s3://runs/l\n"
+    assert load_spec_text(text + "training: {fp8: on}\n").training.fp8 == "on"
+    assert load_spec_text(text + "training: {fp8: off}\n").training.fp8 == "off"
