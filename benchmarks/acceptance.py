@@ -6,10 +6,13 @@ published version, verified against its manifest. No training loop of its own.
 
 Subcommands (run by benchmarks/gpu_acceptance.sh, one device call):
 
-  models DIR TOKENIZER         random-weight Llama-3-8B and Qwen2.5-7B shapes (bf16 safetensors)
+  models DIR TOKENIZER [NAMES]  random-weight Llama-3-8B, Qwen2.5-7B (default) and Llama-3.2-1B
+                               (llama3-1b) shapes, bf16 safetensors; NAMES: comma-separated
   data FILE TOKENIZER N        N instruction/output rows, token lengths as the peer's (lognormal,
                                median ~350, capped at 2048), text that passes the golden rules
-  job NAME MODEL DATA RES [JSON]  write a spec (defaults + JSON overrides), run the job, record it
+  job NAME MODEL DATA RES [JSON] [RUN]  write a spec (defaults + JSON overrides), run the job, record it;
+                               RUN (default NAME) is the spec's name: a second job with the same RUN is
+                               the same run again (its store is kept: checkpoints, compile cache, v2)
   trl RES                      the strongest peer: STEPS=14 GC=0 BS=4 trl_baseline.py liger_packing
   summary RES OUTFILE          summary.json from the records in RES
 """
@@ -32,17 +35,24 @@ sys.path.insert(0, str(REPO))
 LLAMA3_8B = dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                  max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False)
+LLAMA32_1B = dict(model_type="llama", vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                  num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                  max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=True)
 QWEN25_7B = dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
                  num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
                  max_position_embeddings=32768, rope_theta=1000000.0, tie_word_embeddings=False)
 
 
-def cmd_models(root: str, tokenizer: str) -> None:
+SHAPES = {"llama3-8b": LLAMA3_8B, "qwen2.5-7b": QWEN25_7B, "llama3-1b": LLAMA32_1B}
+
+
+def cmd_models(root: str, tokenizer: str, names: str = "llama3-8b,qwen2.5-7b") -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer)
-    for name, shape in (("llama3-8b", LLAMA3_8B), ("qwen2.5-7b", QWEN25_7B)):
+    for name in names.split(","):
+        shape = SHAPES[name]
         out = Path(root) / name
         if (out / "config.json").is_file():
             print(f"{out} exists", flush=True)
@@ -114,21 +124,27 @@ def _spec(name: str, model: str, data: str, store: str, overrides: dict) -> dict
     return spec
 
 
-def cmd_job(name: str, model: str, data: str, res: str, overrides_json: str = "{}") -> int:
-    """Run the job as the container does and record what it published and measured."""
+def cmd_job(name: str, model: str, data: str, res: str, overrides_json: str = "{}", run: str = "") -> int:
+    """Run the job as the container does and record what it published and measured.
+
+    Each job gets an empty inductor cache folder, so a first step is warm only through what the job
+    itself restores (its compile cache in the store), never through an earlier job's local files."""
     import yaml
 
-    from jobs.publish import verify_version
+    from jobs.publish import existing_versions, verify_version
     from jobs.storage import LocalStore
 
     res_dir = Path(res)
     res_dir.mkdir(parents=True, exist_ok=True)
     base = Path(os.environ.get("ACCEPT_WORK", "/tmp/accept"))
-    store_dir, work = base / "store", base / f"work-{name}"
+    run = (run or name).replace("_", "-")  # a run name is lowercase letters, digits and '-'
+    store_dir, work, inductor = base / "store", base / f"work-{name}", base / f"inductor-{name}"
     shutil.rmtree(work, ignore_errors=True)
-    shutil.rmtree(store_dir / name, ignore_errors=True)
+    shutil.rmtree(inductor, ignore_errors=True)
+    if run == name.replace("_", "-"):  # a new run, not the same run again
+        shutil.rmtree(store_dir / run, ignore_errors=True)
     overrides = json.loads(overrides_json)
-    spec = _spec(name, model, data, str(store_dir), overrides)
+    spec = _spec(run, model, data, str(store_dir), overrides)
     spec_path = res_dir / f"spec_{name}.yaml"
     spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
     log_path = res_dir / f"job_{name}.log"
@@ -137,18 +153,27 @@ def cmd_job(name: str, model: str, data: str, res: str, overrides_json: str = "{
         proc = subprocess.run([sys.executable, "-m", "jobs", "run", "--spec", str(spec_path), "--workdir", str(work)],
                               stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
                               env={**os.environ, "PYTHONPATH": f"{os.environ.get('PYTHONPATH', '')}:{REPO}",
-                                   "TERMINATION_MESSAGE_PATH": str(res_dir / f"job_{name}.termination")})
+                                   "TERMINATION_MESSAGE_PATH": str(res_dir / f"job_{name}.termination"),
+                                   "TORCHINDUCTOR_CACHE_DIR": str(inductor),
+                                   "LORA_JOBS_COMPILE_CACHE_KEY": os.environ.get("LORA_JOBS_COMPILE_CACHE_KEY",
+                                                                                 "acceptance")})
     wall = time.perf_counter() - t0
     record = {"name": name, "exit_code": proc.returncode, "wall_seconds": round(wall, 1), "spec": spec,
               "published": False}
     store = LocalStore(str(store_dir))
     if proc.returncode == 0:
-        meta = json.loads(store.get_bytes(f"{name}/v1/metadata.json"))
-        report = json.loads(store.get_bytes(f"{name}/v1/eval_report.json"))
-        problems = verify_version(store, name, "v1")
+        v = f"v{max(existing_versions(store, run))}"
+        meta = json.loads(store.get_bytes(f"{run}/{v}/metadata.json"))
+        report = json.loads(store.get_bytes(f"{run}/{v}/eval_report.json"))
+        problems = verify_version(store, run, v)
         t = meta["training"]
         record.update({
-            "published": not problems and store.exists(f"{name}/v1/_COMPLETE"), "verify_problems": problems[:5],
+            "published": not problems and store.exists(f"{run}/{v}/_COMPLETE"), "version": v,
+            "verify_problems": problems[:5],
+            "fp8": t.get("fp8"), "fp8_recipe": t.get("fp8_recipe"), "first_step_seconds": t.get("first_step_seconds"),
+            "compile_cache": t.get("compile_cache"),
+            "history": [[h["step"], h["loss"]] for h in report["training"]["history"]],
+            "evals": [[e["step"], e["val_loss"]] for e in report["training"].get("evals", [])],
             "tokens_per_second_steady": t["tokens_per_second_steady"], "tokens_per_second": t["tokens_per_second"],
             "examples_per_step": t["examples_per_step"], "tokens_per_step": t["tokens_per_step"],
             "tokens_per_micro_batch": t["tokens_per_micro_batch"], "steps": t["steps"],
@@ -160,18 +185,20 @@ def cmd_job(name: str, model: str, data: str, res: str, overrides_json: str = "{
             "val_loss_before": meta["metrics"]["val_loss_before"], "val_loss_after": meta["metrics"]["val_loss_after"],
             "train_loss_first": meta["metrics"]["train_loss_first"],
             "train_loss_last": meta["metrics"]["train_loss_last"],
-            "merge": report.get("merge"), "merged_published": store.exists(f"{name}/v1/merged/config.json"),
+            "merge": report.get("merge"), "merged_published": store.exists(f"{run}/{v}/merged/config.json"),
             "checklist": report.get("checklist"),
         })
         # the merged copy (16 GB) is verified above; free the disk for the next run
-        shutil.rmtree(store_dir / name / "v1" / "merged", ignore_errors=True)
+        shutil.rmtree(store_dir / run / v / "merged", ignore_errors=True)
     else:
         tail = log_path.read_text().splitlines()[-15:]
         record["log_tail"] = tail
     shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(inductor, ignore_errors=True)
     (res_dir / f"job_{name}.json").write_text(json.dumps(record, indent=1))
     short = {k: record.get(k) for k in ("exit_code", "published", "tokens_per_second_steady", "tokens_per_second",
-                                         "peak_gpu_gib", "examples_per_step", "steps", "wall_seconds")}
+                                         "peak_gpu_gib", "examples_per_step", "steps", "first_step_seconds",
+                                         "wall_seconds")}
     print(f"RESULT job {name} {json.dumps(short)}", flush=True)
     return proc.returncode
 
@@ -222,14 +249,62 @@ def cmd_summary(res: str, outfile: str) -> None:
         "examples_per_step": bf16.get("examples_per_step"),
         "stages_bf16": bf16.get("stages"), "stages_qlora": qlora.get("stages"), "stages_qwen": qwen.get("stages"),
     }
+    fp8 = rec("job_fp8.json")
+    if fp8:
+        s["job_fp8"] = {k: fp8.get(k) for k in ("exit_code", "published", "tokens_per_second_steady", "tokens_per_second",
+                                               "peak_gpu_gib", "train_peak_gpu_gib", "fp8_recipe", "first_step_seconds",
+                                               "steps", "tokens_per_step", "stages")}
+        s["job_fp8"]["merge_check"] = (fp8.get("merge") or {}).get("ok")
+        if trl_tps and fp8.get("tokens_per_second_steady"):
+            s["ratio_fp8_vs_trl_best"] = round(fp8["tokens_per_second_steady"] / trl_tps, 2)
+    s.update(_parity(rec("job_parity_bf16.json"), rec("job_parity_fp8.json"), rec("job_parity_bf16_warm.json")))
     for extra in sorted(res_dir.glob("job_*.json")):
         name = extra.stem[4:]
-        if name not in ("bf16", "qlora", "qwen"):
+        if name not in ("bf16", "qlora", "qwen", "fp8") and not name.startswith("parity"):
             r = json.loads(extra.read_text())
             s[f"job_{name}"] = {k: r.get(k) for k in ("exit_code", "published", "tokens_per_second_steady",
                                                     "peak_gpu_gib", "oom_backoffs", "loss_scaling")}
     Path(outfile).write_text(json.dumps(s, indent=1))
     print(json.dumps(s, indent=1))
+
+
+def moving_average(values: list[float], window: int = 20) -> list[float]:
+    return [sum(values[i - window + 1:i + 1]) / window for i in range(window - 1, len(values))]
+
+
+def _parity(bf16: dict, fp8: dict, warm: dict) -> dict:
+    """FP8 against bf16, the same run otherwise: the 20-step moving averages of the training loss compared
+    at every step (the issue's bar: within 1%), validation loss, the merge check; and the warm rerun."""
+    out: dict = {}
+    if bf16.get("history") and fp8.get("history"):
+        a = moving_average([x for _, x in bf16["history"]])
+        b = moving_average([x for _, x in fp8["history"]])
+        n = min(len(a), len(b))
+        diffs = [abs(b[i] - a[i]) / a[i] for i in range(n)]
+        worst = max(range(n), key=lambda i: diffs[i]) if n else None
+        out["fp8_parity"] = {
+            "steps": [len(bf16["history"]), len(fp8["history"])],
+            "loss_first": [bf16["history"][0][1], fp8["history"][0][1]],
+            "ma20_final": [round(a[n - 1], 4), round(b[n - 1], 4)] if n else None,
+            "ma20_max_rel_diff": round(diffs[worst], 5) if n else None,
+            "ma20_max_rel_diff_at_step": worst + 20 if n else None,
+            "ma20_within_1pct": bool(n) and diffs[worst] <= 0.01,
+            "val_loss_after": [bf16.get("val_loss_after"), fp8.get("val_loss_after")],
+            "merge_check": [(bf16.get("merge") or {}).get("ok"), (fp8.get("merge") or {}).get("ok")],
+            "merge_fp8": {k: (fp8.get("merge") or {}).get(k) for k in ("ok", "max_relative_logit_diff", "worst_rel_error",
+                                                                      "tolerance")},
+            "tokens_per_s_steady": [bf16.get("tokens_per_second_steady"), fp8.get("tokens_per_second_steady")],
+            "peak_gib": [bf16.get("peak_gpu_gib"), fp8.get("peak_gpu_gib")],
+            "first_step_seconds": [bf16.get("first_step_seconds"), fp8.get("first_step_seconds")],
+        }
+    if warm:
+        out["warm_start"] = {"first_step_seconds_cold": bf16.get("first_step_seconds"),
+                             "first_step_seconds_warm": warm.get("first_step_seconds"),
+                             "compile_cache": warm.get("compile_cache"), "published": warm.get("published"),
+                             "version": warm.get("version"), "train_seconds_cold": (bf16.get("stages") or {}).get(
+                                 "train", {}).get("seconds"),
+                             "train_seconds_warm": (warm.get("stages") or {}).get("train", {}).get("seconds")}
+    return out
 
 
 if __name__ == "__main__":

@@ -5,7 +5,13 @@
 #   trl     the strongest peer in the same call: STEPS=14 GC=0 BS=4 liger_packing   (~2 min)
 #   qlora   the job with quantization.mode: 4bit, max_seq_length 2048, 500 rows     (~3 min)
 #   qwen    the job on the Qwen2.5-7B shape, bf16 LoRA, 800 rows                    (~3 min)
-#   tests   pytest tests/gpu (fp16 loss scaling, the out-of-memory back-off, QLoRA restore/merge)
+#   fp8     the bf16 job again with training.fp8: on (torchao float8 for the frozen projections)   (~5 min)
+#   parity  FP8 against bf16 through the job on a Llama-3.2-1B shape, 255 steps (1,350 rows x 3 epochs)
+#           (~7.5 min: 193 s + 227 s in call 10)
+#   warm    after parity (same machine, store kept): the bf16 parity run again with another seed and 30
+#           steps, its first step from the compile cache that run saved (~2 min)
+#   fp8tests  pytest tests/gpu -k fp8 (the FP8 projection against bf16, the FP8 job and its warm rerun)
+#   tests   pytest tests/gpu (fp16 loss scaling, the out-of-memory back-off, QLoRA restore/merge, FP8)
 # Models and data are made on first use (random weights; SmolLM2's tokenizer from
 # .gpu-assets/tokenizer). Results: $RES (default benchmarks/results/<date>-h200-job) gets
 # job_*.json, the job logs, trl_*.json and summary.json; a copy goes to $OUT when set.
@@ -42,7 +48,13 @@ data() {  # data ROWS -> path of a data file with that many rows
   [ -f "$f" ] || $A data "$f" "$TOK" "$1" >&2
   echo "$f"
 }
-models() { [ -f "$MODELS/llama3-8b/config.json" ] && [ -f "$MODELS/qwen2.5-7b/config.json" ] || $A models "$MODELS" "$TOK"; }
+models() {  # models [NAMES]: comma-separated, default the 8B and 7B shapes
+  local names=${1:-llama3-8b,qwen2.5-7b} n missing=
+  for n in ${names//,/ }; do [ -f "$MODELS/$n/config.json" ] || missing=1; done
+  [ -z "$missing" ] || $A models "$MODELS" "$TOK" "$names"
+}
+FP8='{"training": {"fp8": "on"}}'
+PARITY='"epochs": 3, "early_stopping_patience": null'
 
 for stage in "$@"; do
   case $stage in
@@ -51,10 +63,21 @@ for stage in "$@"; do
     qlora) need qlora 150 && models && $A job qlora "$MODELS/llama3-8b" "$(data 500)" "$RES" \
              '{"quantization": {"mode": "4bit"}, "training": {"max_seq_length": 2048}}' ;;
     qwen)  need qwen 150 && models && $A job qwen "$MODELS/qwen2.5-7b" "$(data 800)" "$RES" ;;
+    fp8)   need fp8 240 && models llama3-8b && $A job fp8 "$MODELS/llama3-8b" "$(data 1500)" "$RES" "$FP8" ;;
+    parity) need parity 360 && models llama3-1b && d=$(data 1500) \
+             && $A job parity_bf16 "$MODELS/llama3-1b" "$d" "$RES" "{\"training\": {$PARITY}}" \
+             && $A job parity_fp8 "$MODELS/llama3-1b" "$d" "$RES" "{\"training\": {$PARITY, \"fp8\": \"on\"}}" ;;
+    warm)  need warm 150 && models llama3-1b && $A job parity_bf16_warm "$MODELS/llama3-1b" "$(data 1500)" "$RES" \
+             "{\"training\": {$PARITY, \"seed\": 7, \"max_steps\": 30}}" parity_bf16 ;;
+    fp8tests) need fp8tests 60 && LORA_GPU_TOKENIZER=$TOK timeout $(( $(left) - 5 )) python3 -m pytest -q -s \
+             -p no:cacheprovider tests/gpu -k fp8 > "$RES/gpu_tests_fp8.log" 2>&1; echo "END fp8tests rc=$?"
+             tail -5 "$RES/gpu_tests_fp8.log" ;;
     tests) need tests 150 && LORA_GPU_TOKENIZER=$TOK timeout $(( $(left) - 5 )) python3 -m pytest -q -p no:cacheprovider \
              tests/gpu > "$RES/gpu_tests.log" 2>&1; echo "END tests rc=$?"; tail -5 "$RES/gpu_tests.log" ;;
   esac
   echo "END $stage t=$(( $(date +%s) - START ))s"
+  # what is done so far comes back even if a later stage runs past the device call's limit (call 10 lost it so)
+  [ -n "${OUT:-}" ] && mkdir -p "$OUT/partial" && cp -r "$RES/." "$OUT/partial/" 2>/dev/null
 done
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$RES/gpu.txt" 2>&1
 python3 -c "import torch,transformers,peft,sys;print(sys.version);print(torch.__version__,torch.version.cuda,transformers.__version__,peft.__version__)" >> "$RES/gpu.txt" 2>&1
