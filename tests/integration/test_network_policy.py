@@ -1,8 +1,8 @@
 """The chart's NetworkPolicies: who may talk to training pods, to S3 and to the dev MinIO.
 
-No CNI here enforces NetworkPolicy (the stack runs no pod network; kwok pods are simulated),
+No CNI here enforces NetworkPolicy (kwok pods are simulated; the real node's bridge CNI enforces none),
 so no packet is dropped in these tests. What is proved: the policies are what the docs say
-(training pods accept nothing and reach only DNS and S3; the dev MinIO accepts only its
+(training pods accept only their peers and reach only DNS, S3 and peers; the dev MinIO accepts only its
 clients and makes no connections), their selectors pick the pods that launcher/render.py and
 the chart render, every pod the chart or the launcher makes is selected by one, and
 `helm install` creates them in the real API server, whose own label-selector matching
@@ -58,15 +58,23 @@ def pod_templates(docs: list[dict]) -> dict[str, dict]:
     return out
 
 
-def test_training_pods_accept_nothing_and_reach_only_dns_and_s3(helm):
+def test_training_pods_accept_only_their_peers_and_reach_only_dns_s3_and_peers(helm):
     docs = template(helm)
     policy = find(docs, "NetworkPolicy", "lora-jobs-training")["spec"]
-    assert selects(policy["podSelector"], launcher_pod_labels(docs))
-    assert sorted(policy["policyTypes"]) == ["Egress", "Ingress"] and policy["ingress"] == []
-    assert policy["egress"] == DNS + PUBLIC_HTTPS
+    trainer = launcher_pod_labels(docs)
+    assert selects(policy["podSelector"], trainer)
+    assert sorted(policy["policyTypes"]) == ["Egress", "Ingress"]
+    # A multi-node run's pods rendezvous and exchange gradients: training pods, every port, both ways.
+    assert len(policy["ingress"]) == 1 and "ports" not in policy["ingress"][0]
+    assert [selects(p["podSelector"], trainer) for p in policy["ingress"][0]["from"]] == [True]
+    assert not selects(policy["ingress"][0]["from"][0]["podSelector"],
+                       {"app.kubernetes.io/name": "lora-jobs", "app.kubernetes.io/component": "launcher"})
+    peers = policy["egress"][-1]
+    assert "ports" not in peers and [selects(p["podSelector"], trainer) for p in peers["to"]] == [True]
+    assert policy["egress"] == DNS + PUBLIC_HTTPS + [peers]
     narrowed = template(helm, values={"networkPolicy": {"s3Egress": [{"cidr": "10.20.0.0/16", "ports": [9000]}]}})
     assert find(narrowed, "NetworkPolicy", "lora-jobs-training")["spec"]["egress"] == DNS + [
-        {"to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}], "ports": [{"protocol": "TCP", "port": 9000}]}]
+        {"to": [{"ipBlock": {"cidr": "10.20.0.0/16"}}], "ports": [{"protocol": "TCP", "port": 9000}]}, peers]
 
 
 def test_with_the_dev_minio_training_pods_reach_its_pods_and_it_accepts_only_its_clients(helm):
@@ -74,7 +82,7 @@ def test_with_the_dev_minio_training_pods_reach_its_pods_and_it_accepts_only_its
     pods = pod_templates(docs)
     minio_labels = pods["Deployment/lora-jobs-minio"]
     training = find(docs, "NetworkPolicy", "lora-jobs-training")["spec"]
-    assert training["egress"][:1] == DNS and len(training["egress"]) == 2
+    assert training["egress"][:1] == DNS and len(training["egress"]) == 3  # DNS, MinIO, peers
     to_minio = training["egress"][1]
     assert to_minio["ports"] == [{"protocol": "TCP", "port": 9100}]
     assert [selects(p["podSelector"], minio_labels) for p in to_minio["to"]] == [True]
@@ -124,7 +132,7 @@ def test_helm_install_creates_them_and_the_api_server_selects_the_launchers_trai
         names = {p.metadata.name for p in net.list_namespaced_network_policy(namespace).items}
         assert names == {"lora-jobs-training", "lora-jobs-test"}
         policy = net.read_namespaced_network_policy("lora-jobs-training", namespace)
-        assert policy.spec.ingress is None or policy.spec.ingress == []  # stored: deny all ingress
+        assert len(policy.spec.ingress) == 1 and policy.spec.ingress[0].ports is None  # stored: peers only
         assert sorted(policy.spec.policy_types) == ["Egress", "Ingress"]
         # A training Job as the launcher renders it, with the installed chart's settings.
         cm = client.CoreV1Api(kube_api).read_namespaced_config_map("lora-jobs-launcher", namespace)
