@@ -3,7 +3,7 @@
 # into $STACK_CACHE/<piece>-<version>/bin. A piece already built is not rebuilt,
 # so only a fresh machine pays for the compile (about 25 min on 2 cores).
 #
-# Usage: hack/build-stack.sh [piece ...]   (pieces: kube etcd kwok helm minio kubelet registry)
+# Usage: hack/build-stack.sh [piece ...]   (pieces: kube etcd kwok helm minio kubelet registry coredns)
 # Optional pieces, built only when named: s5cmd (benchmarks/s3_download.py's peer),
 # mc (the MinIO client the chart's bucket hook runs; tests/integration/test_minio_policy.py),
 # kueue (the queue controller: hack/stack.sh kueue; tests marked kueue).
@@ -77,7 +77,7 @@ if ! flock -n 9; then
 fi
 
 pieces=("$@")
-[ ${#pieces[@]} -gt 0 ] || pieces=(helm kwok etcd minio kube kubelet registry)
+[ ${#pieces[@]} -gt 0 ] || pieces=(helm kwok etcd minio kube kubelet registry coredns)
 for piece in "${pieces[@]}"; do
   case $piece in
     kube) build_wrapped kube "$KUBE_VERSION" k8s.io/kubernetes "v0.${KUBE_VERSION#v1.}" "$(kube_ldflags)" \
@@ -89,6 +89,9 @@ for piece in "${pieces[@]}"; do
     registry) build_go registry "$REGISTRY_VERSION" -- go install -trimpath \
             -ldflags "-s -w -X github.com/distribution/distribution/v3/version.version=$REGISTRY_VERSION" \
             "github.com/distribution/distribution/v3/cmd/registry@$REGISTRY_VERSION" ;;
+    # Cluster DNS of the real node's pods.
+    coredns) build_go coredns "$COREDNS_VERSION" -- go install -trimpath -ldflags "-s -w" \
+            "github.com/coredns/coredns@$COREDNS_VERSION" ;;
     etcd) build_wrapped etcd "$ETCD_VERSION" go.etcd.io/etcd/server/v3 "$ETCD_VERSION" "-s -w" go.etcd.io/etcd/server/v3 ;;
     kwok) build_go kwok "$KWOK_VERSION" -- go install -trimpath -ldflags "-s -w" "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION" ;;
     helm) build_go helm "$HELM_VERSION" -- go install -trimpath -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" ;;
@@ -101,7 +104,7 @@ for piece in "${pieces[@]}"; do
     # Kueue's controller manager (hack/stack.sh kueue); its CRDs come from the same module's config/.
     kueue) build_go kueue "$KUEUE_VERSION" -- go install -trimpath \
             -ldflags "-s -w -X sigs.k8s.io/kueue/pkg/version.GitVersion=$KUEUE_VERSION" "sigs.k8s.io/kueue/cmd/kueue@$KUEUE_VERSION" ;;
-    *) echo "unknown piece: $piece (expected kube etcd kwok helm minio kubelet registry, or s5cmd mc kueue)" >&2; exit 2 ;;
+    *) echo "unknown piece: $piece (expected kube etcd kwok helm minio kubelet registry coredns, or s5cmd mc kueue)" >&2; exit 2 ;;
   esac
 done
 say "stack binaries ready under $STACK_CACHE"

@@ -8,6 +8,7 @@
 #   registry       127.0.0.1:$REGISTRY_PORT <--unix socket--> 127.0.0.1:$REGISTRY_PORT
 #   MinIO          127.0.0.1:$MINIO_PORT <--unix socket-->  10.251.0.1:$MINIO_PORT (pods' S3 endpoint)
 #   apiserver --> kubelet 10.250.0.2:10250 over a veth pair (logs, exec)
+#   CoreDNS (cluster.local only) on 10.251.0.1:53 for the pods
 #
 # Nothing leaves the machine: the node's namespace has no default route, the pods' bridge
 # (10.251.0.0/24) lives inside it, and every hop to a host service is a unix socket (socat),
@@ -36,6 +37,7 @@ NODE_CACHE=$STACK_CACHE/node      # per machine: containerd's images and the reg
 PKI=$STACK_RUN/pki
 KUBELET=$(piece_bin kubelet "$KUBE_VERSION" kubelet)
 REGISTRY=$(piece_bin registry "$REGISTRY_VERSION" registry)
+COREDNS=$(piece_bin coredns "$COREDNS_VERSION" coredns)
 CTR_SOCK=$NODE_RUN/containerd.sock
 in_ns() { nsenter --net="/run/netns/$NETNS" -- "$@"; }  # the network namespace only: mounts stay shared
 ctr_() { ctr --address "$CTR_SOCK" -n k8s.io "$@"; }
@@ -47,6 +49,7 @@ need_tools() {
   [ ${#missing[@]} -eq 0 ] || fail "the real node needs ${missing[*]}" /dev/null "run hack/install-system.sh"
   [ -x "$KUBELET" ] || fail "the kubelet is not built" "$STACK_LOGS/build-kubelet.log" "run hack/build-stack.sh kubelet"
   [ -x "$REGISTRY" ] || fail "the registry is not built" "$STACK_LOGS/build-registry.log" "run hack/build-stack.sh registry"
+  [ -x "$COREDNS" ] || fail "CoreDNS is not built" "$STACK_LOGS/build-coredns.log" "run hack/build-stack.sh coredns"
   [ -f "$PKI/node.crt" ] || fail "the node's certificates are missing" /dev/null "start the control plane first: hack/stack.sh up"
 }
 
@@ -101,6 +104,76 @@ up_netns() {
   fi
   ip link set lora-veth0 up
   in_ns ip link set lora-veth1 up
+  # The pods' bridge, made before the first pod so that cluster DNS can listen on its gateway address;
+  # the CNI bridge plugin takes it over as it is.
+  if ! in_ns ip link show lora0 >/dev/null 2>&1; then
+    in_ns ip link add lora0 type bridge
+    in_ns ip addr add "$POD_GW/${POD_CIDR#*/}" dev lora0
+  fi
+  in_ns ip link set lora0 up
+}
+
+api_() {  # api_ METHOD PATH [JSON]: the stack's API server as admin
+  curl -fsS --cacert "$PKI/ca.crt" -H "Authorization: Bearer $(cat "$PKI/admin.token")" \
+    -H 'Content-Type: application/json' -X "$1" "https://127.0.0.1:$API_PORT$2" ${3:+-d "$3"}
+}
+
+client_cert() {  # client_cert NAME CN [O]: a client certificate of the stack's CA, once
+  [ -f "$PKI/$1.crt" ] && return 0
+  openssl req -newkey rsa:2048 -nodes -keyout "$PKI/$1.key" -out "$PKI/$1.csr" -subj "${3:+/O=$3}/CN=$2" 2>/dev/null
+  openssl x509 -req -in "$PKI/$1.csr" -CA "$PKI/ca.crt" -CAkey "$PKI/ca.key" -CAcreateserial \
+    -out "$PKI/$1.crt" -days 3650 2>/dev/null
+  chmod 600 "$PKI/$1.key"
+}
+
+kubeconfig_for() {  # kubeconfig_for NAME: a kubeconfig (inside the node's namespace) with NAME's certificate
+  cat > "$NODE_RUN/$1.kubeconfig" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: local
+  cluster: {server: "https://127.0.0.1:$API_PORT", certificate-authority: $PKI/ca.crt}
+users:
+- name: $1
+  user: {client-certificate: $PKI/$1.crt, client-key: $PKI/$1.key}
+contexts:
+- name: $1
+  context: {cluster: local, user: $1}
+current-context: $1
+EOF
+}
+
+# Cluster DNS for the node's pods (Service names, and a multi-node run's <job>-0.<job>): CoreDNS's
+# kubernetes plugin on the bridge's gateway, with read-only RBAC of its own and no upstream, so a
+# name outside cluster.local is answered by nobody.
+up_dns() {
+  client_cert coredns system:coredns
+  kubeconfig_for coredns
+  api_ PUT /apis/rbac.authorization.k8s.io/v1/clusterroles/lora-jobs:coredns '{
+    "apiVersion":"rbac.authorization.k8s.io/v1","kind":"ClusterRole","metadata":{"name":"lora-jobs:coredns"},
+    "rules":[{"apiGroups":[""],"resources":["services","endpoints","pods","namespaces"],"verbs":["list","watch"]},
+             {"apiGroups":["discovery.k8s.io"],"resources":["endpointslices"],"verbs":["list","watch"]}]}' >/dev/null
+  api_ PUT /apis/rbac.authorization.k8s.io/v1/clusterrolebindings/lora-jobs:coredns '{
+    "apiVersion":"rbac.authorization.k8s.io/v1","kind":"ClusterRoleBinding","metadata":{"name":"lora-jobs:coredns"},
+    "roleRef":{"apiGroup":"rbac.authorization.k8s.io","kind":"ClusterRole","name":"lora-jobs:coredns"},
+    "subjects":[{"apiGroup":"rbac.authorization.k8s.io","kind":"User","name":"system:coredns"}]}' >/dev/null
+  cat > "$NODE_RUN/Corefile" <<EOF
+.:53 {
+    bind $POD_GW
+    errors
+    ready 127.0.0.1:18181
+    kubernetes cluster.local in-addr.arpa ip6.arpa {
+        kubeconfig $NODE_RUN/coredns.kubeconfig coredns
+        pods insecure
+    }
+    cache 5
+}
+EOF
+  say "starting CoreDNS $COREDNS_VERSION on $POD_GW:53 (cluster.local only)"
+  start node-coredns "$STACK_LOGS/node-coredns.log" \
+    nsenter --net="/run/netns/$NETNS" -- "$COREDNS" -conf "$NODE_RUN/Corefile"
+  wait_for "cluster DNS" 60 "$STACK_LOGS/node-coredns.log" "see CoreDNS's log" \
+    in_ns curl -fsS http://127.0.0.1:18181/ready
 }
 
 # bridge NAME NS_LISTEN HOST_PORT: NS_LISTEN (inside the node's namespace) -> unix socket -> 127.0.0.1:HOST_PORT
@@ -199,6 +272,8 @@ authorization: {mode: Webhook}
 registerWithTaints:
 - {key: $TAINT_KEY, value: "true", effect: NoSchedule}
 resolvConf: $NODE_RUN/resolv.conf
+clusterDNS: [$POD_GW]
+clusterDomain: cluster.local
 evictionHard: {memory.available: "200Mi", nodefs.available: "1%", imagefs.available: "1%", nodefs.inodesFree: "1%"}
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
@@ -232,6 +307,7 @@ up_node() {
   start node-containerd "$STACK_LOGS/node-containerd.log" \
     nsenter --net="/run/netns/$NETNS" -- containerd --config "$NODE_RUN/containerd.toml"
   wait_for containerd 30 "$STACK_LOGS/node-containerd.log" "see the log" ctr_ version
+  up_dns
   start_kubelet
   cat > "$NODE_RUN/env" <<EOF
 export STACK_NODE_NAME=$NODE_NAME
@@ -253,6 +329,7 @@ sys.exit(0 if any(c["type"] == "Ready" and c["status"] == "True" for c in n["sta
 down_node() {
   local name
   if running node-kubelet; then stop_daemon node-kubelet; fi
+  stop_daemon node-coredns
   if running node-containerd; then
     # Every pod's containers and sandbox, so that no shim, mount or pod network outlives the node.
     local id
@@ -302,7 +379,7 @@ case ${1:-} in
   up) up_node ;;
   down) down_node ;;
   status)
-    for name in registry node-containerd node-kubelet; do
+    for name in registry node-containerd node-coredns node-kubelet; do
       if running "$name"; then echo "$name: running (pid $(cat "$PIDS/$name"))"; else echo "$name: stopped"; fi
     done ;;
   push) shift; cmd_push "$@" ;;
