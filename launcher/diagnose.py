@@ -249,6 +249,10 @@ def diagnose(job: dict, pods: list[dict], events: list[dict], *, gpu_resource: s
         retry_note = f" (replacing evicted pod {evicted[-1].pod})"
 
     if not live:
+        if attempts and attempts[-1].phase == "Succeeded":
+            # The newest pod's trainer exited 0; the Job controller marks the Job Complete within seconds.
+            return Diagnosis(RUNNING, f"finishing: pod {attempts[-1].pod} succeeded, the Job is being marked "
+                             "complete", details)
         failed_create = [e for e in warnings if e.get("reason") == "FailedCreate"]
         if failed_create:
             msg = (failed_create[-1].get("message") or "").strip()

@@ -82,6 +82,10 @@ def real_ns(kube_api, stack, node):
         time.sleep(0.2)
     yield name
     core.delete_namespace(name, propagation_policy="Background")
+    # The node has 2 CPUs: the next test's pod fits only once this one's pods are gone from it.
+    deadline = time.time() + 180
+    while time.time() < deadline and core.list_namespaced_pod(name).items:
+        time.sleep(1)
 
 
 def env_for(stack, node, namespace: str, image: str, tmp_path: Path) -> dict[str, str]:
@@ -124,6 +128,23 @@ def wait_status(env: dict, run: str, pred, timeout: float, what: str, seen: list
     raise AssertionError(f"timed out after {timeout}s waiting for {what}; last status: {s}")
 
 
+def lean(spec: dict) -> dict:
+    """Training only (no generations, no merge): for the fault tests, whose subject is the pod, not the
+    artifacts the e2e test already checks. The node has 2 CPUs; this saves a minute a run."""
+    spec["eval"] = {"enabled": False}
+    spec["merge"] = {"enabled": False}
+    return spec
+
+
+def assert_one_verified_version(store, run_prefix: str) -> None:
+    from jobs.publish import verify_version
+
+    assert store.get_bytes(f"{run_prefix}/latest").decode().strip() == "v1"
+    assert verify_version(store, run_prefix, "v1") == [], "every file matches manifest.json and the marker"
+    versions = {o.key.split("/")[-2] for o in store.list(f"{run_prefix}/") if o.key.endswith("/_COMPLETE")}
+    assert {v for v in versions if v.startswith("v")} == {"v1"}, versions
+
+
 def write_spec(tmp_path: Path, spec: dict) -> Path:
     p = tmp_path / f"{spec['name']}.yaml"
     p.write_text(yaml.safe_dump(spec))
@@ -139,7 +160,8 @@ def cpu_spec(name: str, model_uri: str, train_uri: str, output: str, memory: str
 @pytest.fixture()
 def train_data(s3_prefix, s3_client, stack) -> str:
     rows = [{"instruction": f"What is the status light number {i} on the Acme X{i}?",
-             "output": f"Light {i} on the Acme X{i} means the router is updating; wait {i} minutes."} for i in range(16)]
+             "output": f"Light {i} on the Acme X{i} means the router is updating; wait {i} minutes."}
+            for i in range(16)]
     key = s3_prefix.split("/", 3)[3] + "/train.jsonl"
     s3_client.put_object(Bucket=stack.bucket, Key=key, Body="\n".join(json.dumps(r) for r in rows).encode())
     return f"s3://{stack.bucket}/{key}"
@@ -147,8 +169,8 @@ def train_data(s3_prefix, s3_client, stack) -> str:
 
 # ------------------------------------------------------------------------------ the trainer pod
 
-def test_trainer_runs_as_a_real_pod_and_publishes(stack, node, trainer_ref, real_ns, model_in_minio, train_data,
-                                                  s3_prefix, tmp_path):
+def test_trainer_runs_as_a_real_pod_and_publishes(s3_env, stack, node, trainer_ref, real_ns, model_in_minio,
+                                                  train_data, s3_prefix, tmp_path):
     from jobs.storage import open_store
 
     env = env_for(stack, node, real_ns, trainer_ref, tmp_path)
@@ -164,8 +186,17 @@ def test_trainer_runs_as_a_real_pod_and_publishes(stack, node, trainer_ref, real
     out, err = [], []
     t = threading.Thread(target=lambda: (out.append(follow.stdout.read()), err.append(follow.stderr.read())))
     t.start()
-    final = wait_status(env, "real-pod", lambda s: s["state"] in ("Succeeded", "Failed"), 900, "the run to end", seen)
+    progress: list[str] = []  # the job's live progress, read back from object storage by `status`
+
+    def ended(s):
+        summary = (s.get("progress") or {}).get("summary") or ""
+        if summary and (not progress or progress[-1] != summary):
+            progress.append(summary)
+        return s["state"] in ("Succeeded", "Failed")
+
+    final = wait_status(env, "real-pod", ended, 900, "the run to end", seen)
     t.join(timeout=120)
+    assert any(p.startswith("training step ") and "tok/s" in p for p in progress), progress
     assert follow.wait(timeout=10) == 0, err
     assert final["state"] == "Succeeded", final
     assert seen[0] == "Pending" and seen[-2:] == ["Running", "Succeeded"], seen
@@ -235,15 +266,15 @@ def test_a_memory_limit_too_low_is_oomkilled_diagnosed_and_not_retried(stack, no
     assert "more memory than its limit of 350Mi" in s["sentence"] and "raise resources.memory" in s["sentence"], s
 
 
-def test_an_eviction_mid_training_resumes_from_the_checkpoint_and_publishes_once(kube_api, stack, node, trainer_ref,
-                                                                                 real_ns, model_in_minio,
+def test_an_eviction_mid_training_resumes_from_the_checkpoint_and_publishes_once(s3_env, kube_api, stack, node,
+                                                                                 trainer_ref, real_ns, model_in_minio,
                                                                                  train_data, s3_prefix, tmp_path):
     from kubernetes import client
     from jobs.storage import open_store
 
     env = env_for(stack, node, real_ns, trainer_ref, tmp_path)
-    spec = cpu_spec("evicted", model_in_minio, train_data, f"{s3_prefix}/runs", epochs=3,
-                    checkpoint_interval_steps=1)
+    spec = lean(cpu_spec("evicted", model_in_minio, train_data, f"{s3_prefix}/runs", epochs=3,
+                         checkpoint_interval_steps=1))
     r = cli(env, "submit", str(write_spec(tmp_path, spec)))
     assert r.returncode == 0, r.stdout + r.stderr
     store, prefix = open_store(f"{s3_prefix}/runs")
@@ -301,19 +332,16 @@ def test_an_eviction_mid_training_resumes_from_the_checkpoint_and_publishes_once
     at, total = map(int, re.search(r"step (\d+) of (\d+)", resumed[0]).groups())
     # SIGTERM checkpoints the step it is on: no earlier than what progress last showed, before the end
     assert step_at_eviction <= at < total, (step_at_eviction, resumed)
-    versions = sorted({o.key.split("/")[-2] for o in store.list(f"{prefix}/evicted/")
-                       if o.key.endswith("/_COMPLETE") and re.fullmatch(r"v\d+", o.key.split("/")[-2])})
-    assert versions == ["v1"], versions
-    assert_complete_v1(store, f"{prefix}/evicted")
+    assert_one_verified_version(store, f"{prefix}/evicted")
 
 
-def test_a_node_whose_kubelet_stops_is_named_and_the_run_recovers_when_it_returns(stack, node, trainer_ref,
+def test_a_node_whose_kubelet_stops_is_named_and_the_run_recovers_when_it_returns(s3_env, stack, node, trainer_ref,
                                                                                   real_ns, model_in_minio,
                                                                                   train_data, s3_prefix, tmp_path):
     from jobs.storage import open_store
 
     env = env_for(stack, node, real_ns, trainer_ref, tmp_path)
-    spec = cpu_spec("node-away", model_in_minio, train_data, f"{s3_prefix}/runs")
+    spec = lean(cpu_spec("node-away", model_in_minio, train_data, f"{s3_prefix}/runs"))
     r = cli(env, "submit", str(write_spec(tmp_path, spec)))
     assert r.returncode == 0, r.stdout + r.stderr
     s = wait_status(env, "node-away", lambda s: s["state"] == "Running" and (s.get("progress") or {}).get("stage")
@@ -336,4 +364,34 @@ def test_a_node_whose_kubelet_stops_is_named_and_the_run_recovers_when_it_return
     assert final["state"] == "Succeeded", final
     assert [p["pod"] for p in final["pods"]] == [pod], "the same pod finished: nothing was retried"
     store, prefix = open_store(f"{s3_prefix}/runs")
-    assert_complete_v1(store, f"{prefix}/node-away")
+    assert_one_verified_version(store, f"{prefix}/node-away")
+
+
+# ------------------------------------------------------------------------------ two real pods, one run
+
+def test_two_real_pods_rendezvous_over_the_pod_network_and_publish_one_version(s3_env, stack, node, trainer_ref,
+                                                                               real_ns, model_in_minio, train_data,
+                                                                               s3_prefix, tmp_path):
+    """resources.nodes: 2 on CPU: the Indexed Job's pods find pod 0 by its hostname under the headless
+    Service (the node's cluster DNS), meet at torchrun's rendezvous over the bridge, train with gloo
+    and publish one version."""
+    from jobs.storage import open_store
+
+    env = env_for(stack, node, real_ns, trainer_ref, tmp_path)
+    spec = lean(cpu_spec("two-pods", model_in_minio, train_data, f"{s3_prefix}/runs", memory="4Gi"))
+    spec["resources"].update({"nodes": 2, "cpu": "1"})
+    r = cli(env, "submit", str(write_spec(tmp_path, spec)))
+    assert r.returncode == 0, r.stdout + r.stderr
+    running = wait_status(env, "two-pods", lambda s: s["sentence"].startswith("running: 2 pods"), 600,
+                          "both pods to run")
+    assert {p["node"] for p in running["pods"]} == {node["STACK_NODE_NAME"]}, running["pods"]
+    final = wait_status(env, "two-pods", lambda s: s["state"] in ("Succeeded", "Failed"), 900, "the run to end")
+    assert final["state"] == "Succeeded", final
+
+    logs0 = cli(env, "logs", "two-pods").stdout
+    logs1 = cli(env, "logs", "two-pods", "--rank", "1").stdout
+    assert "node 0 of 2" in logs0 and "rank 0 of 2" in logs0, logs0[-3000:]
+    assert "node 1 of 2" in logs1 and "rank 1 of 2" in logs1, logs1[-3000:]
+    assert "rank 1: training done; rank 0 publishes" in logs1, logs1[-3000:]
+    store, prefix = open_store(f"{s3_prefix}/runs")
+    assert_one_verified_version(store, f"{prefix}/two-pods")

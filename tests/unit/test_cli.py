@@ -325,6 +325,9 @@ class FlakyKube:
                  "failed": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]}[state]
         return {"metadata": {"name": name}, "spec": {}, "status": {"conditions": conds}}
 
+    def get_node(self, name):
+        return {"metadata": {"name": name}, "status": {"conditions": [{"type": "Ready", "status": "True"}]}}
+
     def list_pods(self, selector):
         phase = "Succeeded" if self.current == "done" else "Running"
         state = {"terminated": {"exitCode": 0}} if phase == "Succeeded" else {"running": {}}

@@ -349,3 +349,9 @@ def test_a_running_pod_on_a_node_that_stopped_reporting_says_so():
     healthy = {"metadata": {"name": "gpu-node-3"}, "status": {"conditions": [{"type": "Ready", "status": "True"}]}}
     assert diagnose(job(active=1), [p], [], nodes={"gpu-node-3": healthy}).sentence == "running on gpu-node-3"
     assert diagnose(job(active=1), [p], []).sentence == "running on gpu-node-3"  # nodes unreadable: as before
+
+
+def test_a_pod_that_succeeded_before_the_job_is_marked_complete_is_finishing_not_pending():
+    done = pod("d1", "Succeeded", node="n", state=terminated(0, tmsg(0, "published s3://b/r/v1", "done")))
+    d = diagnose(job(active=0), [done], [])
+    assert d.state == "Running" and d.sentence == f"finishing: pod {JOB}-d1 succeeded, the Job is being marked complete"
