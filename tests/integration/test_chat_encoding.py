@@ -7,14 +7,9 @@ import pytest
 
 from jobs.dataprep import read_jsonl
 from jobs.train import IGNORE, encode_example
+from chat import CONVERSATION, tok  # noqa: F401,E402 (tok: a fixture)
 
 pytestmark = pytest.mark.train
-
-CONVERSATION = (b'{"messages": [{"role": "system", "content": "You are the Acme support assistant."}, '
-                b'{"role": "user", "content": "How do I reset the X2?"}, '
-                b'{"role": "assistant", "content": "Hold Reset for 10 seconds."}, '
-                b'{"role": "user", "content": "And then?"}, '
-                b'{"role": "assistant", "content": "Wait two minutes."}]}\n')
 
 
 def _trained_spans(tok, example) -> list[str]:
@@ -27,13 +22,6 @@ def _trained_spans(tok, example) -> list[str]:
             spans.append(tok.decode(cur))
             cur = []
     return spans + ([tok.decode(cur)] if cur else [])
-
-
-@pytest.fixture(scope="module")
-def tok(small_model_dir):
-    from jobs.modelio import load_tokenizer
-
-    return load_tokenizer(str(small_model_dir))
 
 
 def test_every_assistant_turn_is_trained_and_nothing_else(tok):

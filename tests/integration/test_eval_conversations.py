@@ -9,23 +9,12 @@ from jobs.dataprep import read_jsonl
 from jobs.evaluate import build_report, generate, prompt_text, prompts_for, render_html
 from jobs.spec import load_spec_text
 from jobs.train import IGNORE, encode_example
+from chat import CONVERSATION, tok  # noqa: F401,E402 (tok: a fixture)
 
 pytestmark = pytest.mark.train
 
-CONVERSATION = (b'{"messages": [{"role": "system", "content": "You are the Acme support assistant."}, '
-                b'{"role": "user", "content": "How do I reset the X2?"}, '
-                b'{"role": "assistant", "content": "Hold Reset for 10 seconds."}, '
-                b'{"role": "user", "content": "And then?"}, '
-                b'{"role": "assistant", "content": "Wait two minutes."}]}\n')
 SPEC = load_spec_text("name: chat\nbase_model: {uri: s3://models/x/}\ndataset: {train: s3://data/t.jsonl}\n"
                       "output: s3://runs/lora\neval: {max_new_tokens: 24}\n")
-
-
-@pytest.fixture(scope="module")
-def tok(small_model_dir):
-    from jobs.modelio import load_tokenizer
-
-    return load_tokenizer(str(small_model_dir))
 
 
 def _row():
