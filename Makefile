@@ -26,7 +26,7 @@ test:  ## build and start the real local stack, run the whole test suite, stop t
 	@hack/build-stack.sh
 	@$(PY) -m jobs convert-gguf $(MODEL_CACHE) >/dev/null
 	@trap 'hack/stack.sh down' EXIT; hack/stack.sh up && \
-	  LORA_TEST_MODEL_DIR=$(MODEL_CACHE) $(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS)
+	  LORA_TEST_MODEL_DIR=$(MODEL_CACHE) $(PY) -m pytest -p no:cacheprovider --durations=25 $(PYTEST_ARGS)
 
 test-unit:  ## only the fast offline tests
 	@$(PY) -m pytest -m unit -q -p no:cacheprovider $(PYTEST_ARGS)
