@@ -144,22 +144,33 @@ def cmd_job(name: str, model: str, data: str, res: str, overrides_json: str = "{
     if run == name.replace("_", "-"):  # a new run, not the same run again
         shutil.rmtree(store_dir / run, ignore_errors=True)
     overrides = json.loads(overrides_json)
+    # every stage of the call: $ACCEPT_OVERRIDES, e.g. {"merge": {"enabled": false}} (the merge was proved
+    # in earlier calls; skipping it leaves more of a 10-minute call for training)
+    for key, value in json.loads(os.environ.get("ACCEPT_OVERRIDES") or "{}").items():
+        overrides.setdefault(key, {}).update(value) if isinstance(value, dict) else overrides.__setitem__(key, value)
     spec = _spec(run, model, data, str(store_dir), overrides)
     spec_path = res_dir / f"spec_{name}.yaml"
     spec_path.write_text(yaml.safe_dump(spec, sort_keys=False))
     log_path = res_dir / f"job_{name}.log"
     t0 = time.perf_counter()
+    # ACCEPT_PROFILE=FIRST:N: the same job under torch.profiler for optimizer steps FIRST..FIRST+N-1
+    # (benchmarks/profile_job.py; the summary goes to RES/profile_NAME/)
+    prof = os.environ.get("ACCEPT_PROFILE")
+    entry = ([str(REPO / "benchmarks" / "profile_job.py")] if prof else ["-m", "jobs"])
+    prof_env = {"PROFILE_STEPS": prof, "PROFILE_OUT": str(res_dir / f"profile_{name}")} if prof else {}
     with open(log_path, "w") as log:
-        proc = subprocess.run([sys.executable, "-m", "jobs", "run", "--spec", str(spec_path), "--workdir", str(work)],
+        proc = subprocess.run([sys.executable, *entry, "run", "--spec", str(spec_path), "--workdir", str(work)],
                               stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
                               env={**os.environ, "PYTHONPATH": f"{os.environ.get('PYTHONPATH', '')}:{REPO}",
                                    "TERMINATION_MESSAGE_PATH": str(res_dir / f"job_{name}.termination"),
-                                   "TORCHINDUCTOR_CACHE_DIR": str(inductor),
+                                   "TORCHINDUCTOR_CACHE_DIR": str(inductor), **prof_env,
                                    "LORA_JOBS_COMPILE_CACHE_KEY": os.environ.get("LORA_JOBS_COMPILE_CACHE_KEY",
                                                                                  "acceptance")})
     wall = time.perf_counter() - t0
     record = {"name": name, "exit_code": proc.returncode, "wall_seconds": round(wall, 1), "spec": spec,
-              "published": False}
+              "published": False, "log_timing": log_timing(log_path.read_text())}
+    if prof and (res_dir / f"profile_{name}" / "profile_summary.json").is_file():
+        record["profile"] = json.loads((res_dir / f"profile_{name}" / "profile_summary.json").read_text())
     store = LocalStore(str(store_dir))
     if proc.returncode == 0:
         v = f"v{max(existing_versions(store, run))}"
@@ -203,19 +214,55 @@ def cmd_job(name: str, model: str, data: str, res: str, overrides_json: str = "{
     return proc.returncode
 
 
-def cmd_trl(res: str) -> int:
+_TS = re.compile(r"^(\d\d):(\d\d):(\d\d) ")
+
+
+def log_timing(text: str) -> dict:
+    """Seconds between landmarks of a job log (1 s resolution): the model on the GPU (the plan line, right
+    after the weights are loaded) and the start of the train stage, each to the end of optimizer step 1."""
+    marks: dict[str, int] = {}
+    for line in text.splitlines():
+        m = _TS.match(line)
+        if not m:
+            continue
+        t = int(m[1]) * 3600 + int(m[2]) * 60 + int(m[3])
+        for key, needle in (("model_loaded", "INFO  device "), ("train_stage", "── train"),
+                            ("first_step", "INFO  step 1/"), ("cache_restored", "restored from")):
+            if needle in line and key not in marks:
+                marks[key] = t
+    out = {}
+    if "first_step" in marks:
+        for key in ("model_loaded", "train_stage"):
+            if key in marks:
+                out[f"{key}_to_first_step_s"] = (marks["first_step"] - marks[key]) % 86400
+    out["compile_cache_restored"] = "cache_restored" in marks
+    return out
+
+
+def cmd_trl(res: str, quant: str = "", base: str = "", gc: str = "0") -> int:
+    """The peer: ``STEPS=14 GC=0 BS=4 trl_baseline.py liger_packing`` (its strongest bf16 configuration);
+    with QUANT (``4bit``) and BASE (a model folder), TRL's QLoRA: the same variant on BASE loaded in NF4
+    by bitsandbytes, GC as given (1: checkpointing, the usual QLoRA memory; 0: its fastest)."""
     res_dir = Path(res)
     res_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "STEPS": "14", "GC": "0", "BS": "4"}
-    log_path = res_dir / "trl_liger_packing.log"
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}  # its own JSON copy would be one more file back
+    env.update(STEPS="14", GC=gc, BS="4")
+    config = f"STEPS=14 GC={gc} BS=4 liger_packing"
+    tag = "liger_packing"
+    if quant:
+        env.update(QUANT=quant, BASE=base)
+        config = f"QUANT={quant} BASE=<{Path(base).name}> {config}"
+        tag = f"qlora_gc{gc}"
+    log_path = res_dir / f"trl_{tag}.log"
     with open(log_path, "w") as log:
         proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "peer" / "trl_baseline.py"), "liger_packing"],
                               stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     m = re.findall(r"^RESULT (.*)$", log_path.read_text(), flags=re.M)
-    record = {"exit_code": proc.returncode, "config": "STEPS=14 GC=0 BS=4 liger_packing",
-              **(json.loads(m[-1]) if m else {})}
-    (res_dir / "trl_liger_packing.json").write_text(json.dumps(record, indent=1))
-    print(f"RESULT trl {json.dumps(record)[:400]}", flush=True)
+    record = {"exit_code": proc.returncode, "config": config, **(json.loads(m[-1]) if m else {})}
+    if not m:
+        record["log_tail"] = log_path.read_text().splitlines()[-15:]
+    (res_dir / f"trl_{tag}.json").write_text(json.dumps(record, indent=1))
+    print(f"RESULT trl {tag} {json.dumps(record)[:400]}", flush=True)
     return proc.returncode
 
 
@@ -258,9 +305,40 @@ def cmd_summary(res: str, outfile: str) -> None:
         if trl_tps and fp8.get("tokens_per_second_steady"):
             s["ratio_fp8_vs_trl_best"] = round(fp8["tokens_per_second_steady"] / trl_tps, 2)
     s.update(_parity(rec("job_parity_bf16.json"), rec("job_parity_fp8.json"), rec("job_parity_bf16_warm.json")))
+    if bf16 or fp8:
+        s["first_step_cold"] = {n: {"first_step_seconds": r.get("first_step_seconds"), **(r.get("log_timing") or {})}
+                                for n, r in (("bf16", bf16), ("fp8", fp8)) if r}
+    warm8 = rec("job_bf16_warm.json")
+    if warm8:  # the 8B bf16 run again (same run name, same shapes, another seed): first step from its cache
+        s["warm_start_8b"] = {
+            "first_step_seconds_cold": bf16.get("first_step_seconds"),
+            "first_step_seconds_warm": warm8.get("first_step_seconds"),
+            "log_timing_cold": bf16.get("log_timing"), "log_timing_warm": warm8.get("log_timing"),
+            "compile_cache": warm8.get("compile_cache"), "published": warm8.get("published"),
+            "version": warm8.get("version"), "exit_code": warm8.get("exit_code"),
+            "tokens_per_second_steady_under_profiler": warm8.get("tokens_per_second_steady"),
+            "steps": warm8.get("steps"), "peak_gpu_gib": warm8.get("peak_gpu_gib"),
+            "meets_60s": (warm8.get("first_step_seconds") or 1e9) <= 60}
+        if warm8.get("profile"):
+            s["profile_8b_bf16"] = {k: warm8["profile"].get(k) for k in (
+                "window", "steps", "tokens", "wall_s", "tokens_per_s_under_profiler", "gpu_busy_fraction_of_wall",
+                "gpu_idle_s", "share_of_kernel_time", "gaps_between_kernels")}
+    trlq = {gc: rec(f"trl_qlora_gc{gc}.json") for gc in ("1", "0")}
+    if qlora or any(trlq.values()):
+        q = qlora.get("tokens_per_second_steady")
+        s["qlora"] = {"job_tokens_per_s": q, "job_peak_gib": qlora.get("peak_gpu_gib"),
+                      "job_train_peak_gib": qlora.get("train_peak_gpu_gib"),
+                      "job_gradient_checkpointing": qlora.get("gradient_checkpointing"),
+                      "job_published": bool(qlora.get("published")), "job_exit_code": qlora.get("exit_code")}
+        for gc, r in trlq.items():
+            if r:
+                s["qlora"][f"trl_gc{gc}"] = {k: r.get(k) for k in ("config", "exit_code", "tokens_per_s", "peak_mem_gib",
+                                                                   "step_s_median")}
+                if q and r.get("tokens_per_s"):
+                    s["qlora"][f"ratio_vs_trl_gc{gc}"] = round(q / r["tokens_per_s"], 2)
     for extra in sorted(res_dir.glob("job_*.json")):
         name = extra.stem[4:]
-        if name not in ("bf16", "qlora", "qwen", "fp8") and not name.startswith("parity"):
+        if name not in ("bf16", "qlora", "qwen", "fp8", "bf16_warm") and not name.startswith("parity"):
             r = json.loads(extra.read_text())
             s[f"job_{name}"] = {k: r.get(k) for k in ("exit_code", "published", "tokens_per_second_steady",
                                                     "peak_gpu_gib", "oom_backoffs", "loss_scaling")}

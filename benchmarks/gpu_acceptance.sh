@@ -10,12 +10,19 @@
 #           (~7.5 min: 193 s + 227 s in call 10)
 #   warm    after parity (same machine, store kept): the bf16 parity run again with another seed and 30
 #           steps, its first step from the compile cache that run saved (~2 min)
+#   warm8b  after bf16 (same machine, store kept): the 8B bf16 run again (same run name and shapes, seed 7,
+#           20 steps), its first step from the compile cache that bf16 saved, under torch.profiler for
+#           optimizer steps $PROFILE_STEPS (default 16:3; benchmarks/profile_job.py) (~2.5 min)
+#   trlq    TRL's QLoRA in the same call as qlora: liger_packing, the 8B model loaded in NF4, STEPS=14 BS=4,
+#           GC=1 (checkpointing, QLoRA's usual memory) and GC=0 (its fastest) (~3 min)
 #   fp8tests  pytest tests/gpu -k fp8 (the FP8 projection against bf16, the FP8 job and its warm rerun)
 #   tests   pytest tests/gpu (fp16 loss scaling, the out-of-memory back-off, QLoRA restore/merge, FP8)
 # Models and data are made on first use (random weights; SmolLM2's tokenizer from
 # .gpu-assets/tokenizer). Results: $RES (default benchmarks/results/<date>-h200-job) gets
 # job_*.json, the job logs, trl_*.json and summary.json; a copy goes to $OUT when set.
 # DEADLINE (s, default 560) bounds the call: a stage that would start too late is skipped.
+# ROWS (default 1500): rows of the 8B bf16/fp8/warm8b stages' data. ACCEPT_OVERRIDES (JSON, e.g.
+# '{"merge": {"enabled": false}}') is added to every job's spec (benchmarks/acceptance.py).
 set -u
 START=$(date +%s)
 DEADLINE=${DEADLINE:-560}
@@ -53,17 +60,23 @@ models() {  # models [NAMES]: comma-separated, default the 8B and 7B shapes
   for n in ${names//,/ }; do [ -f "$MODELS/$n/config.json" ] || missing=1; done
   [ -z "$missing" ] || $A models "$MODELS" "$TOK" "$names"
 }
+ROWS=${ROWS:-1500}
 FP8='{"training": {"fp8": "on"}}'
 PARITY='"epochs": 3, "early_stopping_patience": null'
 
 for stage in "$@"; do
   case $stage in
-    bf16)  need bf16 240 && models && $A job bf16 "$MODELS/llama3-8b" "$(data 1500)" "$RES" ;;
+    bf16)  need bf16 240 && models llama3-8b && $A job bf16 "$MODELS/llama3-8b" "$(data $ROWS)" "$RES" ;;
     trl)   need trl 120 && timeout $(( $(left) - 5 )) $A trl "$RES" ;;
-    qlora) need qlora 150 && models && $A job qlora "$MODELS/llama3-8b" "$(data 500)" "$RES" \
+    qlora) need qlora 150 && models llama3-8b && $A job qlora "$MODELS/llama3-8b" "$(data 500)" "$RES" \
              '{"quantization": {"mode": "4bit"}, "training": {"max_seq_length": 2048}}' ;;
     qwen)  need qwen 150 && models && $A job qwen "$MODELS/qwen2.5-7b" "$(data 800)" "$RES" ;;
-    fp8)   need fp8 240 && models llama3-8b && $A job fp8 "$MODELS/llama3-8b" "$(data 1500)" "$RES" "$FP8" ;;
+    fp8)   need fp8 240 && models llama3-8b && $A job fp8 "$MODELS/llama3-8b" "$(data $ROWS)" "$RES" "$FP8" ;;
+    warm8b) if [ ! -d "$ACCEPT_WORK/store/bf16/compile-cache" ]; then echo "SKIP warm8b (no bf16 run in this machine's store)"
+            else need warm8b 150 && models llama3-8b && ACCEPT_PROFILE=${PROFILE_STEPS:-16:3} $A job bf16_warm \
+             "$MODELS/llama3-8b" "$(data $ROWS)" "$RES" '{"training": {"seed": 7, "max_steps": 20}}' bf16; fi ;;
+    trlq)  need trlq 100 && models llama3-8b && timeout $(( $(left) - 5 )) $A trl "$RES" 4bit "$MODELS/llama3-8b" 1
+           need trlq_gc0 80 && timeout $(( $(left) - 5 )) $A trl "$RES" 4bit "$MODELS/llama3-8b" 0 ;;
     parity) need parity 360 && models llama3-1b && d=$(data 1500) \
              && $A job parity_bf16 "$MODELS/llama3-1b" "$d" "$RES" "{\"training\": {$PARITY}}" \
              && $A job parity_fp8 "$MODELS/llama3-1b" "$d" "$RES" "{\"training\": {$PARITY, \"fp8\": \"on\"}}" ;;
@@ -77,7 +90,8 @@ for stage in "$@"; do
   esac
   echo "END $stage t=$(( $(date +%s) - START ))s"
   # what is done so far comes back even if a later stage runs past the device call's limit (call 10 lost it so)
-  [ -n "${OUT:-}" ] && mkdir -p "$OUT/partial" && cp -r "$RES/." "$OUT/partial/" 2>/dev/null
+  # (one archive: at most 8 files come back from a call)
+  [ -n "${OUT:-}" ] && tar czf "$OUT/partial.tgz" -C "$RES" . 2>/dev/null
 done
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$RES/gpu.txt" 2>&1
 python3 -c "import torch,transformers,peft,sys;print(sys.version);print(torch.__version__,torch.version.cuda,transformers.__version__,peft.__version__)" >> "$RES/gpu.txt" 2>&1
