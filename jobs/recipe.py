@@ -364,8 +364,10 @@ def _run(spec: TrainingRunSpec, workdir: Path, world, *, run_id, image, stop, st
     distributed.broadcast_trainable(world, model)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("LoRA: %d trainable parameters of %d (%.2f%%)", trainable, total, 100 * trainable / max(total, 1))
-    ckpts = Checkpoints(out_store, join(run_prefix, "checkpoints", spec.spec_hash()),
-                        workdir if world.main else workdir / f"rank-{world.rank}")
+    # keyed by what the run trains, not where: more memory or another number of GPUs resumes the run
+    ckpts = Checkpoints(out_store, join(run_prefix, "checkpoints", spec.training_hash()),
+                        workdir if world.main else workdir / f"rank-{world.rank}",
+                        earlier_prefix=join(run_prefix, "checkpoints", spec.spec_hash()))
     tokens_per_s: dict[int, float] = {}  # per logged step, for the TensorBoard file
 
     def on_progress(**fields) -> None:

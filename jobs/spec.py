@@ -347,13 +347,23 @@ class TrainingRunSpec(_Strict):
         return out
 
     def spec_hash(self) -> str:
-        """Content hash of the spec (defaults filled in): same spec, same run."""
+        """Content hash of the spec (defaults filled in): same spec, same run. It names the Job."""
+        return self._hash(exclude={"tracking"})
+
+    def training_hash(self) -> str:
+        """Content hash of what the run trains: the spec without ``tracking`` and ``resources``. It keys
+        the checkpoints, so a run resubmitted with more memory, other GPUs or another number of them or
+        of nodes resumes where it stopped (a step is the same examples on any world size; the job
+        refuses a checkpoint whose steps were another number of examples)."""
+        return self._hash(exclude={"tracking", "resources"})
+
+    def _hash(self, exclude: set[str]) -> str:
         # Where a run is reported is not what it trains: a tracking change must not restart a run from
-        # step 0 (the hash keys its checkpoints) nor rename its Job.
-        fields = self.model_dump(mode="json", exclude={"tracking"})
+        # step 0 nor rename its Job.
+        fields = self.model_dump(mode="json", exclude=exclude)
         if fields["data"]["format"] == "auto":  # added later: the default keeps every earlier run's hash
             del fields["data"]["format"]
-        if fields["resources"]["nodes"] == 1:  # likewise
+        if "resources" in fields and fields["resources"]["nodes"] == 1:  # likewise
             del fields["resources"]["nodes"]
         if fields["training"]["fp8"] == "off":  # likewise
             del fields["training"]["fp8"]

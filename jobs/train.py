@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from jobs.errors import DataError, Diverged, OutOfMemory, Preempted
+from jobs.errors import DataError, Diverged, OutOfMemory, Preempted, Problem, SpecError
 from jobs.spec import ALL_LINEAR, TrainingRunSpec
 
 log = logging.getLogger("jobs")
@@ -179,6 +179,8 @@ class TrainState:
     examples_seen: int = 0
     tokens_per_micro_batch: int | None = None  # after any out-of-memory back-off
     oom_backoffs: list[dict] = field(default_factory=list)  # {"step", "from", "to"}
+    world_size: int | None = None  # training processes that wrote the checkpoint (None: written before)
+    examples_per_step: int | None = None  # what a step meant when the checkpoint was written
 
 
 @dataclass
@@ -324,6 +326,23 @@ def _adapter_snapshot(model) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items()}
 
 
+def _check_resumable(saved: TrainState, step: int, examples_per_step: int, world_size: int, checkpoints) -> None:
+    """A checkpoint resumes on any number of processes as long as a step still means the same examples
+    (the default: 16 per step on any world size). With an explicit accumulation a step is
+    per-device batch x accumulation x world size, so another world size would train other batches
+    under the saved optimizer and schedule: refused, with what would make it resume."""
+    if saved.examples_per_step in (None, examples_per_step):
+        return
+    raise SpecError([Problem(
+        "training.gradient_accumulation_steps",
+        f"the checkpoint at step {step} ({checkpoints.location}) was written by {saved.world_size} training "
+        f"process(es) with {saved.examples_per_step} examples per optimizer step; on {world_size} this spec "
+        f"makes {examples_per_step}, so its steps would be other batches",
+        f"set it to 'auto' (16 examples per step on any world size) or to a value that makes "
+        f"{saved.examples_per_step} examples per step on {world_size} process(es); or delete "
+        f"{checkpoints.location} to start the run afresh")])
+
+
 def train(model, spec: TrainingRunSpec, train_ex: list[dict], val_ex: list[dict], *, device, plan,
           checkpoints, stop_requested: Callable[[], bool] = lambda: False, world=None,
           on_progress: Callable[..., None] | None = None, compile_cache=None) -> TrainResult:
@@ -369,13 +388,18 @@ def train(model, spec: TrainingRunSpec, train_ex: list[dict], val_ex: list[dict]
     scaling = cuda and plan.dtype == torch.float16
     scaler = torch.amp.GradScaler("cuda", enabled=scaling)
 
-    state = TrainState()
+    state = TrainState(world_size=world_size, examples_per_step=examples_per_step)
     longest = max((len(e["input_ids"]) for e in train_ex), default=2)
     budget = TokenBudget(plan.tokens_per_micro_batch, min(longest, plan.tokens_per_micro_batch))
     best_adapter = None
     resumed_from = checkpoints.restore(model, optimizer, scheduler, state, scaler)
     if resumed_from is not None:
-        log.info("resumed from checkpoint at step %d of %d", resumed_from, total_steps)
+        _check_resumable(state, resumed_from, examples_per_step, world_size, checkpoints)
+        written_by = state.world_size or 1
+        log.info("resumed from checkpoint at step %d of %d%s", resumed_from, total_steps,
+                 f" (written by {written_by} training process{'es' if written_by > 1 else ''}, now {world_size})"
+                 if written_by != world_size else "")
+        state.world_size = world_size
         best_adapter = checkpoints.restored_best
         if state.tokens_per_micro_batch:
             budget.tokens = min(budget.tokens, state.tokens_per_micro_batch)
@@ -618,7 +642,7 @@ def _optimizer_from_safetensors(tensors: dict, meta: dict) -> dict:
 
 
 class Checkpoints:
-    """Checkpoints in object storage under <output>/<name>/checkpoints/<spec_hash>/step-NNNNNN/.
+    """Checkpoints in object storage under <output>/<name>/checkpoints/<training_hash>/step-NNNNNN/.
 
     Everything is safetensors or JSON: a checkpoint comes from a bucket, and anything that can
     write there must not be able to run code in the next pod (no pickle, no ``torch.load``).
@@ -626,16 +650,20 @@ class Checkpoints:
     bucket, only the newest on local disk.
     """
 
-    def __init__(self, store, prefix: str, workdir: Path, keep: int = 2):
+    def __init__(self, store, prefix: str, workdir: Path, keep: int = 2, *, earlier_prefix: str | None = None):
         self.store, self.prefix, self.workdir, self.keep = store, prefix.strip("/"), Path(workdir), keep
+        # where checkpoints of this run were kept before (by the whole spec's hash): read, never written
+        self.earlier_prefix = earlier_prefix.strip("/") if earlier_prefix and earlier_prefix != prefix else None
         self.restored_best: dict | None = None
+        self.location = f"{store.label}/{self.prefix}"
 
-    def _steps(self) -> list[int]:
+    def _steps(self, prefix: str | None = None) -> list[int]:
         from jobs.storage import join
 
+        prefix = prefix or self.prefix
         steps = []
-        for d in self.store.list_dirs(self.prefix):
-            if d.startswith("step-") and d[5:].isdigit() and self.store.exists(join(self.prefix, d, "_COMPLETE")):
+        for d in self.store.list_dirs(prefix):
+            if d.startswith("step-") and d[5:].isdigit() and self.store.exists(join(prefix, d, "_COMPLETE")):
                 steps.append(int(d[5:]))
         return sorted(steps)
 
@@ -698,14 +726,18 @@ class Checkpoints:
 
         from jobs.storage import download_prefix, join
 
+        prefix = self.prefix
         steps = self._steps()
+        if not steps and self.earlier_prefix:
+            prefix, steps = self.earlier_prefix, self._steps(self.earlier_prefix)
         if not steps:
             return None
         step = steps[-1]
         name = f"step-{step:06d}"
         local = self.workdir / "restore" / name
-        download_prefix(self.store, join(self.prefix, name) + "/", local)
-        where = f"{self.store.label}/{join(self.prefix, name)}"
+        download_prefix(self.store, join(prefix, name) + "/", local)
+        where = f"{self.store.label}/{join(prefix, name)}"
+        self.location = f"{self.store.label}/{prefix}"
         if not (local / "adapter.safetensors").is_file():
             raise DataError(f"checkpoint {where} has no adapter.safetensors (written by an older version, or "
                             "tampered with); checkpoints are only read as safetensors and JSON",

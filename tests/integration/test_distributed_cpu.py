@@ -141,58 +141,86 @@ def _children_with_rank(pid: int) -> dict[int, int]:
     return out
 
 
-def test_sigterm_to_one_rank_checkpoints_all_and_the_retry_resumes_at_that_step(tmp_path, small_model_dir):
+def test_sigterm_to_one_rank_checkpoints_all_and_the_retry_resumes_at_that_step_on_any_world_size(
+        tmp_path, small_model_dir):
     """The kubelet's SIGTERM may reach one worker first: the stop flag travels with the step's all-reduce,
     so every rank stops after the same step, rank 0 checkpoints, the run exits 75, and the retry (a new
-    pod: a fresh workdir) resumes from that step with the same world size."""
+    pod: a fresh workdir) resumes from that step. A checkpoint is not tied to its world size: a run
+    stopped in one process resumes in two (both ranks at the same step), and both runs train the
+    same curve."""
+    import re
     import signal
     import time
 
-    spec = {"name": "stop", "base_model": {"uri": str(small_model_dir)}, "dataset": {"train": str(DEMO / "train.jsonl")},
-            "output": str(tmp_path / "store"),
-            "training": {"max_steps": 6, "max_seq_length": 256, "checkpoint_interval_steps": 100, "epochs": 3},
-            "lora": {"dropout": 0.0}, "eval": {"enabled": False}, "merge": {"enabled": False}, "resources": {"gpus": 0}}
-    path = tmp_path / "stop.yaml"
-    path.write_text(yaml.safe_dump(spec))
-
-    def start(n: int):
-        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
-               "TERMINATION_MESSAGE_PATH": str(tmp_path / f"stop-{n}.termination")}
-        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                                 "-m", "jobs", "run", "--spec", str(path), "--workdir", str(tmp_path / f"work-{n}")],
-                                env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-    first = start(1)
-    log = []
-    deadline = time.time() + 600
-    for line in first.stdout:
-        log.append(line)
-        if "step 2/6" in line:
-            ranks = _children_with_rank(first.pid)
-            assert 1 in ranks, ranks
-            os.kill(ranks[1], signal.SIGTERM)  # rank 1 only
-            break
-        assert time.time() < deadline, "".join(log[-20:])
-    log.append(first.stdout.read())
-    first.wait(timeout=300)
-    text = "".join(log)
-    msg = json.loads((tmp_path / "stop-1.termination").read_text())
-    assert msg["exit_code"] == 75 and msg["stage"] == "train", (msg, text[-3000:])
-    stopped = int(__import__("re").search(r"stopped by SIGTERM at step (\d+)/6", msg["message"]).group(1))
-    assert stopped in (2, 3, 4), msg
-
-    second = start(2)
-    out = second.communicate(timeout=900)[0]
-    assert json.loads((tmp_path / "stop-2.termination").read_text())["exit_code"] == 0, out[-3000:]
-    assert f"resumed from checkpoint at step {stopped} of 6" in out, out[-3000:]
-    assert f"step {stopped + 1}/6" in out and "step 1/6 " not in out
     from jobs.publish import existing_versions
     from jobs.storage import LocalStore
 
+    def spec(name: str) -> Path:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({
+            "name": name, "base_model": {"uri": str(small_model_dir)}, "dataset": {"train": str(DEMO / "train.jsonl")},
+            "output": str(tmp_path / "store"),
+            "training": {"max_steps": 6, "max_seq_length": 256, "checkpoint_interval_steps": 100, "epochs": 3},
+            "lora": {"dropout": 0.0}, "eval": {"enabled": False}, "merge": {"enabled": False},
+            "resources": {"gpus": 0}}))
+        return path
+
+    def start(name: str, attempt: int, nproc: int):
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+               "TERMINATION_MESSAGE_PATH": str(tmp_path / f"{name}-{attempt}.termination")}
+        job = ["-m", "jobs", "run", "--spec", str(spec(name)), "--workdir", str(tmp_path / f"work-{name}-{attempt}")]
+        launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
+        return subprocess.Popen([sys.executable, *launch, *job], env=env, cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def stop_at_step_2(name: str, nproc: int) -> int:
+        first = start(name, 1, nproc)
+        log = []
+        deadline = time.time() + 600
+        for line in first.stdout:
+            log.append(line)
+            if "step 2/6" in line:
+                target = _children_with_rank(first.pid)[1] if nproc > 1 else first.pid
+                os.kill(target, signal.SIGTERM)  # rank 1 only
+                break
+            assert time.time() < deadline, "".join(log[-20:])
+        log.append(first.stdout.read())
+        first.wait(timeout=300)
+        msg = json.loads((tmp_path / f"{name}-1.termination").read_text())
+        assert msg["exit_code"] == 75 and msg["stage"] == "train", (msg, "".join(log)[-3000:])
+        stopped = int(re.search(r"stopped by SIGTERM at step (\d+)/6", msg["message"]).group(1))
+        assert stopped in (2, 3, 4), msg
+        return stopped
+
+    def resume(name: str, nproc: int, stopped: int) -> str:
+        out = start(name, 2, nproc).communicate(timeout=900)[0]
+        assert json.loads((tmp_path / f"{name}-2.termination").read_text())["exit_code"] == 0, out[-3000:]
+        assert f"step {stopped + 1}/6" in out and "step 1/6 " not in out, out[-3000:]
+        return out
+
     store = LocalStore(str(tmp_path / "store"))
-    assert existing_versions(store, "stop") == {1: True}
-    report = json.loads(store.get_bytes("stop/v1/eval_report.json"))
-    assert [h["step"] for h in report["training"]["history"]] == [1, 2, 3, 4, 5, 6]
+
+    def history(name: str) -> list[dict]:
+        assert existing_versions(store, name) == {1: True}, "published once"
+        return json.loads(store.get_bytes(f"{name}/v1/eval_report.json"))["training"]["history"]
+
+    # two ranks, SIGTERM to rank 1, the retry on two ranks
+    stopped = stop_at_step_2("stop", 2)
+    out = resume("stop", 2, stopped)
+    assert f"resumed from checkpoint at step {stopped} of 6\n" in out, out[-3000:]
+    same = history("stop")
+    assert [h["step"] for h in same] == [1, 2, 3, 4, 5, 6]
+
+    # one process stopped, the retry on two: every rank resumes at the step one process wrote
+    stopped = stop_at_step_2("grow", 1)
+    out = resume("grow", 2, stopped)
+    assert out.count(f"resumed from checkpoint at step {stopped} of 6 (written by 1 training process, now 2)") == 2, \
+        out[-3000:]
+    grown = history("grow")
+    assert [h["step"] for h in grown] == [1, 2, 3, 4, 5, 6] and [h["examples"] for h in grown] == [16] * 6
+    assert [h["tokens"] for h in grown] == [h["tokens"] for h in same], "a step is the same examples on 1 or 2"
+    for a, b in zip(same, grown):  # the same curve, whichever world size wrote or read the checkpoint
+        assert abs(a["loss"] - b["loss"]) <= 1e-4 * abs(a["loss"]), (same, grown)
 
 
 def _descendant_with_rank(pid: int, rank: int) -> int | None:

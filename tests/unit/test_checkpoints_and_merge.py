@@ -159,6 +159,35 @@ def test_only_the_newest_checkpoint_stays_on_local_disk(tmp_path):
     assert ck._steps() == [2, 3], "the bucket keeps the two newest"
 
 
+def test_checkpoints_kept_under_the_earlier_key_are_resumed_and_new_ones_go_under_the_new(tmp_path):
+    """Runs that checkpointed before the key became the training hash resume after an upgrade."""
+    store = LocalStore(str(tmp_path / "bucket"))
+    model = _with_adapter(_tiny_llama())
+    opt, sched = _optimizer(model)
+    Checkpoints(store, "run/checkpoints/spechash", tmp_path / "old").save(model, opt, sched, TrainState(step=3))
+    ck = Checkpoints(store, "run/checkpoints/trainhash", tmp_path / "work",
+                     earlier_prefix="run/checkpoints/spechash")
+    assert ck.restore(model, opt, sched, TrainState()) == 3
+    assert ck.location.endswith("run/checkpoints/spechash")
+    ck.save(model, opt, sched, TrainState(step=4))
+    assert ck._steps() == [4] and ck._steps("run/checkpoints/spechash") == [3], "the earlier key is only read"
+
+
+def test_a_checkpoint_whose_steps_were_other_batches_is_refused_with_the_fix(tmp_path):
+    from jobs.errors import SpecError
+    from jobs.train import _check_resumable
+
+    ck = Checkpoints(LocalStore(str(tmp_path / "bucket")), "run/checkpoints/abc", tmp_path / "work")
+    # written before the fields existed, or a step of the same size on another world size: resumes
+    _check_resumable(TrainState(), 5, 16, 2, ck)
+    _check_resumable(TrainState(world_size=4, examples_per_step=16), 5, 16, 2, ck)
+    with pytest.raises(SpecError) as err:  # accumulation 4 x batch 2 x 4 GPUs = 32, now 2 GPUs = 16
+        _check_resumable(TrainState(world_size=4, examples_per_step=32), 5, 16, 2, ck)
+    text = str(err.value)
+    assert "step 5" in text and "32 examples per optimizer step" in text and "on 2 this spec makes 16" in text
+    assert "gradient_accumulation_steps" in text and "run/checkpoints/abc" in text
+
+
 class _Boom:
     def __reduce__(self):
         return (open, ("/tmp/lora-jobs-pickle-ran", "w"))

@@ -81,6 +81,16 @@ def test_spec_hash_is_stable_and_changes_with_the_spec():
     assert changed.spec_hash() != a.spec_hash()
 
 
+def test_the_checkpoint_key_ignores_where_a_run_runs_but_not_what_it_trains():
+    """The Job's name (spec hash) changes with resources; the checkpoints' key does not, so a run
+    resubmitted with more memory or another number of GPUs resumes instead of starting over."""
+    a = load_spec_text(MINIMAL)
+    moved = load_spec_text(MINIMAL + "resources: {gpus: 4, memory: 200Gi, nodes: 2}\n")
+    assert moved.spec_hash() != a.spec_hash()
+    assert moved.training_hash() == a.training_hash()
+    assert load_spec_text(MINIMAL + "training: {epochs: 2}\n").training_hash() != a.training_hash()
+
+
 def test_overrides_set_nested_fields_and_are_validated():
     import yaml
     data = apply_overrides(yaml.safe_load(MINIMAL), ["training.epochs=2", "lora.rank=32"])
