@@ -49,7 +49,16 @@ def tracking_advice(spec, settings) -> list:
                     f"will not be tracked (its pod gets no {mlflow.uri_env})",
                     f"set LAUNCHER_MLFLOW_TRACKING_URI or mlflow_tracking_uri in {config_file_path()}; on a "
                     "cluster the chart's settings.mlflowTrackingUri sets it for the namespace (not read by "
-                    "validate); a --local run reads $" + mlflow.uri_env + " from your environment")]
+                    "validate); a --local run uses the same setting, else $" + mlflow.uri_env + " from your environment")]
+
+
+def local_tracking_env(spec, settings) -> dict[str, str]:
+    """What a ``--local`` run gets of the tracking settings: the URI setting in the variable the spec
+    names, as a pod gets it (a token only ever comes from the caller's own environment)."""
+    mlflow = spec.tracking.mlflow if spec.tracking is not None else None
+    if mlflow is None or not settings.mlflow_tracking_uri:
+        return {}
+    return {mlflow.uri_env: settings.mlflow_tracking_uri}
 
 
 # ------------------------------------------------------------------------------ results
@@ -399,7 +408,7 @@ class Client:
             base_dir = Path(spec).resolve().parent if isinstance(spec, (str, Path)) else Path.cwd()
         s = self.load_spec(spec, overrides)
         return run_local(s, base_dir, workdir, on_output=on_output or (lambda line: _log.info(line.rstrip("\n"))),
-                         note=self._note)
+                         note=self._note, env=local_tracking_env(s, self.offline_settings))
 
     def status(self, run: str) -> RunStatus:
         """Where a run (its newest Job) is, and why; ``UsageError`` if there is no such run."""

@@ -33,9 +33,10 @@ def resolve_local_paths(spec: TrainingRunSpec, base: Path) -> TrainingRunSpec:
 
 
 def run_local(spec: TrainingRunSpec, base: Path, workdir: Path | None, *, on_output: Callable[[str], None],
-              note: Callable[[str], None]) -> int:
+              note: Callable[[str], None], env: dict[str, str] | None = None) -> int:
     """Run the job here, streaming each line of its output (newline kept) to ``on_output``; return its exit
-    code. The working folder defaults to ``~/.cache/lora-jobs/runs/<job name>``."""
+    code. The working folder defaults to ``~/.cache/lora-jobs/runs/<job name>``. ``env`` adds variables
+    (the launcher's settings for the job); the caller's own environment wins over them."""
     spec = resolve_local_paths(spec, base)
     name = job_name(spec)
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
@@ -44,7 +45,7 @@ def run_local(spec: TrainingRunSpec, base: Path, workdir: Path | None, *, on_out
     spec_file = workdir / "spec.yaml"
     spec_file.write_text(spec_yaml(spec), encoding="utf-8")
     cmd = [sys.executable, "-m", "jobs", "run", "--spec", str(spec_file), "--workdir", str(workdir)]
-    env = dict(os.environ)
+    env = {**(env or {}), **os.environ}
     env.setdefault("LORA_JOBS_RUN_ID", name)
     env.setdefault("PYTHONUNBUFFERED", "1")
     here = str(Path(__file__).resolve().parent.parent)

@@ -1,5 +1,6 @@
 """`launcher submit --local` stopped by SIGTERM (a timeout, a CI runner): the job gets the signal too,
-checkpoints and exits 75 like a preempted pod; no training process is left behind."""
+checkpoints and exits 75 like a preempted pod; no training process is left behind. The launcher's
+tracking setting reaches a local run as it reaches a pod."""
 from __future__ import annotations
 
 import os
@@ -30,15 +31,24 @@ def _processes_mentioning(text: str) -> list[int]:
     return out
 
 
-def test_sigterm_to_a_local_run_reaches_the_job_which_checkpoints_and_exits_75(tmp_path, small_model_dir):
+def test_sigterm_to_a_local_run_reaches_the_job_which_checkpoints_and_exits_75(tmp_path, small_model_dir,
+                                                                               mlflow_server):
+    import uuid
+
+    from published import find_run
+
+    experiment = f"local-{uuid.uuid4().hex[:8]}"
     spec = {"name": "local-stop", "base_model": {"uri": str(small_model_dir)},
+            "tracking": {"mlflow": {"experiment": experiment}},
             "dataset": {"train": str(DEMO / "train.jsonl")}, "output": str(tmp_path / "store"),
             "training": {"epochs": 3, "max_seq_length": 256}, "eval": {"enabled": False},
             "merge": {"enabled": False}, "resources": {"gpus": 0}}
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     work = tmp_path / "work"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2",
+           "LAUNCHER_MLFLOW_TRACKING_URI": mlflow_server.uri}  # the setting, not the job's own variable
+    env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.Popen([sys.executable, "-m", "launcher", "submit", str(path), "--local", "--workdir", str(work)],
                             env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen = []
@@ -55,3 +65,5 @@ def test_sigterm_to_a_local_run_reaches_the_job_which_checkpoints_and_exits_75(t
     assert "SIGTERM received" in text and "stopped by SIGTERM at step" in text, text[-3000:]
     assert _processes_mentioning(str(work)) == [], "a training process outlived the launcher"
     assert list((tmp_path / "store" / "local-stop" / "checkpoints").rglob("_COMPLETE")), "a checkpoint was saved"
+    run = find_run(mlflow_server.uri, experiment)  # tracked through the setting; stopped, to be carried on
+    assert run["info"]["status"] == "KILLED", run["info"]
