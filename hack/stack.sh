@@ -7,8 +7,9 @@
 #   and the image registry it pulls from; needs Docker once (the pause image). `--no-node` skips it.
 #   optional: the MLflow tracking server (SQLite, artifacts proxied), with `up --mlflow` or `mlflow`
 #   optional: Kueue (hack/kueue.sh), with `kueue`; `down` stops it too
+#   optional: JobSet (hack/jobset.sh), with `jobset`; `down` stops it too
 #
-# Usage: hack/stack.sh up [--no-docker] [--no-node] [--s3-only] [--mlflow] | mlflow | kueue | down | status | env
+# Usage: hack/stack.sh up [--no-docker] [--no-node] [--s3-only] [--mlflow] | mlflow | kueue | jobset | down | status | env
 # `up` writes $STACK_RUN/env (KUBECONFIG, AWS_*, HELM, ...) for tests and shells:
 #   source .stack/env && kubectl-less curl, python -m launcher, pytest ...
 set -euo pipefail
@@ -250,6 +251,7 @@ EOF
   if running mlflow && [ -f "$STACK_RUN/mlflow.env" ]; then cat "$STACK_RUN/mlflow.env" >> "$STACK_RUN/env"; fi
   if running node-kubelet && [ -f "$STACK_RUN/node/env" ]; then cat "$STACK_RUN/node/env" >> "$STACK_RUN/env"; fi
   if [ -f "$STACK_RUN/kueue/env" ]; then cat "$STACK_RUN/kueue/env" >> "$STACK_RUN/env"; fi
+  if [ -f "$STACK_RUN/jobset/env" ]; then cat "$STACK_RUN/jobset/env" >> "$STACK_RUN/env"; fi
   chmod 600 "$STACK_RUN/env"
 }
 
@@ -284,6 +286,7 @@ cmd_down() {
   fi
   rm -rf "$PIDS/mlflow" "$STACK_RUN/mlflow" "$STACK_RUN/mlflow.env"
   "$here/kueue.sh" down  # before the apiserver: its webhook configurations go first
+  "$here/jobset.sh" down  # likewise
   "$here/node.sh" down  # before the apiserver: the kubelet's pods stop with it
   for name in kwok kube-scheduler kube-controller-manager kube-apiserver etcd minio dockerd; do
     if running "$name"; then
@@ -309,6 +312,7 @@ case ${1:-} in
   up) shift; cmd_up "$@" ;;
   mlflow) up_mlflow; if [ -f "$STACK_RUN/env" ]; then write_env; fi ;;  # on demand (tests marked mlflow)
   kueue) "$here/kueue.sh" up; if [ -f "$STACK_RUN/env" ]; then write_env; fi ;;  # on demand (tests marked kueue)
+  jobset) "$here/jobset.sh" up; if [ -f "$STACK_RUN/env" ]; then write_env; fi ;;  # on demand (tests marked jobset)
   down) cmd_down ;;
   status) cmd_status ;;
   env) cat "$STACK_RUN/env" ;;
@@ -316,5 +320,5 @@ case ${1:-} in
     kill "$(cat "$PIDS/kube-apiserver")"; sleep 1; rm -f "$PIDS/kube-apiserver"; up_kube ;;
   stop-apiserver)  # used by fault-injection tests; `up --no-docker` starts it again
     kill "$(cat "$PIDS/kube-apiserver")"; sleep 1; rm -f "$PIDS/kube-apiserver" ;;
-  *) echo "usage: hack/stack.sh up [--no-docker] [--no-node] [--s3-only] [--mlflow] | mlflow | kueue | down | status | env" >&2; exit 2 ;;
+  *) echo "usage: hack/stack.sh up [--no-docker] [--no-node] [--s3-only] [--mlflow] | mlflow | kueue | jobset | down | status | env" >&2; exit 2 ;;
 esac

@@ -128,6 +128,18 @@ def kueue(stack) -> str:
 
 
 @pytest.fixture(scope="session")
+def jobset(stack) -> str:
+    """JobSet's controller against the stack's apiserver, its CRD, RBAC and webhooks installed: started on first use
+    (`hack/stack.sh jobset` builds the pinned JobSet once per machine); stopped by `hack/stack.sh down`.
+    Returns its pid file."""
+    proc = subprocess.run(["bash", str(REPO / "hack" / "stack.sh"), "jobset"], cwd=REPO,
+                          stdout=sys.stderr, stderr=subprocess.STDOUT)
+    if proc.returncode != 0:
+        pytest.fail("JobSet did not start (hack/stack.sh jobset); its message is above", pytrace=False)
+    return _read_env(STACK_RUN / "jobset" / "env")["STACK_JOBSET_PID_FILE"]
+
+
+@pytest.fixture(scope="session")
 def kube_api(stack):
     from kubernetes import client, config
 
