@@ -3,7 +3,7 @@
 # into $STACK_CACHE/<piece>-<version>/bin. A piece already built is not rebuilt,
 # so only a fresh machine pays for the compile (about 25 min on 2 cores).
 #
-# Usage: hack/build-stack.sh [piece ...]   (pieces: kube etcd kwok helm minio kubelet registry coredns)
+# Usage: hack/build-stack.sh [piece ...]   (pieces: kube etcd kwok helm minio kubelet kube-proxy registry coredns)
 # Optional pieces, built only when named: s5cmd (benchmarks/s3_download.py's peer),
 # mc (the MinIO client the chart's bucket hook runs; tests/integration/test_minio_policy.py),
 # kueue (the queue controller: hack/stack.sh kueue; tests marked kueue),
@@ -78,7 +78,7 @@ if ! flock -n 9; then
 fi
 
 pieces=("$@")
-[ ${#pieces[@]} -gt 0 ] || pieces=(helm kwok etcd minio kube kubelet registry coredns)
+[ ${#pieces[@]} -gt 0 ] || pieces=(helm kwok etcd minio kube kubelet kube-proxy registry coredns)
 for piece in "${pieces[@]}"; do
   case $piece in
     kube) build_wrapped kube "$KUBE_VERSION" k8s.io/kubernetes "v0.${KUBE_VERSION#v1.}" "$(kube_ldflags)" \
@@ -86,6 +86,9 @@ for piece in "${pieces[@]}"; do
     # The real node's kubelet: same module and version as the control plane, its own cache folder.
     kubelet) build_wrapped kubelet "$KUBE_VERSION" k8s.io/kubernetes "v0.${KUBE_VERSION#v1.}" "$(kube_ldflags)" \
             k8s.io/kubernetes/cmd/kubelet ;;
+    # The real node's Service proxy (ClusterIPs for its pods): same module and version again.
+    kube-proxy) build_wrapped kube-proxy "$KUBE_VERSION" k8s.io/kubernetes "v0.${KUBE_VERSION#v1.}" "$(kube_ldflags)" \
+            k8s.io/kubernetes/cmd/kube-proxy ;;
     # The image registry the real node pulls from (loopback only).
     registry) build_go registry "$REGISTRY_VERSION" -- go install -trimpath \
             -ldflags "-s -w -X github.com/distribution/distribution/v3/version.version=$REGISTRY_VERSION" \
@@ -109,7 +112,7 @@ for piece in "${pieces[@]}"; do
     # Through the wrapper module, as s5cmd: the proxy refuses JobSet's version list too.
     jobset) build_wrapped jobset "$JOBSET_VERSION" sigs.k8s.io/jobset "$JOBSET_VERSION" \
             "-s -w -X sigs.k8s.io/jobset/pkg/version.GitVersion=$JOBSET_VERSION" sigs.k8s.io/jobset ;;
-    *) echo "unknown piece: $piece (expected kube etcd kwok helm minio kubelet registry coredns, or s5cmd mc kueue jobset)" >&2; exit 2 ;;
+    *) echo "unknown piece: $piece (expected kube etcd kwok helm minio kubelet kube-proxy registry coredns, or s5cmd mc kueue jobset)" >&2; exit 2 ;;
   esac
 done
 say "stack binaries ready under $STACK_CACHE"

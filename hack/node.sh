@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The real node of the local stack, next to kwok's fake GPU nodes: a kubelet built from the
-# control plane's own k8s.io/kubernetes, Debian's containerd + runc, a CNI bridge, and an image
-# registry (distribution) that the node pulls from by name. CPU only.
+# The real node of the local stack, next to kwok's fake GPU nodes: a kubelet and kube-proxy built
+# from the control plane's own k8s.io/kubernetes, Debian's containerd + runc, a CNI bridge, and an
+# image registry (distribution) that the node pulls from by name. CPU only.
 #
 #   host (loopback only)                      netns lora-node (made here; node IP 10.250.0.2)
 #   kube-apiserver 127.0.0.1:$API_PORT  <--unix socket-->  127.0.0.1:$API_PORT   kubelet, containerd
@@ -9,6 +9,7 @@
 #   MinIO          127.0.0.1:$MINIO_PORT <--unix socket-->  10.251.0.1:$MINIO_PORT (pods' S3 endpoint)
 #   apiserver --> kubelet 10.250.0.2:10250 over a veth pair (logs, exec)
 #   CoreDNS (cluster.local only) on 10.251.0.1:53 for the pods
+#   kube-proxy (iptables, masquerading every Service connection) for Service ClusterIPs (10.96.0.0/16)
 #
 # Nothing leaves the machine: the node's namespace has no default route, the pods' bridge
 # (10.251.0.0/24) lives inside it, and every hop to a host service is a unix socket (socat),
@@ -18,6 +19,9 @@
 # plugins) sends its pods there, as a dedicated node pool would.
 #
 # Usage: hack/node.sh up | down | status | push IMAGE... | stop-kubelet | start-kubelet
+#        hack/node.sh exec CMD...   CMD in the node's network namespace (as a process on the node:
+#                                   pod IPs and Service ClusterIPs answer; used by tests/ to reach
+#                                   what the chart runs as pods, like its dev MinIO)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=hack/lib.sh
@@ -29,6 +33,7 @@ REGISTRY_PORT=${REGISTRY_PORT:-25002}
 NODE_NAME=${NODE_NAME:-lora-node-0}
 NETNS=${NODE_NETNS:-lora-node}
 HOST_IP=10.250.0.1 NODE_IP=10.250.0.2 POD_CIDR=10.251.0.0/24 POD_GW=10.251.0.1
+SERVICE_CIDR=10.96.0.0/16  # the apiserver's --service-cluster-ip-range (hack/stack.sh)
 TAINT_KEY=lora-jobs.dev/real-node
 PAUSE_IMAGE=127.0.0.1:$REGISTRY_PORT/lora-jobs/pause:3.10
 
@@ -38,18 +43,20 @@ PKI=$STACK_RUN/pki
 KUBELET=$(piece_bin kubelet "$KUBE_VERSION" kubelet)
 REGISTRY=$(piece_bin registry "$REGISTRY_VERSION" registry)
 COREDNS=$(piece_bin coredns "$COREDNS_VERSION" coredns)
+KUBE_PROXY=$(piece_bin kube-proxy "$KUBE_VERSION" kube-proxy)
 CTR_SOCK=$NODE_RUN/containerd.sock
 in_ns() { nsenter --net="/run/netns/$NETNS" -- "$@"; }  # the network namespace only: mounts stay shared
 ctr_() { ctr --address "$CTR_SOCK" -n k8s.io "$@"; }
 
 need_tools() {
   local t missing=()
-  for t in containerd runc socat nsenter ip gcc skopeo; do command -v "$t" >/dev/null || missing+=("$t"); done
+  for t in containerd runc socat nsenter ip gcc skopeo iptables; do command -v "$t" >/dev/null || missing+=("$t"); done
   [ -x /usr/lib/cni/bridge ] || missing+=(containernetworking-plugins)
   [ ${#missing[@]} -eq 0 ] || fail "the real node needs ${missing[*]}" /dev/null "run hack/install-system.sh"
   [ -x "$KUBELET" ] || fail "the kubelet is not built" "$STACK_LOGS/build-kubelet.log" "run hack/build-stack.sh kubelet"
   [ -x "$REGISTRY" ] || fail "the registry is not built" "$STACK_LOGS/build-registry.log" "run hack/build-stack.sh registry"
   [ -x "$COREDNS" ] || fail "CoreDNS is not built" "$STACK_LOGS/build-coredns.log" "run hack/build-stack.sh coredns"
+  [ -x "$KUBE_PROXY" ] || fail "kube-proxy is not built" "$STACK_LOGS/build-kube-proxy.log" "run hack/build-stack.sh kube-proxy"
   [ -f "$PKI/node.crt" ] || fail "the node's certificates are missing" /dev/null "start the control plane first: hack/stack.sh up"
 }
 
@@ -111,6 +118,10 @@ up_netns() {
     in_ns ip addr add "$POD_GW/${POD_CIDR#*/}" dev lora0
   fi
   in_ns ip link set lora0 up
+  # A route for Service ClusterIPs, so that a process of the node itself (not only a pod) gets as far
+  # as kube-proxy's OUTPUT rules: the namespace has no default route, and without one connect() fails
+  # before any rule sees the packet. Pods route through their gateway and are DNATed on the way in.
+  in_ns ip route replace "$SERVICE_CIDR" dev lora0 src "$POD_GW"
 }
 
 api_() {  # api_ METHOD PATH [JSON]: the stack's API server as admin
@@ -174,6 +185,38 @@ EOF
     nsenter --net="/run/netns/$NETNS" -- "$COREDNS" -conf "$NODE_RUN/Corefile"
   wait_for "cluster DNS" 60 "$STACK_LOGS/node-coredns.log" "see CoreDNS's log" \
     in_ns curl -fsS http://127.0.0.1:18181/ready
+}
+
+# Service ClusterIPs for the node's pods: kube-proxy in iptables mode, in the node's namespace, as the
+# built-in user system:kube-proxy (the bootstrap ClusterRoleBinding system:node-proxier gives it just
+# the read access it needs). masqueradeAll: a pod reaching a Service whose endpoint sits on the same
+# bridge gets its replies through the gateway even where br_netfilter is not loaded. It changes no
+# sysctl outside the namespace (conntrack sizing off) and asks for no negative oom_score_adj, which
+# this machine refuses.
+up_proxy() {
+  client_cert kube-proxy system:kube-proxy
+  kubeconfig_for kube-proxy
+  cat > "$NODE_RUN/kube-proxy.yaml" <<EOF
+apiVersion: kubeproxy.config.k8s.io/v1alpha1
+kind: KubeProxyConfiguration
+clientConnection: {kubeconfig: $NODE_RUN/kube-proxy.kubeconfig}
+hostnameOverride: $NODE_NAME
+bindAddress: $NODE_IP
+mode: iptables
+clusterCIDR: $POD_CIDR
+detectLocalMode: ClusterCIDR
+iptables: {masqueradeAll: true, localhostNodePorts: false, syncPeriod: 30s, minSyncPeriod: 1s}
+conntrack: {maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeout: 0s}
+nodePortAddresses: [$NODE_IP/32]
+healthzBindAddress: 127.0.0.1:10256
+metricsBindAddress: 127.0.0.1:10249
+oomScoreAdj: 0
+EOF
+  say "starting kube-proxy $KUBE_VERSION (iptables) in $NETNS"
+  start node-kube-proxy "$STACK_LOGS/node-kube-proxy.log" \
+    nsenter --net="/run/netns/$NETNS" -- "$KUBE_PROXY" --config "$NODE_RUN/kube-proxy.yaml"
+  wait_for "kube-proxy" 60 "$STACK_LOGS/node-kube-proxy.log" "see kube-proxy's log" \
+    in_ns curl -fsS http://127.0.0.1:10256/healthz
 }
 
 # bridge NAME NS_LISTEN HOST_PORT: NS_LISTEN (inside the node's namespace) -> unix socket -> 127.0.0.1:HOST_PORT
@@ -309,6 +352,7 @@ up_node() {
   wait_for containerd 30 "$STACK_LOGS/node-containerd.log" "see the log" ctr_ version
   up_dns
   start_kubelet
+  up_proxy
   cat > "$NODE_RUN/env" <<EOF
 export STACK_NODE_NAME=$NODE_NAME
 export STACK_NODE_TAINT=$TAINT_KEY
@@ -329,6 +373,7 @@ sys.exit(0 if any(c["type"] == "Ready" and c["status"] == "True" for c in n["sta
 down_node() {
   local name
   if running node-kubelet; then stop_daemon node-kubelet; fi
+  stop_daemon node-kube-proxy  # its rules go with the namespace
   stop_daemon node-coredns
   if running node-containerd; then
     # Every pod's containers and sandbox, so that no shim, mount or pod network outlives the node.
@@ -379,12 +424,13 @@ case ${1:-} in
   up) up_node ;;
   down) down_node ;;
   status)
-    for name in registry node-containerd node-coredns node-kubelet; do
+    for name in registry node-containerd node-coredns node-kubelet node-kube-proxy; do
       if running "$name"; then echo "$name: running (pid $(cat "$PIDS/$name"))"; else echo "$name: stopped"; fi
     done ;;
   push) shift; cmd_push "$@" ;;
+  exec) shift; [ -e "/run/netns/$NETNS" ] || fail "the node is not up" /dev/null "hack/node.sh up"; in_ns "$@" ;;
   # fault tests: the node goes away (its pods' containers run on) and comes back
   stop-kubelet) stop_daemon node-kubelet ;;
   start-kubelet) start_kubelet ;;
-  *) echo "usage: hack/node.sh up | down | status | push IMAGE... | stop-kubelet | start-kubelet" >&2; exit 2 ;;
+  *) echo "usage: hack/node.sh up | down | status | push IMAGE... | exec CMD... | stop-kubelet | start-kubelet" >&2; exit 2 ;;
 esac

@@ -3,8 +3,8 @@
 #   MinIO (S3)  ·  etcd + kube-apiserver + kube-controller-manager + kube-scheduler
 #   kwok (fake GPU and CPU nodes; pods go through their lifecycle without a kubelet)
 #   helm  ·  dockerd (started when not running) with a debootstrapped base image
-#   a real node (hack/node.sh): kubelet + containerd + CNI in a network namespace of its own,
-#   and the image registry it pulls from; needs Docker once (the pause image). `--no-node` skips it.
+#   a real node (hack/node.sh): kubelet + containerd + CNI + CoreDNS + kube-proxy in a network namespace
+#   of its own, and the image registry it pulls from; needs Docker once (the pause image). `--no-node` skips it.
 #   optional: the MLflow tracking server (SQLite, artifacts proxied), with `up --mlflow` or `mlflow`
 #   optional: Kueue (hack/kueue.sh), with `kueue`; `down` stops it too
 #   optional: JobSet (hack/jobset.sh), with `jobset`; `down` stops it too
