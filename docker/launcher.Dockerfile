@@ -1,5 +1,5 @@
 # The launcher CLI image: `launcher submit|status|logs|...` from inside a cluster
-# (CI runners, GitOps hooks) and the chart's S3 hooks (bucket creation, helm test).
+# (CI runners, GitOps hooks) and the chart's `helm test` S3 check (the bucket hook runs mc in the MinIO image).
 # No torch: the launcher's dependencies only. Build with hack/build-images.sh.
 #   BASE_IMAGE  production: debian:bookworm-slim; CI: lora-jobs/debian:bookworm
 #               (hack/base-image.sh, no registry needed).

@@ -3,6 +3,9 @@
 #
 #   hack/build-images.sh              both images
 #   hack/build-images.sh launcher     one of them
+#   hack/build-images.sh minio        the chart's dev MinIO (with mc, for its bucket hook):
+#                                     lora-jobs/minio:<MINIO_VERSION>, from the MinIO and mc
+#                                     that hack/build-stack.sh builds (built here when missing)
 #
 # Environment:
 #   BASE_IMAGE          base of both images (default: the local Debian image from
@@ -44,16 +47,28 @@ images=("$@")
 [ ${#images[@]} -gt 0 ] || images=(launcher trainer)
 
 for image in "${images[@]}"; do
+  context=$REPO_ROOT tag="$prefix/$image:$version" extra=()
   case "$image" in
     trainer) from=$trainer_base ;;
     launcher) from=$base ;;
-    *) fail "unknown image '$image'" /dev/null "name trainer and/or launcher" ;;
+    minio)
+      # The build context is just the two binaries: nothing of the repository goes in.
+      from=$base tag="$prefix/minio:$MINIO_VERSION"
+      bins=("$(piece_bin minio "$MINIO_VERSION" minio)" "$(piece_bin mc "$MC_VERSION" mc)")
+      [ -x "${bins[0]}" ] && [ -x "${bins[1]}" ] || "$here/build-stack.sh" minio mc
+      context=$(mktemp -d)
+      trap 'rm -rf "$context"' EXIT
+      for b in "${bins[@]}"; do
+        ln "$b" "$context/" 2>/dev/null || cp "$b" "$context/"
+      done
+      extra=(--build-arg "MINIO_VERSION=$MINIO_VERSION" --build-arg "MC_VERSION=$MC_VERSION") ;;
+    *) fail "unknown image '$image'" /dev/null "name trainer, launcher and/or minio" ;;
   esac
   if [ "$from" = "$default_base" ] && ! "$DOCKER" image inspect "$from" >/dev/null 2>&1; then
     DOCKER="$DOCKER" "$here/base-image.sh"
   fi
-  tag="$prefix/$image:$version"
   log="$STACK_LOGS/build-$image.log"
+  [ "$image" = minio ] && log="$STACK_LOGS/build-minio-image.log"  # build-minio.log is the binary's (build-stack.sh)
   say "building $tag from $from (log: $log)"
   start=$(date +%s)
   "$DOCKER" build --progress=plain \
@@ -62,9 +77,10 @@ for image in "${images[@]}"; do
       --build-arg "VERSION=$version" \
       --build-arg "REVISION=$revision" \
       --build-arg "CREATED=$created" \
-      "${ca_args[@]}" \
-      -t "$tag" "$REPO_ROOT" >"$log" 2>&1 \
+      "${extra[@]}" "${ca_args[@]}" \
+      -t "$tag" "$context" >"$log" 2>&1 \
     || fail "docker build of $tag failed" "$log" "read the log; a pip or apt download error usually means the CA bundle (CA_BUNDLE) or the network"
+  if [ "$context" != "$REPO_ROOT" ]; then rm -rf "$context"; trap - EXIT; fi
   size=$("$DOCKER" image inspect -f '{{.Size}}' "$tag")
   say "built $tag in $(( $(date +%s) - start ))s, $(( size / 1024 / 1024 )) MiB"
 done
