@@ -193,6 +193,9 @@ def submit(
     if dry_run:
         from launcher.render import to_yaml
 
+        if v.spec.resources.nodes > 1 and client.offline_settings.multinode_workload == "auto":
+            _err("note: multinode_workload is auto and --dry-run asks no cluster: shown as an Indexed Job; a cluster "
+                 "that serves JobSets gets a JobSet (LAUNCHER_MULTINODE_WORKLOAD=jobset --dry-run shows it)")
         typer.echo(to_yaml(*client.render(v.spec)), nl=False)
         return
     result = client.submit(v.spec, server_dry_run=server_dry_run, skip_preflight=skip_preflight)

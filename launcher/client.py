@@ -75,10 +75,15 @@ class Validation:
 
 @dataclass
 class Attempts:
+    """A Job's pods (failed: those counted against retries), or for a JobSet run its current attempt's pods with
+    ``failed`` the whole-run restarts counted against ``retries_allowed`` and ``restarts`` all of them (a
+    disruption's are not counted)."""
+
     active: int
     succeeded: int
     failed: int
     retries_allowed: int | None
+    restarts: int | None = None
 
 
 @dataclass
@@ -105,6 +110,7 @@ class RunStatus:
     # The job's live progress object (jobs.progress), read from the run's storage, with a one-line "summary";
     # None when it cannot be read (no credentials here, not written yet, a run from before progress existed).
     progress: dict | None = None
+    kind: str = "Job"  # or "JobSet": what the run is on the cluster (settings.multinode_workload)
 
     @property
     def finished(self) -> bool:
@@ -137,10 +143,12 @@ class RunSummary:
 class Cancelled:
     job: str
     waited: bool  # True: the Job and its pods are gone; False: deletion was asked for
+    kind: str = "job"  # or "jobset" (its Jobs and headless Service went with it)
 
     @property
     def message(self) -> str:
-        return f"cancelled: job {self.job}" + (" (job and pods deleted)" if self.waited else " (deleting)")
+        return f"cancelled: {self.kind} {self.job}" + (f" ({self.kind} and pods deleted)" if self.waited
+                                                       else " (deleting)")
 
 
 @dataclass
@@ -176,6 +184,47 @@ class LogStream:
         self.outcome = yield from self._lines
 
 
+@dataclass
+class Snapshot:
+    """One look at a run: its Job or JobSet (None once gone), its pods, the Warning events around it, and a
+    JobSet's child Jobs (one per attempt, while JobSet keeps them)."""
+
+    workload: dict | None
+    pods: list[dict]
+    events: list[dict]
+    jobs: list[dict] = field(default_factory=list)
+
+    def diagnose(self, **kw: Any):
+        """:func:`launcher.diagnose.diagnose_run` of it (``kw``: gpu_resource, workload, nodes)."""
+        from launcher.diagnose import diagnose_run
+
+        return diagnose_run(self.workload, self.pods, self.events, jobs=self.jobs, **kw)
+
+    def status(self, diag: Any, namespace: str) -> "RunStatus":
+        return status_of(self.workload, self.pods, diag, namespace, self.jobs)
+
+
+def _jobsets(kube: Any, selector: str) -> list[dict]:
+    """The JobSets ``selector`` names; none where the cluster serves none, or the launcher may not list them (a
+    Role from before JobSet runs: its Jobs still work)."""
+    from launcher.errors import Forbidden
+
+    try:
+        return kube.list_jobsets(selector)
+    except Forbidden:
+        return []
+
+
+def _jobset(kube: Any, name: str) -> dict | None:
+    """The JobSet ``name``, or None (none served, none of that name, or not allowed to read it)."""
+    from launcher.errors import Forbidden
+
+    try:
+        return kube.get_jobset(name)
+    except Forbidden:
+        return None
+
+
 # ------------------------------------------------------------------------------ small pure helpers
 
 _DURATION = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -207,22 +256,32 @@ def _by_age(pods: list[dict]) -> list[dict]:
     return sorted(pods, key=lambda p: (p["metadata"].get("creationTimestamp") or "", p["metadata"]["name"]))
 
 
-def status_of(job: dict, pods: list[dict], diag: Any, namespace: str) -> RunStatus:
-    """A :class:`RunStatus` from the Job, its pods and their diagnosis. Pure."""
-    from launcher.diagnose import attempt_of
-    from launcher.render import ANNOTATION_OUTPUT, LABEL_HASH, LABEL_RUN
+def status_of(job: dict, pods: list[dict], diag: Any, namespace: str, jobs: list[dict] = ()) -> RunStatus:
+    """A :class:`RunStatus` from the Job (or JobSet and its child ``jobs``), its pods and their diagnosis. Pure."""
+    from launcher.diagnose import attempt_of, current_attempt
+    from launcher.render import ANNOTATION_OUTPUT, LABEL_HASH, LABEL_RUN, is_jobset
 
     meta, st = job.get("metadata") or {}, job.get("status") or {}
     labels = meta.get("labels") or {}
+    if is_jobset(job):
+        child, pods = current_attempt(job, list(jobs), pods)
+        cst = (child or {}).get("status") or {}
+        attempts = Attempts(active=cst.get("active", 0), succeeded=cst.get("succeeded", 0),
+                            failed=st.get("restartsCountTowardsMax", 0),
+                            retries_allowed=((job.get("spec") or {}).get("failurePolicy") or {}).get("maxRestarts"),
+                            restarts=st.get("restarts", 0))
+        started, completed = cst.get("startTime"), cst.get("completionTime")
+    else:
+        attempts = Attempts(active=st.get("active", 0), succeeded=st.get("succeeded", 0), failed=st.get("failed", 0),
+                            retries_allowed=(job.get("spec") or {}).get("backoffLimit"))
+        started, completed = st.get("startTime"), st.get("completionTime")
     return RunStatus(
         run=labels.get(LABEL_RUN), job=meta.get("name"), namespace=meta.get("namespace", namespace),
         spec_hash=labels.get(LABEL_HASH), state=diag.state, sentence=diag.sentence, exit_code=diag.exit_code,
         blocked=diag.blocked, details=list(diag.details), created=meta.get("creationTimestamp"),
-        started=st.get("startTime"), completed=st.get("completionTime"),
-        attempts=Attempts(active=st.get("active", 0), succeeded=st.get("succeeded", 0), failed=st.get("failed", 0),
-                          retries_allowed=(job.get("spec") or {}).get("backoffLimit")),
+        started=started, completed=completed, attempts=attempts,
         output=(meta.get("annotations") or {}).get(ANNOTATION_OUTPUT),
-        pods=[attempt_of(p) for p in _by_age(pods)])
+        pods=[attempt_of(p) for p in _by_age(pods)], kind="JobSet" if is_jobset(job) else "Job")
 
 
 class _OutageNote:
@@ -303,28 +362,42 @@ class Client:
 
     @staticmethod
     def _resolve(kube: Any, run: str) -> dict:
+        """The run's newest Job or JobSet (RUN is a run name, a Job name or a JobSet name)."""
         from launcher.render import LABEL_RUN
 
-        jobs = kube.list_jobs(f"{LABEL_RUN}={run}") if _is_label_value(run) else []
+        selector = f"{LABEL_RUN}={run}"
+        jobs = kube.list_jobs(selector) + _jobsets(kube, selector) if _is_label_value(run) else []
         if jobs:
             return max(jobs, key=lambda j: (j["metadata"].get("creationTimestamp") or "", j["metadata"]["name"]))
-        job = kube.get_job(run)
+        job = kube.get_job(run) or _jobset(kube, run)
         if job is not None:
             return job
         raise UsageError(f"no run or Job named {run} in namespace {kube.namespace}",
                          hint="see `launcher list`, or pass -n NAMESPACE")
 
     @staticmethod
-    def _snapshot(kube: Any, job_name: str) -> tuple[dict | None, list[dict], list[dict]]:
-        """(Job or None, its pods, Warning events of the Job and its newest pods)."""
-        job = kube.get_job(job_name)
-        if job is None:
-            return None, [], []
-        pods = kube.list_pods(f"{POD_JOB_LABEL}={job_name}")
-        events = kube.list_events(f"involvedObject.name={job_name},type=Warning")
-        for p in pods[-3:]:
-            events += kube.list_events(f"involvedObject.name={p['metadata']['name']},type=Warning")
-        return job, pods, events
+    def _snapshot(kube: Any, run: dict) -> "Snapshot":
+        """The resolved ``run`` (Job or JobSet) read again: None once gone, its pods, the Warning events of it,
+        a JobSet's child Jobs and the newest pods, and a JobSet's child Jobs."""
+        from launcher.render import JOBSET_NAME_LABEL, is_jobset
+
+        name = run["metadata"]["name"]
+        if is_jobset(run):
+            jobset = kube.get_jobset(name)
+            if jobset is None:
+                return Snapshot(None, [], [])
+            jobs = kube.list_jobs(f"{JOBSET_NAME_LABEL}={name}")
+            snap = Snapshot(jobset, kube.list_pods(f"{JOBSET_NAME_LABEL}={name}"), [], jobs)
+            objects = [name] + [j["metadata"]["name"] for j in jobs]
+        else:
+            job = kube.get_job(name)
+            if job is None:
+                return Snapshot(None, [], [])
+            snap = Snapshot(job, kube.list_pods(f"{POD_JOB_LABEL}={name}"), [])
+            objects = [name]
+        for obj in objects + [p["metadata"]["name"] for p in snap.pods[-3:]]:
+            snap.events += kube.list_events(f"involvedObject.name={obj},type=Warning")
+        return snap
 
     @staticmethod
     def _workload(kube: Any, job: dict | None) -> dict | None:
@@ -380,7 +453,8 @@ class Client:
                           advice=list(s.advice()) + tracking_advice(s, self.offline_settings))
 
     def render(self, spec: SpecLike, overrides: list[str] | tuple[str, ...] = ()) -> tuple[dict, dict]:
-        """(Job, ConfigMap) the run would create, from the offline settings; touches no cluster."""
+        """(Job or JobSet, ConfigMap) the run would create, from the offline settings; touches no cluster, so
+        ``multinode_workload: auto`` renders the Indexed Job (the CLI says so)."""
         from launcher.render import render_run
 
         return render_run(self.load_spec(spec, overrides), self.offline_settings)
@@ -411,37 +485,39 @@ class Client:
                          note=self._note, env=local_tracking_env(s, self.offline_settings))
 
     def status(self, run: str) -> RunStatus:
-        """Where a run (its newest Job) is, and why; ``UsageError`` if there is no such run."""
-        from launcher.diagnose import diagnose
-
+        """Where a run (its newest Job or JobSet) is, and why; ``UsageError`` if there is no such run."""
         settings, kube = self.connect()
-        job = self._resolve(kube, run)
-        job, pods, events = self._snapshot(kube, job["metadata"]["name"])
-        if job is None:
+        snap = self._snapshot(kube, self._resolve(kube, run))
+        if snap.workload is None:
             raise UsageError(f"run {run} disappeared while we looked", hint="see `launcher list`")
         from jobs.progress import read_run_progress
 
-        st = status_of(job, pods, diagnose(job, pods, events, gpu_resource=settings.gpu_resource,
-                                           workload=self._workload(kube, job), nodes=self._nodes(kube, pods)),
-                       kube.namespace)
+        st = snap.status(snap.diagnose(gpu_resource=settings.gpu_resource, workload=self._workload(kube, snap.workload),
+                                       nodes=self._nodes(kube, snap.pods)), kube.namespace)
         st.progress = read_run_progress(st.output, st.spec_hash)
         return st
 
     def list(self) -> list[RunSummary]:
         """The runs in the namespace, newest first."""
         from jobs.progress import read_run_progress
-        from launcher.diagnose import diagnose
-        from launcher.render import ANNOTATION_OUTPUT, LABEL_HASH, LABEL_RUN
+        from launcher.render import ANNOTATION_OUTPUT, JOBSET_NAME_LABEL, LABEL_HASH, LABEL_RUN
 
         settings, kube = self.connect()
-        jobs = kube.list_jobs(LABEL_APP_SELECTOR)
-        by_job: dict[str, list[dict]] = {}
+        jobsets = _jobsets(kube, LABEL_APP_SELECTOR)
+        jobs = kube.list_jobs(LABEL_APP_SELECTOR) + jobsets
+        # pods and child Jobs by the run they belong to: a JobSet's by its name, a Job's pods by the Job's
+        by_run: dict[str, list[dict]] = {}
         for p in kube.list_pods(LABEL_APP_SELECTOR):
-            by_job.setdefault((p["metadata"].get("labels") or {}).get(POD_JOB_LABEL, ""), []).append(p)
+            labels = p["metadata"].get("labels") or {}
+            by_run.setdefault(labels.get(JOBSET_NAME_LABEL) or labels.get(POD_JOB_LABEL, ""), []).append(p)
+        children: dict[str, list[dict]] = {}
+        for j in kube.list_jobs(JOBSET_NAME_LABEL) if jobsets else []:
+            children.setdefault(j["metadata"]["labels"][JOBSET_NAME_LABEL], []).append(j)
         rows = []
         for j in sorted(jobs, key=lambda j: j["metadata"].get("creationTimestamp") or "", reverse=True):
             name = j["metadata"]["name"]
-            d = diagnose(j, by_job.get(name, []), [], gpu_resource=settings.gpu_resource)
+            d = Snapshot(j, by_run.get(name, []), [], children.get(name, [])).diagnose(
+                gpu_resource=settings.gpu_resource)
             labels = j["metadata"].get("labels") or {}
             progress = None
             if d.state == "Running":  # one small read per running run; finished ones say it in their sentence
@@ -458,7 +534,6 @@ class Client:
         """Poll until the run finishes and return its final status (whether it succeeded or failed: look at
         ``state``). Outlives API-server restarts. ``on_change`` sees each new sentence. Raises ``WaitTimeout``
         after ``timeout`` seconds, ``RunFailed`` if the Job disappears."""
-        from launcher.diagnose import diagnose
         from launcher.kube import with_retries
 
         started = time.monotonic()
@@ -471,14 +546,13 @@ class Client:
         retrying = self._retrying()
         last = None
         while True:
-            job, pods, events = with_retries(lambda: self._snapshot(kube, name), deadline=deadline,
-                                             on_retry=retrying)
+            snap = with_retries(lambda: self._snapshot(kube, job), deadline=deadline, on_retry=retrying)
             retrying.said = False  # reachable again: the next outage is news
-            if job is None:
+            if snap.workload is None:
                 raise RunFailed(f"job {name} no longer exists (cancelled, or deleted after its TTL)")
-            diag = diagnose(job, pods, events, gpu_resource=settings.gpu_resource, workload=self._workload(kube, job),
-                            nodes=self._nodes(kube, pods))
-            status = status_of(job, pods, diag, kube.namespace)
+            diag = snap.diagnose(gpu_resource=settings.gpu_resource, workload=self._workload(kube, snap.workload),
+                                 nodes=self._nodes(kube, snap.pods))
+            status = snap.status(diag, kube.namespace)
             if diag.sentence != last:
                 if on_change:
                     on_change(status)
@@ -498,20 +572,21 @@ class Client:
         lines) when the API server goes away; ``outcome`` is then the final status. A container whose current
         log cannot be read falls back to its previous instance; one that cannot be read at all is noted.
         A multi-node run's pods are its node ranks: ``rank`` picks one (default 0, the rank that publishes)."""
+        from launcher.render import job_spec_of
+
         job = self._job_of(run, outlive_outages=follow)
-        spec = job.get("spec") or {}
+        spec = job_spec_of(job)
         nodes = int(spec.get("completions") or 1) if spec.get("completionMode") == "Indexed" else 1
         if rank is not None and not 0 <= rank < nodes:
             raise UsageError(f"run {run} has {nodes} pod{'s' if nodes > 1 else ''} (node ranks 0-{nodes - 1}); "
                              f"there is no rank {rank}", hint=f"pick --rank between 0 and {nodes - 1}")
         index = (rank or 0) if nodes > 1 else None
         _, kube = self.connect()
-        return LogStream(self._log_lines(kube, job["metadata"]["name"], follow=follow, tail=tail, poll=poll,
-                                         index=index))
+        return LogStream(self._log_lines(kube, job, follow=follow, tail=tail, poll=poll, index=index))
 
-    def _log_lines(self, kube: Any, job_name: str, *, follow: bool, tail: int | None, poll: float,
+    def _log_lines(self, kube: Any, run: dict, *, follow: bool, tail: int | None, poll: float,
                    index: int | None = None):
-        from launcher.diagnose import diagnose, trainer_status
+        from launcher.diagnose import trainer_status
         from launcher.kube import ClusterError, ClusterUnreachable, with_retries
 
         note = self._note
@@ -526,12 +601,13 @@ class Client:
         def retrying(msg: str) -> None:
             note(f"… {msg}; retrying")
 
+        job_name = run["metadata"]["name"]
         while True:
-            job, pods, _ = with_retries(lambda: self._snapshot(kube, job_name), on_retry=retrying)
-            if job is None:
+            snap = with_retries(lambda: self._snapshot(kube, run), on_retry=retrying)
+            if snap.workload is None:
                 raise RunFailed(f"job {job_name} no longer exists (cancelled, or deleted after its TTL)")
-            diag = diagnose(job, pods, [])
-            pods = _by_age(pods)
+            diag = snap.diagnose()
+            pods = _by_age(snap.pods)
             if index is not None:  # one node rank of a multi-node run: its pods, retries included
                 pods = [p for p in pods if ((p.get("metadata") or {}).get("annotations") or {}).get(
                     "batch.kubernetes.io/job-completion-index") == str(index)]
@@ -589,24 +665,32 @@ class Client:
                     note(f"no log yet: {diag.sentence}")
                 return None
             if diag.finished and all(p["metadata"]["name"] in done for p in pods):
-                return status_of(job, pods, diag, kube.namespace)
+                return snap.status(diag, kube.namespace)
             time.sleep(poll)
 
     def cancel(self, run: str, *, wait: bool = True, timeout: float = 120) -> Cancelled:
-        """Stop a run: delete its Job, its pods and its spec ConfigMap; with ``wait``, until they are gone
-        (``WaitTimeout`` after ``timeout`` seconds)."""
+        """Stop a run: delete its Job (or JobSet: its Jobs and headless Service with it), its pods and its spec
+        ConfigMap; with ``wait``, until they are gone (``WaitTimeout`` after ``timeout`` seconds)."""
+        from launcher.render import JOBSET_NAME_LABEL, is_jobset
+
         _, kube = self.connect()
-        name = self._resolve(kube, run)["metadata"]["name"]
-        kube.delete_job(name, propagation="Foreground")
+        resolved = self._resolve(kube, run)
+        name = resolved["metadata"]["name"]
+        if is_jobset(resolved):
+            kube.delete_jobset(name, propagation="Foreground")
+            get, pods_label = kube.get_jobset, JOBSET_NAME_LABEL
+        else:
+            kube.delete_job(name, propagation="Foreground")
+            get, pods_label = kube.get_job, POD_JOB_LABEL
         kube.delete_configmap(name)
         if wait:
             deadline = time.monotonic() + timeout
-            while kube.get_job(name) is not None or kube.list_pods(f"{POD_JOB_LABEL}={name}"):
+            while get(name) is not None or kube.list_pods(f"{pods_label}={name}"):
                 if time.monotonic() > deadline:
-                    raise WaitTimeout(f"job {name} is still being deleted after {timeout:g} s",
-                                      hint=f"check its pods: kubectl get pods -l {POD_JOB_LABEL}={name}")
+                    raise WaitTimeout(f"{resolved.get('kind', 'Job').lower()} {name} is still being deleted after "
+                                      f"{timeout:g} s", hint=f"check its pods: kubectl get pods -l {pods_label}={name}")
                 time.sleep(1)
-        return Cancelled(name, wait)
+        return Cancelled(name, wait, "jobset" if is_jobset(resolved) else "job")
 
     # ------------------------------------------------------------------ published versions
     def _output_of(self, run: str, output: str | None) -> tuple[str, str]:

@@ -375,3 +375,104 @@ def _failed(cond: dict, counted: list[Attempt], evicted: list[Attempt], spec: di
                                  "or shorten the run", details, exit_code=last.exit_code if last else None)
     text = message or reason or "failed"
     return Diagnosis(FAILED, f"failed: {text}", details, exit_code=last.exit_code if last else None)
+
+
+# ----------------------------------------------------------------------------- JobSet runs
+
+#: JobSet's label on its child Jobs and their pods: the whole-run restart they belong to.
+RESTART_LABEL = "jobset.sigs.k8s.io/restart-attempt"
+
+
+def diagnose_run(run: dict, pods: list[dict], events: list[dict], *, jobs: list[dict] = (),
+                 **kw: Any) -> Diagnosis:
+    """:func:`diagnose` of a Job, or :func:`diagnose_jobset` of a JobSet and its child ``jobs``."""
+    if run.get("kind") == "JobSet":
+        return diagnose_jobset(run, list(jobs), pods, events, **kw)
+    return diagnose(run, pods, events, **kw)
+
+
+def current_attempt(jobset: dict, jobs: list[dict], pods: list[dict]) -> tuple[dict | None, list[dict]]:
+    """The child Job of a JobSet's current attempt (its ``status.restarts``), or None before JobSet made it, and
+    that attempt's pods."""
+    attempt = str(_status(jobset).get("restarts") or 0)
+    mine = [j for j in jobs if (_meta(j).get("labels") or {}).get(RESTART_LABEL) == attempt]
+    job = max(mine, key=_created) if mine else None
+    return job, [p for p in pods if (_meta(p).get("labels") or {}).get(RESTART_LABEL) == attempt]
+
+
+def diagnose_jobset(jobset: dict, jobs: list[dict], pods: list[dict], events: list[dict], *,
+                    gpu_resource: str = "nvidia.com/gpu", workload: dict | None = None,
+                    nodes: dict[str, dict] | None = None) -> Diagnosis:
+    """A multi-node run rendered as a JobSet (launcher/render.py): the JobSet's own conditions first (done,
+    failed, queued), then its current attempt, read as :func:`diagnose` reads an Indexed Job. Each whole-run
+    restart (status.restarts; those of disruptions are not counted against maxRestarts) is named, since the
+    restart deletes the failed attempt's pods and with them its exit codes."""
+    name = _meta(jobset).get("name", "?")
+    st = _status(jobset)
+    conds = _true_conditions(jobset)
+    allowed = ((jobset.get("spec") or {}).get("failurePolicy") or {}).get("maxRestarts", 0)
+    restarts, counted = int(st.get("restarts") or 0), int(st.get("restartsCountTowardsMax") or 0)
+    job, attempt_pods = current_attempt(jobset, jobs, pods)
+
+    free = restarts - counted
+    details = [f"jobset {name}: restart {restarts}, {counted} counted of the {allowed} allowed"
+               + (f", {free} after disruptions (not counted)" if free else "")]
+    restarting = _condition(jobset, "Restarting")
+    if restarting and restarting.get("message"):
+        details.append(f"jobset {name}: last restart: {restarting.get('reason')}: {restarting['message']}")
+    note = ""
+    if restarts:
+        note = (f" (restart {restarts} of the whole run; {counted} of {allowed} allowed used"
+                + (f", {free} after disruptions, not counted" if free else "") + ")")
+
+    def inner() -> Diagnosis | None:
+        if job is None:
+            return None
+        d = diagnose(job, attempt_pods, events, gpu_resource=gpu_resource, nodes=nodes)
+        d.details = details + d.details[1:]  # the child Job's own line says "retries allowed: 0"
+        return d
+
+    def why(d: Diagnosis) -> str:
+        """What ended the attempt: with backoffLimit 0 its one counted pod failure; else (a podFailurePolicy
+        rule, the time limit) the child Job's own sentence."""
+        failed = [a for a in (attempt_of(p) for p in sorted(attempt_pods, key=_created))
+                  if a.phase == "Failed" and not a.evicted]
+        if (_true_conditions(job).get("Failed") or {}).get("reason") == "BackoffLimitExceeded" and failed:
+            return f"pod {failed[0].pod} {_explain_exit(failed[0])}"
+        return d.sentence.removeprefix("failed: ")
+
+    if _meta(jobset).get("deletionTimestamp"):
+        return Diagnosis(DELETING, "being deleted (cancelled)", details)
+    if "Completed" in conds:
+        d = inner()
+        return Diagnosis(SUCCEEDED, (d.sentence if d and d.state == SUCCEEDED else "succeeded") + note,
+                         d.details if d else details, exit_code=0)
+    if "Failed" in conds:
+        failed = conds["Failed"]
+        d = inner()
+        reason = why(d) if d and d.state == FAILED else (failed.get("message") or "")
+        if failed.get("reason") == "ReachedMaxRestarts":
+            sentence = f"failed after {restarts + 1} attempts of the whole run ({counted} counted restarts of " \
+                       f"{allowed} allowed); the last one: {reason}"
+        else:
+            sentence = f"failed: {reason}" + note
+        return Diagnosis(FAILED, sentence, d.details if d else details, exit_code=d.exit_code if d else None)
+    if (jobset.get("spec") or {}).get("suspend"):
+        queue = (_meta(jobset).get("labels") or {}).get("kueue.x-k8s.io/queue-name")
+        where = f"Kueue queue {queue}" if queue else "its queue (the JobSet is suspended)"
+        return Diagnosis(QUEUED, f"queued: waiting for {where} to admit it{_kueue_says(workload, details)}"
+                         + note, details)
+    d = inner()
+    if d is None:
+        old = [p for p in pods if p not in attempt_pods]
+        if old:
+            return Diagnosis(PENDING, f"restarting every pod: waiting for the {len(old)} pods of the last attempt "
+                             f"to go{note}", details)
+        return Diagnosis(PENDING, "waiting for the JobSet controller to create the run's Job" + note, details)
+    if d.state == FAILED:  # until the JobSet controller applies its failurePolicy
+        return Diagnosis(PENDING, f"attempt {restarts + 1} failed ({why(d)}); the JobSet controller restarts every "
+                         "pod or ends the run" + note, d.details, exit_code=d.exit_code)
+    if d.state == SUCCEEDED:  # the child Job is done, the JobSet is marked Completed within seconds
+        d.state, d.sentence = RUNNING, "finishing: the run's Job succeeded, the JobSet is being marked complete"
+    d.sentence += note
+    return d

@@ -16,11 +16,16 @@ from launcher.errors import (AlreadyExists, ClusterError, ClusterUnreachable, Fo
 
 #: (connect, read) seconds for ordinary calls; a restarting API server must not hang us.
 TIMEOUT = (5, 30)
+#: JobSet's API (sigs.k8s.io/jobset): group, version, plural.
+JOBSET = ("jobset.x-k8s.io", "v1alpha2", "jobsets")
+#: How long a "does the cluster serve JobSets" answer is reused.
+DISCOVERY_TTL = 60.0
 
 
 def _plural(kind: str) -> str:
     return {"job": "jobs", "pod": "pods", "configmap": "configmaps", "secret": "secrets", "event": "events",
-            "node": "nodes", "namespace": "namespaces", "serviceaccount": "serviceaccounts", "pods/log": "pods/log"}.get(kind, kind)
+            "node": "nodes", "namespace": "namespaces", "serviceaccount": "serviceaccounts", "pods/log": "pods/log",
+            "jobset": "jobsets"}.get(kind, kind)
 
 
 class Kube:
@@ -33,6 +38,7 @@ class Kube:
         self.namespace = namespace
         self._api = api_client
         self.server = getattr(getattr(api_client, "configuration", None), "host", None)
+        self._jobsets_served: tuple[float, bool] | None = None
 
     @classmethod
     def from_settings(cls, settings: Any) -> "Kube":
@@ -196,6 +202,62 @@ class Kube:
         try:
             self.call("delete", "job", name, ns, self._batch().delete_namespaced_job, name, ns, body=body,
                       _preload_content=False, _request_timeout=TIMEOUT)
+            return True
+        except NotFound:
+            return False
+
+    # JobSets (sigs.k8s.io/jobset): a multi-node run where settings.multinode_workload asks for them
+    def _custom(self):
+        from kubernetes import client
+        return client.CustomObjectsApi(self.api)
+
+    def serves_jobsets(self) -> bool:
+        """Whether the cluster serves ``jobsets.jobset.x-k8s.io`` (API discovery, which every authenticated
+        user may read); the answer is kept for a minute."""
+        now = time.monotonic()
+        if self._jobsets_served is None or now - self._jobsets_served[0] > DISCOVERY_TTL:
+            try:
+                data = self._json(self.call("get", "jobset", None, None, self._custom().get_api_resources,
+                                            *JOBSET[:2], _preload_content=False, _request_timeout=TIMEOUT))
+                served = any(r.get("name") == JOBSET[2] for r in data.get("resources") or [])
+            except (NotFound, TransientClusterError):  # the group is not served: a 404 page or Status
+                served = False
+            self._jobsets_served = (now, served)
+        return self._jobsets_served[1]
+
+    def create_jobset(self, body: dict, *, dry_run: bool = False, namespace: str | None = None) -> dict:
+        ns = self._ns(namespace)
+        kw = {"dry_run": "All"} if dry_run else {}
+        return self._json(self.call("create", "jobset", body["metadata"]["name"], ns,
+                                    self._custom().create_namespaced_custom_object, *JOBSET[:2], ns, JOBSET[2], body,
+                                    _preload_content=False, _request_timeout=TIMEOUT, **kw))
+
+    def get_jobset(self, name: str, namespace: str | None = None) -> dict | None:
+        """The JobSet, or None when there is none (or the cluster serves no JobSets)."""
+        if not self.serves_jobsets():
+            return None
+        ns = self._ns(namespace)
+        return self._get_or_none("get", "jobset", name, ns, self._custom().get_namespaced_custom_object,
+                                 *JOBSET[:2], ns, JOBSET[2], name)
+
+    def list_jobsets(self, label_selector: str | None = None, namespace: str | None = None) -> list[dict]:
+        """The namespace's JobSets; none where the cluster serves no JobSets."""
+        if not self.serves_jobsets():
+            return []
+        ns = self._ns(namespace)
+        kw = {"label_selector": label_selector} if label_selector else {}
+        data = self._json(self.call("list", "jobset", None, ns, self._custom().list_namespaced_custom_object,
+                                    *JOBSET[:2], ns, JOBSET[2], _preload_content=False, _request_timeout=TIMEOUT,
+                                    **kw))
+        return data.get("items") or []
+
+    def delete_jobset(self, name: str, *, propagation: str = "Foreground", namespace: str | None = None) -> bool:
+        """Delete a JobSet and (by propagation) its Jobs, pods and Service; False when it was already gone."""
+        ns = self._ns(namespace)
+        body = {"apiVersion": "v1", "kind": "DeleteOptions", "propagationPolicy": propagation}
+        try:
+            self.call("delete", "jobset", name, ns, self._custom().delete_namespaced_custom_object, *JOBSET[:2], ns,
+                      JOBSET[2], name, body=body, _preload_content=False, _request_timeout=TIMEOUT)
             return True
         except NotFound:
             return False

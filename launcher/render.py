@@ -1,4 +1,5 @@
-"""Spec + settings -> the Job and its spec ConfigMap, as plain dicts. Pure: no I/O, no clock.
+"""Spec + settings -> the Job (or, for a multi-node run, a JobSet) and its spec ConfigMap, as plain dicts.
+Pure: no I/O, no clock.
 
 Only the fields of ``spec.resources`` (and the run name, hash and labels) shape the
 pod; everything else travels inside the ConfigMap as data, so a spec cannot inject
@@ -32,6 +33,14 @@ SHM_SIZE = "16Gi"
 RENDEZVOUS_PORT = 29500
 #: The Job controller's annotation on each pod of an Indexed Job: its completion index = node rank.
 INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+#: A multi-node run as a JobSet (settings.multinode_workload): its API, and the name of its one replicatedJob,
+#: whose M pods are the nodes. One letter: JobSet's webhook refuses a JobSet whose pod names
+#: (<jobset>-<replicatedJob>-<job index>-<pod index>-<5 random>) pass 63 characters, and a 40-character run
+#: name leaves 2 for it.
+JOBSET_API = "jobset.x-k8s.io/v1alpha2"
+REPLICATED_JOB = "n"
+#: The label JobSet puts on its child Jobs and their pods: which JobSet they belong to.
+JOBSET_NAME_LABEL = "jobset.sigs.k8s.io/jobset-name"
 #: Time for the trainer to write a checkpoint after SIGTERM (preemption, cancel).
 TERMINATION_GRACE_SECONDS = 120
 #: uid/gid of the images (docker/*.Dockerfile): above 10000, so no user of the node shares it.
@@ -70,7 +79,7 @@ def render_configmap(spec: TrainingRunSpec, settings: LauncherSettings) -> dict[
     }
 
 
-def _env(spec: TrainingRunSpec, settings: LauncherSettings) -> list[dict[str, Any]]:
+def _env(spec: TrainingRunSpec, settings: LauncherSettings, master: str) -> list[dict[str, Any]]:
     def secret(name: str, key: str) -> dict[str, Any]:
         return {"name": name, "valueFrom": {"secretKeyRef": {"name": settings.s3_secret_name, "key": key}}}
 
@@ -88,15 +97,14 @@ def _env(spec: TrainingRunSpec, settings: LauncherSettings) -> list[dict[str, An
         {"name": "HF_HOME", "value": f"{SCRATCH}/hf"},
     ]
     if spec.resources.nodes > 1:
-        # torchrun reads its arguments from PET_* variables: static rendezvous on pod 0, whose DNS name
-        # <job>-0.<service> the headless Service gives it; the node rank is the pod's completion index.
-        name = job_name(spec)
+        # torchrun reads its arguments from PET_* variables: static rendezvous on pod 0 (``master``, its DNS
+        # name under the headless Service); the node rank is the pod's completion index.
         env += [
             {"name": "PET_NNODES", "value": str(spec.resources.nodes)},
             {"name": "PET_NPROC_PER_NODE", "value": str(max(1, spec.resources.gpus))},
             {"name": "PET_NODE_RANK", "valueFrom": {"fieldRef": {
                 "fieldPath": f"metadata.annotations['{INDEX_ANNOTATION}']"}}},
-            {"name": "PET_MASTER_ADDR", "value": f"{name}-0.{name}"},
+            {"name": "PET_MASTER_ADDR", "value": master},
             {"name": "PET_MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
         ]
     mlflow = spec.tracking.mlflow if spec.tracking is not None else None
@@ -120,18 +128,22 @@ def _resources(spec: TrainingRunSpec, settings: LauncherSettings) -> dict[str, A
     return out
 
 
-def _pod_failure_policy() -> dict[str, Any]:
+def _pod_failure_policy(disruption: str = "Ignore") -> dict[str, Any]:
     # A rule-less failure (exit 1, 75) is counted against backoffLimit: that is "Count otherwise".
     # 137 (SIGKILL) once evictions and preemptions are ignored is the kernel's OOM killer at the memory
     # limit, or a kill after the grace period: a retry with the same limit is OOMKilled again.
+    # The rules' order is a contract: a JobSet's failurePolicy (_jobset_failure_policy) reads the index of the
+    # rule that failed its Job from the Job's condition message.
     return {"rules": [
-        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+        {"action": disruption, "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
         {"action": "FailJob", "onExitCodes": {"containerName": CONTAINER, "operator": "In",
                                               "values": sorted({*(int(c) for c in PERMANENT_EXIT_CODES), 137})}},
     ]}
 
 
-def render_job(spec: TrainingRunSpec, settings: LauncherSettings) -> dict[str, Any]:
+def render_job(spec: TrainingRunSpec, settings: LauncherSettings, *, master: str | None = None) -> dict[str, Any]:
+    """The Job of a run; a multi-node run's is Indexed. ``master`` is node 0's DNS name (default: the Indexed
+    Job's ``<job>-0.<job>``; a JobSet's child Job has its own)."""
     name = job_name(spec)
     labels = run_labels(spec)
     r = spec.resources
@@ -148,7 +160,7 @@ def render_job(spec: TrainingRunSpec, settings: LauncherSettings) -> dict[str, A
         "image": settings.image,
         "imagePullPolicy": settings.image_pull_policy,
         "command": ["python", "-m", "jobs", "run", "--spec", f"{SPEC_DIR}/{SPEC_KEY}"],
-        "env": _env(spec, settings),
+        "env": _env(spec, settings, master or f"{name}-0.{name}"),
         "resources": _resources(spec, settings),
         "securityContext": {
             "runAsNonRoot": True,
@@ -257,15 +269,88 @@ def render_service(spec: TrainingRunSpec, settings: LauncherSettings) -> dict[st
     }
 
 
-def render_run(spec: TrainingRunSpec, settings: LauncherSettings) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(Job, ConfigMap) for one run (a multi-node run also needs :func:`render_service`)."""
-    return render_job(spec, settings), render_configmap(spec, settings)
+def uses_jobset(spec: TrainingRunSpec, settings: LauncherSettings, jobsets_served: bool = False) -> bool:
+    """Whether the run becomes a JobSet: a multi-node run where ``multinode_workload`` is jobset, or auto and
+    the cluster serves JobSets (``jobsets_served``, which the caller looked up)."""
+    choice = settings.multinode_workload
+    return spec.resources.nodes > 1 and (choice == "jobset" or (choice == "auto" and jobsets_served))
 
 
-def owner_reference(job: dict[str, Any]) -> dict[str, Any]:
-    """An ownerReference to a created Job (needs its uid), so the ConfigMap goes with the Job."""
-    meta = job["metadata"]
-    return {"apiVersion": "batch/v1", "kind": "Job", "name": meta["name"], "uid": meta["uid"],
+def _jobset_failure_policy(retries: int) -> dict[str, Any]:
+    """Gang semantics by the JobSet controller: any failed pod fails the one child Job (backoffLimit 0), and the
+    JobSet recreates every pod, up to ``retries`` times, from the newest checkpoint. BlockingRecreate: the
+    new pods start only once all old ones are gone, so no new pod meets a dying one under the same DNS name.
+
+    The child Job's podFailurePolicy (:func:`_pod_failure_policy`) says why it failed, in the message of its
+    Failed condition ("... matching FailJob rule at index N"): rule 1, a deterministic exit code, ends the run
+    (as FailJob does for a one-pod run); rule 0, a disruption (preemption, eviction, node drain), restarts it
+    without counting, as the Job controller ignores a disrupted pod. Past its time limit the run ends too."""
+    return {
+        "maxRestarts": retries,
+        "restartStrategy": "BlockingRecreate",
+        "rules": [
+            {"name": "PermanentFailure", "action": "FailJobSet", "onJobFailureReasons": ["PodFailurePolicy"],
+             "onJobFailureMessagePatterns": [r"failed with exit code \d+ matching FailJob rule at index 1$"]},
+            {"name": "Disruption", "action": "RestartJobSetAndIgnoreMaxRestarts",
+             "onJobFailureReasons": ["PodFailurePolicy"],
+             "onJobFailureMessagePatterns": [r"has condition DisruptionTarget matching FailJob rule at index 0$"]},
+            {"name": "TimeLimit", "action": "FailJobSet", "onJobFailureReasons": ["DeadlineExceeded"]},
+        ],
+    }
+
+
+def render_jobset(spec: TrainingRunSpec, settings: LauncherSettings) -> dict[str, Any]:
+    """A multi-node run as a JobSet: one replicatedJob whose Indexed Job is the run's M pods (as
+    :func:`render_job` renders them, rendezvous on ``<jobset>-n-0-0.<jobset>``), the JobSet's own headless
+    Service as their subdomain, and the whole gang restarted by the JobSet controller."""
+    name = job_name(spec)
+    job = render_job(spec, settings, master=f"{name}-{REPLICATED_JOB}-0-0.{name}")
+    child = dict(job["spec"])
+    # The JobSet holds what concerns the whole run; a child Job lives for one attempt.
+    for key in ("ttlSecondsAfterFinished", "suspend"):
+        child.pop(key, None)
+    child["backoffLimit"] = 0  # any failed pod fails the attempt: the JobSet restarts every pod
+    child["podFailurePolicy"] = _pod_failure_policy(disruption="FailJob")
+    jobset_spec: dict[str, Any] = {
+        # JobSet's headless Service (named after the subdomain, selecting the JobSet's pods): stable DNS names
+        # <jobset>-n-0-<index>.<jobset>, resolvable before the pods are ready (the rendezvous comes first).
+        "network": {"enableDNSHostnames": True, "subdomain": name, "publishNotReadyAddresses": True},
+        "successPolicy": {"operator": "All"},  # the child Job succeeds when index 0 does (its successPolicy)
+        "failurePolicy": _jobset_failure_policy(spec.resources.retries),
+        "ttlSecondsAfterFinished": settings.ttl_seconds_after_finished,
+        "replicatedJobs": [{"name": REPLICATED_JOB, "replicas": 1, "template": {"spec": child}}],
+    }
+    if settings.queue:
+        jobset_spec["suspend"] = True  # Kueue admits the JobSet, all `nodes` pods as one workload
+    return {"apiVersion": JOBSET_API, "kind": "JobSet", "metadata": job["metadata"], "spec": jobset_spec}
+
+
+def render_run(spec: TrainingRunSpec, settings: LauncherSettings, *,
+               jobsets_served: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(Job or JobSet, ConfigMap) for one run (:func:`uses_jobset` decides; an Indexed Job also needs
+    :func:`render_service`)."""
+    workload = render_jobset(spec, settings) if uses_jobset(spec, settings, jobsets_served) \
+        else render_job(spec, settings)
+    return workload, render_configmap(spec, settings)
+
+
+def is_jobset(obj: dict[str, Any] | None) -> bool:
+    """A JobSet, as rendered or read back (the API's JSON of a custom resource always names its kind)."""
+    return bool(obj) and obj.get("kind") == "JobSet"
+
+
+def job_spec_of(workload: dict[str, Any]) -> dict[str, Any]:
+    """The Job spec of a run's workload: a Job's own, or that of a JobSet's one replicatedJob."""
+    if is_jobset(workload):
+        return workload["spec"]["replicatedJobs"][0]["template"]["spec"]
+    return workload.get("spec") or {}
+
+
+def owner_reference(owner: dict[str, Any]) -> dict[str, Any]:
+    """An ownerReference to a created Job or JobSet (needs its uid), so the ConfigMap goes with it."""
+    meta = owner["metadata"]
+    api, kind = (JOBSET_API, "JobSet") if is_jobset(owner) else ("batch/v1", "Job")
+    return {"apiVersion": api, "kind": kind, "name": meta["name"], "uid": meta["uid"],
             "blockOwnerDeletion": False, "controller": False}
 
 

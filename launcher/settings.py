@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextvars
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
@@ -61,6 +61,11 @@ class LauncherSettings(BaseSettings):
                                               description="Tolerations for runs that ask for GPUs.")
     service_account: str = Field("lora-jobs-trainer", description="ServiceAccount of the training pod.")
     queue: str | None = Field(None, description="Kueue LocalQueue; set: Jobs are created suspended and labelled.")
+    multinode_workload: Literal["indexed-job", "jobset", "auto"] = Field(
+        "indexed-job", description="What a run with resources.nodes > 1 becomes: indexed-job (an Indexed Job and a "
+                                   "headless Service), jobset (a JobSet: the cluster must serve "
+                                   "jobsets.jobset.x-k8s.io), or auto (a JobSet where the cluster serves JobSets, "
+                                   "else an Indexed Job). One-node runs are always plain Jobs.")
     ttl_seconds_after_finished: int = Field(7 * 24 * 3600, ge=0,
                                             description="Finished Jobs (and their spec) are deleted after this.")
     priority_class: str | None = Field(None, description="Default PriorityClass (a spec's resources.priority_class "

@@ -1,6 +1,6 @@
-"""Preflight checks and idempotent creation of a run (ConfigMap, then Job, then the ownerReference).
+"""Preflight checks and idempotent creation of a run (ConfigMap, then Job or JobSet, then the ownerReference).
 
-The Job name is derived from the spec hash, so the API server's name uniqueness
+The Job (JobSet) name is derived from the spec hash, so the API server's name uniqueness
 is our lock: two processes submitting the same spec race on ``create``, one gets
 409 AlreadyExists and reports "already submitted".
 """
@@ -26,10 +26,15 @@ class SubmitResult:
     dry_run: bool = False
 
     @property
+    def kind(self) -> str:
+        """What the run is on the cluster: ``job`` or ``jobset``."""
+        return "jobset" if render.is_jobset(self.job) else "job"
+
+    @property
     def message(self) -> str:
         if self.dry_run:
-            return f"server-side dry-run passed: job {self.job_name} would be created"
-        return f"{'submitted' if self.created else 'already submitted'}: job {self.job_name}"
+            return f"server-side dry-run passed: {self.kind} {self.job_name} would be created"
+        return f"{'submitted' if self.created else 'already submitted'}: {self.kind} {self.job_name}"
 
 
 # ------------------------------------------------------------------------------ quantities
@@ -76,8 +81,9 @@ def node_fit_problem(node: dict, pod_spec: dict, requests: dict[str, Any]) -> st
 
 
 def fit_failure(nodes: list[dict], job: dict, gpu_resource: str) -> str | None:
-    """A sentence when no node can ever fit the pod, else None."""
-    pod_spec = job["spec"]["template"]["spec"]
+    """A sentence when no node can ever fit the pod (of a Job or a JobSet), else None."""
+    job_spec = render.job_spec_of(job)
+    pod_spec = job_spec["template"]["spec"]
     res = pod_spec["containers"][0].get("resources") or {}
     requests = dict(res.get("requests") or {})
     for k, v in (res.get("limits") or {}).items():
@@ -85,7 +91,7 @@ def fit_failure(nodes: list[dict], job: dict, gpu_resource: str) -> str | None:
     if not nodes:
         return "the cluster has no nodes — add nodes (or check that you may list them)"
     reasons = []
-    want = int((job.get("spec") or {}).get("completions") or 1)  # the pods of a multi-node run
+    want = int(job_spec.get("completions") or 1)  # the pods of a multi-node run
     per_pod = parse_quantity(requests.get(gpu_resource, 0))
     room = 0  # how many of the run's pods the cluster could ever hold at once (GPUs are the scarce part)
     for node in nodes:
@@ -176,9 +182,11 @@ def preflight(kube: Kube, spec: TrainingRunSpec, settings: LauncherSettings, job
         except Forbidden:
             warnings.append("could not check that a node fits the run (not allowed to list nodes)")
 
-    if not failures and kube.get_job(job["metadata"]["name"]) is None:
-        # Server-side dry-run: admission (Pod Security, quota, Kueue webhooks) and schema, nothing persisted.
-        bodies = [(kube.create_configmap, configmap), (kube.create_job, job)]
+    get, create_workload = _api(kube, job)
+    if not failures and get(job["metadata"]["name"]) is None:
+        # Server-side dry-run: admission (Pod Security, quota, Kueue and JobSet webhooks) and schema, nothing
+        # persisted.
+        bodies = [(kube.create_configmap, configmap), (create_workload, job)]
         if service is not None:
             bodies.append((kube.create_service, service))
         for create, body in bodies:
@@ -195,9 +203,16 @@ def preflight(kube: Kube, spec: TrainingRunSpec, settings: LauncherSettings, job
 
 # ------------------------------------------------------------------------------ create
 
-def _wait_gone(kube: Kube, name: str, timeout: float = 60.0) -> None:
+def _api(kube: Kube, workload: dict) -> tuple[Any, Any]:
+    """(get, create) of the run's kind: Job or JobSet."""
+    if render.is_jobset(workload):
+        return kube.get_jobset, kube.create_jobset
+    return kube.get_job, kube.create_job
+
+
+def _wait_gone(kube: Kube, get: Any, name: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
-    while kube.get_job(name) is not None:
+    while get(name) is not None:
         if time.monotonic() > deadline:
             raise SubmitConflict(f"job {name} from an earlier, cancelled submission is still being deleted",
                                  hint="wait a minute and submit again")
@@ -205,14 +220,15 @@ def _wait_gone(kube: Kube, name: str, timeout: float = 60.0) -> None:
 
 
 def create_run(kube: Kube, job: dict, configmap: dict, service: dict | None = None) -> SubmitResult:
-    """Create ConfigMap then Job, then make the Job own the ConfigMap (and create the multi-node run's
+    """Create ConfigMap then Job (or JobSet), then make it own the ConfigMap (and create an Indexed Job's
     headless ``service``, owned by the Job). Idempotent and race-safe."""
     name = job["metadata"]["name"]
     want_hash = job["metadata"]["labels"][render.LABEL_HASH]
+    get, create = _api(kube, job)
 
-    existing = kube.get_job(name)
+    existing = get(name)
     if existing is not None and (existing.get("metadata") or {}).get("deletionTimestamp"):
-        _wait_gone(kube, name)
+        _wait_gone(kube, get, name)
         existing = None
     if existing is not None:
         return _already(existing, want_hash)
@@ -225,7 +241,7 @@ def create_run(kube: Kube, job: dict, configmap: dict, service: dict | None = No
         cm = kube.get_configmap(name) or {}
         owners = (cm.get("metadata") or {}).get("ownerReferences") or []
         if owners:
-            live = kube.get_job(name)
+            live = get(name)
             if live is not None and any(o.get("uid") == live["metadata"].get("uid") for o in owners):
                 return _already(live, want_hash)  # another submitter finished first
             # Left behind by a deleted Job and about to be garbage-collected: replace it.
@@ -241,9 +257,9 @@ def create_run(kube: Kube, job: dict, configmap: dict, service: dict | None = No
                                  hint=f"delete it (kubectl delete configmap {name}) and submit again")
 
     try:
-        created = kube.create_job(job)
+        created = create(job)
     except AlreadyExists:
-        live = kube.get_job(name)
+        live = get(name)
         if live is None:
             raise SubmitConflict(f"job {name} was created and deleted while we submitted",
                                  hint="submit again") from None
@@ -291,20 +307,37 @@ def _already(job: dict, want_hash: str) -> SubmitResult:
     return SubmitResult(name, False, job)
 
 
+def jobsets_served(kube: Kube, spec: TrainingRunSpec, settings: LauncherSettings) -> bool:
+    """Whether the cluster serves JobSets, asked only where it decides what the run becomes; a run that must be
+    a JobSet (``multinode_workload: jobset``) on a cluster without them is a PreflightError."""
+    if spec.resources.nodes <= 1 or settings.multinode_workload == "indexed-job":
+        return False
+    served = kube.serves_jobsets()
+    if not served and settings.multinode_workload == "jobset":
+        raise PreflightError([
+            "the launcher setting multinode_workload is jobset, but the cluster does not serve "
+            "jobsets.jobset.x-k8s.io (JobSet is not installed) — install JobSet (https://jobset.sigs.k8s.io), or "
+            "set multinode_workload to indexed-job or auto (LAUNCHER_MULTINODE_WORKLOAD)"])
+    return served
+
+
 def submit(kube: Kube, spec: TrainingRunSpec, settings: LauncherSettings, *, server_dry_run: bool = False,
            skip_preflight: bool = False) -> SubmitResult:
     """Validate against the cluster, then create the run (or find it already there)."""
-    job, configmap = render.render_run(spec, settings)
-    service = render.render_service(spec, settings)
+    job, configmap = render.render_run(spec, settings, jobsets_served=jobsets_served(kube, spec, settings))
+    service = None if render.is_jobset(job) else render.render_service(spec, settings)
     name = job["metadata"]["name"]
-    existing = kube.get_job(name)
+    get, create = _api(kube, job)
+    # The same spec submitted before as the other kind (the setting changed since) is the same run.
+    existing = get(name) or (kube.get_job(name) if render.is_jobset(job) else
+                             kube.get_jobset(name) if spec.resources.nodes > 1 else None)
     if existing is not None and not (existing.get("metadata") or {}).get("deletionTimestamp"):
         return _already(existing, job["metadata"]["labels"][render.LABEL_HASH])
     warnings = [] if skip_preflight else preflight(kube, spec, settings, job, configmap, service)
     if server_dry_run:
         if skip_preflight:
             kube.create_configmap(configmap, dry_run=True)
-            kube.create_job(job, dry_run=True)
+            create(job, dry_run=True)
             if service is not None:
                 kube.create_service(service, dry_run=True)
         return SubmitResult(name, False, job, warnings, dry_run=True)

@@ -163,6 +163,7 @@ def test_a_multi_node_gitops_job_is_refused_with_the_fix(helm):
     ({"trainingJob": {"spec": {"resources": {"cpu": 4}}}}, "/trainingJob/spec/resources/cpu"),
     ({"settings": {"mlflowTrackingUri": "mlflow server"}}, "/settings/mlflowTrackingUri"),
     ({"settings": {"mlflowTokenSecret": "Not_A_Secret_Name"}}, "/settings/mlflowTokenSecret"),
+    ({"settings": {"multinodeWorkload": "jobsets"}}, "/settings/multinodeWorkload"),
 ])
 def test_invalid_values_fail_on_the_schema_naming_the_value(helm, values, named):
     proc = run_helm(helm, "template", "lora-jobs", str(CHART), values=values, check=False)
@@ -200,6 +201,12 @@ def test_the_mlflow_settings_reach_the_launcher_through_its_configmap(helm):
     assert settings.mlflow_token_secret == "mlflow-token"
 
 
+def test_the_multinode_workload_setting_reaches_the_launcher_through_its_configmap(helm):
+    assert settings_from_chart(template(helm), "ns-test").multinode_workload == "indexed-job"
+    docs = template(helm, values={"settings": {"multinodeWorkload": "auto"}})
+    assert settings_from_chart(docs, "ns-test").multinode_workload == "auto"
+
+
 def test_every_launcher_setting_of_the_chart_is_documented_in_the_chart_readme():
     readme = (CHART / "README.md").read_text()
     values = yaml.safe_load((CHART / "values.yaml").read_text())
@@ -223,6 +230,8 @@ def test_launcher_role_grants_each_verb_it_needs_and_no_more(helm):
     assert granted == {
         ("batch", "jobs", (), "create"), ("batch", "jobs", (), "get"), ("batch", "jobs", (), "list"),
         ("batch", "jobs", (), "delete"),
+        ("jobset.x-k8s.io", "jobsets", (), "create"), ("jobset.x-k8s.io", "jobsets", (), "get"),
+        ("jobset.x-k8s.io", "jobsets", (), "list"), ("jobset.x-k8s.io", "jobsets", (), "delete"),
         ("", "configmaps", (), "create"), ("", "configmaps", (), "get"), ("", "configmaps", (), "patch"),
         ("", "configmaps", (), "delete"),
         ("", "services", (), "create"),

@@ -341,6 +341,12 @@ class FlakyKube:
     def list_jobs(self, selector):
         return [{"metadata": {"name": "j"}}]  # RUN "j" is a run name: its Job is "j"
 
+    def list_jobsets(self, selector):
+        return []  # a cluster without JobSets
+
+    def get_jobset(self, name):
+        return None
+
     def pod_log(self, pod, **kw):
         answer = self.logs.pop(0) if self.logs else []
         if isinstance(answer, Exception):

@@ -194,6 +194,7 @@ node_selector: {{- toYaml .Values.settings.nodeSelector | nindent 2 }}
 tolerations: {{- toYaml .Values.settings.tolerations | nindent 2 }}
 service_account: {{ include "lora-jobs.trainerServiceAccount" . | quote }}
 queue: {{ if .Values.settings.queue }}{{ .Values.settings.queue | quote }}{{ else }}null{{ end }}
+multinode_workload: {{ .Values.settings.multinodeWorkload | quote }}
 ttl_seconds_after_finished: {{ int .Values.settings.ttlSecondsAfterFinished }}
 {{- $priority := .Values.settings.priorityClass }}
 {{- if and (not $priority) .Values.priorityClass.create }}
