@@ -17,15 +17,16 @@ INDEX = "batch.kubernetes.io/job-completion-index"
 
 
 def _create(sdk, data):
-    """Create the run as submit does (Job, ConfigMap, Service), with kwok's hold annotation on the pods."""
-    from launcher.render import render_run, render_service
+    """Create the run as submit does (Job, ConfigMap, Service; or a JobSet and ConfigMap, as the settings say),
+    with kwok's hold annotation on the pods."""
+    from launcher.render import is_jobset, job_spec_of, render_run, render_service
     from launcher.submit import create_run
 
     settings, kube = sdk.connect()
     s = sdk.load_spec(data)
     job, cm = render_run(s, settings)
-    job["spec"]["template"]["metadata"]["annotations"] = {HOLD: "true"}
-    return create_run(kube, job, cm, render_service(s, settings)).job_name, kube
+    job_spec_of(job)["template"]["metadata"]["annotations"] = {HOLD: "true"}
+    return create_run(kube, job, cm, None if is_jobset(job) else render_service(s, settings)).job_name, kube
 
 
 def _pods(kube, name):
