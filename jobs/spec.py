@@ -257,7 +257,10 @@ class ResourcesSpec(_Strict):
     nodes: int = Field(1, ge=1, le=64, description="Pods (nodes) of the run, each with `gpus` GPUs. Above 1 the "
                                                    "launcher renders an Indexed Job (one pod per node, completion "
                                                    "index = node rank) and a headless Service for torchrun's "
-                                                   "rendezvous; the world is nodes x gpus processes.")
+                                                   "rendezvous, or a JobSet of those pods where the launcher "
+                                                   "setting multinode_workload says so (jobset, or auto on a "
+                                                   "cluster that serves JobSets); the world is nodes x gpus "
+                                                   "processes.")
     cpu: str = Field("4", pattern=r"^\d+(\.\d+)?m?$", description="CPU request and limit, e.g. '8' or '500m'.")
     memory: str = Field("32Gi", pattern=r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$", description="Memory request.")
     scratch: str = Field("100Gi", pattern=r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$",
