@@ -464,6 +464,12 @@ def diagnose_jobset(jobset: dict, jobs: list[dict], pods: list[dict], events: li
                          + note, details)
     d = inner()
     if d is None:
+        refused = [e for e in events if e.get("reason") in ("JobCreationFailed", "HeadlessServiceCreationFailed")
+                   and (e.get("involvedObject") or {}).get("name") == name]
+        if refused:  # its webhooks, a quota or RBAC said no: nothing starts by itself
+            msg = (sorted(refused, key=_event_time)[-1].get("message") or "").strip()
+            return Diagnosis(PENDING, f"the JobSet controller cannot create the run's Job or Service: {msg}",
+                             details, blocked=True)
         old = [p for p in pods if p not in attempt_pods]
         if old:
             return Diagnosis(PENDING, f"restarting every pod: waiting for the {len(old)} pods of the last attempt "

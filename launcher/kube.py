@@ -212,16 +212,17 @@ class Kube:
         return client.CustomObjectsApi(self.api)
 
     def serves_jobsets(self) -> bool:
-        """Whether the cluster serves ``jobsets.jobset.x-k8s.io`` (API discovery, which every authenticated
-        user may read); the answer is kept for a minute."""
+        """Whether the cluster serves JobSet's API group and version (API discovery of /apis, which every
+        authenticated user may read; the group holds only ``jobsets``); the answer is kept for a minute."""
+        from kubernetes import client
+
         now = time.monotonic()
         if self._jobsets_served is None or now - self._jobsets_served[0] > DISCOVERY_TTL:
-            try:
-                data = self._json(self.call("get", "jobset", None, None, self._custom().get_api_resources,
-                                            *JOBSET[:2], _preload_content=False, _request_timeout=TIMEOUT))
-                served = any(r.get("name") == JOBSET[2] for r in data.get("resources") or [])
-            except (NotFound, TransientClusterError):  # the group is not served: a 404 page or Status
-                served = False
+            data = self._json(self.call("get", "API group", None, None, client.ApisApi(self.api).get_api_versions,
+                                        _preload_content=False, _request_timeout=TIMEOUT))
+            served = any(g.get("name") == JOBSET[0] and any(v.get("version") == JOBSET[1]
+                                                            for v in g.get("versions") or [])
+                         for g in data.get("groups") or [])
             self._jobsets_served = (now, served)
         return self._jobsets_served[1]
 

@@ -210,6 +210,19 @@ def _api(kube: Kube, workload: dict) -> tuple[Any, Any]:
     return kube.get_job, kube.create_job
 
 
+def _as_the_other_kind(kube: Kube, job: dict, spec: TrainingRunSpec) -> dict | None:
+    """The same spec submitted before as the other kind (multinode_workload changed since): the same run. A
+    launcher that may not read JobSets has made none."""
+    if render.is_jobset(job):
+        return kube.get_job(job["metadata"]["name"])
+    if spec.resources.nodes <= 1:
+        return None
+    try:
+        return kube.get_jobset(job["metadata"]["name"])
+    except Forbidden:
+        return None
+
+
 def _wait_gone(kube: Kube, get: Any, name: str, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while get(name) is not None:
@@ -328,9 +341,7 @@ def submit(kube: Kube, spec: TrainingRunSpec, settings: LauncherSettings, *, ser
     service = None if render.is_jobset(job) else render.render_service(spec, settings)
     name = job["metadata"]["name"]
     get, create = _api(kube, job)
-    # The same spec submitted before as the other kind (the setting changed since) is the same run.
-    existing = get(name) or (kube.get_job(name) if render.is_jobset(job) else
-                             kube.get_jobset(name) if spec.resources.nodes > 1 else None)
+    existing = get(name) or _as_the_other_kind(kube, job, spec)
     if existing is not None and not (existing.get("metadata") or {}).get("deletionTimestamp"):
         return _already(existing, job["metadata"]["labels"][render.LABEL_HASH])
     warnings = [] if skip_preflight else preflight(kube, spec, settings, job, configmap, service)

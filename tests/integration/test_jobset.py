@@ -33,7 +33,8 @@ def as_jobset(jobset, monkeypatch):
 
 def _pods(kube, name, attempt: int | None = None):
     """The JobSet's live pods (of one restart attempt, when given), by node rank."""
-    pods = [p for p in kube.list_pods(f"{render.JOBSET_NAME_LABEL}={name}") if not p["metadata"].get("deletionTimestamp")
+    pods = [p for p in kube.list_pods(f"{render.JOBSET_NAME_LABEL}={name}")
+            if not p["metadata"].get("deletionTimestamp")
             and (attempt is None or p["metadata"]["labels"].get(ATTEMPT) == str(attempt))]
     return {p["metadata"]["annotations"][INDEX]: p for p in pods}
 

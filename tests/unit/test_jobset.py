@@ -75,7 +75,8 @@ def test_gang_semantics_are_the_jobset_failure_policy_and_match_the_job_controll
     assert pod_rules[1] == indexed_rules[1], "the same deterministic exit codes end the run"
 
     # what kube-controller-manager 1.34 writes into the Failed condition (pkg/controller/job/pod_failure_policy.go)
-    exit_msg = "Container trainer for pod ml/big-run-n-0-1-abcde failed with exit code 11 matching FailJob rule at index 1"
+    exit_msg = ("Container trainer for pod ml/big-run-n-0-1-abcde failed with exit code 11 matching FailJob rule at "
+                "index 1")
     disrupted = "Pod ml/big-run-n-0-1-abcde has condition DisruptionTarget matching FailJob rule at index 0"
     actions = {r["name"]: r for r in policy["rules"]}
 
@@ -86,7 +87,8 @@ def test_gang_semantics_are_the_jobset_failure_policy_and_match_the_job_controll
     assert not matches(actions["PermanentFailure"], disrupted)
     assert actions["Disruption"]["action"] == "RestartJobSetAndIgnoreMaxRestarts"
     assert matches(actions["Disruption"], disrupted) and not matches(actions["Disruption"], exit_msg)
-    assert actions["TimeLimit"] == {"name": "TimeLimit", "action": "FailJobSet", "onJobFailureReasons": ["DeadlineExceeded"]}
+    assert actions["TimeLimit"] == {"name": "TimeLimit", "action": "FailJobSet",
+                                    "onJobFailureReasons": ["DeadlineExceeded"]}
     for rule in policy["rules"]:  # JobSet's webhook: ^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$
         assert re.fullmatch(r"[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?", rule["name"])
 
@@ -119,7 +121,8 @@ def test_the_default_is_the_indexed_job_and_a_wrong_value_names_the_choices(monk
     assert make_settings().multinode_workload == "indexed-job"
     with pytest.raises(SettingsError, match="multinode_workload: Input should be 'indexed-job', 'jobset' or 'auto'"):
         make_settings(multinode_workload="jobsets")
-    with pytest.raises(SettingsError, match="multinode_worklaod: not a setting \\(did you mean multinode_workload\\?\\)"):
+    with pytest.raises(SettingsError,
+                       match="multinode_worklaod: not a setting \\(did you mean multinode_workload\\?\\)"):
         make_settings(multinode_worklaod="jobset")
 
 
@@ -132,6 +135,32 @@ class _Discovery:
     def serves_jobsets(self) -> bool:
         self.asked += 1
         return self.served
+
+
+class _Cluster(_Discovery):
+    """A cluster that serves JobSets and holds ``jobs`` (name -> Job): what submit reads before creating."""
+
+    def __init__(self, jobs):
+        super().__init__(served=True)
+        self.jobs = jobs
+
+    def get_job(self, name):
+        return self.jobs.get(name)
+
+    def get_jobset(self, name):
+        return None
+
+    def create_jobset(self, body, dry_run=False):
+        raise AssertionError("the run exists: nothing is created")
+
+
+def test_a_run_submitted_as_a_job_is_found_again_after_the_setting_changed_to_jobset():
+    from launcher.submit import submit
+
+    spec = _spec(gpus=4, nodes=2)
+    job = render.render_job(spec, _settings("indexed-job"))
+    result = submit(_Cluster({job["metadata"]["name"]: job}), spec, _settings("jobset"))
+    assert not result.created and result.message == f"already submitted: job {render.job_name(spec)}"
 
 
 def test_submit_asks_the_cluster_only_where_it_decides_and_refuses_jobset_without_the_crd():
@@ -177,7 +206,8 @@ def _child(attempt, conditions=(), **status):
 
 def _pod(attempt, index, phase="Running", exit_code=None, node="gpu-0"):
     state = {"terminated": {"exitCode": exit_code}} if exit_code is not None else {"running": {}}
-    return {"metadata": {"name": f"{NAME}-n-0-{index}-a{attempt}", "creationTimestamp": f"2026-12-01T10:0{attempt}:0{index}Z",
+    return {"metadata": {"name": f"{NAME}-n-0-{index}-a{attempt}",
+                         "creationTimestamp": f"2026-12-01T10:0{attempt}:0{index}Z",
                          "labels": {"jobset.sigs.k8s.io/restart-attempt": str(attempt)},
                          "annotations": {"batch.kubernetes.io/job-completion-index": str(index)}},
             "spec": {"nodeName": node, "containers": [{"name": "trainer"}]},
@@ -211,6 +241,16 @@ def test_a_run_past_its_restarts_says_which_pod_ended_the_last_attempt():
     assert d.sentence == (f"failed after 4 attempts of the whole run (3 counted restarts of 3 allowed); the last one: "
                           f"pod {NAME}-n-0-1-a3 a transient failure: preemption, network or storage hiccup (retried) "
                           "(exit code 75)")
+
+
+def test_a_jobset_whose_job_cannot_be_created_is_blocked_with_the_controllers_reason():
+    event = {"type": "Warning", "reason": "JobCreationFailed", "lastTimestamp": "2026-12-01T10:00:05Z",
+             "involvedObject": {"kind": "JobSet", "name": NAME},
+             "message": 'jobs.batch "big-run-0123abcd-n-0" is forbidden: exceeded quota: gpus'}
+    d = diagnose_run(_jobset(), [], [event], jobs=[])
+    assert d.state == "Pending" and d.blocked
+    assert d.sentence == ("the JobSet controller cannot create the run's Job or Service: jobs.batch "
+                          '"big-run-0123abcd-n-0" is forbidden: exceeded quota: gpus')
 
 
 def test_a_finished_a_queued_and_a_cancelled_jobset():
