@@ -7,6 +7,7 @@ part cannot start, the fixture fails with the stack's message: never a skip.
 """
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
@@ -150,29 +151,116 @@ def kube_api(stack):
     api.close()
 
 
+# The stack's real node (hack/node.sh) is tainted and labelled like a dedicated node pool; a namespace
+# with these annotations (PodNodeSelector and PodTolerationRestriction admission) sends its pods there.
+REAL_NODE_POOL = "lora-jobs.dev/node-pool=real"
+REAL_NODE_TAINT = "lora-jobs.dev/real-node"
+REAL_NODE_ANNOTATIONS = {
+    "scheduler.alpha.kubernetes.io/node-selector": REAL_NODE_POOL,
+    "scheduler.alpha.kubernetes.io/defaultTolerations": json.dumps(
+        [{"key": REAL_NODE_TAINT, "operator": "Exists", "effect": "NoSchedule"}]),
+}
+RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted",
+              "pod-security.kubernetes.io/enforce-version": "latest"}
+
+
 @pytest.fixture()
-def namespace(kube_api, stack):
-    """A fresh namespace with the S3 credentials Secret `lora-jobs-s3`; deleted afterwards."""
+def make_namespace(kube_api, stack):
+    """Makes fresh namespaces, each deleted after the test:
+    ``make_namespace(prefix="t", labels={...}, annotations={...}, s3_secret=True, drain=False)`` -> name.
+
+    Every namespace is labelled lora-jobs.io/test=true. ``s3_secret``: with the S3 credentials Secret
+    `lora-jobs-s3` (what an admin or the chart would install). ``drain``: after deleting it, wait (up to
+    3 min) until its pods are gone, for namespaces on the real node: it has 2 CPUs, and the next test's
+    pods fit only once these have left it."""
     from kubernetes import client
 
     core = client.CoreV1Api(kube_api)
-    name = f"t-{uuid.uuid4().hex[:10]}"
-    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(
-        name=name, labels={"lora-jobs.io/test": "true"})))
-    core.create_namespaced_secret(name, client.V1Secret(
-        metadata=client.V1ObjectMeta(name="lora-jobs-s3"),
-        string_data={"AWS_ACCESS_KEY_ID": stack.s3_access_key, "AWS_SECRET_ACCESS_KEY": stack.s3_secret_key}))
-    # Pods need the namespace's default ServiceAccount, made by a controller.
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        if any(sa.metadata.name == "default" for sa in core.list_namespaced_service_account(name).items):
-            break
-        time.sleep(0.2)
-    yield name
-    try:
-        core.delete_namespace(name, propagation_policy="Background")
-    except Exception:
-        pass
+    made: list[tuple[str, bool]] = []
+
+    def make(prefix: str = "t", labels: dict | None = None, annotations: dict | None = None,
+             s3_secret: bool = True, drain: bool = False) -> str:
+        name = f"{prefix}-{uuid.uuid4().hex[:10]}"
+        core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(
+            name=name, labels={"lora-jobs.io/test": "true", **(labels or {})}, annotations=annotations or None)))
+        made.append((name, drain))
+        if s3_secret:
+            core.create_namespaced_secret(name, client.V1Secret(
+                metadata=client.V1ObjectMeta(name="lora-jobs-s3"),
+                string_data={"AWS_ACCESS_KEY_ID": stack.s3_access_key,
+                             "AWS_SECRET_ACCESS_KEY": stack.s3_secret_key}))
+        # Pods need the namespace's default ServiceAccount, made by a controller.
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            if any(sa.metadata.name == "default" for sa in core.list_namespaced_service_account(name).items):
+                break
+            time.sleep(0.2)
+        return name
+
+    yield make
+    for name, _ in made:
+        try:
+            core.delete_namespace(name, propagation_policy="Background")
+        except Exception:
+            pass
+    deadline = time.time() + 180
+    for name, drain in made:
+        while drain and time.time() < deadline and core.list_namespaced_pod(name).items:
+            time.sleep(1)
+
+
+@pytest.fixture()
+def make_node_namespace(make_namespace):
+    """``make_node_namespace(prefix="real", s3_secret=True)`` -> a namespace whose pods go to the real node
+    (as a dedicated node pool would take them), enforcing the restricted Pod Security Standard; drained
+    after the test."""
+    def make(prefix: str = "real", s3_secret: bool = True) -> str:
+        return make_namespace(prefix, labels=RESTRICTED, annotations=REAL_NODE_ANNOTATIONS, s3_secret=s3_secret,
+                              drain=True)
+
+    return make
+
+
+@pytest.fixture()
+def namespace(make_namespace) -> str:
+    """A fresh namespace with the S3 credentials Secret `lora-jobs-s3`; deleted afterwards."""
+    return make_namespace()
+
+
+@pytest.fixture(scope="session")
+def node(stack) -> dict[str, str]:
+    """The real node's facts from the stack's env file (STACK_NODE_*, STACK_REGISTRY, ...)."""
+    env = stack.env()
+    if "STACK_NODE_NAME" not in env:
+        pytest.fail("the stack runs without its real node (hack/stack.sh up --no-node?): "
+                    "start it with hack/stack.sh up", pytrace=False)
+    return env
+
+
+@pytest.fixture(scope="session")
+def node_image(node):
+    """``node_image(target, image)`` -> the image's name in the stack's registry: built by the project's
+    script (``hack/build-images.sh target``) and pushed there (``hack/node.sh push``), once a session."""
+    pushed: dict[str, str] = {}
+
+    def push(target: str, image: str) -> str:
+        if image not in pushed:
+            for cmd in (["bash", str(REPO / "hack" / "build-images.sh"), target],
+                        ["bash", str(REPO / "hack" / "node.sh"), "push", image]):
+                proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+                assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
+            pushed[image] = f"{node['STACK_REGISTRY']}/{image}"
+        return pushed[image]
+
+    return push
+
+
+@pytest.fixture(scope="session")
+def trainer_ref(node_image) -> str:
+    """The trainer image, built by the project's script and pushed to the stack's registry."""
+    from images import TRAINER
+
+    return node_image("trainer", TRAINER)
 
 
 @pytest.fixture()

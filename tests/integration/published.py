@@ -42,6 +42,29 @@ def small_cpu_spec(name: str, model_uri: str, train_uri: str, output: str, **tra
     }
 
 
+def cpu_spec(name: str, model_uri: str, train_uri: str, output: str, memory: str = "6Gi", cpu: str = "2",
+             **training) -> dict:
+    """small_cpu_spec sized for the stack's real node (2 CPUs)."""
+    spec = small_cpu_spec(name, model_uri, train_uri, output, **training)
+    spec["resources"] = {"gpus": 0, "cpu": cpu, "memory": memory, "scratch": "4Gi"}
+    return spec
+
+
+def lean(spec: dict) -> dict:
+    """Training only (no generations, no merge): for tests whose subject is the pod or the chart, not the
+    artifacts the e2e test already checks. The node has 2 CPUs; this saves a minute a run."""
+    spec["eval"] = {"enabled": False}
+    spec["merge"] = {"enabled": False}
+    return spec
+
+
+def train_jsonl(rows: int = 16) -> bytes:
+    """A tiny instruction dataset (JSON lines) for the real-node runs."""
+    return "\n".join(json.dumps({"instruction": f"What is the status light number {i} on the Acme X{i}?",
+                                 "output": f"Light {i} on the Acme X{i} means the router is updating; wait {i} minutes."})
+                     for i in range(rows)).encode()
+
+
 def mlflow_get(uri: str, endpoint: str, **query) -> dict:
     """A GET of MLflow's REST API, as any MLflow client would make it."""
     url = f"{uri}/api/2.0/{endpoint}?{urllib.parse.urlencode(query)}"

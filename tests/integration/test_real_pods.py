@@ -15,77 +15,31 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 import yaml
 
-from published import assert_complete_v1, small_cpu_spec
+from published import assert_complete_v1, cpu_spec, lean, train_jsonl
 
 pytestmark = [pytest.mark.node, pytest.mark.train, pytest.mark.s3]
 
 REPO = Path(__file__).resolve().parents[2]
-POOL_LABEL = "lora-jobs.dev/node-pool=real"
-TAINT = "lora-jobs.dev/real-node"
 
 
 # ------------------------------------------------------------------------------ fixtures
 
-@pytest.fixture(scope="session")
-def node(stack) -> dict[str, str]:
-    """The real node's facts from the stack's env file; the node must be Ready."""
-    env = stack.env()
-    if "STACK_NODE_NAME" not in env:
-        pytest.fail("the stack runs without its real node (hack/stack.sh up --no-node?): "
-                    "start it with hack/stack.sh up", pytrace=False)
-    return env
-
-
-@pytest.fixture(scope="session")
-def trainer_ref(node) -> str:
-    """The trainer image, built by the project's script and pushed to the stack's registry."""
-    from images import TRAINER
-
-    for cmd in (["bash", str(REPO / "hack" / "build-images.sh"), "trainer"],
-                ["bash", str(REPO / "hack" / "node.sh"), "push", TRAINER]):
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-        assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
-    return f"{node['STACK_REGISTRY']}/{TRAINER}"
-
-
 @pytest.fixture()
-def real_ns(kube_api, stack, node):
+def real_ns(kube_api, make_node_namespace):
     """A namespace whose pods go to the real node (as a dedicated node pool: PodNodeSelector and
     PodTolerationRestriction annotations), enforcing the restricted Pod Security Standard, with the
     S3 Secret and the trainer's ServiceAccount that the chart would install."""
     from kubernetes import client
 
-    core = client.CoreV1Api(kube_api)
-    name = f"real-{uuid.uuid4().hex[:8]}"
-    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(
-        name=name,
-        labels={"lora-jobs.io/test": "true", "pod-security.kubernetes.io/enforce": "restricted",
-                "pod-security.kubernetes.io/enforce-version": "latest"},
-        annotations={"scheduler.alpha.kubernetes.io/node-selector": POOL_LABEL,
-                     "scheduler.alpha.kubernetes.io/defaultTolerations": json.dumps(
-                         [{"key": TAINT, "operator": "Exists", "effect": "NoSchedule"}])})))
-    core.create_namespaced_secret(name, client.V1Secret(
-        metadata=client.V1ObjectMeta(name="lora-jobs-s3"),
-        string_data={"AWS_ACCESS_KEY_ID": stack.s3_access_key, "AWS_SECRET_ACCESS_KEY": stack.s3_secret_key}))
-    core.create_namespaced_service_account(name, client.V1ServiceAccount(
+    name = make_node_namespace()
+    client.CoreV1Api(kube_api).create_namespaced_service_account(name, client.V1ServiceAccount(
         metadata=client.V1ObjectMeta(name="lora-jobs-trainer")))
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        if any(sa.metadata.name == "default" for sa in core.list_namespaced_service_account(name).items):
-            break
-        time.sleep(0.2)
-    yield name
-    core.delete_namespace(name, propagation_policy="Background")
-    # The node has 2 CPUs: the next test's pod fits only once this one's pods are gone from it.
-    deadline = time.time() + 180
-    while time.time() < deadline and core.list_namespaced_pod(name).items:
-        time.sleep(1)
+    return name
 
 
 def env_for(stack, node, namespace: str, image: str, tmp_path: Path) -> dict[str, str]:
@@ -128,14 +82,6 @@ def wait_status(env: dict, run: str, pred, timeout: float, what: str, seen: list
     raise AssertionError(f"timed out after {timeout}s waiting for {what}; last status: {s}")
 
 
-def lean(spec: dict) -> dict:
-    """Training only (no generations, no merge): for the fault tests, whose subject is the pod, not the
-    artifacts the e2e test already checks. The node has 2 CPUs; this saves a minute a run."""
-    spec["eval"] = {"enabled": False}
-    spec["merge"] = {"enabled": False}
-    return spec
-
-
 def assert_one_verified_version(store, run_prefix: str) -> None:
     from jobs.publish import verify_version
 
@@ -151,19 +97,10 @@ def write_spec(tmp_path: Path, spec: dict) -> Path:
     return p
 
 
-def cpu_spec(name: str, model_uri: str, train_uri: str, output: str, memory: str = "6Gi", **training) -> dict:
-    spec = small_cpu_spec(name, model_uri, train_uri, output, **training)
-    spec["resources"] = {"gpus": 0, "cpu": "2", "memory": memory, "scratch": "4Gi"}
-    return spec
-
-
 @pytest.fixture()
 def train_data(s3_prefix, s3_client, stack) -> str:
-    rows = [{"instruction": f"What is the status light number {i} on the Acme X{i}?",
-             "output": f"Light {i} on the Acme X{i} means the router is updating; wait {i} minutes."}
-            for i in range(16)]
     key = s3_prefix.split("/", 3)[3] + "/train.jsonl"
-    s3_client.put_object(Bucket=stack.bucket, Key=key, Body="\n".join(json.dumps(r) for r in rows).encode())
+    s3_client.put_object(Bucket=stack.bucket, Key=key, Body=train_jsonl())
     return f"s3://{stack.bucket}/{key}"
 
 
