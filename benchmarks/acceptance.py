@@ -341,7 +341,12 @@ def cmd_summary(res: str, outfile: str) -> None:
         if name not in ("bf16", "qlora", "qwen", "fp8", "bf16_warm") and not name.startswith("parity"):
             r = json.loads(extra.read_text())
             s[f"job_{name}"] = {k: r.get(k) for k in ("exit_code", "published", "tokens_per_second_steady",
-                                                    "peak_gpu_gib", "oom_backoffs", "loss_scaling")}
+                                                    "peak_gpu_gib", "oom_backoffs", "loss_scaling", "steps",
+                                                    "first_step_seconds", "log_timing", "compile_cache")}
+            if r.get("profile"):
+                s[f"job_{name}"]["profile"] = {k: r["profile"].get(k) for k in (
+                    "window", "steps", "tokens", "wall_s", "tokens_per_s_under_profiler", "gpu_busy_fraction_of_wall",
+                    "gpu_idle_s", "share_of_kernel_time", "gaps_between_kernels", "compile_before_window")}
     Path(outfile).write_text(json.dumps(s, indent=1))
     print(json.dumps(s, indent=1))
 

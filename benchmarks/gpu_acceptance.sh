@@ -13,6 +13,9 @@
 #   warm8b  after bf16 (same machine, store kept): the 8B bf16 run again (same run name and shapes, seed 7,
 #           20 steps), its first step from the compile cache that bf16 saved, under torch.profiler for
 #           optimizer steps $PROFILE_STEPS (default 16:3; benchmarks/profile_job.py) (~2.5 min)
+#   prof8b  the 8B bf16 job, 12 steps, under torch.profiler for steps $PROFILE_STEPS (default 6:3, clear of the
+#           validations), with torch.compile's phase times and counters up to then (~2.5 min)
+#   warmprof8b  after prof8b: the same run again (seed 7), first step from prof8b's compile cache, same profile
 #   trlq    TRL's QLoRA in the same call as qlora: liger_packing, the 8B model loaded in NF4, STEPS=14 BS=4,
 #           GC=1 (checkpointing, QLoRA's usual memory) and GC=0 (its fastest) (~3 min)
 #   fp8tests  pytest tests/gpu -k fp8 (the FP8 projection against bf16, the FP8 job and its warm rerun)
@@ -75,6 +78,11 @@ for stage in "$@"; do
     warm8b) if [ ! -d "$ACCEPT_WORK/store/bf16/compile-cache" ]; then echo "SKIP warm8b (no bf16 run in this machine's store)"
             else need warm8b 150 && models llama3-8b && ACCEPT_PROFILE=${PROFILE_STEPS:-16:3} $A job bf16_warm \
              "$MODELS/llama3-8b" "$(data $ROWS)" "$RES" '{"training": {"seed": 7, "max_steps": 20}}' bf16; fi ;;
+    prof8b) need prof8b 150 && models llama3-8b && ACCEPT_PROFILE=${PROFILE_STEPS:-6:3} $A job prof8b \
+             "$MODELS/llama3-8b" "$(data $ROWS)" "$RES" '{"training": {"max_steps": 12}}' ;;
+    warmprof8b) if [ ! -d "$ACCEPT_WORK/store/prof8b/compile-cache" ]; then echo "SKIP warmprof8b (no prof8b run)"
+             else need warmprof8b 150 && ACCEPT_PROFILE=${PROFILE_STEPS:-6:3} $A job prof8b_warm "$MODELS/llama3-8b" \
+             "$(data $ROWS)" "$RES" '{"training": {"seed": 7, "max_steps": 12}}' prof8b; fi ;;
     trlq)  need trlq 100 && models llama3-8b && timeout $(( $(left) - 5 )) $A trl "$RES" 4bit "$MODELS/llama3-8b" 1
            need trlq_gc0 80 && timeout $(( $(left) - 5 )) $A trl "$RES" 4bit "$MODELS/llama3-8b" 0 ;;
     parity) need parity 360 && models llama3-1b && d=$(data 1500) \

@@ -116,6 +116,21 @@ def summarize(prof, wall_s: float, steps: int, tokens: int, top: int = 25) -> di
     return out
 
 
+def compile_stats() -> dict:
+    """What torch.compile did in this process so far: dynamo's per-phase seconds and its counters
+    (graphs, recompiles, graph breaks, inductor/AOTAutograd cache hits and misses)."""
+    out: dict = {}
+    try:
+        from torch._dynamo.utils import compile_times, counters
+
+        out["compile_times"] = compile_times(repr="str", aggregate=True)
+        out["counters"] = {k: {str(n): (v if isinstance(v, (int, float)) else str(v)) for n, v in list(c.items())[:40]}
+                           for k, c in counters.items() if c}
+    except Exception as err:  # noqa: BLE001 - another torch: no stats, the profile still counts
+        out["error"] = f"{type(err).__name__}: {err}"
+    return out
+
+
 def install(first: int, count: int, out_dir: Path) -> None:
     """Profile optimizer steps first..first+count-1 of this process's training loop."""
     import torch
@@ -145,6 +160,8 @@ def install(first: int, count: int, out_dir: Path) -> None:
         n = st["steps"]
         if n == first - 1 and st["prof"] is None and not st["done"]:
             sync()
+            st["compile"] = compile_stats()  # everything compiled by now: the first steps'
+            st["compile"]["after_step"] = n
             st["prof"] = torch.profiler.profile(activities=acts, record_shapes=False, with_stack=False)
             st["prof"].__enter__()
             st["t0"] = time.perf_counter()
@@ -157,6 +174,7 @@ def install(first: int, count: int, out_dir: Path) -> None:
             # the window opens after step first-1's optimizer and ends after step first+count-1's: count steps
             summary = summarize(prof, wall, count, st["tokens"])
             summary["window"] = f"after optimizer step {first - 1} to after step {first + count - 1}"
+            summary["compile_before_window"] = st.get("compile")
             (out_dir / "profile_summary.json").write_text(json.dumps(summary, indent=1))
             sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
             (out_dir / "profile_top.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=40,
