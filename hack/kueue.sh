@@ -56,10 +56,11 @@ gen_certs() {  # a CA and a serving certificate for 127.0.0.1, once per stack
   touch "$RUN/certs/.complete"
 }
 
-# webhooks MODULE_DIR: Kueue's webhook configurations, only the ones for batch/v1 Jobs and Kueue's own
-# objects, pointed at https://127.0.0.1:PORT with our CA. The Job webhooks see only Jobs that name a queue:
-# with manageJobsWithoutQueueName off (the default) Kueue ignores the others anyway, and this way a stopped
-# Kueue never blocks the Jobs of the stack's other tests (its webhooks fail closed).
+# webhooks MODULE_DIR: Kueue's webhook configurations, only the ones for batch/v1 Jobs, JobSets and Kueue's
+# own objects, pointed at https://127.0.0.1:PORT with our CA. The Job and JobSet webhooks see only objects
+# that name a queue: with manageJobsWithoutQueueName off (the default) Kueue ignores the others anyway, and
+# this way a stopped Kueue never blocks the Jobs and JobSets of the stack's other tests (its webhooks fail
+# closed).
 webhooks() {
   local py; py="$("$here/venv.sh")/bin/python"  # the test venv: it has PyYAML
   KUEUE_MANIFESTS="$1/config/components/webhook/manifests.yaml" CA="$RUN/certs/ca.crt" OUT="$RUN" \
@@ -75,10 +76,11 @@ for doc in yaml.safe_load_all(open(os.environ["KUEUE_MANIFESTS"])):
     keep = []
     for hook in doc["webhooks"]:
         path = hook["clientConfig"]["service"]["path"]
-        if not ("-batch-v1-job" in path or "-kueue-x-k8s-io-" in path):
+        queued = "-batch-v1-job" in path or "-jobset-x-k8s-io-" in path
+        if not (queued or "-kueue-x-k8s-io-" in path):
             continue
         hook["clientConfig"] = {"url": f"https://127.0.0.1:{os.environ['PORT']}{path}", "caBundle": ca}
-        if "-batch-v1-job" in path:
+        if queued:
             hook["objectSelector"] = {"matchExpressions": [{"key": "kueue.x-k8s.io/queue-name", "operator": "Exists"}]}
         keep.append(hook)
     doc["metadata"] = {"name": names[doc["kind"]], "labels": {"app.kubernetes.io/part-of": "lora-jobs-stack"}}
@@ -125,7 +127,8 @@ internalCertManagement: {enable: false}
 webhook: {host: 127.0.0.1, port: $KUEUE_WEBHOOK_PORT, certDir: $RUN/certs}
 health: {healthProbeBindAddress: "127.0.0.1:$KUEUE_HEALTH_PORT"}
 metrics: {bindAddress: "127.0.0.1:$KUEUE_METRICS_PORT"}
-integrations: {frameworks: [batch/job]}
+# JobSets (launcher setting multinode_workload): Kueue waits for their API to be served (hack/jobset.sh).
+integrations: {frameworks: [batch/job, jobset.x-k8s.io/jobset]}
 EOF
   if ! kueue_running; then
     say "starting Kueue $KUEUE_VERSION (webhooks on https://127.0.0.1:$KUEUE_WEBHOOK_PORT; log: $LOG)"

@@ -5,7 +5,8 @@ The apiserver (with JobSet's webhooks) accepts the rendered JobSet; the JobSet c
 and headless Service, the Job controller both pods, with the hostnames, subdomain and PET_* variables torchrun's
 rendezvous needs. A failure of index 1 restarts the whole run (both pods recreated), counted against retries
 and visible in ``launcher status``; a preemption restarts it without counting; a deterministic exit code ends
-it. ``cancel`` deletes the JobSet, and with it every pod and the Service.
+it. ``cancel`` deletes the JobSet, and with it every pod and the Service. With a queue setting, Kueue (its
+jobset integration, hack/kueue.sh) admits both pods as one Workload.
 
 kwok runs the pods (no container): they stay Running while the test's hold annotation is set, as in
 test_multinode_kube.py, whose helpers these tests share.
@@ -13,6 +14,7 @@ test_multinode_kube.py, whose helpers these tests share.
 from __future__ import annotations
 
 import pytest
+from test_kueue import _cond, _workload, queue  # noqa: F401  (queue: a fixture)
 from test_launcher_kube import cli
 from test_multinode_kube import _create, _service_gone
 from test_sdk import EXIT, HOLD, eventually, notes, sdk, spec, trainer_sa  # noqa: F401  (fixtures)
@@ -171,3 +173,34 @@ def test_auto_makes_a_jobset_where_the_cluster_serves_them_and_jobset_without_th
     monkeypatch.setenv("LAUNCHER_MULTINODE_WORKLOAD", "auto")
     fallback = fresh(sdk, stack).submit(spec(stack, s3_prefix, "js-none", gpus=4, nodes=2), server_dry_run=True)
     assert fallback.job["kind"] == "Job" and fallback.job["spec"]["completionMode"] == "Indexed"
+
+
+@pytest.mark.kueue
+def test_kueue_admits_a_two_node_jobset_as_one_workload_and_the_next_waits_in_its_queue(
+        sdk, as_jobset, queue, stack, s3_prefix, kube_api, namespace):
+    from kubernetes import client
+
+    custom, core = client.CustomObjectsApi(kube_api), client.CoreV1Api(kube_api)
+    first, kube = _create(sdk, spec(stack, s3_prefix, "jq-first", gpus=4, nodes=2))
+    js = kube.get_jobset(first)
+    assert js["spec"]["suspend"] is True and js["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == queue["local"]
+    wl = eventually(lambda: (lambda w: w if _cond(w, "Admitted").get("status") == "True" else None)(
+        _workload(custom, namespace, first)), what="the first JobSet's Workload admitted")
+    (podset,) = wl["spec"]["podSets"]
+    assert podset["count"] == 2, "both pods, 8 GPUs, admitted as one unit"
+    _both(kube, first, 0)
+    assert _running(sdk, "jq-first").sentence == "running: 2 pods on kwok-gpu-0"
+
+    second, _ = _create(sdk, spec(stack, s3_prefix, "jq-second", gpus=4, nodes=2))
+    st = eventually(lambda: (lambda s: s if "insufficient unused quota" in s.sentence else None)(
+        sdk.status("jq-second")), what="the second JobSet waiting for quota")
+    assert st.state == "Queued" and st.sentence.startswith(
+        f"queued: waiting for Kueue queue {queue['local']} to admit it"), st.sentence
+    assert _pods(kube, second) == {}
+
+    # the first finishes (kwok ends a pod without the hold annotation): its quota goes to the second
+    for p in _pods(kube, first).values():
+        core.patch_namespaced_pod(p["metadata"]["name"], kube.namespace, {"metadata": {"annotations": {HOLD: None}}})
+    assert eventually(lambda: sdk.status("jq-first").state == "Succeeded", what="the first run done")
+    _both(kube, second, 0)
+    assert kube.get_jobset(second)["spec"]["suspend"] is False
