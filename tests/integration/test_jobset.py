@@ -17,6 +17,7 @@ import pytest
 from test_kueue import _cond, _workload, queue  # noqa: F401  (queue: a fixture)
 from test_launcher_kube import cli
 from test_multinode_kube import _create, _service_gone
+from test_real_pods import real_ns, train_data  # noqa: F401  (fixtures)
 from test_sdk import EXIT, HOLD, eventually, notes, sdk, spec, trainer_sa  # noqa: F401  (fixtures)
 
 from launcher import errors, render
@@ -204,3 +205,31 @@ def test_kueue_admits_a_two_node_jobset_as_one_workload_and_the_next_waits_in_it
     assert eventually(lambda: sdk.status("jq-first").state == "Succeeded", what="the first run done")
     _both(kube, second, 0)
     assert kube.get_jobset(second)["spec"]["suspend"] is False
+
+
+@pytest.mark.node
+@pytest.mark.train
+def test_two_real_pods_of_a_jobset_meet_at_pod_zeros_jobset_hostname_and_publish_one_version(
+        s3_env, jobset, stack, node, trainer_ref, real_ns, model_in_minio, train_data, s3_prefix, tmp_path):
+    """As test_real_pods' two-pod run, with multinode_workload: jobset: the node's DNS resolves pod 0's JobSet
+    hostname under JobSet's (port-less) headless Service, torchrun's rendezvous meets there over the bridge."""
+    import test_real_pods as real
+    from jobs.storage import open_store
+    from published import cpu_spec, lean
+
+    env = {**real.env_for(stack, node, real_ns, trainer_ref, tmp_path), "LAUNCHER_MULTINODE_WORKLOAD": "jobset"}
+    data = lean(cpu_spec("js-real", model_in_minio, train_data, f"{s3_prefix}/runs", memory="4Gi"))
+    data["resources"].update({"nodes": 2, "cpu": "1"})
+    r = real.cli(env, "submit", str(real.write_spec(tmp_path, data)))
+    assert r.returncode == 0 and "submitted: jobset js-real-" in r.stdout, r.stdout + r.stderr
+    running = real.wait_status(env, "js-real", lambda s: s["sentence"].startswith("running: 2 pods"), 600,
+                               "both pods to run")
+    assert running["kind"] == "JobSet" and {p["node"] for p in running["pods"]} == {node["STACK_NODE_NAME"]}
+    logs1 = real.cli(env, "logs", "js-real", "--rank", "1", "-f", timeout=900)
+    final = real.wait_status(env, "js-real", lambda s: s["state"] in ("Succeeded", "Failed"), 900, "the run to end")
+    assert final["state"] == "Succeeded", final
+    assert "node 1 of 2" in logs1.stdout and "rank 1 of 2" in logs1.stdout, logs1.stdout[-3000:] + logs1.stderr
+    logs0 = real.cli(env, "logs", "js-real").stdout
+    assert "node 0 of 2" in logs0 and "rank 0 of 2" in logs0, logs0[-3000:]
+    store, prefix = open_store(f"{s3_prefix}/runs")
+    real.assert_one_verified_version(store, f"{prefix}/js-real")
