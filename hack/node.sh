@@ -19,6 +19,7 @@
 # plugins) sends its pods there, as a dedicated node pool would.
 #
 # Usage: hack/node.sh up | down | status | push IMAGE... | stop-kubelet | start-kubelet
+#        hack/node.sh rmi IMAGE...  drop images from the node's containerd (as on a node that never pulled them)
 #        hack/node.sh exec CMD...   CMD in the node's network namespace (as a process on the node:
 #                                   pod IPs and Service ClusterIPs answer; used by tests/ to reach
 #                                   what the chart runs as pods, like its dev MinIO)
@@ -428,9 +429,10 @@ case ${1:-} in
       if running "$name"; then echo "$name: running (pid $(cat "$PIDS/$name"))"; else echo "$name: stopped"; fi
     done ;;
   push) shift; cmd_push "$@" ;;
+  rmi) shift; for img in "$@"; do ctr_ images rm --sync "$img" >/dev/null 2>&1 || true; done ;;
   exec) shift; [ -e "/run/netns/$NETNS" ] || fail "the node is not up" /dev/null "hack/node.sh up"; in_ns "$@" ;;
   # fault tests: the node goes away (its pods' containers run on) and comes back
   stop-kubelet) stop_daemon node-kubelet ;;
   start-kubelet) start_kubelet ;;
-  *) echo "usage: hack/node.sh up | down | status | push IMAGE... | exec CMD... | stop-kubelet | start-kubelet" >&2; exit 2 ;;
+  *) echo "usage: hack/node.sh up | down | status | push IMAGE... | rmi IMAGE... | exec CMD... | stop-kubelet | start-kubelet" >&2; exit 2 ;;
 esac

@@ -112,6 +112,10 @@ def test_trainer_runs_as_a_real_pod_and_publishes(s3_env, stack, node, trainer_r
 
     env = env_for(stack, node, real_ns, trainer_ref, tmp_path)
     spec = cpu_spec("real-pod", model_in_minio, train_data, f"{s3_prefix}/runs")
+    # As on a node that has never pulled the trainer (an earlier test may have): the pull keeps the pod
+    # Pending long enough for status to see it; with the image cached it can be Running within a second.
+    subprocess.run(["bash", str(REPO / "hack" / "node.sh"), "rmi", trainer_ref], cwd=REPO, check=True,
+                   capture_output=True)
     r = cli(env, "submit", str(write_spec(tmp_path, spec)))
     assert r.returncode == 0, r.stdout + r.stderr
 
