@@ -113,7 +113,9 @@ def test_submit_status_wait_artifacts_download_prune_with_typed_results(sdk, sta
     final = sdk.wait("sdk-life", timeout=90, interval=0.5, on_change=lambda s: seen.append(s.state))
     assert isinstance(final, RunStatus) and final.succeeded and final.finished and final.exit_code == 0
     assert seen[-1] == "Succeeded" and final.pods[-1].node == "kwok-gpu-0"
-    assert final.to_dict()["attempts"] == {"active": 0, "succeeded": 1, "failed": 0, "retries_allowed": 3}
+    # restarts counts a JobSet run's whole-run restarts; a Job has none to count (null in -o json)
+    assert final.to_dict()["attempts"] == {"active": 0, "succeeded": 1, "failed": 0, "retries_allowed": 3,
+                                           "restarts": None}
 
     rows = sdk.list()
     assert [type(r) for r in rows] == [RunSummary] and rows[0].job == v.job_name and rows[0].state == "Succeeded"
