@@ -198,9 +198,15 @@ up_minio() {
   # MinIO wants x-amz-content-sha256 (here: of the empty body) on signed requests.
   local s3=(curl -fsS --aws-sigv4 "aws:amz:us-east-1:s3" --user "$MINIO_ROOT_USER:$MINIO_ROOT_PASSWORD"
             -H "x-amz-content-sha256: e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
-  "${s3[@]}" -X PUT "http://127.0.0.1:$MINIO_PORT/$TEST_BUCKET" >/dev/null 2>&1 || true
-  "${s3[@]}" -I "http://127.0.0.1:$MINIO_PORT/$TEST_BUCKET" >/dev/null \
-    || fail "bucket $TEST_BUCKET could not be created" "$STACK_LOGS/minio.log" "see the MinIO log"
+  # /health/live answers before the object layer is up; until then S3 calls get 503
+  # ("server not initialized"), so the bucket is created with retries, not once.
+  local i
+  for ((i = 0; i < 120; i++)); do
+    "${s3[@]}" -X PUT "http://127.0.0.1:$MINIO_PORT/$TEST_BUCKET" >/dev/null 2>&1 || true
+    "${s3[@]}" -I "http://127.0.0.1:$MINIO_PORT/$TEST_BUCKET" >/dev/null 2>&1 && return 0
+    sleep 0.25
+  done
+  fail "bucket $TEST_BUCKET could not be created within 30s" "$STACK_LOGS/minio.log" "see the MinIO log"
 }
 
 up_docker() {
