@@ -20,39 +20,19 @@ here=$(cd "$(dirname "$0")" && pwd)
 
 JOBSET_WEBHOOK_PORT=${JOBSET_WEBHOOK_PORT:-29453}
 JOBSET_HEALTH_PORT=${JOBSET_HEALTH_PORT:-29454}
-API_PORT=${API_PORT:-26443}
 RUN="$STACK_RUN/jobset"
-PID_FILE="$STACK_RUN/pids/jobset"
+PID_FILE="$PIDS/jobset"
 LOG="$STACK_LOGS/jobset.log"
-PKI="$STACK_RUN/pki"
 USER_NAME=lora-jobs:jobset
 CRD=jobsets.jobset.x-k8s.io
 WEBHOOKS=(mutatingwebhookconfigurations/lora-jobs-jobset-mutating validatingwebhookconfigurations/lora-jobs-jobset-validating)
 
-api() {  # api METHOD PATH [CONTENT-TYPE FILE]: a raw call to the API server as admin
-  local token; token=$(cat "$PKI/admin.token")
-  curl -fsS --cacert "$PKI/ca.crt" -H "Authorization: Bearer $token" -X "$1" "https://127.0.0.1:$API_PORT$2" \
-    ${3:+-H "Content-Type: $3" --data-binary "@$4"}
-}
-
-apply() {  # apply API-PATH NAME FILE: server-side apply of one object (YAML), idempotent
-  api PATCH "$1/$2?fieldManager=lora-jobs-stack&force=true" application/apply-patch+yaml "$3" >/dev/null
-}
-
-jobset_running() {
-  [ -f "$PID_FILE" ] && kill -0 "$(cat "$PID_FILE")" 2>/dev/null \
-    && [ "$(awk '{print $3}' "/proc/$(cat "$PID_FILE")/stat" 2>/dev/null)" != "Z" ]
-}
-
 gen_certs() {  # the webhooks' CA and serving certificate (127.0.0.1), and the controller's client certificate
   [ -f "$RUN/certs/.complete" ] && return 0
   rm -rf "$RUN/certs"; mkdir -p "$RUN/certs"
+  serving_certs "$RUN/certs" lora-jobs-jobset-ca
   (
     cd "$RUN/certs"
-    openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 3650 -subj "/CN=lora-jobs-jobset-ca" 2>/dev/null
-    openssl req -newkey rsa:2048 -nodes -keyout tls.key -out tls.csr -subj "/CN=127.0.0.1" 2>/dev/null
-    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' > san.ext
-    openssl x509 -req -in tls.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out tls.crt -days 3650 -extfile san.ext 2>/dev/null
     openssl req -newkey rsa:2048 -nodes -keyout client.key -out client.csr -subj "/CN=$USER_NAME" 2>/dev/null
     openssl x509 -req -in client.csr -CA "$PKI/ca.crt" -CAkey "$PKI/ca.key" -CAcreateserial -CAserial "$RUN/certs/pki.srl" \
       -out client.crt -days 3650 2>/dev/null
@@ -132,11 +112,7 @@ cmd_up() {
   apply /apis/apiextensions.k8s.io/v1/customresourcedefinitions "$CRD" "$mod/config/components/crd/bases/jobset.x-k8s.io_jobsets.yaml"
   apply /apis/rbac.authorization.k8s.io/v1/clusterroles lora-jobs:jobset "$RUN/ClusterRole.yaml"
   apply /apis/rbac.authorization.k8s.io/v1/clusterrolebindings lora-jobs:jobset "$RUN/ClusterRoleBinding.yaml"
-  for _ in $(seq 120); do
-    api GET "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/$CRD" 2>/dev/null \
-      | grep -q '"type": "Established"' && break
-    sleep 0.25
-  done
+  wait_established "$CRD" v1alpha2
 
   cat > "$RUN/config.yaml" <<EOF
 apiVersion: config.jobset.x-k8s.io/v1alpha1
@@ -147,20 +123,14 @@ webhook: {host: 127.0.0.1, port: $JOBSET_WEBHOOK_PORT, certDir: $RUN/certs}
 health: {healthProbeBindAddress: "127.0.0.1:$JOBSET_HEALTH_PORT"}
 metrics: {bindAddress: "0"}
 EOF
-  if ! jobset_running; then
+  if ! running jobset; then
     say "starting JobSet $JOBSET_VERSION (webhooks on https://127.0.0.1:$JOBSET_WEBHOOK_PORT; log: $LOG)"
     # metrics off ("0"): its secure server would want tokenreviews and subjectaccessreviews, which nothing reads
     KUBECONFIG="$RUN/kubeconfig" setsid "$jobset" --config "$RUN/config.yaml" >"$LOG" 2>&1 </dev/null &
     echo $! > "$PID_FILE"
   fi
-  local i
-  for ((i = 0; i < 240; i++)); do
-    curl -fsS "http://127.0.0.1:$JOBSET_HEALTH_PORT/readyz" >/dev/null 2>&1 && break
-    jobset_running || fail "JobSet exited" "$LOG" "see the log"
-    sleep 0.25
-  done
-  curl -fsS "http://127.0.0.1:$JOBSET_HEALTH_PORT/readyz" >/dev/null 2>&1 \
-    || fail "JobSet did not become ready within 60s" "$LOG" "are ports $JOBSET_WEBHOOK_PORT-$JOBSET_HEALTH_PORT free?"
+  wait_serving jobset "http://127.0.0.1:$JOBSET_HEALTH_PORT/readyz" "$LOG" \
+    "are ports $JOBSET_WEBHOOK_PORT-$JOBSET_HEALTH_PORT free?"
   # the webhooks last: registered before JobSet serves them, they would refuse every JobSet
   apply /apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations lora-jobs-jobset-mutating \
     "$RUN/MutatingWebhookConfiguration.yaml"
@@ -173,23 +143,14 @@ EOF
 }
 
 cmd_down() {
-  local hook
-  if [ -f "$PKI/admin.token" ]; then  # first the webhooks: with JobSet gone they would refuse its pods
-    for hook in "${WEBHOOKS[@]}"; do
-      api DELETE "/apis/admissionregistration.k8s.io/v1/$hook" >/dev/null 2>&1 || true
-    done
-  fi
-  if jobset_running; then
-    kill "$(cat "$PID_FILE")" 2>/dev/null || true
-    for _ in $(seq 40); do jobset_running || break; sleep 0.25; done
-    jobset_running && kill -9 "$(cat "$PID_FILE")" 2>/dev/null || true
-  fi
+  delete_webhooks "${WEBHOOKS[@]}"  # first: with JobSet gone they would refuse its pods
+  stop_daemon jobset
   # Unlike Kueue's, the CRD goes too: a served jobsets resource is what the launcher's `multinode_workload: auto`
   # takes for "JobSet is installed", and without the controller a JobSet would never start.
   if [ -f "$PKI/admin.token" ]; then
     api DELETE "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/$CRD" >/dev/null 2>&1 || true
   fi
-  rm -f "$PID_FILE" "$RUN/env"
+  rm -f "$RUN/env"
 }
 
 case ${1:-} in

@@ -18,41 +18,17 @@ here=$(cd "$(dirname "$0")" && pwd)
 KUEUE_WEBHOOK_PORT=${KUEUE_WEBHOOK_PORT:-29443}
 KUEUE_HEALTH_PORT=${KUEUE_HEALTH_PORT:-29444}
 KUEUE_METRICS_PORT=${KUEUE_METRICS_PORT:-29445}
-API_PORT=${API_PORT:-26443}
 RUN="$STACK_RUN/kueue"
-PID_FILE="$STACK_RUN/pids/kueue"
+PID_FILE="$PIDS/kueue"
 LOG="$STACK_LOGS/kueue.log"
-PKI="$STACK_RUN/pki"
 KCFG="$STACK_RUN/kubeconfig"
 NS=kueue-system
 WEBHOOKS=(mutatingwebhookconfigurations/lora-jobs-kueue-mutating validatingwebhookconfigurations/lora-jobs-kueue-validating)
 
-api() {  # api METHOD PATH [CONTENT-TYPE FILE]: a raw call to the API server as admin
-  local token; token=$(cat "$PKI/admin.token")
-  curl -fsS --cacert "$PKI/ca.crt" -H "Authorization: Bearer $token" -X "$1" "https://127.0.0.1:$API_PORT$2" \
-    ${3:+-H "Content-Type: $3" --data-binary "@$4"}
-}
-
-apply() {  # apply API-PATH NAME FILE: server-side apply of one object (YAML), idempotent
-  api PATCH "$1/$2?fieldManager=lora-jobs-stack&force=true" application/apply-patch+yaml "$3" >/dev/null
-}
-
-kueue_running() {
-  [ -f "$PID_FILE" ] && kill -0 "$(cat "$PID_FILE")" 2>/dev/null \
-    && [ "$(awk '{print $3}' "/proc/$(cat "$PID_FILE")/stat" 2>/dev/null)" != "Z" ]
-}
-
 gen_certs() {  # a CA and a serving certificate for 127.0.0.1, once per stack
   [ -f "$RUN/certs/.complete" ] && return 0
   rm -rf "$RUN/certs"; mkdir -p "$RUN/certs"
-  (
-    cd "$RUN/certs"
-    openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 3650 -subj "/CN=lora-jobs-kueue-ca" 2>/dev/null
-    openssl req -newkey rsa:2048 -nodes -keyout tls.key -out tls.csr -subj "/CN=127.0.0.1" 2>/dev/null
-    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' > san.ext
-    openssl x509 -req -in tls.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out tls.crt -days 3650 -extfile san.ext 2>/dev/null
-    chmod 600 ./*.key
-  )
+  serving_certs "$RUN/certs" lora-jobs-kueue-ca
   touch "$RUN/certs/.complete"
 }
 
@@ -109,13 +85,7 @@ cmd_up() {
     name=$(awk '/^metadata:/{m=1; next} m && /^  name:/{print $2; exit}' "$crd")
     apply /apis/apiextensions.k8s.io/v1/customresourcedefinitions "$name" "$crd"
   done
-  for name in clusterqueues localqueues resourceflavors workloads; do
-    for _ in $(seq 120); do
-      api GET "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/$name.kueue.x-k8s.io" 2>/dev/null \
-        | grep -q '"type": "Established"' && break
-      sleep 0.25
-    done
-  done
+  for name in clusterqueues localqueues resourceflavors workloads; do wait_established "$name.kueue.x-k8s.io" v1beta2; done
 
   cat > "$RUN/config.yaml" <<EOF
 apiVersion: config.kueue.x-k8s.io/v1beta2
@@ -130,7 +100,7 @@ metrics: {bindAddress: "127.0.0.1:$KUEUE_METRICS_PORT"}
 # JobSets (launcher setting multinode_workload): Kueue waits for their API to be served (hack/jobset.sh).
 integrations: {frameworks: [batch/job, jobset.x-k8s.io/jobset]}
 EOF
-  if ! kueue_running; then
+  if ! running kueue; then
     say "starting Kueue $KUEUE_VERSION (webhooks on https://127.0.0.1:$KUEUE_WEBHOOK_PORT; log: $LOG)"
     # With its certificate management off, Kueue v0.17 reads its metrics certificate from the fixed path
     # /etc/kueue/metrics/certs (cmd/kueue/main.go). It gets that path in a mount namespace of its own, as
@@ -144,14 +114,8 @@ EOF
       >"$LOG" 2>&1 </dev/null &
     echo $! > "$PID_FILE"
   fi
-  local i
-  for ((i = 0; i < 240; i++)); do
-    curl -fsS "http://127.0.0.1:$KUEUE_HEALTH_PORT/readyz" >/dev/null 2>&1 && break
-    kueue_running || fail "Kueue exited" "$LOG" "see the log"
-    sleep 0.25
-  done
-  curl -fsS "http://127.0.0.1:$KUEUE_HEALTH_PORT/readyz" >/dev/null 2>&1 \
-    || fail "Kueue did not become ready within 60s" "$LOG" "are ports $KUEUE_WEBHOOK_PORT-$KUEUE_METRICS_PORT free?"
+  wait_serving kueue "http://127.0.0.1:$KUEUE_HEALTH_PORT/readyz" "$LOG" \
+    "are ports $KUEUE_WEBHOOK_PORT-$KUEUE_METRICS_PORT free?"
   # the webhooks last: registered before Kueue serves them, they would refuse every queued Job
   webhooks "$mod"
   apply /apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations lora-jobs-kueue-mutating \
@@ -166,18 +130,9 @@ EOF
 }
 
 cmd_down() {
-  local hook
-  if [ -f "$PKI/admin.token" ]; then  # first the webhooks: with Kueue gone they would refuse queued Jobs
-    for hook in "${WEBHOOKS[@]}"; do
-      api DELETE "/apis/admissionregistration.k8s.io/v1/$hook" >/dev/null 2>&1 || true
-    done
-  fi
-  if kueue_running; then
-    kill "$(cat "$PID_FILE")" 2>/dev/null || true
-    for _ in $(seq 40); do kueue_running || break; sleep 0.25; done
-    kueue_running && kill -9 "$(cat "$PID_FILE")" 2>/dev/null || true
-  fi
-  rm -f "$PID_FILE" "$RUN/env"
+  delete_webhooks "${WEBHOOKS[@]}"  # first: with Kueue gone they would refuse queued Jobs
+  stop_daemon kueue
+  rm -f "$RUN/env"
 }
 
 case ${1:-} in

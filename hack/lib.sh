@@ -62,3 +62,71 @@ stop_daemon() {  # stop_daemon NAME: TERM, up to 10 s, then KILL
   fi
   rm -f "$PIDS/$1"
 }
+
+# ---------------------------------------------------------------- the stack's API server, as its admin
+# hack/stack.sh makes the CA and the admin token under $PKI; API_PORT may be moved like every port.
+API_PORT=${API_PORT:-26443}
+PKI="$STACK_RUN/pki"
+
+api() {  # api METHOD PATH [JSON-BODY | CONTENT-TYPE FILE]: a raw call to the API server as admin
+  local method=$1 path=$2 body=()
+  shift 2
+  case $# in
+    0) ;;
+    1) body=(-H 'Content-Type: application/json' -d "$1") ;;
+    *) body=(-H "Content-Type: $1" --data-binary "@$2") ;;
+  esac
+  curl -fsS --cacert "$PKI/ca.crt" -H "Authorization: Bearer $(cat "$PKI/admin.token")" \
+    -X "$method" "https://127.0.0.1:$API_PORT$path" "${body[@]}"
+}
+
+apply() {  # apply API-PATH NAME FILE: server-side apply of one object (YAML), idempotent
+  api PATCH "$1/$2?fieldManager=lora-jobs-stack&force=true" application/apply-patch+yaml "$3" >/dev/null
+}
+
+# wait_established PLURAL.GROUP VERSION: up to 30 s for the apiserver to serve a CRD just applied, in its
+# discovery too: "Established" comes first, and a controller started in between fails on "no matches for
+# kind ... in version ..." (Kueue did, on a fresh stack).
+wait_established() {
+  local i
+  for ((i = 0; i < 120; i++)); do
+    api GET "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/$1" 2>/dev/null \
+      | grep -q '"type": "Established"' \
+      && api GET "/apis/${1#*.}/$2" 2>/dev/null | grep -q "\"name\": \"${1%%.*}\"" && return 0
+    sleep 0.25
+  done
+  fail "the apiserver does not serve $1 ($2) 30 s after its CRD was applied" "$STACK_LOGS/kube-apiserver.log" "see the log"
+}
+
+# serving_certs DIR CA-NAME: a CA of its own and a serving certificate for 127.0.0.1 (ca.crt, tls.crt,
+# tls.key in DIR), for a controller's webhooks that the apiserver reaches by URL (hack/kueue.sh, jobset.sh).
+serving_certs() {
+  (
+    cd "$1"
+    openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 3650 -subj "/CN=$2" 2>/dev/null
+    openssl req -newkey rsa:2048 -nodes -keyout tls.key -out tls.csr -subj "/CN=127.0.0.1" 2>/dev/null
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' > san.ext
+    openssl x509 -req -in tls.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out tls.crt -days 3650 -extfile san.ext 2>/dev/null
+    chmod 600 ./*.key
+  )
+}
+
+# wait_serving NAME URL LOG FIX: up to 60 s for daemon NAME (a pid file under $PIDS) to answer URL;
+# stops at once, with its log, when it exits instead.
+wait_serving() {
+  local name=$1 url=$2 log=$3 fix=$4 i
+  for ((i = 0; i < 240; i++)); do
+    curl -fsS "$url" >/dev/null 2>&1 && return 0
+    running "$name" || fail "$name exited" "$log" "see the log"
+    sleep 0.25
+  done
+  fail "$name did not become ready within 60s" "$log" "$fix"
+}
+
+delete_webhooks() {  # delete_webhooks KIND/NAME...: before their controller stops (they fail closed)
+  local hook
+  [ -f "$PKI/admin.token" ] || return 0
+  for hook in "$@"; do
+    api DELETE "/apis/admissionregistration.k8s.io/v1/$hook" >/dev/null 2>&1 || true
+  done
+}

@@ -28,7 +28,6 @@ here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=hack/lib.sh
 . "$here/lib.sh"
 
-API_PORT=${API_PORT:-26443}
 MINIO_PORT=${MINIO_PORT:-29000}
 REGISTRY_PORT=${REGISTRY_PORT:-25002}
 NODE_NAME=${NODE_NAME:-lora-node-0}
@@ -40,7 +39,6 @@ PAUSE_IMAGE=127.0.0.1:$REGISTRY_PORT/lora-jobs/pause:3.10
 
 NODE_RUN=$STACK_RUN/node          # per stack: sockets, configs, kubelet root, runtime state
 NODE_CACHE=$STACK_CACHE/node      # per machine: containerd's images and the registry's blobs
-PKI=$STACK_RUN/pki
 KUBELET=$(piece_bin kubelet "$KUBE_VERSION" kubelet)
 REGISTRY=$(piece_bin registry "$REGISTRY_VERSION" registry)
 COREDNS=$(piece_bin coredns "$COREDNS_VERSION" coredns)
@@ -125,11 +123,6 @@ up_netns() {
   in_ns ip route replace "$SERVICE_CIDR" dev lora0 src "$POD_GW"
 }
 
-api_() {  # api_ METHOD PATH [JSON]: the stack's API server as admin
-  curl -fsS --cacert "$PKI/ca.crt" -H "Authorization: Bearer $(cat "$PKI/admin.token")" \
-    -H 'Content-Type: application/json' -X "$1" "https://127.0.0.1:$API_PORT$2" ${3:+-d "$3"}
-}
-
 client_cert() {  # client_cert NAME CN [O]: a client certificate of the stack's CA, once
   [ -f "$PKI/$1.crt" ] && return 0
   openssl req -newkey rsa:2048 -nodes -keyout "$PKI/$1.key" -out "$PKI/$1.csr" -subj "${3:+/O=$3}/CN=$2" 2>/dev/null
@@ -161,11 +154,11 @@ EOF
 up_dns() {
   client_cert coredns system:coredns
   kubeconfig_for coredns
-  api_ PUT /apis/rbac.authorization.k8s.io/v1/clusterroles/lora-jobs:coredns '{
+  api PUT /apis/rbac.authorization.k8s.io/v1/clusterroles/lora-jobs:coredns '{
     "apiVersion":"rbac.authorization.k8s.io/v1","kind":"ClusterRole","metadata":{"name":"lora-jobs:coredns"},
     "rules":[{"apiGroups":[""],"resources":["services","endpoints","pods","namespaces"],"verbs":["list","watch"]},
              {"apiGroups":["discovery.k8s.io"],"resources":["endpointslices"],"verbs":["list","watch"]}]}' >/dev/null
-  api_ PUT /apis/rbac.authorization.k8s.io/v1/clusterrolebindings/lora-jobs:coredns '{
+  api PUT /apis/rbac.authorization.k8s.io/v1/clusterrolebindings/lora-jobs:coredns '{
     "apiVersion":"rbac.authorization.k8s.io/v1","kind":"ClusterRoleBinding","metadata":{"name":"lora-jobs:coredns"},
     "roleRef":{"apiGroup":"rbac.authorization.k8s.io","kind":"ClusterRole","name":"lora-jobs:coredns"},
     "subjects":[{"apiGroup":"rbac.authorization.k8s.io","kind":"User","name":"system:coredns"}]}' >/dev/null
@@ -365,8 +358,7 @@ EOF
 }
 
 node_ready() {
-  curl -fsS --cacert "$PKI/ca.crt" -H "Authorization: Bearer $(cat "$PKI/admin.token")" \
-    "https://127.0.0.1:$API_PORT/api/v1/nodes/$NODE_NAME" \
+  api GET "/api/v1/nodes/$NODE_NAME" \
     | python3 -c 'import json, sys; n = json.load(sys.stdin)
 sys.exit(0 if any(c["type"] == "Ready" and c["status"] == "True" for c in n["status"]["conditions"]) else 1)'
 }

@@ -26,7 +26,6 @@ MINIO_CONSOLE_PORT=${MINIO_CONSOLE_PORT:-29001}
 TEST_BUCKET=${TEST_BUCKET:-lora-test}
 MLFLOW_PORT=${MLFLOW_PORT:-25000}
 
-PKI="$STACK_RUN/pki"
 KCFG="$STACK_RUN/kubeconfig"
 
 bin() { piece_bin "$@"; }
@@ -92,12 +91,6 @@ contexts:
 current-context: local
 EOF
   chmod 600 "$KCFG"
-}
-
-api() {  # api METHOD PATH [JSON-BODY]: a raw call to the API server as admin
-  local token; token=$(cat "$PKI/admin.token")
-  curl -fsS --cacert "$PKI/ca.crt" -H "Authorization: Bearer $token" -H 'Content-Type: application/json' \
-    -X "$1" "https://127.0.0.1:$API_PORT$2" ${3:+-d "$3"}
 }
 
 create_node() {  # create_node NAME GPUS
