@@ -22,19 +22,15 @@ import os
 import secrets
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
-import yaml
 
 from published import cpu_spec, lean, train_jsonl
+from tests.integration.test_chart import CHART, REPO, run_helm
 
 pytestmark = [pytest.mark.node, pytest.mark.helm, pytest.mark.train, pytest.mark.s3]
 
-REPO = Path(__file__).resolve().parents[2]
-CHART = REPO / "charts" / "lora-jobs"
 RELEASE = "lj"
 FULLNAME = "lj-lora-jobs"
 BUCKET = "lora-jobs"
@@ -48,14 +44,7 @@ def _minio_version() -> str:
 
 
 def helm(stack, *args: str, values: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
-        extra: list[str] = []
-        if values is not None:
-            yaml.safe_dump(values, f)
-            f.flush()
-            extra = ["-f", f.name]
-        return subprocess.run([stack.helm, *args, *extra], capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, "KUBECONFIG": stack.kubeconfig})
+    return run_helm(stack.helm, *args, values=values, kubeconfig=stack.kubeconfig, check=False, timeout=timeout)
 
 
 def on_node(code: str, *args: str, env: dict[str, str], stdin: bytes | None = None,
