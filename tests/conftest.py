@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -23,12 +23,23 @@ REPO = Path(__file__).resolve().parents[1]
 STACK_RUN = Path(os.environ.get("STACK_RUN", REPO / ".stack"))
 
 
+class Redacted(dict):
+    """A dict of environment variables whose repr hides the values of secrets: pytest prints a failing
+    test's fixture arguments, and the local MinIO's key must not end up in a CI log."""
+
+    SECRET_WORDS = ("SECRET", "PASSWORD", "TOKEN")
+
+    def __repr__(self) -> str:
+        return repr({k: ("<redacted>" if any(w in k.upper() for w in self.SECRET_WORDS) else v)
+                     for k, v in self.items()})
+
+
 @dataclass(frozen=True)
 class Stack:
     kubeconfig: str
     s3_endpoint: str
     s3_access_key: str
-    s3_secret_key: str
+    s3_secret_key: str = field(repr=False)
     bucket: str
     helm: str
     bin_dir: str
@@ -36,11 +47,11 @@ class Stack:
 
     def env(self) -> dict[str, str]:
         """Everything hack/stack.sh wrote to its env file (pid files, ports, binaries)."""
-        return _read_env(Path(self.env_file))
+        return Redacted(_read_env(Path(self.env_file)))
 
     def s3_env(self) -> dict[str, str]:
-        return {"AWS_ENDPOINT_URL": self.s3_endpoint, "AWS_ACCESS_KEY_ID": self.s3_access_key,
-                "AWS_SECRET_ACCESS_KEY": self.s3_secret_key, "AWS_REGION": "us-east-1"}
+        return Redacted({"AWS_ENDPOINT_URL": self.s3_endpoint, "AWS_ACCESS_KEY_ID": self.s3_access_key,
+                         "AWS_SECRET_ACCESS_KEY": self.s3_secret_key, "AWS_REGION": "us-east-1"})
 
 
 def _read_env(path: Path) -> dict[str, str]:

@@ -124,3 +124,27 @@ def test_base_image_runs_under_docker(stack):
                           "cat", "/etc/debian_version"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().split(".")[0] == "12"
+
+
+@pytest.mark.s3
+def test_a_failing_tests_report_does_not_print_the_minio_secret(stack, tmp_path):
+    """pytest prints a failing test's fixture arguments (the Stack, the S3 environment): the local MinIO's
+    secret key is redacted there, and so never lands in a CI log."""
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    (tmp_path / "test_fails_with_the_stack.py").write_text(
+        "def test_fails(stack, s3_env):\n"
+        "    env = stack.env()\n"
+        "    assert not (stack and s3_env and env), (stack, s3_env, env)\n")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "tests.conftest", "-p", "no:cacheprovider",
+                           "--tb=long", "--showlocals", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(repo), "STACK_RUN": str(repo / ".stack")})
+    out = proc.stdout + proc.stderr
+    leaked = stack.s3_secret_key in out
+    shown = out.replace(stack.s3_secret_key, "<THE SECRET>")[-3000:]  # this report must not leak it either
+    assert proc.returncode == 1 and "1 failed" in out, shown
+    assert stack.s3_access_key in out, "the report shows the fixtures (the access key is not secret)"
+    assert "<redacted>" in out and not leaked, f"the MinIO secret key is printed in a failing test's report:\n{shown}"
