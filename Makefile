@@ -40,7 +40,7 @@ stack-down:  ## stop the local stack
 images:  ## build the trainer and launcher images on the local Docker engine
 	@hack/build-images.sh
 
-kind-up:  ## laptop flow: kind cluster + images + chart with dev MinIO + a sample run
+kind-up:  ## kind cluster (node image built here when none can be pulled) + images + chart with dev MinIO + a sample run
 	@hack/kind-up.sh
 
 kind-down:

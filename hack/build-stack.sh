@@ -7,7 +7,9 @@
 # Optional pieces, built only when named: s5cmd (benchmarks/s3_download.py's peer),
 # mc (the MinIO client the chart's bucket hook runs; tests/integration/test_minio_policy.py),
 # kueue (the queue controller: hack/stack.sh kueue; tests marked kueue),
-# jobset (the JobSet controller: hack/stack.sh jobset; tests marked jobset).
+# jobset (the JobSet controller: hack/stack.sh jobset; tests marked jobset),
+# kind and kubeadm (kind itself, and kubeadm + kubectl for the kind node image that
+# hack/kind-node-image.sh builds where no stock node image can be pulled).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=hack/lib.sh
@@ -112,7 +114,11 @@ for piece in "${pieces[@]}"; do
     # Through the wrapper module, as s5cmd: the proxy refuses JobSet's version list too.
     jobset) build_wrapped jobset "$JOBSET_VERSION" sigs.k8s.io/jobset "$JOBSET_VERSION" \
             "-s -w -X sigs.k8s.io/jobset/pkg/version.GitVersion=$JOBSET_VERSION" sigs.k8s.io/jobset ;;
-    *) echo "unknown piece: $piece (expected kube etcd kwok helm minio kubelet kube-proxy registry coredns, or s5cmd mc kueue jobset)" >&2; exit 2 ;;
+    # The kind node image's kubeadm and kubectl (hack/kind-node-image.sh): same module and version again.
+    kubeadm) build_wrapped kubeadm "$KUBE_VERSION" k8s.io/kubernetes "v0.${KUBE_VERSION#v1.}" "$(kube_ldflags)" \
+            k8s.io/kubernetes/cmd/kubeadm k8s.io/kubernetes/cmd/kubectl ;;
+    kind) build_go kind "$KIND_VERSION" -- go install -trimpath -ldflags "-s -w" "sigs.k8s.io/kind@$KIND_VERSION" ;;
+    *) echo "unknown piece: $piece (expected kube etcd kwok helm minio kubelet kube-proxy registry coredns, or s5cmd mc kueue jobset kind kubeadm)" >&2; exit 2 ;;
   esac
 done
 say "stack binaries ready under $STACK_CACHE"

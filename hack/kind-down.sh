@@ -3,7 +3,11 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 REPO_ROOT=$(cd "$here/.." && pwd)
-KIND=${KIND:-kind}
+. "$here/versions.env"  # KIND_VERSION
+if [ -z "${KIND:-}" ]; then  # as hack/kind-up.sh: kind on PATH, else the one hack/build-stack.sh kind built
+  KIND=kind
+  command -v kind >/dev/null || KIND=${STACK_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/lora-jobs/stack}/kind-$KIND_VERSION/bin/kind
+fi
 CLUSTER=${KIND_CLUSTER:-lora-jobs}
 STATE=$REPO_ROOT/.stack/kind
 command -v "$KIND" >/dev/null || { echo "kind is not installed: nothing to delete" >&2; exit 0; }
