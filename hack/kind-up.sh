@@ -202,7 +202,7 @@ for bucket in os.listdir("/upload"):
 sets=()
 if [ "${KIND_GPU:-0}" != 1 ]; then
   # No GPU worker: a short CPU run of the same spec.
-  sets=(--set resources.gpus=0 --set resources.cpu=2 --set resources.memory=6Gi --set resources.scratch=10Gi
+  sets=(--set resources.gpus=0 --set resources.cpu=1000m --set resources.memory=6Gi --set resources.scratch=10Gi
         --set training.max_steps=5 --set training.max_seq_length=128 --set merge.enabled=false)
 fi
 say "launcher submit examples/spec.yaml ${sets[*]}"
