@@ -435,6 +435,18 @@ def lm_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
     only target positions go through the lm_head, in chunks.
     """
     base = _unwrap(model)
+    sharded = getattr(base, FSDP_LOSS_METHOD, None)
+    if sharded is not None:  # FSDP2: the loss is the root's forward (its params gathered for it)
+        return sharded(batch)
+    return base_lm_loss(base, batch)
+
+
+#: the method of an FSDP2-sharded base that runs :func:`base_lm_loss` as its root forward (jobs.distributed)
+FSDP_LOSS_METHOD = "lora_jobs_lm_loss"
+
+
+def base_lm_loss(base, batch: dict) -> tuple[torch.Tensor, int]:
+    """:func:`lm_loss` on the unwrapped causal LM."""
     ensure_attention(base)
     dec = _decoder(base)
     head = base.get_output_embeddings()
@@ -563,6 +575,7 @@ class Plan:
     lean_lora: bool = True           # LoRA in the activation dtype (see install_lean_lora)
     memory_budget_bytes: int | None = None  # GPU memory the plan fits into (None on CPU)
     fp8: bool = False                # FP8 GEMMs for the frozen base projections (see apply_fp8)
+    fsdp: bool = False               # FSDP2: the base sharded over every rank (jobs.distributed.shard_model)
 
 
 def _cfg(model_config, name, default=None):
@@ -634,7 +647,7 @@ def memory_budget_bytes(training, quantization: str, free_memory_bytes: int) -> 
 
 
 def plan(model_config, training, device: torch.device | str, *, free_memory_bytes: int | None = None,
-         quantization: str = "none") -> Plan:
+         quantization: str = "none", world_size: int = 1) -> Plan:
     """Choose the fast path for this model on this device.
 
     * dtype: bf16 where the GPU supports it, else fp16; fp32 on CPU. ``training.precision`` wins
@@ -651,6 +664,12 @@ def plan(model_config, training, device: torch.device | str, *, free_memory_byte
       RMSNorm/SwiGLU/RoPE kernels when importable.
     * ``free_memory_bytes`` is the memory free BEFORE the model is loaded (default: free now); the
       plan fits into :func:`memory_budget_bytes` of it.
+    * FSDP2 (``training.fsdp``, ``world_size`` training processes): auto shards the base when there
+      is more than one process and the weights, the LoRA state, headroom and one max-length sequence
+      (with checkpointing) do not fit the budget; on shards whenever there is more than one. A
+      sharded plan counts weights and LoRA state / world_size plus the all-gathered layers FSDP
+      holds at a time, and leaves out torch.compile and FP8. When the weights alone do not fit and
+      the base is not sharded, planning fails (:class:`jobs.errors.OutOfMemory`) naming the fix.
     """
     device = torch.device(device)
     notes: list[str] = []
@@ -663,11 +682,19 @@ def plan(model_config, training, device: torch.device | str, *, free_memory_byte
         max_seq = min(max_seq, int(ctx))
     precision = getattr(training, "precision", "auto")
     gc_req = getattr(training, "gradient_checkpointing", "auto")
+    fsdp_req = getattr(training, "fsdp", "auto")
+    if fsdp_req == "on" and world_size <= 1:
+        notes.append("fsdp: on has no effect with one training process: the whole base on one device")
+        log.warning("training.fsdp: on has no effect with one training process (set resources.gpus above 1)")
     if device.type != "cuda":
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
         notes.append("CPU: attention is SDPA per example; no compile; fp32 unless asked otherwise")
         tokens = max(max_seq, 2048)
-        return Plan(ATTN_IMPL, dtype, gc_req is True, tokens, False, notes, False, "chunked", True)
+        # no memory model on a CPU: auto never shards there, on does (how FSDP2 is tested without GPUs)
+        sharded = fsdp_req == "on" and world_size > 1 and quantization == "none"
+        if sharded:
+            notes.append(_fsdp_note(world_size))
+        return Plan(ATTN_IMPL, dtype, gc_req is True, tokens, False, notes, False, "chunked", True, fsdp=sharded)
 
     try:
         bf16_ok = torch.cuda.is_bf16_supported()
@@ -725,6 +752,52 @@ def plan(model_config, training, device: torch.device | str, *, free_memory_byte
     fused = liger or compile_ok  # both keep no fp32 copies in the norms and one MLP intermediate less
     per_tok_nogc = activation_bytes_per_token(model_config, checkpointing=False, dtype_bytes=dbytes, liger=fused)
     per_tok_gc = activation_bytes_per_token(model_config, checkpointing=True, dtype_bytes=dbytes, liger=fused)
+    fits_one_gpu = budget - max_seq * per_tok_gc >= 0
+    sharded = (world_size > 1 and quantization == "none"
+               and (fsdp_req == "on" or (fsdp_req == "auto" and not fits_one_gpu)))
+    if sharded:
+        # Each rank keeps 1/world of the weights and of the LoRA state (sharded DTensors, sharded AdamW
+        # moments); FSDP2 all-gathers one decoder layer while the previous one computes (two layers at a
+        # time) and keeps the root's embeddings and lm_head gathered from the loss's forward to its backward.
+        n_layers = max(1, int(_cfg(model_config, "num_hidden_layers", 1) or 1))
+        h = int(_cfg(model_config, "hidden_size", 0) or 0)
+        root = vocab * h * (1 if bool(_cfg(model_config, "tie_word_embeddings", False)) else 2) + h
+        layer = (n_params - root) / n_layers
+        gathered = (2 * layer + root) * wbytes * (1 - 1 / world_size)
+        weights = weights / world_size
+        lora_state = lora_state / world_size
+        budget = budget_total - weights - lora_state - headroom - gathered
+        if compile_ok:
+            compile_ok = False
+            notes.append("torch.compile off: the layers are FSDP2-sharded (their all-gather hooks stay eager)")
+            fused = liger
+        if fp8 and fp8_req == "on":
+            _fp8_refused("the base is FSDP2-sharded (training.fsdp), and FP8 is not wired into its all-gather: "
+                         "set training.fp8: off, or training.fsdp: off if the base fits one GPU")
+        if fp8:
+            fp8 = False
+            notes.append("FP8 off: FSDP2 would all-gather the bf16 weights; torchao's float8 all-gather is not wired in")
+        per_tok_nogc = activation_bytes_per_token(model_config, checkpointing=False, dtype_bytes=dbytes, liger=fused)
+        per_tok_gc = activation_bytes_per_token(model_config, checkpointing=True, dtype_bytes=dbytes, liger=fused)
+        notes.append(_fsdp_note(world_size) + (" (the weights do not fit one GPU)" if not fits_one_gpu else ""))
+    if budget <= 0:
+        if world_size > 1 and not sharded:
+            fix = ("set training.fsdp: auto or on to shard it over the run's "
+                   f"{world_size} processes" if quantization == "none" else
+                   "use a GPU with more memory (a quantised base is not sharded)")
+        elif sharded:
+            fix = (f"even 1/{world_size} of it does not fit: raise resources.gpus (or resources.nodes), or raise "
+                   "training.gpu_memory_gib if it is set below the card's memory")
+        else:
+            fix = ("raise resources.gpus above 1 (training.fsdp: auto then shards the base over the GPUs), use "
+                   "quantization.mode: 4bit, or a GPU with more memory")
+        from jobs.errors import OutOfMemory
+
+        raise OutOfMemory(f"the base model does not fit the GPU memory budget: weights ~{weights / 2**30:.1f} GiB "
+                          f"+ LoRA state ~{lora_state / 2**30:.1f} GiB + headroom {headroom / 2**30:.1f} GiB "
+                          f"> {budget_total / 2**30:.1f} GiB planned for per GPU"
+                          + (f" ({world_size} processes, {'sharded' if sharded else 'each with the whole base'})"
+                             if world_size > 1 else " (one training process)"), hint=fix)
     want = max(8192, 2 * max_seq)
 
     def fit(per_tok: float) -> int:
@@ -749,7 +822,13 @@ def plan(model_config, training, device: torch.device | str, *, free_memory_byte
     notes.append(f"free {free_memory_bytes / 2**30:.1f} GiB, planning for {budget_total / 2**30:.1f} GiB, "
                  f"weights ~{weights / 2**30:.1f} GiB, activations ~{(per_tok_gc if gc else per_tok_nogc) / 2**20:.2f} MiB/token "
                  f"-> {tokens} tokens per micro-batch, checkpointing {'on' if gc else 'off'}")
-    return Plan(ATTN_IMPL, dtype, gc, tokens, compile_ok, notes, liger, "chunked", True, budget_total, fp8)
+    return Plan(ATTN_IMPL, dtype, gc, tokens, compile_ok, notes, liger, "chunked", True, budget_total, fp8,
+                fsdp=sharded)
+
+
+def _fsdp_note(world_size: int) -> str:
+    return (f"FSDP2: the frozen base and the LoRA weights sharded over {world_size} processes (fully_shard per "
+            "decoder layer and at the root); gradients reduce-scattered")
 
 
 def prepare_model(model, p: Plan) -> Any:

@@ -135,6 +135,16 @@ class TrainingSpec(_Strict):
                            "lm_head, the optimizer and the merge stay in bf16/fp32, and evaluation after training "
                            "runs the bf16 base. off (default); auto: on where the GPU and torchao allow it; on: "
                            "the run fails where they do not. Not with quantization.")
+    fsdp: Literal["auto", "on", "off"] = Field(
+        "auto", description="FSDP2 sharding of the frozen base model across the training processes (PyTorch's "
+                            "fully_shard over every rank): each GPU holds 1/N of the weights, so a base that does "
+                            "not fit one GPU (e.g. 70B in bf16) trains on N of them. auto (default): shard when the "
+                            "run has more than one training process and the weights, the LoRA state and headroom "
+                            "do not fit one GPU's memory budget; otherwise data parallel with the whole base on "
+                            "every GPU. on: shard whenever there is more than one process (no effect with one); "
+                            "off: never (a base that does not fit one GPU then fails at planning). Sharded runs "
+                            "skip torch.compile and FP8; not with quantization. Checkpoints are the same either "
+                            "way: a run resumes with or without sharding.")
 
     @field_validator("gradient_accumulation_steps")
     @classmethod
@@ -150,10 +160,10 @@ class TrainingSpec(_Strict):
             raise ValueError("must be at least 1, or 'auto'")
         return v
 
-    @field_validator("fp8", mode="before")
+    @field_validator("fp8", "fsdp", mode="before")
     @classmethod
     def _fp8_yaml_booleans(cls, v: Any) -> Any:
-        # YAML 1.1 reads a bare `fp8: on` / `fp8: off` as a boolean
+        # YAML 1.1 reads a bare `fp8: on` / `fsdp: off` as a boolean
         return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
     @field_validator("gpu_memory_gib")
@@ -333,6 +343,9 @@ class TrainingRunSpec(_Strict):
                              "replaces its projections: turn one off")
         if self.training.fp8 == "on" and self.resources.gpus == 0:
             raise ValueError("training.fp8: on needs a GPU: set resources.gpus >= 1 or training.fp8: off")
+        if self.training.fsdp == "on" and self.quantization.mode != "none":
+            raise ValueError("training.fsdp: on shards a 16-bit base; quantization.mode 4bit/8bit is not sharded: "
+                             "turn one off (a quantised base usually fits one GPU)")
         return self
 
     _lines: dict = PrivateAttr(default_factory=dict)  # field path -> YAML line, when loaded from text
@@ -347,6 +360,11 @@ class TrainingRunSpec(_Strict):
             if not lo <= value <= hi:
                 out.append(Problem(path, f"{value:g} is outside the guide's {lo:g}-{hi:g}", why,
                                    line=self._lines.get(tuple(path.split(".")))))
+        if self.training.fsdp == "on" and self.resources.gpus == 1 and self.resources.nodes == 1:
+            out.append(Problem("training.fsdp", "fsdp: on has no effect with one training process (resources.gpus: "
+                                                "1): a single process cannot shard the base",
+                               "set resources.gpus above 1 to shard the base over several GPUs, or leave fsdp: auto",
+                               line=self._lines.get(("training", "fsdp"))))
         return out
 
     def spec_hash(self) -> str:
@@ -370,6 +388,10 @@ class TrainingRunSpec(_Strict):
             del fields["resources"]["nodes"]
         if fields["training"]["fp8"] == "off":  # likewise
             del fields["training"]["fp8"]
+        # how the base is laid out over the GPUs, not what the run trains: a checkpoint written sharded
+        # resumes unsharded and back (the checkpoints' key leaves it out, as it leaves out resources)
+        if fields["training"]["fsdp"] == "auto" or "resources" not in fields:
+            del fields["training"]["fsdp"]
         canon = json.dumps(fields, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canon.encode()).hexdigest()[:10]
 
