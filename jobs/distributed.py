@@ -10,6 +10,11 @@ of every optimizer step's examples (``Schedule``), and the gradients are summed 
 once a step (:meth:`World.reduce_step`), weighted by target tokens so the step's loss is the
 same token mean as on one GPU. Rank 0 alone checkpoints, generates, merges and publishes.
 
+Where the plan says so (``training.fsdp``; ``Plan.fsdp``) the ranks shard the base with PyTorch's FSDP2
+instead (:func:`shard_model`): the LoRA gradients are then reduce-scattered inside the backward, and
+checkpoints and the published adapter are gathered whole from the shards (:func:`full_tensor`,
+:func:`full_optimizer_state`), so they are the same files an unsharded run writes.
+
 torchrun itself exits 1 whatever its workers did; :func:`relaunch` maps its end back onto the
 exit-code contract from the termination message each pod's local rank 0 wrote.
 
@@ -126,6 +131,123 @@ def broadcast_trainable(world: World, model) -> None:
         for p in model.parameters():
             if p.requires_grad:
                 dist.broadcast(p.data, src=0)
+
+
+# ------------------------------------------------------------------ FSDP2 (training.fsdp)
+
+def shard_model(world: World, model) -> None:
+    """Shard the PEFT-wrapped model over every rank with PyTorch's FSDP2 (``fully_shard``): each decoder
+    layer is one unit, the causal LM (embeddings, final norm, lm_head, tied or not) the root; a 1-D mesh
+    over all ranks. Frozen base weights and LoRA weights alike become DTensor shards; the LoRA gradients
+    are reduce-scattered in the backward (no :meth:`World.reduce_step` all-reduce for them).
+
+    The job computes its loss from the decoder and the lm_head weight, not through ``forward``
+    (``fastpath.lm_loss``), so that computation is registered as the root's forward method: FSDP2
+    gathers the root's parameters for it and keeps them until the backward.
+
+    Every rank has loaded the whole base before this (as without sharding); fully_shard keeps each
+    rank's shard and frees the rest. A base that does not fit one GPU (70B in bf16) would have to be
+    built on the meta device and get its shards from rank 0 or from each rank's slice of the
+    safetensors files instead; that is not done here.
+    """
+    import types
+
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    from jobs import fastpath
+
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    mesh = init_device_mesh(device_type, (world.size,))
+    base = fastpath._unwrap(model)
+    # Parameters keep their dtypes (no MixedPrecisionPolicy): the frozen base stays in the plan's dtype,
+    # the LoRA weights in fp32 master copies, exactly as without sharding.
+    with collective("FSDP2 sharding of the base", world):
+        for layer in fastpath._decoder(base).layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(base, mesh=mesh)
+
+    def sharded_loss(self, batch):
+        return fastpath.base_lm_loss(self, batch)
+
+    setattr(base, fastpath.FSDP_LOSS_METHOD, types.MethodType(sharded_loss, base))
+    register_fsdp_forward_method(base, fastpath.FSDP_LOSS_METHOD)
+    held, total = local_parameter_counts(model)
+    log.info("FSDP2: the base is sharded over %d ranks; rank %d holds %d of %d parameters (%.1f%%)",
+             world.size, world.rank, held, total, 100 * held / max(total, 1))
+
+
+def local_parameter_counts(model) -> tuple[int, int]:
+    """(parameters this rank holds, parameters of the model): a DTensor counts its local shard."""
+    from torch.distributed.tensor import DTensor
+
+    held = total = 0
+    seen = set()
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        held += p.to_local().numel() if isinstance(p, DTensor) else p.numel()
+    return held, total
+
+
+def is_sharded(model) -> bool:
+    from jobs import fastpath
+
+    return hasattr(fastpath._unwrap(model), fastpath.FSDP_LOSS_METHOD)
+
+
+def full_tensor(v):
+    """The whole tensor of a DTensor shard (a collective: every rank calls it in the same order); other
+    tensors as they are."""
+    from torch.distributed.tensor import DTensor
+
+    return v.full_tensor() if isinstance(v, DTensor) else v
+
+
+def shard_like(like, full):
+    """``full`` (the same on every rank, e.g. read from a checkpoint) cut into this rank's shard of the
+    DTensor ``like``; a plain ``like`` gets ``full`` back. No communication."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(like, DTensor):
+        return full
+    return distribute_tensor(full.detach().to(like.device, like.dtype), like.device_mesh, like.placements,
+                             src_data_rank=None)
+
+
+def full_optimizer_state(optimizer) -> dict:
+    """``optimizer.state_dict()`` with every sharded moment gathered whole: the same dict an unsharded
+    run saves (keyed by parameter index), so a checkpoint resumes with or without sharding."""
+    sd = optimizer.state_dict()
+    return {"param_groups": sd["param_groups"],
+            "state": {pid: {k: full_tensor(v).detach().cpu() if hasattr(v, "detach") else v for k, v in st.items()}
+                      for pid, st in sd["state"].items()}}
+
+
+def shard_optimizer_state(optimizer, sd: dict) -> dict:
+    """A whole optimizer state (from a checkpoint) cut into this rank's shards of the sharded parameters."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    state = {}
+    for pid, st in sd["state"].items():
+        p = params[int(pid)]
+        state[pid] = {k: shard_like(p, v) if hasattr(v, "shape") and tuple(v.shape) == tuple(p.shape) else v
+                      for k, v in st.items()}
+    return {"param_groups": sd["param_groups"], "state": state}
+
+
+def all_gather_floats(world: World, values: list[float], device, what: str):
+    """Every rank's ``values`` as a [world, len(values)] float64 tensor."""
+    import torch
+    import torch.distributed as dist
+
+    mine = torch.tensor(values, dtype=torch.float64, device=device)
+    out = [torch.empty_like(mine) for _ in range(world.size)]
+    with collective(what, world):
+        dist.all_gather(out, mine)
+    return torch.stack(out)
 
 
 def from_env() -> World:

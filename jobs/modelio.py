@@ -65,6 +65,17 @@ def load_tokenizer(model_dir: str):
     return tok
 
 
+def load_config(model_dir: str):
+    """The base model's transformers config (config.json alone): what the plan needs before the weights load."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError, KeyError) as err:
+        raise DataError(f"the base model in {model_dir} could not be loaded: {str(err).splitlines()[0]}",
+                        hint="it must be a transformers model folder (config.json + safetensors + tokenizer)") from None
+
+
 def load_model(model_dir: str, *, precision: str, quantization: str = "none", device=None,
                double_quant: bool = True):
     """Load a causal LM for training: bf16/fp16/fp32, or 8-bit / 4-bit NF4 via bitsandbytes."""

@@ -288,6 +288,16 @@ def _start_tracker(spec: TrainingRunSpec, run_id: str | None, world):
     return tracker
 
 
+def _free_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _run(spec: TrainingRunSpec, workdir: Path, world, *, run_id, image, stop, started, out_store, run_prefix):
     import torch
 
@@ -295,7 +305,7 @@ def _run(spec: TrainingRunSpec, workdir: Path, world, *, run_id, image, stop, st
     from jobs import evaluate as ev
     from jobs import fastpath
     from jobs.merge import merge_and_check, merge_dtype
-    from jobs.modelio import load_model, load_tokenizer, model_context_length, resolve_precision
+    from jobs.modelio import load_config, load_model, load_tokenizer, model_context_length, resolve_precision
     from jobs.publish import publish_version
     from jobs.tracking import TENSORBOARD_DIR, write_tensorboard
     from jobs.train import Checkpoints, encode_rows, evaluate_loss, train, wrap_lora
@@ -323,12 +333,15 @@ def _run(spec: TrainingRunSpec, workdir: Path, world, *, run_id, image, stop, st
     precision = resolve_precision(spec.training.precision, device)
     free_before_load = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
     tok = load_tokenizer(fetched.base_model_dir)
+    # planned from config.json before the weights load: a base that cannot fit fails here, with the fix
+    # (training.fsdp / resources.gpus), not as a CUDA out-of-memory error halfway through loading
+    plan = fastpath.plan(load_config(fetched.base_model_dir), spec.training, device,
+                         quantization=spec.quantization.mode, free_memory_bytes=free_before_load,
+                         world_size=world.size)
     model = load_model(fetched.base_model_dir, precision=precision, quantization=spec.quantization.mode,
                        device=device, double_quant=spec.quantization.double_quant)
     ctx = spec.base_model.max_context or model_context_length(model.config) or spec.training.max_seq_length
     max_len = min(spec.training.max_seq_length, ctx)
-    plan = fastpath.plan(model.config, spec.training, device, quantization=spec.quantization.mode,
-                         free_memory_bytes=free_before_load)
     if spec.training.gradient_checkpointing != "auto":
         plan.gradient_checkpointing = bool(spec.training.gradient_checkpointing)
     if device.type == "cpu":
@@ -362,6 +375,8 @@ def _run(spec: TrainingRunSpec, workdir: Path, world, *, run_id, image, stop, st
     torch.manual_seed(spec.training.seed)  # LoRA A is initialised randomly: the same seed, the same run
     model = fastpath.prepare_model(wrap_lora(model, spec), plan)
     distributed.broadcast_trainable(world, model)
+    if plan.fsdp:
+        distributed.shard_model(world, model)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("LoRA: %d trainable parameters of %d (%.2f%%)", trainable, total, 100 * trainable / max(total, 1))
     # keyed by what the run trains, not where: more memory or another number of GPUs resumes the run
@@ -388,6 +403,19 @@ def _run(spec: TrainingRunSpec, workdir: Path, world, *, run_id, image, stop, st
         log.info("rank %d: training done; rank 0 publishes", world.rank)
         distributed.shutdown(world)
         return None
+    if plan.fsdp:
+        # The sharded model cannot run on rank 0 alone: what follows (generations, the adapter's files, the
+        # merge) runs on the unsharded base with the whole adapter the ranks gathered, as on one GPU.
+        from peft import set_peft_model_state_dict
+
+        del model
+        _free_memory()
+        model = load_model(fetched.base_model_dir, precision=precision, quantization=spec.quantization.mode,
+                           device=device, double_quant=spec.quantization.double_quant)
+        model = fastpath.prepare_model(wrap_lora(model, spec), plan)
+        set_peft_model_state_dict(model, {k: v.to(device) for k, v in result.adapter.items()})
+        log.info("FSDP2: rank 0 holds the whole base again with the gathered adapter of step %d",
+                 result.published_step)
     steady = result.tokens_per_second_steady
     log.info("trained %d steps in %.0fs: %.0f tokens/s (%s after warm-up), %d examples and ~%.0f tokens per "
              "step%s", result.state.step, result.seconds, result.tokens_per_second,

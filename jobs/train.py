@@ -198,6 +198,7 @@ class TrainResult:
     published_step: int  # the step that adapter comes from
     loss_scaling: bool
     first_step_seconds: float | None = None  # this run's first optimizer step, compilation included
+    adapter: dict | None = None  # FSDP2 runs: the whole adapter to publish (CPU tensors; the model is sharded)
 
 
 def _target_tokens(mb: dict) -> int:
@@ -290,6 +291,9 @@ def evaluate_loss(model, examples: list[dict], budget: TokenBudget | int, device
     if not isinstance(budget, TokenBudget):
         budget = TokenBudget(budget, max(len(e["input_ids"]) for e in examples))
     mine = examples if world is None or world.size == 1 else examples[world.rank::world.size]
+    from jobs.distributed import all_gather_floats, is_sharded
+
+    sharded = world is not None and world.size > 1 and is_sharded(model)
     was_training = model.training
     model.eval()
     try:
@@ -297,10 +301,16 @@ def evaluate_loss(model, examples: list[dict], budget: TokenBudget | int, device
             try:
                 sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, target tokens
                 with torch.no_grad():
-                    for mb in (fastpath.pack_rows(mine, budget.tokens, seed=0, shuffle=False) if mine else []):
+                    mbs = fastpath.pack_rows(mine, budget.tokens, seed=0, shuffle=False) if mine else []
+                    counted = len(mbs)
+                    if sharded:  # every rank runs as many forwards (each gathers the sharded weights)
+                        most = int(all_gather_floats(world, [len(mbs)], device, "validation batch counts").max())
+                        mbs += [_filler(examples, budget.tokens)] * (most - len(mbs))
+                    for i, mb in enumerate(mbs):
                         loss_sum, ntok = fastpath.lm_loss(model, fastpath.to_device(mb, device))
-                        sums[0] += loss_sum.double()
-                        sums[1] += ntok
+                        if i < counted:
+                            sums[0] += loss_sum.double()
+                            sums[1] += ntok
                 if world is not None:
                     world.reduce_sum(sums)
                 return float(sums[0]) / max(1.0, float(sums[1]))
@@ -320,10 +330,21 @@ def evaluate_loss(model, examples: list[dict], budget: TokenBudget | int, device
             model.train()
 
 
+def _filler(examples: list[dict], tokens: int) -> dict:
+    """A micro-batch whose loss counts for nothing: what a sharded rank runs when it has fewer micro-batches
+    than another (every forward and backward of FSDP2 is a collective over all ranks)."""
+    from jobs import fastpath
+
+    return fastpath.pack_rows(examples[:1], tokens, seed=0, shuffle=False)[0]
+
+
 def _adapter_snapshot(model) -> dict:
+    """The whole adapter on the CPU; with FSDP2 every rank gathers its shards (a collective)."""
     from peft import get_peft_model_state_dict
 
-    return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items()}
+    from jobs.distributed import full_tensor
+
+    return {k: full_tensor(v).detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items()}
 
 
 def _check_resumable(saved: TrainState, step: int, examples_per_step: int, world_size: int, checkpoints) -> None:
@@ -360,10 +381,13 @@ def train(model, spec: TrainingRunSpec, train_ex: list[dict], val_ex: list[dict]
 
     from jobs import fastpath
 
-    from jobs.distributed import World
+    from jobs.distributed import World, full_optimizer_state, is_sharded
 
     world = world or World()
     world_size = world.size
+    # FSDP2 (plan.fsdp): gradients are reduce-scattered in each backward, and every forward and backward is a
+    # collective, so every rank runs as many micro-batches; the step's counts are agreed on before them.
+    sharded = world_size > 1 and is_sharded(model)
     t = spec.training
     torch.manual_seed(t.seed)
     random.seed(t.seed)
@@ -443,7 +467,10 @@ def train(model, spec: TrainingRunSpec, train_ex: list[dict], val_ex: list[dict]
 
     while state.step < total_steps and not state.stopped_early:
         k = state.step
-        while True:  # one optimizer step; on out-of-memory: smaller micro-batches, same examples
+        if sharded:
+            step_loss, n_target, real_tokens, stop_here, mbs = _sharded_step(model, sched, k, budget, device, world,
+                                                                             scaler, stop_requested)
+        while not sharded:  # one optimizer step; on out-of-memory: smaller micro-batches, same examples
             mbs = sched.micro_batches(k, budget.tokens, fastpath.pack_step)
             n_target = sum(_target_tokens(mb) for mb in mbs)
             try:
@@ -471,9 +498,10 @@ def train(model, spec: TrainingRunSpec, train_ex: list[dict], val_ex: list[dict]
             log.warning("out of GPU memory at step %d with micro-batches of %d tokens: retrying the step at %d "
                         "(same %d examples)", k + 1, before, budget.tokens, examples_per_step)
         lr_used = scheduler.get_last_lr()[0]
-        stop_here = stop_requested()
-        real_tokens = sum(len(mb["input_ids"]) for mb in mbs)
-        if world_size > 1:  # data parallel: one all-reduce of the LoRA gradients a step
+        if not sharded:
+            stop_here = stop_requested()
+            real_tokens = sum(len(mb["input_ids"]) for mb in mbs)
+        if world_size > 1 and not sharded:  # data parallel: one all-reduce of the LoRA gradients a step
             reduced = world.reduce_step(params, n_target, step_loss, [real_tokens, float(stop_here)], device)
             n_target, step_loss = reduced[0], reduced[1]
             real_tokens, stop_here = int(reduced[2]), bool(reduced[3] > 0)  # a host sync: all stop together
@@ -521,7 +549,12 @@ def train(model, spec: TrainingRunSpec, train_ex: list[dict], val_ex: list[dict]
             best_adapter = _adapter_snapshot(model)
         if due_eval and on_progress is not None:
             on_progress(val_loss=state.evals[-1]["val_loss"], best_val_loss=state.best_val, best_step=state.best_step)
-        if (due_ckpt or stop) and world.main:  # every rank holds the same weights: rank 0 writes them
+        if (due_ckpt or stop) and sharded:  # every rank gathers its shards; rank 0 writes the whole state
+            whole, whole_opt = _adapter_snapshot(model), full_optimizer_state(optimizer)
+            if world.main:
+                checkpoints.save(model, optimizer, scheduler, state, scaler, best_adapter, adapter=whole,
+                                 optimizer_state=whole_opt)
+        elif (due_ckpt or stop) and world.main:  # every rank holds the same weights: rank 0 writes them
             checkpoints.save(model, optimizer, scheduler, state, scaler, best_adapter)
         if due_ckpt or stop:
             world.barrier()
@@ -544,6 +577,7 @@ def train(model, spec: TrainingRunSpec, train_ex: list[dict], val_ex: list[dict]
 
     # The adapter to publish: the one with the best validation loss (early stopping's point).
     val_loss, published_step = None, state.step
+    publish_adapter = None
     if val_ex:
         if state.evals and state.evals[-1]["step"] == state.step:
             val_loss = state.evals[-1]["val_loss"]
@@ -552,12 +586,17 @@ def train(model, spec: TrainingRunSpec, train_ex: list[dict], val_ex: list[dict]
             state.evals.append({"step": state.step, "val_loss": round(val_loss, 5)})
             log.info("step %d  validation loss %.4f", state.step, val_loss)
         if best_adapter is not None and state.best_val is not None and state.best_val < val_loss:
-            set_peft_model_state_dict(model, {k: v.to(device) for k, v in best_adapter.items()})
+            if sharded:
+                publish_adapter = best_adapter
+            else:
+                set_peft_model_state_dict(model, {k: v.to(device) for k, v in best_adapter.items()})
             published_step, val_loss = state.best_step, state.best_val
             log.info("publishing the adapter of step %d (validation loss %.4f), not the last one (%.4f)",
                      published_step, state.best_val, state.evals[-1]["val_loss"])
         elif state.best_val is None or val_loss <= state.best_val:
             state.best_val, state.best_step = val_loss, state.step
+    if sharded and publish_adapter is None:
+        publish_adapter = _adapter_snapshot(model)  # every rank gathers; rank 0 publishes it
     warm = min(5, len(step_times) // 4) if len(step_times) >= 8 else (1 if len(step_times) > 1 else 0)
     steady = (sum(step_tokens[warm:]) / max(sum(step_times[warm:]), 1e-9)) if len(step_times) > warm else None
     return TrainResult(state=state, total_steps=total_steps, resumed_from=resumed_from, plan_notes=plan.notes,
@@ -565,7 +604,60 @@ def train(model, spec: TrainingRunSpec, train_ex: list[dict], val_ex: list[dict]
                        tokens_per_second_steady=steady, examples_per_step=examples_per_step,
                        tokens_per_step=sum(step_tokens) / max(1, len(step_tokens)), val_loss=val_loss,
                        published_step=published_step, loss_scaling=scaling,
-                       first_step_seconds=round(step_times[0], 1) if step_times else None)
+                       first_step_seconds=round(step_times[0], 1) if step_times else None,
+                       adapter=publish_adapter)
+
+
+def _sharded_step(model, sched: Schedule, k: int, budget: TokenBudget, device, world, scaler,
+                  stop_requested: Callable[[], bool]) -> tuple:
+    """Forward and backward of optimizer step k on an FSDP2-sharded model; leaves the gradients, summed over
+    ranks and normalised by the step's target tokens, in the (sharded) parameters' grads. Returns
+    (loss sum, target tokens, tokens, stop flag), each over all ranks, and this rank's micro-batches.
+
+    The ranks first agree on the step's target tokens (so each rank's loss is divided by the step's total,
+    like the data-parallel path's weighting), its tokens, the stop flag and the most micro-batches any rank
+    has: a rank with fewer runs filler micro-batches whose loss is multiplied by 0, because each forward
+    and backward gathers the weights from every rank. Gradient sync is off for all but the last micro-batch
+    (the LoRA gradients accumulate unsharded, then one reduce-scatter); FSDP2 averages over ranks, so each
+    rank's loss is scaled by the world size to make that average the sum. No out-of-memory back-off: one
+    rank cannot retry alone while the others wait in its collectives."""
+    import torch
+
+    from jobs import fastpath
+    from jobs.distributed import all_gather_floats
+
+    mbs = sched.micro_batches(k, budget.tokens, fastpath.pack_step)
+    n_local = sum(_target_tokens(mb) for mb in mbs)
+    tokens_local = sum(len(mb["input_ids"]) for mb in mbs)
+    agreed = all_gather_floats(world, [n_local, tokens_local, float(stop_requested()), len(mbs)], device,
+                               "the step's token counts")
+    n_target, real_tokens = float(agreed[:, 0].sum()), int(agreed[:, 1].sum())
+    stop_here, most = bool(agreed[:, 2].max() > 0), int(agreed[:, 3].max())
+    counted = len(mbs)
+    runs = mbs + [_filler(sched.examples, budget.tokens)] * (most - counted)
+    (log.info if k == 0 else log.debug)("FSDP2 step %d: %d micro-batches on rank %d and %d filler (the busiest "
+                                        "rank has %d)", k + 1, counted, world.rank, most - counted, most)
+    step_loss = torch.zeros((), dtype=torch.float32, device=device)
+    root = fastpath._unwrap(model)  # the FSDP2 root (jobs.distributed.shard_model)
+    try:
+        for i, mb in enumerate(runs):
+            root.set_requires_gradient_sync(i == len(runs) - 1)
+            loss_sum, _ = fastpath.lm_loss(model, fastpath.to_device(mb, device))
+            weight = world.size / max(1.0, n_target) if i < counted else 0.0
+            scaler.scale(loss_sum * weight).backward()
+            if i < counted:
+                step_loss += loss_sum.detach().float()
+    except RuntimeError as err:
+        if not _is_oom(err):
+            raise
+        raise OutOfMemory(f"out of GPU memory at step {k + 1} with micro-batches of {budget.tokens} tokens on an "
+                          f"FSDP2-sharded run: {str(err).splitlines()[0]}",
+                          hint="set training.gpu_memory_gib lower (smaller micro-batches are planned), turn on "
+                               "training.gradient_checkpointing, or shard over more GPUs") from None
+    finally:
+        root.set_requires_gradient_sync(True)
+    world.reduce_sum(step_loss)
+    return step_loss, n_target, real_tokens, stop_here, mbs
 
 
 def _eval_and_maybe_stop(model, val_ex, budget, device, state: TrainState, patience: int | None,
@@ -667,7 +759,10 @@ class Checkpoints:
                 steps.append(int(d[5:]))
         return sorted(steps)
 
-    def save(self, model, optimizer, scheduler, state: TrainState, scaler=None, best_adapter=None) -> None:
+    def save(self, model, optimizer, scheduler, state: TrainState, scaler=None, best_adapter=None, *,
+             adapter: dict | None = None, optimizer_state: dict | None = None) -> None:
+        """Write a checkpoint. ``adapter`` / ``optimizer_state``: the whole state, already gathered from an
+        FSDP2-sharded model (default: read from ``model`` and ``optimizer``)."""
         import shutil
 
         import torch
@@ -680,11 +775,12 @@ class Checkpoints:
         root = self.workdir / "checkpoints"
         local = root / name
         local.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in get_peft_model_state_dict(model).items()},
-                  str(local / "adapter.safetensors"))
+        adapter = get_peft_model_state_dict(model) if adapter is None else adapter
+        save_file({k: v.detach().contiguous().cpu() for k, v in adapter.items()}, str(local / "adapter.safetensors"))
         if best_adapter is not None:
             save_file({k: v.contiguous() for k, v in best_adapter.items()}, str(local / "best_adapter.safetensors"))
-        opt_tensors, opt_meta = _optimizer_to_safetensors(optimizer.state_dict())
+        opt_tensors, opt_meta = _optimizer_to_safetensors(optimizer.state_dict() if optimizer_state is None
+                                                          else optimizer_state)
         opt_tensors["rng.cpu"] = torch.get_rng_state()
         if torch.cuda.is_available():
             opt_tensors["rng.cuda"] = torch.cuda.get_rng_state()
@@ -742,8 +838,17 @@ class Checkpoints:
             raise DataError(f"checkpoint {where} has no adapter.safetensors (written by an older version, or "
                             "tampered with); checkpoints are only read as safetensors and JSON",
                             hint="delete that checkpoint folder to start the run afresh")
+        from jobs.distributed import is_sharded, shard_like, shard_optimizer_state
+
+        sharded = is_sharded(model)
         try:
-            set_peft_model_state_dict(model, load_file(str(local / "adapter.safetensors")))
+            adapter = load_file(str(local / "adapter.safetensors"))
+            if sharded:  # the whole adapter as every run writes it, cut into this rank's shards
+                from peft import get_peft_model_state_dict
+
+                mine = get_peft_model_state_dict(model)
+                adapter = {k: shard_like(mine[k], v) if k in mine else v for k, v in adapter.items()}
+            set_peft_model_state_dict(model, adapter)
             opt = load_file(str(local / "optimizer.safetensors"))
             best = local / "best_adapter.safetensors"
             self.restored_best = load_file(str(best)) if best.is_file() else None
@@ -752,7 +857,8 @@ class Checkpoints:
         except (SafetensorError, OSError, ValueError, KeyError) as err:
             raise DataError(f"checkpoint {where} could not be read: {err}",
                             hint="delete that checkpoint folder to start the run afresh") from None
-        optimizer.load_state_dict(_optimizer_from_safetensors(opt, extra["optimizer"]))
+        opt_state = _optimizer_from_safetensors(opt, extra["optimizer"])
+        optimizer.load_state_dict(shard_optimizer_state(optimizer, opt_state) if sharded else opt_state)
         scheduler.load_state_dict(extra["scheduler"])
         if scaler is not None and extra.get("scaler") and scaler.is_enabled():
             scaler.load_state_dict(extra["scaler"])
