@@ -335,9 +335,17 @@ def _run(spec: TrainingRunSpec, workdir: Path, world, *, run_id, image, stop, st
     tok = load_tokenizer(fetched.base_model_dir)
     # planned from config.json before the weights load: a base that cannot fit fails here, with the fix
     # (training.fsdp / resources.gpus), not as a CUDA out-of-memory error halfway through loading
-    plan = fastpath.plan(load_config(fetched.base_model_dir), spec.training, device,
-                         quantization=spec.quantization.mode, free_memory_bytes=free_before_load,
-                         world_size=world.size)
+    config = load_config(fetched.base_model_dir)
+    plan = fastpath.plan(config, spec.training, device, quantization=spec.quantization.mode,
+                         free_memory_bytes=free_before_load, world_size=world.size)
+    if world.size > 1 and device.type == "cuda" and spec.training.fsdp == "auto":
+        # each rank planned from its own free memory: near the threshold they could disagree, and a rank
+        # that shards waits forever for one that does not; if any rank must shard, every rank does
+        votes = distributed.all_gather_floats(world, [float(plan.fsdp)], device, "the plan's sharding decision")
+        if float(votes.max()) > 0 and not plan.fsdp:
+            plan = fastpath.plan(config, spec.training.model_copy(update={"fsdp": "on"}), device,
+                                 quantization=spec.quantization.mode, free_memory_bytes=free_before_load,
+                                 world_size=world.size)
     model = load_model(fetched.base_model_dir, precision=precision, quantization=spec.quantization.mode,
                        device=device, double_quant=spec.quantization.double_quant)
     ctx = spec.base_model.max_context or model_context_length(model.config) or spec.training.max_seq_length
