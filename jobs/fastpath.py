@@ -826,6 +826,16 @@ def plan(model_config, training, device: torch.device | str, *, free_memory_byte
                 fsdp=sharded)
 
 
+def whole_base_fits(model_config, p: Plan) -> bool:
+    """Whether the whole (unsharded) base fits the plan's GPU memory budget for generations: what rank 0 needs
+    at the end of an FSDP2 run (evaluation, the adapter's files, the merge), where one GPU no longer has the
+    other ranks' shards. True on CPU (no budget)."""
+    if p.memory_budget_bytes is None:
+        return True
+    weights = estimate_param_count(model_config) * torch.finfo(p.dtype).bits / 8
+    return weights + HEADROOM_BYTES <= p.memory_budget_bytes
+
+
 def _fsdp_note(world_size: int) -> str:
     return (f"FSDP2: the frozen base and the LoRA weights sharded over {world_size} processes (fully_shard per "
             "decoder layer and at the root); gradients reduce-scattered")

@@ -411,6 +411,7 @@ def _run(spec: TrainingRunSpec, workdir: Path, world, *, run_id, image, stop, st
         log.info("rank %d: training done; rank 0 publishes", world.rank)
         distributed.shutdown(world)
         return None
+    train_device = device
     if plan.fsdp:
         # The sharded model cannot run on rank 0 alone: what follows (generations, the adapter's files, the
         # merge) runs on the unsharded base with the whole adapter the ranks gathered, as on one GPU.
@@ -418,17 +419,27 @@ def _run(spec: TrainingRunSpec, workdir: Path, world, *, run_id, image, stop, st
 
         del model
         _free_memory()
+        end_plan = plan
+        if not fastpath.whole_base_fits(config, plan):
+            # a base that needed sharding to train may not fit one GPU even for generations: rank 0 then
+            # evaluates, saves and merges on the CPU (slow for such a base, but the trained adapter is published)
+            log.warning("FSDP2: the whole base (~%.0f GiB) does not fit one GPU's %.0f GiB budget: rank 0 "
+                        "evaluates, saves and merges on the CPU, which is slow for a base this size",
+                        fastpath.estimate_param_count(config) * torch.finfo(plan.dtype).bits / 8 / 2**30,
+                        plan.memory_budget_bytes / 2**30)
+            device = torch.device("cpu")
+            end_plan = fastpath.plan(config, spec.training.model_copy(update={"fsdp": "off"}), device)
         model = load_model(fetched.base_model_dir, precision=precision, quantization=spec.quantization.mode,
                            device=device, double_quant=spec.quantization.double_quant)
-        model = fastpath.prepare_model(wrap_lora(model, spec), plan)
+        model = fastpath.prepare_model(wrap_lora(model, spec), end_plan)
         set_peft_model_state_dict(model, {k: v.to(device) for k, v in result.adapter.items()})
-        log.info("FSDP2: rank 0 holds the whole base again with the gathered adapter of step %d",
-                 result.published_step)
+        log.info("FSDP2: rank 0 holds the whole base again (on %s) with the gathered adapter of step %d",
+                 device, result.published_step)
     steady = result.tokens_per_second_steady
     log.info("trained %d steps in %.0fs: %.0f tokens/s (%s after warm-up), %d examples and ~%.0f tokens per "
              "step%s", result.state.step, result.seconds, result.tokens_per_second,
              "n/a" if steady is None else f"{steady:.0f}", result.examples_per_step, result.tokens_per_step,
-             f", peak GPU memory {_peak_gib():.1f} GiB" if device.type == "cuda" else "")
+             f", peak GPU memory {_peak_gib():.1f} GiB" if train_device.type == "cuda" else "")
 
     _stage("evaluate")
     if fastpath.remove_fp8(model):  # generations (and what is published) use the bf16 base, as the merge does

@@ -125,3 +125,16 @@ def test_fsdp_on_with_one_gpu_is_advice():
     assert "no effect with one training process" in warning.message and "resources.gpus" in warning.fix
     assert not [a for a in parse_spec({**BASE, "training": {"fsdp": "on"}, "resources": {"gpus": 4}}).advice()
                 if a.where == "training.fsdp"]
+
+
+def test_rank_0_ends_a_sharded_run_on_the_gpu_only_when_the_whole_base_fits_there():
+    """After an FSDP2 run rank 0 reloads the whole base to evaluate, save and merge: on its GPU when the base
+    fits the budget (8B sharded over 2 H200s for its activations; 70B's ~131 GiB in bf16 on an H200, which
+    holds it for generations but not for training), else on the CPU (70B bf16 on 80 GiB cards)."""
+    assert fastpath.whole_base_fits(_llama3("8b"), _plan("8b", 2, fsdp="on")) is True
+    assert fastpath.whole_base_fits(_llama3("70b"), _plan("70b", 8)) is True
+    big = _plan("70b", 8, free_gib=80)
+    assert big.fsdp is True and fastpath.whole_base_fits(_llama3("70b"), big) is False
+    # a budget the user set below the card: the same 8B no longer fits it whole (~15 GiB of bf16 weights)
+    assert fastpath.whole_base_fits(_llama3("8b"), _plan("8b", 4, fsdp="on", gpu_memory_gib=12)) is False
+    assert fastpath.whole_base_fits(_llama3("70b"), _plan("70b", 2, device="cpu", fsdp="on")) is True  # no budget
