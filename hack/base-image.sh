@@ -18,7 +18,7 @@ debian_mirror() {
   targets=$(apt-get indextargets --no-release-info --format '$(REPO_URI) $(RELEASE) $(COMPONENT)' 2>/dev/null | sort -u)
   { awk -v s="$DEBIAN_SUITE" '$2 == s && $3 == "main" {print $1}' <<<"$targets"
     awk '$3 == "main" && $2 !~ /-(security|updates|backports)$/ && $1 !~ /security/ {print $1}' <<<"$targets"
-  } | head -1 | sed 's:/*$::'
+  } | sed -n '1{s:/*$::;p;}'  # sed reads every line: head would close the pipe early (SIGPIPE under pipefail)
 }
 
 if [ ! -f "$tarball" ]; then

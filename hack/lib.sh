@@ -20,6 +20,10 @@ fail() {
   exit 1
 }
 
+# A command that set -e stops on, outside fail(), is named instead of ending the script without a word
+# (a fresh machine's `make test` once stopped that way at "starting dockerd": a SIGPIPE under pipefail).
+trap 'rc=$?; printf "\033[31merror:\033[0m %s line %s: \"%s\" exited %s\n  fix: read the lines above; bash -x on the script shows each command it ran\n" "${BASH_SOURCE[0]##*/}" "$LINENO" "$BASH_COMMAND" "$rc" >&2' ERR
+
 piece_dir() { echo "$STACK_CACHE/$1-$2"; }
 piece_bin() {  # piece_bin PIECE VERSION BINARY
   echo "$(piece_dir "$1" "$2")/bin/$3"
