@@ -33,6 +33,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -48,6 +49,8 @@ WAIT_TIMEOUT_S = int(os.environ.get("LORA_JOBS_WAIT_TIMEOUT_S") or 7200)
 #: How long torchrun's static rendezvous waits for every node. It must outlast a gang restart: the survivors
 #: notice within COLLECTIVE_TIMEOUT_S, then the Job controller's back-off (10 s, 20 s, 40 s, ...) and pod start.
 RENDEZVOUS_TIMEOUT_S = int(os.environ.get("LORA_JOBS_RENDEZVOUS_TIMEOUT_S") or 900)
+# how long node 0 outlives the other nodes' pods at the end of a successful multi-node run (see relaunch)
+LEAVE_GRACE_S = int(os.environ.get("LORA_JOBS_LEAVE_GRACE_S") or 10)
 
 _wait_group = None  # the gloo group of World.barrier (WAIT_TIMEOUT_S), made by init()
 
@@ -298,6 +301,7 @@ def relaunch(gpus: int, argv: list[str], *, nodes: int = 1) -> int:
     """Run ``python -m jobs <argv>`` under torchrun with one process per GPU (``gpus`` per node; 1 on a CPU
     node) and return the job's exit code. With ``nodes > 1`` torchrun takes the rendezvous from the
     ``PET_*`` variables the launcher put on each pod (node rank, pod 0's address and port)."""
+    from jobs.cpus import cpu_budget, threads_per_process
     from jobs.errors import ExitCode
 
     if nodes > 1:
@@ -317,7 +321,12 @@ def relaunch(gpus: int, argv: list[str], *, nodes: int = 1) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", *rendezvous, f"--nproc-per-node={gpus}",
            "--max-restarts=0", "-m", "jobs", *argv]
     env = {**os.environ, "LORA_JOBS_UNDER_TORCHRUN": "1"}
-    env.setdefault("OMP_NUM_THREADS", "4")
+    if not env.get("OMP_NUM_THREADS"):
+        # torchrun would give each worker one thread; give it its share of the pod's CPU limit instead
+        budget = cpu_budget()
+        env["OMP_NUM_THREADS"] = str(threads_per_process(gpus, budget))
+        log.info("CPU: %s torch thread%s per training process (a budget of %g CPUs)", env["OMP_NUM_THREADS"],
+                 "" if env["OMP_NUM_THREADS"] == "1" else "s", round(budget, 2))
     path = os.environ.get("TERMINATION_MESSAGE_PATH", "/dev/termination-log")
     try:
         open(path, "w").close()  # only what rank 0 writes from now on counts
@@ -333,6 +342,14 @@ def relaunch(gpus: int, argv: list[str], *, nodes: int = 1) -> int:
     # the code that counts is the one this pod's local rank 0 wrote into the termination message.
     try:
         with open(path, encoding="utf-8") as f:
-            return int(json.loads(f.read())["exit_code"])
+            code = int(json.loads(f.read())["exit_code"])
     except (OSError, ValueError, KeyError, TypeError):
-        return rc if rc in (0,) else int(ExitCode.UNEXPECTED if rc != 75 else ExitCode.TRANSIENT)
+        code = rc if rc in (0,) else int(ExitCode.UNEXPECTED if rc != 75 else ExitCode.TRANSIENT)
+    if nodes > 1 and code == 0 and os.environ.get("PET_NODE_RANK", "0") == "0" and LEAVE_GRACE_S > 0:
+        # The run's Job (successPolicy: index 0) or JobSet is done the moment this pod ends, and the controller
+        # then deletes every pod still running, log and all. The other nodes left torchrun's exit barrier with
+        # this one; give their pods the time to end first, so `launcher logs --rank K` can read them after.
+        log.info("node 0: published; waiting %d s for the other %d node%s' pods to end before this one does",
+                 LEAVE_GRACE_S, nodes - 1, "s" if nodes > 2 else "")
+        time.sleep(LEAVE_GRACE_S)
+    return code

@@ -660,6 +660,12 @@ class Client:
                     done.add(name)
                     continue
                 break  # the stream ended while the pod lived (API server restart, read timeout): look again
+            if index is not None and not pods and diag.finished:
+                # successPolicy (index 0) ends the run with node 0: the Job controller deletes a pod still running
+                note(f"the pod of node rank {index} is gone: the Job controller deletes the other ranks' pods once "
+                     f"rank 0's pod has ended, and its log went with it ({diag.sentence}). Follow it while the run "
+                     f"runs (`launcher logs {job_name} --rank {index} -f`) or read it in your cluster's log store")
+                return snap.status(diag, kube.namespace) if follow else None
             if not follow:
                 if not printed:
                     note(f"no log yet: {diag.sentence}")

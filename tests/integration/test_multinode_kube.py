@@ -80,6 +80,28 @@ def test_two_nodes_become_two_indexed_pods_with_stable_names_and_one_service(sdk
     eventually(lambda: _service_gone(core, name, kube.namespace), what="the Service deleted with its Job")
 
 
+def test_when_node_zero_succeeds_the_run_is_done_and_a_lingering_ranks_log_is_said_to_be_gone(sdk, stack, s3_prefix,
+                                                                                                  notes):
+    """successPolicy (index 0): the run succeeds with pod 0, and the real Job controller deletes pod 1, which was
+    still running. `logs --rank 1` then says why there is nothing to show (the job's node 0 waits a grace
+    period so that in a real run the other pods have ended by then: test_real_pods.py reads their logs)."""
+    from kubernetes import client
+
+    name, kube = _create(sdk, spec(stack, s3_prefix, "mn-done", gpus=4, nodes=2))
+    eventually(lambda: (lambda s: s if s.state == "Running" else None)(sdk.status("mn-done")), what="Running")
+    by_index = {p["metadata"]["annotations"][INDEX]: p for p in _pods(kube, name)}
+    client.CoreV1Api(kube.api).patch_namespaced_pod(by_index["0"]["metadata"]["name"], kube.namespace,
+                                                    {"metadata": {"annotations": {HOLD: None}}})  # kwok completes it
+    st = eventually(lambda: (lambda s: s if s.state == "Succeeded" else None)(sdk.status("mn-done")), timeout=90,
+                    what="the run to succeed with node 0")
+    eventually(lambda: [p["metadata"]["annotations"][INDEX] for p in _pods(kube, name)] == ["0"], timeout=90,
+               what="the Job controller to delete pod 1")
+    assert list(sdk.logs("mn-done", rank=1)) == []
+    gone = [n for n in notes if "the pod of node rank 1 is gone" in n]
+    assert gone and "launcher logs " + name + " --rank 1 -f" in gone[0], notes
+    assert st.sentence.startswith("succeeded"), st.sentence
+
+
 def _service_gone(core, name, ns) -> bool:
     from kubernetes.client.exceptions import ApiException
 
