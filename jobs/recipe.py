@@ -213,6 +213,7 @@ def run(spec: TrainingRunSpec, workdir: Path, *, run_id: str | None = None, imag
     import transformers
 
     from jobs import distributed
+    from jobs.cpus import size_torch_threads
 
     workdir.mkdir(parents=True, exist_ok=True)
     transformers.utils.logging.set_verbosity_error()  # our log says what happens; no tqdm bars in pod logs
@@ -230,6 +231,7 @@ def run(spec: TrainingRunSpec, workdir: Path, *, run_id: str | None = None, imag
     Stage.timings, Stage.started = {}, None
 
     world = distributed.from_env()
+    size_torch_threads()  # the pod's CPU limit, not the node's cores (under torchrun: OMP_NUM_THREADS)
     out_store, out_prefix = open_store(spec.output)
     run_prefix = join(out_prefix, spec.name)
     Stage.progress = ProgressWriter(out_store, progress_key(run_prefix, spec.spec_hash()), enabled=world.main)
@@ -288,16 +290,6 @@ def _start_tracker(spec: TrainingRunSpec, run_id: str | None, world):
     return tracker
 
 
-def _free_memory() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def _run(spec: TrainingRunSpec, workdir: Path, world, *, run_id, image, stop, started, out_store, run_prefix):
     import torch
 
@@ -308,7 +300,7 @@ def _run(spec: TrainingRunSpec, workdir: Path, world, *, run_id, image, stop, st
     from jobs.modelio import load_config, load_model, load_tokenizer, model_context_length, resolve_precision
     from jobs.publish import publish_version
     from jobs.tracking import TENSORBOARD_DIR, write_tensorboard
-    from jobs.train import Checkpoints, encode_rows, evaluate_loss, train, wrap_lora
+    from jobs.train import Checkpoints, encode_rows, evaluate_loss, free_memory, train, wrap_lora
 
     device = torch.device(f"cuda:{world.local_rank}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
@@ -418,7 +410,7 @@ def _run(spec: TrainingRunSpec, workdir: Path, world, *, run_id, image, stop, st
         from peft import set_peft_model_state_dict
 
         del model
-        _free_memory()
+        free_memory()
         end_plan = plan
         if not fastpath.whole_base_fits(config, plan):
             # a base that needed sharding to train may not fit one GPU even for generations: rank 0 then

@@ -271,7 +271,9 @@ class ResourcesSpec(_Strict):
                                                    "setting multinode_workload says so (jobset, or auto on a "
                                                    "cluster that serves JobSets); the world is nodes x gpus "
                                                    "processes.")
-    cpu: str = Field("4", pattern=r"^\d+(\.\d+)?m?$", description="CPU request and limit, e.g. '8' or '500m'.")
+    cpu: str = Field("4", pattern=r"^\d+(\.\d+)?m?$",
+                     description="CPU request and limit, e.g. '8' or '500m'. torch's CPU threads follow it "
+                                 "(shared by a pod's GPU processes), not the node's core count.")
     memory: str = Field("32Gi", pattern=r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$", description="Memory request.")
     scratch: str = Field("100Gi", pattern=r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$",
                          description="Scratch volume size (data, base model, checkpoints).")

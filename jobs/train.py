@@ -267,7 +267,8 @@ def _is_oom(err: BaseException) -> bool:
     return type(err).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(err)
 
 
-def _free_cuda() -> None:
+def free_memory() -> None:
+    """Drop what Python still holds and give the cached GPU memory back (between stages, after an OOM)."""
     import gc
 
     import torch
@@ -318,7 +319,7 @@ def evaluate_loss(model, examples: list[dict], budget: TokenBudget | int, device
                 if not _is_oom(err):
                     raise
                 msg = str(err).splitlines()[0]
-            _free_cuda()
+            free_memory()
             before = budget.tokens
             if not budget.halve():
                 raise OutOfMemory(f"validation ran out of GPU memory at {before} tokens per micro-batch ({msg})",
@@ -485,7 +486,7 @@ def train(model, spec: TrainingRunSpec, train_ex: list[dict], val_ex: list[dict]
                     raise
                 msg = str(err).splitlines()[0]
             optimizer.zero_grad(set_to_none=True)
-            _free_cuda()
+            free_memory()
             before = budget.tokens
             if not budget.halve():
                 raise OutOfMemory(
