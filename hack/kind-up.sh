@@ -184,10 +184,12 @@ if [ -d "$MODEL_DIR" ]; then
 else
   say "no base model at $MODEL_DIR: the run will stop at fetch (exit 12). 'make demo' converts one there"
 fi
+# The jobs' credentials, for the upload and the download below: in the environment, never on a command line.
+AWS_ACCESS_KEY_ID=$(creds AWS_ACCESS_KEY_ID) AWS_SECRET_ACCESS_KEY=$(creds AWS_SECRET_ACCESS_KEY)
+export AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY AWS_ENDPOINT_URL=http://127.0.0.1:19000 AWS_REGION=us-east-1
+s3_env=(-e AWS_ENDPOINT_URL -e AWS_REGION -e AWS_ACCESS_KEY_ID -e AWS_SECRET_ACCESS_KEY)
 say "uploading the demo data (and base model) to MinIO"
-"$DOCKER" run --rm --network host --user "$(id -u):$(id -g)" "${uploads[@]}" \
-  -e AWS_ENDPOINT_URL=http://127.0.0.1:19000 -e AWS_REGION=us-east-1 \
-  -e AWS_ACCESS_KEY_ID="$(creds AWS_ACCESS_KEY_ID)" -e AWS_SECRET_ACCESS_KEY="$(creds AWS_SECRET_ACCESS_KEY)" \
+"$DOCKER" run --rm --network host --user "$(id -u):$(id -g)" "${uploads[@]}" "${s3_env[@]}" \
   --entrypoint python "lora-jobs/launcher:$VERSION" -c '
 import os, boto3
 s3 = boto3.client("s3")
@@ -205,15 +207,34 @@ if [ "${KIND_GPU:-0}" != 1 ]; then
   sets=(--set resources.gpus=0 --set resources.cpu=1000m --set resources.memory=6Gi --set resources.scratch=10Gi
         --set training.max_steps=5 --set training.max_seq_length=128 --set merge.enabled=false)
 fi
-say "launcher submit examples/spec.yaml ${sets[*]}"
+mkdir -p "$STATE/sample"
 if command -v launcher >/dev/null; then
-  LAUNCHER_NAMESPACE=$NAMESPACE launcher submit "$REPO_ROOT/examples/spec.yaml" "${sets[@]}"
+  launcher_() { LAUNCHER_KUBECONFIG=$KUBECONFIG_FILE LAUNCHER_NAMESPACE=$NAMESPACE launcher "$@"; }
+  sample=$STATE/sample
 else
-  # The launcher image; --network host reaches kind's API server on 127.0.0.1.
-  "$DOCKER" run --rm --network host -v "$KUBECONFIG_FILE:/kubeconfig:ro" -v "$REPO_ROOT/examples:/examples:ro" \
-    -e LAUNCHER_KUBECONFIG=/kubeconfig -e LAUNCHER_NAMESPACE="$NAMESPACE" \
-    "lora-jobs/launcher:$VERSION" submit /examples/spec.yaml "${sets[@]}"
+  # The launcher image; --network host reaches kind's API server and the port-forward on 127.0.0.1.
+  launcher_() {
+    "$DOCKER" run --rm --network host --user "$(id -u):$(id -g)" -v "$KUBECONFIG_FILE:/kubeconfig:ro" \
+      -v "$REPO_ROOT/examples:/examples:ro" -v "$STATE/sample:/sample" "${s3_env[@]}" \
+      -e LAUNCHER_KUBECONFIG=/kubeconfig -e LAUNCHER_NAMESPACE="$NAMESPACE" "lora-jobs/launcher:$VERSION" "$@"
+  }
+  sample=/sample
 fi
+spec_file=$REPO_ROOT/examples/spec.yaml
+command -v launcher >/dev/null || spec_file=/examples/spec.yaml
+say "launcher submit examples/spec.yaml ${sets[*]}"
+launcher_ submit "$spec_file" "${sets[@]}"
+
+# --- 8. the run to its end, and its version downloaded and checked against its manifest
+say "launcher wait support-bot (the trainer on the worker; a few minutes on CPU)"
+launcher_ wait support-bot --timeout "${KIND_SAMPLE_TIMEOUT:-1800}" || {
+  launcher_ logs support-bot --tail 40 >&2 || true
+  die "the sample run did not succeed (its status and log are above)" \
+    "launcher status support-bot with KUBECONFIG=$KUBECONFIG_FILE; the cluster stays up"
+}
+rm -rf "${STATE:?}/sample/v"*
+launcher_ artifacts support-bot --download "$sample"
+say "the sample run's version is in $STATE/sample (verified against its manifest)"
 
 cat >&2 <<EOF
 
