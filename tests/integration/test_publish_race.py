@@ -77,8 +77,10 @@ def test_concurrent_publishers_get_distinct_complete_versions_and_latest_never_g
 
 
 def test_prune_removes_only_old_incomplete_versions_and_is_a_dry_run_by_default(tmp_path, stack, s3_env, s3_prefix):
-    """v1 complete, v2 abandoned half-way (3 s ago), v3 being published now: `launcher artifacts prune`
-    lists v2 only, deletes nothing without --yes, and with --yes deletes v2 alone."""
+    """v1 complete, v2 abandoned half-way (10 s ago), v3 being published now (it writes a part before each
+    prune): `launcher artifacts prune --older-than 8s` lists v2 only, deletes nothing without --yes, and with
+    --yes deletes v2 alone. The margins leave the launcher seconds to start on a loaded machine: with 3 s
+    and 2 s it once took longer than 2 s, and the publish in progress looked abandoned too."""
     import json
     import os
     import subprocess
@@ -95,13 +97,14 @@ def test_prune_removes_only_old_incomplete_versions_and_is_a_dry_run_by_default(
     publish_version(store, run, _folder(tmp_path, 1))
     store.put_bytes(f"{run}/v2/_CLAIM", b"x")
     store.put_bytes(f"{run}/v2/adapter/adapter_model.safetensors", b"half" * 1000)
-    time.sleep(3)
+    time.sleep(10)
     store.put_bytes(f"{run}/v3/_CLAIM", b"y")  # a publish in progress
     env = {**os.environ, "PYTHONPATH": str(repo), "LAUNCHER_S3_ENDPOINT": stack.s3_endpoint}
 
     def prune(*extra):
+        store.put_bytes(f"{run}/v3/adapter/part-{len(extra)}", b"z")  # the publish in progress goes on
         return subprocess.run([sys.executable, "-m", "launcher", "artifacts", "prune", "pruned", "--output", s3_prefix,
-                               "--older-than", "2s", "-o", "json", *extra], env=env, cwd=repo,
+                               "--older-than", "8s", "-o", "json", *extra], env=env, cwd=repo,
                               capture_output=True, text=True, timeout=60)
 
     dry = prune()

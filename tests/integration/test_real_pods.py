@@ -106,20 +106,28 @@ def train_data(s3_prefix, s3_client, stack) -> str:
 
 # ------------------------------------------------------------------------------ the trainer pod
 
-def test_trainer_runs_as_a_real_pod_and_publishes(s3_env, stack, node, trainer_ref, real_ns, model_in_minio,
-                                                  train_data, s3_prefix, tmp_path):
+def test_trainer_runs_as_a_real_pod_and_publishes(s3_env, kube_api, stack, node, trainer_ref, real_ns,
+                                                  model_in_minio, train_data, s3_prefix, tmp_path):
+    from kubernetes import client
+
     from jobs.storage import open_store
 
     env = env_for(stack, node, real_ns, trainer_ref, tmp_path)
     spec = cpu_spec("real-pod", model_in_minio, train_data, f"{s3_prefix}/runs")
-    # As on a node that has never pulled the trainer (an earlier test may have): the pull keeps the pod
-    # Pending long enough for status to see it; with the image cached it can be Running within a second.
+    # As on a node that has never pulled the trainer (an earlier test may have).
     subprocess.run(["bash", str(REPO / "hack" / "node.sh"), "rmi", trainer_ref], cwd=REPO, check=True,
                    capture_output=True)
-    r = cli(env, "submit", str(write_spec(tmp_path, spec)))
-    assert r.returncode == 0, r.stdout + r.stderr
-
+    # The node is cordoned until status has seen the run Pending: a pull can be quicker than the launcher's
+    # start on a loaded machine, and the first status then already read Running (seen once in CI).
+    core, node_name = client.CoreV1Api(kube_api), node["STACK_NODE_NAME"]
     seen: list[str] = []
+    core.patch_node(node_name, {"spec": {"unschedulable": True}})
+    try:
+        r = cli(env, "submit", str(write_spec(tmp_path, spec)))
+        assert r.returncode == 0, r.stdout + r.stderr
+        wait_status(env, "real-pod", lambda s: s["state"] == "Pending", 120, "the run to be Pending", seen)
+    finally:
+        core.patch_node(node_name, {"spec": {"unschedulable": False}})
     wait_status(env, "real-pod", lambda s: s["state"] == "Running", 300, "the pod to run", seen)
     # `logs -f` follows the real container log through the API server and the kubelet, to its end.
     follow = subprocess.Popen([sys.executable, "-m", "launcher", "logs", "real-pod", "-f"], cwd=REPO, env=env,
