@@ -75,17 +75,17 @@ def threads_per_process(processes: int = 1, budget: float | None = None) -> int:
     return max(1, math.floor(budget / max(1, processes) + 0.5))
 
 
-def size_torch_threads(processes: int = 1) -> int:
-    """Set torch's intra-op threads to this process's share of the CPU budget, unless OMP_NUM_THREADS says."""
+def size_torch_threads() -> int:
+    """Set torch's intra-op threads to this process's CPU budget, unless OMP_NUM_THREADS says (torchrun's
+    workers get their share of it that way, from jobs.distributed.relaunch)."""
     import torch
 
     if os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()
     budget = cpu_budget()
-    threads = threads_per_process(processes, budget)
+    threads = threads_per_process(1, budget)
     if threads != torch.get_num_threads():
-        log.info("CPU: %d torch thread%s for a budget of %g CPUs%s (torch saw %d cores)", threads,
-                 "s" if threads > 1 else "", round(budget, 2), f" shared by {processes} processes" if processes > 1
-                 else "", torch.get_num_threads())
+        log.info("CPU: %d torch thread%s for a budget of %g CPUs (torch saw %d cores)", threads,
+                 "s" if threads > 1 else "", round(budget, 2), torch.get_num_threads())
         torch.set_num_threads(threads)
     return threads
