@@ -12,6 +12,13 @@ config, the LoRA settings, dtype, FP8, checkpointing). So a retried pod finds it
 of the same run name with the same shapes (more epochs, other data): its spec hash differs, its
 graphs do not.
 
+One blob, every batch: ``save_cache_artifacts`` appends one batch per kind of artifact at each call
+(the first step's graphs, then the validation graphs at the end), and torch 2.11's
+``load_cache_artifacts`` reads the batches into a dict, keeping only the *last* batch of each kind; a
+twice-saved blob then restored only the validation graphs and every training graph compiled again (the
+8B job's "warm" first steps of 76-125 s). :func:`one_batch_per_kind` merges the batches before a blob
+is written and again before one is loaded.
+
 Trust: checkpoints are safetensors and JSON only, because anything that can write the bucket must
 not be able to run code in the next pod. These artifacts *are* code (inductor's output is Python
 source, the kernels are binaries), so a blob is loaded only when its HMAC-SHA256 verifies under a
@@ -71,6 +78,29 @@ def cache_key(model_config: dict, facts: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def one_batch_per_kind(payload: bytes) -> bytes:
+    """The payload with its appended batches merged into one per kind of artifact (see the module's
+    docstring). Reads torch's own serialisation with its private helpers; where they are missing or the
+    payload is not theirs, the payload comes back unchanged (the cache is then as good as torch's)."""
+    try:
+        from torch.compiler._cache import CacheArtifactManager, _deserialize_single_cache, _serialize_single_cache
+        from torch.utils._appending_byte_serializer import AppendingByteSerializer
+
+        CacheArtifactManager._ensure_cache_artifacts_registered()
+        batches = AppendingByteSerializer.to_list(payload, deserialize_fn=_deserialize_single_cache)
+    except Exception as err:  # noqa: BLE001 - another torch: leave it as it is
+        log.debug("compile cache: payload left as torch wrote it (%s: %s)", type(err).__name__, err)
+        return payload
+    merged: dict[str, list] = {}
+    for kind, artifacts in batches:
+        merged.setdefault(kind, []).extend(artifacts)
+    if len(merged) == len(batches):
+        return payload
+    out = AppendingByteSerializer(serialize_fn=_serialize_single_cache)
+    out.extend(merged.items())
+    return out.to_bytes()
+
+
 class CompileCache:
     """One run's compile artifacts in the object store. ``restore`` before the first compiled step,
     ``save`` after it (and after training, for the validation graphs); both only log on failure."""
@@ -116,7 +146,7 @@ class CompileCache:
         import torch
 
         try:
-            torch.compiler.load_cache_artifacts(payload)
+            torch.compiler.load_cache_artifacts(one_batch_per_kind(payload))
         except Exception as err:  # noqa: BLE001 - another torch's format, a corrupt entry
             self.outcome = f"cold (load failed: {type(err).__name__})"
             log.warning("compile cache %s could not be loaded (%s: %s); compiling from scratch", self.where,
@@ -142,7 +172,7 @@ class CompileCache:
             return 0
         if not got:
             return 0
-        payload = got[0]
+        payload = one_batch_per_kind(got[0])
         if len(payload) <= max(self.saved_bytes, self.restored_bytes):
             return 0  # nothing new since the last save (or than what was restored)
         try:

@@ -142,3 +142,46 @@ def test_bare_yaml_on_and_off_mean_on_and_off():
     text = "name: bot\nbase_model: {uri: s3://models/x/}\ndataset: {train: s3://data/t.jsonl}\noutput: s3://runs/l\n"
     assert load_spec_text(text + "training: {fp8: on}\n").training.fp8 == "on"
     assert load_spec_text(text + "training: {fp8: off}\n").training.fp8 == "off"
+
+
+_TWO_SAVES = r'''
+import json, sys, torch
+from torch._dynamo.utils import counters
+from jobs.compile_cache import CompileCache
+from jobs.storage import LocalStore
+cache = CompileCache(LocalStore(sys.argv[1]), "runs/bot", "k", b"secret")
+warm = cache.restore()
+def step(x):  # stands in for the training step's graphs, saved after step 1
+    return torch.nn.functional.silu(x) * 3 + 1
+def validate(x):  # stands in for the validation graphs, saved again at the end
+    return (x.cos() - 2).sum(-1)
+torch.compile(step, dynamic=True)(torch.randn(16, 8))
+cache.save()
+torch.compile(validate, dynamic=True)(torch.randn(4, 8))
+cache.save()
+print(json.dumps({"warm": warm, "hit": counters["inductor"]["fxgraph_cache_hit"],
+                  "miss": counters["inductor"]["fxgraph_cache_miss"]}))
+'''
+
+
+def test_a_retry_restores_every_graph_of_a_run_that_saved_twice(tmp_path):
+    """torch's own round trip, no stand-ins: a run saves after its first step and again after validation;
+    a retry in a fresh process with an empty inductor folder finds both graphs (torch 2.11 alone keeps
+    only the last save's batch, so the first step's graphs compiled again)."""
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    def run(inductor: str) -> dict:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / inductor),
+               "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+        out = subprocess.run([sys.executable, "-c", _TWO_SAVES, str(tmp_path / "store")], env=env,
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    first = run("inductor-1")
+    assert first == {"warm": False, "hit": 0, "miss": 2}
+    retry = run("inductor-2")
+    assert retry == {"warm": True, "hit": 2, "miss": 0}
