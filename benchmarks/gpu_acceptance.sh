@@ -13,11 +13,15 @@
 #   warm8b  after bf16 (same machine, store kept): the 8B bf16 run again (same run name and shapes, seed 7,
 #           20 steps), its first step from the compile cache that bf16 saved, under torch.profiler for
 #           optimizer steps $PROFILE_STEPS (default 16:3; benchmarks/profile_job.py) (~2.5 min)
+#   rerun8b after bf16: the same run again (seed 7, 12 steps), unprofiled, its first step from bf16's compile cache
+#           in an empty inductor folder: the warm start as a retry sees it (~2 min)
 #   prof8b  the 8B bf16 job, 12 steps, under torch.profiler for steps $PROFILE_STEPS (default 6:3, clear of the
 #           validations), with torch.compile's phase times and counters up to then (~2.5 min)
 #   warmprof8b  after prof8b: the same run again (seed 7), first step from prof8b's compile cache, same profile
 #   trlq    TRL's QLoRA in the same call as qlora: liger_packing, the 8B model loaded in NF4, STEPS=14 BS=4,
 #           GC=1 (checkpointing, QLoRA's usual memory) and GC=0 (its fastest) (~3 min)
+#   cachediag  the compile cache: a 1B bf16 run of 3 steps, then the same run again (same seed), then with seed 7,
+#           each with the FX graph and AOTAutograd cache keys' inputs logged (TORCH_LOGS), to diff (~6 min)
 #   fp8tests  pytest tests/gpu -k fp8 (the FP8 projection against bf16, the FP8 job and its warm rerun)
 #   tests   pytest tests/gpu (fp16 loss scaling, the out-of-memory back-off, QLoRA restore/merge, FP8)
 # Models and data are made on first use (random weights; SmolLM2's tokenizer from
@@ -65,6 +69,8 @@ models() {  # models [NAMES]: comma-separated, default the 8B and 7B shapes
 }
 ROWS=${ROWS:-1500}
 FP8='{"training": {"fp8": "on"}}'
+# what makes a compile-cache lookup hit or miss: the FX graph and AOTAutograd cache keys' inputs, per graph
+CACHE_LOGS=+torch._inductor.codecache,+torch._functorch._aot_autograd.autograd_cache
 PARITY='"epochs": 3, "early_stopping_patience": null'
 
 for stage in "$@"; do
@@ -78,6 +84,9 @@ for stage in "$@"; do
     warm8b) if [ ! -d "$ACCEPT_WORK/store/bf16/compile-cache" ]; then echo "SKIP warm8b (no bf16 run in this machine's store)"
             else need warm8b 150 && models llama3-8b && ACCEPT_PROFILE=${PROFILE_STEPS:-16:3} $A job bf16_warm \
              "$MODELS/llama3-8b" "$(data $ROWS)" "$RES" '{"training": {"seed": 7, "max_steps": 20}}' bf16; fi ;;
+    rerun8b) if [ ! -d "$ACCEPT_WORK/store/bf16/compile-cache" ]; then echo "SKIP rerun8b (no bf16 run in this machine's store)"
+            else need rerun8b 120 && models llama3-8b && $A job bf16_rerun "$MODELS/llama3-8b" "$(data $ROWS)" "$RES" \
+             '{"training": {"seed": 7, "max_steps": 12}}' bf16; fi ;;
     prof8b) need prof8b 150 && models llama3-8b && ACCEPT_PROFILE=${PROFILE_STEPS:-6:3} $A job prof8b \
              "$MODELS/llama3-8b" "$(data $ROWS)" "$RES" '{"training": {"max_steps": 12}}' ;;
     warmprof8b) if [ ! -d "$ACCEPT_WORK/store/prof8b/compile-cache" ]; then echo "SKIP warmprof8b (no prof8b run)"
@@ -90,6 +99,10 @@ for stage in "$@"; do
              && $A job parity_fp8 "$MODELS/llama3-1b" "$d" "$RES" "{\"training\": {$PARITY, \"fp8\": \"on\"}}" ;;
     warm)  need warm 150 && models llama3-1b && $A job parity_bf16_warm "$MODELS/llama3-1b" "$(data 1500)" "$RES" \
              "{\"training\": {$PARITY, \"seed\": 7, \"max_steps\": 30}}" parity_bf16 ;;
+    cachediag) need cachediag 300 && models llama3-1b && d=$(data 1500) && D='{"merge": {"enabled": false}, "training": {"max_steps": 3' \
+             && TORCH_LOGS=$CACHE_LOGS $A job diag "$MODELS/llama3-1b" "$d" "$RES" "$D}}" \
+             && TORCH_LOGS=$CACHE_LOGS $A job diag_same "$MODELS/llama3-1b" "$d" "$RES" "$D}}" diag \
+             && TORCH_LOGS=$CACHE_LOGS $A job diag_seed7 "$MODELS/llama3-1b" "$d" "$RES" "$D, \"seed\": 7}}" diag ;;
     fp8tests) need fp8tests 60 && LORA_GPU_TOKENIZER=$TOK timeout $(( $(left) - 5 )) python3 -m pytest -q -s \
              -p no:cacheprovider tests/gpu -k fp8 > "$RES/gpu_tests_fp8.log" 2>&1; echo "END fp8tests rc=$?"
              tail -5 "$RES/gpu_tests_fp8.log" ;;
