@@ -78,6 +78,18 @@ def cache_key(model_config: dict, facts: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def compile_phases(top: int = 6) -> dict[str, float]:
+    """Seconds spent so far in torch.compile's timed phases (dynamo's ``compilation_time_metrics``: tracing,
+    AOTAutograd, inductor's lowering and code generation, waiting for Triton), the largest ``top``;
+    empty where torch has no such timers."""
+    try:
+        from torch._dynamo.utils import compilation_time_metrics
+    except Exception:  # noqa: BLE001
+        return {}
+    totals = {name: round(sum(times), 1) for name, times in compilation_time_metrics.items() if times}
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1])[:top])
+
+
 def one_batch_per_kind(payload: bytes) -> bytes:
     """The payload with its appended batches merged into one per kind of artifact (see the module's
     docstring). Reads torch's own serialisation with its private helpers; where they are missing or the
@@ -115,10 +127,11 @@ class CompileCache:
         self.saved_bytes = 0
         self.restore_seconds: float | None = None
         self.outcome = "not tried"
+        self.phases: dict[str, float] | None = None  # where the first step's compile time went
 
     def summary(self) -> dict:
         return {"object": self.where, "outcome": self.outcome, "restored_bytes": self.restored_bytes,
-                "saved_bytes": self.saved_bytes, "restore_seconds": self.restore_seconds}
+                "saved_bytes": self.saved_bytes, "restore_seconds": self.restore_seconds, "phases_first_save": self.phases}
 
     def restore(self) -> bool:
         if self.secret is None:
@@ -161,6 +174,11 @@ class CompileCache:
 
     def save(self) -> int:
         """Write what this process compiled so far, when it is more than what is stored; returns bytes written."""
+        if self.phases is None:
+            self.phases = compile_phases()
+            if self.phases:
+                log.info("compile time so far by phase (torch._dynamo's timers; nested, so they overlap): %s",
+                         ", ".join(f"{k} {v:.1f}s" for k, v in self.phases.items()))
         if self.secret is None or not self.writer:
             return 0
         import torch

@@ -185,3 +185,12 @@ def test_a_retry_restores_every_graph_of_a_run_that_saved_twice(tmp_path):
     assert first == {"warm": False, "hit": 0, "miss": 2}
     retry = run("inductor-2")
     assert retry == {"warm": True, "hit": 2, "miss": 0}
+
+
+def test_the_first_save_records_where_the_compile_time_went(tmp_path):
+    torch.compile(lambda x: x.sin() + 1, dynamic=True)(torch.randn(8))
+    cache = cc.CompileCache(LocalStore(str(tmp_path)), "runs/bot", "k", None)  # no key: nothing written
+    assert cache.save() == 0
+    phases = cache.summary()["phases_first_save"]
+    assert phases and all(isinstance(v, float) and v >= 0 for v in phases.values())
+    assert any("compile" in name for name in phases), phases
