@@ -90,6 +90,20 @@ def compile_phases(top: int = 6) -> dict[str, float]:
     return dict(sorted(totals.items(), key=lambda kv: -kv[1])[:top])
 
 
+def compile_counters() -> dict[str, int]:
+    """How many graphs dynamo captured so far and where inductor and AOTAutograd found them (their own
+    caches, warm from a restored blob, or compiled now); empty where torch has no such counters."""
+    try:
+        from torch._dynamo.utils import counters
+    except Exception:  # noqa: BLE001
+        return {}
+    picks = {"graphs": ("stats", "unique_graphs"), "inductor_hits": ("inductor", "fxgraph_cache_hit"),
+             "inductor_misses": ("inductor", "fxgraph_cache_miss"),
+             "aot_autograd_hits": ("aot_autograd", "autograd_cache_hit"),
+             "aot_autograd_misses": ("aot_autograd", "autograd_cache_miss")}
+    return {name: int(counters[group][key]) for name, (group, key) in picks.items() if counters[group][key]}
+
+
 def one_batch_per_kind(payload: bytes) -> bytes:
     """The payload with its appended batches merged into one per kind of artifact (see the module's
     docstring). Reads torch's own serialisation with its private helpers; where they are missing or the
@@ -128,10 +142,12 @@ class CompileCache:
         self.restore_seconds: float | None = None
         self.outcome = "not tried"
         self.phases: dict[str, float] | None = None  # where the first step's compile time went
+        self.counters: dict[str, int] = {}  # graphs captured by then, and the caches' hits and misses
 
     def summary(self) -> dict:
         return {"object": self.where, "outcome": self.outcome, "restored_bytes": self.restored_bytes,
-                "saved_bytes": self.saved_bytes, "restore_seconds": self.restore_seconds, "phases_first_save": self.phases}
+                "saved_bytes": self.saved_bytes, "restore_seconds": self.restore_seconds, "phases_first_save": self.phases,
+                "counters_first_save": self.counters}
 
     def restore(self) -> bool:
         if self.secret is None:
@@ -176,9 +192,11 @@ class CompileCache:
         """Write what this process compiled so far, when it is more than what is stored; returns bytes written."""
         if self.phases is None:
             self.phases = compile_phases()
+            self.counters = compile_counters()
             if self.phases:
-                log.info("compile time so far by phase (torch._dynamo's timers; nested, so they overlap): %s",
-                         ", ".join(f"{k} {v:.1f}s" for k, v in self.phases.items()))
+                log.info("compile time so far by phase (torch._dynamo's timers; nested, so they overlap): %s; %s",
+                         ", ".join(f"{k} {v:.1f}s" for k, v in self.phases.items()),
+                         ", ".join(f"{k} {v}" for k, v in self.counters.items()) or "no graph counters")
         if self.secret is None or not self.writer:
             return 0
         import torch
