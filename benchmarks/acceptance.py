@@ -157,6 +157,11 @@ def cmd_job(name: str, model: str, data: str, res: str, overrides_json: str = "{
     # (benchmarks/profile_job.py; the summary goes to RES/profile_NAME/)
     prof = os.environ.get("ACCEPT_PROFILE")
     entry = ([str(REPO / "benchmarks" / "profile_job.py")] if prof else ["-m", "jobs"])
+    # ACCEPT_CPROFILE=1: the job under cProfile (main thread; where the first step's compile time goes on
+    # the host, e.g. a warm start); RES/cprofile_NAME.txt gets the top functions by cumulative time
+    cprof = res_dir / f"cprofile_{name}.prof" if os.environ.get("ACCEPT_CPROFILE") else None
+    if cprof and not prof:
+        entry = ["-m", "cProfile", "-o", str(cprof), "-m", "jobs"]
     prof_env = {"PROFILE_STEPS": prof, "PROFILE_OUT": str(res_dir / f"profile_{name}")} if prof else {}
     with open(log_path, "w") as log:
         proc = subprocess.run([sys.executable, *entry, "run", "--spec", str(spec_path), "--workdir", str(work)],
@@ -167,6 +172,16 @@ def cmd_job(name: str, model: str, data: str, res: str, overrides_json: str = "{
                                    "LORA_JOBS_COMPILE_CACHE_KEY": os.environ.get("LORA_JOBS_COMPILE_CACHE_KEY",
                                                                                  "acceptance")})
     wall = time.perf_counter() - t0
+    if cprof and cprof.is_file():
+        import io
+        import pstats
+
+        text = io.StringIO()
+        stats = pstats.Stats(str(cprof), stream=text)
+        stats.sort_stats("cumulative").print_stats(70)
+        stats.sort_stats("tottime").print_stats(30)
+        (res_dir / f"cprofile_{name}.txt").write_text(text.getvalue())
+        cprof.unlink()
     record = {"name": name, "exit_code": proc.returncode, "wall_seconds": round(wall, 1), "spec": spec,
               "published": False, "log_timing": log_timing(log_path.read_text())}
     if prof and (res_dir / f"profile_{name}" / "profile_summary.json").is_file():
