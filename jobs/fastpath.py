@@ -841,6 +841,23 @@ def _fsdp_note(world_size: int) -> str:
             "decoder layer and at the root); gradients reduce-scattered")
 
 
+def skip_cpu_isa_probe() -> None:
+    """Tell inductor not to probe the CPU's vector instructions. The layers compile for the GPU, but
+    inductor still asks which SIMD extension the host has, building and running a test program per
+    candidate (AMX, AVX-512, AVX2), each run a new Python that imports torch: ~25 s of the 8B first
+    step, paid again by every warm start (benchmarks/README.md). Only host-side C++ helpers would be
+    vectorised by it. Left alone when ``$TORCHINDUCTOR_VEC_ISA_OK`` is set."""
+    if os.environ.get("TORCHINDUCTOR_VEC_ISA_OK") is not None:
+        return
+    os.environ["TORCHINDUCTOR_VEC_ISA_OK"] = "0"  # compile workers started from here on
+    try:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.cpp.vec_isa_ok = False
+    except Exception as err:  # noqa: BLE001 - another torch: the probe runs, nothing else changes
+        log.debug("inductor's CPU ISA probe left on (%s: %s)", type(err).__name__, err)
+
+
 def prepare_model(model, p: Plan) -> Any:
     """Apply a plan to a loaded (PEFT-wrapped) model: attention, lean LoRA, kernels, checkpointing.
 
@@ -871,6 +888,8 @@ def prepare_model(model, p: Plan) -> Any:
         # The price is the input gradient of one layer, which the embedding then drops.
         if hasattr(base, "enable_input_require_grads") and not p.gradient_checkpointing:
             base.enable_input_require_grads()
+        if any(t.is_cuda for t in base.parameters()):
+            skip_cpu_isa_probe()
         for layer in _decoder(base).layers:
             layer.compile(dynamic=True)
     return model

@@ -216,3 +216,27 @@ def test_every_compiled_decoder_layer_shares_one_graph():
     model(input_ids=ids, labels=ids).loss.backward()
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)
+
+
+def test_gpu_compiles_skip_inductors_cpu_isa_probe_unless_the_user_set_it():
+    """The probe builds and runs a test program per SIMD extension (~19 s on a 2-core host, ~25 s of the
+    8B first step on the GPU host); skip_cpu_isa_probe turns it off, and leaves a user's choice alone."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    code = ("import time; from jobs import fastpath; fastpath.skip_cpu_isa_probe()\n"
+            "import os; from torch._inductor import config, cpu_vec_isa\n"
+            "t = time.perf_counter(); isa = cpu_vec_isa.pick_vec_isa()\n"
+            "print(os.environ['TORCHINDUCTOR_VEC_ISA_OK'], config.cpp.vec_isa_ok, bool(isa), time.perf_counter() - t)")
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_VEC_ISA_OK"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    flag, config_value, vectorised, seconds = out.stdout.split()[-4:]
+    assert (flag, config_value, vectorised) == ("0", "False", "False")
+    assert float(seconds) < 1.0
+    kept = subprocess.run([sys.executable, "-c", "from jobs import fastpath; import os; fastpath.skip_cpu_isa_probe(); "
+                           "print(os.environ['TORCHINDUCTOR_VEC_ISA_OK'])"],
+                          env={**env, "TORCHINDUCTOR_VEC_ISA_OK": "1"}, capture_output=True, text=True, timeout=300)
+    assert kept.returncode == 0 and kept.stdout.split()[-1] == "1", kept.stderr[-2000:]
