@@ -79,6 +79,8 @@ for stage in "$@"; do
     trl)   need trl 120 && timeout $(( $(left) - 5 )) $A trl "$RES" ;;
     qlora) need qlora 150 && models llama3-8b && $A job qlora "$MODELS/llama3-8b" "$(data 500)" "$RES" \
              '{"quantization": {"mode": "4bit"}, "training": {"max_seq_length": 2048}}' ;;
+    qloraeager) need qloraeager 150 && models llama3-8b && $A job qlora_eager "$MODELS/llama3-8b" "$(data 500)" "$RES" \
+             '{"quantization": {"mode": "4bit"}, "training": {"max_seq_length": 2048, "compile": "off"}}' ;;
     qwen)  need qwen 150 && models && $A job qwen "$MODELS/qwen2.5-7b" "$(data 800)" "$RES" ;;
     fp8)   need fp8 240 && models llama3-8b && $A job fp8 "$MODELS/llama3-8b" "$(data $ROWS)" "$RES" "$FP8" ;;
     warm8b) if [ ! -d "$ACCEPT_WORK/store/bf16/compile-cache" ]; then echo "SKIP warm8b (no bf16 run in this machine's store)"

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import math
 import os
 import random
 import threading
@@ -630,8 +631,23 @@ COMPILE_MODEL_TYPES = {"llama"}
 MAX_TOKENS_PER_MICRO_BATCH = 8192
 #: bytes kept free for the allocator, CUDA context and fragmentation (plus the loss chunk, in plan)
 HEADROOM_BYTES = 2 * 2**30
+#: the same for quantised runs, planned into a small budget (12 GiB): the 8B QLoRA plan with 2 GiB kept free
+#: took 3,584-token micro-batches and peaked at 9.0 GiB of its 12 (benchmarks/README.md)
+QUANTIZED_HEADROOM_BYTES = 1 * 2**30
 #: what ``training.gpu_memory_gib: auto`` means for quantised runs: the guide's "4-12 GB of VRAM"
 QUANTIZED_MEMORY_GIB = 12.0
+
+
+def bnb_4bit_compiles() -> bool:
+    """Whether bitsandbytes' 4-bit Linear traces into one dynamo graph: its matmul and dequantization
+    are registered torch ops with fake kernels since 0.46 (bitsandbytes PR #1616, #1673)."""
+    try:
+        import bitsandbytes
+        from packaging.version import Version
+
+        return Version(bitsandbytes.__version__) >= Version("0.46")
+    except Exception:  # noqa: BLE001 - not installed (CPU image) or an unparsable version
+        return False
 
 
 def memory_budget_bytes(training, quantization: str, free_memory_bytes: int) -> int:
@@ -660,7 +676,8 @@ def plan(model_config, training, device: torch.device | str, *, free_memory_byte
       largest micro-batch that fits (capped at :data:`MAX_TOKENS_PER_MICRO_BATCH`).
       ``training.gradient_checkpointing`` true/false is obeyed.
     * compile: each decoder layer with ``torch.compile(dynamic=True)`` on CUDA for model types in
-      :data:`COMPILE_MODEL_TYPES` (+8% over Liger's kernels on the 8B benchmark); otherwise Liger's
+      :data:`COMPILE_MODEL_TYPES`, 16-bit or 4-bit (bitsandbytes' NF4 ops trace since 0.46), unless
+      ``training.compile: off`` (+8% over Liger's kernels on the 8B benchmark); otherwise Liger's
       RMSNorm/SwiGLU/RoPE kernels when importable.
     * ``free_memory_bytes`` is the memory free BEFORE the model is loaded (default: free now); the
       plan fits into :func:`memory_budget_bytes` of it.
@@ -721,12 +738,17 @@ def plan(model_config, training, device: torch.device | str, *, free_memory_byte
     else:
         notes.append("attention: SDPA per example (no varlen kernel for this device/dtype)")
     model_type = str(_cfg(model_config, "model_type", "") or "")
-    compile_ok = (model_type in COMPILE_MODEL_TYPES and varlen_available(device) and dtype != torch.float32
-                  and quantization == "none")
+    compile_req = getattr(training, "compile", "auto")
+    compile_ok = (compile_req != "off" and model_type in COMPILE_MODEL_TYPES and varlen_available(device)
+                  and dtype != torch.float32 and (quantization == "none"
+                                                  or (quantization == "4bit" and bnb_4bit_compiles())))
     liger = False
+    if compile_req == "off":
+        notes.append("torch.compile off (training.compile: off)")
     if compile_ok:
-        notes.append("torch.compile of each decoder layer (fuses norms, SwiGLU, RoPE, dropout; "
-                     "the first steps pay ~1-2 minutes of compilation)")
+        notes.append("torch.compile of each decoder layer (fuses norms, SwiGLU, RoPE, dropout"
+                     + (", and bitsandbytes' 4-bit dequantization into the same graph" if quantization == "4bit" else "")
+                     + "; the first steps pay ~1-2 minutes of compilation)")
     else:
         try:
             import liger_kernel  # noqa: F401
@@ -746,7 +768,8 @@ def plan(model_config, training, device: torch.device | str, *, free_memory_byte
         weights += 2 * vocab * h * (2 - wbytes)
     lora_state = 0.006 * n_params * 16  # ~0.5% of the params trainable at r=16: fp32 weight+grad+2 moments
     vocab = int(_cfg(model_config, "vocab_size", 0) or 0)
-    headroom = HEADROOM_BYTES + 2 * CE_CHUNK * vocab * 4  # allocator slack + one chunk of fp32 logits
+    # allocator slack + one chunk of fp32 logits (and its gradient)
+    headroom = (QUANTIZED_HEADROOM_BYTES if quantization != "none" else HEADROOM_BYTES) + 2 * CE_CHUNK * vocab * 4
     budget = budget_total - weights - lora_state - headroom
     dbytes = torch.finfo(dtype).bits // 8
     fused = liger or compile_ok  # both keep no fp32 copies in the norms and one MLP intermediate less
@@ -791,6 +814,13 @@ def plan(model_config, training, device: torch.device | str, *, free_memory_byte
         else:
             fix = ("raise resources.gpus above 1 (training.fsdp: auto then shards the base over the GPUs), use "
                    "quantization.mode: 4bit, or a GPU with more memory")
+        need_gib = math.ceil((weights + lora_state + headroom + max_seq * per_tok_gc) / 2**30)
+        if (quantization != "none" and getattr(training, "gpu_memory_gib", "auto") == "auto"
+                and need_gib * 2**30 <= free_memory_bytes):
+            fix = (f"training.gpu_memory_gib: auto plans {quantization} runs for {QUANTIZED_MEMORY_GIB:g} GiB; "
+                   f"{free_memory_bytes / 2**30:.0f} GiB are free: set training.gpu_memory_gib to {need_gib} or more"
+                   + (", or use quantization.mode: 4bit" if quantization == "8bit" else "")
+                   + (" (a quantised base is not sharded)" if world_size > 1 else ""))
         from jobs.errors import OutOfMemory
 
         raise OutOfMemory(f"the base model does not fit the GPU memory budget: weights ~{weights / 2**30:.1f} GiB "

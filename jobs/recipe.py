@@ -273,7 +273,7 @@ def _compile_cache(spec: TrainingRunSpec, model, plan, store, run_prefix: str, w
     facts = {"dtype": str(plan.dtype), "fp8": fastpath.fp8_recipe() if plan.fp8 else None,
              "checkpointing": plan.gradient_checkpointing, "attention": plan.attn_implementation,
              "lora": [lora.rank, lora.alpha, lora.dropout > 0, lora.target_modules, lora.use_rslora, lora.use_dora],
-             "world_size": world.size}
+             "world_size": world.size, "quantization": spec.quantization.mode}
     cache = CompileCache(store, run_prefix, cache_key(config, facts), signing_key(), writer=world.main)
     cache.restore()
     return cache

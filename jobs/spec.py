@@ -135,6 +135,12 @@ class TrainingSpec(_Strict):
                            "lm_head, the optimizer and the merge stay in bf16/fp32, and evaluation after training "
                            "runs the bf16 base. off (default); auto: on where the GPU and torchao allow it; on: "
                            "the run fails where they do not. Not with quantization.")
+    compile: Literal["auto", "off"] = Field(
+        "auto", description="torch.compile of each decoder layer on a GPU (fuses the norms, RoPE, SwiGLU and LoRA "
+                            "dropout; the first step pays ~1 minute of compilation, which the compile cache saves "
+                            "for a retry or a rerun of the same shape). auto (default): for Llama-type models in "
+                            "16-bit LoRA and 4-bit QLoRA, not when the base is FSDP2-sharded; off: never (Liger's "
+                            "kernels where installed), e.g. for a short run or when compilation fails.")
     fsdp: Literal["auto", "on", "off"] = Field(
         "auto", description="FSDP2 sharding of the frozen base model across the training processes (PyTorch's "
                             "fully_shard over every rank): each GPU holds 1/N of the weights, so a base that does "
@@ -165,6 +171,12 @@ class TrainingSpec(_Strict):
     def _fp8_yaml_booleans(cls, v: Any) -> Any:
         # YAML 1.1 reads a bare `fp8: on` / `fsdp: off` as a boolean
         return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_yaml_booleans(cls, v: Any) -> Any:
+        # `compile: true` asks for what auto does (compile wherever it works); `compile: false` is off
+        return {True: "auto", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
     @field_validator("gpu_memory_gib")
     @classmethod

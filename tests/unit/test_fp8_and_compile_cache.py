@@ -240,3 +240,35 @@ def test_gpu_compiles_skip_inductors_cpu_isa_probe_unless_the_user_set_it():
                            "print(os.environ['TORCHINDUCTOR_VEC_ISA_OK'])"],
                           env={**env, "TORCHINDUCTOR_VEC_ISA_OK": "1"}, capture_output=True, text=True, timeout=300)
     assert kept.returncode == 0 and kept.stdout.split()[-1] == "1", kept.stderr[-2000:]
+
+
+def test_qlora_decoder_layers_compile_as_one_graph_without_breaks(tmp_path, monkeypatch):
+    """QLoRA compiles since bitsandbytes registered its 4-bit ops with fake kernels: PEFT's 4-bit LoRA layers
+    with our lean forward and checkpointing trace as one graph for every decoder layer, with no graph break,
+    and the LoRA weights get gradients. (The 4-bit weights are quantised by bitsandbytes on the CPU here.)"""
+    from peft import LoraConfig, get_peft_model
+    from torch._dynamo.utils import counters
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=128)).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(
+        tmp_path, dtype=torch.bfloat16, device_map={"": "cpu"},
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16))
+    assert type(model.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    torch._dynamo.reset()
+    counters.clear()
+    # dynamo and AOTAutograd trace as on the GPU; inductor's CPU code generation (~100 s here) is left out
+    compile_ = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_(self, **kw, backend="aot_eager"))
+    model = fastpath.prepare_model(model, fastpath.Plan(fastpath.ATTN_IMPL, torch.bfloat16, True, 64, True))
+    ids = torch.randint(0, 128, (1, 32))
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert dict(counters["graph_break"]) == {}
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_" in n)

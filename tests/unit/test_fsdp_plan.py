@@ -92,6 +92,11 @@ def test_a_base_that_does_not_fit_one_gpu_unsharded_fails_at_planning_naming_the
     with pytest.raises(OutOfMemory) as q:
         _plan("70b", 8, quantization="4bit")
     assert "not sharded" in q.value.hint and "training.fsdp" not in q.value.hint
+    # ... and where the card has the memory, the fix is the budget QLoRA plans for by default
+    assert "set training.gpu_memory_gib to 5" in q.value.hint, q.value.hint
+    with pytest.raises(OutOfMemory) as big:  # 70B in 4 bit does not fit a 40 GiB card at all
+        _plan("70b", 8, quantization="4bit", free_gib=40)
+    assert "gpu_memory_gib" not in big.value.hint and "more memory" in big.value.hint
 
 
 # ----------------------------------------------------------------------------- the spec
