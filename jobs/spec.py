@@ -406,6 +406,9 @@ class TrainingRunSpec(_Strict):
         # resumes unsharded and back (the checkpoints' key leaves it out, as it leaves out resources)
         if fields["training"]["fsdp"] == "auto" or "resources" not in fields:
             del fields["training"]["fsdp"]
+        # whether the layers are compiled is how the run computes, not what it trains (added later too)
+        if fields["training"]["compile"] == "auto" or "resources" not in fields:
+            del fields["training"]["compile"]
         canon = json.dumps(fields, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canon.encode()).hexdigest()[:10]
 

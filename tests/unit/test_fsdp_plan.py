@@ -143,3 +143,14 @@ def test_rank_0_ends_a_sharded_run_on_the_gpu_only_when_the_whole_base_fits_ther
     # a budget the user set below the card: the same 8B no longer fits it whole (~15 GiB of bf16 weights)
     assert fastpath.whole_base_fits(_llama3("8b"), _plan("8b", 4, fsdp="on", gpu_memory_gib=12)) is False
     assert fastpath.whole_base_fits(_llama3("70b"), _plan("70b", 2, device="cpu", fsdp="on")) is True  # no budget
+
+
+def test_compile_defaults_to_auto_keeps_earlier_hashes_and_does_not_key_the_checkpoints():
+    """training.compile came after runs were named and checkpointed: auto leaves their hashes as they were
+    (the golden render still matches), and compiling or not resumes the same checkpoints."""
+    plain = parse_spec(BASE)
+    assert plain.training.compile == "auto"
+    off = parse_spec({**BASE, "training": {"compile": "off"}})
+    assert plain.spec_hash() == parse_spec({**BASE, "training": {"compile": "auto"}}).spec_hash()
+    assert off.spec_hash() != plain.spec_hash()
+    assert off.training_hash() == plain.training_hash()
