@@ -148,10 +148,8 @@ def shard_model(world: World, model) -> None:
     (``fastpath.lm_loss``), so that computation is registered as the root's forward method: FSDP2
     gathers the root's parameters for it and keeps them until the backward.
 
-    Every rank has loaded the whole base before this (as without sharding); fully_shard keeps each
-    rank's shard and frees the rest. A base that does not fit one GPU (70B in bf16) would have to be
-    built on the meta device and get its shards from rank 0 or from each rank's slice of the
-    safetensors files instead; that is not done here.
+    The model may be on the meta device (:func:`load_sharded`: shards first, weights after) or loaded
+    (fully_shard then keeps each rank's shard and frees the rest).
     """
     import types
 
@@ -179,6 +177,78 @@ def shard_model(world: World, model) -> None:
     held, total = local_parameter_counts(model)
     log.info("FSDP2: the base is sharded over %d ranks; rank %d holds %d of %d parameters (%.1f%%)",
              world.size, world.rank, held, total, 100 * held / max(total, 1))
+
+
+def load_sharded(world: World, model_dir: str, config, *, precision: str, device, seed: int, wrap, prepare):
+    """The FSDP2 model of a run, loaded without any rank holding the whole base on its GPU.
+
+    Rank 0 loads the base into host memory and wraps it with LoRA (``wrap``, after ``seed``: the adapter
+    an unsharded run starts from). Every rank builds the same model on the meta device
+    (:func:`jobs.modelio.build_on_meta`), wraps and prepares it (``prepare``), shards it
+    (:func:`shard_model`) and allocates only its shards (``to_empty``); then rank 0 broadcasts each
+    tensor, one at a time, and every rank keeps its rows. A GPU so holds its shards plus one whole tensor
+    (the largest, the embedding), whatever the size of the base; before this change each rank loaded
+    the whole base (host memory, then its GPU) and a 70B bf16 base fit neither.
+
+    Returns (the sharded model, rank 0's host copy or None on the other ranks). Rank 0 keeps its copy:
+    after training it takes the gathered adapter and is what rank 0 evaluates, saves and merges.
+    """
+    import resource
+    import time
+
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    from jobs import fastpath
+    from jobs.modelio import build_on_meta, load_model
+
+    started = time.perf_counter()
+    source = None
+    if world.main:
+        torch.manual_seed(seed)
+        source = wrap(load_model(model_dir, precision=precision, device=None))
+    torch.manual_seed(seed)  # the same random stream after this as an unsharded run's after its wrap
+    model = prepare(wrap(build_on_meta(config, precision=precision)))
+    shard_model(world, model)
+    model.to_empty(device=device)  # this rank's shards, allocated, not yet filled
+    if device.type == "cuda":
+        fastpath.skip_cpu_isa_probe()  # prepare_model tells from the parameters' device, on meta then
+    targets = list(model.named_parameters()) + list(model.named_buffers())
+    problem = None
+    if world.main:
+        have = {**dict(source.named_parameters(remove_duplicate=False)),
+                **dict(source.named_buffers(remove_duplicate=False))}
+        missing = [n for n, t in targets if n not in have or tuple(have[n].shape) != tuple(t.shape)]
+        if missing:
+            problem = (f"the base loaded on rank 0 and the model built from its config.json differ in "
+                       f"{len(missing)} tensors (first: {missing[0]})")
+    box = [problem]
+    with collective("the check of rank 0's base", world):
+        dist.broadcast_object_list(box, src=0)  # a string between our own processes
+    if box[0]:
+        from jobs.errors import DataError
+
+        raise DataError(box[0], hint="training.fsdp needs a transformers model whose checkpoint loads into "
+                        "the class its config.json names; set training.fsdp: off if the base fits one GPU")
+    moved = 0
+    with torch.no_grad():
+        for name, t in targets:
+            full = (have[name].detach().to(device=device, dtype=t.dtype).contiguous() if world.main
+                    else torch.empty(tuple(t.shape), dtype=t.dtype, device=device))
+            with collective("the broadcast of the base's weights from rank 0", world):
+                dist.broadcast(full, src=0)
+            if isinstance(t, DTensor):
+                t.to_local().copy_(shard_like(t, full).to_local())
+            else:
+                t.copy_(full)
+            moved += full.numel() * full.element_size()
+            del full
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    log.info("FSDP2: rank %d built the base on the meta device and took its shards of %d tensors (%.1f GiB) "
+             "from rank 0 in %.0f s; peak host memory of this rank %.2f GiB", world.rank, len(targets),
+             moved / 2**30, time.perf_counter() - started, peak)
+    return model, source
 
 
 def local_parameter_counts(model) -> tuple[int, int]:

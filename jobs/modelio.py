@@ -108,6 +108,20 @@ def load_model(model_dir: str, *, precision: str, quantization: str = "none", de
     return model
 
 
+def build_on_meta(config, *, precision: str):
+    """The causal LM of ``config`` with every parameter on the meta device (no memory, no values) and its
+    buffers real (the rotary frequencies are computed from the config): what a rank of an FSDP2 run shards
+    before its shards of the weights arrive (jobs.distributed.load_sharded). Tied embeddings stay tied."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():  # include_buffers=False: parameters on meta, buffers on the CPU
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype(precision))
+    model.tie_weights()  # from_config under init_empty_weights leaves lm_head untied; from_pretrained ties it
+    model.config.use_cache = False
+    return model
+
+
 def model_context_length(config) -> int | None:
     for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
         v = getattr(config, attr, None)

@@ -5,6 +5,7 @@ Each stage is a function with plain inputs and outputs, so a test can run one al
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -338,9 +339,15 @@ def _run(spec: TrainingRunSpec, workdir: Path, world, *, run_id, image, stop, st
             plan = fastpath.plan(config, spec.training.model_copy(update={"fsdp": "on"}), device,
                                  quantization=spec.quantization.mode, free_memory_bytes=free_before_load,
                                  world_size=world.size)
-    model = load_model(fetched.base_model_dir, precision=precision, quantization=spec.quantization.mode,
-                       device=device, double_quant=spec.quantization.double_quant)
-    ctx = spec.base_model.max_context or model_context_length(model.config) or spec.training.max_seq_length
+    source = None  # rank 0's host copy of the base in an FSDP2 run (distributed.load_sharded)
+    if plan.fsdp:
+        model, source = distributed.load_sharded(
+            world, fetched.base_model_dir, config, precision=precision, device=device, seed=spec.training.seed,
+            wrap=lambda m: wrap_lora(m, spec), prepare=lambda m: fastpath.prepare_model(m, plan))
+    else:
+        model = load_model(fetched.base_model_dir, precision=precision, quantization=spec.quantization.mode,
+                           device=device, double_quant=spec.quantization.double_quant)
+    ctx = spec.base_model.max_context or model_context_length(config) or spec.training.max_seq_length
     max_len = min(spec.training.max_seq_length, ctx)
     if spec.training.gradient_checkpointing != "auto":
         plan.gradient_checkpointing = bool(spec.training.gradient_checkpointing)
@@ -362,21 +369,25 @@ def _run(spec: TrainingRunSpec, workdir: Path, world, *, run_id, image, stop, st
 
     if val_ex:
         log.info("validation loss of the base model on %d examples…", len(val_ex))
-    val_before = evaluate_loss(model, val_ex, tokens_per_mb, device, world)
+    # sharded, the model already carries the new adapter: lora_B is 0, so this is still the base's loss
+    # (uncompiled: the compile cache is restored below, before anything compiles)
+    with fastpath.eager_layers(model) if plan.fsdp else contextlib.nullcontext():
+        val_before = evaluate_loss(model, val_ex, tokens_per_mb, device, world)
     prompts = ev.prompts_for(spec, prepared.val_rows,
                              ev.parse_prompts_jsonl(fetched.eval_prompts_bytes) if fetched.eval_prompts_bytes else None)
     if not spec.eval.enabled or not world.main:
         prompts = []  # generations, like everything after training, are rank 0's
-    gen_before = ev.generate(model, tok, prompts, spec, device, "base model") if prompts else []
+    # the sharded model cannot generate on rank 0 alone: an FSDP2 run's base generates after training,
+    # on rank 0's whole copy with the adapter switched off
+    gen_before = ev.generate(model, tok, prompts, spec, device, "base model") if prompts and not plan.fsdp else []
     if val_before is not None:
         log.info("validation loss before training: %.4f", val_before)
 
     _stage("train")
-    torch.manual_seed(spec.training.seed)  # LoRA A is initialised randomly: the same seed, the same run
-    model = fastpath.prepare_model(wrap_lora(model, spec), plan)
-    distributed.broadcast_trainable(world, model)
-    if plan.fsdp:
-        distributed.shard_model(world, model)
+    if not plan.fsdp:  # (sharded, load_sharded did this on rank 0's copy)
+        torch.manual_seed(spec.training.seed)  # LoRA A is initialised randomly: the same seed, the same run
+        model = fastpath.prepare_model(wrap_lora(model, spec), plan)
+        distributed.broadcast_trainable(world, model)
     trainable, total = model.get_nb_trainable_parameters()
     log.info("LoRA: %d trainable parameters of %d (%.2f%%)", trainable, total, 100 * trainable / max(total, 1))
     # keyed by what the run trains, not where: more memory or another number of GPUs resumes the run
@@ -421,12 +432,14 @@ def _run(spec: TrainingRunSpec, workdir: Path, world, *, run_id, image, stop, st
                         plan.memory_budget_bytes / 2**30)
             device = torch.device("cpu")
             end_plan = fastpath.plan(config, spec.training.model_copy(update={"fsdp": "off"}), device)
-        model = load_model(fetched.base_model_dir, precision=precision, quantization=spec.quantization.mode,
-                           device=device, double_quant=spec.quantization.double_quant)
-        model = fastpath.prepare_model(wrap_lora(model, spec), end_plan)
+        model = fastpath.prepare_model(source.to(device), end_plan)  # the copy the shards came from
+        source = None
         set_peft_model_state_dict(model, {k: v.to(device) for k, v in result.adapter.items()})
         log.info("FSDP2: rank 0 holds the whole base again (on %s) with the gathered adapter of step %d",
                  device, result.published_step)
+        if prompts:
+            with model.disable_adapter(), fastpath.eager_layers(model):
+                gen_before = ev.generate(model, tok, prompts, spec, device, "base model")
     steady = result.tokens_per_second_steady
     log.info("trained %d steps in %.0fs: %.0f tokens/s (%s after warm-up), %d examples and ~%.0f tokens per "
              "step%s", result.state.step, result.seconds, result.tokens_per_second,

@@ -34,9 +34,10 @@ LOSS_RTOL = 1e-4
 def _spec(tmp_path: Path, name: str, model_dir: Path, fsdp: str) -> Path:
     spec = {"name": name, "base_model": {"uri": str(model_dir)}, "dataset": {"train": str(DEMO / "train.jsonl")},
             "output": str(tmp_path / "store"),
-            # 4 examples a step, 2 a rank in micro-batches of <= 96 tokens (the demo's rows are ~65): gradient
-            # accumulation over several micro-batches; a checkpoint after step 2 of 3
-            "training": {"max_steps": 3, "max_seq_length": 96, "per_device_batch_size": 1,
+            # 4 examples a step, 2 a rank in micro-batches of <= 128 tokens (the demo's rows are ~30-100): with
+            # seed 0, step 1 packs rank 0's two rows into one micro-batch and rank 1's into two (and step 2 the
+            # other way round), so a sharded rank runs a filler micro-batch; a checkpoint after step 2 of 3
+            "training": {"max_steps": 3, "max_seq_length": 128, "per_device_batch_size": 1, "seed": 0,
                          "gradient_accumulation_steps": 2, "checkpoint_interval_steps": 2, "fsdp": fsdp},
             # no dropout: each rank's masks come from its own random stream (see test_distributed_cpu)
             "lora": {"dropout": 0.0},
@@ -83,9 +84,20 @@ def test_fsdp_shards_the_base_trains_like_data_parallel_and_checkpoints_cross_ov
         assert 0.49 * total <= mine <= 0.51 * total, held  # each rank about half
     assert held[0][0] + held[1][0] >= total  # shards cover everything (FSDP pads uneven dims)
     assert "FSDP2: rank 0 holds the whole base again (on cpu) with the gathered adapter of step 3" in fs
+    # no rank but 0 ever held the whole base: rank 1 built it on the meta device and received only its
+    # shards; rank 0 read it into host memory, once (its copy is what it evaluates and merges at the end)
+    loaded = {int(m[1]): (int(m[2]), float(m[3])) for m in re.finditer(
+        r"FSDP2: rank (\d) built the base on the meta device and took its shards of (\d+) tensors .* "
+        r"peak host memory of this rank ([0-9.]+) GiB", fs)}
+    assert set(loaded) == {0, 1} and loaded[0][0] == loaded[1][0] > 30 * 7 * 3, loaded
+    base_gib = 134_515_008 * 4 / 2**30  # SmolLM2-135M's weights in fp32 (the CPU precision)
+    assert loaded[1][1] < loaded[0][1] - 0.75 * base_gib, (loaded, base_gib)
     first = {int(m[2]): (int(m[1]), int(m[3])) for m in re.finditer(
         r"FSDP2 step 1: (\d+) micro-batches on rank (\d) and (\d+) filler", fs)}
     assert set(first) == {0, 1} and max(n for n, _ in first.values()) >= 2, first  # accumulation in the step
+    # ranks with unequal micro-batches: the one with fewer runs fillers (each forward gathers the shards from
+    # every rank), whose loss counts for nothing: the loss curve below still matches the data-parallel run's
+    assert sorted(first.values()) == [(1, 1), (2, 0)], first
     store = LocalStore(str(tmp_path / "store"))
     assert existing_versions(store, "fs") == {1: True}, "rank 0 alone publishes, once"
     meta = json.loads(store.get_bytes("fs/v1/metadata.json"))
@@ -98,6 +110,7 @@ def test_fsdp_shards_the_base_trains_like_data_parallel_and_checkpoints_cross_ov
     assert sorted(l_fs) == sorted(l_ddp) == [1, 2, 3], (l_fs, l_ddp)
     _close(l_fs, l_ddp, [1, 2, 3])
     print(f"\nFSDP2 held per rank {held}, first step micro-batches (n, filler) {first}\n"
+          f"(tensors, peak host GiB) per rank after loading {loaded}\n"
           f"losses sharded {l_fs}\nlosses data parallel {l_ddp}")
 
     # 3. the sharded run's checkpoint is the whole adapter and optimizer state an unsharded run writes.
