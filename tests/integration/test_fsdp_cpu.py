@@ -31,7 +31,7 @@ DEMO = REPO / "examples" / "demo"
 LOSS_RTOL = 1e-4
 
 
-def _spec(tmp_path: Path, name: str, model_dir: Path, fsdp: str) -> Path:
+def _spec(tmp_path: Path, name: str, model_dir: Path, fsdp: str, evaluate: bool = False) -> Path:
     spec = {"name": name, "base_model": {"uri": str(model_dir)}, "dataset": {"train": str(DEMO / "train.jsonl")},
             "output": str(tmp_path / "store"),
             # 4 examples a step, 2 a rank in micro-batches of <= 128 tokens (the demo's rows are ~30-100): with
@@ -41,7 +41,8 @@ def _spec(tmp_path: Path, name: str, model_dir: Path, fsdp: str) -> Path:
                          "gradient_accumulation_steps": 2, "checkpoint_interval_steps": 2, "fsdp": fsdp},
             # no dropout: each rank's masks come from its own random stream (see test_distributed_cpu)
             "lora": {"dropout": 0.0},
-            "eval": {"enabled": False}, "merge": {"enabled": False}, "resources": {"gpus": 0}}
+            "eval": {"enabled": evaluate, "num_prompts": 2, "max_new_tokens": 16, "temperature": 0.0},
+            "merge": {"enabled": False}, "resources": {"gpus": 0}}
     path = tmp_path / f"{name}-{fsdp}.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -74,7 +75,7 @@ def test_fsdp_shards_the_base_trains_like_data_parallel_and_checkpoints_cross_ov
     from jobs.storage import LocalStore
 
     # 1. sharded from step 0: each rank holds half of the model, one version is published
-    fs = _job(tmp_path, _spec(tmp_path, "fs", small_model_dir, "on"), "fs").stderr
+    fs = _job(tmp_path, _spec(tmp_path, "fs", small_model_dir, "on", evaluate=True), "fs").stderr
     held = {int(m[1]): (int(m[2]), int(m[3])) for m in re.finditer(
         r"FSDP2: the base is sharded over 2 ranks; rank (\d) holds (\d+) of (\d+) parameters", fs)}
     assert set(held) == {0, 1}, fs[-3000:]
@@ -109,6 +110,14 @@ def test_fsdp_shards_the_base_trains_like_data_parallel_and_checkpoints_cross_ov
     l_fs, l_ddp = _losses(fs), _losses(ddp)
     assert sorted(l_fs) == sorted(l_ddp) == [1, 2, 3], (l_fs, l_ddp)
     _close(l_fs, l_ddp, [1, 2, 3])
+    # the base's validation loss, measured sharded with the fresh adapter in place (lora_B is 0), is the
+    # unsharded base's; its generations ran after training on rank 0's copy with the adapter switched off
+    before = {n: json.loads(store.get_bytes(f"{n}/v1/metadata.json"))["metrics"]["val_loss_before"]
+              for n in ("fs", "ddp")}
+    assert before["fs"] is not None and abs(before["fs"] - before["ddp"]) <= LOSS_RTOL * before["ddp"], before
+    report = json.loads(store.get_bytes("fs/v1/eval_report.json"))
+    gens = report["generations"]
+    assert len(gens) == 2 and all(g["before"].strip() and g["after"].strip() for g in gens), gens
     print(f"\nFSDP2 held per rank {held}, first step micro-batches (n, filler) {first}\n"
           f"(tensors, peak host GiB) per rank after loading {loaded}\n"
           f"losses sharded {l_fs}\nlosses data parallel {l_ddp}")
