@@ -5,8 +5,11 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 . "$here/lib.sh"
+# Usage: hack/base-image.sh [--rootfs-only]   (--rootfs-only: make the cached root tarball, import nothing:
+# hack/prepare-test.sh runs that beside the Go builds, before dockerd is up)
 image=${BASE_IMAGE:-lora-jobs/debian:$DEBIAN_SUITE}
-if docker image inspect "$image" >/dev/null 2>&1; then say "base image $image present"; exit 0; fi
+rootfs_only=false; [ "${1:-}" = --rootfs-only ] && rootfs_only=true
+if ! $rootfs_only && docker image inspect "$image" >/dev/null 2>&1; then say "base image $image present"; exit 0; fi
 tarball="$(piece_dir debian-rootfs "$DEBIAN_SUITE")/rootfs.tar"
 
 # The Debian mirror this machine's apt is set up with (DEBIAN_MIRROR overrides): the repository
@@ -36,5 +39,6 @@ if [ ! -f "$tarball" ]; then
   tar -C "$root" -cf "$tarball.tmp" . && mv "$tarball.tmp" "$tarball"
   rm -rf "$root"
 fi
+$rootfs_only && exit 0
 say "docker import $image"
 docker import "$tarball" "$image" >/dev/null
