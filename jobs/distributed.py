@@ -201,36 +201,41 @@ def load_sharded(world: World, model_dir: str, config, *, precision: str, device
     from torch.distributed.tensor import DTensor
 
     from jobs import fastpath
+    from jobs.errors import DataError
     from jobs.modelio import build_on_meta, load_model
 
     started = time.perf_counter()
-    source = None
-    if world.main:
-        torch.manual_seed(seed)
-        source = wrap(load_model(model_dir, precision=precision, device=None))
-    torch.manual_seed(seed)  # the same random stream after this as an unsharded run's after its wrap
+    torch.manual_seed(seed)
     model = prepare(wrap(build_on_meta(config, precision=precision)))
     shard_model(world, model)
     model.to_empty(device=device)  # this rank's shards, allocated, not yet filled
     if device.type == "cuda":
         fastpath.skip_cpu_isa_probe()  # prepare_model tells from the parameters' device, on meta then
     targets = list(model.named_parameters()) + list(model.named_buffers())
-    problem = None
+    source, problem = None, None
     if world.main:
-        have = {**dict(source.named_parameters(remove_duplicate=False)),
-                **dict(source.named_buffers(remove_duplicate=False))}
-        missing = [n for n, t in targets if n not in have or tuple(have[n].shape) != tuple(t.shape)]
-        if missing:
-            problem = (f"the base loaded on rank 0 and the model built from its config.json differ in "
-                       f"{len(missing)} tensors (first: {missing[0]})")
+        try:
+            base = load_model(model_dir, precision=precision, device=None)
+        except DataError as err:  # told to every rank below, so that each fails with it (not as a lost peer)
+            problem = (err.message, err.hint)
+        else:
+            torch.manual_seed(seed)  # as the unsharded path: the adapter's random A after the load
+            source = wrap(base)
+            have = {**dict(source.named_parameters(remove_duplicate=False)),
+                    **dict(source.named_buffers(remove_duplicate=False))}
+            missing = [n for n, t in targets if n not in have or tuple(have[n].shape) != tuple(t.shape)]
+            if missing:
+                problem = (f"the base loaded on rank 0 and the model built from its config.json differ in "
+                           f"{len(missing)} tensors (first: {missing[0]})",
+                           "training.fsdp needs a transformers model whose checkpoint loads into the class its "
+                           "config.json names; set training.fsdp: off if the base fits one GPU")
+    # reading a 70B base into host memory can outlast a collective's timeout: the others wait at a barrier
+    world.barrier("rank 0's load of the base into host memory")
     box = [problem]
     with collective("the check of rank 0's base", world):
-        dist.broadcast_object_list(box, src=0)  # a string between our own processes
+        dist.broadcast_object_list(box, src=0)  # strings between our own processes
     if box[0]:
-        from jobs.errors import DataError
-
-        raise DataError(box[0], hint="training.fsdp needs a transformers model whose checkpoint loads into "
-                        "the class its config.json names; set training.fsdp: off if the base fits one GPU")
+        raise DataError(box[0][0], hint=box[0][1])
     moved = 0
     with torch.no_grad():
         for name, t in targets:

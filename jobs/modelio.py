@@ -97,9 +97,11 @@ def load_model(model_dir: str, *, precision: str, quantization: str = "none", de
         else:
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         kwargs["device_map"] = {"": device.index or 0} if device is not None and device.type == "cuda" else None
+    from safetensors import SafetensorError
+
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, SafetensorError) as err:  # SafetensorError: a damaged weights file
         raise DataError(f"the base model in {model_dir} could not be loaded: {str(err).splitlines()[0]}",
                         hint="it must be a transformers model folder (config.json + safetensors + tokenizer)") from None
     if quantization == "none" and device is not None:

@@ -319,6 +319,11 @@ def evaluate_loss(model, examples: list[dict], budget: TokenBudget | int, device
                 if not _is_oom(err):
                     raise
                 msg = str(err).splitlines()[0]
+                if sharded:  # as in a sharded step: a rank cannot retry alone while the others wait in its collectives
+                    raise OutOfMemory(f"validation ran out of GPU memory at {budget.tokens} tokens per micro-batch on "
+                                      f"an FSDP2-sharded run ({msg})",
+                                      hint="set training.gpu_memory_gib lower (smaller micro-batches are planned), "
+                                           "or shard over more GPUs") from None
             free_memory()
             before = budget.tokens
             if not budget.halve():

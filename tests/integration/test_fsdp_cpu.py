@@ -159,3 +159,32 @@ def test_fsdp_shards_the_base_trains_like_data_parallel_and_checkpoints_cross_ov
     _close(resumed, l_ddp, [3])
     print(f"resumed sharded from the data-parallel checkpoint: {resumed}")
     assert existing_versions(store, "ddp") == {1: True, 2: True}
+
+
+def test_a_base_that_will_not_load_on_rank_0_fails_every_rank_with_the_reason_not_a_lost_peer(tmp_path,
+                                                                                             small_model_dir):
+    # config.json and the tokenizer are fine (the plan and the meta-device model come from them), the
+    # weights are not: only rank 0 reads them. Every rank must end with rank 0's reason (exit 11, not
+    # retried), well inside the 300 s after which a rank waiting in a collective would call its peer lost.
+    broken = tmp_path / "broken-base"
+    broken.mkdir()
+    for f in small_model_dir.iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors"):
+            (broken / f.name).write_bytes(f.read_bytes())
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+           "TERMINATION_MESSAGE_PATH": str(tmp_path / "broken.termination")}
+    logs = tmp_path / "rank-logs"  # torchrun writes each rank's stderr to a file of its own
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           f"--log-dir={logs}", "--redirects=2",
+           "-m", "jobs", "run", "--spec", str(_spec(tmp_path, "broken", broken, "on")),
+           "--workdir", str(tmp_path / "work-broken")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert proc.returncode != 0
+    per_rank = {int(f.parent.name): f.read_text() for f in logs.rglob("stderr.log")}
+    assert set(per_rank) == {0, 1}, (sorted(logs.rglob("*")), proc.stderr[-2000:])
+    for rank, text in per_rank.items():
+        assert re.search(r"the base model in \S+ could not be loaded", text), (rank, text[-2000:])
+        assert "lost a peer" not in text and "Traceback" not in text, (rank, text[-2000:])
+    message = json.loads((tmp_path / "broken.termination").read_text())
+    assert message["exit_code"] == 11 and "could not be loaded" in message["message"], message
