@@ -286,7 +286,10 @@ class ResourcesSpec(_Strict):
     cpu: str = Field("4", pattern=r"^\d+(\.\d+)?m?$",
                      description="CPU request and limit, e.g. '8' or '500m'. torch's CPU threads follow it "
                                  "(shared by a pod's GPU processes), not the node's core count.")
-    memory: str = Field("32Gi", pattern=r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$", description="Memory request.")
+    memory: str = Field("32Gi", pattern=r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$",
+                        description="Memory request and limit of each pod. A run that shards the base "
+                                    "(training.fsdp) holds the whole base in pod 0's host memory: ~2 bytes a "
+                                    "parameter in bf16 (a 70B base: ~140Gi), plus the data and the job.")
     scratch: str = Field("100Gi", pattern=r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$",
                          description="Scratch volume size (data, base model, checkpoints).")
     timeout_hours: float = Field(24, gt=0, le=720, description="activeDeadlineSeconds of the Job.")
