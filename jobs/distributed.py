@@ -148,8 +148,7 @@ def shard_model(world: World, model) -> None:
     (``fastpath.lm_loss``), so that computation is registered as the root's forward method: FSDP2
     gathers the root's parameters for it and keeps them until the backward.
 
-    The model may be on the meta device (:func:`load_sharded`: shards first, weights after) or loaded
-    (fully_shard then keeps each rank's shard and frees the rest).
+    The model is on the meta device (:func:`load_sharded`: shards first, weights after).
     """
     import types
 
@@ -205,7 +204,6 @@ def load_sharded(world: World, model_dir: str, config, *, precision: str, device
     from jobs.modelio import build_on_meta, load_model
 
     started = time.perf_counter()
-    torch.manual_seed(seed)
     model = prepare(wrap(build_on_meta(config, precision=precision)))
     shard_model(world, model)
     model.to_empty(device=device)  # this rank's shards, allocated, not yet filled
