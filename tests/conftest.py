@@ -19,9 +19,6 @@ from pathlib import Path
 
 import pytest
 
-# Before any test module loads torch: its OpenMP threads then sleep when idle, as in the job (jobs/__init__.py).
-__import__("jobs")
-
 REPO = Path(__file__).resolve().parents[1]
 STACK_RUN = Path(os.environ.get("STACK_RUN", REPO / ".stack"))
 

@@ -57,20 +57,3 @@ def test_threads_per_process_share_the_budget(budget, processes, threads):
 
 def test_this_machine_budget_is_at_most_its_affinity():
     assert 0 < cpus.cpu_budget() <= len(os.sched_getaffinity(0))
-
-
-@pytest.mark.parametrize("given, expected", [
-    ({}, "PASSIVE"),                           # libgomp would spin first: the job makes idle threads sleep
-    ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE"),  # the user's choice wins
-    ({"GOMP_SPINCOUNT": "10000"}, None),       # so does a user's spin count, which PASSIVE would override
-])
-def test_importing_jobs_sets_the_openmp_wait_policy_before_torch_loads_unless_the_user_did(given, expected):
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    code = ("import sys, os, jobs.cpus; assert 'torch' not in sys.modules, 'jobs must not load torch';"
-            " print(os.environ.get('OMP_WAIT_POLICY'))")
-    out = subprocess.run([sys.executable, "-c", code], env={**env, **given}, capture_output=True, text=True,
-                         check=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__)))).stdout
-    assert out.strip() == str(expected)
