@@ -33,6 +33,8 @@ def _job(tmp_path: Path, name: str, model_dir: Path, nproc: int) -> tuple[subpro
     path.write_text(yaml.safe_dump(spec))
     tmsg = tmp_path / f"{name}.termination"
     env = {**os.environ, "PYTHONPATH": str(REPO), "TERMINATION_MESSAGE_PATH": str(tmsg), "OMP_NUM_THREADS": "1"}
+    if nproc == 1:  # the one process sizes its own threads (both cores here); the ranks get one each
+        del env["OMP_NUM_THREADS"]
     job = ["-m", "jobs", "run", "--spec", str(path), "--workdir", str(tmp_path / f"work-{name}")]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *job]
@@ -168,6 +170,8 @@ def test_sigterm_to_one_rank_checkpoints_all_and_the_retry_resumes_at_that_step_
     def start(name: str, attempt: int, nproc: int):
         env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
                "TERMINATION_MESSAGE_PATH": str(tmp_path / f"{name}-{attempt}.termination")}
+        if nproc == 1:  # as _job: one process sizes its own threads
+            del env["OMP_NUM_THREADS"]
         job = ["-m", "jobs", "run", "--spec", str(spec(name)), "--workdir", str(tmp_path / f"work-{name}-{attempt}")]
         launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
         return subprocess.Popen([sys.executable, *launch, *job], env=env, cwd=REPO,
