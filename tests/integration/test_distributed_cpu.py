@@ -22,6 +22,11 @@ REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "examples" / "demo"
 
 
+def _threads(nproc: int) -> dict[str, str]:
+    """One torch thread per rank on these 2 cores; one process alone sizes its own (both cores)."""
+    return {"OMP_NUM_THREADS": "1"} if nproc > 1 else {}
+
+
 def _job(tmp_path: Path, name: str, model_dir: Path, nproc: int) -> tuple[subprocess.CompletedProcess, Path]:
     spec = {"name": name, "base_model": {"uri": str(model_dir)}, "dataset": {"train": str(DEMO / "train.jsonl")},
             "output": str(tmp_path / "store"), "training": {"max_steps": 4, "max_seq_length": 256},
@@ -32,9 +37,7 @@ def _job(tmp_path: Path, name: str, model_dir: Path, nproc: int) -> tuple[subpro
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec))
     tmsg = tmp_path / f"{name}.termination"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TERMINATION_MESSAGE_PATH": str(tmsg), "OMP_NUM_THREADS": "1"}
-    if nproc == 1:  # the one process sizes its own threads (both cores here); the ranks get one each
-        del env["OMP_NUM_THREADS"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TERMINATION_MESSAGE_PATH": str(tmsg), **_threads(nproc)}
     job = ["-m", "jobs", "run", "--spec", str(path), "--workdir", str(tmp_path / f"work-{name}")]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *job]
@@ -168,10 +171,8 @@ def test_sigterm_to_one_rank_checkpoints_all_and_the_retry_resumes_at_that_step_
         return path
 
     def start(name: str, attempt: int, nproc: int):
-        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+        env = {**os.environ, "PYTHONPATH": str(REPO), **_threads(nproc),
                "TERMINATION_MESSAGE_PATH": str(tmp_path / f"{name}-{attempt}.termination")}
-        if nproc == 1:  # as _job: one process sizes its own threads
-            del env["OMP_NUM_THREADS"]
         job = ["-m", "jobs", "run", "--spec", str(spec(name)), "--workdir", str(tmp_path / f"work-{name}-{attempt}")]
         launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"] if nproc > 1 else []
         return subprocess.Popen([sys.executable, *launch, *job], env=env, cwd=REPO,

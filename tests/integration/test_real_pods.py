@@ -9,6 +9,7 @@ CPU spec (SmolLM2-135M from MinIO, a few steps).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -68,11 +69,17 @@ def status(env: dict, run: str) -> dict:
     this process with the same LAUNCHER_* settings. A CLI process per poll costs ~1 s of CPU, and the run
     it polls trains on the same 2 cores: polling every half second through the CLI took ~2/3 of a core from
     the pod. Each test still reads the CLI's own status output where that output is its subject."""
+    client = _client(frozenset((k, v) for k, v in env.items() if k.startswith("LAUNCHER_")))
+    return json.loads(json.dumps(client.status(run).to_dict(), default=str))
+
+
+@functools.lru_cache(maxsize=None)
+def _client(launcher_env: frozenset):
+    """One Client (one kubeconfig load, one API connection) per test's LAUNCHER_* settings."""
     from launcher.client import Client
     from launcher.settings import make_settings
 
-    settings = make_settings(**{k[len("LAUNCHER_"):].lower(): v for k, v in env.items() if k.startswith("LAUNCHER_")})
-    return json.loads(json.dumps(Client(settings=settings).status(run).to_dict(), default=str))
+    return Client(settings=make_settings(**{k[len("LAUNCHER_"):].lower(): v for k, v in launcher_env}))
 
 
 def wait_status(env: dict, run: str, pred, timeout: float, what: str, seen: list | None = None) -> dict:
