@@ -9,7 +9,7 @@
 #   optional: Kueue (hack/kueue.sh), with `kueue`; `down` stops it too
 #   optional: JobSet (hack/jobset.sh), with `jobset`; `down` stops it too
 #
-# Usage: hack/stack.sh up [--no-docker] [--no-node] [--s3-only] [--mlflow] | mlflow | kueue | jobset | down | status | env
+# Usage: hack/stack.sh up [--no-docker] [--no-node] [--s3-only] [--mlflow] | mlflow | kueue | jobset | docker | down | status | env
 # `up` writes $STACK_RUN/env (KUBECONFIG, AWS_*, HELM, ...) for tests and shells:
 #   source .stack/env && kubectl-less curl, python -m launcher, pytest ...
 set -euo pipefail
@@ -312,6 +312,7 @@ case ${1:-} in
   mlflow) up_mlflow; if [ -f "$STACK_RUN/env" ]; then write_env; fi ;;  # on demand (tests marked mlflow)
   kueue) "$here/kueue.sh" up; if [ -f "$STACK_RUN/env" ]; then write_env; fi ;;  # on demand (tests marked kueue)
   jobset) "$here/jobset.sh" up; if [ -f "$STACK_RUN/env" ]; then write_env; fi ;;  # on demand (tests marked jobset)
+  docker) up_docker ;;  # dockerd and the base image alone (hack/prepare-test.sh builds the images before `up`)
   down) cmd_down ;;
   status) cmd_status ;;
   env) cat "$STACK_RUN/env" ;;
@@ -319,5 +320,5 @@ case ${1:-} in
     kill "$(cat "$PIDS/kube-apiserver")"; sleep 1; rm -f "$PIDS/kube-apiserver"; up_kube ;;
   stop-apiserver)  # used by fault-injection tests; `up --no-docker` starts it again
     kill "$(cat "$PIDS/kube-apiserver")"; sleep 1; rm -f "$PIDS/kube-apiserver" ;;
-  *) echo "usage: hack/stack.sh up [--no-docker] [--no-node] [--s3-only] [--mlflow] | mlflow | kueue | jobset | down | status | env" >&2; exit 2 ;;
+  *) echo "usage: hack/stack.sh up [--no-docker] [--no-node] [--s3-only] [--mlflow] | mlflow | kueue | jobset | docker | down | status | env" >&2; exit 2 ;;
 esac
