@@ -3,6 +3,11 @@
 # into $STACK_CACHE/<piece>-<version>/bin. A piece already built is not rebuilt,
 # so only a fresh machine pays for the compile (about 25 min on 2 cores).
 #
+# Every build compiles without DWARF (-gcflags=all=-dwarf=false: the links strip it anyway, -s -w) and
+# runs the compiler with GOGC=400 (fewer collections of its own heap; ~0.5 GB a process at most here).
+# Measured on etcd's server from an empty build cache on this 2-core machine: 166 CPU-seconds before,
+# 138 after (-17%); the binaries are the same code, only without debug information.
+#
 # Usage: hack/build-stack.sh [piece ...]   (pieces: kube etcd kwok helm minio kubelet kube-proxy registry coredns)
 # Optional pieces, built only when named: s5cmd (benchmarks/s3_download.py's peer),
 # mc (the MinIO client the chart's bucket hook runs; tests/integration/test_minio_policy.py),
@@ -14,6 +19,8 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=hack/lib.sh
 . "$here/lib.sh"
+export GOGC=${GOGC:-400}
+GO_FLAGS=(-trimpath -gcflags=all=-dwarf=false)
 
 build_go() {  # build_go PIECE VERSION -- go-install-args...
   local piece=$1 version=$2; shift 3
@@ -55,9 +62,32 @@ build_wrapped() {
     { echo "//go:build tools"; echo; echo "package tools"; echo; echo "import ("
       for p in "$@"; do echo "	_ \"$p\""; done; echo ")"; } > tools.go
     go mod tidy -e
-    CGO_ENABLED=0 GOBIN="$dest/bin" go install -trimpath -ldflags "$ldflags" "$@"
+    CGO_ENABLED=0 GOBIN="$dest/bin" go install "${GO_FLAGS[@]}" -ldflags "$ldflags" "$@"
   ) >"$log" 2>&1 || fail "$piece $version did not build" "$log" \
       "the wrapper module in $work pins sibling modules to $dep_version; if 'go mod tidy' names one, it is missing from $module's replace list"
+  touch "$dest/.complete"
+}
+
+build_main() {
+  # build_main PIECE VERSION MODULE@MODULE_VERSION MAIN_GO LDFLAGS: a main package of ours (MAIN_GO) in a module
+  # that requires MODULE at its pinned version; `go mod tidy` takes every other dependency at the version
+  # MODULE's own go.mod selects.
+  local piece=$1 version=$2 module=$3 main=$4 ldflags=$5
+  local dest; dest=$(piece_dir "$piece" "$version")
+  if [ -f "$dest/.complete" ]; then return 0; fi
+  local log="$STACK_LOGS/build-$piece.log" work="$STACK_CACHE/src/$piece-main-$version"
+  say "building $piece $version from ${main#"$REPO_ROOT"/} (log: $log)"
+  rm -rf "$dest" "$work"; mkdir -p "$dest/bin" "$work"
+  (
+    set -e
+    cd "$work"
+    go mod init "local/$piece"
+    cp "$main" main.go
+    go mod edit -require="$module"
+    go mod tidy
+    CGO_ENABLED=0 go build "${GO_FLAGS[@]}" -ldflags "$ldflags" -o "$dest/bin/$piece" .
+  ) >"$log" 2>&1 || fail "$piece $version did not build" "$log" \
+      "check that the Go module proxy is reachable (go env GOPROXY) and that $(go version) is new enough"
   touch "$dest/.complete"
 }
 
@@ -71,17 +101,17 @@ kube_ldflags() {
   echo "$ld"
 }
 
-# One build at a time per machine: a second caller waits for the first, then finds
-# the pieces complete.
-exec 9>"$STACK_CACHE/.build.lock"
-if ! flock -n 9; then
-  say "another build of the stack is running; waiting for it"
-  flock 9
-fi
-
+# One build of a piece at a time per machine: a second caller of that piece waits for the first, then
+# finds it complete. The lock is per piece, so a test that needs mc waits for mc alone, not for the
+# background build's later pieces (make test builds mc, jobset and kueue behind the first tests).
 pieces=("$@")
 [ ${#pieces[@]} -gt 0 ] || pieces=(helm kwok etcd minio kube kubelet kube-proxy registry coredns)
 for piece in "${pieces[@]}"; do
+  exec 9>"$STACK_CACHE/.build-$piece.lock"
+  if ! flock -n 9; then
+    say "another build of $piece is running; waiting for it"
+    flock 9
+  fi
   case $piece in
     kube) build_wrapped kube "$KUBE_VERSION" k8s.io/kubernetes "v0.${KUBE_VERSION#v1.}" "$(kube_ldflags)" \
             k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kube-scheduler ;;
@@ -92,23 +122,24 @@ for piece in "${pieces[@]}"; do
     kube-proxy) build_wrapped kube-proxy "$KUBE_VERSION" k8s.io/kubernetes "v0.${KUBE_VERSION#v1.}" "$(kube_ldflags)" \
             k8s.io/kubernetes/cmd/kube-proxy ;;
     # The image registry the real node pulls from (loopback only).
-    registry) build_go registry "$REGISTRY_VERSION" -- go install -trimpath \
+    registry) build_go registry "$REGISTRY_VERSION" -- go install "${GO_FLAGS[@]}" \
             -ldflags "-s -w -X github.com/distribution/distribution/v3/version.version=$REGISTRY_VERSION" \
             "github.com/distribution/distribution/v3/cmd/registry@$REGISTRY_VERSION" ;;
     # Cluster DNS of the real node's pods.
-    coredns) build_go coredns "$COREDNS_VERSION" -- go install -trimpath -ldflags "-s -w" \
-            "github.com/coredns/coredns@$COREDNS_VERSION" ;;
+    # Only the plugins our Corefiles use (hack/coredns/main.go): a third of the stock build's compile.
+    coredns) build_main coredns "$COREDNS_PIECE_VERSION" "github.com/coredns/coredns@$COREDNS_VERSION" \
+            "$here/coredns/main.go" "-s -w" ;;
     etcd) build_wrapped etcd "$ETCD_VERSION" go.etcd.io/etcd/server/v3 "$ETCD_VERSION" "-s -w" go.etcd.io/etcd/server/v3 ;;
-    kwok) build_go kwok "$KWOK_VERSION" -- go install -trimpath -ldflags "-s -w" "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION" ;;
-    helm) build_go helm "$HELM_VERSION" -- go install -trimpath -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" ;;
-    minio) build_go minio "$MINIO_VERSION" -- go install -trimpath -ldflags "-s -w" "github.com/minio/minio@$MINIO_VERSION" ;;
+    kwok) build_go kwok "$KWOK_VERSION" -- go install "${GO_FLAGS[@]}" -ldflags "-s -w" "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION" ;;
+    helm) build_go helm "$HELM_VERSION" -- go install "${GO_FLAGS[@]}" -ldflags "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" ;;
+    minio) build_go minio "$MINIO_VERSION" -- go install "${GO_FLAGS[@]}" -ldflags "-s -w" "github.com/minio/minio@$MINIO_VERSION" ;;
     # Through the wrapper module: `go install s5cmd@version` also asks the proxy for the
     # module's version list (deprecation check), which some proxies refuse.
     s5cmd) build_wrapped s5cmd "$S5CMD_VERSION" github.com/peak/s5cmd/v2 "$S5CMD_VERSION" \
             "-s -w -X github.com/peak/s5cmd/v2/version.Version=$S5CMD_VERSION" github.com/peak/s5cmd/v2 ;;
-    mc) build_go mc "$MC_VERSION" -- go install -trimpath -ldflags "-s -w" "github.com/minio/mc@$MC_VERSION" ;;
+    mc) build_go mc "$MC_VERSION" -- go install "${GO_FLAGS[@]}" -ldflags "-s -w" "github.com/minio/mc@$MC_VERSION" ;;
     # Kueue's controller manager (hack/stack.sh kueue); its CRDs come from the same module's config/.
-    kueue) build_go kueue "$KUEUE_VERSION" -- go install -trimpath \
+    kueue) build_go kueue "$KUEUE_VERSION" -- go install "${GO_FLAGS[@]}" \
             -ldflags "-s -w -X sigs.k8s.io/kueue/pkg/version.GitVersion=$KUEUE_VERSION" "sigs.k8s.io/kueue/cmd/kueue@$KUEUE_VERSION" ;;
     # JobSet's controller manager (hack/stack.sh jobset); its CRD and webhooks come from the same module's config/.
     # Through the wrapper module, as s5cmd: the proxy refuses JobSet's version list too.
@@ -117,8 +148,9 @@ for piece in "${pieces[@]}"; do
     # The kind node image's kubeadm and kubectl (hack/kind-node-image.sh): same module and version again.
     kubeadm) build_wrapped kubeadm "$KUBE_VERSION" k8s.io/kubernetes "v0.${KUBE_VERSION#v1.}" "$(kube_ldflags)" \
             k8s.io/kubernetes/cmd/kubeadm k8s.io/kubernetes/cmd/kubectl ;;
-    kind) build_go kind "$KIND_VERSION" -- go install -trimpath -ldflags "-s -w" "sigs.k8s.io/kind@$KIND_VERSION" ;;
+    kind) build_go kind "$KIND_VERSION" -- go install "${GO_FLAGS[@]}" -ldflags "-s -w" "sigs.k8s.io/kind@$KIND_VERSION" ;;
     *) echo "unknown piece: $piece (expected kube etcd kwok helm minio kubelet kube-proxy registry coredns, or s5cmd mc kueue jobset kind kubeadm)" >&2; exit 2 ;;
   esac
+  exec 9>&-
 done
 say "stack binaries ready under $STACK_CACHE"

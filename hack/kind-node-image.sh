@@ -38,11 +38,11 @@ components=(
 )
 version_of() { case $1 in etcd) echo "$ETCD_VERSION" ;; coredns) echo "$COREDNS_VERSION" ;; *) echo "$KUBE_VERSION" ;; esac; }
 bin_of() {  # bin_of PIECE BINARY: the built binary (etcd's wrapper build names it "server")
-  case $1 in etcd) piece_bin etcd "$ETCD_VERSION" server ;; coredns) piece_bin coredns "$COREDNS_VERSION" coredns ;;
+  case $1 in etcd) piece_bin etcd "$ETCD_VERSION" server ;; coredns) piece_bin coredns "$COREDNS_PIECE_VERSION" coredns ;;
     *) piece_bin "$1" "$KUBE_VERSION" "$2" ;; esac
 }
 
-inputs_hash=$( { cat "$here/versions.env"; find "$ctx" -type f | sort | xargs cat; cat "$here/node/pause.c" "$0"; } | sha256sum | cut -c1-16)
+inputs_hash=$( { cat "$here/versions.env"; find "$ctx" -type f | sort | xargs cat; cat "$here/node/pause.c" "$here/coredns/main.go" "$0"; } | sha256sum | cut -c1-16)
 if [ "$(docker image inspect -f '{{index .Config.Labels "lora-jobs.kind-node.inputs"}}' "$node_image" 2>/dev/null)" = "$inputs_hash" ]; then
   say "kind node image $node_image is up to date"
   echo "$node_image"; exit 0

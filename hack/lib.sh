@@ -3,6 +3,8 @@
 _lib_dir=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 # shellcheck source=hack/versions.env
 . "$_lib_dir/versions.env"
+# CoreDNS is built with the plugins of hack/coredns/main.go, not the stock set: its cache folder says so.
+COREDNS_PIECE_VERSION=$COREDNS_VERSION-lean
 export REPO_ROOT=${REPO_ROOT:-$(cd "$_lib_dir/.." && pwd)}
 # Outside the clone on purpose: CI clones afresh each run, and a compile of the
 # stack should be paid once per machine, not once per clone.
