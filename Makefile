@@ -27,7 +27,8 @@ demo:  ## train a LoRA adapter on the demo data with SmolLM2-135M, locally (no c
 # a test that needs one before it is done waits for that build (hack/build-stack.sh's per-piece lock).
 # They build as SCHED_IDLE (chrt --idle): on CPU time no test wants. Beside an ordinary-priority compile,
 # a test's CPU training run (OpenMP threads that spin at each barrier) slowed several-fold: on a cold
-# machine the 4-step one-process run of test_distributed_cpu took over 9 min beside the Kueue build.
+# machine the 4-step one-process run of test_distributed_cpu (about 1 min when quiet) took 10.5 min beside
+# the Kueue build and one other compile.
 # dockerd starts in hack/prepare-test.sh (the images build beside the Go builds), so the trap that stops
 # the stack is set before it.
 test:  ## build and start the real local stack, run the whole test suite, stop the stack

@@ -34,7 +34,8 @@ command -v "$DOCKER" >/dev/null || fail "no docker client ($DOCKER)" /dev/null "
 version=$(sed -n 's/^version *= *"\(.*\)"/\1/p' "$REPO_ROOT/pyproject.toml" | head -n1)
 revision=$(git -C "$REPO_ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
 # The commit's time, not the build's: the same commit then builds the same image ID, which
-# `hack/node.sh push` finds in the registry already (a new date in a label was a new ~6 GB push a run).
+# `hack/node.sh push` finds in the registry already (a new date in a label made each build a new image,
+# and each push a full ~6 GB export to the registry).
 created=$(TZ=UTC0 git -C "$REPO_ROOT" log -1 --date=format-local:%Y-%m-%dT%H:%M:%SZ --format=%cd 2>/dev/null \
   || date -u +%Y-%m-%dT%H:%M:%SZ)
 prefix=${IMAGE_PREFIX:-lora-jobs}

@@ -3,7 +3,8 @@
 // cache) and kubeadm's default on the kind node image (health, prometheus, forward, loop, reload,
 // loadbalance, log besides). This is CoreDNS's documented way to choose plugins (its plugin.cfg picks
 // what core/plugin imports); the stock main imports every plugin, the cloud DNS providers' SDKs
-// (AWS, Azure, Google), tracing and GeoIP among them, which more than doubled the build on 2 cores.
+// (AWS, Azure, Google), tracing and GeoIP among them: 353 CPU-seconds to build from an empty cache here,
+// against 245 for this one.
 package main
 
 import (
