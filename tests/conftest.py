@@ -332,11 +332,62 @@ def small_model_dir() -> Path:
     return target
 
 
+SHORT_LAYERS = 4
+
+
+@pytest.fixture(scope="session")
+def short_model_dir(small_model_dir) -> Path:
+    """SmolLM2-135M-Instruct cut to its first 4 of 30 decoder layers: the same architecture, tokenizer, chat
+    template and embeddings, the real weights of those layers, about a third of the compute per token.
+
+    For the tests whose subject is what runs the training (processes, ranks, pods, signals, checkpoints,
+    retries), not what the model learns: the full model stays in the end-to-end and quality tests
+    (test_train_e2e's complete version, early stopping, the image e2e, the chats, `make demo`). Made once from
+    the cached full model, with safetensors (nothing unpickled), next to it."""
+    from safetensors.torch import load_file, save_file
+
+    target = small_model_dir.parent / f"{small_model_dir.name}-{SHORT_LAYERS}-layers"
+    if (target / "config.json").is_file():
+        return target
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    config = json.loads((small_model_dir / "config.json").read_text())
+    assert config["num_hidden_layers"] > SHORT_LAYERS
+    config["num_hidden_layers"] = SHORT_LAYERS
+    config["_model_name_or_path"] = f"{config.get('_model_name_or_path', small_model_dir.name)}, first {SHORT_LAYERS} layers"
+
+    def kept(key: str) -> bool:
+        parts = key.split(".")
+        return not (parts[:2] == ["model", "layers"] and int(parts[2]) >= SHORT_LAYERS)
+
+    tensors = {k: v for k, v in load_file(str(small_model_dir / "model.safetensors")).items() if kept(k)}
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    for f in small_model_dir.iterdir():
+        if f.is_file() and f.name not in ("model.safetensors", "config.json"):
+            (tmp / f.name).write_bytes(f.read_bytes())
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))  # last: its presence marks the folder whole
+    try:
+        tmp.rename(target)
+    except OSError:  # another session made it first
+        import shutil
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _upload_model(s3_client, bucket: str, folder: Path, prefix: str) -> str:
+    for p in sorted(folder.iterdir()):
+        if p.is_file():
+            s3_client.upload_file(str(p), bucket, f"{prefix}/{p.name}")
+    return f"s3://{bucket}/{prefix}/"
+
+
 @pytest.fixture(scope="session")
 def model_in_minio(stack, s3_client, small_model_dir) -> str:
     """The base model uploaded once per session to the test bucket; returns its s3:// prefix."""
-    prefix = "models/smollm2-135m-instruct"
-    for p in sorted(small_model_dir.iterdir()):
-        if p.is_file():
-            s3_client.upload_file(str(p), stack.bucket, f"{prefix}/{p.name}")
-    return f"s3://{stack.bucket}/{prefix}/"
+    return _upload_model(s3_client, stack.bucket, small_model_dir, "models/smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def short_model_in_minio(stack, s3_client, short_model_dir) -> str:
+    """short_model_dir uploaded once per session to the test bucket; returns its s3:// prefix."""
+    return _upload_model(s3_client, stack.bucket, short_model_dir, f"models/{short_model_dir.name}")

@@ -11,7 +11,7 @@ restricted Pod Security Standard:
   CoreDNS and kube-proxy's ClusterIP, as the training user;
 * the base model and a dataset go into that MinIO through its ClusterIP from the node itself
   (`hack/node.sh exec`: a process on the node, as an admin's port-forward would);
-* `helm upgrade` with trainingJob (values: a tiny CPU spec on SmolLM2, training only): the chart's
+* `helm upgrade` with trainingJob (values: a tiny CPU spec on SmolLM2 cut to 4 layers, training only): the chart's
   one-off Job trains on the node and publishes v1, which verifies against its manifest;
 * `helm uninstall` removes every object and pod of the release.
 """
@@ -103,7 +103,7 @@ def pods_report(core, ns: str) -> str:
 
 def test_the_chart_installs_tests_trains_and_uninstalls_on_the_real_node(stack, kube_api, node, node_image,
                                                                           trainer_ref, make_node_namespace,
-                                                                          small_model_dir):
+                                                                          short_model_dir):
     from kubernetes import client
 
     from images import LAUNCHER, VERSION
@@ -161,13 +161,13 @@ def test_the_chart_installs_tests_trains_and_uninstalls_on_the_real_node(stack, 
     svc = core.read_namespaced_service(f"{FULLNAME}-minio", ns)
     s3_on_node = {"AWS_ENDPOINT_URL": f"http://{svc.spec.cluster_ip}:9000", "AWS_ACCESS_KEY_ID": train_key,
                   "AWS_SECRET_ACCESS_KEY": train_secret, "BUCKET": BUCKET}
-    up = on_node(UPLOAD, str(small_model_dir), "models/smollm2-135m-instruct", "data/train.jsonl",
+    up = on_node(UPLOAD, str(short_model_dir), "models/base", "data/train.jsonl",
                  env=s3_on_node, stdin=train_jsonl())
     assert up.returncode == 0 and b"uploaded" in up.stdout, up.stderr.decode()[-3000:]
     phase("model and data uploaded")
 
     # -- the chart's one-off training Job, declared in values (GitOps), trains on the node
-    spec = lean(cpu_spec("chart-run", f"s3://{BUCKET}/models/smollm2-135m-instruct/", f"s3://{BUCKET}/data/train.jsonl",
+    spec = lean(cpu_spec("chart-run", f"s3://{BUCKET}/models/base/", f"s3://{BUCKET}/data/train.jsonl",
                          f"s3://{BUCKET}/runs", memory="4Gi", cpu="1800m"))
     spec_hash = TrainingRunSpec.model_validate(spec).spec_hash()
     r = helm(stack, "upgrade", RELEASE, str(CHART), "-n", ns, "--reuse-values", "--wait", "--timeout", "5m",

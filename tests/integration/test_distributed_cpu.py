@@ -46,13 +46,13 @@ def _job(tmp_path: Path, name: str, model_dir: Path, nproc: int) -> tuple[subpro
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=REPO), tmsg
 
 
-def test_two_processes_train_like_one_and_publish_one_version(tmp_path, small_model_dir):
+def test_two_processes_train_like_one_and_publish_one_version(tmp_path, short_model_dir):
     from jobs.publish import existing_versions
     from jobs.storage import LocalStore
 
-    one, _ = _job(tmp_path, "one", small_model_dir, 1)
+    one, _ = _job(tmp_path, "one", short_model_dir, 1)
     assert one.returncode == 0, one.stderr[-3000:]
-    two, tmsg = _job(tmp_path, "two", small_model_dir, 2)
+    two, tmsg = _job(tmp_path, "two", short_model_dir, 2)
     assert two.returncode == 0, two.stderr[-4000:]
     assert json.loads(tmsg.read_text())["exit_code"] == 0
     assert "rank 1 of 2" in two.stderr and "rank 1: training done; rank 0 publishes" in two.stderr
@@ -73,7 +73,7 @@ def test_two_processes_train_like_one_and_publish_one_version(tmp_path, small_mo
 
     # Two "nodes" as a multi-node pod pair runs them: each its own `python -m jobs run` with the PET_*
     # variables the launcher renders, its own scratch folder, one torchrun each, rendezvous on node 0.
-    nodes = _two_nodes(tmp_path, "nodes", small_model_dir)
+    nodes = _two_nodes(tmp_path, "nodes", short_model_dir)
     for rank, (proc, out) in enumerate(nodes):
         assert proc.returncode == 0, f"node {rank}:\n{out[-3000:]}"
     assert "node 1 of 2: starting 1 training process (torchrun --nnodes=2 --node-rank=1" in nodes[1][1]
@@ -110,12 +110,12 @@ def _two_nodes(tmp_path: Path, name: str, model_dir: Path) -> list[tuple[subproc
     return list(zip(procs, outs))
 
 
-def test_under_torchrun_the_job_still_exits_with_its_own_code(tmp_path, small_model_dir, monkeypatch):
+def test_under_torchrun_the_job_still_exits_with_its_own_code(tmp_path, short_model_dir, monkeypatch):
     """torchrun exits 1 whatever its workers did; the job's relaunch maps it back (11: bad data,
     never retried) from the termination message rank 0 wrote."""
     from jobs.distributed import relaunch
 
-    spec = {"name": "too-few", "base_model": {"uri": str(small_model_dir)},
+    spec = {"name": "too-few", "base_model": {"uri": str(short_model_dir)},
             "dataset": {"train": str(DEMO / "train.jsonl")}, "output": str(tmp_path / "store"),
             "data": {"min_rows": 100000}, "resources": {"gpus": 0}}
     path = tmp_path / "spec.yaml"
@@ -147,7 +147,7 @@ def _children_with_rank(pid: int) -> dict[int, int]:
 
 
 def test_sigterm_to_one_rank_checkpoints_all_and_the_retry_resumes_at_that_step_on_any_world_size(
-        tmp_path, small_model_dir):
+        tmp_path, short_model_dir):
     """The kubelet's SIGTERM may reach one worker first: the stop flag travels with the step's all-reduce,
     so every rank stops after the same step, rank 0 checkpoints, the run exits 75, and the retry (a new
     pod: a fresh workdir) resumes from that step. A checkpoint is not tied to its world size: a run
@@ -163,7 +163,7 @@ def test_sigterm_to_one_rank_checkpoints_all_and_the_retry_resumes_at_that_step_
     def spec(name: str) -> Path:
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump({
-            "name": name, "base_model": {"uri": str(small_model_dir)}, "dataset": {"train": str(DEMO / "train.jsonl")},
+            "name": name, "base_model": {"uri": str(short_model_dir)}, "dataset": {"train": str(DEMO / "train.jsonl")},
             "output": str(tmp_path / "store"),
             "training": {"max_steps": 6, "max_seq_length": 256, "checkpoint_interval_steps": 100, "epochs": 3},
             "lora": {"dropout": 0.0}, "eval": {"enabled": False}, "merge": {"enabled": False},
@@ -297,7 +297,7 @@ class _Gang:
 
 
 def test_a_rank_killed_hard_or_gone_silent_ends_every_node_and_the_gang_resumes_from_the_newest_checkpoint(
-        tmp_path, small_model_dir):
+        tmp_path, short_model_dir):
     """An Indexed Job replaces only the pod that failed, so a multi-node run is a gang only if every surviving
     pod ends too, promptly, with the transient code. SIGKILL of node 1's rank (its socket closes): node 0 exits
     75 within seconds. Node 1's rank frozen (SIGSTOP: a lost node, nothing closes the socket): node 0 exits 75
@@ -309,7 +309,7 @@ def test_a_rank_killed_hard_or_gone_silent_ends_every_node_and_the_gang_resumes_
     from jobs.publish import existing_versions
     from jobs.storage import LocalStore
 
-    spec = {"name": "gang", "base_model": {"uri": str(small_model_dir)}, "dataset": {"train": str(DEMO / "train.jsonl")},
+    spec = {"name": "gang", "base_model": {"uri": str(short_model_dir)}, "dataset": {"train": str(DEMO / "train.jsonl")},
             "output": str(tmp_path / "store"),
             # 4 examples a step (2 per rank) and short rows: what is proved is the gang's end, not the training
             "training": {"max_steps": 6, "max_seq_length": 128, "checkpoint_interval_steps": 2,

@@ -31,14 +31,14 @@ def _processes_mentioning(text: str) -> list[int]:
     return out
 
 
-def test_sigterm_to_a_local_run_reaches_the_job_which_checkpoints_and_exits_75(tmp_path, small_model_dir,
+def test_sigterm_to_a_local_run_reaches_the_job_which_checkpoints_and_exits_75(tmp_path, short_model_dir,
                                                                                mlflow_server):
     import uuid
 
     from published import find_run
 
     experiment = f"local-{uuid.uuid4().hex[:8]}"
-    spec = {"name": "local-stop", "base_model": {"uri": str(small_model_dir)},
+    spec = {"name": "local-stop", "base_model": {"uri": str(short_model_dir)},
             "tracking": {"mlflow": {"experiment": experiment}},
             "dataset": {"train": str(DEMO / "train.jsonl")}, "output": str(tmp_path / "store"),
             "training": {"epochs": 3, "max_seq_length": 256}, "eval": {"enabled": False},

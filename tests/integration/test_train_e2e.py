@@ -1,4 +1,5 @@
-"""The training job end to end on CPU: real SmolLM2-135M, real MinIO, the real container entrypoint."""
+"""The training job end to end on CPU: real SmolLM2-135M, real MinIO, the real container entrypoint (the
+preemption test: the model cut to 4 layers, conftest's short_model_dir)."""
 from __future__ import annotations
 
 import html
@@ -148,11 +149,11 @@ def test_job_trains_evaluates_merges_and_publishes_a_complete_version(
 
 
 def test_preempted_run_resumes_from_its_checkpoint_not_step_zero(
-        tmp_path, stack, s3_client, s3_prefix, model_in_minio, s3_env):
+        tmp_path, stack, s3_client, s3_prefix, short_model_in_minio, s3_env):
     from jobs.storage import open_store
 
     train_uri = _upload_data(s3_client, stack, s3_prefix)
-    spec = _spec(tmp_path, "e2e-resume", model_in_minio, train_uri, s3_prefix + "/out",
+    spec = _spec(tmp_path, "e2e-resume", short_model_in_minio, train_uri, s3_prefix + "/out",
                  epochs=3, max_steps=6, checkpoint_interval_steps=2, per_device_batch_size=2)
     # no merge and no generations: this test is about the training loop
     data = yaml.safe_load(spec.read_text())
