@@ -32,12 +32,19 @@ command -v "$DOCKER" >/dev/null || fail "no docker client ($DOCKER)" /dev/null "
 "$DOCKER" info >/dev/null 2>&1 || fail "the Docker engine is not reachable" /dev/null "start dockerd (hack/stack.sh starts it) or check DOCKER_HOST"
 
 version=$(sed -n 's/^version *= *"\(.*\)"/\1/p' "$REPO_ROOT/pyproject.toml" | head -n1)
-revision=$(git -C "$REPO_ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
-# The commit's time, not the build's: the same commit then builds the same image ID, which
-# `hack/node.sh push` finds in the registry already (a new date in a label made each build a new image,
-# and each push a full ~6 GB export to the registry).
-created=$(TZ=UTC0 git -C "$REPO_ROOT" log -1 --date=format-local:%Y-%m-%dT%H:%M:%SZ --format=%cd 2>/dev/null \
-  || date -u +%Y-%m-%dT%H:%M:%SZ)
+# The revision and created labels name the newest commit that changed what goes INTO the image (its
+# Dockerfile, requirements and the files it copies), at that commit's time, not HEAD's or the build's:
+# a commit that changes only tests or docs then builds the same image ID, which `hack/node.sh push`
+# finds in the registry already. A new label made each build a new image, and each push a full ~6 GB
+# export to the registry (85 s here). Uncommitted changes to those files add "-dirty" to the revision.
+labels_for() {  # PATH... -> "revision created"
+  local rev created
+  rev=$(git -C "$REPO_ROOT" log -1 --format=%h -- "$@" 2>/dev/null) || rev=""
+  [ -n "$rev" ] || { echo "unknown $(date -u +%Y-%m-%dT%H:%M:%SZ)"; return; }
+  created=$(TZ=UTC0 git -C "$REPO_ROOT" log -1 --date=format-local:%Y-%m-%dT%H:%M:%SZ --format=%cd "$rev")
+  [ -z "$(git -C "$REPO_ROOT" status --porcelain -- "$@" 2>/dev/null)" ] || rev="$rev-dirty"
+  echo "$rev $created"
+}
 prefix=${IMAGE_PREFIX:-lora-jobs}
 default_base=lora-jobs/debian:$DEBIAN_SUITE
 base=${BASE_IMAGE:-$default_base}
@@ -53,9 +60,10 @@ images=("$@")
 for image in "${images[@]}"; do
   context=$REPO_ROOT tag="$prefix/$image:$version" extra=()
   case "$image" in
-    trainer) from=$trainer_base ;;
-    launcher) from=$base ;;
+    trainer) from=$trainer_base inputs=(docker/trainer.Dockerfile docker/requirements-trainer.txt pyproject.toml jobs) ;;
+    launcher) from=$base inputs=(docker/launcher.Dockerfile docker/requirements-launcher.txt pyproject.toml README.md jobs launcher) ;;
     minio)
+      inputs=(docker/minio.Dockerfile hack/versions.env)
       # The build context is just the two binaries: nothing of the repository goes in.
       from=$base tag="$prefix/minio:$MINIO_VERSION"
       bins=("$(piece_bin minio "$MINIO_VERSION" minio)" "$(piece_bin mc "$MC_VERSION" mc)")
@@ -71,6 +79,7 @@ for image in "${images[@]}"; do
   if [ "$from" = "$default_base" ] && ! "$DOCKER" image inspect "$from" >/dev/null 2>&1; then
     DOCKER="$DOCKER" "$here/base-image.sh"
   fi
+  read -r revision created < <(labels_for "${inputs[@]}")
   log="$STACK_LOGS/build-$image.log"
   [ "$image" = minio ] && log="$STACK_LOGS/build-minio-image.log"  # build-minio.log is the binary's (build-stack.sh)
   say "building $tag from $from (log: $log)"
