@@ -608,16 +608,13 @@ def load_spec_text(text: str, source: str | None = None, overrides: list[str] | 
 
     try:
         data = yaml.load(text, Loader=_unique_key_loader())  # noqa: S506 - a SafeLoader subclass
-    except RecursionError:
-        line = _deep_line(text)
-        raise SpecError([Problem(f"line {line}", "nested more deeply than the YAML parser can follow",
-                                 "a spec is a few levels deep; check for runaway brackets", line=line)],
-                        source) from None
-    except yaml.YAMLError as err:
+    except (RecursionError, yaml.YAMLError) as err:
         mark = getattr(err, "problem_mark", None)
         line = mark.line + 1 if mark else None
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        if "nesting depth" in str(problem):  # libyaml's own bound (the pure-Python parser recurses instead)
+        # too deep: the pure-Python parser recurses out, libyaml stops at its own nesting bound
+        if isinstance(err, RecursionError) or "nesting depth" in str(problem):
+            line = line or _deep_line(text)
             raise SpecError([Problem(f"line {line}", "nested more deeply than the YAML parser can follow",
                                      "a spec is a few levels deep; check for runaway brackets", line=line)],
                             source) from None
