@@ -399,7 +399,9 @@ def _run(spec: TrainingRunSpec, workdir: Path, world, *, run_id, image, stop, st
     def on_progress(**fields) -> None:
         if fields.get("tokens_per_s") is not None and "step" in fields:
             tokens_per_s[fields["step"]] = fields["tokens_per_s"]
-        Stage.progress.update(**fields)
+        # the first step is written at once: `status` shows training has begun, with its speed, without
+        # waiting out the write interval
+        Stage.progress.update(urgent=fields.get("step") == 1, **fields)
         if Stage.tracker is not None:
             Stage.tracker.on_progress(**fields)
 

@@ -126,9 +126,7 @@ def test_trainer_runs_as_a_real_pod_and_publishes(s3_env, kube_api, stack, node,
     from jobs.storage import open_store
 
     env = env_for(stack, node, real_ns, trainer_ref, tmp_path)
-    # 24 steps (~15 s on the 4-layer model): long enough for a training step's progress to reach `status`
-    # (the job writes it at most every 10 s; the 8 steps of 2 epochs end within that)
-    spec = cpu_spec("real-pod", short_model_in_minio, train_data, f"{s3_prefix}/runs", epochs=6)
+    spec = cpu_spec("real-pod", short_model_in_minio, train_data, f"{s3_prefix}/runs")
     # As on a node that has never pulled the trainer (an earlier test may have).
     subprocess.run(["bash", str(REPO / "hack" / "node.sh"), "rmi", trainer_ref], cwd=REPO, check=True,
                    capture_output=True)
@@ -150,17 +148,15 @@ def test_trainer_runs_as_a_real_pod_and_publishes(s3_env, kube_api, stack, node,
     out, err = [], []
     t = threading.Thread(target=lambda: (out.append(follow.stdout.read()), err.append(follow.stderr.read())))
     t.start()
-    progress: list[str] = []  # the job's live progress, read back from object storage by `status`
-
-    def ended(s):
-        summary = (s.get("progress") or {}).get("summary") or ""
-        if summary and (not progress or progress[-1] != summary):
-            progress.append(summary)
-        return s["state"] in ("Succeeded", "Failed")
-
-    final = wait_status(env, "real-pod", ended, 900, "the run to end", seen)
+    final = wait_status(env, "real-pod", lambda s: s["state"] in ("Succeeded", "Failed"), 900, "the run to end", seen)
     t.join(timeout=120)
-    assert any(p.startswith("training step ") and "tok/s" in p for p in progress), progress
+    # The job's progress, read back from object storage by `status`. Not sampled while it runs (whether a poll
+    # lands inside the training stage depends on the machine's speed): the last training step's fields stay in
+    # the object and reach the store with the next stage change, whatever the speed.
+    progress = final["progress"]
+    assert progress["state"] == "succeeded" and progress["version"] == "v1", progress
+    assert progress["step"] == progress["total_steps"] > 0 and progress["tokens_per_s"] > 0, progress
+    assert progress["summary"].startswith("succeeded, published v1, loss "), progress
     assert follow.wait(timeout=10) == 0, err
     assert final["state"] == "Succeeded", final
     assert seen[0] == "Pending" and seen[-2:] == ["Running", "Succeeded"], seen
