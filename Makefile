@@ -14,12 +14,15 @@ PYTEST_ARGS ?=
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
+# The demo needs Python 3.11 and nothing else: no root, apt, Go or Docker (hack/install-system.sh is the
+# stack's, for make test). Its Python environment is make test's (hack/venv.sh), named at run time so that a
+# missing Python or venv module stops here with its fix, not as a "bin/python: not found" later.
 demo:  ## train a LoRA adapter on the demo data with SmolLM2-135M, locally (no cluster; a folder as object store)
-	@hack/install-system.sh >/dev/null
-	@$(PY) -m jobs convert-gguf $(MODEL_CACHE) >/dev/null
-	@mkdir -p $(DEMO_DIR) && ln -sfn $(MODEL_CACHE) $(DEMO_DIR)/base-model
-	@$(PY) -m launcher submit examples/demo/spec.yaml --local
-	@$(PY) examples/demo/show.py $(DEMO_DIR)/artifacts/smollm2-support
+	@py="$$(hack/venv.sh)/bin/python"; \
+	  "$$py" -m jobs convert-gguf $(MODEL_CACHE) >/dev/null; \
+	  mkdir -p $(DEMO_DIR) && ln -sfn $(MODEL_CACHE) $(DEMO_DIR)/base-model; \
+	  "$$py" -m launcher submit examples/demo/spec.yaml --local; \
+	  "$$py" examples/demo/show.py $(DEMO_DIR)/artifacts/smollm2-support
 
 # The Python environment is named at run time ($$(hack/venv.sh)), not by $(PY): make expands a recipe's
 # lines before running them, which would create it before hack/prepare-test.sh could, beside the Go builds.
