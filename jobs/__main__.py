@@ -74,8 +74,13 @@ def _cmd_run(args) -> int:
         write_termination_message(err.exit_code, str(err), stage=Stage.name)
         return int(err.exit_code)
     except KeyboardInterrupt:
-        write_termination_message(ExitCode.TRANSIENT, "interrupted", stage=Stage.name)
-        return int(ExitCode.TRANSIENT)
+        from jobs.recipe import EXIT_INTERRUPTED
+
+        # Ctrl-C: the person stopped it, so no retry code (75) and no traceback; nothing half-published
+        # stays (publish_version removes a version it had not completed)
+        log.warning("%s interrupted during %s: stopped, nothing published", spec.name if spec else "run", Stage.name)
+        write_termination_message(EXIT_INTERRUPTED, "interrupted (Ctrl-C)", stage=Stage.name)
+        return EXIT_INTERRUPTED
     except MemoryError:
         msg = "out of memory; lower training.per_device_batch_size or max_seq_length, or use quantization"
         log.error(msg)

@@ -155,7 +155,7 @@ def describe(p: dict, now: float | None = None) -> str:
     state = p.get("state") or "running"
     parts = []
     if state != "running":
-        parts.append(f"{state} in {stage}" if state in ("failed", "preempted") else state)
+        parts.append(f"{state} in {stage}" if state in ("failed", "preempted", "cancelled") else state)
         if p.get("version"):
             parts.append(f"published {p['version']}")
     elif stage == "train" and p.get("total_steps"):

@@ -36,7 +36,8 @@ def existing_versions(store, run_prefix: str) -> dict[int, bool]:
 
 
 def build_manifest(folder: Path) -> dict:
-    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    # never lists itself: a folder published before (an interrupted local run, published again) holds one
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p != folder / MANIFEST)
     return {"files": {str(p.relative_to(folder)): {"sha256": sha256_file(p), "size": p.stat().st_size}
                       for p in files}}
 
@@ -65,14 +66,33 @@ def publish_version(store, run_prefix: str, folder: Path, *, max_attempts: int =
             continue
         log.info("publishing %d files to %s/%s", len(files), store.label, prefix)
         sent = TransferProgress(f"uploading {version}", sum(p.stat().st_size for p in files))
-        upload_dir(store, folder, prefix, files=files, progress=sent)
-        sent.finish()
-        store.put_bytes(join(prefix, MARKER), (manifest_sha + "\n").encode())
+        try:
+            upload_dir(store, folder, prefix, files=files, progress=sent)
+            sent.finish()
+            store.put_bytes(join(prefix, MARKER), (manifest_sha + "\n").encode())
+        except BaseException:  # Ctrl-C, SIGTERM, a failed upload: no half-written version stays behind
+            _remove_incomplete(store, prefix)
+            raise
         _advance_latest(store, run_prefix, n)
         log.info("published %s/%s (complete)", store.label, prefix)
         return version
     raise StorageError(f"could not claim a free version number under {store.label}/{run_prefix}",
                        hint="another publisher keeps racing this run; retry later")
+
+
+def _remove_incomplete(store, prefix: str) -> None:
+    """Best effort: delete what an interrupted publish uploaded under ``prefix`` (never a completed version:
+    its marker is written last, after which nothing here runs). What stays (the store unreachable now)
+    has no marker, so no reader takes it for a version, and ``launcher artifacts prune`` removes it."""
+    try:
+        for obj in store.list(prefix + "/"):
+            if not obj.key.endswith("/" + MARKER):
+                store.delete(obj.key)
+    except Exception as err:  # noqa: BLE001 - the original failure is what the user must see
+        log.warning("could not remove the incomplete %s/%s (%s); it has no %s marker, so it is not a version; "
+                    "`launcher artifacts prune` removes it", store.label, prefix, str(err).splitlines()[0], MARKER)
+    else:
+        log.warning("publishing was interrupted: the incomplete %s/%s was removed", store.label, prefix)
 
 
 def _advance_latest(store, run_prefix: str, n: int, attempts: int = 50) -> None:

@@ -209,6 +209,24 @@ class _StopFlag:
         return self.requested
 
 
+#: Exit code of a run stopped by Ctrl-C (SIGINT): 128 + 2, as a shell reports it. Only a person at a terminal
+#: sends it (Kubernetes stops a pod with SIGTERM, which checkpoints and exits 75 for a retry).
+EXIT_INTERRUPTED = 130
+
+
+def check_output_writable(store, run_prefix: str, run_id: str | None) -> None:
+    """Write and delete one small object under the run's prefix, before any data or model is fetched: an
+    output that cannot be written (a file, a read-only folder, a denied or missing bucket) fails now, with
+    the exit code that is never retried, not after hours of training at publish."""
+    key = join(run_prefix, f".write-probe-{run_id or os.getpid()}")
+    store.put_bytes(key, b"lora-jobs write probe\n", "text/plain")
+    try:
+        store.delete(key)
+    except StorageError:  # may write but not delete (a write-once bucket policy): publish needs only writes
+        log.warning("output: %s/%s written but not deleted; it is harmless and may be removed",
+                    store.label, key)
+
+
 def run(spec: TrainingRunSpec, workdir: Path, *, run_id: str | None = None, image: str | None = None) -> dict | None:
     """Run every stage; return the summary that is also written as metadata.json (None on ranks > 0)."""
     import transformers
@@ -235,6 +253,8 @@ def run(spec: TrainingRunSpec, workdir: Path, *, run_id: str | None = None, imag
     size_torch_threads()  # the pod's CPU limit, not the node's cores (under torchrun: OMP_NUM_THREADS)
     out_store, out_prefix = open_store(spec.output)
     run_prefix = join(out_prefix, spec.name)
+    if world.main:
+        check_output_writable(out_store, run_prefix, run_id)
     Stage.progress = ProgressWriter(out_store, progress_key(run_prefix, spec.spec_hash()), enabled=world.main)
     Stage.progress.update(run=spec.name, run_id=run_id, world_size=world.size)
     Stage.tracker = _start_tracker(spec, run_id, world)
@@ -242,8 +262,12 @@ def run(spec: TrainingRunSpec, workdir: Path, *, run_id: str | None = None, imag
         metadata = _run(spec, workdir, world, run_id=run_id, image=image, stop=stop, started=started,
                         out_store=out_store, run_prefix=run_prefix)
     except BaseException as err:
-        Stage.progress.close("preempted" if isinstance(err, Preempted) else "failed", error=str(err).splitlines()[0]
-                             if str(err) else type(err).__name__, exit_code=int(getattr(err, "exit_code", 1)))
+        if isinstance(err, KeyboardInterrupt):  # Ctrl-C on a local run: the user's choice, not a failure
+            Stage.progress.close("cancelled", error=f"interrupted during {Stage.name}", exit_code=EXIT_INTERRUPTED)
+        else:
+            Stage.progress.close("preempted" if isinstance(err, Preempted) else "failed",
+                                 error=str(err).splitlines()[0] if str(err) else type(err).__name__,
+                                 exit_code=int(getattr(err, "exit_code", 1)))
         if Stage.tracker is not None:  # KILLED: the retried pod carries on with the same MLflow run
             Stage.tracker.finish("KILLED" if isinstance(err, Preempted) else "FAILED", wait_s=5.0)
         Stage.tracker = None

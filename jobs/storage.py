@@ -195,11 +195,22 @@ def join(*parts: str) -> str:
 
 
 class LocalStore:
-    """A folder that behaves like a bucket: keys are relative paths."""
+    """A folder that behaves like a bucket: keys are relative paths. A write the file system refuses (the
+    output names a file, a read-only or pseudo file system, no permission) is a :class:`StorageError`
+    naming the folder, as an S3 AccessDenied is, never an ``OSError`` traceback."""
 
     def __init__(self, root: str):
         self.root = Path(root)
         self.label = str(self.root)
+
+    def _refused(self, key: str, err: OSError) -> StorageError:
+        where = self.root / key
+        blocker = next((p for p in (where, *where.parents) if p.exists() and not p.is_dir()), None)
+        reason = (f"{blocker} is a file, not a folder" if blocker is not None and blocker != where
+                  else err.strerror or type(err).__name__)
+        return StorageError(f"cannot write {where}: {reason}",
+                            hint="point output at a folder you can write (it is created when missing), "
+                                 "or at an s3:// prefix")
 
     def _path(self, key: str) -> Path:
         p = (self.root / key).resolve()
@@ -218,10 +229,13 @@ class LocalStore:
 
     def put_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None:
         dest = self._path(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(dest.name + ".part")
-        tmp.write_bytes(data)
-        os.replace(tmp, dest)
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.with_name(dest.name + ".part")
+            tmp.write_bytes(data)
+            os.replace(tmp, dest)
+        except OSError as err:
+            raise self._refused(key, err) from err
 
     def get_file(self, key: str, dest: str | Path, progress=None) -> None:
         src = self._path(key)
@@ -711,5 +725,8 @@ def upload_dir(store, src: str | Path, prefix: str, files: Iterable[Path] | None
     def one(p: Path) -> None:
         store.put_file(p, join(prefix, str(p.relative_to(src))), progress=progress)
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    pool = ThreadPoolExecutor(max_workers=workers)
+    try:
         list(pool.map(one, files))
+    finally:  # on a failure or Ctrl-C, the files not yet started are not sent (the caller cleans up)
+        pool.shutdown(wait=True, cancel_futures=True)
