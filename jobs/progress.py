@@ -117,9 +117,10 @@ def read_progress(store, run_prefix: str, spec_hash: str) -> dict | None:
 READ_POLICY_KW = {"attempts": 2, "connect_timeout": 2.0, "read_timeout": 5.0, "base_delay": 0.2}
 
 
-def read_run_progress(run_uri: str | None, spec_hash: str | None) -> dict | None:
+def read_run_progress(run_uri: str | None, spec_hash: str | None, endpoint: str | None = None) -> dict | None:
     """Progress of the Job whose run prefix is ``run_uri`` (its ``lora-jobs.io/output`` annotation) and whose
-    spec hash is ``spec_hash``, with ``summary`` (:func:`describe`) added; None when there is none to read."""
+    spec hash is ``spec_hash``, with ``summary`` (:func:`describe`) added; None when there is none to read.
+    ``endpoint``: the S3 endpoint where the environment names none (:func:`jobs.storage.make_s3_client`)."""
     if not run_uri or not spec_hash:
         return None
     from jobs.errors import LoraJobError
@@ -129,7 +130,7 @@ def read_run_progress(run_uri: str | None, spec_hash: str | None) -> dict | None
         store, prefix = open_store(run_uri)
         if isinstance(store, S3Store):
             policy = RetryPolicy(**READ_POLICY_KW)
-            store = S3Store(store.bucket, client=make_s3_client(policy), policy=policy)
+            store = S3Store(store.bucket, client=make_s3_client(policy, endpoint=endpoint), policy=policy)
         p = read_progress(store, prefix, spec_hash)
     except (LoraJobError, ValueError, ImportError):
         return None

@@ -6,10 +6,13 @@ object is never written into; the next number is taken instead.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from jobs.errors import StorageError
 from jobs.modelio import sha256_file
@@ -109,20 +112,98 @@ def _advance_latest(store, run_prefix: str, n: int, attempts: int = 50) -> None:
                        hint="the version is complete; set latest by hand or publish again")
 
 
-def verify_version(store, run_prefix: str, version: str) -> list[str]:
-    """Problems with a published version (empty when complete and every sha256 matches the manifest)."""
-    import hashlib
+# ------------------------------------------------------------------ the one verify
+# A version is whole when its _COMPLETE marker holds the sha256 of its manifest.json and every file the manifest
+# lists is there with that sha256 and size. The publisher's store (verify_version) and the launcher's downloaded
+# copy (launcher.artifacts) are checked by the same two functions below.
 
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass
+class FileCheck:
+    """What :func:`check_files` found: files the manifest lists but that are absent, and files whose sha256
+    or size differ from it."""
+
+    missing: list[str] = field(default_factory=list)
+    changed: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing and not self.changed
+
+    def problems(self) -> list[str]:
+        return [f"{rel}: missing" for rel in self.missing] + [f"{rel}: sha256 mismatch" for rel in self.changed]
+
+
+def read_manifest(manifest_raw: bytes | None, marker_raw: bytes | None, where: str) -> dict[str, dict]:
+    """{relative path: {"sha256", "size"}} of a version's manifest, once its ``_COMPLETE`` marker vouches for it:
+    the marker must hold the manifest's sha256 (what :func:`publish_version` writes), so an empty marker or a
+    manifest edited after publishing is refused. ``where`` names the version (``s3://b/runs/r/v1``).
+    Raises :class:`StorageError` naming what is wrong and what to do."""
+    damaged = "the version was damaged or altered after publishing: do not use it; download another version " \
+              "(`launcher artifacts RUN` lists them) or publish again"
+    if marker_raw is None:
+        raise StorageError(f"{where} has no {MARKER} marker: it is incomplete (a publish in progress or one "
+                           "that died)", hint="wait for the publish to finish, or pick a complete version")
+    if manifest_raw is None:
+        raise StorageError(f"{where} has a {MARKER} marker but no {MANIFEST}", hint=damaged)
+    marker = marker_raw.decode("utf-8", "replace").strip()
+    if not _SHA256.match(marker):
+        what = "is empty" if not marker else "does not hold a sha256"
+        raise StorageError(f"{where}/{MARKER} {what}: the publisher writes the sha256 of {MANIFEST} there, so "
+                           f"nothing vouches for this {MANIFEST}", hint=damaged)
+    if marker != hashlib.sha256(manifest_raw).hexdigest():
+        raise StorageError(f"{where}/{MANIFEST} does not match the sha256 in its {MARKER} marker", hint=damaged)
+    try:
+        files = json.loads(manifest_raw)["files"]
+    except (ValueError, TypeError, KeyError):
+        raise StorageError(f"{where}/{MANIFEST} is not a manifest (JSON with a \"files\" mapping)",
+                           hint=damaged) from None
+    if not isinstance(files, dict) or not files:
+        raise StorageError(f"{where}/{MANIFEST} lists no files", hint=damaged)
+    entries: dict[str, dict] = {}
+    for rel, info in files.items():
+        size = info.get("size") if isinstance(info, dict) else None
+        if not (isinstance(info, dict) and isinstance(info.get("sha256"), str) and _SHA256.match(info["sha256"])
+                and isinstance(size, int) and not isinstance(size, bool) and size >= 0):
+            raise StorageError(f"{where}/{MANIFEST}: the entry {rel!r} has no valid sha256 and size", hint=damaged)
+        entries[rel] = {"sha256": info["sha256"], "size": size}
+    return entries
+
+
+def check_files(entries: dict[str, dict], digest_of: Callable[[str], tuple[str, int] | None]) -> FileCheck:
+    """Each manifest entry against ``digest_of(rel)`` -> (sha256, size), or None when the file is absent."""
+    found = FileCheck()
+    for rel, info in sorted(entries.items()):
+        got = digest_of(rel)
+        if got is None:
+            found.missing.append(rel)
+        elif got != (info["sha256"], info["size"]):
+            found.changed.append(rel)
+    return found
+
+
+def verify_version(store, run_prefix: str, version: str) -> list[str]:
+    """Problems with a published version in ``store`` (empty when its marker vouches for its manifest and every
+    file matches the manifest)."""
     prefix = join(run_prefix, version)
-    problems = []
-    if not store.exists(join(prefix, MARKER)):
+    sizes = {o.key[len(prefix) + 1:] if prefix else o.key: o.size for o in store.list(prefix + "/" if prefix else "")}
+
+    def raw(name: str) -> bytes | None:
+        return store.get_bytes(join(prefix, name)) if name in sizes else None
+
+    if MARKER not in sizes:
         return [f"{version} has no {MARKER} marker: incomplete"]
-    manifest_bytes = store.get_bytes(join(prefix, MANIFEST))
-    if store.get_bytes(join(prefix, MARKER)).decode().strip() != hashlib.sha256(manifest_bytes).hexdigest():
-        problems.append("manifest.json does not match the sha256 in the marker")
-    manifest = json.loads(manifest_bytes)
-    for rel, info in manifest["files"].items():
+    try:
+        entries = read_manifest(raw(MANIFEST), raw(MARKER), f"{store.label}/{prefix}")
+    except StorageError as err:
+        return [err.message]
+
+    def digest_of(rel: str) -> tuple[str, int] | None:
+        if rel not in sizes:
+            return None
         data = store.get_bytes(join(prefix, rel))
-        if hashlib.sha256(data).hexdigest() != info["sha256"]:
-            problems.append(f"{rel}: sha256 mismatch")
-    return problems
+        return hashlib.sha256(data).hexdigest(), len(data)
+
+    return check_files(entries, digest_of).problems()

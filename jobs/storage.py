@@ -317,18 +317,20 @@ class LocalStore:
 class S3Store:
     """One bucket on an S3-compatible endpoint."""
 
-    def __init__(self, bucket: str, client=None, policy: RetryPolicy | None = None):
+    def __init__(self, bucket: str, client=None, policy: RetryPolicy | None = None, endpoint: str | None = None):
         """``client``: a boto3 S3 client, made by :func:`make_s3_client` when None (pass one made
-        there, so that it carries ``policy``); ``policy``: the retry policy of that client."""
+        there, so that it carries ``policy``); ``policy``: the retry policy of that client; ``endpoint``:
+        the S3 endpoint URL where the environment names none (see :func:`make_s3_client`)."""
         self.bucket = bucket
         self.label = f"s3://{bucket}"
         self._client = client
         self.policy = policy or RetryPolicy.from_env()
+        self.endpoint = endpoint
 
     @property
     def client(self):
         if self._client is None:
-            self._client = make_s3_client(self.policy)
+            self._client = make_s3_client(self.policy, endpoint=self.endpoint)
         return self._client
 
     # -- error mapping: every call of this class goes through here, once; botocore retries inside
@@ -480,14 +482,16 @@ def _fix_for(code: str, status: int) -> str:
     return "grant the credentials read/write on this bucket and prefix"
 
 
-def make_s3_client(policy: RetryPolicy | None = None):
+def make_s3_client(policy: RetryPolicy | None = None, endpoint: str | None = None):
     """A boto3 S3 client from the standard AWS environment, path-style for MinIO and friends,
-    retrying by ``policy`` (default :meth:`RetryPolicy.from_env`)."""
+    retrying by ``policy`` (default :meth:`RetryPolicy.from_env`). ``endpoint`` is used where the
+    environment names none (``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL`` win): the launcher passes its
+    ``s3_endpoint`` setting here rather than writing it into the process environment."""
     import boto3
     from botocore.config import Config
 
     policy = policy or RetryPolicy.from_env()
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or endpoint or None
     cfg = Config(s3={"addressing_style": "path"}, retries={"mode": "legacy", "total_max_attempts": policy.attempts},
                  connect_timeout=policy.connect_timeout, read_timeout=policy.read_timeout, max_pool_connections=32,
                  # checksum-on-every-request is not supported by every S3-compatible server
@@ -498,11 +502,11 @@ def make_s3_client(policy: RetryPolicy | None = None):
     return client
 
 
-def open_store(uri: str):
-    """(store, key_prefix) for an s3:// URI or a local path."""
+def open_store(uri: str, *, endpoint: str | None = None):
+    """(store, key_prefix) for an s3:// URI or a local path; ``endpoint``: see :func:`make_s3_client`."""
     scheme, bucket, key = parse_uri(uri)
     if scheme == "s3":
-        return S3Store(bucket), key.strip("/")
+        return S3Store(bucket, endpoint=endpoint), key.strip("/")
     return LocalStore(key), ""
 
 

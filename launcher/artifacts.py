@@ -7,17 +7,17 @@ Layout (docs/architecture.md): ``<output>/<name>/v<N>/`` with ``manifest.json``
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import re
+import os
+import shutil
+import secrets
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from jobs.errors import StorageError
 from jobs.modelio import sha256_file as _sha256
-from jobs.publish import LATEST, MANIFEST, MARKER as COMPLETE, existing_versions
+from jobs.publish import LATEST, MANIFEST, MARKER as COMPLETE, check_files, existing_versions, read_manifest
 from jobs.storage import TransferProgress, join, open_store, safe_relative_path
 
 
@@ -50,10 +50,11 @@ def _run_prefix(output: str, run: str) -> str:
     return f"{output.rstrip('/')}/{run}"
 
 
-def list_versions(output: str, run: str) -> Listing:
-    """Versions of ``run`` under the spec's ``output`` prefix (s3://… or a folder)."""
+def list_versions(output: str, run: str, *, endpoint: str | None = None) -> Listing:
+    """Versions of ``run`` under the spec's ``output`` prefix (s3://… or a folder); ``endpoint``: the S3
+    endpoint where the environment names none."""
     run_uri = _run_prefix(output, run)
-    store, base = open_store(run_uri)
+    store, base = open_store(run_uri, endpoint=endpoint)
     listing = Listing(run=run, prefix=run_uri)
     for n, complete in sorted(existing_versions(store, base).items()):  # the publisher's own definition
         d = f"v{n}"
@@ -74,29 +75,16 @@ def list_versions(output: str, run: str) -> Listing:
     return listing
 
 
-def manifest_entries(manifest: Any) -> dict[str, dict[str, Any]]:
-    """{relative path: {"sha256", "size"}} from the manifest, whichever of the usual shapes it has."""
-    files = manifest.get("files", manifest) if isinstance(manifest, dict) else manifest
-    out: dict[str, dict[str, Any]] = {}
-    if isinstance(files, dict):
-        for path, info in files.items():
-            if isinstance(info, dict) and "sha256" in info:
-                out[path] = info
-            elif isinstance(info, str):
-                out[path] = {"sha256": info}
-    elif isinstance(files, list):
-        for info in files:
-            if isinstance(info, dict) and "sha256" in info and ("path" in info or "name" in info):
-                out[info.get("path") or info["name"]] = info
-    return out
-
-
-def download_version(output: str, run: str, version: str | None, dest: str | Path,
-                     on_progress=None) -> tuple[str, Path]:
-    """Download a complete version (default: latest) into ``dest/<version>``; verify every file against the
-    manifest and the manifest against ``_COMPLETE``. Returns (version, folder). ``on_progress(done, total)``
-    sees the bytes as they arrive (a progress bar); the ``launcher`` logger gets a line every 10 s."""
-    listing = list_versions(output, run)
+def download_version(output: str, run: str, version: str | None, dest: str | Path, on_progress=None, *,
+                     endpoint: str | None = None) -> tuple[str, Path]:
+    """Download a complete version (default: latest) into ``dest/<version>``, all or nothing: the files land in
+    a staging folder beside it, are verified there against the manifest (whose sha256 the ``_COMPLETE`` marker
+    must hold: :func:`jobs.publish.read_manifest`, the publisher's own check), and the folder is renamed into
+    place only when every file matches; otherwise nothing is left and the error names the missing or changed
+    files. Returns (version, folder). ``on_progress(done, total)`` sees the bytes as they arrive (a progress
+    bar); the ``launcher`` logger gets a line every 10 s. ``endpoint``: the S3 endpoint where the environment
+    names none."""
+    listing = list_versions(output, run, endpoint=endpoint)
     if not listing.versions:
         extra = f" ({len(listing.incomplete)} incomplete)" if listing.incomplete else ""
         raise StorageError(f"run {run} has no complete version under {listing.prefix}{extra}",
@@ -110,38 +98,75 @@ def download_version(output: str, run: str, version: str | None, dest: str | Pat
     if version not in {v.name for v in listing.versions}:
         have = ", ".join(v.name for v in listing.versions)
         raise StorageError(f"run {run} has no version {version}", hint=f"pick one of: {have}")
-    store, base = open_store(f"{listing.prefix}/{version}")
-    manifest_raw = store.get_bytes(join(base, MANIFEST))
-    marker = store.get_bytes(join(base, COMPLETE)).decode("utf-8", "replace").strip()
-    digest = hashlib.sha256(manifest_raw).hexdigest()
-    if marker and re.fullmatch(r"[0-9a-f]{64}", marker) and marker != digest:
-        raise StorageError(f"{listing.prefix}/{version}/{MANIFEST} does not match its {COMPLETE} marker",
-                           hint="the version was altered after publishing; do not use it")
+    where = f"{listing.prefix}/{version}"
+    store, base = open_store(where, endpoint=endpoint)
+    sizes = {o.key[len(base) + 1:] if base else o.key: o.size for o in store.list(base + "/" if base else "")}
+
+    def raw(name: str) -> bytes | None:
+        return store.get_bytes(join(base, name)) if name in sizes else None
+
+    manifest_raw, marker_raw = raw(MANIFEST), raw(COMPLETE)
+    entries = read_manifest(manifest_raw, marker_raw, where)
+    for rel in entries:  # every path is checked before anything is written
+        safe_relative_path(rel, f"the manifest of {where}")
+
+    dest = Path(dest)
+    target = dest / version
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise StorageError(f"{target} already exists", hint=f"remove it, or download into another folder "
+                                                            f"(--download DIR); {version} lands in DIR/{version}")
+    made_dest = not dest.exists()
+    dest.mkdir(parents=True, exist_ok=True)
+    staging = dest / f".{version}.downloading-{secrets.token_hex(4)}"  # beside the target: one rename away
+    staging.mkdir()
     try:
-        entries = manifest_entries(json.loads(manifest_raw))
-    except ValueError:
-        raise StorageError(f"{listing.prefix}/{version}/{MANIFEST} is not valid JSON",
-                           hint="the version is damaged; pick another") from None
-    if not entries:
-        raise StorageError(f"{listing.prefix}/{version}/{MANIFEST} lists no files",
-                           hint="the version is damaged or from an incompatible publisher; pick another")
-    target = Path(dest) / version
-    target.mkdir(parents=True, exist_ok=True)
-    bad = []
-    total = sum(int(info.get("size") or 0) for info in entries.values())
-    moved = TransferProgress(f"downloading {run} {version}", total, on_update=on_progress,
-                             logger=logging.getLogger("launcher"))
-    for rel, info in sorted(entries.items()):
-        local = target / safe_relative_path(rel, f"the manifest of {version}")
-        store.get_file(join(base, rel), local, progress=moved)
-        if _sha256(local) != info["sha256"] or ("size" in info and local.stat().st_size != int(info["size"])):
-            bad.append(rel)
-    (target / MANIFEST).write_bytes(manifest_raw)
-    (target / COMPLETE).write_text(marker + "\n" if marker else "")
-    if bad:
-        raise StorageError(f"{len(bad)} file(s) of {version} do not match the manifest: {', '.join(bad[:5])}",
-                           hint="download again; if it persists the stored version is damaged")
+        present = {rel: info for rel, info in entries.items() if rel in sizes}
+        moved = TransferProgress(f"downloading {run} {version}", sum(info["size"] for info in present.values()),
+                                 on_update=on_progress, logger=logging.getLogger("launcher"))
+        for rel in sorted(present):
+            store.get_file(join(base, rel), staging / safe_relative_path(rel, where), progress=moved)
+
+        def digest_of(rel: str) -> tuple[str, int] | None:
+            local = staging / safe_relative_path(rel, where)
+            return (_sha256(local), local.stat().st_size) if local.is_file() else None
+
+        found = check_files(entries, digest_of)
+        if not found.ok:
+            raise _mismatch(found, where, target)
+        (staging / MANIFEST).write_bytes(manifest_raw)
+        (staging / COMPLETE).write_bytes(marker_raw)
+        if target.exists():
+            target.rmdir()  # empty (checked above)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if made_dest:
+            try:
+                dest.rmdir()  # only if still empty
+            except OSError:
+                pass
+        raise
     return version, target
+
+
+def _mismatch(found, where: str, target: Path) -> StorageError:
+    """One error naming every missing and changed file of a version, with the fix for each kind."""
+    parts, fixes = [], []
+
+    def some(names: list[str]) -> str:
+        return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+    if found.missing:
+        parts.append(f"{len(found.missing)} file(s) listed in its manifest are missing from the store: "
+                     f"{some(found.missing)}")
+        fixes.append("the stored version lost files after publishing: it is damaged, so download another "
+                     "version (`launcher artifacts RUN` lists them) or publish again")
+    if found.changed:
+        parts.append(f"{len(found.changed)} file(s) do not match the manifest (sha256 or size): {some(found.changed)}")
+        fixes.append("download again; if the same files differ again, the stored version was altered after "
+                     "publishing: do not use it, pick another version")
+    return StorageError(f"{where}: " + "; ".join(parts) + f"; nothing was written to {target}",
+                        hint="; ".join(fixes))
 
 
 @dataclass
@@ -156,17 +181,17 @@ class Orphan:
 
 
 def prune_incomplete(output: str, run: str, *, older_than_seconds: float, apply: bool,
-                     now: float | None = None) -> list[Orphan]:
+                     now: float | None = None, endpoint: str | None = None) -> list[Orphan]:
     """Incomplete version folders of ``run`` whose newest object is older than the threshold;
     deleted only with ``apply``. A complete version is never touched, and neither is a folder
     written to within the threshold (a publish in progress)."""
     import time
 
     run_uri = _run_prefix(output, run)
-    store, base = open_store(run_uri)
+    store, base = open_store(run_uri, endpoint=endpoint)
     now = time.time() if now is None else now
     out = []
-    for d in list_versions(output, run).incomplete:
+    for d in list_versions(output, run, endpoint=endpoint).incomplete:
         objs = store.list(join(base, d) + "/")
         if not objs or any(o.key.rsplit("/", 1)[-1] == COMPLETE for o in objs):
             continue  # completed since it was listed
