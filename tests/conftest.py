@@ -22,6 +22,24 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 STACK_RUN = Path(os.environ.get("STACK_RUN", REPO / ".stack"))
 
+# A test's tier is its folder: every test under tests/unit is marked `unit` (what `make test-unit` selects with
+# `-m unit`) and every test under tests/gpu `gpu`, whether or not its file says so, so no test drops out of its
+# tier. The integration tests carry the markers of what they need (s3, kube, node, ...) per file.
+TIER_OF_FOLDER = {"unit": "unit", "gpu": "gpu"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by marker
+def pytest_collection_modifyitems(config, items):
+    tests = Path(__file__).resolve().parent
+    for item in items:
+        try:
+            folder = item.path.resolve().relative_to(tests).parts[0]
+        except ValueError:
+            continue
+        tier = TIER_OF_FOLDER.get(folder)
+        if tier and item.get_closest_marker(tier) is None:
+            item.add_marker(tier)
+
 
 class Redacted(dict):
     """A dict of environment variables whose repr hides the values of secrets: pytest prints a failing
