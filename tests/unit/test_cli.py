@@ -55,7 +55,7 @@ def test_validate_lists_every_problem_without_a_traceback(runner, tmp_path):
     assert r.exit_code == 2
     out = r.output
     assert "3 problems" in out and "name" in out and "lora.rank" in out and "lora.colour" in out
-    assert "Traceback" not in out and r.exception is None or isinstance(r.exception, SystemExit)
+    assert "Traceback" not in out and (r.exception is None or isinstance(r.exception, SystemExit)), out
 
 
 def test_validate_malformed_yaml_and_missing_file(runner, tmp_path):
