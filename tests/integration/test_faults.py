@@ -94,10 +94,13 @@ def make_folder(root: Path, seed: int, big_mb: int = 20, small: int = 16) -> Pat
 
 
 class FaultAfter:
-    """Wraps a store: on the n-th ``put_file`` starts ``fault`` in a thread, while uploads are in flight."""
+    """Wraps a store: on the n-th ``put_file`` starts ``fault`` in a thread, while uploads are in flight, and
+    sends that upload only once the fault has landed (``fault`` sets ``landed``). So the fault always hits the
+    publish in flight, whatever the machine's speed (after a fixed sleep instead, a fast machine could finish
+    the publish first, and a slow one send the upload before the fault)."""
 
-    def __init__(self, store, n: int, fault):
-        self._store, self._n, self._fault = store, n, fault
+    def __init__(self, store, n: int, fault, landed: threading.Event):
+        self._store, self._n, self._fault, self._landed = store, n, fault, landed
         self.calls = 0
         self.thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -112,7 +115,7 @@ class FaultAfter:
         if fire:
             self.thread = threading.Thread(target=self._fault, daemon=True)
             self.thread.start()
-            time.sleep(0.1)  # let the fault land while this and the other workers' uploads are in flight
+            assert self._landed.wait(120), "the fault did not land"  # the other workers' uploads go on meanwhile
         return self._store.put_file(path, key, progress=progress)
 
 
@@ -224,11 +227,19 @@ def test_publish_rides_out_a_paused_object_store(stack, s3_client, publish_setup
     setup = publish_setup
     pause = 6.0
     window = {}
+    landed = threading.Event()
 
     def fault():
+        # First a listing that completes inside the publish (which cannot end while its upload waits for this
+        # fault), so one is seen during the publish however fast the rest of it goes after SIGCONT.
+        seen = len(watcher.observations)
+        deadline = time.monotonic() + 60
+        while len(watcher.observations) <= seen and time.monotonic() < deadline:
+            time.sleep(0.02)
         pid = minio_pid(stack)
         window["start"] = time.monotonic()
         os.kill(pid, signal.SIGSTOP)
+        landed.set()
         time.sleep(pause)
         os.kill(pid, signal.SIGCONT)
         window["end"] = time.monotonic()
@@ -237,7 +248,7 @@ def test_publish_rides_out_a_paused_object_store(stack, s3_client, publish_setup
     folder = make_folder(tmp_path, 2)
     with minio_guard(stack):
         watcher.started_watching()
-        store = FaultAfter(S3Store(stack.bucket), 3, fault)
+        store = FaultAfter(S3Store(stack.bucket), 3, fault, landed)
         t0 = time.monotonic()
         version = publish_version(store, setup["run_prefix"], folder)
         t1 = time.monotonic()
@@ -270,10 +281,12 @@ def test_publish_retries_through_an_object_store_restart_and_gives_up_cleanly(
 
     setup = publish_setup
     restart = {}
+    down = threading.Event()
 
     def kill_then_restart():
         os.kill(minio_pid(stack), signal.SIGKILL)
         restart["killed"] = time.monotonic()
+        down.set()
         time.sleep(2)
         restart["took"] = restart_stack_parts()
         restart["up"] = time.monotonic()
@@ -281,7 +294,7 @@ def test_publish_retries_through_an_object_store_restart_and_gives_up_cleanly(
     watcher = Watcher(setup["output"], setup["run"], stack.bucket, setup["run_prefix"])
     with minio_guard(stack):
         watcher.started_watching()
-        store = FaultAfter(S3Store(stack.bucket), 3, kill_then_restart)
+        store = FaultAfter(S3Store(stack.bucket), 3, kill_then_restart, down)
         t0 = time.monotonic()
         v2 = publish_version(store, setup["run_prefix"], make_folder(tmp_path, 3))
         took_a = time.monotonic() - t0
@@ -296,7 +309,7 @@ def test_publish_retries_through_an_object_store_restart_and_gives_up_cleanly(
             os.kill(minio_pid(stack), signal.SIGKILL)
             killed.set()
 
-        store = FaultAfter(S3Store(stack.bucket), 12, kill)  # 8 uploads in flight: some have landed by then
+        store = FaultAfter(S3Store(stack.bucket), 12, kill, killed)  # 8 uploads in flight: 4+ have landed by then
         t0 = time.monotonic()
         with pytest.raises(TransientError) as err:
             publish_version(store, setup["run_prefix"], make_folder(tmp_path, 4))
@@ -379,7 +392,10 @@ def test_scratch_too_small_for_the_base_model_is_a_clear_error(stack, s3_client,
 @pytest.mark.s3
 def test_scratch_filling_up_during_the_download_is_a_clear_error(stack, s3_client, s3_prefix, small_scratch):
     """The space check passes (16 MiB model, 24 MiB volume); then another writer fills the volume while the
-    download is in flight (MinIO is paused for the moment it takes, so the race is deterministic).
+    download is in flight. The download process says when it reserves a file's space (a hook around
+    jobs.storage._preallocate) and waits there until the volume is full, so the order is the same on any
+    machine: check passed, download begun, space gone, reservation refused. (Polling for the download folder and
+    then pausing MinIO raced it: the reservations are made right after the folder, a HEAD later.)
 
     jobs.recipe.fetch runs in its own process, as in the pod: when it exits its sockets close. (An aborted
     download left open in a live process keeps MinIO's read lock on the object for ~30 s.)"""
@@ -387,36 +403,44 @@ def test_scratch_filling_up_during_the_download_is_a_clear_error(stack, s3_clien
                                                         "model-2.safetensors": 8 << 20})
     spec = {"name": "disk-fills", "base_model": {"uri": model}, "dataset": {"train": f"{s3_prefix}/data/train.jsonl"},
             "output": s3_prefix, "resources": {"gpus": 0}}
+    sync = small_scratch.parent / "fill-sync"  # the handshake's files, outside the volume
+    sync.mkdir()
     filled = threading.Event()
 
     def filler():
-        dest = small_scratch / "base-model"
-        deadline = time.monotonic() + 60
-        while not dest.exists() and time.monotonic() < deadline:
-            time.sleep(0.001)
-        pid = minio_pid(stack)
-        os.kill(pid, signal.SIGSTOP)
-        try:
-            free = shutil.disk_usage(small_scratch).free
-            with open(small_scratch / "someone-elses-file", "wb") as f:
-                f.write(b"\0" * max(0, free - (1 << 20)))
-            filled.set()
-        finally:
-            os.kill(pid, signal.SIGCONT)
+        deadline = time.monotonic() + 120
+        while not (sync / "started").exists():
+            if time.monotonic() > deadline:
+                return  # the download never began: `filled` stays unset and the test says so
+            time.sleep(0.01)
+        free = shutil.disk_usage(small_scratch).free
+        with open(small_scratch / "someone-elses-file", "wb") as f:
+            f.write(b"\0" * max(0, free - (1 << 20)))
+        filled.set()
+        (sync / "filled").touch()
 
-    code = ("import json, sys\nfrom pathlib import Path\nfrom jobs.errors import LoraJobError\n"
-            "from jobs.recipe import fetch\nfrom jobs.spec import parse_spec\n"
+    code = ("import json, sys, threading, time\nfrom pathlib import Path\nimport jobs.storage\n"
+            "from jobs.errors import LoraJobError\nfrom jobs.recipe import fetch\nfrom jobs.spec import parse_spec\n"
+            "sync, reserve, lock = Path(sys.argv[3]), jobs.storage._preallocate, threading.Lock()\n"
+            "def preallocate(fd, size):  # a file's download has begun: the other writer fills the volume first\n"
+            "    with lock:\n"
+            "        if size > 0 and not (sync / 'filled').exists():\n"
+            "            (sync / 'started').touch()\n"
+            "            deadline = time.monotonic() + 120\n"
+            "            while not (sync / 'filled').exists() and time.monotonic() < deadline:\n"
+            "                time.sleep(0.01)\n"
+            "    reserve(fd, size)\n"
+            "jobs.storage._preallocate = preallocate\n"
             "try:\n    fetch(parse_spec(json.loads(sys.argv[1])), Path(sys.argv[2]))\n"
             "except LoraJobError as err:\n    print(err)\n    sys.exit(int(err.exit_code))\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     env.update({**stack.s3_env(), "PYTHONPATH": str(REPO)})
-    with minio_guard(stack):
-        t = threading.Thread(target=filler, daemon=True)
-        t.start()
-        proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec), str(small_scratch)], env=env, cwd=REPO,
-                              capture_output=True, text=True, timeout=120)
-        t.join(10)
-    assert filled.is_set()
+    t = threading.Thread(target=filler, daemon=True)
+    t.start()
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec), str(small_scratch), str(sync)], env=env,
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    t.join(10)
+    assert filled.is_set(), (proc.returncode, proc.stdout, proc.stderr[-3000:])
     text = proc.stdout
     assert proc.returncode == 10 and "Traceback" not in proc.stderr, (proc.returncode, proc.stdout, proc.stderr)
     assert "resources.scratch" in text and str(small_scratch) in text and "filled up" in text, text
@@ -501,10 +525,19 @@ def test_wait_and_logs_follow_reconnect_across_an_api_server_restart(stack, kube
               90, "both launchers to say something")
         for verb, t in procs.items():
             assert t.proc.poll() is None, f"launcher {verb} ended early: {t.finish()}"
-        time.sleep(1)
+        # The API server stops, and starts again only once both launchers have noticed (each says 'retrying'
+        # when a request fails): a restart quicker than `wait`'s poll interval cannot slip between two polls.
+        retries = {verb: "".join(t.err).count("retrying") for verb, t in procs.items()}
         t0 = time.monotonic()
-        proc = subprocess.run(["bash", str(REPO / "hack" / "stack.sh"), "restart-apiserver"], cwd=REPO,
-                              capture_output=True, text=True, timeout=240)
+        stop = subprocess.run(["bash", str(REPO / "hack" / "stack.sh"), "stop-apiserver"], cwd=REPO,
+                              capture_output=True, text=True, timeout=60)
+        try:
+            assert stop.returncode == 0, stop.stdout + stop.stderr
+            _wait(lambda: all("".join(t.err).count("retrying") > retries[verb] for verb, t in procs.items())
+                  or any(t.proc.poll() is not None for t in procs.values()), 120, "both launchers to notice")
+        finally:
+            proc = subprocess.run(["bash", str(REPO / "hack" / "stack.sh"), "up", "--no-docker"], cwd=REPO,
+                                  capture_output=True, text=True, timeout=240)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         _wait(lambda: _api_ready(kube_api), 120, "the API server")
         outage = time.monotonic() - t0
@@ -544,12 +577,17 @@ def test_wait_and_logs_follow_wait_out_an_api_server_that_is_down_when_they_star
     procs = {}
     try:
         assert not _api_ready(kube_api)
+        started = time.monotonic()
         procs = {
             "wait": Tee([sys.executable, "-m", "launcher", "wait", spec.name, "--interval", "1", "--timeout", "300"],
                         env),
             "logs -f": Tee([sys.executable, "-m", "launcher", "logs", spec.name, "-f"], env),
         }
-        time.sleep(6)  # both started against a dead API server
+        # Both started against a dead API server: down until each has said so (a cold start can take longer
+        # than any fixed sleep on a slow machine), and for at least 6 s, in which neither gives up.
+        _wait(lambda: all("retrying" in "".join(t.err) for t in procs.values())
+              or any(t.proc.poll() is not None for t in procs.values()), 120, "both launchers to find it down")
+        time.sleep(max(0.0, 6 - (time.monotonic() - started)))
         for verb, t in procs.items():
             assert t.proc.poll() is None, f"launcher {verb} gave up at start: {t.finish()}"
     finally:
