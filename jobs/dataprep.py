@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import re
+import stat
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -24,6 +26,15 @@ from jobs.spec import DataRules
 
 #: Longer lines are reported, not parsed: one runaway line must not eat the pod's memory.
 MAX_LINE_BYTES = 1_000_000
+#: The most `launcher data check` reads of one file. The guide's datasets are under 10k rows
+#: (a few MB); 1 GiB is a million 1 KB rows and still fits the check's memory. A bigger file,
+#: or /dev/zero, is refused with this number instead of being read until memory runs out.
+MAX_FILE_BYTES = 1 << 30
+#: Rows outside the format (JSON objects in no accepted format or in two; with data.format set,
+#: also rows in another format) are skipped and listed; beyond this share of the non-blank lines
+#: they are an error: that is a wrong setting or two files concatenated, not a stray line, and
+#: training on the rest would lose data with an "OK".
+MAX_OUTSIDE_FORMAT_SHARE = 0.05
 #: How many line numbers a report keeps per rule, and how many problems it lists.
 REPORT_LINES = 200
 REPORT_PROBLEMS = 1000
@@ -44,6 +55,9 @@ class Row:
     input: str = ""
     persona: str | None = None
     turns: tuple[tuple[str, str], ...] = ()
+    #: the format the row was read in ("instruction", "messages", "sharegpt"); not part of its
+    #: identity, so a row compares equal to the same example written in another format
+    fmt: str = field(default="instruction", compare=False)
 
 
 def assistant_texts(row: Row) -> list[str]:
@@ -127,9 +141,31 @@ _FIX_SHAREGPT = ('give "conversations" as a list of {"from": "system"|"human"|"g
                  "an optional system turn first, then human and gpt turns in turn, ending with a gpt turn")
 
 
+#: The keys that mark each format. "auto" reads each row by its own keys rather than fixing the
+#: format by the first row (which dropped 1,000 `messages` rows after one instruction row, with
+#: "OK": issue 32). Per row is safe because the keys name a format without ambiguity and every
+#: format becomes the same Row, rendered through the same chat template (jobs/train.py), so a
+#: mixed file trains as intended. Mixing is reported (rows per format), never an error; a row in
+#: no format, or in two, is a problem of its line, and many of them fail the data (see
+#: MAX_OUTSIDE_FORMAT_SHARE).
+FORMAT_KEYS = {"instruction": ("instruction", "output"), "messages": ("messages",), "sharegpt": ("conversations",)}
+FORMAT_EXAMPLES = {
+    "instruction": '{"instruction": "...", "input": "..." (optional), "output": "..."}',
+    "messages": '{"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}',
+    "sharegpt": '{"conversations": [{"from": "system"|"human"|"gpt", "value": "..."}, ...]}',
+}
+
+
+def row_formats(obj: dict) -> list[str]:
+    """The formats whose marking keys ``obj`` has, in FORMATS order: [] for none, two or more
+    for a row that mixes formats (which is an error: which half to train on is a guess)."""
+    return [f for f in FORMATS if any(k in obj for k in FORMAT_KEYS[f])]
+
+
 def detect_format(data: bytes) -> str:
-    """The format of a JSONL file, from its first line that is a JSON object: a "messages" list is
-    the chat format, a "conversations" list ShareGPT, anything else instruction/output (alpaca)."""
+    """The format of a JSONL file's first JSON object: a "messages" list is the chat format, a
+    "conversations" list ShareGPT, anything else instruction/output (alpaca). Only a summary:
+    reading with "auto" decides per row."""
     for raw in _split_lines(bytes(data)):
         try:
             obj = json.loads(raw.decode("utf-8").lstrip("\ufeff"))
@@ -219,6 +255,50 @@ def _parse_line(raw: bytes, n: int, persona_field: str, fmt: str = "instruction"
         return Problem(where, f"not valid JSON: {err}", _FIX_JSON, n)
     if not isinstance(obj, dict):
         return Problem(where, f"expected a JSON object, got {_type_name(obj)}", _FIX_JSON, n)
+    looks = row_formats(obj)
+    if len(looks) > 1:
+        keys = " and ".join(f"'{FORMAT_KEYS[f][0]}'" for f in looks)
+        return _OutsideFormat(where, f"has both {keys}: one row is one format ({', '.join(looks)})",
+                              "split it into one row per format, or remove the keys that do not belong", n,
+                              looks_like="+".join(looks))
+    if fmt == "auto":
+        if not looks:  # no format's key: read as instruction so the message names what is missing
+            parsed = _parse_line_as(obj, n, persona_field, "instruction")
+            if isinstance(parsed, Problem):
+                keys = ", ".join(f"'{k}'" for k in list(obj)[:6]) or "no keys"
+                return _OutsideFormat(where, f"{parsed.message}; the row has {keys}, which is none of the "
+                                             f"accepted formats", _FIX_ANY_FORMAT, n, looks_like="unknown")
+            return parsed
+        return _parse_line_as(obj, n, persona_field, looks[0])
+    if looks and looks[0] != fmt:
+        return _OutsideFormat(where, f"missing '{FORMAT_KEYS[fmt][0]}': the row looks like {_a(looks[0])} row, "
+                                     f"but data.format is '{fmt}'",
+                              "set data.format: auto (each row is read by its own keys) or convert the row", n,
+                              looks_like=looks[0])
+    parsed = _parse_line_as(obj, n, persona_field, fmt)
+    if isinstance(parsed, Problem) and not looks:
+        return _OutsideFormat(parsed.where, parsed.message, parsed.fix, n, looks_like="unknown")
+    return parsed
+
+
+def _a(word: str) -> str:
+    return ("an " if word[:1] in "aeiou" else "a ") + word
+
+
+_FIX_ANY_FORMAT = "write each row in one of the accepted formats: " + "; ".join(FORMAT_EXAMPLES.values())
+
+
+@dataclass(frozen=True)
+class _OutsideFormat(Problem):
+    """A line that is a JSON object but in no accepted format, in two, or not in the format
+    data.format names. Counted apart from other problems: beyond a small share it is an error."""
+
+    looks_like: str = "unknown"
+
+
+def _parse_line_as(obj: dict, n: int, persona_field: str, fmt: str) -> Row | Problem:
+    """One JSON object read as a row of ``fmt``."""
+    where = f"line {n}"
     if fmt != "instruction":
         return _parse_conversation(obj, n, persona_field, fmt)
 
@@ -268,16 +348,18 @@ def _parse_conversation(obj: dict, n: int, persona_field: str, fmt: str) -> Row 
         return Problem(f"line {n}", "; ".join(errors), _FIX_MESSAGES if fmt == "messages" else _FIX_SHAREGPT, n)
     last_answer = max(i for i, (r, _) in enumerate(turns) if r == "assistant")
     question = next(c for r, c in reversed(turns[:last_answer]) if r == "user")
-    return Row(line=n, instruction=question, output=turns[last_answer][1], persona=persona, turns=turns)
+    return Row(line=n, instruction=question, output=turns[last_answer][1], persona=persona, turns=turns, fmt=fmt)
 
 
 def read_jsonl(data: bytes, *, persona_field: str = "persona", fmt: str = "auto") -> tuple[list[Row], list[Problem]]:
     """Parse JSONL bytes into valid rows and one :class:`Problem` per bad line.
 
     ``fmt``: "instruction" ({instruction, input?, output}), "messages" ({messages: [{role,
-    content}]}), "sharegpt" ({conversations: [{from, value}]}) or "auto" (:func:`detect_format`).
-    A conversation with a wrong role, an empty turn, turns out of order or no assistant turn is
-    a problem of its line, like a malformed instruction row.
+    content}]}), "sharegpt" ({conversations: [{from, value}]}) or "auto": each row in the format
+    its keys name (:func:`row_formats`), so a file may mix formats and loses no row for it; the
+    report counts rows per format. With a set format, a row in another format is a problem that
+    names the format it looks like. A conversation with a wrong role, an empty turn, turns out of
+    order or no assistant turn is a problem of its line, like a malformed instruction row.
 
     Never raises on any input: a BOM, CRLF endings, invalid UTF-8, oversized or
     deeply nested lines, NaN/Infinity, non-objects and wrong types each become a
@@ -289,8 +371,6 @@ def read_jsonl(data: bytes, *, persona_field: str = "persona", fmt: str = "auto"
     data = bytes(data)
     if data.startswith(b"\xef\xbb\xbf"):
         data = data[3:]
-    if fmt == "auto":
-        fmt = detect_format(data)
     rows: list[Row] = []
     problems: list[Problem] = []
     # Split on \n only, so line numbers match what an editor shows; \r\n loses its \r.
@@ -700,10 +780,56 @@ def _lsh_params(threshold: float) -> tuple[int, int]:
     return _NUM_PERM, 1
 
 
+#: Words whose change rewords a row without changing what it says: articles, approximators
+#: ("about 5 minutes" = "around 5 minutes"), fillers, and forms of be/do/can. Two rows whose other
+#: words are the same, in order, are near-duplicates at any length. The list is small on purpose:
+#: words that flip a meaning (not, no, on/off, in/out, to/from, before/after, must/may, numbers)
+#: stay out, so "the WAN port" vs "the LAN port" or "turn it on" vs "off" remain different rows.
+#: Tuned on tests/unit/data/near_duplicates.jsonl (precision and recall in test_near_duplicates.py).
+FUNCTION_WORDS = frozenset("""
+a an the about around approximately approx roughly nearly almost circa some
+very really quite just simply basically actually please kindly also then so that which
+it its this there here of
+is are was were be been being am do does did can could will would
+""".split())
+_NUMBER_WORDS = {w: str(i) for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+    "sixteen seventeen eighteen nineteen twenty".split())}
+_TOKEN = re.compile(r"\w+")
+
+
+def content_words(text: str) -> list[str]:
+    """The words of ``text`` that carry its meaning: normalised (NFKC, case-folded, number words
+    as digits) and without :data:`FUNCTION_WORDS`."""
+    words = (_NUMBER_WORDS.get(w, w) for w in _TOKEN.findall(_normalise(text)))
+    return [w for w in words if w not in FUNCTION_WORDS]
+
+
+def _texts_of(row: Row) -> list[str]:
+    """The row's texts, question then answer(s), the same for one example in any format."""
+    return [c for _, c in row.turns] if row.turns else [f"{row.instruction} {row.input}", row.output]
+
+
+def content_key(texts: list[str]) -> str:
+    """Texts compared by their content words, each text apart (a word moved from the question
+    to the answer makes a different row). '' when no text has a content word."""
+    parts = [" ".join(content_words(t)) for t in texts]
+    return "\x1f".join(parts) if any(parts) else ""
+
+
 def dedup_near(rows: list[Row], threshold: float, seed: int = 42) -> RuleResult:
-    """Rule: drop rows whose word-3-shingle Jaccard similarity to an earlier kept row is
-    at least ``threshold``. MinHash LSH finds candidates; the exact Jaccard decides, so
-    the result is deterministic for a given seed and order."""
+    """Rule: drop a row that is a near-duplicate of an earlier kept row; it is one when either
+
+    * their content words (:func:`content_words`) are the same, in order, so they differ only
+      in function words ("about"/"around", "a"/"the"): a one-word rewording of a row of any
+      length, which word shingles miss in rows under ~40 words; or
+    * the Jaccard similarity of their word 3-shingles is at least ``threshold`` (paraphrases and
+      edits of longer rows). MinHash LSH finds the candidates, the exact Jaccard decides.
+
+    At ``threshold`` 1.0 only identical shingle sets count. Deterministic for a seed and order.
+    Cost: O(total words) for the content keys (one dict lookup per row) plus MinHash's
+    O(words x 128 permutations) per row and an LSH query per row, so linear in the file.
+    """
     from datasketch import MinHash, MinHashLSH
 
     b, r = _lsh_params(float(threshold))
@@ -711,12 +837,21 @@ def dedup_near(rows: list[Row], threshold: float, seed: int = 42) -> RuleResult:
     template = MinHash(num_perm=_NUM_PERM, seed=seed % 2**32)  # the spec's seed has no upper bound; numpy's has
     kept, lines, pairs = [], [], []
     sets: dict[str, tuple[set[str], int]] = {}
+    by_content: dict[str, int] = {}
+    reworded = 0
     for i, row in enumerate(rows):
+        texts = _texts_of(row)
+        ckey = content_key(texts) if threshold < 1.0 else ""
+        match = by_content.get(ckey) if ckey else None
+        if match is not None:
+            reworded += 1
+            lines.append(row.line)
+            pairs.append([row.line, match])
+            continue
         sh = shingles(" ".join(c for _, c in row.turns) if row.turns else
                       f"{row.instruction} {row.input} {row.output}")
         mh = template.copy()  # shares the permutations: cheaper than a new MinHash per row
         mh.update_batch([s.encode("utf-8") for s in sh])
-        match = None
         for key in sorted(lsh.query(mh), key=lambda k: sets[k][1]):
             if jaccard(sh, sets[key][0]) >= threshold:
                 match = sets[key][1]
@@ -728,8 +863,71 @@ def dedup_near(rows: list[Row], threshold: float, seed: int = 42) -> RuleResult:
         key = str(i)
         lsh.insert(key, mh)
         sets[key] = (sh, row.line)
+        if ckey:
+            by_content[ckey] = row.line
         kept.append(row)
-    return RuleResult(kept, lines, "dropped", {"threshold": threshold, "duplicate_of": pairs[:REPORT_LINES]})
+    return RuleResult(kept, lines, "dropped", {"threshold": threshold, "reworded": reworded,
+                                               "duplicate_of": pairs[:REPORT_LINES]})
+
+
+# ---------------------------------------------------------------------------- check: conflicts
+
+def _prompt_and_answer(row: Row) -> tuple[list[str], str]:
+    """What a row asks (every text before its last answer) and its last answer."""
+    if not row.turns:
+        return [f"{row.instruction} {row.input}"], row.output
+    last = max(i for i, (r, _) in enumerate(row.turns) if r == "assistant")
+    return [c for _, c in row.turns[:last]], row.turns[last][1]
+
+
+def _short(text: str, limit: int = 80) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+_NEGATIONS = frozenset("not no never t none nothing nobody neither nor without cannot".split())
+
+
+def _contradicts(akey: str, bkey: str) -> bool:
+    """Two answers' content words say different things: each has a word the other lacks
+    ("blue" vs "yellow"), or one adds a negation ("supports" vs "does not support"). One answer
+    that only adds words to the other ("... Thanks.") says more, not something else."""
+    a, b = set(akey.split()), set(bkey.split())
+    return bool((a - b and b - a) or (a ^ b) & _NEGATIONS)
+
+
+def find_conflicts(rows: list[Row]) -> RuleResult:
+    """Check (report only; keeps every row): rows that ask the same question (same content words,
+    :func:`content_key`) but answer it differently, e.g. the WAN port "blue" vs "yellow". Training
+    on both teaches the model to pick one at random, and near-dedup would keep whichever came
+    first, so a person must choose. Answers that differ only in function words are rewordings, and
+    an answer that only adds to another elaborates: neither is a conflict. Synonyms ("supplied"
+    vs "included") are reported too: telling them from "blue" vs "yellow" takes meaning, and a
+    warning that keeps both rows costs a look. O(total words): one dict of prompts."""
+    groups: dict[str, list[tuple[Row, str, str]]] = {}
+    for row in rows:
+        prompt, answer = _prompt_and_answer(row)
+        pkey = content_key(prompt)
+        if pkey:
+            groups.setdefault(pkey, []).append((row, content_key([answer]), answer))
+    conflicts, lines = [], []
+    for members in groups.values():
+        if len({akey for _, akey, _ in members}) < 2:
+            continue
+        first = members[0]
+        other = next((m for m in members[1:] if _contradicts(first[1], m[1])), None)
+        if other is None:
+            continue
+        a, b = set(first[1].split()), set(other[1].split())
+        only_a = [w for w in first[1].split() if w not in b][:5]
+        only_b = [w for w in other[1].split() if w not in a][:5]
+        group_lines = [m[0].line for m in members]
+        lines.extend(group_lines)
+        conflicts.append({"lines": group_lines, "prompt": _short(first[0].instruction),
+                          "answers": {str(first[0].line): _short(first[2]), str(other[0].line): _short(other[2])},
+                          "differ": [" ".join(only_a), " ".join(only_b)]})
+    return RuleResult(list(rows), sorted(lines), "flagged", {"conflicts": conflicts[:REPORT_LINES],
+                                                             "groups": len(conflicts)})
 
 
 # ---------------------------------------------------------------------------- rule: balance
@@ -787,6 +985,7 @@ def balance_groups(rows: list[Row], max_share: float, seed: int = 42) -> RuleRes
 _RULE_NOUNS = {
     "strip_boilerplate": "rows with boilerplate", "remove_urls": "rows with URLs", "pii": "rows with PII",
     "long_sentences": "rows with long sentences", "max_output_words": "rows with overlong outputs",
+    "conflicts": "rows answering the same question differently",
     "dedup_exact": "exact duplicates", "dedup_near": "near duplicates", "balance": "rows over a persona's share",
 }
 
@@ -800,6 +999,8 @@ def _run_rules(rows: list[Row], rules: DataRules, seed: int) -> tuple[list[Row],
          lambda rs: limit_sentences(rs, rules.max_sentence_words, rules.long_sentences)),
         ("max_output_words", rules.max_output_words is not None,
          lambda rs: limit_output_words(rs, rules.max_output_words)),
+        # before dedup, which would keep whichever of two contradicting rows came first
+        ("conflicts", True, find_conflicts),
         ("dedup_exact", rules.dedup_exact, dedup_exact),
         ("dedup_near", rules.dedup_near, lambda rs: dedup_near(rs, rules.near_dup_threshold, seed)),
         ("balance", rules.balance, lambda rs: balance_groups(rs, rules.max_group_share, seed)),
@@ -837,19 +1038,49 @@ def _top_reasons(report: dict, limit: int = 3) -> list[str]:
 def prepare_report(data: bytes, rules: DataRules, *, seed: int = 42) -> Prepared:
     """Like :func:`prepare` but never raises: the caller decides what too few rows means."""
     data = bytes(data) if not isinstance(data, str) else data.encode("utf-8", "surrogatepass")
-    fmt = detect_format(data) if rules.format == "auto" else rules.format
-    rows, problems = read_jsonl(data, persona_field=rules.balance_field, fmt=fmt)
+    rows, problems = read_jsonl(data, persona_field=rules.balance_field, fmt=rules.format)
     kept, entries = _run_rules(rows, rules, seed)
+    conflicts = entries.pop("conflicts")  # a check, not a switchable rule: it keeps every row
+    total_lines = count_lines(data)
+    valid_by_format, kept_by_format = Counter(r.fmt for r in rows), Counter(r.fmt for r in kept)
+    if rules.format != "auto":
+        fmt = rules.format
+    elif len(valid_by_format) > 1:
+        fmt = "mixed"
+    else:
+        fmt = next(iter(valid_by_format), None) or detect_format(data)
+    outside = [p for p in problems if isinstance(p, _OutsideFormat)]
+    non_blank = len(rows) + len(problems)
+    errors = []
+    if outside and len(outside) > MAX_OUTSIDE_FORMAT_SHARE * non_blank:
+        looks = Counter(p.looks_like for p in outside)
+        errors.append(
+            f"{len(outside)} of {non_blank} rows are outside "
+            + (f"data.format '{rules.format}'" if rules.format != "auto" else "the accepted formats")
+            + f" (more than {MAX_OUTSIDE_FORMAT_SHARE:.0%}): lines {_line_list([p.line for p in outside], len(outside))}"
+            + "; they look like " + ", ".join(f"{k} ({v})" for k, v in looks.most_common()))
+    dropped = {name: _rows_dropped(e) for name, e in entries.items() if _rows_dropped(e)}
     report: dict[str, Any] = {
         "format": fmt,
-        "total_lines": count_lines(data),
+        "total_lines": total_lines,
         "valid_rows": len(rows),
         "kept_rows": len(kept),
         "dataset_sha256": hashlib.sha256(data).hexdigest(),
         "seed": seed,
+        # Where every line went, so nothing is lost without a count: the run's status carries it.
+        "counts": {"lines": total_lines, "blank": total_lines - non_blank,
+                   "malformed": len(problems) - len(outside), "outside_format": len(outside),
+                   "valid": len(rows), "dropped_by_rule": dropped, "kept": len(kept),
+                   "by_format": {f: {"valid": valid_by_format[f], "kept": kept_by_format[f]}
+                                 for f in FORMATS if valid_by_format[f]}},
+        "outside_format": {"count": len(outside), "lines": [p.line for p in outside[:REPORT_LINES]],
+                           "looks_like": dict(Counter(p.looks_like for p in outside).most_common()),
+                           "max_share": MAX_OUTSIDE_FORMAT_SHARE},
+        "errors": errors,
         "problems_total": len(problems),
         "problems": [{"line": p.line, "message": p.message, "fix": p.fix} for p in problems[:REPORT_PROBLEMS]],
         "rules": entries,
+        "conflicts": conflicts,
         "personas": dict(sorted(Counter(r.persona or NO_PERSONA for r in kept).items())),
         "min_rows": rules.min_rows,
         "settings": rules.model_dump(mode="json"),
@@ -860,11 +1091,19 @@ def prepare_report(data: bytes, rules: DataRules, *, seed: int = 42) -> Prepared
 def prepare(data: bytes, rules: DataRules, *, seed: int = 42) -> Prepared:
     """Apply every enabled golden rule to JSONL bytes; return kept rows and a JSON-ready report.
 
-    Raises :class:`DataError` only when fewer than ``rules.min_rows`` rows are kept; its
-    message gives the counts and the main reasons. Malformed lines never raise.
+    Raises :class:`DataError` when more than MAX_OUTSIDE_FORMAT_SHARE of the rows are outside
+    the format (naming their lines and what they look like), or when fewer than
+    ``rules.min_rows`` rows are kept (giving the counts and the main reasons). A few malformed
+    lines never raise: they are problems in the report.
     """
     prepared = prepare_report(data, rules, seed=seed)
     report = prepared.report
+    if report["errors"]:
+        err = DataError("; ".join(report["errors"]),
+                        hint="write every row in one accepted format (run `launcher data check FILE` to see each "
+                             "line), or set data.format: auto to read each row by its own keys")
+        err.report = report  # type: ignore[attr-defined]
+        raise err
     if report["kept_rows"] < rules.min_rows:
         reasons = _top_reasons(report)
         msg = (f"only {report['kept_rows']} of {report['total_lines']} lines are usable training rows "
@@ -901,19 +1140,84 @@ def check_file(path: str | Path, rules: DataRules | None = None, *, seed: int = 
     """Run the rules over a local JSONL file and return the report (never raises for bad data;
     ``report['ok']`` says whether a run would accept it)."""
     p = Path(path)
+    data = read_data_file(p)
+    rules = rules or DataRules()
+    report = prepare_report(data, rules, seed=seed).report
+    report["source"] = str(p)
+    report["ok"] = report["kept_rows"] >= rules.min_rows and not report["errors"]
+    return report
+
+
+_NOT_REGULAR = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"))
+
+
+def read_data_file(p: Path, limit: int = MAX_FILE_BYTES) -> bytes:
+    """The bytes of a local data file, read at most ``limit`` + 1 bytes deep.
+
+    Only a regular file is read: a device (/dev/zero) or a FIFO never ends or blocks, so it is
+    refused before reading. A file over ``limit`` is refused naming the limit: a bounded read,
+    never all of memory. Lines over MAX_LINE_BYTES are problems of their line, found later."""
     try:
-        data = p.read_bytes()
+        st = os.stat(p)  # follows a symlink: what matters is what would be read
+        if stat.S_ISDIR(st.st_mode):
+            raise DataError(f"{p}: is a folder, not a JSONL file", hint="name the .jsonl file")
+        kind = next((name for test, name in _NOT_REGULAR if test(st.st_mode)), None)
+        if kind is not None:
+            raise DataError(f"{p}: is {kind}, not a regular file; a data file is read whole and hashed",
+                            hint="save the data to a .jsonl file and check that")
+        with open(p, "rb") as f:
+            data = f.read(limit + 1)  # +1: a file of exactly the limit is fine
     except FileNotFoundError:
         raise DataError(f"{p}: file not found", hint="check the path") from None
     except IsADirectoryError:
         raise DataError(f"{p}: is a folder, not a JSONL file", hint="name the .jsonl file") from None
     except OSError as err:
         raise DataError(f"{p}: cannot be read: {err.strerror}", hint="check permissions") from None
-    rules = rules or DataRules()
-    report = prepare_report(data, rules, seed=seed).report
-    report["source"] = str(p)
-    report["ok"] = report["kept_rows"] >= rules.min_rows
-    return report
+    if len(data) > limit:
+        line = data.count(b"\n") + 1
+        raise DataError(f"{p}: larger than the {limit:,}-byte limit of a data file (stopped reading at line "
+                        f"{line:,})", hint="split the file, or sample the rows you mean to train on")
+    return data
+
+
+#: One sentence on the accepted rows, for `launcher data check --help`.
+FORMATS_SUMMARY = ("A JSONL file, one JSON object per line, each row in one accepted format: "
+                   "{instruction, input?, output}, chat {messages: [{role, content}]} or ShareGPT "
+                   "{conversations: [{from, value}]}; a file may mix them (see --explain).")
+
+
+def explain_text() -> str:
+    """What `launcher data check --explain` prints: every accepted format with an example, how
+    the format is chosen, the limits, and each data rule with its default (from the spec)."""
+    from jobs.spec import field_docs
+
+    out = ["Accepted data: JSON Lines (UTF-8, a BOM and CRLF are fine), one JSON object per line, each in one of:"]
+    for name, example in FORMAT_EXAMPLES.items():
+        out.append(f"  {name:<12} {example}")
+    out += [
+        "  instruction rows may also carry 'persona' (or 'tone'); conversations may be multi-turn: an optional",
+        "  system turn first, then user and assistant turns in turn (ShareGPT: human and gpt), ending with an",
+        "  assistant turn. Loss is on the assistant turns only.",
+        "",
+        "data.format: auto (default) reads each row by its own keys, so a file may mix formats; the report counts",
+        "rows per format. Set instruction, messages or sharegpt to require one: rows in another format are listed",
+        f"with the format they look like. Rows in no format, in two, or outside a set format are an error beyond "
+        f"{MAX_OUTSIDE_FORMAT_SHARE:.0%} of the rows.",
+        f"Limits: a line over {MAX_LINE_BYTES:,} bytes is a problem of its line; a file over {MAX_FILE_BYTES:,} bytes, "
+        "a device or a FIFO is refused.",
+        "",
+        "Rules (the spec's data: section; `launcher data check --spec spec.yaml FILE` applies a spec's):",
+    ]
+    for path, default, desc in field_docs():
+        if path.startswith("data.") and path != "data.format":
+            out.append(f"  {path[5:]:<20} {default:<10} {desc}")
+    out += ["",
+            "Near duplicates (dedup_near): rows whose words differ only in function words (about/around, a/the, "
+            "is/was; number words = digits), at any length, or whose word 3-shingles reach near_dup_threshold.",
+            "Conflicts (a check that keeps every row): the same question with different answers, e.g. 'blue' vs "
+            "'yellow', named with their lines."]
+    return "\n".join(out)
 
 
 def _line_list(lines: list[int], count: int, limit: int = 10) -> str:
@@ -924,9 +1228,21 @@ def _line_list(lines: list[int], count: int, limit: int = 10) -> str:
 def format_report(report: dict[str, Any], *, max_problems: int = 20) -> str:
     """A short human-readable summary of a report: what ``launcher data check`` prints."""
     head = f"{report.get('source', 'dataset')} (sha256 {report['dataset_sha256'][:12]})"
+    counts = report.get("counts") or {}
+    by_format = counts.get("by_format") or {}
+    fmt = report.get("format", "instruction")
+    fmt_text = f"{fmt} format" if fmt != "mixed" else "mixed formats, each row read by its own keys"
     out = [head,
-           f"  {report['total_lines']} lines ({report.get('format', 'instruction')} format), {report['valid_rows']} "
-           f"valid rows, {report['kept_rows']} kept"]
+           f"  {report['total_lines']} lines ({fmt_text}), {report['valid_rows']} valid rows, "
+           f"{report['kept_rows']} kept"]
+    if len(by_format) > 1 or (by_format and fmt not in by_format):
+        out.append("  rows by format: " + ", ".join(f"{f} {c['valid']} valid, {c['kept']} kept"
+                                                    for f, c in by_format.items()))
+    if counts:
+        lost = [(counts["malformed"], "malformed lines"), (counts["outside_format"], "outside the format")]
+        lost += [(n, _RULE_NOUNS.get(name, name)) for name, n in counts["dropped_by_rule"].items()]
+        if any(n for n, _ in lost):
+            out.append("  not kept: " + ", ".join(f"{n} {what}" for n, what in lost if n))
     personas = report.get("personas") or {}
     if len(personas) > 1 or (personas and NO_PERSONA not in personas):
         out.append("  personas: " + ", ".join(f"{k} {v}" for k, v in personas.items()))
@@ -952,11 +1268,30 @@ def format_report(report: dict[str, Any], *, max_problems: int = 20) -> str:
             text += f" ({entry['dropped']} dropped)"
         if entry.get("kinds"):
             text += " [" + ", ".join(f"{k} {v}" for k, v in entry["kinds"].items()) + "]"
+        if entry.get("reworded"):
+            text += f" ({entry['reworded']} differ only in words like about/around, a/the)"
         if entry["count"]:
             text += ": lines " + _line_list(entry["lines"], entry["count"])
         out.append(text)
-    if report["kept_rows"] >= report["min_rows"]:
-        out.append("  OK: a run would accept this data")
-    else:
+    conflicts = (report.get("conflicts") or {}).get("conflicts", [])
+    if conflicts:
+        groups = report["conflicts"]["groups"]
+        out.append(f"  warning: {groups} question(s) answered differently (conflicts), the model would learn "
+                   f"either answer — keep the right one, delete the others:")
+        for c in conflicts[:max_problems]:
+            (la, a), (lb, b) = list(c["answers"].items())[:2]
+            differ = f" ('{c['differ'][0]}' vs '{c['differ'][1]}')" if any(c["differ"]) else ""
+            out.append(f"    lines {_line_list(c['lines'], len(c['lines']))}: \"{c['prompt']}\"{differ}: "
+                       f"line {la} \"{a}\", line {lb} \"{b}\"")
+        if groups > max_problems:
+            out.append(f"    … {groups - max_problems} more")
+    errors = report.get("errors") or []
+    for e in errors:
+        out.append(f"  ERROR: {e} — write every row in one accepted format, or use data.format: auto")
+    if report["kept_rows"] < report["min_rows"]:
         out.append(f"  FAIL: {report['kept_rows']} rows kept, data.min_rows is {report['min_rows']}")
+    elif errors:
+        out.append("  FAIL: a run would reject this data")
+    else:
+        out.append("  OK: a run would accept this data")
     return "\n".join(out)

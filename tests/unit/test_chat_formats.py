@@ -85,7 +85,6 @@ def test_the_rules_act_on_every_assistant_turn_and_leave_the_others_alone():
     ({"messages": "hello"}, "'messages' must be a list of turns, got a string"),
     ({"messages": []}, "'messages' is empty"),
     ({"messages": [{"role": "user"}]}, "turn 1 (user): missing 'content'"),
-    ({"instruction": "x", "output": "y"}, "missing 'messages'"),
 ])
 def test_malformed_conversations_are_problems_of_their_line(obj, message):
     good = _msgs(("user", "Hi"), ("assistant", "Hello."))
@@ -113,7 +112,9 @@ def test_the_format_is_detected_per_file_or_set_by_the_spec(tmp_path):
     f.write_bytes(_jsonl({"instruction": "a?", "output": "b."}, {"instruction": "c?", "output": "d."}))
     forced = check_file(f, DataRules(format="messages", min_rows=1))
     assert forced["format"] == "messages" and forced["kept_rows"] == 0
-    assert [p["message"] for p in forced["problems"]] == ["missing 'messages'"] * 2
+    assert [p["message"] for p in forced["problems"]] == [
+        "missing 'messages': the row looks like an instruction row, but data.format is 'messages'"] * 2
+    assert forced["outside_format"]["looks_like"] == {"instruction": 2} and not forced["ok"]
     text = format_report(forced)
     assert "(messages format)" in text and "line 1: missing 'messages'" in text and "FAIL" in text
     assert check_file(f, DataRules(min_rows=1))["kept_rows"] == 2

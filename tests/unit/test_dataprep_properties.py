@@ -76,16 +76,26 @@ def test_prepare_returns_or_raises_data_error_for_any_rows(dicts, rules, seed):
         prepared = prepare(data, rules, seed=seed)
     except DataError as err:
         report = err.report
-        assert report["kept_rows"] < rules.min_rows
+        # a DataError means too few rows, or too many rows outside the format (named in the report)
+        assert report["kept_rows"] < rules.min_rows or report["errors"]
+        outside = report["outside_format"]
+        assert not report["errors"] or outside["count"] > outside["max_share"] * (len(dicts) - report["counts"]["blank"])
     else:
         report = prepared.report
-        assert len(prepared.rows) == report["kept_rows"] >= rules.min_rows
+        assert len(prepared.rows) == report["kept_rows"] >= rules.min_rows and not report["errors"]
         assert {r.line for r in prepared.rows} <= set(range(1, len(dicts) + 1))
         assert all(r.output.strip() for r in prepared.rows)
     json.dumps(report, allow_nan=False)
     assert report["kept_rows"] <= report["valid_rows"] <= report["total_lines"] == len(dicts)
     for entry in report["rules"].values():
         assert entry["count"] >= len(entry["lines"])
+    # nothing is lost without a count: every line is blank, malformed, outside the format or
+    # valid, and every valid row is kept or dropped by a named rule
+    c = report["counts"]
+    assert c["blank"] + c["malformed"] + c["outside_format"] + c["valid"] == c["lines"] == len(dicts)
+    assert c["valid"] - sum(c["dropped_by_rule"].values()) == c["kept"] == report["kept_rows"]
+    assert sum(f["valid"] for f in c["by_format"].values()) == c["valid"]
+    assert sum(f["kept"] for f in c["by_format"].values()) == c["kept"]
 
 
 @settings(FAST, max_examples=100)
