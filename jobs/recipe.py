@@ -159,7 +159,14 @@ class Prepared:
 def prepare(spec: TrainingRunSpec, fetched: Fetched) -> Prepared:
     from jobs import dataprep
 
-    prep = dataprep.prepare(fetched.train_bytes, spec.data, seed=spec.training.seed)
+    try:
+        prep = dataprep.prepare(fetched.train_bytes, spec.data, seed=spec.training.seed)
+    except DataError as err:  # a rejected file's counts reach the run's status too
+        if Stage.progress is not None and getattr(err, "report", None):
+            Stage.progress.update(data=err.report["counts"])
+        raise
+    if Stage.progress is not None:  # where every line went (kept, dropped by reason, by format)
+        Stage.progress.update(data=prep.report["counts"])
     report = {"train": prep.report}
     if fetched.validation_bytes is not None:
         vprep = dataprep.prepare(fetched.validation_bytes, spec.data.model_copy(update={"min_rows": 1}),
