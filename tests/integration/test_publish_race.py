@@ -77,11 +77,13 @@ def test_concurrent_publishers_get_distinct_complete_versions_and_latest_never_g
 
 
 def test_prune_removes_only_old_incomplete_versions_and_is_a_dry_run_by_default(tmp_path, stack, s3_env, s3_prefix):
-    """v1 complete, v2 abandoned half-way (10 s ago), v3 being published now (it writes a part before each
-    prune): `launcher artifacts prune --older-than 8s` lists v2 only, deletes nothing without --yes, and with
-    --yes deletes v2 alone. The margins leave the launcher seconds to start on a loaded machine: with 3 s
-    and 2 s it once took longer than 2 s, and the publish in progress looked abandoned too."""
+    """v1 complete, v2 abandoned half-way (older than the threshold), v3 being published now (it writes a part
+    before each prune): `launcher artifacts prune --older-than N` lists v2 only, deletes nothing without --yes,
+    and with --yes deletes v2 alone. N is at least 8 s and at least 4 times what a cold prune took here (v3's
+    newest part is one launcher start-up old when it is judged): with fixed margins of 3 s and 2 s the launcher
+    once took longer than 2 s to start, and the publish in progress looked abandoned too."""
     import json
+    import math
     import os
     import subprocess
     import sys
@@ -95,17 +97,25 @@ def test_prune_removes_only_old_incomplete_versions_and_is_a_dry_run_by_default(
     store, prefix = open_store(s3_prefix)
     run = f"{prefix}/pruned"
     publish_version(store, run, _folder(tmp_path, 1))
+    env = {**os.environ, "PYTHONPATH": str(repo), "LAUNCHER_S3_ENDPOINT": stack.s3_endpoint}
+    t0 = time.monotonic()
+    text = subprocess.run([sys.executable, "-m", "launcher", "artifacts", "prune", "pruned", "--output", s3_prefix],
+                          env=env, cwd=repo, capture_output=True, text=True, timeout=120)
+    cold = time.monotonic() - t0
+    assert "nothing to prune" in text.stdout, text.stdout + text.stderr
+    # S3's timestamps are whole seconds (+1 s); the threshold scales with this machine's start-up
+    older = max(8, math.ceil(4 * cold) + 1)
     store.put_bytes(f"{run}/v2/_CLAIM", b"x")
     store.put_bytes(f"{run}/v2/adapter/adapter_model.safetensors", b"half" * 1000)
-    time.sleep(10)
+    time.sleep(older + 2)
     store.put_bytes(f"{run}/v3/_CLAIM", b"y")  # a publish in progress
-    env = {**os.environ, "PYTHONPATH": str(repo), "LAUNCHER_S3_ENDPOINT": stack.s3_endpoint}
+    parts = iter(range(100))
 
-    def prune(*extra):
-        store.put_bytes(f"{run}/v3/adapter/part-{len(extra)}", b"z")  # the publish in progress goes on
+    def prune(*extra, json_out=True):
+        store.put_bytes(f"{run}/v3/adapter/part-{next(parts)}", b"z")  # the publish in progress goes on
         return subprocess.run([sys.executable, "-m", "launcher", "artifacts", "prune", "pruned", "--output", s3_prefix,
-                               "--older-than", "8s", "-o", "json", *extra], env=env, cwd=repo,
-                              capture_output=True, text=True, timeout=60)
+                               "--older-than", f"{older}s", *(["-o", "json"] if json_out else []), *extra], env=env,
+                              cwd=repo, capture_output=True, text=True, timeout=120)
 
     dry = prune()
     assert dry.returncode == 0, dry.stderr
@@ -116,6 +126,5 @@ def test_prune_removes_only_old_incomplete_versions_and_is_a_dry_run_by_default(
     assert applied.returncode == 0, applied.stderr
     assert [o["name"] for o in json.loads(applied.stdout)["orphans"]] == ["v2"]
     assert existing_versions(store, run) == {1: True, 3: False}, "only the abandoned v2 went"
-    text = subprocess.run([sys.executable, "-m", "launcher", "artifacts", "prune", "pruned", "--output", s3_prefix],
-                          env=env, cwd=repo, capture_output=True, text=True, timeout=60)
+    text = prune(json_out=False)
     assert "nothing to prune" in text.stdout, text.stdout + text.stderr
