@@ -238,25 +238,35 @@ def test_an_eviction_mid_training_resumes_from_the_checkpoint_and_publishes_once
     r = cli(env, "submit", str(write_spec(tmp_path, spec)))
     assert r.returncode == 0, r.stdout + r.stderr
     store, prefix = open_store(f"{s3_prefix}/runs")
+    newest = [0]
 
     def checkpointed(s):  # training, with a checkpoint in storage that a retry can resume from
-        p = s.get("progress") or {}
-        return s["state"] == "Running" and p.get("stage") == "train" and (p.get("step") or 0) >= 2 and \
-            any("checkpoint" in o.key for o in store.list(f"{prefix}/evicted/"))
+        # The checkpoints themselves, not the progress object's step: that is written at most every 10 s, and a
+        # fast machine can train past step 2 before it is (the stage is written at once, on every change).
+        if s["state"] in ("Succeeded", "Failed"):
+            return True  # ended before it was seen mid-training: said below, not after a 600 s wait
+        if s["state"] != "Running" or (s.get("progress") or {}).get("stage") != "train":
+            return False
+        newest[0] = max((int(k.split("/")[-2][5:]) for k in (o.key for o in store.list(f"{prefix}/evicted/"))
+                         if k.endswith("/_COMPLETE") and k.split("/")[-2].startswith("step-")), default=0)
+        return newest[0] >= 2
 
     s = wait_status(env, "evicted", checkpointed, 600, "a checkpoint mid-training")
+    assert s["state"] == "Running", f"the run ended before a checkpoint was seen mid-training: {s}"
     pod = s["pods"][-1]["pod"]
-    step_at_eviction = s["progress"]["step"]
+    step_at_eviction = newest[0]
     core = client.CoreV1Api(kube_api)
     # The evicted pod is deleted once it ends (the Job controller counts it, then drops its finalizer),
-    # so its end is read from a watch, as it happens.
+    # so its end is read from a watch, as it happens; the eviction waits until the watch has seen the pod.
     ends: list[dict] = []
+    watching = threading.Event()
 
     def watch_pod():
         from kubernetes import watch
 
         for ev in watch.Watch().stream(core.list_namespaced_pod, real_ns, field_selector=f"metadata.name={pod}",
                                        timeout_seconds=300):
+            watching.set()
             obj = ev["object"]
             for cs in obj.status.container_statuses or []:
                 if cs.state.terminated:
@@ -269,7 +279,7 @@ def test_an_eviction_mid_training_resumes_from_the_checkpoint_and_publishes_once
 
     watcher = threading.Thread(target=watch_pod, daemon=True)
     watcher.start()
-    time.sleep(0.5)
+    assert watching.wait(60), "the watch on the pod did not start"
     core.create_namespaced_pod_eviction(pod, real_ns, client.V1Eviction(
         metadata=client.V1ObjectMeta(name=pod, namespace=real_ns)))
 
@@ -290,7 +300,7 @@ def test_an_eviction_mid_training_resumes_from_the_checkpoint_and_publishes_once
     import re
 
     at, total = map(int, re.search(r"step (\d+) of (\d+)", resumed[0]).groups())
-    # SIGTERM checkpoints the step it is on: no earlier than what progress last showed, before the end
+    # SIGTERM checkpoints the step it is on: no earlier than the newest checkpoint seen, before the end
     assert step_at_eviction <= at < total, (step_at_eviction, resumed)
     assert_one_verified_version(store, f"{prefix}/evicted")
 
@@ -304,8 +314,10 @@ def test_a_node_whose_kubelet_stops_is_named_and_the_run_recovers_when_it_return
     spec = lean(cpu_spec("node-away", short_model_in_minio, train_data, f"{s3_prefix}/runs"))
     r = cli(env, "submit", str(write_spec(tmp_path, spec)))
     assert r.returncode == 0, r.stdout + r.stderr
+    # From fetch on (each stage is written at once): the earliest sign of a working run, so the kubelet stops
+    # with the most of the run still ahead, whatever the machine's speed.
     s = wait_status(env, "node-away", lambda s: s["state"] == "Running" and (s.get("progress") or {}).get("stage")
-                    in ("prepare", "train"), 600, "the run to start working")
+                    in ("fetch", "prepare", "train"), 600, "the run to start working")
     pod = s["pods"][-1]["pod"]
     node_sh = ["bash", str(REPO / "hack" / "node.sh")]
     subprocess.run([*node_sh, "stop-kubelet"], cwd=REPO, check=True, capture_output=True)
@@ -342,11 +354,14 @@ def test_two_real_pods_rendezvous_over_the_pod_network_and_publish_one_version(s
     spec["resources"].update({"nodes": 2, "cpu": "1"})
     r = cli(env, "submit", str(write_spec(tmp_path, spec)))
     assert r.returncode == 0, r.stdout + r.stderr
-    running = wait_status(env, "two-pods", lambda s: s["sentence"].startswith("running: 2 pods"), 600,
-                          "both pods to run")
+    # Both pods running, or already done: a short run can end between two polls on a fast machine. (The sentence
+    # of a 2-pod run is the kwok tests' subject; here, that both pods ran on the real node and met.)
+    running = wait_status(env, "two-pods", lambda s: s["sentence"].startswith("running: 2 pods")
+                          or s["state"] in ("Succeeded", "Failed"), 600, "both pods to run")
     assert {p["node"] for p in running["pods"]} == {node["STACK_NODE_NAME"]}, running["pods"]
     final = wait_status(env, "two-pods", lambda s: s["state"] in ("Succeeded", "Failed"), 900, "the run to end")
     assert final["state"] == "Succeeded", final
+    assert len(final["pods"]) >= 2 and {p["node"] for p in final["pods"]} == {node["STACK_NODE_NAME"]}, final["pods"]
 
     logs0 = cli(env, "logs", "two-pods").stdout
     logs1 = cli(env, "logs", "two-pods", "--rank", "1").stdout
