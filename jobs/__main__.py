@@ -18,11 +18,22 @@ from jobs.errors import ExitCode, LoraJobError, write_termination_message
 log = logging.getLogger("jobs")
 
 
+def _no_cpu_4bit_kernel_warning(record: logging.LogRecord) -> bool:
+    """Drop bitsandbytes' "Failed to load CPU gemm_4bit_forward ... `pip install kernels`" warning.
+
+    bitsandbytes (0.50) logs it on import, on any CPU with AVX512-BF16, when the optional `kernels` package
+    is missing, so every run printed it (peft imports bitsandbytes). That kernel only serves 4-bit matmuls
+    on the CPU, and this job never runs one: the spec refuses quantization without a GPU, and a GPU run's
+    4-bit layers use CUDA. Only this one message goes; the logger's other warnings stay."""
+    return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
+
+
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-5s %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
     for noisy in ("botocore", "boto3", "urllib3", "s3transfer", "filelock", "httpx", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_no_cpu_4bit_kernel_warning)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
