@@ -73,10 +73,6 @@ app = typer.Typer(
          "failed, 4 timeout. Set LAUNCHER_DEBUG=1 for tracebacks.",
     no_args_is_help=True,
     add_completion=False,
-    # click's own help layout: typer's rich panels (0.29) print every option's type, so each flag showed a
-    # stray `<bool>` (fastapi/typer#493, PR #1727); plain help prints flags as flags. Back to rich once a
-    # typer release leaves flags untyped there.
-    rich_markup_mode=None,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -84,21 +80,9 @@ data_app = typer.Typer(help="Check training data before you submit.", no_args_is
 app.add_typer(data_app, name="data")
 
 
-def _version(value: bool) -> None:
-    if value:
-        from jobs import __version__
-        from launcher.settings import LauncherSettings
-
-        image = LauncherSettings.model_fields["image"].default
-        typer.echo(f"launcher {__version__} (trainer image by default: {image}; LAUNCHER_IMAGE sets another)")
-        raise typer.Exit()
-
-
 @app.callback()
 def _root(
     ctx: typer.Context,
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                 help="Print the version and the trainer image it runs by default, and exit."),
     namespace: Optional[str] = typer.Option(None, "--namespace", "-n", help="Namespace (LAUNCHER_NAMESPACE)."),
     context: Optional[str] = typer.Option(None, "--context", help="kubeconfig context (LAUNCHER_CONTEXT)."),
     kubeconfig: Optional[str] = typer.Option(None, "--kubeconfig", help="kubeconfig path (LAUNCHER_KUBECONFIG)."),
@@ -149,43 +133,16 @@ def _console(stderr: bool = False):
 
 
 FORMAT_OPTION = typer.Option(Format.table, "--format", "-o", help="Output: table, json or yaml.")
-# a metavar that says what to write (typer's own is the Python type, `<list[str]>`)
-SET_OPTION = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a field: key.path=value (repeatable).")
 
 
 # ------------------------------------------------------------------------------ verbs
-
-@app.command(epilog="Example:  launcher init   |   launcher init runs/support.yaml --name support-bot   |   "
-                    "launcher init spec.yaml --force")
-@_handles_errors
-def init(
-    path: Path = typer.Argument(Path("spec.yaml"), help="Where to write it (a folder: spec.yaml in it)."),
-    name: Optional[str] = typer.Option(None, "--name", help="The run's name (default: my-run)."),
-    force: bool = typer.Option(False, "--force", help="Overwrite the file if it exists."),
-) -> None:
-    """Write a starter spec: every field with its default and what it does, commented; it validates as is."""
-    from launcher.init_spec import starter_spec
-
-    if path.is_dir():
-        path = path / "spec.yaml"
-    if path.exists() and not force:
-        raise UsageError(f"{path} exists; left as it is", hint=f"name another file, or overwrite it: launcher init "
-                                                               f"{path} --force")
-    text = starter_spec(name, file_name=str(path))
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
-    except OSError as err:
-        raise UsageError(f"cannot write {path}: {err.strerror}", hint="choose a folder you can write to") from None
-    typer.echo(f"wrote {path}: replace its placeholders, then `launcher validate {path}`")
-
 
 @app.command(epilog="Example:  launcher validate spec.yaml --set training.epochs=2   |   launcher validate --explain")
 @_handles_errors
 def validate(
     spec: Optional[Path] = typer.Argument(None, help="The spec file (YAML)."),
     explain: bool = typer.Option(False, "--explain", help="Print every field with its default and meaning."),
-    set_: list[str] = SET_OPTION,
+    set_: list[str] = typer.Option([], "--set", help="Override a field: key.path=value (repeatable)."),
 ) -> None:
     """Check a spec offline and report every problem at once."""
     if explain:
@@ -213,20 +170,19 @@ def validate(
 def submit(
     ctx: typer.Context,
     spec: Path = typer.Argument(..., help="The spec file (YAML)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the Job and ConfigMap; touch no cluster."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print every object the run creates (as `launcher "
+                                                          "render`); touch no cluster."),
     server_dry_run: bool = typer.Option(False, "--server-dry-run", help="Run the preflight checks and a "
                                                                         "server-side dry-run; create nothing."),
     local: bool = typer.Option(False, "--local", help="Run here, without a cluster (python -m jobs run)."),
     wait: bool = typer.Option(False, "--wait", help="Wait for the run to finish; exit by its outcome."),
     follow: bool = typer.Option(False, "--follow", "-f", help="Stream the logs until the run finishes."),
-    set_: list[str] = SET_OPTION,
+    set_: list[str] = typer.Option([], "--set", help="Override a field: key.path=value (repeatable)."),
     skip_preflight: bool = typer.Option(False, "--skip-preflight",
                                         help="Skip the namespace/Secret/node checks (they need read access)."),
     workdir: Optional[Path] = typer.Option(None, "--workdir", help="Working folder of a --local run (default: "
                                                                    "~/.cache/lora-jobs/runs/<job name>)."),
     timeout: Optional[float] = typer.Option(None, "--timeout", help="With --wait: give up after this many seconds."),
-    fmt: Format = typer.Option(Format.table, "--format", "-o", help="How to print what was submitted: table (one "
-                                                                     "line), json or yaml."),
 ) -> None:
     """Validate a spec and submit it as a Job (the same spec twice is the same run)."""
     client = _client(ctx)
@@ -236,34 +192,79 @@ def submit(
         raise typer.Exit(client.run_local(v.spec, workdir=workdir, base_dir=spec.resolve().parent,
                                           on_output=lambda line: typer.echo(line, nl=False)))
     if dry_run:
-        from launcher.render import to_yaml
-
-        if v.spec.resources.nodes > 1 and client.offline_settings.multinode_workload == "auto":
-            _err("note: multinode_workload is auto and --dry-run asks no cluster: shown as an Indexed Job; a cluster "
-                 "that serves JobSets gets a JobSet (LAUNCHER_MULTINODE_WORKLOAD=jobset --dry-run shows it)")
-        typer.echo(to_yaml(*client.render(v.spec)), nl=False)
+        _print_run(client, v.spec, ManifestFormat.yaml)
         return
     result = client.submit(v.spec, server_dry_run=server_dry_run, skip_preflight=skip_preflight)
     for w in result.warnings:
         _err(f"warning: {w}")
-    _emit(result.to_dict(), fmt, lambda: typer.echo(result.message))
+    typer.echo(result.message)
     if server_dry_run:
         return
-    # with -o json/yaml stdout holds one document: what follows it goes to stderr
-    say = typer.echo if fmt == Format.table else _err
     if follow:
         stream = client.logs(result.job_name, follow=True)
         for line in stream:
-            say(line)
-        say(f"{result.job_name}: {stream.outcome.sentence}")
+            typer.echo(line)
+        typer.echo(f"{result.job_name}: {stream.outcome.sentence}")
         _finish(stream.outcome)
     elif wait:
         final = client.wait(result.job_name, timeout=timeout,
                             on_change=lambda st: _err(f"{result.job_name}: {st.sentence}"))
-        say(f"{result.job_name}: {final.sentence}")
+        typer.echo(f"{result.job_name}: {final.sentence}")
         _finish(final)
     else:
         _err(f"follow it: launcher logs {v.spec.name} -f   |   launcher status {v.spec.name}")
+
+
+class ManifestFormat(str, Enum):
+    yaml = "yaml"
+    json = "json"
+
+
+class MultinodeWorkload(str, Enum):
+    indexed_job = "indexed-job"
+    jobset = "jobset"
+
+
+def _print_run(client, spec, fmt: ManifestFormat, *, queue: Optional[str] = None,
+               multinode_workload: Optional[str] = None) -> None:
+    """Print every object the run creates, from render_run (what submit creates); nothing asks a cluster."""
+    from launcher.render import to_json, to_yaml
+
+    run = client.render(spec, queue=queue, multinode_workload=multinode_workload)
+    if spec.resources.nodes > 1 and (multinode_workload or client.offline_settings.multinode_workload) == "auto":
+        _err("note: multinode_workload is auto and rendering asks no cluster: shown as an Indexed Job; on a cluster "
+             "that serves JobSets, submit makes a JobSet (`launcher render --multinode-workload jobset` shows it)")
+    typer.echo(to_json(*run.objects) if fmt == ManifestFormat.json else to_yaml(*run.objects), nl=False)
+
+
+@app.command(help="Print every object a run creates (Job or JobSet, headless Service, ConfigMap), offline.\n\n"
+                  "For Argo CD, Flux and other GitOps tools: commit the output, or pipe it to `kubectl apply -f -`. "
+                  "It is the renderer `submit` uses, with the settings from LAUNCHER_* variables and your config "
+                  "file; it contacts no cluster, so it does not read the namespace's lora-jobs-launcher ConfigMap "
+                  "(set what differs with LAUNCHER_*, -n, --queue, --multinode-workload) and runs no preflight "
+                  "checks (`submit --server-dry-run` does). The same spec always prints the same objects.",
+             epilog="Example:  launcher render spec.yaml | kubectl apply -f -   |   launcher render spec.yaml -o json "
+                    "--queue team-a > run.json")
+@_handles_errors
+def render(
+    ctx: typer.Context,
+    spec: Path = typer.Argument(..., help="The spec file (YAML)."),
+    fmt: ManifestFormat = typer.Option(ManifestFormat.yaml, "--output", "-o",
+                                       help="yaml (one document per object) or json (a v1 List)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a field: key.path=value (repeatable)."),
+    queue: Optional[str] = typer.Option(None, "--queue", help="Kueue LocalQueue: the run is labelled for it and "
+                                                             "created suspended (default: LAUNCHER_QUEUE)."),
+    multinode_workload: Optional[MultinodeWorkload] = typer.Option(
+        None, "--multinode-workload", help="What a run of several nodes becomes: indexed-job (with a headless "
+                                           "Service) or jobset, if your cluster serves JobSets (default: "
+                                           "LAUNCHER_MULTINODE_WORKLOAD)."),
+) -> None:
+    """`launcher render` (its help is above: the docstring's line breaks would show in typer's panels)."""
+    client = _client(ctx)
+    v = client.validate(spec, set_)
+    _warn_advice(v.advice)
+    _print_run(client, v.spec, fmt, queue=queue,
+               multinode_workload=multinode_workload.value if multinode_workload else None)
 
 
 @app.command(epilog="Example:  launcher status my-run   |   launcher status my-run -o json")
@@ -464,25 +465,13 @@ app.command("prune", hidden=True, epilog=PRUNE_EPILOG)(prune)
 @data_app.command("check", epilog="Example:  launcher data check train.jsonl   |   launcher data check train.jsonl "
                                   "--json   |   launcher data check train.jsonl --spec spec.yaml")
 @_handles_errors
-def data_check(file: Optional[Path] = typer.Argument(
-                   None, help="A JSONL file, one JSON object per line, each row in one accepted format: "
-                              "{instruction, input?, output}, chat {messages: [{role, content}]} or ShareGPT "
-                              "{conversations: [{from, value}]}; a file may mix them (see --explain)."),
+def data_check(file: Path = typer.Argument(..., help="A JSONL file of {instruction, output} rows."),
                as_json: bool = typer.Option(False, "--json", help="Print the full report as JSON."),
                spec: Optional[Path] = typer.Option(None, "--spec", help="Apply this spec's data rules and seed "
-                                                                        "(default: the guide's rules)."),
-               explain: bool = typer.Option(False, "--explain", help="Print every accepted data format with an "
-                                                                     "example, the limits and the rules.")) -> None:
-    """Apply the data rules to a local file and report what a run would keep, by format and by reason; exit 1 if
-    it would be rejected."""
+                                                                        "(default: the guide's rules).")) -> None:
+    """Apply the data rules to a local file and report what a run would keep; exit 1 if it would be rejected."""
     from jobs import dataprep
 
-    if explain:
-        typer.echo(dataprep.explain_text())
-        if file is None:
-            return
-    if file is None:
-        raise UsageError("name a JSONL file", hint="launcher data check train.jsonl (or --explain)")
     if spec is not None:
         from launcher.client import Client
 

@@ -452,12 +452,20 @@ class Client:
         return Validation(spec=s, job_name=job_name(s), spec_hash=s.spec_hash(),
                           advice=list(s.advice()) + tracking_advice(s, self.offline_settings))
 
-    def render(self, spec: SpecLike, overrides: list[str] | tuple[str, ...] = ()) -> tuple[dict, dict]:
-        """(Job or JobSet, ConfigMap) the run would create, from the offline settings; touches no cluster, so
-        ``multinode_workload: auto`` renders the Indexed Job (the CLI says so)."""
+    def render(self, spec: SpecLike, overrides: list[str] | tuple[str, ...] = (), *, queue: str | None = None,
+               multinode_workload: str | None = None):
+        """Every object the run would create (a ``launcher.render.RunObjects``; ``.objects`` lists them), by the
+        renderer ``submit`` uses, from the offline settings with ``queue`` / ``multinode_workload`` over them.
+        Touches no cluster, so it never asks whether the cluster serves JobSets: ``multinode_workload: auto``
+        renders the Indexed Job (the CLI says so)."""
         from launcher.render import render_run
+        from launcher.settings import make_settings
 
-        return render_run(self.load_spec(spec, overrides), self.offline_settings)
+        settings = self.offline_settings
+        chosen = {k: v for k, v in {"queue": queue, "multinode_workload": multinode_workload}.items() if v}
+        if chosen:  # every field given explicitly, so only the choices made here differ from the offline settings
+            settings = make_settings(**{**settings.model_dump(), **chosen})
+        return render_run(self.load_spec(spec, overrides), settings)
 
     # ------------------------------------------------------------------ runs on the cluster
     def submit(self, spec: SpecLike, overrides: list[str] | tuple[str, ...] = (), *, server_dry_run: bool = False,

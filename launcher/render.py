@@ -1,5 +1,8 @@
-"""Spec + settings -> the Job (or, for a multi-node run, a JobSet) and its spec ConfigMap, as plain dicts.
-Pure: no I/O, no clock.
+"""Spec + settings -> every object a run creates, as plain dicts: the Job (or, for a multi-node run, a JobSet),
+the headless Service of a multi-node Indexed Job, and the spec ConfigMap. Pure: no I/O, no clock.
+
+:func:`render_run` is the one renderer: ``submit`` creates what it returns, and ``submit --dry-run`` and
+``launcher render`` print it.
 
 Only the fields of ``spec.resources`` (and the run name, hash and labels) shape the
 pod; everything else travels inside the ConfigMap as data, so a spec cannot inject
@@ -7,6 +10,7 @@ pod fields. The contracts are in docs/architecture.md.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from jobs.errors import PERMANENT_EXIT_CODES
@@ -325,13 +329,26 @@ def render_jobset(spec: TrainingRunSpec, settings: LauncherSettings) -> dict[str
     return {"apiVersion": JOBSET_API, "kind": "JobSet", "metadata": job["metadata"], "spec": jobset_spec}
 
 
-def render_run(spec: TrainingRunSpec, settings: LauncherSettings, *,
-               jobsets_served: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(Job or JobSet, ConfigMap) for one run (:func:`uses_jobset` decides; an Indexed Job also needs
-    :func:`render_service`)."""
-    workload = render_jobset(spec, settings) if uses_jobset(spec, settings, jobsets_served) \
-        else render_job(spec, settings)
-    return workload, render_configmap(spec, settings)
+@dataclass(frozen=True)
+class RunObjects:
+    """Everything one run creates."""
+
+    workload: dict[str, Any]  # the Job or the JobSet
+    configmap: dict[str, Any]  # the spec, mounted by the pods
+    service: dict[str, Any] | None = None  # an Indexed Job's headless Service (a JobSet makes its own)
+
+    @property
+    def objects(self) -> list[dict[str, Any]]:
+        """The objects in the order manifests list them: workload, Service, ConfigMap."""
+        return [self.workload, *([self.service] if self.service is not None else []), self.configmap]
+
+
+def render_run(spec: TrainingRunSpec, settings: LauncherSettings, *, jobsets_served: bool = False) -> RunObjects:
+    """Every object of one run: the Job or JobSet (:func:`uses_jobset` decides), the headless Service an
+    Indexed Job of several nodes needs, and the spec ConfigMap."""
+    if uses_jobset(spec, settings, jobsets_served):
+        return RunObjects(render_jobset(spec, settings), render_configmap(spec, settings))
+    return RunObjects(render_job(spec, settings), render_configmap(spec, settings), render_service(spec, settings))
 
 
 def is_jobset(obj: dict[str, Any] | None) -> bool:
@@ -358,3 +375,10 @@ def to_yaml(*docs: dict[str, Any]) -> str:
     import yaml
 
     return yaml.safe_dump_all(list(docs), sort_keys=False, allow_unicode=True)
+
+
+def to_json(*docs: dict[str, Any]) -> str:
+    """The objects as one ``v1`` ``List``: the JSON form ``kubectl apply -f -`` takes for several objects."""
+    import json
+
+    return json.dumps({"apiVersion": "v1", "kind": "List", "items": list(docs)}, indent=2, ensure_ascii=False) + "\n"

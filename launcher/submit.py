@@ -1,4 +1,5 @@
-"""Preflight checks and idempotent creation of a run (ConfigMap, then Job or JobSet, then the ownerReference).
+"""Preflight checks and idempotent creation of a run: exactly the objects :func:`launcher.render.render_run`
+returns (ConfigMap, then Job or JobSet, then the ownerReferences and an Indexed Job's headless Service).
 
 The Job (JobSet) name is derived from the spec hash, so the API server's name uniqueness
 is our lock: two processes submitting the same spec race on ``create``, one gets
@@ -35,15 +36,6 @@ class SubmitResult:
         if self.dry_run:
             return f"server-side dry-run passed: {self.kind} {self.job_name} would be created"
         return f"{'submitted' if self.created else 'already submitted'}: {self.kind} {self.job_name}"
-
-    def to_dict(self) -> dict[str, Any]:
-        """What ``submit -o json|yaml`` prints: the names to follow the run by, not the whole object."""
-        meta = self.job.get("metadata") or {}
-        labels = meta.get("labels") or {}
-        return {"run": labels.get(render.LABEL_RUN), "job": self.job_name, "kind": self.kind,
-                "namespace": meta.get("namespace"), "spec_hash": labels.get(render.LABEL_HASH),
-                "created": self.created, "server_dry_run": self.dry_run, "message": self.message,
-                "warnings": list(self.warnings)}
 
 
 # ------------------------------------------------------------------------------ quantities
@@ -146,10 +138,11 @@ def local_path_problems(spec: TrainingRunSpec) -> list[str]:
 
 # ------------------------------------------------------------------------------ preflight (I/O)
 
-def preflight(kube: Kube, spec: TrainingRunSpec, settings: LauncherSettings, job: dict, configmap: dict,
-              service: dict | None = None, *, check_nodes: bool = True) -> list[str]:
+def preflight(kube: Kube, spec: TrainingRunSpec, settings: LauncherSettings, run: render.RunObjects, *,
+              check_nodes: bool = True) -> list[str]:
     """Run every check, raise :class:`PreflightError` listing all failures; return warnings (checks skipped
     because RBAC does not let us look)."""
+    job = run.workload
     failures: list[str] = local_path_problems(spec)
     warnings: list[str] = []
     ns = settings.namespace
@@ -195,9 +188,9 @@ def preflight(kube: Kube, spec: TrainingRunSpec, settings: LauncherSettings, job
     if not failures and get(job["metadata"]["name"]) is None:
         # Server-side dry-run: admission (Pod Security, quota, Kueue and JobSet webhooks) and schema, nothing
         # persisted.
-        bodies = [(kube.create_configmap, configmap), (create_workload, job)]
-        if service is not None:
-            bodies.append((kube.create_service, service))
+        bodies = [(kube.create_configmap, run.configmap), (create_workload, job)]
+        if run.service is not None:
+            bodies.append((kube.create_service, run.service))
         for create, body in bodies:
             try:
                 create(body, dry_run=True)
@@ -241,9 +234,10 @@ def _wait_gone(kube: Kube, get: Any, name: str, timeout: float = 60.0) -> None:
         time.sleep(1)
 
 
-def create_run(kube: Kube, job: dict, configmap: dict, service: dict | None = None) -> SubmitResult:
-    """Create ConfigMap then Job (or JobSet), then make it own the ConfigMap (and create an Indexed Job's
-    headless ``service``, owned by the Job). Idempotent and race-safe."""
+def create_run(kube: Kube, run: render.RunObjects) -> SubmitResult:
+    """Create the rendered run: ConfigMap then Job (or JobSet), then make it own the ConfigMap and create an
+    Indexed Job's headless Service, owned by the Job. Idempotent and race-safe."""
+    job, configmap, service = run.workload, run.configmap, run.service
     name = job["metadata"]["name"]
     want_hash = job["metadata"]["labels"][render.LABEL_HASH]
     get, create = _api(kube, job)
@@ -346,21 +340,21 @@ def jobsets_served(kube: Kube, spec: TrainingRunSpec, settings: LauncherSettings
 def submit(kube: Kube, spec: TrainingRunSpec, settings: LauncherSettings, *, server_dry_run: bool = False,
            skip_preflight: bool = False) -> SubmitResult:
     """Validate against the cluster, then create the run (or find it already there)."""
-    job, configmap = render.render_run(spec, settings, jobsets_served=jobsets_served(kube, spec, settings))
-    service = None if render.is_jobset(job) else render.render_service(spec, settings)
+    run = render.render_run(spec, settings, jobsets_served=jobsets_served(kube, spec, settings))
+    job = run.workload
     name = job["metadata"]["name"]
     get, create = _api(kube, job)
     existing = get(name) or _as_the_other_kind(kube, job, spec)
     if existing is not None and not (existing.get("metadata") or {}).get("deletionTimestamp"):
         return _already(existing, job["metadata"]["labels"][render.LABEL_HASH])
-    warnings = [] if skip_preflight else preflight(kube, spec, settings, job, configmap, service)
+    warnings = [] if skip_preflight else preflight(kube, spec, settings, run)
     if server_dry_run:
         if skip_preflight:
-            kube.create_configmap(configmap, dry_run=True)
+            kube.create_configmap(run.configmap, dry_run=True)
             create(job, dry_run=True)
-            if service is not None:
-                kube.create_service(service, dry_run=True)
+            if run.service is not None:
+                kube.create_service(run.service, dry_run=True)
         return SubmitResult(name, False, job, warnings, dry_run=True)
-    result = create_run(kube, job, configmap, service)
+    result = create_run(kube, run)
     result.warnings = warnings
     return result

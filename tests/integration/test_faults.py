@@ -508,9 +508,9 @@ def test_wait_and_logs_follow_reconnect_across_an_api_server_restart(stack, kube
     from launcher.submit import create_run
 
     spec = _spec(stack, "apiserver-restart")
-    job, cm = render.render_run(spec, _settings(stack, namespace))
-    job["spec"]["template"]["metadata"]["annotations"] = {HOLD: "true"}  # Running until we say so
-    name = create_run(Kube(kubeconfig=stack.kubeconfig, namespace=namespace), job, cm).job_name
+    run = render.render_run(spec, _settings(stack, namespace))
+    run.workload["spec"]["template"]["metadata"]["annotations"] = {HOLD: "true"}  # Running until we say so
+    name = create_run(Kube(kubeconfig=stack.kubeconfig, namespace=namespace), run).job_name
     pod = _wait(lambda: [p for p in _pods(kube_api, namespace, name) if p.status.phase == "Running"], 60,
                 "the pod to run")[0]
 
@@ -565,9 +565,9 @@ def test_wait_and_logs_follow_wait_out_an_api_server_that_is_down_when_they_star
     from launcher.submit import create_run
 
     spec = _spec(stack, "apiserver-down-at-start")
-    job, cm = render.render_run(spec, _settings(stack, namespace))
-    job["spec"]["template"]["metadata"]["annotations"] = {HOLD: "true"}
-    name = create_run(Kube(kubeconfig=stack.kubeconfig, namespace=namespace), job, cm).job_name
+    run = render.render_run(spec, _settings(stack, namespace))
+    run.workload["spec"]["template"]["metadata"]["annotations"] = {HOLD: "true"}
+    name = create_run(Kube(kubeconfig=stack.kubeconfig, namespace=namespace), run).job_name
     pod = _wait(lambda: [p for p in _pods(kube_api, namespace, name) if p.status.phase == "Running"], 60,
                 "the pod to run")[0]
     env = {**launcher_env, "LAUNCHER_SERVICE_ACCOUNT": "default", "PYTHONUNBUFFERED": "1"}

@@ -64,15 +64,16 @@ def _active(custom, cq) -> bool:
 def _submit(sdk, data) -> str:
     """Create the run as ``submit`` does (Job suspended and labelled with the queue, ConfigMap, Service), with
     kwok's hold annotation on the pod template."""
-    from launcher.render import render_run, render_service
+    from launcher.render import render_run
     from launcher.submit import create_run
 
     settings, kube = sdk.connect()
     s = sdk.load_spec(data)
-    job, cm = render_run(s, settings)
+    run = render_run(s, settings)
+    job = run.workload
     assert job["spec"]["suspend"] is True and job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == settings.queue
     job["spec"]["template"]["metadata"]["annotations"] = {HOLD: "true"}
-    return create_run(kube, job, cm, render_service(s, settings)).job_name
+    return create_run(kube, run).job_name
 
 
 def _pods(kube, job):

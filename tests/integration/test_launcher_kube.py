@@ -7,6 +7,7 @@ here, never by the launcher) make it fail with a code or stay Running.
 """
 from __future__ import annotations
 
+import copy
 import json
 import re
 import subprocess
@@ -73,9 +74,9 @@ def write_spec(tmp_path, stack, name: str, **resources) -> Path:
 
 def create_with_hooks(kube, spec, settings, **annotations) -> dict:
     """Render like the launcher does, add kwok test-hook annotations to the pod template, create."""
-    job, cm = render.render_run(spec, settings)
-    job["spec"]["template"]["metadata"]["annotations"] = dict(annotations)
-    return create_run(kube, job, cm).job
+    run = render.render_run(spec, settings)
+    run.workload["spec"]["template"]["metadata"]["annotations"] = dict(annotations)
+    return create_run(kube, run).job
 
 
 def cli(env: dict, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -273,7 +274,7 @@ def test_concurrent_submits_from_two_processes_make_one_job(launcher_env, tmp_pa
 
 def test_concurrent_create_run_from_many_threads_makes_one_job(stack, namespace, lsettings, trainer_sa):
     spec = make_spec(stack, "threads")
-    job, cm = render.render_run(spec, lsettings)
+    run = render.render_run(spec, lsettings)
     results, errors = [], []
     barrier = threading.Barrier(6)
 
@@ -282,7 +283,7 @@ def test_concurrent_create_run_from_many_threads_makes_one_job(stack, namespace,
         k.get_job("warm-up-connection")
         barrier.wait()
         try:
-            results.append(create_run(k, json.loads(json.dumps(job)), json.loads(json.dumps(cm))).created)
+            results.append(create_run(k, copy.deepcopy(run)).created)
         except Exception as err:  # noqa: BLE001 - collected and asserted below
             errors.append(err)
 

@@ -19,14 +19,14 @@ INDEX = "batch.kubernetes.io/job-completion-index"
 def _create(sdk, data):
     """Create the run as submit does (Job, ConfigMap, Service; or a JobSet and ConfigMap, as the settings say),
     with kwok's hold annotation on the pods."""
-    from launcher.render import is_jobset, job_spec_of, render_run, render_service
+    from launcher.render import job_spec_of, render_run
     from launcher.submit import create_run
 
     settings, kube = sdk.connect()
     s = sdk.load_spec(data)
-    job, cm = render_run(s, settings)
-    job_spec_of(job)["template"]["metadata"]["annotations"] = {HOLD: "true"}
-    return create_run(kube, job, cm, None if is_jobset(job) else render_service(s, settings)).job_name, kube
+    run = render_run(s, settings)
+    job_spec_of(run.workload)["template"]["metadata"]["annotations"] = {HOLD: "true"}
+    return create_run(kube, run).job_name, kube
 
 
 def _pods(kube, name):

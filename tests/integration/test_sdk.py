@@ -60,9 +60,9 @@ def held(sdk: Client, data: dict, **annotations) -> str:
     from launcher.submit import create_run
 
     settings, kube = sdk.connect()
-    job, cm = render_run(sdk.load_spec(data), settings)
-    job["spec"]["template"]["metadata"]["annotations"] = {HOLD: "true", **annotations}
-    return create_run(kube, job, cm).job_name
+    run = render_run(sdk.load_spec(data), settings)
+    run.workload["spec"]["template"]["metadata"]["annotations"] = {HOLD: "true", **annotations}
+    return create_run(kube, run).job_name
 
 
 def eventually(fn, timeout: float = 60, what: str = "condition"):

@@ -212,12 +212,12 @@ def test_restricted_namespace_admits_our_pods_and_refuses_them_unhardened(stack,
                            "dataset": {"train": f"s3://{stack.bucket}/d.jsonl"}, "output": f"s3://{stack.bucket}/o",
                            "resources": {"gpus": 1, "cpu": "1", "memory": "1Gi", "scratch": "1Gi"}})
 
-    ours = create_run(kube, *render.render_run(spec("psa-ours"), settings)).job_name
-    job, cm = render.render_run(spec("psa-weakened"), settings)
-    pod = job["spec"]["template"]["spec"]
+    ours = create_run(kube, render.render_run(spec("psa-ours"), settings)).job_name
+    weak = render.render_run(spec("psa-weakened"), settings)
+    pod = weak.workload["spec"]["template"]["spec"]
     pod.pop("securityContext")
     pod["containers"][0]["securityContext"] = {"allowPrivilegeEscalation": True}
-    weakened = create_run(kube, job, cm).job_name
+    weakened = create_run(kube, weak).job_name
 
     def pods_of(job_name):
         return core.list_namespaced_pod(namespace, label_selector=f"batch.kubernetes.io/job-name={job_name}").items
@@ -341,9 +341,9 @@ def test_extreme_but_valid_run_names_make_names_the_api_server_accepts(stack, na
         spec = parse_spec({"name": name, "base_model": {"uri": f"s3://{stack.bucket}/m/"},
                            "dataset": {"train": f"s3://{stack.bucket}/d.jsonl"}, "output": f"s3://{stack.bucket}/o",
                            "labels": {"team": "a" * 63}})
-        job, cm = render.render_run(spec, settings)
-        kube.create_configmap(cm, dry_run=True)
-        kube.create_job(job, dry_run=True)  # raises Invalid with the server's reason otherwise
+        run = render.render_run(spec, settings)
+        kube.create_configmap(run.configmap, dry_run=True)
+        kube.create_job(run.workload, dry_run=True)  # raises Invalid with the server's reason otherwise
 
 
 @pytest.mark.s3

@@ -332,7 +332,8 @@ def test_run_names_cannot_escape_the_output_prefix_or_make_bad_k8s_names(name, o
     key = join(prefix, spec.name, "v1", "adapter/adapter_model.safetensors")
     assert key.startswith(prefix.strip("/") + "/" if prefix else spec.name + "/")
     assert ".." not in key.split("/") and "." not in key.split("/") and "//" not in key
-    job, cm = render_run(spec, make_settings(namespace="ml"))
+    run = render_run(spec, make_settings(namespace="ml"))
+    job, cm = run.workload, run.configmap
     for obj in (job, cm, job["spec"]["template"]):
         for v in obj["metadata"]["labels"].values():
             assert len(v) <= 63 and re.fullmatch(r"([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?", v)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import stat
 import subprocess
 import sys
@@ -193,14 +192,9 @@ def test_python_dash_m_launcher_and_exit_code_of_a_spec_error(tmp_path):
     assert dbg.returncode != 0 and "Traceback" in dbg.stderr
 
 
-def test_a_local_run_has_the_hash_validate_prints_from_any_folder_and_exits_with_the_jobs_code(runner, tmp_path,
-                                                                                               monkeypatch):
-    from jobs.spec import load_spec
-    from jobs.storage import parse_uri
-
+def test_local_resolves_relative_paths_and_exits_with_the_jobs_code(runner, tmp_path, monkeypatch):
     fake = tmp_path / "fakepython"
-    fake.write_text('#!/bin/sh\necho "ARGS $*"\necho "CWD $(pwd)"\nwhile [ "$1" != "--spec" ]; do shift; done\n'
-                    'cat "$2"\nexit 11\n')
+    fake.write_text('#!/bin/sh\necho "ARGS $*"\nwhile [ "$1" != "--spec" ]; do shift; done\ncat "$2"\nexit 11\n')
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setattr(sys, "executable", str(fake))
     specdir = tmp_path / "proj"
@@ -208,27 +202,15 @@ def test_a_local_run_has_the_hash_validate_prints_from_any_folder_and_exits_with
     text = ("name: local-run\nbase_model:\n  uri: ./model\ndataset:\n  train: data/train.jsonl\n"
             "output: file://out\nresources:\n  gpus: 0\n")
     spec = write(specdir, text)
-    hashes = set()
-    for cwd in (tmp_path, specdir, tmp_path / "proj" / "data"):
-        cwd.mkdir(exist_ok=True)
-        monkeypatch.chdir(cwd)
-        given = os.path.relpath(spec, cwd)
-        v = runner.invoke(cli.app, ["validate", given])
-        spec_hash = re.search(r"spec hash (\w+)", v.output).group(1)
-        hashes.add(spec_hash)
-        work = tmp_path / f"work-{cwd.name}"
-        r = runner.invoke(cli.app, ["submit", given, "--local", "--workdir", str(work)])
-        assert r.exit_code == 11, r.output
-        assert f"-m jobs run --spec {work}/spec.yaml --workdir {work}" in r.output
-        assert f"running local-run-{spec_hash[:8]} locally" in r.output
-        # the job runs next to the spec, on the spec as written: the hash it keys its run by is validate's
-        assert f"CWD {specdir}\n" in r.output
-        written = load_spec(work / "spec.yaml")
-        assert written.spec_hash() == spec_hash and written.dataset.train == "data/train.jsonl"
-    assert len(hashes) == 1, hashes
-    monkeypatch.chdir(specdir)  # where the job is: its relative paths are the spec file's neighbours
-    assert parse_uri("data/train.jsonl")[2] == str(specdir / "data" / "train.jsonl")
-    assert parse_uri("file://out")[2] == str(specdir / "out")
+    work = tmp_path / "work"
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(cli.app, ["submit", str(spec.relative_to(tmp_path)), "--local", "--workdir", str(work)])
+    assert r.exit_code == 11, r.output
+    assert f"-m jobs run --spec {work}/spec.yaml --workdir {work}" in r.output
+    written = yaml.safe_load((work / "spec.yaml").read_text())
+    assert written["base_model"]["uri"] == str(specdir / "model")
+    assert written["dataset"]["train"] == str(specdir / "data" / "train.jsonl")
+    assert written["output"] == str(specdir / "out")
 
 
 def test_exit_code_mapping_covers_one_error_hierarchy():
@@ -520,9 +502,10 @@ def test_create_run_is_idempotent_and_owns_its_configmap():
     from launcher.submit import create_run
 
     api = MemoryApi()
-    job, cm = _rendered()
-    first = create_run(api, job, cm)
-    again = create_run(api, job, cm)
+    run = _rendered()
+    job = run.workload
+    first = create_run(api, run)
+    again = create_run(api, run)
     assert first.created and not again.created and again.message.startswith("already submitted")
     assert len(api.jobs) == 1
     owner = api.cms[job["metadata"]["name"]]["metadata"]["ownerReferences"][0]
@@ -533,7 +516,8 @@ def test_create_run_after_losing_the_race_on_the_job_is_already_submitted():
     from launcher.submit import create_run
 
     api = MemoryApi()
-    job, cm = _rendered()
+    run = _rendered()
+    job, cm = run.workload, run.configmap
     real_get = api.get_job
     calls = {"n": 0}
 
@@ -546,7 +530,7 @@ def test_create_run_after_losing_the_race_on_the_job_is_already_submitted():
         return real_get(name)
 
     api.get_job = get_job_racing
-    result = create_run(api, job, cm)
+    result = create_run(api, run)
     assert not result.created and len(api.jobs) == 1
 
 
@@ -554,10 +538,11 @@ def test_stale_configmap_of_a_deleted_job_is_replaced():
     from launcher.submit import create_run
 
     api = MemoryApi()
-    job, cm = _rendered()
-    create_run(api, job, cm)
+    run = _rendered()
+    job = run.workload
+    create_run(api, run)
     api.jobs.clear()  # the Job was deleted; its ConfigMap still waits for garbage collection
-    result = create_run(api, job, cm)
+    result = create_run(api, run)
     assert result.created
     new_uid = api.jobs[job["metadata"]["name"]]["metadata"]["uid"]
     assert api.cms[job["metadata"]["name"]]["metadata"]["ownerReferences"][0]["uid"] == new_uid

@@ -102,10 +102,7 @@ def run_objects(example: str, variant: str) -> list[dict]:
     overrides, extra = VARIANTS[variant]
     spec = load_spec(ROOT / example, overrides=overrides)
     settings = make_settings(**SETTINGS, **extra)
-    workload, configmap = render.render_run(spec, settings)
-    # What submit adds beside render_run's pair: the headless Service of an Indexed Job.
-    service = None if render.is_jobset(workload) else render.render_service(spec, settings)
-    return [workload, *([service] if service else []), configmap]
+    return render.render_run(spec, settings).objects
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))

@@ -35,12 +35,13 @@ def _env(pod_spec) -> dict:
 
 def test_a_two_node_jobset_is_one_replicated_job_of_the_indexed_jobs_pods_with_jobsets_dns():
     spec, settings = _spec(gpus=4, nodes=2, retries=3), _settings()
-    js, cm = render.render_run(spec, settings)
+    run = render.render_run(spec, settings)
+    js, cm = run.workload, run.configmap
     job = render.render_job(spec, settings)
     name = render.job_name(spec)
     assert (js["apiVersion"], js["kind"]) == ("jobset.x-k8s.io/v1alpha2", "JobSet")
     assert js["metadata"] == job["metadata"] and cm["metadata"]["name"] == name
-    assert render.render_service(spec, settings) is not None, "the Indexed Job's Service; submit skips it for a JobSet"
+    assert run.service is None and run.objects == [js, cm], "a JobSet makes its own headless Service (network)"
 
     (rj,) = js["spec"]["replicatedJobs"]
     assert rj["name"] == render.REPLICATED_JOB and rj["replicas"] == 1 and "metadata" not in rj["template"], \
@@ -66,7 +67,7 @@ def test_a_two_node_jobset_is_one_replicated_job_of_the_indexed_jobs_pods_with_j
 
 def test_gang_semantics_are_the_jobset_failure_policy_and_match_the_job_controllers_messages():
     spec = _spec(gpus=4, nodes=2, retries=2)
-    js, _ = render.render_run(spec, _settings())
+    js = render.render_run(spec, _settings()).workload
     policy = js["spec"]["failurePolicy"]
     assert policy["maxRestarts"] == 2 and policy["restartStrategy"] == "BlockingRecreate"
     pod_rules = js["spec"]["replicatedJobs"][0]["template"]["spec"]["podFailurePolicy"]["rules"]
@@ -95,14 +96,14 @@ def test_gang_semantics_are_the_jobset_failure_policy_and_match_the_job_controll
 
 def test_the_longest_run_name_fits_jobsets_63_character_pod_names_at_64_nodes():
     spec = parse_spec({**BASE, "name": "a" * 40, "resources": {"gpus": 0, "nodes": 64}})
-    js, _ = render.render_run(spec, _settings())
+    js = render.render_run(spec, _settings()).workload
     # JobSet's webhook checks <jobset>-<replicatedJob>-<last job index>-<last pod index>-<5 random characters>
     longest = f"{js['metadata']['name']}-{render.REPLICATED_JOB}-0-63-abcde"
     assert len(longest) <= 63, longest
 
 
 def test_a_queue_suspends_and_labels_the_jobset_not_its_child_job():
-    js, _ = render.render_run(_spec(gpus=4, nodes=2), _settings(queue="team-a"))
+    js = render.render_run(_spec(gpus=4, nodes=2), _settings(queue="team-a")).workload
     assert js["spec"]["suspend"] is True and js["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
     assert "suspend" not in js["spec"]["replicatedJobs"][0]["template"]["spec"]
 
@@ -112,8 +113,9 @@ def test_a_queue_suspends_and_labels_the_jobset_not_its_child_job():
     ("auto", False, 2, "Job"), ("jobset", True, 1, "Job"), ("auto", True, 1, "Job"),
 ])
 def test_what_a_run_becomes(workload, served, nodes, kind):
-    run, _ = render.render_run(_spec(gpus=1, nodes=nodes), _settings(workload), jobsets_served=served)
-    assert run["kind"] == kind
+    run = render.render_run(_spec(gpus=1, nodes=nodes), _settings(workload), jobsets_served=served)
+    assert run.workload["kind"] == kind
+    assert (run.service is not None) == (kind == "Job" and nodes > 1), "an Indexed Job of 2 nodes, and it alone"
 
 
 def test_the_default_is_the_indexed_job_and_a_wrong_value_names_the_choices(monkeypatch, tmp_path):
@@ -177,7 +179,7 @@ def test_submit_asks_the_cluster_only_where_it_decides_and_refuses_jobset_withou
 
 
 def test_fit_failure_reads_the_jobsets_pods():
-    js, _ = render.render_run(_spec(gpus=8, nodes=2), _settings())
+    js = render.render_run(_spec(gpus=8, nodes=2), _settings()).workload
     node = {"metadata": {"name": "gpu-0"}, "spec": {}, "status": {"allocatable": {
         "cpu": "64", "memory": "512Gi", "nvidia.com/gpu": "8"}}}
     msg = fit_failure([node], js, "nvidia.com/gpu")

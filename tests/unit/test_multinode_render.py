@@ -17,7 +17,8 @@ BASE = {"name": "big-run", "base_model": {"uri": "s3://models/llama/"},
 def _render(**resources):
     spec = parse_spec({**BASE, "resources": {"cpu": "8", "memory": "64Gi", **resources}})
     s = make_settings(namespace="ml", s3_endpoint="http://minio.storage:9000")
-    return spec, render.render_job(spec, s), render.render_service(spec, s)
+    run = render.render_run(spec, s)
+    return spec, run.workload, run.service
 
 
 def _env(job) -> dict:

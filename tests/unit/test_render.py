@@ -53,8 +53,7 @@ def container(job):
 # ------------------------------------------------------------------------------ golden
 
 def test_rendered_job_and_configmap_match_the_golden_file():
-    job, cm = render.render_run(spec(), settings())
-    text = render.to_yaml(job, cm)
+    text = render.to_yaml(*render.render_run(spec(), settings()).objects)
     if os.environ.get("UPDATE_GOLDEN") == "1":
         GOLDEN.write_text(text)
     assert text == GOLDEN.read_text(), "rendering changed: review the diff, then UPDATE_GOLDEN=1 pytest"
@@ -80,7 +79,8 @@ def test_changed_spec_is_a_new_job_name_same_spec_same_name():
 
 def test_labels_on_job_pod_template_and_configmap():
     s = spec()
-    job, cm = render.render_run(s, settings())
+    run = render.render_run(s, settings())
+    job, cm = run.workload, run.configmap
     want = {"app.kubernetes.io/name": "lora-jobs", "app.kubernetes.io/component": "training",
             "lora-jobs.io/run": "support-bot", "lora-jobs.io/spec-hash": s.spec_hash()}
     for labels in (job["metadata"]["labels"], job["spec"]["template"]["metadata"]["labels"], cm["metadata"]["labels"]):
@@ -100,7 +100,7 @@ def test_user_labels_cannot_override_ours():
 # ------------------------------------------------------------------------------ the pod
 
 def test_gpu_limit_requests_tolerations_and_node_selector():
-    job, _ = render.render_run(spec(), settings(node_selector={"nvidia.com/gpu.present": "true"}))
+    job = render.render_run(spec(), settings(node_selector={"nvidia.com/gpu.present": "true"})).workload
     res = container(job)["resources"]
     assert res["limits"]["nvidia.com/gpu"] == 2
     assert res["requests"] == {"cpu": "8", "memory": "64Gi"}
@@ -112,20 +112,20 @@ def test_gpu_limit_requests_tolerations_and_node_selector():
 
 
 def test_custom_gpu_resource_name():
-    job, _ = render.render_run(spec(), settings(gpu_resource="amd.com/gpu"))
+    job = render.render_run(spec(), settings(gpu_resource="amd.com/gpu")).workload
     assert container(job)["resources"]["limits"]["amd.com/gpu"] == 2
     assert "nvidia.com/gpu" not in container(job)["resources"]["limits"]
 
 
 def test_cpu_run_has_no_gpu_limit_and_no_gpu_steering():
-    job, _ = render.render_run(spec(**{"resources.gpus": 0}), settings(node_selector={"gpu": "yes"}))
+    job = render.render_run(spec(**{"resources.gpus": 0}), settings(node_selector={"gpu": "yes"})).workload
     assert "nvidia.com/gpu" not in container(job)["resources"]["limits"]
     pod = job["spec"]["template"]["spec"]
     assert "nodeSelector" not in pod and "tolerations" not in pod
 
 
 def test_job_failure_handling():
-    job, _ = render.render_run(spec(), settings(ttl_seconds_after_finished=3600))
+    job = render.render_run(spec(), settings(ttl_seconds_after_finished=3600)).workload
     js = job["spec"]
     assert js["backoffLimit"] == 2
     assert js["activeDeadlineSeconds"] == 6 * 3600
@@ -141,8 +141,8 @@ def test_job_failure_handling():
 
 
 def test_credentials_only_by_secret_reference_endpoint_as_plain_value():
-    job, cm = render.render_run(spec(), settings(s3_secret_name="creds", s3_access_key_key="ak",
-                                                 s3_secret_key_key="sk"))
+    job = render.render_run(spec(), settings(s3_secret_name="creds", s3_access_key_key="ak",
+                                             s3_secret_key_key="sk")).workload
     env = {e["name"]: e for e in container(job)["env"]}
     assert env["AWS_ACCESS_KEY_ID"] == {"name": "AWS_ACCESS_KEY_ID",
                                         "valueFrom": {"secretKeyRef": {"name": "creds", "key": "ak"}}}
@@ -157,12 +157,12 @@ def test_credentials_only_by_secret_reference_endpoint_as_plain_value():
 
 
 def test_no_endpoint_variable_when_none_is_configured():
-    job, _ = render.render_run(spec(), settings(s3_endpoint=None))
+    job = render.render_run(spec(), settings(s3_endpoint=None)).workload
     assert "AWS_ENDPOINT_URL" not in {e["name"] for e in container(job)["env"]}
 
 
 def test_pod_passes_pod_security_restricted():
-    job, _ = render.render_run(spec(), settings())
+    job = render.render_run(spec(), settings()).workload
     pod = job["spec"]["template"]["spec"]
     for sc in (pod["securityContext"], container(job)["securityContext"]):
         assert sc["runAsNonRoot"] is True
@@ -178,7 +178,7 @@ def test_pod_passes_pod_security_restricted():
 
 
 def test_volumes_scratch_tmp_and_spec():
-    job, _ = render.render_run(spec(), settings())
+    job = render.render_run(spec(), settings()).workload
     pod = job["spec"]["template"]["spec"]
     vols = {v["name"]: v for v in pod["volumes"]}
     assert vols["scratch"]["emptyDir"] == {"sizeLimit": "200Gi"}
@@ -190,17 +190,18 @@ def test_volumes_scratch_tmp_and_spec():
 
 
 def test_priority_class_from_spec_wins_over_settings():
-    job, _ = render.render_run(spec(), settings(priority_class="batch-low"))
+    job = render.render_run(spec(), settings(priority_class="batch-low")).workload
     assert job["spec"]["template"]["spec"]["priorityClassName"] == "batch-low"
-    job, _ = render.render_run(spec(**{"resources.priority_class": "urgent"}), settings(priority_class="batch-low"))
+    job = render.render_run(spec(**{"resources.priority_class": "urgent"}),
+                            settings(priority_class="batch-low")).workload
     assert job["spec"]["template"]["spec"]["priorityClassName"] == "urgent"
 
 
 def test_kueue_queue_labels_the_job_and_creates_it_suspended():
-    job, _ = render.render_run(spec(), settings(queue="gpu-queue"))
+    job = render.render_run(spec(), settings(queue="gpu-queue")).workload
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
     assert job["spec"]["suspend"] is True
-    job, _ = render.render_run(spec(), settings())
+    job = render.render_run(spec(), settings()).workload
     assert "suspend" not in job["spec"] and "kueue.x-k8s.io/queue-name" not in job["metadata"]["labels"]
 
 
@@ -225,7 +226,7 @@ def test_spec_cannot_inject_pod_fields():
 
 def test_configmap_holds_the_validated_spec_with_defaults():
     s = spec()
-    _, cm = render.render_run(s, settings())
+    cm = render.render_run(s, settings()).configmap
     data = yaml.safe_load(cm["data"]["spec.yaml"])
     assert data["training"]["learning_rate"] == 2e-4  # defaults filled in
     again = parse_spec(data)
@@ -233,7 +234,7 @@ def test_configmap_holds_the_validated_spec_with_defaults():
 
 
 def test_owner_reference_points_at_the_created_job():
-    job, _ = render.render_run(spec(), settings())
+    job = render.render_run(spec(), settings()).workload
     job["metadata"]["uid"] = "1234"
     ref = render.owner_reference(job)
     assert ref["kind"] == "Job" and ref["uid"] == "1234" and ref["name"] == job["metadata"]["name"]
@@ -333,8 +334,8 @@ def test_cluster_configmap_is_read_through_a_kube_client_and_cannot_move_us():
 
 
 def test_a_multi_gpu_pod_gets_a_memory_backed_dev_shm_and_one_gpu_pods_do_not():
-    one, _ = render.render_run(spec(**{"resources.gpus": 1}), settings())
-    four, _ = render.render_run(spec(**{"resources.gpus": 4}), settings())
+    one = render.render_run(spec(**{"resources.gpus": 1}), settings()).workload
+    four = render.render_run(spec(**{"resources.gpus": 4}), settings()).workload
 
     def shm(job):
         pod = job["spec"]["template"]["spec"]
