@@ -73,6 +73,10 @@ app = typer.Typer(
          "failed, 4 timeout. Set LAUNCHER_DEBUG=1 for tracebacks.",
     no_args_is_help=True,
     add_completion=False,
+    # click's own help layout: typer's rich panels (0.29) print every option's type, so each flag showed a
+    # stray `<bool>` (fastapi/typer#493, PR #1727); plain help prints flags as flags. Back to rich once a
+    # typer release leaves flags untyped there.
+    rich_markup_mode=None,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -80,9 +84,21 @@ data_app = typer.Typer(help="Check training data before you submit.", no_args_is
 app.add_typer(data_app, name="data")
 
 
+def _version(value: bool) -> None:
+    if value:
+        from jobs import __version__
+        from launcher.settings import LauncherSettings
+
+        image = LauncherSettings.model_fields["image"].default
+        typer.echo(f"launcher {__version__} (trainer image by default: {image}; LAUNCHER_IMAGE sets another)")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     ctx: typer.Context,
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and the trainer image it runs by default, and exit."),
     namespace: Optional[str] = typer.Option(None, "--namespace", "-n", help="Namespace (LAUNCHER_NAMESPACE)."),
     context: Optional[str] = typer.Option(None, "--context", help="kubeconfig context (LAUNCHER_CONTEXT)."),
     kubeconfig: Optional[str] = typer.Option(None, "--kubeconfig", help="kubeconfig path (LAUNCHER_KUBECONFIG)."),
@@ -133,16 +149,43 @@ def _console(stderr: bool = False):
 
 
 FORMAT_OPTION = typer.Option(Format.table, "--format", "-o", help="Output: table, json or yaml.")
+# a metavar that says what to write (typer's own is the Python type, `<list[str]>`)
+SET_OPTION = typer.Option([], "--set", metavar="KEY=VALUE", help="Override a field: key.path=value (repeatable).")
 
 
 # ------------------------------------------------------------------------------ verbs
+
+@app.command(epilog="Example:  launcher init   |   launcher init runs/support.yaml --name support-bot   |   "
+                    "launcher init spec.yaml --force")
+@_handles_errors
+def init(
+    path: Path = typer.Argument(Path("spec.yaml"), help="Where to write it (a folder: spec.yaml in it)."),
+    name: Optional[str] = typer.Option(None, "--name", help="The run's name (default: my-run)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite the file if it exists."),
+) -> None:
+    """Write a starter spec: every field with its default and what it does, commented; it validates as is."""
+    from launcher.init_spec import starter_spec
+
+    if path.is_dir():
+        path = path / "spec.yaml"
+    if path.exists() and not force:
+        raise UsageError(f"{path} exists; left as it is", hint=f"name another file, or overwrite it: launcher init "
+                                                               f"{path} --force")
+    text = starter_spec(name, file_name=str(path))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    except OSError as err:
+        raise UsageError(f"cannot write {path}: {err.strerror}", hint="choose a folder you can write to") from None
+    typer.echo(f"wrote {path}: replace its placeholders, then `launcher validate {path}`")
+
 
 @app.command(epilog="Example:  launcher validate spec.yaml --set training.epochs=2   |   launcher validate --explain")
 @_handles_errors
 def validate(
     spec: Optional[Path] = typer.Argument(None, help="The spec file (YAML)."),
     explain: bool = typer.Option(False, "--explain", help="Print every field with its default and meaning."),
-    set_: list[str] = typer.Option([], "--set", help="Override a field: key.path=value (repeatable)."),
+    set_: list[str] = SET_OPTION,
 ) -> None:
     """Check a spec offline and report every problem at once."""
     if explain:
@@ -177,12 +220,14 @@ def submit(
     local: bool = typer.Option(False, "--local", help="Run here, without a cluster (python -m jobs run)."),
     wait: bool = typer.Option(False, "--wait", help="Wait for the run to finish; exit by its outcome."),
     follow: bool = typer.Option(False, "--follow", "-f", help="Stream the logs until the run finishes."),
-    set_: list[str] = typer.Option([], "--set", help="Override a field: key.path=value (repeatable)."),
+    set_: list[str] = SET_OPTION,
     skip_preflight: bool = typer.Option(False, "--skip-preflight",
                                         help="Skip the namespace/Secret/node checks (they need read access)."),
     workdir: Optional[Path] = typer.Option(None, "--workdir", help="Working folder of a --local run (default: "
                                                                    "~/.cache/lora-jobs/runs/<job name>)."),
     timeout: Optional[float] = typer.Option(None, "--timeout", help="With --wait: give up after this many seconds."),
+    fmt: Format = typer.Option(Format.table, "--format", "-o", help="How to print what was submitted: table (one "
+                                                                     "line), json or yaml."),
 ) -> None:
     """Validate a spec and submit it as a Job (the same spec twice is the same run)."""
     client = _client(ctx)
@@ -197,19 +242,21 @@ def submit(
     result = client.submit(v.spec, server_dry_run=server_dry_run, skip_preflight=skip_preflight)
     for w in result.warnings:
         _err(f"warning: {w}")
-    typer.echo(result.message)
+    _emit(result.to_dict(), fmt, lambda: typer.echo(result.message))
     if server_dry_run:
         return
+    # with -o json/yaml stdout holds one document: what follows it goes to stderr
+    say = typer.echo if fmt == Format.table else _err
     if follow:
         stream = client.logs(result.job_name, follow=True)
         for line in stream:
-            typer.echo(line)
-        typer.echo(f"{result.job_name}: {stream.outcome.sentence}")
+            say(line)
+        say(f"{result.job_name}: {stream.outcome.sentence}")
         _finish(stream.outcome)
     elif wait:
         final = client.wait(result.job_name, timeout=timeout,
                             on_change=lambda st: _err(f"{result.job_name}: {st.sentence}"))
-        typer.echo(f"{result.job_name}: {final.sentence}")
+        say(f"{result.job_name}: {final.sentence}")
         _finish(final)
     else:
         _err(f"follow it: launcher logs {v.spec.name} -f   |   launcher status {v.spec.name}")
@@ -251,7 +298,7 @@ def render(
     spec: Path = typer.Argument(..., help="The spec file (YAML)."),
     fmt: ManifestFormat = typer.Option(ManifestFormat.yaml, "--output", "-o",
                                        help="yaml (one document per object) or json (a v1 List)."),
-    set_: list[str] = typer.Option([], "--set", help="Override a field: key.path=value (repeatable)."),
+    set_: list[str] = SET_OPTION,
     queue: Optional[str] = typer.Option(None, "--queue", help="Kueue LocalQueue: the run is labelled for it and "
                                                              "created suspended (default: LAUNCHER_QUEUE)."),
     multinode_workload: Optional[MultinodeWorkload] = typer.Option(

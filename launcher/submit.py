@@ -37,6 +37,15 @@ class SubmitResult:
             return f"server-side dry-run passed: {self.kind} {self.job_name} would be created"
         return f"{'submitted' if self.created else 'already submitted'}: {self.kind} {self.job_name}"
 
+    def to_dict(self) -> dict[str, Any]:
+        """What ``submit -o json|yaml`` prints: the names to follow the run by, not the whole object."""
+        meta = self.job.get("metadata") or {}
+        labels = meta.get("labels") or {}
+        return {"run": labels.get(render.LABEL_RUN), "job": self.job_name, "kind": self.kind,
+                "namespace": meta.get("namespace"), "spec_hash": labels.get(render.LABEL_HASH),
+                "created": self.created, "server_dry_run": self.dry_run, "message": self.message,
+                "warnings": list(self.warnings)}
+
 
 # ------------------------------------------------------------------------------ quantities
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -192,9 +193,14 @@ def test_python_dash_m_launcher_and_exit_code_of_a_spec_error(tmp_path):
     assert dbg.returncode != 0 and "Traceback" in dbg.stderr
 
 
-def test_local_resolves_relative_paths_and_exits_with_the_jobs_code(runner, tmp_path, monkeypatch):
+def test_a_local_run_has_the_hash_validate_prints_from_any_folder_and_exits_with_the_jobs_code(runner, tmp_path,
+                                                                                               monkeypatch):
+    from jobs.spec import load_spec
+    from jobs.storage import parse_uri
+
     fake = tmp_path / "fakepython"
-    fake.write_text('#!/bin/sh\necho "ARGS $*"\nwhile [ "$1" != "--spec" ]; do shift; done\ncat "$2"\nexit 11\n')
+    fake.write_text('#!/bin/sh\necho "ARGS $*"\necho "CWD $(pwd)"\nwhile [ "$1" != "--spec" ]; do shift; done\n'
+                    'cat "$2"\nexit 11\n')
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setattr(sys, "executable", str(fake))
     specdir = tmp_path / "proj"
@@ -202,15 +208,27 @@ def test_local_resolves_relative_paths_and_exits_with_the_jobs_code(runner, tmp_
     text = ("name: local-run\nbase_model:\n  uri: ./model\ndataset:\n  train: data/train.jsonl\n"
             "output: file://out\nresources:\n  gpus: 0\n")
     spec = write(specdir, text)
-    work = tmp_path / "work"
-    monkeypatch.chdir(tmp_path)
-    r = runner.invoke(cli.app, ["submit", str(spec.relative_to(tmp_path)), "--local", "--workdir", str(work)])
-    assert r.exit_code == 11, r.output
-    assert f"-m jobs run --spec {work}/spec.yaml --workdir {work}" in r.output
-    written = yaml.safe_load((work / "spec.yaml").read_text())
-    assert written["base_model"]["uri"] == str(specdir / "model")
-    assert written["dataset"]["train"] == str(specdir / "data" / "train.jsonl")
-    assert written["output"] == str(specdir / "out")
+    hashes = set()
+    for cwd in (tmp_path, specdir, tmp_path / "proj" / "data"):
+        cwd.mkdir(exist_ok=True)
+        monkeypatch.chdir(cwd)
+        given = os.path.relpath(spec, cwd)
+        v = runner.invoke(cli.app, ["validate", given])
+        spec_hash = re.search(r"spec hash (\w+)", v.output).group(1)
+        hashes.add(spec_hash)
+        work = tmp_path / f"work-{cwd.name}"
+        r = runner.invoke(cli.app, ["submit", given, "--local", "--workdir", str(work)])
+        assert r.exit_code == 11, r.output
+        assert f"-m jobs run --spec {work}/spec.yaml --workdir {work}" in r.output
+        assert f"running local-run-{spec_hash[:8]} locally" in r.output
+        # the job runs next to the spec, on the spec as written: the hash it keys its run by is validate's
+        assert f"CWD {specdir}\n" in r.output
+        written = load_spec(work / "spec.yaml")
+        assert written.spec_hash() == spec_hash and written.dataset.train == "data/train.jsonl"
+    assert len(hashes) == 1, hashes
+    monkeypatch.chdir(specdir)  # where the job is: its relative paths are the spec file's neighbours
+    assert parse_uri("data/train.jsonl")[2] == str(specdir / "data" / "train.jsonl")
+    assert parse_uri("file://out")[2] == str(specdir / "out")
 
 
 def test_exit_code_mapping_covers_one_error_hierarchy():
