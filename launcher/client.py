@@ -240,6 +240,13 @@ def parse_duration(text: str | float | int, what: str = "older_than") -> float:
     return float(m.group(1)) * _DURATION[m.group(2)]
 
 
+def _positive(what: str, value: float | None, flag: str) -> None:
+    """A number of seconds that must be above 0 (None: not given)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+        raise UsageError(f"{what} must be a number of seconds above 0; got {value!r}",
+                         hint=f"pass {flag} SECONDS with SECONDS > 0, or leave it out")
+
+
 def _is_label_value(s: str) -> bool:
     return bool(re.fullmatch(r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?", s))
 
@@ -282,20 +289,6 @@ def status_of(job: dict, pods: list[dict], diag: Any, namespace: str, jobs: list
         started=started, completed=completed, attempts=attempts,
         output=(meta.get("annotations") or {}).get(ANNOTATION_OUTPUT),
         pods=[attempt_of(p) for p in _by_age(pods)], kind="JobSet" if is_jobset(job) else "Job")
-
-
-class _OutageNote:
-    """An ``on_retry`` callback for :func:`launcher.kube.with_retries` that notes an outage once, not once per
-    attempt."""
-
-    def __init__(self, note: Callable[[str], None]):
-        self.note = note
-        self.said = False
-
-    def __call__(self, msg: str) -> None:
-        if not self.said:
-            self.note(f"… {msg}; retrying")
-            self.said = True
 
 
 # ------------------------------------------------------------------------------ the client
@@ -343,12 +336,18 @@ class Client:
     def namespace(self) -> str:
         return self._settings.namespace if self._settings is not None else self.offline_settings.namespace
 
-    def _retrying(self) -> "_OutageNote":
-        return _OutageNote(self._note)
+    def _outage(self):
+        """A :class:`launcher.kube.Outage` for one verb: API-server failures in a row are retried, with progress
+        notes, for up to the ``cluster_timeout`` setting, then stop with ``ClusterUnreachable``."""
+        from launcher.kube import Outage
 
-    def _job_of(self, run: str, *, outlive_outages: bool = False, timeout: float | None = None) -> dict:
+        return Outage(self.offline_settings.cluster_timeout, self._note)
+
+    def _job_of(self, run: str, *, outlive_outages: bool = False, timeout: float | None = None,
+                outage: Any = None) -> dict:
         """The run's newest Job (RUN is a run name or a Job name). With ``outlive_outages`` an API server that
-        is down or restarting is waited out, within ``timeout``, as :meth:`wait` does later on."""
+        is down or restarting is waited out, within ``timeout`` and ``outage``'s limit, as :meth:`wait` does
+        later on."""
         from launcher.kube import with_retries
 
         def attempt() -> dict:
@@ -358,7 +357,7 @@ class Client:
         if not outlive_outages:
             return attempt()
         deadline = time.monotonic() + timeout if timeout else None
-        return with_retries(attempt, deadline=deadline, on_retry=self._retrying())
+        return with_retries(attempt, deadline=deadline, outage=outage or self._outage())
 
     @staticmethod
     def _resolve(kube: Any, run: str) -> dict:
@@ -502,7 +501,7 @@ class Client:
 
         st = snap.status(snap.diagnose(gpu_resource=settings.gpu_resource, workload=self._workload(kube, snap.workload),
                                        nodes=self._nodes(kube, snap.pods)), kube.namespace)
-        st.progress = read_run_progress(st.output, st.spec_hash)
+        st.progress = read_run_progress(st.output, st.spec_hash, endpoint=settings.s3_endpoint)
         return st
 
     def list(self) -> list[RunSummary]:
@@ -540,22 +539,25 @@ class Client:
     def wait(self, run: str, *, timeout: float | None = None, interval: float = 2.0,
              on_change: Callable[[RunStatus], None] | None = None) -> RunStatus:
         """Poll until the run finishes and return its final status (whether it succeeded or failed: look at
-        ``state``). Outlives API-server restarts. ``on_change`` sees each new sentence. Raises ``WaitTimeout``
-        after ``timeout`` seconds, ``RunFailed`` if the Job disappears."""
+        ``state``). Outlives API-server restarts; an API server that does not answer for ``cluster_timeout``
+        seconds in a row (a setting, 2 minutes by default) raises ``ClusterUnreachable``, however long the run
+        itself takes. ``on_change`` sees each new sentence. Raises ``WaitTimeout`` after ``timeout`` seconds,
+        ``RunFailed`` if the Job disappears."""
         from launcher.kube import with_retries
 
+        _positive("timeout", timeout, "--timeout")
+        _positive("interval", interval, "--interval")
         started = time.monotonic()
-        job = self._job_of(run, outlive_outages=True, timeout=timeout)
+        outage = self._outage()
+        job = self._job_of(run, outlive_outages=True, timeout=timeout, outage=outage)
         if timeout is not None:
             timeout = max(1.0, timeout - (time.monotonic() - started))
         settings, kube = self.connect()
         name = job["metadata"]["name"]
         deadline = time.monotonic() + timeout if timeout else None
-        retrying = self._retrying()
         last = None
         while True:
-            snap = with_retries(lambda: self._snapshot(kube, job), deadline=deadline, on_retry=retrying)
-            retrying.said = False  # reachable again: the next outage is news
+            snap = with_retries(lambda: self._snapshot(kube, job), deadline=deadline, outage=outage)
             if snap.workload is None:
                 raise RunFailed(f"job {name} no longer exists (cancelled, or deleted after its TTL)")
             diag = snap.diagnose(gpu_resource=settings.gpu_resource, workload=self._workload(kube, snap.workload),
@@ -582,7 +584,11 @@ class Client:
         A multi-node run's pods are its node ranks: ``rank`` picks one (default 0, the rank that publishes)."""
         from launcher.render import job_spec_of
 
-        job = self._job_of(run, outlive_outages=follow)
+        if tail is not None and (isinstance(tail, bool) or not isinstance(tail, int) or tail < 0):
+            raise UsageError(f"tail must be a number of lines, 0 or more; got {tail!r}",
+                             hint="pass --tail N with N >= 0, or leave it out for the whole log")
+        outage = self._outage()
+        job = self._job_of(run, outlive_outages=follow, outage=outage)
         spec = job_spec_of(job)
         nodes = int(spec.get("completions") or 1) if spec.get("completionMode") == "Indexed" else 1
         if rank is not None and not 0 <= rank < nodes:
@@ -590,10 +596,10 @@ class Client:
                              f"there is no rank {rank}", hint=f"pick --rank between 0 and {nodes - 1}")
         index = (rank or 0) if nodes > 1 else None
         _, kube = self.connect()
-        return LogStream(self._log_lines(kube, job, follow=follow, tail=tail, poll=poll, index=index))
+        return LogStream(self._log_lines(kube, job, follow=follow, tail=tail, poll=poll, index=index, outage=outage))
 
     def _log_lines(self, kube: Any, run: dict, *, follow: bool, tail: int | None, poll: float,
-                   index: int | None = None):
+                   index: int | None = None, outage: Any = None):
         from launcher.diagnose import trainer_status
         from launcher.kube import ClusterError, ClusterUnreachable, with_retries
 
@@ -606,12 +612,10 @@ class Client:
         said = None
         printed = False
 
-        def retrying(msg: str) -> None:
-            note(f"… {msg}; retrying")
-
+        outage = outage or self._outage()
         job_name = run["metadata"]["name"]
         while True:
-            snap = with_retries(lambda: self._snapshot(kube, run), on_retry=retrying)
+            snap = with_retries(lambda: self._snapshot(kube, run), outage=outage)
             if snap.workload is None:
                 raise RunFailed(f"job {job_name} no longer exists (cancelled, or deleted after its TTL)")
             diag = snap.diagnose()
@@ -653,7 +657,7 @@ class Client:
                 except ClusterUnreachable as err:
                     if not follow:
                         raise
-                    retrying(err.message)
+                    outage.failed(err)  # raises ClusterUnreachable once the outage has lasted its limit
                     time.sleep(2)
                     break
                 except ClusterError as err:
@@ -708,23 +712,25 @@ class Client:
 
     # ------------------------------------------------------------------ published versions
     def _output_of(self, run: str, output: str | None) -> tuple[str, str]:
-        """(run name, output prefix) from ``output``, else from the run's Job; points S3 at the settings'
-        endpoint (``AWS_ENDPOINT_URL``) unless the environment already names one."""
-        settings = self.offline_settings
+        """(run name, output prefix) from ``output``, else from the run's Job."""
         run_name = run
         if output is None:
             from launcher.render import ANNOTATION_OUTPUT, LABEL_RUN
 
-            settings, kube = self.connect()
+            _, kube = self.connect()
             meta = self._resolve(kube, run)["metadata"]
             run_name = (meta.get("labels") or {}).get(LABEL_RUN, run)
             prefix = (meta.get("annotations") or {}).get(ANNOTATION_OUTPUT)
             if not prefix:
                 raise UsageError(f"job {meta['name']} does not say where its output goes", hint="pass --output PREFIX")
             output = prefix.rsplit("/", 1)[0]
-        if settings.s3_endpoint and not os.environ.get("AWS_ENDPOINT_URL"):
-            os.environ["AWS_ENDPOINT_URL"] = settings.s3_endpoint
         return run_name, output
+
+    @property
+    def _s3_endpoint(self) -> str | None:
+        """The settings' S3 endpoint, passed to each store explicitly (the environment's AWS_ENDPOINT_URL wins
+        there); never written into ``os.environ``, which would change every later S3 call of the process."""
+        return (self._settings or self.offline_settings).s3_endpoint
 
     def artifacts(self, run: str, *, output: str | None = None):
         """The run's complete versions (oldest first), its incomplete folders and ``latest``, as a
@@ -732,7 +738,7 @@ class Client:
         from launcher import artifacts as art
 
         run_name, output = self._output_of(run, output)
-        return art.list_versions(output, run_name)
+        return art.list_versions(output, run_name, endpoint=self._s3_endpoint)
 
     def download(self, run: str, dest: str | Path, *, version: str | None = None,
                  output: str | None = None, on_progress: Callable[[int, int], None] | None = None) -> Downloaded:
@@ -741,7 +747,8 @@ class Client:
         from launcher import artifacts as art
 
         run_name, output = self._output_of(run, output)
-        v, folder = art.download_version(output, run_name, version, dest, on_progress=on_progress)
+        v, folder = art.download_version(output, run_name, version, dest, on_progress=on_progress,
+                                         endpoint=self._s3_endpoint)
         return Downloaded(run_name, v, folder)
 
     def prune(self, run: str, *, older_than: str | float = "24h", apply: bool = False,
@@ -753,4 +760,4 @@ class Client:
         seconds = parse_duration(older_than)
         run_name, output = self._output_of(run, output)
         return PruneReport(run_name, apply, art.prune_incomplete(output, run_name, older_than_seconds=seconds,
-                                                                 apply=apply))
+                                                                 apply=apply, endpoint=self._s3_endpoint))

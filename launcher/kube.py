@@ -8,11 +8,13 @@ resource that RBAC lacks.
 from __future__ import annotations
 
 import json
+import os
+import re
 import time
 from typing import Any, Callable, Iterator
 
 from launcher.errors import (AlreadyExists, ClusterError, ClusterUnreachable, Forbidden, Invalid,  # noqa: F401
-                             NotFound, TransientClusterError)
+                             NotFound, SettingsError, TransientClusterError)
 
 #: (connect, read) seconds for ordinary calls; a restarting API server must not hang us.
 TIMEOUT = (5, 30)
@@ -20,6 +22,104 @@ TIMEOUT = (5, 30)
 JOBSET = ("jobset.x-k8s.io", "v1alpha2", "jobsets")
 #: How long a "does the cluster serve JobSets" answer is reused.
 DISCOVERY_TTL = 60.0
+#: Where a pod's service account namespace is mounted: the namespace of a launcher that runs in the cluster.
+SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+def yaml_error() -> type:
+    import yaml
+    return yaml.YAMLError
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+
+
+# ------------------------------------------------------------------ the kubeconfig, read without a server
+
+def kubeconfig_paths(kubeconfig: str | None) -> list[str]:
+    """The kubeconfig files in use, as kubectl picks them: the setting, else $KUBECONFIG (a list of paths),
+    else ~/.kube/config."""
+    raw = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
+    return [os.path.expanduser(p) for p in raw.split(os.pathsep) if p]
+
+
+def uses_in_cluster_config(kubeconfig: str | None) -> bool:
+    """Whether the launcher talks to the cluster through the pod's service account: it runs in a pod and no
+    kubeconfig is set or present."""
+    return not kubeconfig and not os.environ.get("KUBECONFIG") and \
+        not os.path.exists(os.path.expanduser("~/.kube/config")) and bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+
+
+def _read_kubeconfig(path: str) -> dict:
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}" if mark else path
+        raise SettingsError(f"the kubeconfig {where} is not valid YAML: {getattr(err, 'problem', None) or err}",
+                            hint="fix it (`kubectl config view` shows what kubectl makes of it), or set "
+                                 "LAUNCHER_KUBECONFIG to a valid kubeconfig") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise SettingsError(f"cannot read the kubeconfig {path}: {_first_line(err)}",
+                            hint="make it readable, or set LAUNCHER_KUBECONFIG to a readable kubeconfig") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict) or not isinstance(data.get("contexts") or [], list):
+        raise SettingsError(f"the kubeconfig {path} is not a kubeconfig (a YAML mapping with a contexts list)",
+                            hint="fix it, or set LAUNCHER_KUBECONFIG to a valid kubeconfig")
+    return data
+
+
+def context_namespace(kubeconfig: str | None, context: str | None) -> tuple[str | None, str]:
+    """(namespace, where it was found) of the kubeconfig's context ``context`` (default: its current context),
+    as kubectl reads it: the first file of the list that names a current context or holds the context wins;
+    files that do not exist are skipped. (None, "") when no context sets a namespace. A context named but not
+    found, or a file that is not a kubeconfig, is a SettingsError."""
+    files = [(p, _read_kubeconfig(p)) for p in kubeconfig_paths(kubeconfig) if os.path.isfile(p)]
+    if not files:
+        return None, ""
+    name = context or next((d["current-context"] for _, d in files if d.get("current-context")), None)
+    if not name:
+        return None, ""
+    for path, data in files:
+        for entry in data.get("contexts") or []:
+            if isinstance(entry, dict) and entry.get("name") == name:
+                ns = (entry.get("context") or {}).get("namespace") if isinstance(entry.get("context"), dict) \
+                    else None
+                if ns and not (isinstance(ns, str) and _DNS1123_LABEL.match(ns)):
+                    raise SettingsError(f"the kubeconfig {path}: context {name} has namespace {ns!r}, which is not "
+                                        "a namespace name (a DNS-1123 label)",
+                                        hint=f"fix it (kubectl config set-context {name} --namespace=NAME), or "
+                                             "pass --namespace / LAUNCHER_NAMESPACE")
+                return (ns or None), (f"kubeconfig context {name} ({path})" if ns else "")
+    if context:
+        have = sorted({e.get("name") for _, d in files for e in d.get("contexts") or []
+                       if isinstance(e, dict) and e.get("name")})
+        raise SettingsError(f"LAUNCHER_CONTEXT / --context: no context {context!r} in the kubeconfig "
+                            f"{os.pathsep.join(p for p, _ in files)}",
+                            hint=f"pick one of: {', '.join(have)}" if have else "add the context to the kubeconfig")
+    return None, ""
+
+
+def default_namespace(kubeconfig: str | None, context: str | None) -> tuple[str, str]:
+    """(namespace, where it came from) when none is set: the kubeconfig context's namespace; a launcher that
+    runs in a pod (no kubeconfig), its service account's namespace; else ``default`` (what kubectl does)."""
+    if uses_in_cluster_config(kubeconfig):
+        try:
+            with open(SERVICE_ACCOUNT_NAMESPACE, encoding="utf-8") as f:
+                ns = f.read().strip()
+        except OSError:
+            ns = ""
+        if _DNS1123_LABEL.match(ns):
+            return ns, "the pod's service account"
+        return "default", "the default"
+    ns, where = context_namespace(kubeconfig, context)
+    return (ns, where) if ns else ("default", "the default")
 
 
 def _plural(kind: str) -> str:
@@ -53,30 +153,33 @@ class Kube:
         return self._api
 
     def _connect(self):
-        import os
-
+        """An API client from the kubeconfig (or the pod's service account). No kubeconfig at all is a
+        ClusterError (exit 3: we do not know where the cluster is); one that exists but cannot be used is a
+        SettingsError (exit 2). Neither is retried: loading it again gives the same answer."""
         from kubernetes import client, config
         from kubernetes.config.config_exception import ConfigException
 
         cfg = client.Configuration()
-        where = self.kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
+        paths = kubeconfig_paths(self.kubeconfig)
+        where = os.pathsep.join(paths)
+        what = f"the kubeconfig {where}" + (f" (context {self.context})" if self.context else "")
         try:
-            in_cluster = not self.kubeconfig and not os.environ.get("KUBECONFIG") and \
-                not os.path.exists(os.path.expanduser("~/.kube/config")) and \
-                bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
-            if in_cluster:
+            if uses_in_cluster_config(self.kubeconfig):
                 config.load_incluster_config(client_configuration=cfg)
+            elif not any(os.path.isfile(p) for p in paths):
+                raise ClusterError(f"cannot load the Kubernetes configuration: no kubeconfig at {where}",
+                                   hint="set LAUNCHER_KUBECONFIG (or KUBECONFIG, or --kubeconfig) to your cluster's "
+                                        "kubeconfig")
             else:
-                config.load_kube_config(config_file=self.kubeconfig, context=self.context,
-                                        client_configuration=cfg)
+                config.load_kube_config(config_file=where, context=self.context, client_configuration=cfg)
         except ConfigException as err:
-            raise ClusterUnreachable(f"cannot load the Kubernetes configuration from {where}"
-                                     + (f" (context {self.context})" if self.context else "") + f": {err}",
-                                     hint="set LAUNCHER_KUBECONFIG (or KUBECONFIG) to a valid kubeconfig, "
-                                          "and LAUNCHER_CONTEXT to one of its contexts") from None
-        except (OSError, TypeError, ValueError) as err:
-            raise ClusterUnreachable(f"cannot read the kubeconfig {where}: {err}",
-                                     hint="set LAUNCHER_KUBECONFIG to a readable kubeconfig") from None
+            raise SettingsError(f"cannot load the Kubernetes configuration from {what}: {err}",
+                                hint="fix that kubeconfig, or set LAUNCHER_KUBECONFIG (or KUBECONFIG) to a valid "
+                                     "one, and LAUNCHER_CONTEXT (--context) to one of its contexts") from None
+        except (OSError, TypeError, ValueError, AttributeError, KeyError, yaml_error()) as err:
+            raise SettingsError(f"cannot read {what}: {_first_line(err)}",
+                                hint="fix that kubeconfig (it must be a YAML mapping, as `kubectl config view` "
+                                     "prints), or set LAUNCHER_KUBECONFIG to a valid one") from None
         cfg.retries = 1
         return client.ApiClient(cfg)
 
@@ -386,19 +489,75 @@ def _connection_reason(err: BaseException) -> str:
     return type(err).__name__ + (f": {text[:160]}" if text else "")
 
 
-def with_retries(fn: Callable[[], Any], *, deadline: float | None = None, on_retry: Callable[[str], None] | None = None,
+class Outage:
+    """Consecutive failures to reach the API server (unreachable, 5xx, 429), counted across calls until one
+    succeeds: ``wait`` and ``logs -f`` outlive an API server restart, but not a cluster that never answers.
+    The first failure is noted ("… ; retrying for up to 2m"), then a progress line every ``every`` seconds;
+    after ``limit`` seconds in a row it raises :class:`ClusterUnreachable` naming the limit and how to raise
+    it. ``limit`` None: retry for ever (only where the caller bounds the wait itself)."""
+
+    def __init__(self, limit: float | None, note: Callable[[str], None] | None = None, *, every: float = 30.0,
+                 clock: Callable[[], float] | None = None):
+        self.limit = limit
+        self.note = note or (lambda msg: None)
+        self.every = every
+        self.clock = clock or (lambda: time.monotonic())
+        self.since: float | None = None  # when the current outage began
+        self._said_at = 0.0
+
+    def failed(self, err: ClusterError) -> float:
+        """Count one failure; raise once the outage has lasted ``limit``; else the seconds left before it has."""
+        now = self.clock()
+        if self.since is None:
+            self.since, self._said_at = now, now
+            bound = f" for up to {_seconds(self.limit)} (LAUNCHER_CLUSTER_TIMEOUT)" if self.limit else ""
+            self.note(f"… {err.message}; retrying{bound}")
+        lasted = now - self.since
+        if self.limit is not None and lasted >= self.limit:
+            raise ClusterUnreachable(
+                f"gave up: the Kubernetes API server has not answered for {_seconds(lasted)} ({err.message})",
+                hint="check that the cluster is up and that LAUNCHER_KUBECONFIG / LAUNCHER_CONTEXT point at it; to "
+                     f"wait longer for it, set LAUNCHER_CLUSTER_TIMEOUT (now {_seconds(self.limit)}, e.g. 10m). The "
+                     "run itself is not affected: wait for it again once the cluster answers") from None
+        if now - self._said_at >= self.every:
+            self._said_at = now
+            left = f"; giving up in {_seconds(self.limit - lasted)}" if self.limit else ""
+            self.note(f"… still retrying: no answer from the API server for {_seconds(lasted)}{left}")
+        return float("inf") if self.limit is None else self.limit - lasted
+
+    def recovered(self) -> None:
+        """A call succeeded: the outage (if any) is over, and the next one is news."""
+        if self.since is not None:
+            self.note(f"… the API server answers again (after {_seconds(self.clock() - self.since)})")
+        self.since = None
+
+
+def _seconds(s: float | None) -> str:
+    if s is None:
+        return "ever"
+    s = max(0.0, s)
+    if s < 120:
+        return f"{s:.0f} s"
+    return f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
+
+
+def with_retries(fn: Callable[[], Any], *, deadline: float | None = None, outage: Outage | None = None,
                  max_delay: float = 15.0) -> Any:
-    """Call ``fn`` until it stops raising unreachable/transient errors (exponential backoff), or ``deadline``
-    (a time.monotonic() value) passes, then re-raise. Used by ``wait`` and ``logs -f`` to outlive an API
-    server restart."""
+    """Call ``fn`` until it stops raising unreachable/transient errors (exponential backoff); re-raise when
+    ``deadline`` (a time.monotonic() value) passes, and stop with :class:`ClusterUnreachable` once ``outage``
+    says the API server has not answered for its limit. Other errors (403, 404, a bad kubeconfig) are
+    deterministic and raised at once. Used by ``wait`` and ``logs -f`` to outlive an API server restart."""
+    outage = outage or Outage(None)
     delay = 0.5
     while True:
         try:
-            return fn()
+            result = fn()
         except (ClusterUnreachable, TransientClusterError) as err:
             if deadline is not None and time.monotonic() + delay > deadline:
                 raise
-            if on_retry:
-                on_retry(err.message)
-            time.sleep(delay)
+            left = outage.failed(err)
+            time.sleep(max(0.0, min(delay, left)))
             delay = min(delay * 2, max_delay)
+            continue
+        outage.recovered()
+        return result

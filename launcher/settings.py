@@ -6,18 +6,26 @@ environment variables, the user's YAML file (``LAUNCHER_CONFIG`` or
 the Helm chart installs in the namespace (key ``settings.yaml``), then defaults.
 
 The file is read by pydantic-settings' own ``YamlConfigSettingsSource``; unknown keys are
-errors (``extra="forbid"``), with a "did you mean". The ConfigMap needs a cluster, so it
+errors (``extra="forbid"``), with a "did you mean". So is a ``LAUNCHER_*`` variable that is not
+a setting (nor ``LAUNCHER_CONFIG``/``LAUNCHER_DEBUG``): a typo silently ignored would run with
+the default. Every invalid value is listed in one :class:`SettingsError` naming where it was
+set (the variable, the file, the ConfigMap) and the fix. The ConfigMap needs a cluster, so it
 is read only by :func:`load_settings` when it is given a kube client; everything else
 works offline (``--dry-run``).
+
+The namespace, when none is set (flag, variable or file), is the kubeconfig context's (as
+kubectl's), else in a pod its service account's, else ``default``; the ConfigMap cannot set it.
 """
 from __future__ import annotations
 
 import contextvars
+import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, PrivateAttr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from launcher.errors import SettingsError
@@ -26,8 +34,32 @@ CLUSTER_CONFIGMAP = "lora-jobs-launcher"
 CLUSTER_CONFIGMAP_KEY = "settings.yaml"
 DEFAULT_CONFIG_FILE = "~/.config/lora-jobs/launcher.yaml"
 
-#: Where the cluster is and who we are: the namespace's ConfigMap cannot decide these.
-_LOCAL_ONLY = {"kubeconfig", "context", "namespace"}
+#: Where the cluster is and who we are (and how long to wait for it to answer): the namespace's ConfigMap
+#: cannot decide these.
+_LOCAL_ONLY = {"kubeconfig", "context", "namespace", "cluster_timeout"}
+#: LAUNCHER_* variables that are not settings: any other LAUNCHER_* name is refused as a likely typo.
+ENV_NOT_SETTINGS = {"LAUNCHER_CONFIG": "the config file", "LAUNCHER_DEBUG": "tracebacks on errors"}
+#: The settings whose variables hold JSON, with an example of each.
+_JSON_EXAMPLES = {"node_selector": '{"pool": "gpu"}',
+                  "tolerations": '[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]'}
+
+_DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_QUALIFIED_NAME = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+_LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+# distribution/reference's grammar: [registry[:port]/]path[:tag][@digest], path components lowercase
+_IMAGE = re.compile(r"^(?:(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])(?:\.(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*"
+                    r"[a-zA-Z0-9]))*(?::[0-9]+)?/)?[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)"
+                    r"[a-z0-9]+)*)*(?::[\w][\w.-]{0,127})?(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:"
+                    r"[0-9a-fA-F]{32,})?$")
+_TOLERATION_KEYS = {"key", "operator", "value", "effect", "tolerationSeconds"}
+
+
+def _qualified_name(text: str) -> bool:
+    """A Kubernetes qualified name (a label key, an extended resource): [DNS-subdomain prefix/]name."""
+    prefix, _, name = text.rpartition("/")
+    return bool(_QUALIFIED_NAME.match(name)) and (not prefix or (len(prefix) <= 253
+                                                                  and bool(_DNS1123_SUBDOMAIN.match(prefix))))
 
 _cluster_values: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("cluster_values", default={})
 
@@ -44,10 +76,12 @@ class LauncherSettings(BaseSettings):
     kubeconfig: str | None = Field(None, description="Path of the kubeconfig; default: $KUBECONFIG, "
                                                      "~/.kube/config, or the in-cluster service account.")
     context: str | None = Field(None, description="kubeconfig context; default: the current context.")
-    namespace: str = Field("default", description="Namespace the Jobs run in.")
+    namespace: str | None = Field(None, description="Namespace the Jobs run in; default: the kubeconfig context's "
+                                                     "namespace, else (in a pod) its service account's, else "
+                                                     "default.")
     image: str = Field("lora-jobs/trainer:0.1.0", description="The trainer image.")
-    image_pull_policy: str = Field("IfNotPresent", pattern=r"^(Always|IfNotPresent|Never)$",
-                                   description="imagePullPolicy of the trainer container.")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field(
+        "IfNotPresent", description="imagePullPolicy of the trainer container.")
     s3_endpoint: str | None = Field(None, description="S3 endpoint URL given to the job as AWS_ENDPOINT_URL "
                                                       "(empty: the AWS default).")
     s3_region: str = Field("us-east-1", description="AWS_REGION of the job.")
@@ -74,6 +108,123 @@ class LauncherSettings(BaseSettings):
                                                               "has tracking.mlflow, in the variable it names.")
     mlflow_token_secret: str | None = Field(None, description="Secret whose key MLFLOW_TRACKING_TOKEN is the "
                                                               "tracking server's bearer token (none: no auth).")
+    cluster_timeout: float = Field(120.0, gt=0, description="Seconds in a row that wait, logs -f and submit --wait "
+                                                            "keep retrying an API server that does not answer before "
+                                                            "they stop with an error (a run may take as long as it "
+                                                            "takes: this bounds only the outage). Also 90s, 5m, 1h.")
+
+    #: Where the namespace came from (a flag, LAUNCHER_NAMESPACE, the kubeconfig context, ...), for messages.
+    _namespace_from: str = PrivateAttr("")
+
+    def model_post_init(self, context: Any) -> None:
+        if self.namespace is None:
+            from launcher.kube import default_namespace
+
+            self.namespace, self._namespace_from = default_namespace(self.kubeconfig, self.context)
+        else:
+            self._namespace_from = "the settings"
+
+    @property
+    def namespace_from(self) -> str:
+        """Where :attr:`namespace` came from: "the settings" (a flag, a variable, the config file), a kubeconfig
+        context, the pod's service account, or "the default"."""
+        return self._namespace_from
+
+    @field_validator("namespace")
+    @classmethod
+    def _namespace_is_a_label(cls, v: str | None) -> str | None:
+        if v is not None and not _DNS1123_LABEL.match(v):
+            raise ValueError(f"{v!r} is not a namespace name: use lowercase letters, digits and '-', starting and "
+                             "ending with a letter or digit, at most 63 characters (e.g. ml)")
+        return v
+
+    @field_validator("service_account", "s3_secret_name", "mlflow_token_secret", "queue", "priority_class")
+    @classmethod
+    def _object_name(cls, v: str | None) -> str | None:
+        if v is not None and not (len(v) <= 253 and _DNS1123_SUBDOMAIN.match(v)):
+            raise ValueError(f"{v!r} is not a Kubernetes object name: use lowercase letters, digits, '-' and '.', "
+                             "starting and ending with a letter or digit")
+        return v
+
+    @field_validator("image")
+    @classmethod
+    def _image_reference(cls, v: str) -> str:
+        if len(v) > 255 or not _IMAGE.match(v):
+            raise ValueError(f"{v!r} is not an image reference: use [registry[:port]/]name[:tag][@sha256:digest] "
+                             "with a lowercase name, e.g. registry.example.com/lora-jobs/trainer:0.1.0")
+        return v
+
+    @field_validator("s3_endpoint", mode="before")
+    @classmethod
+    def _endpoint_url(cls, v: Any) -> Any:
+        if v is None or (isinstance(v, str) and not v.strip()):
+            return None  # empty: the AWS default
+        if not isinstance(v, str):
+            return v
+        from urllib.parse import urlsplit
+
+        try:
+            url = urlsplit(v)
+            url.port  # noqa: B018 - raises on a port that is not a number
+        except ValueError:
+            url = None
+        if url is not None and (url.username or url.password):
+            # never echoed: the value holds a credential
+            raise ValueError("holds a user name or password: S3 credentials come from the Secret "
+                             "(s3_secret_name), never the URL; give only scheme://host[:port]")
+        if url is None or url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(f"{v!r} is not an http(s) URL: give scheme://host[:port], e.g. http://minio.storage:9000 "
+                             "(empty: the AWS default)")
+        return v
+
+    @field_validator("gpu_resource")
+    @classmethod
+    def _extended_resource(cls, v: str) -> str:
+        domain = v.rpartition("/")[0]
+        if not domain or not _qualified_name(v) or domain == "kubernetes.io" or domain.endswith(".kubernetes.io"):
+            raise ValueError(f"{v!r} is not an extended resource name: use domain/name outside kubernetes.io, e.g. "
+                             "nvidia.com/gpu or amd.com/gpu")
+        return v
+
+    @field_validator("node_selector")
+    @classmethod
+    def _node_labels(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            if not _qualified_name(key):
+                raise ValueError(f"{key!r} is not a label key: use [prefix/]name, e.g. "
+                                 "cloud.google.com/gke-accelerator")
+            if not _LABEL_VALUE.match(value):
+                raise ValueError(f"the value of {key} is not a label value: at most 63 letters, digits, '-', '_' "
+                                 "and '.', starting and ending with a letter or digit")
+        return v
+
+    @field_validator("tolerations")
+    @classmethod
+    def _tolerations(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for i, t in enumerate(v):
+            unknown = sorted(set(t) - _TOLERATION_KEYS)
+            if unknown:
+                raise ValueError(f"toleration {i}: unknown key {unknown[0]!r}; a toleration has "
+                                 f"{', '.join(sorted(_TOLERATION_KEYS))}")
+            if t.get("operator", "Equal") not in ("Equal", "Exists"):
+                raise ValueError(f"toleration {i}: operator must be Equal or Exists")
+            if t.get("effect", "") not in ("", "NoSchedule", "PreferNoSchedule", "NoExecute"):
+                raise ValueError(f"toleration {i}: effect must be NoSchedule, PreferNoSchedule or NoExecute")
+            if t.get("operator") == "Exists" and t.get("value"):
+                raise ValueError(f"toleration {i}: operator Exists takes no value")
+            if not t.get("key") and t.get("operator") != "Exists":
+                raise ValueError(f"toleration {i}: without a key the operator must be Exists")
+        return v
+
+    @field_validator("cluster_timeout", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", v)
+            if not m:
+                raise ValueError(f"{v!r} is not a duration: give seconds (120) or 90s, 5m, 1h")
+            return float(m.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+        return v
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings, env_settings,
@@ -144,28 +295,100 @@ def cluster_values_from_configmap(configmap: dict | None) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k in LauncherSettings.model_fields and k not in _LOCAL_ONLY}
 
 
-def _problem(e: dict[str, Any]) -> str:
-    where = ".".join(str(p) for p in e["loc"]) or "(settings)"
+def _where(name: str, overrides: dict[str, Any], cluster: dict[str, Any]) -> str:
+    """Where the value of setting ``name`` came from, as the user would fix it: an argument (a flag), the
+    LAUNCHER_* variable, the config file or the namespace's ConfigMap."""
+    if name in overrides:
+        return name
+    var = f"LAUNCHER_{name.upper()}"
+    if any(k.upper() == var for k in os.environ):
+        return f"{var} ({name})"
+    if name in cluster and name not in _file_keys():
+        return f"ConfigMap {CLUSTER_CONFIGMAP}: {name}"
+    return f"{config_file_path()}: {name}" if name in _file_keys() else name
+
+
+def _file_keys() -> set[str]:
+    try:
+        data = _parse_yaml(config_file_path().read_text(encoding="utf-8-sig"), str(config_file_path()))
+    except (OSError, UnicodeDecodeError, SettingsError):
+        return set()
+    return set(data)
+
+
+def _problem(e: dict[str, Any], overrides: dict[str, Any], cluster: dict[str, Any]) -> str:
+    name = str(e["loc"][0]) if e["loc"] else ""
     if e.get("type") == "extra_forbidden":
         import difflib
 
-        close = difflib.get_close_matches(where, list(LauncherSettings.model_fields), n=1)
+        close = difflib.get_close_matches(name, list(LauncherSettings.model_fields), n=1)
+        where = name if name in overrides else f"{config_file_path()}: {name}"
         return f"{where}: not a setting" + (f" (did you mean {close[0]}?)" if close else "")
-    return f"{where}: {e['msg']}"
+    msg = e["msg"].removeprefix("Value error, ")
+    inner = ".".join(str(p) for p in e["loc"][1:])
+    return f"{_where(name, overrides, cluster) if name else '(settings)'}: " + (f"{inner}: " if inner else "") + msg
+
+
+def environment_problems() -> list[str]:
+    """LAUNCHER_* variables that are not settings (a typo would otherwise be ignored), and JSON settings whose
+    variable is not JSON; each names the variable and the fix."""
+    import difflib
+
+    known = {f"LAUNCHER_{f.upper()}" for f in LauncherSettings.model_fields} | set(ENV_NOT_SETTINGS)
+    out = []
+    for var in sorted(os.environ):
+        up = var.upper()
+        if up.startswith("LAUNCHER_") and up not in known:
+            close = difflib.get_close_matches(up, sorted(known), n=1)
+            out.append(f"{var}: not a launcher setting" + (f" (did you mean {close[0]}?)" if close else "")
+                       + "; rename it or unset it")
+    for name, example in _JSON_EXAMPLES.items():
+        var = f"LAUNCHER_{name.upper()}"
+        text = next((v for k, v in os.environ.items() if k.upper() == var), None)
+        if text is None or not text.strip():
+            continue
+        try:
+            json.loads(text)
+        except ValueError as err:
+            out.append(f"{var}: not valid JSON ({getattr(err, 'msg', err)} at character {getattr(err, 'pos', 0) + 1});"
+                       f" write it as JSON, e.g. {var}='{example}'")
+    return out
 
 
 def make_settings(cluster: dict[str, Any] | None = None, **overrides: Any) -> LauncherSettings:
-    """Settings from overrides, env, the config file and ``cluster`` values; invalid ones raise SettingsError."""
+    """Settings from overrides, env, the config file and ``cluster`` values; every invalid one (a value, a
+    LAUNCHER_* variable that is not a setting, a JSON variable that is not JSON) is listed in one SettingsError
+    that names where it was set and how to fix it."""
+    from pydantic_settings import SettingsError as SourceError
+
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    token = _cluster_values.set(cluster or {})
+    cluster = cluster or {}
+    hint = f"fix each setting named above (LAUNCHER_* variables, {config_file_path()}, or the flag)"
+    problems = environment_problems()
+    if any(": not valid JSON" in p for p in problems):  # pydantic-settings would stop at the first one
+        raise SettingsError(_listing(problems), hint=hint)
+    token = _cluster_values.set(cluster)
     try:
-        return LauncherSettings(**overrides)
+        return _checked(LauncherSettings(**overrides), problems, hint)
     except ValidationError as err:
-        problems = "; ".join(_problem(e) for e in err.errors())
-        raise SettingsError(f"invalid launcher settings: {problems}",
-                            hint=f"check LAUNCHER_* variables and {config_file_path()}") from None
+        problems += [_problem(e, overrides, cluster) for e in err.errors()]
+        raise SettingsError(_listing(problems), hint=hint) from None
+    except SourceError as err:  # a source that could not be decoded; the variables are checked above
+        raise SettingsError(_listing(problems + [str(err)]), hint=hint) from None
     finally:
         _cluster_values.reset(token)
+
+
+def _checked(settings: LauncherSettings, problems: list[str], hint: str) -> LauncherSettings:
+    if problems:
+        raise SettingsError(_listing(problems), hint=hint)
+    return settings
+
+
+def _listing(problems: list[str]) -> str:
+    if len(problems) == 1:
+        return f"invalid launcher settings: {problems[0]}"
+    return f"{len(problems)} invalid launcher settings:\n" + "\n".join(f"  - {p}" for p in problems)
 
 
 def load_settings(kube: Any = None, **overrides: Any) -> LauncherSettings:

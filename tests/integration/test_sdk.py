@@ -138,6 +138,12 @@ def test_submit_status_wait_artifacts_download_prune_with_typed_results(sdk, sta
     with pytest.raises(StorageError, match="incomplete") as e:
         sdk.download("sdk-life", tmp_path / "dl", version="v3")
     assert errors.exit_code_for(e.value) == 3
+    # All or nothing: a file of v2 altered in the bucket leaves nothing in the download folder.
+    store.put_bytes(f"{prefix}/sdk-life/v2/metadata.json", b'{"n": 666}')
+    with pytest.raises(StorageError, match="do not match the manifest") as e:
+        sdk.download("sdk-life", tmp_path / "dl", version="v2")
+    assert "metadata.json" in e.value.message and errors.exit_code_for(e.value) == 3
+    assert sorted(p.name for p in (tmp_path / "dl").iterdir()) == ["v1"], "no v2, no staging folder"
 
     dry_prune = sdk.prune("sdk-life", older_than=0)
     assert not dry_prune.applied and [(o.name, o.removed) for o in dry_prune.orphans] == [("v3", False)]
