@@ -395,7 +395,9 @@ def cancel(ctx: typer.Context, run: str = typer.Argument(..., help="Run name or 
 @app.command(epilog="Example:  launcher wait my-run --timeout 3600")
 @_handles_errors
 def wait(ctx: typer.Context, run: str = typer.Argument(..., help="Run name or Job name."),
-         timeout: Optional[float] = typer.Option(None, "--timeout", help="Give up (exit 4) after this many seconds."),
+         timeout: Optional[float] = typer.Option(None, "--timeout", help="Give up (exit 4) after this many seconds "
+                                                 "(default: as long as the run takes; an API server that does not "
+                                                 "answer for LAUNCHER_CLUSTER_TIMEOUT, 2 min, is exit 3)."),
          interval: float = typer.Option(2.0, "--interval", help="Seconds between checks.")) -> None:
     """Wait for a run to finish; exit 0 if it succeeded, 1 if it failed, 4 on timeout."""
     final = _client(ctx).wait(run, timeout=timeout, interval=interval,

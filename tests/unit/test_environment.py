@@ -217,3 +217,66 @@ def test_wait_and_follow_give_up_on_a_cluster_that_never_answers(tmp_path, monke
 def test_negative_numbers_are_usage_errors_before_any_cluster_call(args, says):
     r = CliRunner().invoke(cli.app, args)
     assert r.exit_code == 2 and says in r.output and "fix:" in r.output and "Traceback" not in r.output, r.output
+
+
+def test_an_outage_is_retried_with_progress_lines_then_stops_at_its_limit():
+    from launcher.errors import ClusterUnreachable
+    from launcher.kube import Outage
+
+    now = [0.0]
+    notes: list[str] = []
+    outage = Outage(120, notes.append, every=30, clock=lambda: now[0])
+    err = ClusterUnreachable("cannot reach the Kubernetes API server at https://x (connection refused)")
+    for t in range(0, 120, 10):
+        now[0] = t
+        assert outage.failed(err) == 120 - t
+    assert notes[0].endswith("(connection refused); retrying for up to 2 min (LAUNCHER_CLUSTER_TIMEOUT)")
+    assert [n for n in notes[1:]] == [f"… still retrying: no answer from the API server for {s} s; giving up in "
+                                      f"{120 - s} s" for s in (30, 60, 90)]
+    now[0] = 125
+    outage.recovered()  # one answer: the count starts again
+    assert notes[-1] == "… the API server answers again (after 2 min)"
+    now[0] = 1000
+    outage.failed(err)
+    now[0] = 1119
+    outage.failed(err)
+    now[0] = 1120
+    with pytest.raises(ClusterUnreachable) as e:
+        outage.failed(err)
+    assert "has not answered for 2 min" in e.value.message and "LAUNCHER_CLUSTER_TIMEOUT (now 2 min" in e.value.hint
+
+
+def test_a_long_run_is_not_bounded_by_the_outage_limit(monkeypatch):
+    """Hours of answers, each after a short blip: never 120 s in a row, so the wait goes on."""
+    from launcher.errors import TransientClusterError
+    from launcher.kube import Outage, with_retries
+
+    now = [0.0]
+    monkeypatch.setattr(time, "sleep", lambda s: now.__setitem__(0, now[0] + s))
+    outage = Outage(120, clock=lambda: now[0])
+    for _ in range(500):  # 500 polls, each failing 3 times (0.5 + 1 + 2 s of backoff) before it answers
+        fails = iter([True, True, True, False])
+
+        def poll():
+            now[0] += 30
+            if next(fails):
+                raise TransientClusterError("the API server at x answered 503")
+            return "Running"
+
+        assert with_retries(poll, outage=outage) == "Running"
+    assert now[0] > 10 * 3600
+
+
+def test_deterministic_cluster_errors_are_not_retried():
+    from launcher.errors import Forbidden
+    from launcher.kube import Outage, with_retries
+
+    calls = []
+
+    def forbidden():
+        calls.append(1)
+        raise Forbidden("not allowed to list jobs in namespace ml")
+
+    with pytest.raises(Forbidden):
+        with_retries(forbidden, outage=Outage(120))
+    assert len(calls) == 1
