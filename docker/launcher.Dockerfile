@@ -19,7 +19,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # Dependencies before code, so editing launcher/ or jobs/ reuses this layer; the
-# wheel cache works as in trainer.Dockerfile.
+# wheel cache works as in trainer.Dockerfile. requirements-launcher.txt is the subset
+# of requirements/lock.txt for pyproject.toml's base, its extra data and the build
+# backend (setuptools, for the --no-build-isolation install below), by hack/lock.sh.
 COPY docker/requirements-launcher.txt /tmp/requirements.txt
 RUN --mount=type=cache,id=lora-jobs-wheels,target=/var/cache/wheels,sharing=locked \
     --mount=type=secret,id=ca_bundle \

@@ -33,9 +33,10 @@ ENV PATH=/opt/venv/bin:$PATH \
 # the builder, never in the image; shared with the launcher build): `pip download`
 # skips a wheel already there, so a rebuild after a lock change downloads only what
 # changed. (pip's own HTTP cache is not enough: it stores nothing when a proxy
-# strips the caching headers, as the TLS-intercepting one here does.) The lock is
-# complete (see requirements-trainer.txt), hence --no-deps; `pip check` proves it
-# consistent.
+# strips the caching headers, as the TLS-intercepting one here does.)
+# requirements-trainer.txt is the subset of requirements/lock.txt for pyproject.toml's
+# extras train, qlora and fp8, written by hack/lock.sh: complete, hence --no-deps;
+# `pip check` proves it consistent.
 COPY docker/requirements-trainer.txt /tmp/requirements.txt
 RUN --mount=type=cache,id=lora-jobs-wheels,target=/var/cache/wheels,sharing=locked \
     --mount=type=secret,id=ca_bundle \

