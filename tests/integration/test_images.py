@@ -102,10 +102,10 @@ def test_trainer_has_the_pinned_ml_stack_on_a_read_only_root(images):
         if "==" in line and not line.startswith("#"):
             name, version = line.split("==")
             pins[name.strip().lower()] = version.strip()
-    probe = ("import json, importlib.metadata as m, torch, transformers, peft, trl, datasets, accelerate, "
-             "safetensors, matplotlib, boto3, yaml, datasketch, gguf, bitsandbytes, liger_kernel\n"
-             "names = ['torch', 'transformers', 'peft', 'trl', 'datasets', 'accelerate', 'bitsandbytes', "
-             "'safetensors', 'matplotlib', 'gguf', 'boto3', 'pydantic', 'pydantic-settings', 'pyyaml', 'datasketch', 'liger-kernel']\n"
+    probe = ("import json, importlib.metadata as m, torch, transformers, peft, accelerate, "
+             "safetensors, matplotlib, boto3, yaml, datasketch, bitsandbytes, liger_kernel, torchao.float8\n"
+             "names = ['torch', 'transformers', 'peft', 'accelerate', 'bitsandbytes', 'torchao', "
+             "'safetensors', 'matplotlib', 'boto3', 'pydantic', 'pyyaml', 'datasketch', 'liger-kernel']\n"
              "print(json.dumps({n: m.version(n) for n in names} | {'cuda': torch.cuda.is_available()}))")
     proc = run_in(images["trainer"], "-c", probe, entrypoint="python", timeout=600)
     got = json.loads(proc.stdout.strip().splitlines()[-1])
