@@ -15,8 +15,9 @@ help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
 
 # The demo needs Python 3.11 and nothing else: no root, apt, Go or Docker (hack/install-system.sh is the
-# stack's, for make test). Its Python environment is make test's (hack/venv.sh), named at run time so that a
-# missing Python or venv module stops here with its fix, not as a "bin/python: not found" later.
+# stack's, for make test). It uses make test's Python environment (hack/venv.sh) and asks for it while the
+# recipe runs, not through $(PY): a missing Python or venv module then stops the demo with hack/venv.sh's
+# message and fix, not with a "bin/python: not found" afterwards.
 demo:  ## train a LoRA adapter on the demo data with SmolLM2-135M, locally (no cluster; a folder as object store)
 	@py="$$(hack/venv.sh)/bin/python"; \
 	  "$$py" -m jobs convert-gguf $(MODEL_CACHE) >/dev/null; \
