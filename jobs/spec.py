@@ -15,12 +15,15 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
+                      model_validator)
 
 from jobs.errors import Problem, SpecError
 
 #: A run name becomes a Job name, label values and an S3 key segment. 40 leaves
 #: room for the "-<hash>" suffix inside the 63-character label limit.
+#: The description of a field kept only to refuse or warn about it (field_docs leaves it out).
+REMOVED = "(removed)"
 RUN_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?$")
 ALL_LINEAR = "all-linear"
 
@@ -30,15 +33,131 @@ class _Strict(BaseModel):
 
 
 def _short(value: str, limit: int = 60) -> str:
-    """A user's value, cut short for an error message (a 10 MB value must not come back whole)."""
+    """A user's value, cut short for an error message (a 10 MB value must not come back whole); a value that
+    looks like a secret never comes back at all."""
     value = str(value)
+    if secret_kind(value[: limit + 600]):  # only what is shown (and a key's length past it) can leak
+        return "(a value hidden here: it looks like a secret)"
     return value if len(value) <= limit else value[:limit] + f"… ({len(value):,} characters)"
 
 
+# ---------------------------------------------------------------------------- secrets
+# A spec is copied into the Job's labels, annotations and ConfigMap, the run's logs and every published
+# version: a secret in it leaks to whoever can read any of those. Credentials come from the cluster's Secrets.
+
+#: Tokens with a published shape: (what it is, pattern). Anchored on what precedes them so "task-..." is not "sk-".
+_TOKEN_SHAPES = [
+    ("a Hugging Face token", re.compile(r"(?<![A-Za-z0-9])hf_[A-Za-z0-9]{30,}")),
+    ("an AWS access key id", re.compile(r"(?<![A-Za-z0-9])(?:AKIA|ASIA|AGPA|AIDA|AROA)[A-Z0-9]{16}(?![A-Za-z0-9])")),
+    ("a GitHub token", re.compile(r"(?<![A-Za-z0-9])(?:gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,})")),
+    ("a GitLab token", re.compile(r"(?<![A-Za-z0-9])glpat-[A-Za-z0-9_-]{20,}")),
+    ("a Slack token", re.compile(r"(?<![A-Za-z0-9])xox[abposr]-[A-Za-z0-9-]{10,}")),
+    ("an API key (sk-…)", re.compile(r"(?<![A-Za-z0-9])sk-(?:proj-|ant-)?[A-Za-z0-9_-]{32,}")),
+    ("a JSON Web Token", re.compile(r"(?<![A-Za-z0-9])eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.")),
+    ("a private key", re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----")),
+]
+#: Query parameters of presigned URLs (S3, GCS, Azure SAS) and of tokens passed in a URL.
+_SECRET_PARAMS = re.compile(
+    r"[?&;](x-amz-signature|x-amz-credential|x-amz-security-token|x-goog-signature|x-goog-credential|sig|signature|"
+    r"token|access_token|auth|api_key|apikey|key|password|passwd|secret|client_secret)=", re.IGNORECASE)
+#: A long unbroken run of token characters; judged by _looks_random.
+_TOKEN_RUN = re.compile(r"[A-Za-z0-9+/=_-]{32,}")
+
+
+def _looks_random(run: str) -> bool:
+    """A run of 32+ token characters that mixes upper case, lower case and digits the way random keys do.
+    Names do not: hex digests (one case), 'customer-support-llama-3-8b' (words), 'Meta-Llama-3-70B-Instruct'
+    (few switches between letter classes once the separators are dropped, low entropy)."""
+    body = re.sub(r"[-_+/=]", "", run[:512])  # a key is far shorter; a 10 MB run costs no more
+    if len(body) < 28 or not (re.search(r"[A-Z]", body) and re.search(r"[a-z]", body) and re.search(r"\d", body)):
+        return False
+    cls = ["u" if c.isupper() else "l" if c.islower() else "d" for c in body]
+    switches = sum(a != b for a, b in zip(cls, cls[1:])) / (len(cls) - 1)
+    counts = {c: body.count(c) for c in set(body)}
+    entropy = -sum(n / len(body) * math.log2(n / len(body)) for n in counts.values())
+    return switches >= 0.45 and entropy >= 4.2
+
+
+def secret_kind(value: Any, *, free_text: bool = False) -> str | None:
+    """What secret ``value`` appears to hold ("an AWS access key id", "a presigned URL signature
+    (X-Amz-Signature)", ...), or None. ``free_text`` (prompts, references) checks only the published token
+    shapes and URLs with a signature or user:secret@ (prose may hold any word). Never returns the secret itself."""
+    if not isinstance(value, str) or not value:
+        return None
+    for what, pattern in _TOKEN_SHAPES:
+        if pattern.search(value):
+            return what
+    param = _SECRET_PARAMS.search(value)
+    if param:
+        return f"a signature or token in the URL (its {param.group(1)} parameter)"
+    # a URI's user:secret@ part; in prose only with the ':' (ssh://git@host names no secret)
+    # bounded repeats: a 10 MB value is scanned in linear time
+    if re.search(r"(?<![A-Za-z0-9+.-])[A-Za-z][A-Za-z0-9+.-]{0,30}://[^/?#\s@]{0,512}:[^/?#\s@]{0,512}@", value) or (
+            not free_text and re.match(r"^[A-Za-z][A-Za-z0-9+.-]{0,30}://[^/?#@]{0,1024}@", value)):
+        return "credentials in the URL (user:secret@)"
+    if not free_text and any(_looks_random(run) for run in _TOKEN_RUN.findall(value)):
+        return "a long random token"
+    return None
+
+
+def _refuse_secret(value: Any, *, free_text: bool = False) -> None:
+    what = secret_kind(value, free_text=free_text)
+    if what:
+        raise ValueError(f"holds what looks like {what} (not shown here). A spec is copied into the Job's labels, "
+                         "annotations and ConfigMap and into every published version, so it must hold no secret: "
+                         "remove it; credentials come from the cluster's Secrets (the S3 Secret, "
+                         "mlflow_token_secret), never from the spec")
+
+
+def _no_secret(value: Any) -> Any:
+    _refuse_secret(value)
+    return value
+
+
+def _no_secret_in_text(value: Any) -> Any:
+    _refuse_secret(value, free_text=True)
+    return value
+
+
+#: A string that must hold no secret (names, paths, label values).
+Plain = Annotated[str, AfterValidator(_no_secret)]
+#: Prose (prompts, references): refused only for the published token shapes.
+Prose = Annotated[str, AfterValidator(_no_secret_in_text)]
+
+
+# ---------------------------------------------------------------------------- places (URIs and paths)
+
+#: A Hugging Face repo id: [org/]name of letters, digits, '-', '_', '.', no '..' or '--' (the hub's own rule).
+_HF_ID = re.compile(r"^(?!.*(\.\.|--))[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
+#: Schemes someone may write that the job does not read (they would be taken for a local folder named "gs:").
+_OTHER_SCHEMES = {"gs", "gcs", "az", "abfs", "abfss", "wasb", "wasbs", "http", "https", "ftp", "sftp", "ssh",
+                  "hdfs", "s3a", "s3n", "minio", "r2"}
+
+
 def _check_uri(value: str, what: str, *, allow_hub: bool = False) -> str:
+    """An s3:// URI, an hf: model id (``allow_hub``) or a local path (``file://`` is one too); a near-miss of
+    a scheme ('s3:/b/x', 'S3://', 'hf://') is an error with the spelling meant, never read as a local folder."""
+    _refuse_secret(value)
     value = value.strip()
     if not value:
         raise ValueError(f"{what} is empty")
+    scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]+):(/*)", value)  # 2+ letters: 'C:' is a Windows drive
+    if scheme:
+        name, slashes, rest = scheme.group(1), scheme.group(2), value[scheme.end():]
+        low = name.lower()
+        if low == "s3" and (name != "s3" or slashes != "//"):
+            raise ValueError(f"'{_short(value)}' is not an S3 URI (it would be read as a local path): did you mean "
+                             f"'{_short('s3://' + rest.lstrip('/'))}'?")
+        if low == "hf" and (name != "hf" or slashes):
+            raise ValueError(f"'{_short(value)}' is not a model id: write hf:org/name, did you mean "
+                             f"'{_short('hf:' + rest)}'?")
+        if low == "file" and (name != "file" or slashes not in ("//", "///")):
+            raise ValueError(f"'{_short(value)}' is not a file URI: write file:///absolute/path or just the path")
+        if low in _OTHER_SCHEMES and "://" not in value:
+            raise ValueError(f"unsupported scheme '{_short(name)}:'; use s3://bucket/key or a local path")
+    elif re.match(r"^s3//", value, re.IGNORECASE):
+        raise ValueError(f"'{_short(value)}' is not an S3 URI (it would be read as a local path): did you mean "
+                         f"'{_short('s3://' + value[4:].lstrip('/'))}'?")
     if value.startswith("s3://"):
         rest = value[5:]
         bucket = rest.split("/", 1)[0]
@@ -48,10 +167,15 @@ def _check_uri(value: str, what: str, *, allow_hub: bool = False) -> str:
             raise ValueError("'..' is not allowed in an S3 key")
         return value
     if "://" in value and not value.startswith("file://"):
-        scheme = value.split("://", 1)[0]
-        raise ValueError(f"unsupported scheme '{_short(scheme)}://'; use s3://bucket/key or a local path")
-    if allow_hub and value.startswith("hf:"):
-        return value
+        scheme_name = value.split("://", 1)[0]
+        raise ValueError(f"unsupported scheme '{_short(scheme_name)}://'; use s3://bucket/key or a local path")
+    if value.startswith("hf:"):
+        if not allow_hub:
+            raise ValueError("hf: names a model on a hub, and only base_model.uri reads one; use s3://bucket/key "
+                             "or a local path")
+        if not _HF_ID.match(value[3:]):
+            raise ValueError(f"'{_short(value)}' is not a model id: write hf:org/name (letters, digits, '-', '_', "
+                             "'.'; no '..', no path): a path would be read from the pod's disk")
     return value
 
 
@@ -81,7 +205,7 @@ class LoraSpec(_Strict):
     rank: int = Field(16, ge=1, le=1024, description="LoRA rank r (guide: 16-64; outside it, a warning).")
     alpha: int = Field(16, ge=1, le=4096, description="LoRA alpha (guide: 16-64; outside it, a warning).")
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout (guide: 0.05).")
-    target_modules: Literal["all-linear"] | list[Annotated[str, Field(min_length=1)]] = Field(
+    target_modules: Literal["all-linear"] | list[Annotated[Plain, Field(min_length=1)]] = Field(
         ALL_LINEAR, description="'all-linear' or a list of module names such as [q_proj, v_proj].")
     use_rslora: bool = Field(False, description="Rank-stabilised scaling alpha/sqrt(r).")
     use_dora: bool = Field(False, description="Weight-decomposed LoRA (slower; not with 4-bit).")
@@ -110,7 +234,10 @@ class TrainingSpec(_Strict):
                             "per_device_batch_size x accumulation x GPUs examples, however they are packed.")
     max_seq_length: int = Field(1024, ge=32, le=131072, description="Token cap per example; capped again by the "
                                                                      "model's context length.")
-    packing: bool = Field(True, description="Pack examples into full rows (no padding); attention stays per example.")
+    # Removed: the job always packs (jobs/fastpath.py) and nothing read the field. Kept only to say so: `true`
+    # (what every ConfigMap rendered before carries) is a warning, `false` an error. Never dumped, so neither the
+    # ConfigMap nor `--explain` shows it; the hashes add back the `true` they always held (see _hash).
+    packing: bool | None = Field(None, exclude=True, description=REMOVED)
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="auto: bf16 where the GPU "
                                                                                    "supports it, else fp16, fp32 on CPU.")
     seed: int = Field(42, ge=0, description="Seed for shuffling, splits and initialisation.")
@@ -151,6 +278,14 @@ class TrainingSpec(_Strict):
                             "off: never (a base that does not fit one GPU then fails at planning). Sharded runs "
                             "skip torch.compile and FP8; not with quantization. Checkpoints are the same either "
                             "way: a run resumes with or without sharding.")
+
+    @field_validator("packing")
+    @classmethod
+    def _packing(cls, v: bool | None) -> bool | None:
+        if v is False:
+            raise ValueError("was removed: the job always packs examples (attention stays per "
+                             "example, so packing does not change what is learned); delete the line")
+        return v
 
     @field_validator("gradient_accumulation_steps")
     @classmethod
@@ -231,10 +366,19 @@ class DataRules(_Strict):
     pii: Literal["redact", "drop", "off"] = Field("redact", description="Emails, phones, card and ID numbers in "
                                                                         "outputs: redact, drop the row, or off.")
     balance: bool = Field(True, description="Cap each persona/tone at max_group_share of the rows.")
-    balance_field: str = Field("persona", description="Row field naming the persona or tone ('tone' also read).")
+    balance_field: Plain = Field("persona", description="Row field naming the persona or tone ('tone' also read).")
     max_group_share: float = Field(0.5, gt=0.0, le=1.0, description="Largest share one persona may keep.")
     min_rows: int = Field(8, ge=1, description="Fewer valid rows than this fails the run (bad data).")
     max_output_words: int | None = Field(None, ge=1, description="Drop rows whose output is longer (concise outputs).")
+
+    @field_validator("pii", "long_sentences", mode="before")
+    @classmethod
+    def _off_yaml_boolean(cls, v: Any, info: Any) -> Any:
+        # YAML 1.1 reads a bare `pii: off` as false, and that is what it says. `pii: true` asks for the rule:
+        # its default, redact; long_sentences has no single "on", so true stays an error listing the choices.
+        if v is False:
+            return "off"
+        return "redact" if v is True and info.field_name == "pii" else v
 
 
 class LengthBands(_Strict):
@@ -242,11 +386,19 @@ class LengthBands(_Strict):
     medium: tuple[int, int] = Field((41, 120), description="Word range of a medium answer.")
     long: tuple[int, int] = Field((121, 400), description="Word range of a long answer.")
 
+    @field_validator("short", "medium", "long")
+    @classmethod
+    def _band(cls, v: tuple[int, int]) -> tuple[int, int]:
+        lo, hi = v
+        if lo < 0 or lo > hi:
+            raise ValueError(f"[{lo}, {hi}] is not a word range: write [low, high] with 0 <= low <= high")
+        return v
+
 
 class EvalPrompt(_Strict):
-    prompt: str = Field(min_length=1)
+    prompt: Prose = Field(min_length=1)
     band: Literal["short", "medium", "long"] | None = Field(None, description="Expected length band.")
-    reference: str | None = Field(None, description="Expected facts, compared for faithfulness.")
+    reference: Prose | None = Field(None, description="Expected facts, compared for faithfulness.")
 
 
 class EvalSpec(_Strict):
@@ -261,6 +413,11 @@ class EvalSpec(_Strict):
     max_new_tokens: int = Field(128, ge=1, le=4096)
     length_bands: LengthBands = Field(default_factory=LengthBands)
 
+    @field_validator("prompts")
+    @classmethod
+    def _prompts_path(cls, v: Any) -> Any:
+        return _check_uri(v, "eval.prompts") if isinstance(v, str) else v
+
 
 class MergeSpec(_Strict):
     enabled: bool = Field(True, description="Also publish the adapter merged into the base model.")
@@ -268,6 +425,10 @@ class MergeSpec(_Strict):
     tolerance: float = Field(1e-3, gt=0.0, lt=1.0, description="The merge check, done in fp32 before the merged "
                              "weights are cast to merge.dtype: largest relative error allowed in each merged "
                              "weight's change (against scale x B x A) and in the logits (against base+adapter).")
+
+
+_CPU_RE = re.compile(r"^\d+(\.\d+)?m?$")
+_BYTES_RE = re.compile(r"^(\d+(?:\.\d+)?)(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$")
 
 
 class ResourcesSpec(_Strict):
@@ -283,26 +444,71 @@ class ResourcesSpec(_Strict):
                                                    "setting multinode_workload says so (jobset, or auto on a "
                                                    "cluster that serves JobSets); the world is nodes x gpus "
                                                    "processes.")
-    cpu: str = Field("4", pattern=r"^\d+(\.\d+)?m?$",
+    cpu: str = Field("4",
                      description="CPU request and limit, e.g. '8' or '500m'. torch's CPU threads follow it "
                                  "(shared by a pod's GPU processes), not the node's core count.")
-    memory: str = Field("32Gi", pattern=r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$",
+    memory: str = Field("32Gi",
                         description="Memory request and limit of each pod. A run that shards the base "
                                     "(training.fsdp) holds the whole base in pod 0's host memory: ~2 bytes a "
                                     "parameter in bf16 (a 70B base: ~140Gi), plus the data and the job.")
-    scratch: str = Field("100Gi", pattern=r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$",
+    scratch: str = Field("100Gi",
                          description="Scratch volume size (data, base model, checkpoints).")
     timeout_hours: float = Field(24, gt=0, le=720, description="activeDeadlineSeconds of the Job.")
     retries: int = Field(3, ge=0, le=20, description="backoffLimit: retries of transient failures.")
-    priority_class: str | None = Field(None, description="PriorityClass name for the pod.")
+    priority_class: str | None = Field(None, description="PriorityClass name for the pod (`kubectl get "
+                                                         "priorityclass` lists them).")
+
+    @field_validator("cpu", "memory", "scratch", mode="before")
+    @classmethod
+    def _quantity_numbers(cls, v: Any) -> Any:
+        # Kubernetes takes a bare number (cpu: 4, memory: 34359738368) as well as a string; so do we, as the
+        # same string the number would be written as.
+        if isinstance(v, bool):
+            return v
+        if isinstance(v, int):
+            return str(v)
+        if isinstance(v, float) and math.isfinite(v):
+            return format(v, "g") if "e" not in format(v, "g") else str(v)
+        return v
+
+    @field_validator("cpu")
+    @classmethod
+    def _cpu(cls, v: str) -> str:
+        if not _CPU_RE.match(v):
+            raise ValueError(f"'{_short(v)}' is not a CPU quantity: write cores ('8', '0.5') or millicores ('500m')")
+        if float(v.rstrip("m")) == 0:
+            raise ValueError("0 CPUs: the pod would get a zero CPU limit and never run; ask for at least '100m'")
+        return v
+
+    @field_validator("memory", "scratch")
+    @classmethod
+    def _bytes(cls, v: str, info: Any) -> str:
+        m = _BYTES_RE.match(v)
+        if not m:
+            close = re.match(r"^(\d+(?:\.\d+)?)\s*([KMGTkmgt])i?[Bb]?$", v.strip())
+            hint = (f"write {close.group(1)}{close.group(2).upper()}i (Kubernetes: Ki, Mi, Gi, Ti are powers of 2; "
+                    f"k, M, G, T of 10; there is no 'B')") if close else "write e.g. 32Gi (Ki, Mi, Gi, Ti)"
+            raise ValueError(f"'{_short(v)}' is not a Kubernetes quantity: {hint}")
+        if float(m.group(1)) == 0:
+            raise ValueError(f"0 bytes: the pod would get a zero {info.field_name} limit; ask for e.g. "
+                             f"{'32Gi' if info.field_name == 'memory' else '100Gi'}")
+        return v
+
+    @field_validator("priority_class")
+    @classmethod
+    def _priority_class(cls, v: str | None) -> str | None:
+        if v is not None and not (len(v) <= 253 and re.fullmatch(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?", v)):
+            raise ValueError(f"'{_short(v)}' is not a PriorityClass name: lowercase letters, digits, '-' and '.', "
+                             "starting and ending with a letter or digit (kubectl get priorityclass lists them)")
+        return v
 
 
 class MlflowSpec(_Strict):
-    uri_env: str = Field("MLFLOW_TRACKING_URI", pattern=r"^[A-Z_][A-Z0-9_]*$",
+    uri_env: Plain = Field("MLFLOW_TRACKING_URI", pattern=r"^[A-Z_][A-Z0-9_]*$",
                          description="Name of the pod's environment variable holding the tracking URI (the "
                                      "launcher sets it from its mlflow_tracking_uri setting; a token comes only "
                                      "from the Secret named by mlflow_token_secret, never from the spec).")
-    experiment: str = Field(min_length=1, max_length=500, description="MLflow experiment; created when missing.")
+    experiment: Plain = Field(min_length=1, max_length=500, description="MLflow experiment; created when missing.")
 
 
 class TrackingSpec(_Strict):
@@ -332,8 +538,8 @@ class TrainingRunSpec(_Strict):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     tracking: TrackingSpec | None = Field(None, description="Optional experiment tracking (MLflow). TensorBoard "
                                           "event files are published in every version regardless.")
-    labels: dict[Annotated[str, Field(pattern=r"^[a-z0-9]([-a-z0-9_.]{0,61}[a-z0-9])?$")],
-                 Annotated[str, Field(pattern=r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")]] = Field(
+    labels: dict[Annotated[Plain, Field(pattern=r"^[a-z0-9]([-a-z0-9_.]{0,61}[a-z0-9])?$")],
+                 Annotated[Plain, Field(pattern=r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")]] = Field(
         default_factory=dict, description="Extra labels for the Job (team, project).")
 
     @field_validator("name")
@@ -367,6 +573,21 @@ class TrainingRunSpec(_Strict):
 
     _lines: dict = PrivateAttr(default_factory=dict)  # field path -> YAML line, when loaded from text
 
+    def places(self) -> list[tuple[str, str]]:
+        """(field path, value) of every field naming where the run reads or writes: an s3:// URI, an hf: model id
+        (base_model.uri only) or a local path. The one list the launcher's local-path checks walk."""
+        out = [("base_model.uri", self.base_model.uri), ("dataset.train", self.dataset.train)]
+        if self.dataset.validation is not None:
+            out.append(("dataset.validation", self.dataset.validation))
+        out.append(("output", self.output))
+        if isinstance(self.eval.prompts, str):
+            out.append(("eval.prompts", self.eval.prompts))
+        return out
+
+    def line_of(self, path: str) -> int | None:
+        """The YAML line of a field path ('dataset.train'), when the spec was loaded from text."""
+        return self._lines.get(tuple(path.split(".")))
+
     def advice(self) -> list[Problem]:
         """Values outside the guide's ranges: valid, but worth a warning that names the range and why."""
         out = []
@@ -377,6 +598,18 @@ class TrainingRunSpec(_Strict):
             if not lo <= value <= hi:
                 out.append(Problem(path, f"{value:g} is outside the guide's {lo:g}-{hi:g}", why,
                                    line=self._lines.get(tuple(path.split(".")))))
+        if self.training.packing:
+            out.append(Problem("training.packing", "was removed: the job always packs examples (attention stays per "
+                                                   "example), so `packing: true` changes nothing",
+                               "delete the line", line=self._lines.get(("training", "packing"))))
+        val, train = self.dataset.validation, self.dataset.train
+        if val is not None and _same_place(val, train):
+            out.append(Problem("dataset.validation", "is the training file: validation loss would be measured on "
+                                                     "rows the model trains on (leakage), so early stopping and the "
+                                                     "evaluation would judge memorisation",
+                               "point it at a held-out file, or delete the line to hold out "
+                               "dataset.validation_split of the training rows",
+                               line=self._lines.get(("dataset", "validation"))))
         if self.training.fsdp == "on" and self.resources.gpus == 1 and self.resources.nodes == 1:
             out.append(Problem("training.fsdp", "fsdp: on has no effect with one training process (resources.gpus: "
                                                 "1): a single process cannot shard the base",
@@ -399,6 +632,8 @@ class TrainingRunSpec(_Strict):
         # Where a run is reported is not what it trains: a tracking change must not restart a run from
         # step 0 nor rename its Job.
         fields = self.model_dump(mode="json", exclude=exclude)
+        # training.packing was removed (always on); every hash before held its `true`, so keep it there
+        fields["training"]["packing"] = True
         if fields["data"]["format"] == "auto":  # added later: the default keeps every earlier run's hash
             del fields["data"]["format"]
         if "resources" in fields and fields["resources"]["nodes"] == 1:  # likewise
@@ -414,6 +649,17 @@ class TrainingRunSpec(_Strict):
             del fields["training"]["compile"]
         canon = json.dumps(fields, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canon.encode()).hexdigest()[:10]
+
+
+def _same_place(a: str, b: str) -> bool:
+    """Whether two dataset URIs or paths name the same file (``file://`` and ``./`` spelled away)."""
+    import posixpath
+
+    def canon(v: str) -> str:
+        v = v[7:] if v.startswith("file://") else v
+        return v.rstrip("/") if v.startswith("s3://") else posixpath.normpath(v)
+
+    return canon(a) == canon(b)
 
 
 #: The guide's ranges (docs/data-rules.md): advice, not limits. (field, low, high, why it matters)
@@ -534,9 +780,19 @@ def problems_from_validation(err: ValidationError, lines: dict[tuple, int] | Non
         loc = tuple(p for p in e["loc"] if not (isinstance(p, str) and p in ("function-after", "literal")))
         # pydantic puts union branches in the location ("str", "list[...]"): drop them.
         loc = tuple(p for p in loc if not (isinstance(p, str) and ("[" in p or p in ("str", "int", "bool"))))
-        where = ".".join(str(p) for p in loc) or "(spec)"
+        # a key of the user's (a label name) can be the secret: the line still says where it is
+        where = ".".join("(a key hidden: it looks like a secret)" if secret_kind(str(p)) else str(p)
+                         for p in loc) or "(spec)"
         msg = e["msg"].removeprefix("Value error, ")
         fix = _FIXES.get(e["type"])
+        given = e.get("input")
+        if e["type"] == "literal_error" and isinstance(given, bool):
+            word = "on" if given else "off"
+            fix = f"YAML reads a bare {word}/{'yes' if given else 'no'} as {str(given).lower()}: "
+            fix += (f"quote it ({loc[-1]}: \"{word}\")" if f"'{word}'" in str((e.get("ctx") or {}).get("expected"))
+                    else "write one of the values above")
+        elif e["type"] == "string_type" and isinstance(given, (int, float)) and not isinstance(given, bool):
+            fix = f"quote it: \"{given}\""
         if e["type"] == "extra_forbidden":
             msg = "unknown field"
             guess = _did_you_mean(loc)
@@ -619,6 +875,9 @@ def load_spec_text(text: str, source: str | None = None, overrides: list[str] | 
                                      "a spec is a few levels deep; check for runaway brackets", line=line)],
                             source) from None
         fix = "keep one of them" if "duplicate key" in str(problem) else "check indentation and quoting on that line"
+        source_line = text.splitlines()[line - 1] if line and line <= len(text.splitlines()) else ""
+        if "'\\t'" in str(problem) or "\t" in source_line[: len(source_line) - len(source_line.lstrip())]:
+            problem, fix = "a tab character", "YAML indents with spaces only: replace the tab with spaces"
         raise SpecError([Problem(f"line {line}" if line else "(yaml)", f"not valid YAML: {problem}", fix)],
                         source) from None
     why = _too_big(data)
@@ -658,7 +917,8 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     problems = []
     for item in overrides:
         if "=" not in item:
-            problems.append(Problem(f"--set {item}", "expected key.path=value", "e.g. --set training.epochs=2"))
+            problems.append(Problem(f"--set {_short(item)}", "expected key.path=value",
+                                    "e.g. --set training.epochs=2"))
             continue
         key, raw = item.split("=", 1)
         parts = [p for p in key.strip().split(".") if p]
@@ -696,6 +956,8 @@ def field_docs(model: type[BaseModel] = TrainingRunSpec, prefix: str = "") -> li
         sub = _section_model(f.annotation)
         if sub is not None:
             rows.extend(field_docs(sub, path + "."))
+            continue
+        if f.description == REMOVED:
             continue
         default = "required" if f.is_required() else repr(f.get_default(call_default_factory=True))
         rows.append((path, default, f.description or ""))

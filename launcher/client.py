@@ -21,7 +21,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Union
+from typing import Any, Callable, Iterator, Literal, Union
 
 from launcher.errors import RunFailed, UsageError, WaitTimeout
 
@@ -442,14 +442,47 @@ class Client:
             return specmod.parse_spec(data)
         return specmod.load_spec(spec, overrides=list(overrides))
 
-    def validate(self, spec: SpecLike, overrides: list[str] | tuple[str, ...] = ()) -> Validation:
+    def validate(self, spec: SpecLike, overrides: list[str] | tuple[str, ...] = (), *,
+                 target: Literal["cluster", "local"] | None = None) -> Validation:
         """Check a spec offline: every problem at once (``SpecError``), or the names it will run under,
-        with advice: values outside the guide's ranges, and a tracking section no server is configured for."""
+        with advice: values outside the guide's ranges, and a tracking section no server is configured for.
+
+        Local paths are judged by where the run goes. ``target="cluster"``: a local path is an error (a pod
+        cannot read it, --skip-preflight or not). ``target="local"`` (``submit --local``): a local input that does
+        not exist is an error. No target (``launcher validate``, which cannot know): both are warnings, since the
+        same spec is right for one target and wrong for the other. Relative paths are read from the spec file's
+        folder (the current one for a dict or a spec object), as ``submit --local`` reads them."""
+        from jobs.errors import Problem, SpecError
         from launcher.render import job_name
+        from launcher.submit import local_path_problems
 
         s = self.load_spec(spec, overrides)
-        return Validation(spec=s, job_name=job_name(s), spec_hash=s.spec_hash(),
-                          advice=list(s.advice()) + tracking_advice(s, self.offline_settings))
+        base = Path(spec).resolve().parent if isinstance(spec, (str, Path)) else Path.cwd()
+        unreadable = []  # in a pod: "<field> is a local path (...) that a pod cannot read — <fix>"
+        for sentence in local_path_problems(s):
+            where, rest = sentence.split(" ", 1)
+            message, _, fix = rest.partition(" — ")
+            unreadable.append(Problem(where, message, fix or None, line=s.line_of(where)))
+        missing = []  # here: the inputs a local run reads (not the output, which it makes)
+        for where, value in s.places():
+            if where == "output" or value.startswith(("s3://", "hf:")):
+                continue
+            path = Path(value[7:] if value.startswith("file://") else value).expanduser()
+            path = path if path.is_absolute() else Path(os.path.normpath(base / path))
+            if not path.exists():
+                missing.append(Problem(where, f"{value} does not exist" + (f" ({path})" if str(path) != value else ""),
+                                       "check the path (a relative one is read from the spec file's folder), or "
+                                       "create it before the run", line=s.line_of(where)))
+        source = str(spec) if isinstance(spec, (str, Path)) else None
+        if target == "cluster" and unreadable:
+            raise SpecError(unreadable, source)
+        if target == "local" and missing:
+            raise SpecError(missing, source)
+        advice = list(s.advice()) + tracking_advice(s, self.offline_settings)
+        if target is None:
+            advice += [Problem(p.where, p.message + " (fine for `launcher submit --local`)", p.fix, p.line)
+                       for p in unreadable] + missing
+        return Validation(spec=s, job_name=job_name(s), spec_hash=s.spec_hash(), advice=advice)
 
     def render(self, spec: SpecLike, overrides: list[str] | tuple[str, ...] = (), *, queue: str | None = None,
                multinode_workload: str | None = None):

@@ -132,14 +132,11 @@ def fit_failure(nodes: list[dict], job: dict, gpu_resource: str) -> str | None:
 
 
 def local_path_problems(spec: TrainingRunSpec) -> list[str]:
-    """Paths a pod cannot read: the cluster only sees object storage (and hf: when it can reach a hub)."""
+    """Paths a pod cannot read: the cluster only sees object storage (and hf: when it can reach a hub). Each
+    sentence starts with the field it is about and puts the fix after ' — ' (``Client.validate`` splits it so)."""
     out = []
-    candidates = [("base_model.uri", spec.base_model.uri), ("dataset.train", spec.dataset.train),
-                  ("dataset.validation", spec.dataset.validation), ("output", spec.output)]
-    if isinstance(spec.eval.prompts, str):
-        candidates.append(("eval.prompts", spec.eval.prompts))
-    for where, value in candidates:
-        if value and not value.startswith(("s3://", "hf:")):
+    for where, value in spec.places():
+        if not value.startswith(("s3://", "hf:")):
             out.append(f"{where} is a local path ({value}) that a pod cannot read — upload it to S3 and use "
                        "s3://bucket/key, or run it here with --local")
     return out

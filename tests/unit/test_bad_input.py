@@ -97,7 +97,42 @@ SPEC_CORPUS: dict[str, tuple[bytes, tuple[int, ...], list[str]]] = {
                        b"output: s3://runs/../../other\n", (2,), [r"name \(line 1\)", r"output \(line 4\).*'\.\.'"]),
     "name-not-a-k8s-name": (GOOD_SPEC.replace("support-bot", "Support_Bot.V2").encode(), (2,),
                             [r"name \(line 1\).*not a valid run name"]),
+    # issue 32: secrets are refused by field and never echoed (the output is also checked for the values below)
+    "s3-credentials-in-uri": (GOOD_SPEC.replace("s3://data/", "s3://AKIAQ7X2LM9PZ4RT8VB3:wJalrXUtnFEMIK7MDENG@data/")
+                              .encode(), (2,), [r"dataset\.train \(line 3\).*looks like"]),
+    "presigned-dataset-uri": (GOOD_SPEC.replace("train.jsonl", "train.jsonl?X-Amz-Signature=9f8e7d6c5b4a3928")
+                              .encode(), (2,), [r"dataset\.train \(line 3\).*X-Amz-Signature parameter"]),
+    "hf-token-as-model": (GOOD_SPEC.replace("s3://models/smollm2/", "hf:hf_Qx7Lm2Pz9Rt4Vb8Nc3Kd6Wf1Hj5Sg0AyEu")
+                          .encode(), (2,), [r"base_model\.uri \(line 2\).*Hugging Face token"]),
+    "secret-label-and-experiment": (GOOD_SPEC.encode() + b"labels: {team: ghp_Zr8Kq2Lm7Xn4Pw9Tb3Vc6Hd1Jf5Gs0AyEuQ8}\n"
+                                    b"tracking: {mlflow: {experiment: Xk9Qm2Lp7Rz4Tv8Nb3Wc6Hd1Jf5Gs0AyEu9Qx2L}}\n",
+                                    (2,), [r"labels\.team \(line 5\).*GitHub token",
+                                           r"tracking\.mlflow\.experiment \(line 6\).*random token"]),
+    # issue 32: near-miss schemes and hf: paths are errors, never local paths
+    "s3-single-slash": (GOOD_SPEC.replace("s3://data/", "s3:/data/").encode(), (2,),
+                        [r"dataset\.train \(line 3\).*did you mean 's3://data/support/train\.jsonl'"]),
+    "hf-dotdot": (GOOD_SPEC.replace("s3://models/smollm2/", "hf:../../x").encode(), (2,),
+                  [r"base_model\.uri \(line 2\).*not a model id"]),
+    # issue 32: impossible values and misleading messages
+    "impossible-resources": (GOOD_SPEC.encode() + b"resources: {priority_class: Bad_Class!, cpu: '0', memory: 32GB,"
+                             b" scratch: '0'}\neval: {length_bands: {short: [40, 1]}}\n", (2,),
+                             [r"priority_class.*not a PriorityClass name", r"resources\.cpu.*0 CPUs",
+                              r"resources\.memory.*write 32Gi", r"resources\.scratch.*0 bytes",
+                              r"length_bands\.short.*\[40, 1\]"]),
+    "yaml-off-and-numbers": (GOOD_SPEC.encode() + b"data: {pii: off}\nresources: {cpu: 4}\n", (0,), [r"is valid"]),
+    "packing-false": (GOOD_SPEC.encode() + b"training: {packing: false}\n", (2,),
+                      [r"training\.packing \(line 5\): was removed.*always packs"]),
+    "packing-true": (GOOD_SPEC.encode() + b"training: {packing: true}\n", (0,),
+                     [r"warning: training\.packing \(line 5\): was removed"]),
+    "local-paths-warn": (GOOD_SPEC.replace("s3://data/support/train.jsonl", "/etc/passwd")
+                         .replace("s3://models/smollm2/", "file:///no/such/model").encode(), (0,),
+                         [r"warning: dataset\.train \(line 3\): is a local path \(/etc/passwd\) that a pod cannot",
+                          r"warning: base_model\.uri \(line 2\): file:///no/such/model does not exist"]),
 }
+#: Values planted in the corpus above that no output may contain.
+PLANTED_SECRETS = ["wJalrXUtnFEMIK7MDENG", "AKIAQ7X2LM9PZ4RT8VB3", "9f8e7d6c5b4a3928",
+                   "hf_Qx7Lm2Pz9Rt4Vb8Nc3Kd6Wf1Hj5Sg0AyEu", "ghp_Zr8Kq2Lm7Xn4Pw9Tb3Vc6Hd1Jf5Gs0AyEuQ8",
+                   "Xk9Qm2Lp7Rz4Tv8Nb3Wc6Hd1Jf5Gs0AyEu9Qx2L"]
 
 
 def _spec_cases():
@@ -120,6 +155,29 @@ def test_validate_malformed_spec(ran, name, codes, patterns):
     out = assert_clean(ran[("validate", name)], codes)
     for pat in patterns:
         assert re.search(pat, out), (pat, out[:2000])
+    assert not [s for s in PLANTED_SECRETS if s in out], out[:2000]
+
+
+def test_local_paths_are_an_error_for_a_cluster_and_missing_inputs_for_a_local_run(tmp_path):
+    from jobs.errors import SpecError
+    from launcher.client import Client
+
+    (tmp_path / "train.jsonl").write_text("{}\n")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(GOOD_SPEC.replace("s3://data/support/train.jsonl", "train.jsonl") +
+                    "eval: {prompts: ./prompts.jsonl}\n")
+    v = Client().validate(spec)  # no target: both are warnings
+    assert {(a.where, "does not exist" in a.message) for a in v.advice} == {
+        ("dataset.train", False), ("eval.prompts", False), ("eval.prompts", True)}
+    with pytest.raises(SpecError) as err:  # a pod reads neither, --skip-preflight or not
+        Client().validate(spec, target="cluster")
+    assert [(p.where, p.line) for p in err.value.problems] == [("dataset.train", 3), ("eval.prompts", 5)]
+    assert "upload it to S3" in err.value.problems[0].fix
+    with pytest.raises(SpecError) as err:  # here train.jsonl is read from the spec's folder; prompts are missing
+        Client().validate(spec, target="local")
+    assert [p.where for p in err.value.problems] == ["eval.prompts"]
+    (tmp_path / "prompts.jsonl").write_text("{}\n")
+    assert Client().validate(spec, target="local").advice == []
 
 
 def test_validate_alias_bomb_is_bounded(ran):
