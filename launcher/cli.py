@@ -514,13 +514,25 @@ app.command("prune", hidden=True, epilog=PRUNE_EPILOG)(prune)
 @data_app.command("check", epilog="Example:  launcher data check train.jsonl   |   launcher data check train.jsonl "
                                   "--json   |   launcher data check train.jsonl --spec spec.yaml")
 @_handles_errors
-def data_check(file: Path = typer.Argument(..., help="A JSONL file of {instruction, output} rows."),
+def data_check(file: Optional[Path] = typer.Argument(
+                   None, help="A JSONL file, one JSON object per line, each row in one accepted format: "
+                              "{instruction, input?, output}, chat {messages: [{role, content}]} or ShareGPT "
+                              "{conversations: [{from, value}]}; a file may mix them (see --explain)."),
                as_json: bool = typer.Option(False, "--json", help="Print the full report as JSON."),
                spec: Optional[Path] = typer.Option(None, "--spec", help="Apply this spec's data rules and seed "
-                                                                        "(default: the guide's rules).")) -> None:
-    """Apply the data rules to a local file and report what a run would keep; exit 1 if it would be rejected."""
+                                                                        "(default: the guide's rules)."),
+               explain: bool = typer.Option(False, "--explain", help="Print every accepted data format with an "
+                                                                     "example, the limits and the rules.")) -> None:
+    """Apply the data rules to a local file and report what a run would keep, by format and by reason; exit 1 if
+    it would be rejected."""
     from jobs import dataprep
 
+    if explain:
+        typer.echo(dataprep.explain_text())
+        if file is None:
+            return
+    if file is None:
+        raise UsageError("name a JSONL file", hint="launcher data check train.jsonl (or --explain)")
     if spec is not None:
         from launcher.client import Client
 
