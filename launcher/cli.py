@@ -231,7 +231,9 @@ def submit(
 ) -> None:
     """Validate a spec and submit it as a Job (the same spec twice is the same run)."""
     client = _client(ctx)
-    v = client.validate(spec, set_)
+    # a pod cannot read a local path: for the cluster (dry run included) that is an error, for --local a
+    # missing input is
+    v = client.validate(spec, set_, target="local" if local else "cluster")
     _warn_advice(v.advice)
     if local:
         raise typer.Exit(client.run_local(v.spec, workdir=workdir, base_dir=spec.resolve().parent,
@@ -308,7 +310,7 @@ def render(
 ) -> None:
     """`launcher render` (its help is above: the docstring's line breaks would show in typer's panels)."""
     client = _client(ctx)
-    v = client.validate(spec, set_)
+    v = client.validate(spec, set_, target="cluster")  # what it prints runs in a pod
     _warn_advice(v.advice)
     _print_run(client, v.spec, fmt, queue=queue,
                multinode_workload=multinode_workload.value if multinode_workload else None)

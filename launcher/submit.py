@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jobs.spec import TrainingRunSpec
 from launcher import render
 from launcher.errors import AlreadyExists, Forbidden, Invalid, NotFound, PreflightError, SubmitConflict
-from launcher.kube import Kube
 from launcher.settings import LauncherSettings
+
+if TYPE_CHECKING:  # only for annotations: `validate` and `render` use this module's checks with no cluster client
+    from launcher.kube import Kube
 
 
 @dataclass
@@ -353,6 +355,9 @@ def submit(kube: Kube, spec: TrainingRunSpec, settings: LauncherSettings, *, ser
     existing = get(name) or _as_the_other_kind(kube, job, spec)
     if existing is not None and not (existing.get("metadata") or {}).get("deletionTimestamp"):
         return _already(existing, job["metadata"]["labels"][render.LABEL_HASH])
+    if skip_preflight and (unreadable := local_path_problems(spec)):
+        # the one preflight check that needs no cluster access, so skipping the others never skips it
+        raise PreflightError(unreadable)
     warnings = [] if skip_preflight else preflight(kube, spec, settings, run)
     if server_dry_run:
         if skip_preflight:

@@ -208,6 +208,9 @@ def test_a_local_run_has_the_hash_validate_prints_from_any_folder_and_exits_with
     text = ("name: local-run\nbase_model:\n  uri: ./model\ndataset:\n  train: data/train.jsonl\n"
             "output: file://out\nresources:\n  gpus: 0\n")
     spec = write(specdir, text)
+    (specdir / "model").mkdir()  # a local run's inputs must exist (validate's target "local")
+    (specdir / "data").mkdir()
+    (specdir / "data" / "train.jsonl").write_text('{"instruction": "Hi?", "output": "Hello."}\n')
     hashes = set()
     for cwd in (tmp_path, specdir, tmp_path / "proj" / "data"):
         cwd.mkdir(exist_ok=True)

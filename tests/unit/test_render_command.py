@@ -51,6 +51,9 @@ def render_args(example: str, variant: str) -> list[str]:
 @pytest.mark.parametrize("example", examples())
 def test_render_prints_what_a_run_creates_with_flags_for_the_cluster_choices(example, variant):
     r = invoke(*render_args(example, variant), env={"LAUNCHER_S3_ENDPOINT": SETTINGS["s3_endpoint"]})
+    if example == "examples/demo/spec.yaml":  # local folders: what render prints runs in a pod, which cannot read them
+        assert r.exit_code == 2 and "output (line 10): is a local path" in r.output and "--local" in r.output, r.output
+        return
     assert r.exit_code == 0, r.output
     assert r.stdout == (GOLDEN / "runs" / golden_name(example, variant)).read_text()
 
@@ -94,8 +97,9 @@ def test_render_never_loads_a_cluster_client(tmp_path):
         "users": [{"name": "u", "user": {"token": "t"}}]}))
     code = ("import sys\nfrom launcher.cli import main\n"
             f"rc = main(['render', {EXAMPLE!r}, '--set', 'resources.nodes=2'])\n"
-            "print('loaded:', sorted(m for m in sys.modules if m.split('.')[0] == 'kubernetes'"
-            " or m == 'launcher.kube'), file=sys.stderr)\nsys.exit(rc)\n")
+            # launcher.kube may load: it reads the kubeconfig file for its context's namespace, as kubectl does
+            "print('loaded:', sorted(m for m in sys.modules if m.split('.')[0] == 'kubernetes'),"
+            " file=sys.stderr)\nsys.exit(rc)\n")
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(ROOT),
            "KUBECONFIG": str(dead), "LAUNCHER_KUBECONFIG": str(dead), "LAUNCHER_MULTINODE_WORKLOAD": "auto"}
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
@@ -192,3 +196,16 @@ def test_submit_creates_exactly_the_objects_render_run_returns(variant):
     for kind in {o["kind"] for o in want} - {"Job", "JobSet"}:  # the rest go with the run
         (owner,) = cluster.objects[(kind, want[0]["metadata"]["name"])]["metadata"]["ownerReferences"]
         assert owner["uid"] == workload["metadata"]["uid"]
+
+
+def test_skipping_the_preflight_never_skips_the_local_path_check():
+    """--skip-preflight skips the checks that need read access to the cluster; a local path needs none, and a pod
+    could never read it, so an SDK caller with skip_preflight=True is refused before anything is created."""
+    from launcher.errors import PreflightError
+
+    spec = load_spec(str(ROOT / "examples" / "demo" / "spec.yaml"))
+    cluster = MemoryCluster()
+    with pytest.raises(PreflightError) as e:
+        submit(cluster, spec, make_settings(**SETTINGS), skip_preflight=True)
+    assert "dataset.train is a local path (train.jsonl) that a pod cannot read" in str(e.value), str(e.value)
+    assert cluster.objects == {}
