@@ -276,7 +276,7 @@ def run(spec: TrainingRunSpec, workdir: Path, *, run_id: str | None = None, imag
                                  error=str(err).splitlines()[0] if str(err) else type(err).__name__,
                                  exit_code=int(getattr(err, "exit_code", 1)))
         if Stage.tracker is not None:  # KILLED: the retried pod carries on with the same MLflow run
-            Stage.tracker.finish("KILLED" if isinstance(err, Preempted) else "FAILED", wait_s=5.0)
+            Stage.tracker.finish("KILLED" if isinstance(err, (Preempted, KeyboardInterrupt)) else "FAILED", wait_s=5.0)
         Stage.tracker = None
         raise
     if metadata is not None:

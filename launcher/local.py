@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -23,6 +26,7 @@ def run_local(spec: TrainingRunSpec, base: Path, workdir: Path | None, *, on_out
     progress file's key) is the one ``validate`` printed, whatever the current folder."""
     name = job_name(spec)
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    ours = workdir is None  # a folder the caller named is theirs to keep; ours is scratch
     workdir = (workdir or cache / "lora-jobs" / "runs" / name).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     spec_file = workdir / "spec.yaml"
@@ -45,16 +49,50 @@ def run_local(spec: TrainingRunSpec, base: Path, workdir: Path | None, *, on_out
         previous = None
     try:
         assert proc.stdout is not None
-        for line in proc.stdout:
-            on_output(line)
-        return proc.wait()
-    except KeyboardInterrupt:
-        proc.terminate()
         try:
-            return proc.wait(timeout=150)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            return proc.wait()
+            for line in proc.stdout:
+                on_output(line)
+            code = proc.wait()
+        except KeyboardInterrupt:
+            code = _stop(proc, on_output)
+            note(f"interrupted: {name} stopped; nothing was published. The same command resumes it from its "
+                 "last checkpoint in the output, if it saved one")
+            code = EXIT_INTERRUPTED if code < 0 else code
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+    if ours:
+        # the base model's copy, the data, the publish folder (a merged model): hundreds of MB a run. What a
+        # resume needs (checkpoints) and what the run made (the version) are in the output, not here.
+        shutil.rmtree(workdir, ignore_errors=True)
+    return code
+
+
+#: Ctrl-C: 128 + SIGINT, as a shell reports it (jobs.recipe.EXIT_INTERRUPTED is the job's own).
+EXIT_INTERRUPTED = 130
+
+
+def _stop(proc: subprocess.Popen, on_output: Callable[[str], None]) -> int:
+    """After Ctrl-C. The job, in our terminal's process group, got the SIGINT too and stops by itself (exit 130;
+    no half version stays); if the signal was ours alone (a caller's), it is passed on after 10 s; a job still
+    running after 70 s is terminated, after 150 s killed. Its last lines are shown meanwhile."""
+    done = threading.Event()
+
+    def escalate() -> None:
+        for sig, at in ((signal.SIGINT, 10.0), (signal.SIGTERM, 70.0), (signal.SIGKILL, 150.0)):
+            if done.wait(max(0.0, at - (time.monotonic() - started))) or proc.poll() is not None:
+                return
+            proc.send_signal(sig)
+
+    started = time.monotonic()
+    threading.Thread(target=escalate, name="local-run-stop", daemon=True).start()
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            on_output(line)
+        return proc.wait()
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now
+        proc.kill()
+        return proc.wait()
+    finally:
+        done.set()

@@ -67,3 +67,40 @@ def test_sigterm_to_a_local_run_reaches_the_job_which_checkpoints_and_exits_75(t
     assert list((tmp_path / "store" / "local-stop" / "checkpoints").rglob("_COMPLETE")), "a checkpoint was saved"
     run = find_run(mlflow_server.uri, experiment)  # tracked through the setting; stopped, to be carried on
     assert run["info"]["status"] == "KILLED", run["info"]
+
+
+def test_ctrl_c_on_a_local_run_stops_it_cancelled_with_130_leaving_no_version_and_no_scratch(tmp_path,
+                                                                                           short_model_dir):
+    import json
+
+    spec = {"name": "local-ctrl-c", "base_model": {"uri": str(short_model_dir)},
+            "dataset": {"train": str(DEMO / "train.jsonl")}, "output": str(tmp_path / "store"),
+            "training": {"epochs": 3, "max_seq_length": 256}, "eval": {"enabled": False},
+            "merge": {"enabled": False}, "resources": {"gpus": 0}}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    cache = tmp_path / "cache"  # the default working folder: ~/.cache/lora-jobs/runs/<job>, here under it
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2", "XDG_CACHE_HOME": str(cache)}
+    # its own process group, as a terminal's foreground job: Ctrl-C sends SIGINT to the launcher and the job alike
+    proc = subprocess.Popen([sys.executable, "-m", "launcher", "submit", str(path), "--local"], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    seen = []
+    deadline = time.time() + 600
+    for line in proc.stdout:
+        seen.append(line)
+        if " step 1/" in line:
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+        assert time.time() < deadline, "".join(seen[-20:])
+    rest = proc.communicate(timeout=300)[0]
+    text = "".join(seen) + rest
+    assert proc.returncode == 130, text[-3000:]
+    assert "interrupted: local-ctrl-c-" in text and "nothing was published" in text, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    run = tmp_path / "store" / "local-ctrl-c"
+    assert not any(run.glob("v*/_COMPLETE")) and not (run / "latest").exists(), "no version"
+    (progress,) = (run / "progress").glob("*.json")
+    p = json.loads(progress.read_text())
+    assert p["state"] == "cancelled" and p["exit_code"] == 130, p
+    assert not any((cache / "lora-jobs" / "runs").iterdir()), "the run's scratch folder is gone"
+    assert _processes_mentioning(str(cache)) == [], "a training process outlived the launcher"
