@@ -280,7 +280,8 @@ def test_one_off_training_job_is_rendered_as_the_launcher_renders_it(helm, spec,
     model = TrainingRunSpec.model_validate(spec)
     values = {"trainingJob": {"enabled": True, "specHash": model.spec_hash(), "spec": spec}, **extra}
     docs = template(helm, values=values, namespace="team-ns")
-    job = render_run(model, settings_from_chart(docs, "team-ns")).workload
+    run = render_run(model, settings_from_chart(docs, "team-ns"))
+    job, configmap = run.workload, run.configmap
 
     chart_job = find(docs, "Job", job["metadata"]["name"])
     assert chart_job == job, diff(job, chart_job)

@@ -296,8 +296,9 @@ def test_concurrent_create_run_from_many_threads_makes_one_job(stack, namespace,
     assert sorted(results) == [False] * 5 + [True]
     k = Kube(kubeconfig=stack.kubeconfig, namespace=namespace)
     assert len(k.list_jobs("lora-jobs.io/run=threads")) == 1
-    owner = k.get_configmap(job["metadata"]["name"])["metadata"]["ownerReferences"]
-    assert owner[0]["uid"] == k.get_job(job["metadata"]["name"])["metadata"]["uid"]
+    name = run.workload["metadata"]["name"]
+    owner = k.get_configmap(name)["metadata"]["ownerReferences"]
+    assert owner[0]["uid"] == k.get_job(name)["metadata"]["uid"]
 
 
 # ------------------------------------------------------------------------------ status, list, preflight
