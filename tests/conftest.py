@@ -41,6 +41,36 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(tier)
 
 
+# The time table printed at the end of a run: where the suite's minutes went, by tier. An integration test's
+# tier is the heaviest real part it needs (the first of these markers it carries).
+TIERS = ("unit", "gpu", "node", "kind", "jobset", "kueue", "helm", "mlflow", "docker", "train", "kube", "s3")
+_tier_seconds: dict[str, list[float]] = {}
+
+
+def _tier(item) -> str:
+    return next((t for t in TIERS if item.get_closest_marker(t) is not None), "other")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    started = time.monotonic()  # setup, call and teardown: a fixture that starts a server counts where it runs
+    yield
+    row = _tier_seconds.setdefault(_tier(item), [0, 0.0])
+    row[0] += 1
+    row[1] += time.monotonic() - started
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _tier_seconds:
+        return
+    tr = terminalreporter
+    tr.write_sep("=", "time by tier (setup + test + teardown)")
+    total = sum(s for _, s in _tier_seconds.values())
+    for tier, (n, seconds) in sorted(_tier_seconds.items(), key=lambda kv: -kv[1][1]):
+        tr.write_line(f"{tier:>8}  {n:4d} tests  {seconds / 60:6.1f} min  {100 * seconds / max(total, 1e-9):5.1f}%")
+    tr.write_line(f"{'all':>8}  {sum(n for n, _ in _tier_seconds.values()):4d} tests  {total / 60:6.1f} min")
+
+
 class Redacted(dict):
     """A dict of environment variables whose repr hides the values of secrets: pytest prints a failing
     test's fixture arguments, and the local MinIO's key must not end up in a CI log."""
