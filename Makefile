@@ -36,11 +36,13 @@ demo:  ## train a LoRA adapter on the demo data with SmolLM2-135M, locally (no c
 # dockerd starts in hack/prepare-test.sh (the images build beside the Go builds), so the trap that stops
 # the stack is set before it.
 test:  ## build and start the real local stack, run the whole test suite, stop the stack
-	@trap 'hack/stack.sh down' EXIT; hack/prepare-test.sh $(MODEL_CACHE) && hack/stack.sh up && \
+	@trap 'hack/stack.sh down' EXIT; hack/prepare-test.sh $(MODEL_CACHE) && \
+	  "$$(hack/venv.sh)/bin/python" -m ruff check . && hack/stack.sh up && \
 	  { chrt --idle 0 hack/build-stack.sh mc jobset kueue >/dev/null 2>&1 & } && \
 	  LORA_TEST_MODEL_DIR=$(MODEL_CACHE) "$$(hack/venv.sh)/bin/python" -m pytest -p no:cacheprovider --durations=25 $(PYTEST_ARGS)
 
-test-unit:  ## only the fast offline tests
+test-unit:  ## lint (ruff: pyflakes' checks) and the fast offline tests
+	@$(PY) -m ruff check .
 	@$(PY) -m pytest -m unit -q -p no:cacheprovider $(PYTEST_ARGS)
 
 stack-up:  ## start the local stack and leave it running (source .stack/env)

@@ -79,7 +79,6 @@ def load_config(model_dir: str):
 def load_model(model_dir: str, *, precision: str, quantization: str = "none", device=None,
                double_quant: bool = True):
     """Load a causal LM for training: bf16/fp16/fp32, or 8-bit / 4-bit NF4 via bitsandbytes."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     kwargs = {"dtype": torch_dtype(precision), "low_cpu_mem_usage": True}

@@ -168,7 +168,7 @@ class Watcher(threading.Thread):
                 if name not in self.verified:
                     try:
                         problems = verify_version(S3Store(self.bucket), self.run_prefix, name)
-                    except Exception as err:  # noqa: BLE001 - an outage mid-verify proves nothing either way
+                    except Exception:  # noqa: BLE001 - an outage mid-verify proves nothing either way
                         self.failed_listings += 1
                         continue
                     if problems:
@@ -501,7 +501,6 @@ def _api_ready(kube_api) -> bool:
 
 @pytest.mark.kube
 def test_wait_and_logs_follow_reconnect_across_an_api_server_restart(stack, kube_api, namespace, launcher_env):
-    from kubernetes import client
 
     from launcher import render
     from launcher.kube import Kube
@@ -561,7 +560,6 @@ def test_wait_and_logs_follow_reconnect_across_an_api_server_restart(stack, kube
 @pytest.mark.kube
 def test_wait_and_logs_follow_wait_out_an_api_server_that_is_down_when_they_start(stack, kube_api, namespace,
                                                                                    launcher_env):
-    from kubernetes import client
 
     from launcher import render
     from launcher.kube import Kube

@@ -322,7 +322,7 @@ def test_launcher_role_is_enough_to_run_and_refuses_the_rest(stack, kube_api, na
             call()
     report("RBAC: the chart's launcher Role (impersonated ServiceAccount)",
            "submit/resubmit/status/list/cancel work; delete or list Secrets, create pods, exec, watch, patch Jobs, "
-           f"self-binding and other namespaces refused (403); the trainer account is refused everything tried",
+           "self-binding and other namespaces refused (403); the trainer account is refused everything tried",
            "nothing")
 
 

@@ -570,7 +570,7 @@ def test_stale_configmap_of_a_deleted_job_is_replaced():
 
 
 def test_kube_errors_become_one_sentence_each():
-    kubernetes = pytest.importorskip("kubernetes")
+    pytest.importorskip("kubernetes")
     from kubernetes.client.exceptions import ApiException
 
     from launcher import kube as k
