@@ -139,6 +139,39 @@ def read_run_progress(run_uri: str | None, spec_hash: str | None, endpoint: str 
     return p
 
 
+def read_runs_progress(runs: list[tuple[str | None, str | None]], endpoint: str | None = None) -> list[dict | None]:
+    """:func:`read_run_progress` of many runs (``(run_uri, spec_hash)`` each), for `launcher list`: one S3 client
+    for all, one request a run, and once the store does not answer or there are no credentials here, no more
+    tries (a list of 30 runs must not wait out 30 timeouts). Each progress gets its ``summary``."""
+    from jobs.errors import LoraJobError, StorageError, TransientError
+    from jobs.storage import RetryPolicy, S3Store, make_s3_client, open_store
+
+    policy = RetryPolicy(**READ_POLICY_KW)
+    client = None
+    gave_up = False
+    out: list[dict | None] = []
+    for run_uri, spec_hash in runs:
+        p = None
+        if run_uri and spec_hash and not (gave_up and run_uri.startswith("s3://")):
+            try:
+                store, prefix = open_store(run_uri)
+                if isinstance(store, S3Store):
+                    client = client or make_s3_client(policy, endpoint=endpoint)
+                    store = S3Store(store.bucket, client=client, policy=policy)
+                data = json.loads(store.get_bytes(progress_key(prefix, spec_hash)))
+                p = data if isinstance(data, dict) else None
+            except TransientError:
+                gave_up = True
+            except StorageError as err:  # not there (not written yet), or denied: no progress
+                gave_up = gave_up or str(err).startswith("no S3 credentials")
+            except (LoraJobError, ValueError, ImportError, OSError):
+                pass
+        if p is not None:
+            p["summary"] = describe(p)
+        out.append(p)
+    return out
+
+
 def _human(n: float) -> str:
     return f"{n / 1000:.1f}k" if n >= 1000 else f"{n:.0f}"
 

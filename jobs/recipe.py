@@ -45,6 +45,34 @@ def _peak_gib() -> float | None:
     return round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
 
+def _cost_facts(device, world, config) -> dict:
+    """What the run's cost is computed from (jobs/cost.py), known once the base's config is read: the card,
+    the run's GPUs and the base's parameter count; written to the progress object at once."""
+    from jobs.cost import card_of
+    from jobs.fastpath import estimate_param_count
+
+    name = None
+    if device.type == "cuda":
+        import torch
+
+        name = torch.cuda.get_device_name(device)
+    return {"device_name": name, "card": card_of(name), "gpus": world.size if device.type == "cuda" else 0,
+            "base_params": estimate_param_count(config)}
+
+
+def _cost(facts: dict, spec: TrainingRunSpec, *, seconds: float, tokens: int | None,
+          tokens_per_s: float | None) -> dict:
+    """metadata.json's ``cost``: this attempt's GPU-hours (its GPUs × its wall seconds), tokens, tokens/s/GPU and
+    MFU. Queue wait, every attempt's GPU-hours and the price are the launcher's (`launcher status`): the job
+    sees neither the Job's creation nor the namespace's price table."""
+    from jobs.cost import job_cost
+
+    nodes = spec.resources.nodes if facts["gpus"] and facts["gpus"] % spec.resources.nodes == 0 else 1
+    return job_cost(gpus_per_node=facts["gpus"] // max(1, nodes), nodes=nodes, seconds=seconds, tokens=tokens,
+                    tokens_per_s=tokens_per_s, params=facts["base_params"], card=facts["card"],
+                    stages=Stage.timings)
+
+
 def _stage(name: str | None) -> None:
     """Close the running stage (wall seconds, peak GPU memory) and start ``name`` (None: just close)."""
     now = time.perf_counter()
@@ -61,6 +89,7 @@ def _stage(name: str | None) -> None:
         pass
     Stage.name, Stage.started = name, now
     if Stage.progress is not None:
+        Stage.progress.update(stages=dict(Stage.timings))  # wall seconds of each stage so far (jobs/cost.py)
         Stage.progress.stage(name)
     log.info("── %s", name)
 
@@ -281,7 +310,7 @@ def run(spec: TrainingRunSpec, workdir: Path, *, run_id: str | None = None, imag
         raise
     if metadata is not None:
         Stage.progress.close("succeeded", stage="publish", version=metadata["version"],
-                             location=metadata["location"])
+                             location=metadata["location"], cost=metadata.get("cost"))
         if Stage.tracker is not None:
             from jobs.tracking import TAG_LOCATION
 
@@ -362,6 +391,9 @@ def _run(spec: TrainingRunSpec, workdir: Path, world, *, run_id, image, stop, st
     config = load_config(fetched.base_model_dir)
     plan = fastpath.plan(config, spec.training, device, quantization=spec.quantization.mode,
                          free_memory_bytes=free_before_load, world_size=world.size)
+    cost_facts = _cost_facts(device, world, config)
+    if Stage.progress is not None:
+        Stage.progress.update(**cost_facts)
     if world.size > 1 and device.type == "cuda" and spec.training.fsdp == "auto":
         # each rank planned from its own free memory: near the threshold they could disagree, and a rank
         # that shards waits forever for one that does not; if any rank must shard, every rank does
@@ -562,6 +594,8 @@ def _run(spec: TrainingRunSpec, workdir: Path, world, *, run_id, image, stop, st
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "seconds": round(time.time() - started, 1),
         "stages": Stage.timings,
+        "cost": _cost(cost_facts, spec, seconds=time.time() - started, tokens=result.state.tokens_seen,
+                      tokens_per_s=result.tokens_per_second),
     }
     (out / "metadata.json").write_text(json.dumps(metadata, indent=1))
     (out / "data_report.json").write_text(json.dumps(prepared.report, indent=1))

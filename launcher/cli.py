@@ -330,6 +330,12 @@ def status(ctx: typer.Context, run: str = typer.Argument(..., help="Run name or 
         c.print(f"  state:  [bold]{data['state']}[/] — {_esc(data['sentence'])}")
         if data.get("progress"):
             c.print(f"  progress: {data['progress']['summary']}", markup=False)
+        if (data.get("cost") or {}).get("summary"):
+            c.print(f"  cost: {data['cost']['summary']}", markup=False)
+        if (data.get("cost") or {}).get("stages"):
+            from jobs.cost import describe_stages
+
+            c.print(f"  stages: {describe_stages(data['cost']['stages'])}", markup=False)
         if data["exit_code"] is not None:
             c.print(f"  exit code: {data['exit_code']}")
         for d in data["details"]:
@@ -377,9 +383,10 @@ def list_runs(ctx: typer.Context, fmt: Format = FORMAT_OPTION) -> None:
         if not rows:
             _console().print(f"no runs in namespace {client.namespace}", markup=False)
             return
-        t = Table("run", "job", "state", "created", "why / progress")
+        t = Table("run", "job", "state", "created", "why / progress", "cost")
         for r in rows:
-            t.add_row(r["run"] or "", r["job"], r["state"], r["created"] or "", _esc(r["progress"] or r["sentence"]))
+            t.add_row(r["run"] or "", r["job"], r["state"], r["created"] or "", _esc(r["progress"] or r["sentence"]),
+                      _esc(r.get("cost") or ""))
         _console().print(t)
 
     _emit(rows, fmt, table)

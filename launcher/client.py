@@ -111,6 +111,10 @@ class RunStatus:
     # None when it cannot be read (no credentials here, not written yet, a run from before progress existed).
     progress: dict | None = None
     kind: str = "Job"  # or "JobSet": what the run is on the cluster (settings.multinode_workload)
+    # What the run cost so far, or in the end (jobs.cost.run_cost: GPU-hours over every pod, queue wait, tokens,
+    # tokens/s/GPU, MFU, the price from setting gpu_prices, wall seconds per stage) with a one-line "summary";
+    # None before any pod started.
+    cost: dict | None = None
 
     @property
     def finished(self) -> bool:
@@ -134,6 +138,7 @@ class RunSummary:
     sentence: str
     created: str | None
     progress: str | None = None  # jobs.progress.describe() of a running run's progress object
+    cost: str | None = None  # jobs.cost.describe_cost() of what the run cost so far (RunStatus.cost's summary)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -289,6 +294,17 @@ def status_of(job: dict, pods: list[dict], diag: Any, namespace: str, jobs: list
         started=started, completed=completed, attempts=attempts,
         output=(meta.get("annotations") or {}).get(ANNOTATION_OUTPUT),
         pods=[attempt_of(p) for p in _by_age(pods)], kind="JobSet" if is_jobset(job) else "Job")
+
+
+def _cost_of(progress: dict | None, pods: list[dict], workload: dict | None, settings: Any) -> dict | None:
+    """What a run cost so far (jobs.cost.run_cost, priced by setting gpu_prices), with its one-line "summary"."""
+    from jobs.cost import describe_cost, run_cost
+
+    cost = run_cost(progress, pods, ((workload or {}).get("metadata") or {}).get("creationTimestamp"),
+                    prices=settings.gpu_prices, gpu_resource=settings.gpu_resource)
+    if cost is not None:
+        cost["summary"] = describe_cost(cost)
+    return cost
 
 
 # ------------------------------------------------------------------------------ the client
@@ -535,11 +551,12 @@ class Client:
         st = snap.status(snap.diagnose(gpu_resource=settings.gpu_resource, workload=self._workload(kube, snap.workload),
                                        nodes=self._nodes(kube, snap.pods)), kube.namespace)
         st.progress = read_run_progress(st.output, st.spec_hash, endpoint=settings.s3_endpoint)
+        st.cost = _cost_of(st.progress, snap.pods, snap.workload, settings)
         return st
 
     def list(self) -> list[RunSummary]:
         """The runs in the namespace, newest first."""
-        from jobs.progress import read_run_progress
+        from jobs.progress import read_runs_progress
         from launcher.render import ANNOTATION_OUTPUT, JOBSET_NAME_LABEL, LABEL_HASH, LABEL_RUN
 
         settings, kube = self.connect()
@@ -553,20 +570,29 @@ class Client:
         children: dict[str, list[dict]] = {}
         for j in kube.list_jobs(JOBSET_NAME_LABEL) if jobsets else []:
             children.setdefault(j["metadata"]["labels"][JOBSET_NAME_LABEL], []).append(j)
-        rows = []
+        runs = []
         for j in sorted(jobs, key=lambda j: j["metadata"].get("creationTimestamp") or "", reverse=True):
             name = j["metadata"]["name"]
             d = Snapshot(j, by_run.get(name, []), [], children.get(name, [])).diagnose(
                 gpu_resource=settings.gpu_resource)
+            runs.append((j, d))
+        # one small read per run that ran (its progress, and what it cost); one S3 client for all, and none more
+        # once the store does not answer
+        ran = [d.state in ("Running", "Succeeded", "Failed") for _, d in runs]
+        read = iter(read_runs_progress(
+            [((j["metadata"].get("annotations") or {}).get(ANNOTATION_OUTPUT),
+              (j["metadata"].get("labels") or {}).get(LABEL_HASH)) for (j, _), r in zip(runs, ran) if r],
+            endpoint=settings.s3_endpoint))
+        rows = []
+        for (j, d), r in zip(runs, ran):
             labels = j["metadata"].get("labels") or {}
-            progress = None
-            if d.state == "Running":  # one small read per running run; finished ones say it in their sentence
-                p = read_run_progress((j["metadata"].get("annotations") or {}).get(ANNOTATION_OUTPUT),
-                                      labels.get(LABEL_HASH))
-                progress = p["summary"] if p else None
-            rows.append(RunSummary(run=labels.get(LABEL_RUN), job=name, state=d.state,
+            p = next(read) if r else None
+            cost = _cost_of(p, by_run.get(j["metadata"]["name"], []), j, settings)
+            rows.append(RunSummary(run=labels.get(LABEL_RUN), job=j["metadata"]["name"], state=d.state,
                                    sentence=d.sentence, created=j["metadata"].get("creationTimestamp"),
-                                   progress=progress))
+                                   # finished runs say it in their sentence
+                                   progress=p["summary"] if p and d.state == "Running" else None,
+                                   cost=(cost or {}).get("summary")))
         return rows
 
     def wait(self, run: str, *, timeout: float | None = None, interval: float = 2.0,

@@ -40,7 +40,7 @@ _LOCAL_ONLY = {"kubeconfig", "context", "namespace", "cluster_timeout"}
 #: LAUNCHER_* variables that are not settings: any other LAUNCHER_* name is refused as a likely typo.
 ENV_NOT_SETTINGS = {"LAUNCHER_CONFIG": "the config file", "LAUNCHER_DEBUG": "tracebacks on errors"}
 #: The settings whose variables hold JSON, with an example of each.
-_JSON_EXAMPLES = {"node_selector": '{"pool": "gpu"}',
+_JSON_EXAMPLES = {"node_selector": '{"pool": "gpu"}', "gpu_prices": '{"H100": 2.49, "A100": 1.2}',
                   "tolerations": '[{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]'}
 
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -52,6 +52,7 @@ _IMAGE = re.compile(r"^(?:(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])(?:
                     r"[a-zA-Z0-9]))*(?::[0-9]+)?/)?[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)"
                     r"[a-z0-9]+)*)*(?::[\w][\w.-]{0,127})?(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:"
                     r"[0-9a-fA-F]{32,})?$")
+_GPU_TYPE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
 _TOLERATION_KEYS = {"key", "operator", "value", "effect", "tolerationSeconds"}
 
 
@@ -108,6 +109,12 @@ class LauncherSettings(BaseSettings):
                                                               "has tracking.mlflow, in the variable it names.")
     mlflow_token_secret: str | None = Field(None, description="Secret whose key MLFLOW_TRACKING_TOKEN is the "
                                                               "tracking server's bearer token (none: no auth).")
+    gpu_prices: dict[str, float] = Field(default_factory=dict,
+                                         description="Price of one GPU-hour by GPU type, for the cost `launcher "
+                                                     "status` and `list` show, e.g. {\"H100\": 2.49, \"A100\": 1.2}: "
+                                                     "a card (H100-SXM, H100-PCIe, H200, A100, L40S, or another "
+                                                     "card's name without NVIDIA, e.g. L4) or its family (H100). "
+                                                     "Empty: no cost is shown.")
     cluster_timeout: float = Field(120.0, gt=0, description="Seconds in a row that wait, logs -f and submit --wait "
                                                             "keep retrying an API server that does not answer before "
                                                             "they stop with an error (a run may take as long as it "
@@ -214,6 +221,23 @@ class LauncherSettings(BaseSettings):
                 raise ValueError(f"toleration {i}: operator Exists takes no value")
             if not t.get("key") and t.get("operator") != "Exists":
                 raise ValueError(f"toleration {i}: without a key the operator must be Exists")
+        return v
+
+    @field_validator("gpu_prices")
+    @classmethod
+    def _prices(cls, v: dict[str, float]) -> dict[str, float]:
+        import math
+
+        for key, price in v.items():
+            if not _GPU_TYPE.match(key):
+                raise ValueError(f"{key!r} is not a GPU type: use letters, digits, '.', '_' and '-', e.g. H100, "
+                                 "H100-SXM, A100 or L40S")
+            if not math.isfinite(price) or price < 0:
+                raise ValueError(f"the price of {key} must be a number of at least 0 (per GPU-hour), e.g. 2.49")
+        lowered = [k.lower() for k in v]
+        twice = sorted({k for k in lowered if lowered.count(k) > 1})
+        if twice:
+            raise ValueError(f"{twice[0]} is priced twice (GPU types are compared without case)")
         return v
 
     @field_validator("cluster_timeout", mode="before")

@@ -203,6 +203,7 @@ ttl_seconds_after_finished: {{ int .Values.settings.ttlSecondsAfterFinished }}
 priority_class: {{ if $priority }}{{ $priority | quote }}{{ else }}null{{ end }}
 mlflow_tracking_uri: {{ with .Values.settings.mlflowTrackingUri }}{{ . | quote }}{{ else }}null{{ end }}
 mlflow_token_secret: {{ with .Values.settings.mlflowTokenSecret }}{{ . | quote }}{{ else }}null{{ end }}
+gpu_prices: {{- with .Values.settings.gpuPrices }}{{ toYaml . | nindent 2 }}{{ else }} {}{{ end }}
 {{- end }}
 
 {{/*
