@@ -132,8 +132,9 @@ def job_cost(*, gpus_per_node: int, nodes: int = 1, seconds: float | None = None
     if not gpus:
         pass  # a CPU run costs no GPU-hours; it is not priced
     elif price is None:
-        notes.append("no cost: no price is set" if not prices else f"no cost: no price for {card or 'this card'} "
-                     f"in gpu_prices ({', '.join(sorted(map(str, prices)))})")
+        notes.append("no cost: no price is set (launcher setting gpu_prices; metadata.json is never priced)"
+                     if not prices else f"no cost: no price for {card or 'this card'} in gpu_prices "
+                     f"({', '.join(sorted(map(str, prices)))})")
     elif gpu_hours is not None:
         cost = gpu_hours * price
     stage_s = None
