@@ -445,6 +445,7 @@ def render_markdown(report: dict, spec: TrainingRunSpec, version: str | None = N
              f"- Safety: {c['safety_pii']['generations_with_pii']} of {c['safety_pii']['of']} generations contain PII",
              f"- Overfitting: {c['overfitting_verbatim']['generations_copying_training']} of "
              f"{c['overfitting_verbatim']['of']} copy a training output verbatim", "",
+             *_serving_lines(report.get("serving")),
              "## Generations", "",
              f"Settings: temperature {report['inference_settings']['temperature']}, top_p "
              f"{report['inference_settings']['top_p']}, top_k {report['inference_settings']['top_k']}.", ""]
@@ -472,6 +473,23 @@ def fluency_line(fl: dict) -> str:
     named = [f"#{b['prompt']} \"{_clip(b['text'], 60)}\" ({', '.join(f.replace('_', ' ') for f in b['flags'])})"
              for b in fl.get("broken", [])]
     return head + (": " + "; ".join(named) if named else "")
+
+
+def _serving_lines(serving: dict | None) -> list[str]:
+    """The report's serving section (jobs/serving.py's verdict on the published adapter): a heading, the lines,
+    a blank line; nothing for a report without one."""
+    if not serving:
+        return []
+    if serving.get("error"):
+        return ["## Serving (vLLM)", "", f"- not checked: {serving['error']}", ""]
+    lines = [f"- Serve as: **{'LoRA' if serving['servable_as_lora'] else 'merged model only'}** — "
+             f"{serving['summary']}",
+             f"- Rank {serving['rank']}: smallest vLLM --max-lora-rank that serves it: "
+             f"{serving['vllm_max_lora_rank'] or 'none (above 512)'}"]
+    targets = serving["target_modules"]
+    lines.append("- Target modules: " + (", ".join(targets) if isinstance(targets, list) else str(targets)))
+    lines += [f"- {p['message']} — {p['fix']}" for p in serving["problems"] if p["kind"] != "rank"]
+    return ["## Serving (vLLM)", "", *lines, ""]
 
 
 def _clip(text: str, n: int) -> str:
@@ -536,8 +554,12 @@ def render_html(report: dict, spec: TrainingRunSpec, loss_png: bytes | None = No
                    f"<td>{_pct(f['after']['facts'])}</td></tr>")
     out.append("</table><h2>Checklist (docs/lora-training-guide.md)</h2><table>")
     out += [f"<tr><td>{h(name)}</td>{verdict(ok)}<td>{h(detail)}</td></tr>" for name, ok, detail in checks]
+    out.append("</table>")
+    if report.get("serving"):
+        out.append("<h2>Serving (vLLM)</h2><p>" + "<br>".join(h(x.replace("**", "")) for x in _serving_lines(report["serving"])[2:-1])
+                   + "</p>")
     s = report["inference_settings"]
-    out.append(f"</table><h2>Generations</h2><p>temperature {s['temperature']}, top_p {s['top_p']}, "
+    out.append(f"<h2>Generations</h2><p>temperature {s['temperature']}, top_p {s['top_p']}, "
                f"top_k {s['top_k']}, max_new_tokens {s['max_new_tokens']}</p>")
     for i, g in enumerate(report["generations"], 1):
         out.append(f"<h3>{i}. {h(g['prompt'])}</h3>")

@@ -321,6 +321,25 @@ def run(spec: TrainingRunSpec, workdir: Path, *, run_id: str | None = None, imag
     return metadata
 
 
+def _serving_ready(adapter_dir: Path, spec: TrainingRunSpec, config, tokenizer_size: int) -> dict:
+    """The adapter folder as vLLM and KServe read it (its two files; the base named by its URI, not this job's
+    folder), and vLLM's verdict on it (jobs/serving.py) for metadata.json and the eval report."""
+    from jobs import serving
+
+    removed = serving.make_serving_ready(adapter_dir, serving.base_model_name(spec.base_model.uri))
+    if removed:
+        log.info("adapter/: removed %s (vLLM and KServe read only %s)", ", ".join(removed),
+                 " and ".join(serving.ADAPTER_FILES))
+    try:
+        verdict = serving.check_adapter_dir(adapter_dir, base_vocab_size=serving.vocab_size(config),
+                                            tokenizer_size=tokenizer_size)
+    except (OSError, ValueError) as err:  # a verdict is advice: it never stops a publish
+        log.warning("serving check: could not read the adapter (%s)", err)
+        return {"engine": "vllm", "error": str(err)}
+    log.info("serving (vLLM): %s", verdict.summary())
+    return verdict.to_dict()
+
+
 def _compile_cache(spec: TrainingRunSpec, model, plan, store, run_prefix: str, world):
     """The run's compile cache (restored now, before anything compiles), or None when nothing compiles."""
     if not plan.compile:
@@ -535,6 +554,7 @@ def _run(spec: TrainingRunSpec, workdir: Path, world, *, run_id, image, stop, st
     _stage("merge")
     model.save_pretrained(out / "adapter", safe_serialization=True)
     tok.save_pretrained(out / "tokenizer")
+    serving_verdict = _serving_ready(out / "adapter", spec, config, len(tok))
     merge_info = None
     if spec.merge.enabled:
         del model
@@ -551,6 +571,7 @@ def _run(spec: TrainingRunSpec, workdir: Path, world, *, run_id, image, stop, st
                                      [r.instruction for r in prepared.val_rows[:3]] or ["Hello"],
                                      tok=tok, device=device, memory_budget_bytes=merge_budget)
     report["merge"] = merge_info
+    report["serving"] = serving_verdict
 
     _stage("publish")
     metadata = {
@@ -588,6 +609,7 @@ def _run(spec: TrainingRunSpec, workdir: Path, world, *, run_id, image, stop, st
                     "val_loss_after": report["validation"]["loss_after"],
                     "perplexity_after": report["validation"]["perplexity_after"]},
         "merged": spec.merge.enabled,
+        "serving": serving_verdict,
         "code_version": os.environ.get("LORA_JOBS_CODE_VERSION", __version__),
         "image": image or os.environ.get("LORA_JOBS_IMAGE"),
         "device": str(device), "torch": torch.__version__,

@@ -615,6 +615,9 @@ class TrainingRunSpec(_Strict):
                                                 "1): a single process cannot shard the base",
                                "set resources.gpus above 1 to shard the base over several GPUs, or leave fsdp: auto",
                                line=self._lines.get(("training", "fsdp"))))
+        from jobs.serving import spec_advice  # vLLM's verdict on the adapter this spec will produce
+
+        out += spec_advice(self, self._lines)
         return out
 
     def spec_hash(self) -> str:

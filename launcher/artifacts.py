@@ -32,6 +32,8 @@ class Version:
     files: int = 0
     bytes: int = 0
     eval_page: str | None = None  # <uri>/eval_report.html: the self-contained evaluation page, when published
+    # vLLM's verdict on the adapter (metadata.json's serving.summary): read for the latest version only (one GET)
+    serving: str | None = None
 
 
 @dataclass
@@ -72,7 +74,22 @@ def list_versions(output: str, run: str, *, endpoint: str | None = None) -> List
             listing.latest = text
     if listing.latest is None and listing.versions:
         listing.latest = listing.versions[-1].name
+    if listing.latest is not None:
+        shown = next(v for v in listing.versions if v.name == listing.latest)
+        shown.serving = _serving_summary(store, join(base, shown.name, "metadata.json"))
     return listing
+
+
+def _serving_summary(store, key: str) -> str | None:
+    """metadata.json's serving verdict in one line (jobs/serving.py), or None: a version published before the
+    check, or a metadata.json that cannot be read (the listing never fails for it)."""
+    import json
+
+    try:
+        serving = json.loads(store.get_bytes(key)).get("serving") if store.exists(key) else None
+    except Exception:  # noqa: BLE001 - display only
+        return None
+    return serving.get("summary") if isinstance(serving, dict) else None
 
 
 def download_version(output: str, run: str, version: str | None, dest: str | Path, on_progress=None, *,

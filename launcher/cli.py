@@ -480,6 +480,8 @@ def artifacts(ctx: typer.Context, run: str = typer.Argument(..., help="Run name 
             shown = next((v for v in listing.versions if v.name == listing.latest), listing.versions[-1])
             if shown.eval_page:
                 c.print(f"eval page ({shown.name}): {shown.eval_page}", markup=False)
+            if shown.serving:
+                c.print(f"serving ({shown.name}): {shown.serving}", markup=False)
         for name in listing.incomplete:
             c.print(f"{name}: incomplete (no _COMPLETE marker; publishing or abandoned) — not a version", markup=False)
 

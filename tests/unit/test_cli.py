@@ -114,7 +114,7 @@ def test_submit_dry_run_prints_job_and_configmap_yaml(runner, tmp_path):
 def test_set_changes_the_job_name(runner, tmp_path):
     p = str(write(tmp_path, GOOD))
     a = yaml.safe_load_all(runner.invoke(cli.app, ["submit", p, "--dry-run"]).output).__next__()
-    b = yaml.safe_load_all(runner.invoke(cli.app, ["submit", p, "--dry-run", "--set", "lora.rank=32"]).output).__next__()
+    b = yaml.safe_load_all(runner.invoke(cli.app, ["submit", p, "--dry-run", "--set", "lora.rank=32"]).stdout).__next__()
     assert a["metadata"]["name"] != b["metadata"]["name"]
 
 
