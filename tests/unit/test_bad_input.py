@@ -1,6 +1,7 @@
 """Bad input never crashes the launcher: a corpus of malformed real-world files through
-`launcher validate` and `launcher data check` as real subprocesses, plus property tests
-over JSONL bytes and run names.
+`launcher validate` and `launcher data check` (in-process through typer's CliRunner, where an exception that
+escapes the CLI counts as a traceback; a few of them, and the alias bomb, as real subprocesses), plus property
+tests over JSONL bytes and run names. tests/unit/test_bad_input_corpus.py holds the rest of issue 32's corpus.
 
 Contract under test (issue 7, "Bad input"): never a traceback; the process exits with a
 documented code (0 ok, 1 data unusable, 2 spec/usage error); every problem names its
@@ -273,6 +274,28 @@ def test_data_check_malformed_jsonl(ran, name):
 
 # ------------------------------------------------------------------------------------------ the runs
 
+#: Corpus files that also go through `python -m launcher` as a real process (the others run in-process).
+REAL = {("validate", "binary-elf"), ("validate", "single-10MB-line"), ("validate", "s3-credentials-in-uri"),
+        ("data", "latin1-everywhere"), ("data", "single-10MB-line"), ("data-json", "not-objects-and-wrong-types")}
+
+
+def in_process(*args: str, home: str | None = None) -> subprocess.CompletedProcess:
+    """The CLI in this process through typer's CliRunner, as a CompletedProcess; an exception that escapes it
+    (a traceback in the real entry point) is written into stderr as one, so assert_clean sees it."""
+    from typer.testing import CliRunner
+
+    from launcher import cli
+
+    env = {k: None for k in os.environ if k.startswith(("LAUNCHER_", "AWS_")) or k == "KUBECONFIG"}
+    if home:  # no settings file or kubeconfig of the machine's user
+        env["HOME"] = home
+    r = CliRunner().invoke(cli.app, list(args), env=env, prog_name="launcher")
+    err = r.stderr_bytes or b""
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        err += f"Traceback (escaped the CLI): {type(r.exception).__name__}: {r.exception}".encode()
+    return subprocess.CompletedProcess(["launcher", *args], r.exit_code, r.stdout_bytes, err)
+
+
 JSON_TOO = ("invalid-utf8", "single-10MB-line", "deeply-nested", "not-objects-and-wrong-types", "empty-file")
 
 
@@ -307,8 +330,10 @@ def ran(tmp_path_factory) -> _Runs:
         except subprocess.TimeoutExpired:
             return None
 
-    with ThreadPoolExecutor(3) as pool:
-        results = dict(zip(jobs, pool.map(one, jobs.values())))
+    real = [k for k in jobs if k in REAL or k[1] == "alias-bomb"]
+    with ThreadPoolExecutor(3) as pool:  # the real entry point, as cold processes
+        results = dict(zip(real, pool.map(one, [jobs[k] for k in real])))
+    results.update({k: in_process(*args, home=str(d)) for k, args in jobs.items() if k not in results})
     out = _Runs(results)
     out.paths = paths
     return out
