@@ -11,6 +11,7 @@ jobs/spec.py found by this corpus (fixed in 863a75b); see docs/reliability.md.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -301,6 +302,8 @@ JSON_TOO = ("invalid-utf8", "single-10MB-line", "deeply-nested", "not-objects-an
 
 class _Runs(dict):
     paths: dict
+    files_before: dict
+    files_after: dict
 
 
 @pytest.fixture(scope="module")
@@ -330,13 +333,25 @@ def ran(tmp_path_factory) -> _Runs:
         except subprocess.TimeoutExpired:
             return None
 
+    before = _tree(d)
     real = [k for k in jobs if k in REAL or k[1] == "alias-bomb"]
     with ThreadPoolExecutor(3) as pool:  # the real entry point, as cold processes
         results = dict(zip(real, pool.map(one, [jobs[k] for k in real])))
     results.update({k: in_process(*args, home=str(d)) for k, args in jobs.items() if k not in results})
     out = _Runs(results)
     out.paths = paths
+    out.files_before, out.files_after = before, _tree(d)
     return out
+
+
+def _tree(d: Path) -> dict[str, str]:
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(d.rglob("*"))}
+
+
+def test_the_corpus_runs_wrote_nothing(ran):
+    """No spec, report or copy appeared beside the corpus files (also the in-process runs' $HOME), none changed."""
+    assert ran.files_after == ran.files_before
 
 
 def test_data_check_missing_file_and_folder(tmp_path):

@@ -695,7 +695,7 @@ def _inproc(c: Case, d: Path, argv: list[str], env: dict, mp: pytest.MonkeyPatch
     if c.runner == "thread":  # a read that blocks forever is detected, then unblocked here
         t = threading.Thread(target=go, daemon=True)
         t.start()
-        t.join(5)
+        t.join(3)
         if t.is_alive():
             fifo = next((Path(a) for a in argv if Path(a).is_fifo()), None)
             if fifo is not None:
@@ -731,7 +731,7 @@ def _process(c: Case, d: Path, argv: list[str], env: dict) -> Ran:
 
 
 def _check(c: Case, ran: Ran, before: dict, after: dict) -> None:
-    assert not ran.hung, f"{c.id}: the CLI did not return (5 s in-process, 60 s as a process)"
+    assert not ran.hung, f"{c.id}: the CLI did not return (3 s in-process, 60 s as a process)"
     assert ran.crash is None, f"{c.id}: an exception escaped the CLI: {ran.crash}\n{ran.out[-2000:]}"
     assert "Traceback" not in ran.out, ran.out[-3000:]
     assert ran.code == c.code, (c.id, ran.code, ran.out[-2000:])
