@@ -15,8 +15,8 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 
 from jobs.errors import Problem, SpecError
 
@@ -30,6 +30,29 @@ ALL_LINEAR = "all-linear"
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_boolean_for_a_number(cls, v: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads True as 1: `epochs: yes` (YAML 1.1's true) would train 1 epoch, unsaid
+        if isinstance(v, bool) and info.field_name in cls.model_fields:
+            kinds = _types_of(cls.model_fields[info.field_name].annotation)
+            if bool not in kinds and kinds & {int, float}:
+                raise ValueError(f"is a YAML boolean ({str(v).lower()}; yes/no/on/off read as one), not a number: "
+                                 "write a number")
+        return v
+
+
+def _types_of(annotation: Any) -> set:
+    """The plain types an annotation admits: int | None -> {int, NoneType}; Annotated[int, ...] -> {int}."""
+    import typing
+
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _types_of(typing.get_args(annotation)[0])
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return set().union(*(_types_of(a) for a in typing.get_args(annotation)))
+    return {annotation} if isinstance(annotation, type) else set()
 
 
 def _short(value: str, limit: int = 60) -> str:
@@ -177,6 +200,10 @@ def _check_uri(value: str, what: str, *, allow_hub: bool = False) -> str:
             raise ValueError(f"'{_short(value)}' is not a model id: write hf:org/name (letters, digits, '-', '_', "
                              "'.'; no '..', no path): a path would be read from the pod's disk")
     return value
+
+
+#: The one check of a place (URI or path) for whatever names one outside a spec (`artifacts --output`).
+check_uri = _check_uri
 
 
 class BaseModelSpec(_Strict):
@@ -895,14 +922,30 @@ def load_spec_text(text: str, source: str | None = None, overrides: list[str] | 
     return spec
 
 
+#: A spec is a page of YAML; anything this large is another file named by mistake (or /dev/zero).
+MAX_SPEC_BYTES = 16 * 2**20
+
+
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> TrainingRunSpec:
+    import stat
+
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8-sig")
+        st = p.stat()  # before opening: opening a FIFO would block until someone writes to it
+        if not stat.S_ISREG(st.st_mode) and not stat.S_ISDIR(st.st_mode):
+            kind = "a FIFO (named pipe)" if stat.S_ISFIFO(st.st_mode) else \
+                "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "not a regular file"
+            raise SpecError([Problem(str(p), f"is {kind}, not a spec file", "name the spec's YAML file")])
+        with open(p, "rb") as f:
+            raw = f.read(MAX_SPEC_BYTES + 1)
+        if len(raw) > MAX_SPEC_BYTES:
+            raise SpecError([Problem(str(p), f"is larger than {MAX_SPEC_BYTES // 2**20} MiB: not a spec",
+                                     "name the spec's YAML file (a spec is a page of YAML)")])
+        text = raw.decode("utf-8-sig")
     except FileNotFoundError:
         raise SpecError([Problem(str(p), "file not found", "check the path")]) from None
     except UnicodeDecodeError as err:
-        line = p.read_bytes()[: err.start].count(b"\n") + 1
+        line = raw[: err.start].count(b"\n") + 1
         raise SpecError([Problem(f"line {line}", f"not UTF-8 text (byte {err.start} is 0x{err.object[err.start]:02x})",
                                  "save the spec as UTF-8", line=line)], source=str(p)) from None
     except OSError as err:

@@ -133,9 +133,15 @@ def download_version(output: str, run: str, version: str | None, dest: str | Pat
         raise StorageError(f"{target} already exists", hint=f"remove it, or download into another folder "
                                                             f"(--download DIR); {version} lands in DIR/{version}")
     made_dest = not dest.exists()
-    dest.mkdir(parents=True, exist_ok=True)
     staging = dest / f".{version}.downloading-{secrets.token_hex(4)}"  # beside the target: one rename away
-    staging.mkdir()
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
+    except OSError as err:
+        blocker = next((p for p in (dest, *dest.parents) if p.exists() and not p.is_dir()), None)
+        why = f"{blocker} is a file, not a folder" if blocker is not None else (err.strerror or type(err).__name__)
+        raise StorageError(f"cannot download into {dest}: {why}",
+                           hint="pass --download a folder you can write (it is created when missing)") from None
     try:
         present = {rel: info for rel, info in entries.items() if rel in sizes}
         moved = TransferProgress(f"downloading {run} {version}", sum(info["size"] for info in present.values()),

@@ -230,6 +230,10 @@ def submit(
                                                                      "line), json or yaml."),
 ) -> None:
     """Validate a spec and submit it as a Job (the same spec twice is the same run)."""
+    if wait:  # checked before the run is created, not after (Client.wait checks it too)
+        from launcher.client import check_seconds
+
+        check_seconds("timeout", timeout, "--timeout")
     client = _client(ctx)
     # a pod cannot read a local path: for the cluster (dry run included) that is an error, for --local a
     # missing input is

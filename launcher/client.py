@@ -245,7 +245,7 @@ def parse_duration(text: str | float | int, what: str = "older_than") -> float:
     return float(m.group(1)) * _DURATION[m.group(2)]
 
 
-def _positive(what: str, value: float | None, flag: str) -> None:
+def check_seconds(what: str, value: float | None, flag: str) -> None:
     """A number of seconds that must be above 0 (None: not given)."""
     if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
         raise UsageError(f"{what} must be a number of seconds above 0; got {value!r}",
@@ -604,8 +604,8 @@ class Client:
         ``RunFailed`` if the Job disappears."""
         from launcher.kube import with_retries
 
-        _positive("timeout", timeout, "--timeout")
-        _positive("interval", interval, "--interval")
+        check_seconds("timeout", timeout, "--timeout")
+        check_seconds("interval", interval, "--interval")
         started = time.monotonic()
         outage = self._outage()
         job = self._job_of(run, outlive_outages=True, timeout=timeout, outage=outage)
@@ -750,6 +750,8 @@ class Client:
         ConfigMap; with ``wait``, until they are gone (``WaitTimeout`` after ``timeout`` seconds)."""
         from launcher.render import JOBSET_NAME_LABEL, is_jobset
 
+        if wait:  # before anything is deleted: a bad flag must not cost the run
+            check_seconds("timeout", timeout, "--timeout")
         _, kube = self.connect()
         resolved = self._resolve(kube, run)
         name = resolved["metadata"]["name"]
@@ -773,6 +775,13 @@ class Client:
     def _output_of(self, run: str, output: str | None) -> tuple[str, str]:
         """(run name, output prefix) from ``output``, else from the run's Job."""
         run_name = run
+        if output is not None:
+            from jobs.spec import check_uri
+
+            try:
+                output = check_uri(output, "--output")
+            except ValueError as err:  # a near-miss like s3:/bucket would be read as a local folder
+                raise UsageError(f"--output: {err}", hint="give s3://bucket/prefix or a local folder") from None
         if output is None:
             from launcher.render import ANNOTATION_OUTPUT, LABEL_RUN
 

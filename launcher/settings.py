@@ -184,6 +184,33 @@ class LauncherSettings(BaseSettings):
                              "(empty: the AWS default)")
         return v
 
+    @field_validator("mlflow_tracking_uri", mode="before")
+    @classmethod
+    def _tracking_url(cls, v: Any) -> Any:
+        if v is None or (isinstance(v, str) and not v.strip()):
+            return None
+        if not isinstance(v, str):
+            return v
+        from jobs.spec import secret_kind
+
+        what = secret_kind(v)
+        if what:  # it would be rendered into every tracked Job's env in plain text: never echoed
+            raise ValueError(f"holds what looks like {what} (not shown here); it would be written into every "
+                             "tracked Job in plain text: give only the server's URL, and its token through "
+                             "mlflow_token_secret (a Secret with the key MLFLOW_TRACKING_TOKEN)")
+        if not re.match(r"^(https?://[^/\s]+|file:/)", v):
+            raise ValueError(f"{v[:80]!r} is not an http(s) URL (or file:/path): e.g. http://mlflow.ml:5000")
+        return v
+
+    @field_validator("s3_access_key_key", "s3_secret_key_key")
+    @classmethod
+    def _secret_key_name(cls, v: str) -> str:
+        # a Secret's data key: what the Job's secretKeyRef names (the API server refuses '' only at submit)
+        if not re.fullmatch(r"[-._a-zA-Z0-9]{1,253}", v):
+            raise ValueError(f"{v!r} is not a key of a Secret: letters, digits, '-', '_', '.', e.g. "
+                             "AWS_SECRET_ACCESS_KEY")
+        return v
+
     @field_validator("gpu_resource")
     @classmethod
     def _extended_resource(cls, v: str) -> str:
