@@ -926,8 +926,53 @@ def find_conflicts(rows: list[Row]) -> RuleResult:
         conflicts.append({"lines": group_lines, "prompt": _short(first[0].instruction),
                           "answers": {str(first[0].line): _short(first[2]), str(other[0].line): _short(other[2])},
                           "differ": [" ".join(only_a), " ".join(only_b)]})
+    rewordings = _reworded_questions(rows)
     return RuleResult(list(rows), sorted(lines), "flagged", {"conflicts": conflicts[:REPORT_LINES],
-                                                             "groups": len(conflicts)})
+                                                             "groups": len(conflicts),
+                                                             "reworded_questions": rewordings[:REPORT_LINES],
+                                                             "reworded_count": len(rewordings)})
+
+
+#: Questions longer than this (in content words) are left to the shingle rule, which sees their edits.
+_REWORDING_MAX_WORDS = 64
+
+
+def _reworded_questions(rows: list[Row]) -> list[dict]:
+    """Pairs of rows with the same answer whose questions differ by one content word (one substituted, added
+    or removed: "reset" vs "restart"). Reported, never dropped: it may be a rewording (teaches nothing new)
+    or two questions that share an answer (the X1 and the X2), and only a person can tell. Linear: each
+    question of n words gives n keys with one word blanked and n with one word left out."""
+    blanked: dict[tuple, int] = {}
+    shortened: dict[tuple, int] = {}
+    whole: dict[tuple, int] = {}
+    found: list[dict] = []
+    words_of: dict[int, list[str]] = {}
+    asked: dict[int, str] = {}
+    for row in rows:
+        prompt, answer = _prompt_and_answer(row)
+        akey = content_key([answer])
+        words = content_words(" ".join(prompt))
+        if not akey or not words or len(words) > _REWORDING_MAX_WORDS:
+            continue
+        words_of[row.line] = words
+        asked[row.line] = " ".join(prompt).strip()
+        match = None
+        for j in range(len(words)):
+            rest = tuple(words[:j]) + tuple(words[j + 1:])
+            match = match or blanked.get((akey, j, rest)) or whole.get((akey, *rest))
+        match = match or shortened.get((akey, *words))
+        if match is not None and words_of[match] != words:
+            mine, theirs = words, words_of[match]
+            found.append({"lines": [match, row.line], "prompts": [_short(asked[match]), _short(asked[row.line])],
+                          "differ": [" ".join(w for w in theirs if w not in mine),
+                                     " ".join(w for w in mine if w not in theirs)]})
+            continue
+        for j in range(len(words)):
+            rest = tuple(words[:j]) + tuple(words[j + 1:])
+            blanked.setdefault((akey, j, rest), row.line)
+            shortened.setdefault((akey, *rest), row.line)
+        whole.setdefault((akey, *words), row.line)
+    return found
 
 
 # ---------------------------------------------------------------------------- rule: balance
@@ -1285,6 +1330,16 @@ def format_report(report: dict[str, Any], *, max_problems: int = 20) -> str:
                        f"line {la} \"{a}\", line {lb} \"{b}\"")
         if groups > max_problems:
             out.append(f"    … {groups - max_problems} more")
+    reworded = (report.get("conflicts") or {}).get("reworded_questions", [])
+    if reworded:
+        count = report["conflicts"]["reworded_count"]
+        out.append(f"  warning: {count} pair(s) of questions one word apart with the same answer: a rewording "
+                   f"teaches nothing new (delete one), two questions that share an answer are fine (keep both):")
+        for r in reworded[:max_problems]:
+            out.append(f"    lines {r['lines'][0]}, {r['lines'][1]}: '{r['differ'][0]}' vs '{r['differ'][1]}' in "
+                       f"\"{r['prompts'][1]}\"")
+        if count > max_problems:
+            out.append(f"    … {count - max_problems} more")
     errors = report.get("errors") or []
     for e in errors:
         out.append(f"  ERROR: {e} — write every row in one accepted format, or use data.format: auto")

@@ -183,6 +183,21 @@ def _eta(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
+def describe_data(counts: dict) -> str:
+    """The data stage's counts in one line: "173 rows kept of 179 lines: 3 malformed, 3 dropped by the rules
+    (dedup_exact 1, dedup_near 1, strip_boilerplate 1)" (what `launcher data check` reports, for a run)."""
+    lost = [f"{counts[k]} {k.replace('_', ' ')}" for k in ("blank", "malformed", "outside_format") if counts.get(k)]
+    rules = {k: v for k, v in (counts.get("dropped_by_rule") or {}).items() if v}
+    if rules:
+        lost.append(f"{sum(rules.values())} dropped by the rules (" +
+                    ", ".join(f"{k} {v}" for k, v in sorted(rules.items())) + ")")
+    formats = counts.get("by_format") or {}
+    kept_by_format = ", ".join(f"{name} {n.get('kept', 0)}" for name, n in sorted(formats.items()))
+    mixed = f"; kept by format: {kept_by_format}" if len(formats) > 1 else ""
+    return (f"{counts.get('kept', 0)} rows kept of {counts.get('lines', 0)} lines" +
+            (": " + ", ".join(lost) if lost else "") + mixed)
+
+
 def describe(p: dict, now: float | None = None) -> str:
     """One line: "training step 120/400, loss 1.2300, val loss 1.3100, 14.0k tok/s, ETA 12m00s (updated 8s ago)"."""
     stage = p.get("stage") or "starting"

@@ -334,6 +334,10 @@ def status(ctx: typer.Context, run: str = typer.Argument(..., help="Run name or 
         c.print(f"  state:  [bold]{data['state']}[/] — {_esc(data['sentence'])}")
         if data.get("progress"):
             c.print(f"  progress: {data['progress']['summary']}", markup=False)
+            if data["progress"].get("data"):
+                from jobs.progress import describe_data
+
+                c.print(f"  data:   {describe_data(data['progress']['data'])}", markup=False)
         if (data.get("cost") or {}).get("summary"):
             c.print(f"  cost: {data['cost']['summary']}", markup=False)
         if (data.get("cost") or {}).get("stages"):

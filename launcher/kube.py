@@ -45,6 +45,11 @@ def kubeconfig_paths(kubeconfig: str | None) -> list[str]:
     return [os.path.expanduser(p) for p in raw.split(os.pathsep) if p]
 
 
+def no_kubeconfig(where: str) -> ClusterError:
+    return ClusterError(f"cannot load the Kubernetes configuration: no kubeconfig at {where}",
+                        hint="set LAUNCHER_KUBECONFIG (or KUBECONFIG, or --kubeconfig) to your cluster's kubeconfig")
+
+
 def uses_in_cluster_config(kubeconfig: str | None) -> bool:
     """Whether the launcher talks to the cluster through the pod's service account: it runs in a pod and no
     kubeconfig is set or present."""
@@ -80,8 +85,11 @@ def context_namespace(kubeconfig: str | None, context: str | None) -> tuple[str 
     as kubectl reads it: the first file of the list that names a current context or holds the context wins;
     files that do not exist are skipped. (None, "") when no context sets a namespace. A context named but not
     found, or a file that is not a kubeconfig, is a SettingsError."""
-    files = [(p, _read_kubeconfig(p)) for p in kubeconfig_paths(kubeconfig) if os.path.isfile(p)]
+    paths = kubeconfig_paths(kubeconfig)
+    files = [(p, _read_kubeconfig(p)) for p in paths if os.path.isfile(p)]
     if not files:
+        if kubeconfig:  # one the user named, as kubectl --kubeconfig does; the default ~/.kube/config may be absent
+            raise no_kubeconfig(os.pathsep.join(paths))
         return None, ""
     name = context or next((d["current-context"] for _, d in files if d.get("current-context")), None)
     if not name:
@@ -167,9 +175,7 @@ class Kube:
             if uses_in_cluster_config(self.kubeconfig):
                 config.load_incluster_config(client_configuration=cfg)
             elif not any(os.path.isfile(p) for p in paths):
-                raise ClusterError(f"cannot load the Kubernetes configuration: no kubeconfig at {where}",
-                                   hint="set LAUNCHER_KUBECONFIG (or KUBECONFIG, or --kubeconfig) to your cluster's "
-                                        "kubeconfig")
+                raise no_kubeconfig(where)
             else:
                 config.load_kube_config(config_file=where, context=self.context, client_configuration=cfg)
         except ConfigException as err:

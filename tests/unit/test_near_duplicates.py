@@ -115,3 +115,19 @@ def test_near_duplicates_across_formats_are_one_example():
     assert report["rules"]["dedup_near"]["duplicate_of"] == [[2, 1]]
     assert report["counts"]["by_format"] == {"instruction": {"valid": 1, "kept": 1},
                                              "messages": {"valid": 1, "kept": 0}}
+
+
+def test_questions_one_content_word_apart_with_the_same_answer_are_reported_and_kept():
+    """A one-word edit of a short question ("reset" vs "restart", a word added) with the same answer is caught,
+    as a warning that keeps both rows: it may be a rewording or two questions sharing an answer. Different
+    answers, or questions two words apart, are not reported."""
+    same = "Hold Reset for ten seconds until the light blinks."
+    rows = [Row(1, "How do I reset the router?", same), Row(2, "How do I restart the router?", same),
+            Row(3, "How do I reset the router quickly?", same),
+            Row(4, "What does the blue light mean?", "The router is updating its firmware."),
+            Row(5, "What does the red light mean?", "The router has no internet connection."),
+            Row(6, "Why does the green lamp flash?", same), Row(7, "Why does the amber lamp glow?", same)]
+    result = find_conflicts(rows)
+    pairs = {tuple(r["lines"]): r["differ"] for r in result.details["reworded_questions"]}
+    assert pairs == {(1, 2): ["reset", "restart"], (1, 3): ["", "quickly"]}, pairs
+    assert result.details["reworded_count"] == 2 and len(result.rows) == len(rows)

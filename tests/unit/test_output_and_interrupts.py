@@ -99,3 +99,15 @@ def test_the_job_stops_on_an_unwritable_output_before_fetching_anything(tmp_path
 
 def test_describe_words_a_cancelled_run():
     assert describe({"state": "cancelled", "stage": "train"}) == "cancelled in train"
+
+
+def test_the_data_counts_of_a_run_read_as_one_line():
+    from jobs.progress import describe_data
+
+    counts = {"lines": 179, "blank": 0, "malformed": 3, "outside_format": 0, "valid": 176, "kept": 173,
+              "dropped_by_rule": {"dedup_exact": 1, "dedup_near": 1, "strip_boilerplate": 1, "pii": 0},
+              "by_format": {"instruction": {"valid": 170, "kept": 168}, "messages": {"valid": 6, "kept": 5}}}
+    assert describe_data(counts) == ("173 rows kept of 179 lines: 3 malformed, 3 dropped by the rules (dedup_exact 1, "
+                                     "dedup_near 1, strip_boilerplate 1); kept by format: instruction 168, messages 5")
+    assert describe_data({"lines": 10, "kept": 10, "by_format": {"instruction": {"kept": 10}}}) == \
+        "10 rows kept of 10 lines"
