@@ -99,9 +99,12 @@ def _root(
     ctx: typer.Context,
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                  help="Print the version and the trainer image it runs by default, and exit."),
-    namespace: Optional[str] = typer.Option(None, "--namespace", "-n", help="Namespace (LAUNCHER_NAMESPACE)."),
-    context: Optional[str] = typer.Option(None, "--context", help="kubeconfig context (LAUNCHER_CONTEXT)."),
-    kubeconfig: Optional[str] = typer.Option(None, "--kubeconfig", help="kubeconfig path (LAUNCHER_KUBECONFIG)."),
+    namespace: Optional[str] = typer.Option(None, "--namespace", "-n", metavar="NAMESPACE",
+                                             help="Namespace (LAUNCHER_NAMESPACE)."),
+    context: Optional[str] = typer.Option(None, "--context", metavar="CONTEXT",
+                                           help="kubeconfig context (LAUNCHER_CONTEXT)."),
+    kubeconfig: Optional[str] = typer.Option(None, "--kubeconfig", metavar="PATH",
+                                              help="kubeconfig path (LAUNCHER_KUBECONFIG)."),
 ) -> None:
     ctx.obj = {"namespace": namespace, "context": context, "kubeconfig": kubeconfig}
 
@@ -305,7 +308,7 @@ def render(
     fmt: ManifestFormat = typer.Option(ManifestFormat.yaml, "--output", "-o",
                                        help="yaml (one document per object) or json (a v1 List)."),
     set_: list[str] = SET_OPTION,
-    queue: Optional[str] = typer.Option(None, "--queue", help="Kueue LocalQueue: the run is labelled for it and "
+    queue: Optional[str] = typer.Option(None, "--queue", metavar="QUEUE", help="Kueue LocalQueue: the run is labelled for it and "
                                                              "created suspended (default: LAUNCHER_QUEUE)."),
     multinode_workload: Optional[MultinodeWorkload] = typer.Option(
         None, "--multinode-workload", help="What a run of several nodes becomes: indexed-job (with a headless "
