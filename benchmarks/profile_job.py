@@ -136,7 +136,7 @@ def install(first: int, count: int, out_dir: Path) -> None:
     import torch
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
-    from jobs import fastpath
+    from jobs.trainer import fastpath
 
     acts = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
@@ -191,7 +191,7 @@ def main() -> int:
     if first < 2 or count < 1:
         raise SystemExit("PROFILE_STEPS=FIRST:N with FIRST >= 2")
     install(first, count, Path(os.environ.get("PROFILE_OUT", ".")))
-    from jobs.__main__ import main as jobs_main
+    from jobs.trainer.main import main as jobs_main
 
     return jobs_main(sys.argv[1:])
 

@@ -1,6 +1,6 @@
 """What a run cost: GPU-hours, tokens, tokens/s/GPU, MFU and a price, from one pure function.
 
-The job (``jobs.recipe``: metadata.json's ``cost`` and the progress object's) and the launcher (``launcher
+The job (``jobs.trainer.recipe``: metadata.json's ``cost`` and the progress object's) and the launcher (``launcher
 status`` / ``list``, which adds what only the cluster knows: queue wait, every pod's running time, the price
 table of setting ``gpu_prices``) both call :func:`job_cost`, so the arithmetic lives here once. Light: no
 torch, no Kubernetes client; timestamps are RFC 3339 strings as the API server writes them.

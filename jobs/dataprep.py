@@ -144,7 +144,7 @@ _FIX_SHAREGPT = ('give "conversations" as a list of {"from": "system"|"human"|"g
 #: The keys that mark each format. "auto" reads each row by its own keys rather than fixing the
 #: format by the first row (which dropped 1,000 `messages` rows after one instruction row, with
 #: "OK": issue 32). Per row is safe because the keys name a format without ambiguity and every
-#: format becomes the same Row, rendered through the same chat template (jobs/train.py), so a
+#: format becomes the same Row, rendered through the same chat template (jobs/trainer/train.py), so a
 #: mixed file trains as intended. Mixing is reported (rows per format), never an error; a row in
 #: no format, or in two, is a problem of its line, and many of them fail the data (see
 #: MAX_OUTSIDE_FORMAT_SHARE).

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from jobs.errors import StorageError
-from jobs.modelio import sha256_file
+from jobs.digest import sha256_file
 from jobs.storage import join
 
 log = logging.getLogger("jobs")

@@ -259,7 +259,7 @@ def make_serving_ready(adapter_dir: str | Path, base_name: str) -> list[str]:
 # ------------------------------------------------------------------------------ the spec
 
 def spec_adapter_config(spec) -> dict:
-    """The adapter_config.json a run of ``spec`` writes, as far as vLLM's check reads it (jobs/train.py's
+    """The adapter_config.json a run of ``spec`` writes, as far as vLLM's check reads it (jobs/trainer/train.py's
     lora_config: bias none, no modules_to_save, the default init; the spec cannot express the others)."""
     lora = spec.lora
     return {"peft_type": "LORA", "r": lora.rank, "lora_alpha": lora.alpha, "target_modules": lora.target_modules,

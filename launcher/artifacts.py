@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.errors import StorageError
-from jobs.modelio import sha256_file as _sha256
+from jobs.digest import sha256_file as _sha256
 from jobs.publish import LATEST, MANIFEST, MARKER as COMPLETE, check_files, existing_versions, read_manifest
 from jobs.storage import TransferProgress, join, open_store, safe_relative_path
 

@@ -68,7 +68,7 @@ def run_local(spec: TrainingRunSpec, base: Path, workdir: Path | None, *, on_out
     return code
 
 
-#: Ctrl-C: 128 + SIGINT, as a shell reports it (jobs.recipe.EXIT_INTERRUPTED is the job's own).
+#: Ctrl-C: 128 + SIGINT, as a shell reports it (jobs.trainer.recipe.EXIT_INTERRUPTED is the job's own).
 EXIT_INTERRUPTED = 130
 
 

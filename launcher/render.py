@@ -222,7 +222,7 @@ def render_job(spec: TrainingRunSpec, settings: LauncherSettings, *, master: str
         pod_spec["priorityClassName"] = priority
     job_spec: dict[str, Any] = {
         # A multi-node run fails as a gang: the Job API has no "restart every index" action, so the pods do it
-        # themselves (jobs/distributed.py: a dead or silent peer ends every rank within a bounded time, exit 75)
+        # themselves (jobs/trainer/distributed.py: a dead or silent peer ends every rank within a bounded time, exit 75)
         # and the Job replaces each failed index. One gang failure costs up to `nodes` pod failures, hence
         # retries x nodes, counted across the whole Job rather than per index (backoffLimitPerIndex): a
         # restarted gang's pods can fail their rendezvous unevenly (a replacement that meets the old, dying
@@ -239,7 +239,7 @@ def render_job(spec: TrainingRunSpec, settings: LauncherSettings, *, master: str
     if r.nodes > 1:
         job_spec["completionMode"] = "Indexed"
         # Done when node 0 is: its rank 0 publishes after every rank trained (and the other ranks wait for it,
-        # jobs.distributed.shutdown), so a straggler of another index cannot keep a published run open, nor
+        # jobs.trainer.distributed.shutdown), so a straggler of another index cannot keep a published run open, nor
         # a failure of one after the publish send that index alone into a retry that waits for a lost gang.
         job_spec["successPolicy"] = {"rules": [{"succeededIndexes": "0"}]}
     if settings.queue:

@@ -1,4 +1,4 @@
-"""GPU checks of jobs.fastpath (skipped without CUDA): the varlen kernel against per-example SDPA,
+"""GPU checks of jobs.trainer.fastpath (skipped without CUDA): the varlen kernel against per-example SDPA,
 the packed loss against separate examples in bf16, and the chunked CE against full logits.
 
 Run on a GPU machine: ``python -m pytest -q tests/gpu/test_fastpath_gpu.py``.
@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
 
 import torch.nn.functional as F  # noqa: E402
 
-from jobs import fastpath  # noqa: E402
+from jobs.trainer import fastpath  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 

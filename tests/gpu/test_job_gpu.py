@@ -1,4 +1,4 @@
-"""The whole job on a GPU (skipped without CUDA): ``jobs.recipe.run`` with the spec's training
+"""The whole job on a GPU (skipped without CUDA): ``jobs.trainer.recipe.run`` with the spec's training
 defaults, on random-weight Llamas with SmolLM2's tokenizer (no hub here), a local folder as store.
 
 * fp16 (T4/V100-class GPUs, where ``precision: auto`` picks fp16): trains with loss scaling.
@@ -24,10 +24,10 @@ torch = pytest.importorskip("torch")
 if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
-from jobs import fastpath  # noqa: E402
-from jobs.modelio import load_tokenizer  # noqa: E402
+from jobs.trainer import fastpath  # noqa: E402
+from jobs.trainer.modelio import load_tokenizer  # noqa: E402
 from jobs.publish import verify_version  # noqa: E402
-from jobs.recipe import MEMORY_FAULT_ENV, run  # noqa: E402
+from jobs.trainer.recipe import MEMORY_FAULT_ENV, run  # noqa: E402
 from jobs.spec import parse_spec  # noqa: E402
 from jobs.storage import LocalStore  # noqa: E402
 

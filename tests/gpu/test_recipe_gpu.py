@@ -16,12 +16,12 @@ torch = pytest.importorskip("torch")
 if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
-from jobs import fastpath  # noqa: E402
-from jobs.merge import merge_and_check  # noqa: E402
-from jobs.modelio import load_model, load_tokenizer, resolve_precision  # noqa: E402
+from jobs.trainer import fastpath  # noqa: E402
+from jobs.trainer.merge import merge_and_check  # noqa: E402
+from jobs.trainer.modelio import load_model, load_tokenizer, resolve_precision  # noqa: E402
 from jobs.spec import parse_spec  # noqa: E402
 from jobs.storage import LocalStore  # noqa: E402
-from jobs.train import Checkpoints, TrainState, encode_rows, train, wrap_lora  # noqa: E402
+from jobs.trainer.train import Checkpoints, TrainState, encode_rows, train, wrap_lora  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 

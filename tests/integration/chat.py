@@ -14,6 +14,6 @@ CONVERSATION = (b'{"messages": [{"role": "system", "content": "You are the Acme 
 @pytest.fixture(scope="module")
 def tok(small_model_dir):
     """SmolLM2-135M's tokenizer, loaded the way the job loads it."""
-    from jobs.modelio import load_tokenizer
+    from jobs.trainer.modelio import load_tokenizer
 
     return load_tokenizer(str(small_model_dir))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from jobs.dataprep import read_jsonl
-from jobs.train import IGNORE, encode_example
+from jobs.trainer.train import IGNORE, encode_example
 from chat import CONVERSATION, tok  # noqa: F401,E402 (tok: a fixture)
 
 pytestmark = pytest.mark.train

@@ -113,7 +113,7 @@ def _two_nodes(tmp_path: Path, name: str, model_dir: Path) -> list[tuple[subproc
 def test_under_torchrun_the_job_still_exits_with_its_own_code(tmp_path, short_model_dir, monkeypatch):
     """torchrun exits 1 whatever its workers did; the job's relaunch maps it back (11: bad data,
     never retried) from the termination message rank 0 wrote."""
-    from jobs.distributed import relaunch
+    from jobs.trainer.distributed import relaunch
 
     spec = {"name": "too-few", "base_model": {"uri": str(short_model_dir)},
             "dataset": {"train": str(DEMO / "train.jsonl")}, "output": str(tmp_path / "store"),

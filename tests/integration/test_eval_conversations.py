@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 
 from jobs.dataprep import read_jsonl
-from jobs.evaluate import build_report, generate, prompt_text, prompts_for, render_html
+from jobs.trainer.evaluate import build_report, generate, prompt_text, prompts_for, render_html
 from jobs.spec import load_spec_text
-from jobs.train import IGNORE, encode_example
+from jobs.trainer.train import IGNORE, encode_example
 from chat import CONVERSATION, tok  # noqa: F401,E402 (tok: a fixture)
 
 pytestmark = pytest.mark.train
@@ -61,7 +61,7 @@ def test_without_a_chat_template_the_conversation_is_asked_in_the_plain_layout_t
 def test_generation_sees_the_context_and_the_report_shows_it(tok, small_model_dir):
     import torch
 
-    from jobs.modelio import load_model
+    from jobs.trainer.modelio import load_model
 
     row = _row()
     prompts = prompts_for(SPEC, [row], None)

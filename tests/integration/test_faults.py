@@ -397,7 +397,7 @@ def test_scratch_filling_up_during_the_download_is_a_clear_error(stack, s3_clien
     machine: check passed, download begun, space gone, reservation refused. (Polling for the download folder and
     then pausing MinIO raced it: the reservations are made right after the folder, a HEAD later.)
 
-    jobs.recipe.fetch runs in its own process, as in the pod: when it exits its sockets close. (An aborted
+    jobs.trainer.recipe.fetch runs in its own process, as in the pod: when it exits its sockets close. (An aborted
     download left open in a live process keeps MinIO's read lock on the object for ~30 s.)"""
     model = _upload_model(s3_client, stack, s3_prefix, {"config.json": 0, "model-1.safetensors": 8 << 20,
                                                         "model-2.safetensors": 8 << 20})
@@ -420,7 +420,7 @@ def test_scratch_filling_up_during_the_download_is_a_clear_error(stack, s3_clien
         (sync / "filled").touch()
 
     code = ("import json, sys, threading, time\nfrom pathlib import Path\nimport jobs.storage\n"
-            "from jobs.errors import LoraJobError\nfrom jobs.recipe import fetch\nfrom jobs.spec import parse_spec\n"
+            "from jobs.errors import LoraJobError\nfrom jobs.trainer.recipe import fetch\nfrom jobs.spec import parse_spec\n"
             "sync, reserve, lock = Path(sys.argv[3]), jobs.storage._preallocate, threading.Lock()\n"
             "def preallocate(fd, size):  # a file's download has begun: the other writer fills the volume first\n"
             "    with lock:\n"

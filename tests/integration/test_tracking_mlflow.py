@@ -15,7 +15,7 @@ import uuid
 import pytest
 from published import find_run, mlflow_get
 
-from jobs.tracking import TAG_LOCATION, TAG_SPEC_HASH, MlflowClient, MlflowTracker
+from jobs.trainer.tracking import TAG_LOCATION, TAG_SPEC_HASH, MlflowClient, MlflowTracker
 
 pytestmark = pytest.mark.mlflow
 

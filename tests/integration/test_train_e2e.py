@@ -122,7 +122,7 @@ def test_job_trains_evaluates_merges_and_publishes_a_complete_version(
     latest = {m["key"]: m["value"] for m in run["data"]["metrics"]}
     assert latest["val_loss_after"] == pytest.approx(m["val_loss_after"]) and latest["tokens_per_s"] > 0
     # The TensorBoard event file of the version holds the same steps.
-    from jobs.tracking import read_tensorboard
+    from jobs.trainer.tracking import read_tensorboard
     tb = tmp_path / "tb"
     download_prefix(store, f"{run_prefix}/v1/tensorboard/", tb)
     scalars = read_tensorboard(tb)

@@ -1,5 +1,5 @@
 """What a step is, when validation runs, which adapter is published, and how divergence fails:
-the real job (``jobs.recipe.run`` / ``python -m jobs run``) on SmolLM2-135M on CPU (the first test: cut to
+the real job (``jobs.trainer.recipe.run`` / ``python -m jobs run``) on SmolLM2-135M on CPU (the first test: cut to
 4 layers), local folders as the store.
 
 The first test runs the spec's training defaults: nothing about batches, micro-batches,
@@ -23,7 +23,7 @@ DEMO = REPO / "examples" / "demo"
 
 
 def _run(spec: dict, tmp_path: Path) -> dict:
-    from jobs.recipe import run
+    from jobs.trainer.recipe import run
     from jobs.spec import parse_spec
 
     return run(parse_spec(spec), tmp_path / "work")
@@ -78,9 +78,9 @@ def test_early_stopping_publishes_the_best_adapter_not_the_last(tmp_path, small_
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from jobs.modelio import load_tokenizer
+    from jobs.trainer.modelio import load_tokenizer
     from jobs.storage import LocalStore
-    from jobs.train import encode_rows, evaluate_loss
+    from jobs.trainer.train import encode_rows, evaluate_loss
 
     tp, vp = _contradicting_data(tmp_path)
     spec = {"name": "early", "base_model": {"uri": str(small_model_dir)},
@@ -122,7 +122,7 @@ def test_a_diverging_loss_exits_14_with_a_sentence_and_publishes_nothing(tmp_pat
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from jobs.modelio import load_tokenizer
+    from jobs.trainer.modelio import load_tokenizer
 
     tok = load_tokenizer(str(small_model_dir))
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,

@@ -9,7 +9,7 @@ import pytest
 
 from jobs.errors import DataError
 from jobs.storage import S3Store
-from jobs.train import Checkpoints, TrainState
+from jobs.trainer.train import Checkpoints, TrainState
 from tests.unit.test_checkpoints_and_merge import _optimizer, _tiny_llama, _with_adapter
 
 pytestmark = pytest.mark.s3

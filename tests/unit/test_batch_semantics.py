@@ -11,8 +11,8 @@ pytestmark = pytest.mark.unit
 
 torch = pytest.importorskip("torch")
 
-from jobs import fastpath  # noqa: E402
-from jobs.train import Schedule, TokenBudget  # noqa: E402
+from jobs.trainer import fastpath  # noqa: E402
+from jobs.trainer.train import Schedule, TokenBudget  # noqa: E402
 
 
 def _examples(n, seed=0, lo=20, hi=900):

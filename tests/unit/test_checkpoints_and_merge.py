@@ -15,9 +15,9 @@ torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
 from jobs.errors import DataError, ExitCode, MergeMismatch  # noqa: E402
-from jobs.merge import check_merged_weights  # noqa: E402
+from jobs.trainer.merge import check_merged_weights  # noqa: E402
 from jobs.storage import LocalStore  # noqa: E402
-from jobs.train import Checkpoints, TrainState  # noqa: E402
+from jobs.trainer.train import Checkpoints, TrainState  # noqa: E402
 
 pytestmark = pytest.mark.unit
 
@@ -175,7 +175,7 @@ def test_checkpoints_kept_under_the_earlier_key_are_resumed_and_new_ones_go_unde
 
 def test_a_checkpoint_whose_steps_were_other_batches_is_refused_with_the_fix(tmp_path):
     from jobs.errors import SpecError
-    from jobs.train import _check_resumable
+    from jobs.trainer.train import _check_resumable
 
     ck = Checkpoints(LocalStore(str(tmp_path / "bucket")), "run/checkpoints/abc", tmp_path / "work")
     # written before the fields existed, or a step of the same size on another world size: resumes
@@ -224,7 +224,7 @@ def test_liger_patches_are_undone_before_the_merge_reloads_the_base_on_cpu(base_
     from transformers import AutoModelForCausalLM
     from transformers.models.llama import modeling_llama
 
-    from jobs import fastpath
+    from jobs.trainer import fastpath
 
     base_dir, _ = base_and_adapter
     plain_norm, plain_rope = modeling_llama.LlamaRMSNorm, modeling_llama.apply_rotary_pos_emb

@@ -1,11 +1,11 @@
-"""jobs.cpus: the CPU budget comes from the cgroup's quota (a pod's limits.cpu), in both cgroup versions."""
+"""jobs.trainer.cpus: the CPU budget comes from the cgroup's quota (a pod's limits.cpu), in both cgroup versions."""
 from __future__ import annotations
 
 import os
 
 import pytest
 
-from jobs import cpus
+from jobs.trainer import cpus
 
 pytestmark = pytest.mark.unit
 

@@ -35,7 +35,7 @@ DISTRIBUTION_OF = {"yaml": "pyyaml"}
 
 #: Packages that code may import without declaring them, and why.
 IMPORTED_UNDECLARED = {
-    # jobs/compile_cache.py reads triton.__version__ into the compile-cache key, under try: Triton is torch's
+    # jobs/trainer/compile_cache.py reads triton.__version__ into the compile-cache key, under try: Triton is torch's
     # own dependency (Linux x86_64 only) and moves with it; declaring it would pin what torch decides.
     "triton": "torch's compiler, read only for its version",
 }

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.evaluate import build_report, faithfulness, faithfulness_dropped, fact_found, reference_facts, render_html
+from jobs.trainer.evaluate import build_report, faithfulness, faithfulness_dropped, fact_found, reference_facts, render_html
 from jobs.spec import EvalPrompt, load_spec_text
 
 pytestmark = pytest.mark.unit

@@ -1,4 +1,4 @@
-"""CPU tests of the training hot path (jobs.fastpath) on a tiny random Llama."""
+"""CPU tests of the training hot path (jobs.trainer.fastpath) on a tiny random Llama."""
 from __future__ import annotations
 
 import random
@@ -11,7 +11,7 @@ peft = pytest.importorskip("peft")
 
 import torch.nn.functional as F  # noqa: E402
 
-from jobs import fastpath  # noqa: E402
+from jobs.trainer import fastpath  # noqa: E402
 from jobs.errors import OutOfMemory  # noqa: E402
 from jobs.spec import TrainingSpec  # noqa: E402
 

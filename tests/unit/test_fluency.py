@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from jobs.evaluate import answer_ids, build_report, fluency_flags, render_markdown, stop_token_ids
+from jobs.trainer.evaluate import answer_ids, build_report, fluency_flags, render_markdown, stop_token_ids
 from jobs.spec import EvalPrompt, load_spec_text
 
 pytestmark = pytest.mark.unit

@@ -11,8 +11,8 @@ import pytest
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 
-from jobs import compile_cache as cc  # noqa: E402
-from jobs import fastpath  # noqa: E402
+from jobs.trainer import compile_cache as cc  # noqa: E402
+from jobs.trainer import fastpath  # noqa: E402
 from jobs.errors import SpecError  # noqa: E402
 from jobs.spec import TrainingSpec, parse_spec  # noqa: E402
 from jobs.storage import LocalStore  # noqa: E402
@@ -147,7 +147,7 @@ def test_bare_yaml_on_and_off_mean_on_and_off():
 _TWO_SAVES = r'''
 import json, sys, torch
 from torch._dynamo.utils import counters
-from jobs.compile_cache import CompileCache
+from jobs.trainer.compile_cache import CompileCache
 from jobs.storage import LocalStore
 cache = CompileCache(LocalStore(sys.argv[1]), "runs/bot", "k", b"secret")
 warm = cache.restore()
@@ -226,7 +226,7 @@ def test_gpu_compiles_skip_inductors_cpu_isa_probe_unless_the_user_set_it():
     import subprocess
     from pathlib import Path
 
-    code = ("import time; from jobs import fastpath; fastpath.skip_cpu_isa_probe()\n"
+    code = ("import time; from jobs.trainer import fastpath; fastpath.skip_cpu_isa_probe()\n"
             "import os; from torch._inductor import config, cpu_vec_isa\n"
             "t = time.perf_counter(); isa = cpu_vec_isa.pick_vec_isa()\n"
             "print(os.environ['TORCHINDUCTOR_VEC_ISA_OK'], config.cpp.vec_isa_ok, bool(isa), time.perf_counter() - t)")
@@ -237,7 +237,7 @@ def test_gpu_compiles_skip_inductors_cpu_isa_probe_unless_the_user_set_it():
     flag, config_value, vectorised, seconds = out.stdout.split()[-4:]
     assert (flag, config_value, vectorised) == ("0", "False", "False")
     assert float(seconds) < 1.0
-    kept = subprocess.run([sys.executable, "-c", "from jobs import fastpath; import os; fastpath.skip_cpu_isa_probe(); "
+    kept = subprocess.run([sys.executable, "-c", "from jobs.trainer import fastpath; import os; fastpath.skip_cpu_isa_probe(); "
                            "print(os.environ['TORCHINDUCTOR_VEC_ISA_OK'])"],
                           env={**env, "TORCHINDUCTOR_VEC_ISA_OK": "1"}, capture_output=True, text=True, timeout=300)
     assert kept.returncode == 0 and kept.stdout.split()[-1] == "1", kept.stderr[-2000:]

@@ -7,7 +7,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from jobs import fastpath  # noqa: E402
+from jobs.trainer import fastpath  # noqa: E402
 from jobs.errors import OutOfMemory, SpecError  # noqa: E402
 from jobs.spec import TrainingSpec, parse_spec  # noqa: E402
 
@@ -69,7 +69,7 @@ def test_on_shards_whenever_there_is_more_than_one_process_and_off_never():
 
 
 def test_on_with_one_process_is_a_note_and_a_warning_not_an_error(caplog):
-    with caplog.at_level("WARNING", logger="jobs.fastpath"):
+    with caplog.at_level("WARNING", logger="jobs.trainer.fastpath"):
         p = _plan("8b", 1, device="cpu", fsdp="on")
     assert p.fsdp is False and any("no effect with one training process" in n for n in p.notes)
     assert "no effect with one training process" in caplog.text

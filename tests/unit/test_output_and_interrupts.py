@@ -12,7 +12,7 @@ import yaml
 from jobs.errors import ExitCode, StorageError
 from jobs.progress import describe
 from jobs.publish import existing_versions, publish_version, verify_version
-from jobs.recipe import check_output_writable
+from jobs.trainer.recipe import check_output_writable
 from jobs.storage import LocalStore, open_store
 
 pytestmark = pytest.mark.unit

@@ -186,7 +186,7 @@ def test_validate_prints_the_serving_warning(tmp_path):
 
 
 def test_the_eval_report_has_a_serving_section():
-    from jobs.evaluate import _serving_lines
+    from jobs.trainer.evaluate import _serving_lines
 
     lines = _serving_lines(serving.check(_config(r=32, use_dora=True)).to_dict())
     assert lines[0] == "## Serving (vLLM)" and "merged model only" in lines[2]
@@ -215,7 +215,7 @@ def test_the_published_adapter_folder_holds_the_two_files_and_names_the_base_by_
     from peft import PeftModel
     from transformers import LlamaForCausalLM
 
-    from jobs.recipe import _serving_ready
+    from jobs.trainer.recipe import _serving_ready
 
     cfg, model = _tiny_peft(r=16, lora_alpha=16, target_modules="all-linear")
     d = tmp_path / "adapter"

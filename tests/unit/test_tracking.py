@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from jobs.spec import SpecError, load_spec_text, parse_spec
-from jobs.tracking import (PARAM_VALUE_LIMIT, MlflowClient, MlflowTracker, flatten_params, open_tracker,
+from jobs.trainer.tracking import (PARAM_VALUE_LIMIT, MlflowClient, MlflowTracker, flatten_params, open_tracker,
                            read_tensorboard)
 
 pytestmark = pytest.mark.unit
@@ -86,7 +86,7 @@ def test_a_dead_tracker_is_warned_once_retried_then_skipped_and_never_blocks_the
 
 
 def test_tensorboard_event_files_hold_every_step_scalar(tmp_path):
-    from jobs.tracking import write_tensorboard
+    from jobs.trainer.tracking import write_tensorboard
 
     history = [{"step": s, "loss": 2.0 / s, "lr": 1e-4 * s, "tokens": 100, "examples": 4} for s in range(1, 6)]
     evals = [{"step": 0, "val_loss": 2.5}, {"step": 2, "val_loss": 1.5}, {"step": 5, "val_loss": 1.2}]
@@ -102,7 +102,7 @@ def test_without_tensorboardx_the_event_files_are_skipped_with_one_warning_not_a
                                                                                          caplog):
     import sys
 
-    from jobs.tracking import write_tensorboard
+    from jobs.trainer.tracking import write_tensorboard
 
     monkeypatch.setitem(sys.modules, "tensorboardX", None)  # `import tensorboardX` now raises ImportError
     history = [{"step": 1, "loss": 2.0, "lr": 1e-4}]
@@ -116,7 +116,7 @@ def test_without_tensorboardx_the_event_files_are_skipped_with_one_warning_not_a
 def test_a_failing_event_writer_leaves_no_folder_and_does_not_raise(tmp_path, monkeypatch, caplog):
     import tensorboardX
 
-    from jobs.tracking import write_tensorboard
+    from jobs.trainer.tracking import write_tensorboard
 
     class Broken:
         def __init__(self, logdir, **kw):

@@ -77,7 +77,7 @@ def threads_per_process(processes: int = 1, budget: float | None = None) -> int:
 
 def size_torch_threads() -> int:
     """Set torch's intra-op threads to this process's CPU budget, unless OMP_NUM_THREADS says (torchrun's
-    workers get their share of it that way, from jobs.distributed.relaunch)."""
+    workers get their share of it that way, from jobs.trainer.distributed.relaunch)."""
     import torch
 
     if os.environ.get("OMP_NUM_THREADS"):

@@ -6,36 +6,12 @@ without a model hub.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from pathlib import Path
 
 from jobs.errors import DataError
 
 log = logging.getLogger("jobs")
-
-MODEL_FILE_SUFFIXES = (".safetensors", ".json", ".model", ".txt", ".jinja", ".tiktoken")
-
-
-def hash_dir(path: str | Path, suffixes: tuple[str, ...] = MODEL_FILE_SUFFIXES) -> str:
-    """sha256 over (relative name, content) of the model files in a folder, in name order."""
-    root = Path(path)
-    h = hashlib.sha256()
-    for p in sorted(q for q in root.rglob("*") if q.is_file() and q.name.endswith(suffixes)):
-        h.update(str(p.relative_to(root)).encode() + b"\0")
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
 
 def torch_dtype(name: str):
     import torch
@@ -112,7 +88,7 @@ def load_model(model_dir: str, *, precision: str, quantization: str = "none", de
 def build_on_meta(config, *, precision: str):
     """The causal LM of ``config`` with every parameter on the meta device (no memory, no values) and its
     buffers real (the rotary frequencies are computed from the config): what a rank of an FSDP2 run shards
-    before its shards of the weights arrive (jobs.distributed.load_sharded). Tied embeddings stay tied."""
+    before its shards of the weights arrive (jobs.trainer.distributed.load_sharded). Tied embeddings stay tied."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 

@@ -156,7 +156,7 @@ def shard_model(world: World, model) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-    from jobs import fastpath
+    from jobs.trainer import fastpath
 
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     mesh = init_device_mesh(device_type, (world.size,))
@@ -183,7 +183,7 @@ def load_sharded(world: World, model_dir: str, config, *, precision: str, device
 
     Rank 0 loads the base into host memory and wraps it with LoRA (``wrap``, after ``seed``: the adapter
     an unsharded run starts from). Every rank builds the same model on the meta device
-    (:func:`jobs.modelio.build_on_meta`), wraps and prepares it (``prepare``), shards it
+    (:func:`jobs.trainer.modelio.build_on_meta`), wraps and prepares it (``prepare``), shards it
     (:func:`shard_model`) and allocates only its shards (``to_empty``); then rank 0 broadcasts each
     tensor, one at a time, and every rank keeps its rows. A GPU so holds its shards plus one whole tensor
     (the largest, the embedding), whatever the size of the base; before this change each rank loaded
@@ -199,9 +199,9 @@ def load_sharded(world: World, model_dir: str, config, *, precision: str, device
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
-    from jobs import fastpath
+    from jobs.trainer import fastpath
     from jobs.errors import DataError
-    from jobs.modelio import build_on_meta, load_model
+    from jobs.trainer.modelio import build_on_meta, load_model
 
     started = time.perf_counter()
     model = prepare(wrap(build_on_meta(config, precision=precision)))
@@ -270,7 +270,7 @@ def local_parameter_counts(model) -> tuple[int, int]:
 
 
 def is_sharded(model) -> bool:
-    from jobs import fastpath
+    from jobs.trainer import fastpath
 
     return hasattr(fastpath._unwrap(model), fastpath.FSDP_LOSS_METHOD)
 
@@ -374,7 +374,7 @@ def relaunch(gpus: int, argv: list[str], *, nodes: int = 1) -> int:
     """Run ``python -m jobs <argv>`` under torchrun with one process per GPU (``gpus`` per node; 1 on a CPU
     node) and return the job's exit code. With ``nodes > 1`` torchrun takes the rendezvous from the
     ``PET_*`` variables the launcher put on each pod (node rank, pod 0's address and port)."""
-    from jobs.cpus import cpu_budget, threads_per_process
+    from jobs.trainer.cpus import cpu_budget, threads_per_process
     from jobs.errors import ExitCode
 
     if nodes > 1:

@@ -1,6 +1,6 @@
 """The training hot path: padding-free packing, per-example attention, chunked loss, and the plan.
 
-``jobs.train`` owns the loop (optimizer, schedule, accumulation, checkpoints); this module owns
+``jobs.trainer.train`` owns the loop (optimizer, schedule, accumulation, checkpoints); this module owns
 what happens to the tokens inside one micro-batch and how the GPU is used:
 
 * :func:`pack_rows` packs examples into padding-free micro-batches of at most ``max_tokens``
@@ -442,7 +442,7 @@ def lm_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
     return base_lm_loss(base, batch)
 
 
-#: the method of an FSDP2-sharded base that runs :func:`base_lm_loss` as its root forward (jobs.distributed)
+#: the method of an FSDP2-sharded base that runs :func:`base_lm_loss` as its root forward (jobs.trainer.distributed)
 FSDP_LOSS_METHOD = "lora_jobs_lm_loss"
 
 
@@ -576,7 +576,7 @@ class Plan:
     lean_lora: bool = True           # LoRA in the activation dtype (see install_lean_lora)
     memory_budget_bytes: int | None = None  # GPU memory the plan fits into (None on CPU)
     fp8: bool = False                # FP8 GEMMs for the frozen base projections (see apply_fp8)
-    fsdp: bool = False               # FSDP2: the base sharded over every rank (jobs.distributed.shard_model)
+    fsdp: bool = False               # FSDP2: the base sharded over every rank (jobs.trainer.distributed.shard_model)
 
 
 def _cfg(model_config, name, default=None):

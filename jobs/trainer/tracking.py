@@ -143,7 +143,7 @@ class MlflowTracker:
         self._put(("start", params, tags))
 
     def on_progress(self, **fields) -> None:
-        """Shaped like ``jobs.train.train``'s ``on_progress``: a logged step, or a validation."""
+        """Shaped like ``jobs.trainer.train.train``'s ``on_progress``: a logged step, or a validation."""
         now = int(time.time() * 1000)
         if "loss" in fields and "step" in fields:
             self._step = int(fields["step"])

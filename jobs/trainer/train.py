@@ -1,7 +1,7 @@
 """Training: tokenise with the chat template, then a plain PyTorch loop over a PEFT model.
 
 Our own loop rather than TRL's SFTTrainer so the hot path (packing, attention,
-chunked loss — ``jobs.fastpath``) is ours to make fast, and so checkpoints,
+chunked loss — ``jobs.trainer.fastpath``) is ours to make fast, and so checkpoints,
 resume and preemption are exact: a resumed run continues with the same batches
 at the same optimizer step, none lost beyond the checkpoint interval, none
 counted twice.
@@ -285,14 +285,14 @@ def evaluate_loss(model, examples: list[dict], budget: TokenBudget | int, device
     rank gets the same number (early stopping decides the same everywhere)."""
     import torch
 
-    from jobs import fastpath
+    from jobs.trainer import fastpath
 
     if not examples:
         return None
     if not isinstance(budget, TokenBudget):
         budget = TokenBudget(budget, max(len(e["input_ids"]) for e in examples))
     mine = examples if world is None or world.size == 1 else examples[world.rank::world.size]
-    from jobs.distributed import all_gather_floats, is_sharded
+    from jobs.trainer.distributed import all_gather_floats, is_sharded
 
     sharded = world is not None and world.size > 1 and is_sharded(model)
     was_training = model.training
@@ -339,7 +339,7 @@ def evaluate_loss(model, examples: list[dict], budget: TokenBudget | int, device
 def _filler(examples: list[dict], tokens: int) -> dict:
     """A micro-batch whose loss counts for nothing: what a sharded rank runs when it has fewer micro-batches
     than another (every forward and backward of FSDP2 is a collective over all ranks)."""
-    from jobs import fastpath
+    from jobs.trainer import fastpath
 
     return fastpath.pack_rows(examples[:1], tokens, seed=0, shuffle=False)[0]
 
@@ -348,7 +348,7 @@ def _adapter_snapshot(model) -> dict:
     """The whole adapter on the CPU; with FSDP2 every rank gathers its shards (a collective)."""
     from peft import get_peft_model_state_dict
 
-    from jobs.distributed import full_tensor
+    from jobs.trainer.distributed import full_tensor
 
     return {k: full_tensor(v).detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items()}
 
@@ -375,7 +375,7 @@ def train(model, spec: TrainingRunSpec, train_ex: list[dict], val_ex: list[dict]
           on_progress: Callable[..., None] | None = None, compile_cache=None) -> TrainResult:
     """Train ``model`` (already PEFT-wrapped) in place. ``checkpoints`` saves and restores state.
     ``on_progress(**fields)`` sees every recorded step and validation (jobs.progress.ProgressWriter.update).
-    ``compile_cache`` (a :class:`jobs.compile_cache.CompileCache`) is saved once the first step has
+    ``compile_cache`` (a :class:`jobs.trainer.compile_cache.CompileCache`) is saved once the first step has
     compiled, so a retry that comes before the end of training starts warm too.
 
     When it returns, the model holds the adapter with the best validation loss seen (the last one
@@ -385,9 +385,9 @@ def train(model, spec: TrainingRunSpec, train_ex: list[dict], val_ex: list[dict]
     from peft import set_peft_model_state_dict
     from transformers import get_scheduler
 
-    from jobs import fastpath
+    from jobs.trainer import fastpath
 
-    from jobs.distributed import World, full_optimizer_state, is_sharded
+    from jobs.trainer.distributed import World, full_optimizer_state, is_sharded
 
     world = world or World()
     world_size = world.size
@@ -629,8 +629,8 @@ def _sharded_step(model, sched: Schedule, k: int, budget: TokenBudget, device, w
     rank cannot retry alone while the others wait in its collectives."""
     import torch
 
-    from jobs import fastpath
-    from jobs.distributed import all_gather_floats
+    from jobs.trainer import fastpath
+    from jobs.trainer.distributed import all_gather_floats
 
     mbs = sched.micro_batches(k, budget.tokens, fastpath.pack_step)
     n_local = sum(_target_tokens(mb) for mb in mbs)
@@ -644,7 +644,7 @@ def _sharded_step(model, sched: Schedule, k: int, budget: TokenBudget, device, w
     (log.info if k == 0 else log.debug)("FSDP2 step %d: %d micro-batches on rank %d and %d filler (the busiest "
                                         "rank has %d)", k + 1, counted, world.rank, most - counted, most)
     step_loss = torch.zeros((), dtype=torch.float32, device=device)
-    root = fastpath._unwrap(model)  # the FSDP2 root (jobs.distributed.shard_model)
+    root = fastpath._unwrap(model)  # the FSDP2 root (jobs.trainer.distributed.shard_model)
     try:
         for i, mb in enumerate(runs):
             root.set_requires_gradient_sync(i == len(runs) - 1)
@@ -844,7 +844,7 @@ class Checkpoints:
             raise DataError(f"checkpoint {where} has no adapter.safetensors (written by an older version, or "
                             "tampered with); checkpoints are only read as safetensors and JSON",
                             hint="delete that checkpoint folder to start the run afresh")
-        from jobs.distributed import is_sharded, shard_like, shard_optimizer_state
+        from jobs.trainer.distributed import is_sharded, shard_like, shard_optimizer_state
 
         sharded = is_sharded(model)
         try:

@@ -135,7 +135,7 @@ def _merge_device(base_dir: str, device, memory_budget_bytes: int | None):
     import torch
     from transformers import AutoConfig
 
-    from jobs.fastpath import estimate_param_count
+    from jobs.trainer.fastpath import estimate_param_count
 
     if device.type != "cuda":
         return device
@@ -158,7 +158,7 @@ def merge_and_check(base_dir: str, adapter_dir: Path, out_dir: Path, *, dtype: s
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from jobs.modelio import torch_dtype
+    from jobs.trainer.modelio import torch_dtype
 
     t0 = time.perf_counter()
     dev = _merge_device(base_dir, device, memory_budget_bytes)

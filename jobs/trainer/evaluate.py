@@ -88,7 +88,7 @@ def prompt_text(tok, p: EvalPrompt) -> str:
     """What the model is asked, rendered as training renders it: the prompt as one user turn, or a
     held-out conversation's turns before its last answer (chat template, else the plain layout),
     ending where the answer starts."""
-    from jobs.train import conversation_segments, prompt_text_for
+    from jobs.trainer.train import conversation_segments, prompt_text_for
 
     context = getattr(p, "context", ())
     if not context:

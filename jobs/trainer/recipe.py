@@ -1,7 +1,7 @@
 """The job as one linear recipe: fetch → prepare → train → evaluate → merge → publish.
 
 Each stage is a function with plain inputs and outputs, so a test can run one alone.
-``run`` strings them together; ``jobs.__main__`` maps what it raises onto exit codes.
+``run`` strings them together; ``jobs.trainer.main`` maps what it raises onto exit codes.
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ class Stage:
     started: float | None = None
     timings: dict[str, dict] = {}
     progress = None  # jobs.progress.ProgressWriter of rank 0 (None elsewhere, and in tests that call _stage)
-    tracker = None  # jobs.tracking.MlflowTracker when the spec asks for tracking (rank 0 only)
+    tracker = None  # jobs.trainer.tracking.MlflowTracker when the spec asks for tracking (rank 0 only)
 
 
 def _peak_gib() -> float | None:
@@ -49,7 +49,7 @@ def _cost_facts(device, world, config) -> dict:
     """What the run's cost is computed from (jobs/cost.py), known once the base's config is read: the card,
     the run's GPUs and the base's parameter count; written to the progress object at once."""
     from jobs.cost import card_of
-    from jobs.fastpath import estimate_param_count
+    from jobs.trainer.fastpath import estimate_param_count
 
     name = None
     if device.type == "cuda":
@@ -138,7 +138,7 @@ def _check_space(folder: Path, need: int, what: str) -> None:
 
 
 def fetch(spec: TrainingRunSpec, workdir: Path) -> Fetched:
-    from jobs.modelio import hash_dir
+    from jobs.digest import hash_dir
 
     uri = spec.base_model.uri
     if uri.startswith("hf:"):
@@ -267,8 +267,8 @@ def run(spec: TrainingRunSpec, workdir: Path, *, run_id: str | None = None, imag
     """Run every stage; return the summary that is also written as metadata.json (None on ranks > 0)."""
     import transformers
 
-    from jobs import distributed
-    from jobs.cpus import size_torch_threads
+    from jobs.trainer import distributed
+    from jobs.trainer.cpus import size_torch_threads
 
     workdir.mkdir(parents=True, exist_ok=True)
     transformers.utils.logging.set_verbosity_error()  # our log says what happens; no tqdm bars in pod logs
@@ -312,7 +312,7 @@ def run(spec: TrainingRunSpec, workdir: Path, *, run_id: str | None = None, imag
         Stage.progress.close("succeeded", stage="publish", version=metadata["version"],
                              location=metadata["location"], cost=metadata.get("cost"))
         if Stage.tracker is not None:
-            from jobs.tracking import TAG_LOCATION
+            from jobs.trainer.tracking import TAG_LOCATION
 
             page = workdir / "publish"
             Stage.tracker.finish("FINISHED", metrics=metadata["metrics"], tags={TAG_LOCATION: metadata["location"]},
@@ -344,8 +344,8 @@ def _compile_cache(spec: TrainingRunSpec, model, plan, store, run_prefix: str, w
     """The run's compile cache (restored now, before anything compiles), or None when nothing compiles."""
     if not plan.compile:
         return None
-    from jobs import fastpath
-    from jobs.compile_cache import CompileCache, cache_key, signing_key
+    from jobs.trainer import fastpath
+    from jobs.trainer.compile_cache import CompileCache, cache_key, signing_key
 
     config = {k: v for k, v in model.config.to_dict().items()
               if not k.startswith("_") and k not in ("transformers_version", "name_or_path")}
@@ -361,7 +361,7 @@ def _compile_cache(spec: TrainingRunSpec, model, plan, store, run_prefix: str, w
 
 def _start_tracker(spec: TrainingRunSpec, run_id: str | None, world):
     """The MLflow run of this training run, when the spec asks for one: params and tags sent (off this thread)."""
-    from jobs.tracking import TAG_RUN_ID, TAG_SPEC_HASH, flatten_params, open_tracker
+    from jobs.trainer.tracking import TAG_RUN_ID, TAG_SPEC_HASH, flatten_params, open_tracker
 
     tracker = open_tracker(spec, run_name=run_id or spec.name, enabled=world.main)
     if tracker is not None:
@@ -373,14 +373,14 @@ def _start_tracker(spec: TrainingRunSpec, run_id: str | None, world):
 def _run(spec: TrainingRunSpec, workdir: Path, world, *, run_id, image, stop, started, out_store, run_prefix):
     import torch
 
-    from jobs import distributed
-    from jobs import evaluate as ev
-    from jobs import fastpath
-    from jobs.merge import merge_and_check, merge_dtype
-    from jobs.modelio import load_config, load_model, load_tokenizer, model_context_length, resolve_precision
+    from jobs.trainer import distributed
+    from jobs.trainer import evaluate as ev
+    from jobs.trainer import fastpath
+    from jobs.trainer.merge import merge_and_check, merge_dtype
+    from jobs.trainer.modelio import load_config, load_model, load_tokenizer, model_context_length, resolve_precision
     from jobs.publish import publish_version
-    from jobs.tracking import TENSORBOARD_DIR, write_tensorboard
-    from jobs.train import Checkpoints, encode_rows, evaluate_loss, free_memory, train, wrap_lora
+    from jobs.trainer.tracking import TENSORBOARD_DIR, write_tensorboard
+    from jobs.trainer.train import Checkpoints, encode_rows, evaluate_loss, free_memory, train, wrap_lora
 
     device = torch.device(f"cuda:{world.local_rank}" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
