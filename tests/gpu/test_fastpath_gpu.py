@@ -16,6 +16,7 @@ if not torch.cuda.is_available():
 import torch.nn.functional as F  # noqa: E402
 
 from jobs.trainer import fastpath  # noqa: E402
+from jobs.trainer.fastpath.attention import _sdpa_per_example  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -40,7 +41,7 @@ def test_varlen_attention_matches_per_example_sdpa(hkv):
     g = torch.randn_like(out)
     grads = torch.autograd.grad((out * g).sum(), (q, k, v))
     qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
-    ref = fastpath._sdpa_per_example(qr, kr, vr, cu.tolist(), 128 ** -0.5).transpose(1, 2)
+    ref = _sdpa_per_example(qr, kr, vr, cu.tolist(), 128 ** -0.5).transpose(1, 2)
     rgrads = torch.autograd.grad((ref * g.double()).sum(), (qr, kr, vr))
     assert out.shape == (1, T, 8, 128)
     assert rel(out, ref) < 1e-2

@@ -12,6 +12,8 @@ peft = pytest.importorskip("peft")
 import torch.nn.functional as F  # noqa: E402
 
 from jobs.trainer import fastpath  # noqa: E402
+from jobs.trainer.fastpath import planning  # noqa: E402
+from jobs.trainer.fastpath.compiling import bnb_4bit_compiles  # noqa: E402
 from jobs.errors import OutOfMemory  # noqa: E402
 from jobs.spec import TrainingSpec  # noqa: E402
 
@@ -85,7 +87,7 @@ def test_pack_rows_missing_labels_means_all_tokens():
     assert mbs[0]["labels"] == [4, 5, 6]
 
 
-def test_to_device_shifts_inside_examples_and_pads():
+def test_to_device_shifts_inside_examples():
     mb = {"input_ids": [10, 11, 12, 20, 21], "labels": [-100, 11, 12, 20, 21],
           "position_ids": [0, 1, 2, 0, 1], "seq_lens": [3, 2]}
     b = fastpath.to_device(mb, "cpu")
@@ -93,11 +95,6 @@ def test_to_device_shifts_inside_examples_and_pads():
     assert b["cu_seq_lens"].tolist() == [0, 3, 5]
     assert b["max_length"] == 3 and b["num_targets"] == 3 and b["num_tokens"] == 5
     assert b["input_ids"].shape == (1, 5)
-    p = fastpath.to_device(mb, "cpu", pad_to_multiple=8)
-    assert p["input_ids"].shape == (1, 8)
-    assert p["cu_seq_lens"].tolist() == [0, 3, 5, 8]
-    assert p["targets"][0, 5:].tolist() == [-100] * 3
-    assert p["num_targets"] == 3
 
 
 # ----------------------------------------------------------------------------- loss
@@ -179,6 +176,7 @@ def test_packed_loss_over_several_micro_batches_and_plain_model():
 
 def test_unpacked_forward_still_uses_the_mask():
     """Generation/evaluation (no cu_seq_lens) with a padded batch behaves like sdpa."""
+    fastpath.register_attention()
     a = _tiny("sdpa", seed=2)
     b = _tiny(fastpath.ATTN_IMPL, seed=2)
     ids = torch.randint(3, 128, (2, 9))
@@ -189,6 +187,52 @@ def test_unpacked_forward_still_uses_the_mask():
         lb = b(input_ids=ids, attention_mask=mask).logits
     assert torch.allclose(la[0], lb[0], atol=1e-5)
     assert torch.allclose(la[1, 4:], lb[1, 4:], atol=1e-5)
+
+
+_REGISTRIES = """
+import importlib, pkgutil, os
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+def registries():
+    return dict(AttentionInterface._global_mapping), dict(AttentionMaskInterface._global_mapping)
+
+before, env = registries(), dict(os.environ)
+import jobs.trainer.fastpath as fastpath
+for m in pkgutil.iter_modules(fastpath.__path__):
+    importlib.import_module("jobs.trainer.fastpath." + m.name)
+print("import", registries() == before and dict(os.environ) == env)
+"""
+
+
+def _run_python(code: str) -> list[str]:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.split()
+
+
+def test_importing_fastpath_registers_nothing_and_prepare_model_registers_the_attention_once():
+    """Importing any fastpath module leaves transformers' attention and mask registries (and the
+    environment) as they were; prepare_model registers ATTN_IMPL, and registering again changes nothing."""
+    code = _REGISTRIES + """
+from transformers import LlamaConfig, LlamaForCausalLM
+model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=1))
+fastpath.prepare_model(model, fastpath.Plan(fastpath.ATTN_IMPL, model.dtype, False, 64, False))
+after = registries()
+print("registered", after[0][fastpath.ATTN_IMPL] is fastpath.varlen_attention_forward
+      and set(after[0]) - set(before[0]) == set(after[1]) - set(before[1]) == {fastpath.ATTN_IMPL}
+      and model.config._attn_implementation == fastpath.ATTN_IMPL)
+fastpath.register_attention()
+print("idempotent", registries() == after)
+"""
+    assert _run_python(code)[-6:] == ["import", "True", "registered", "True", "idempotent", "True"]
 
 
 def test_training_steps_reduce_loss_with_dropout():
@@ -247,11 +291,11 @@ def test_plan_gpu_memory_decides_checkpointing():
 def test_plan_compiles_4bit_qlora_and_training_compile_off_turns_compile_off(monkeypatch):
     """bitsandbytes' 4-bit Linear traces into one graph (>= 0.46), so QLoRA compiles like 16-bit LoRA;
     8-bit does not; ``training.compile: off`` falls back to Liger's kernels with a note saying why."""
-    monkeypatch.setattr(fastpath, "varlen_available", lambda device: True)  # the plan as on an H200
+    monkeypatch.setattr(planning, "varlen_available", lambda device: True)  # the plan as on an H200
     spec = TrainingSpec(max_seq_length=2048)
     cuda = torch.device("cuda")
     q = fastpath.plan(_llama8b(), spec, cuda, free_memory_bytes=139 * 2**30, quantization="4bit")
-    assert fastpath.bnb_4bit_compiles() is True  # the pinned bitsandbytes
+    assert bnb_4bit_compiles() is True  # the pinned bitsandbytes
     assert q.compile is True and q.liger_kernels is False
     assert any("4-bit dequantization" in n for n in q.notes), q.notes
     with pytest.raises(OutOfMemory) as err:  # 8-bit 8B weights alone (~8.8 GiB) + state + headroom > 12 GiB

@@ -13,6 +13,7 @@ peft = pytest.importorskip("peft")
 
 from jobs.trainer import compile_cache as cc  # noqa: E402
 from jobs.trainer import fastpath  # noqa: E402
+from jobs.trainer.fastpath import fp8 as fastpath_fp8  # noqa: E402
 from jobs.errors import SpecError  # noqa: E402
 from jobs.spec import TrainingSpec, parse_spec  # noqa: E402
 from jobs.storage import LocalStore  # noqa: E402
@@ -85,7 +86,7 @@ def test_apply_fp8_swaps_only_the_frozen_base_projections_and_remove_puts_them_b
     monkeypatch.setitem(sys.modules, "torchao", types.ModuleType("torchao"))
     monkeypatch.setitem(sys.modules, "torchao.float8", float8)
     frozen = type("FrozenFakeFloat8Linear", (FakeFloat8Linear,), {})
-    monkeypatch.setattr(fastpath, "_frozen_float8_linear", lambda: frozen)
+    monkeypatch.setattr(fastpath_fp8, "_frozen_float8_linear", lambda: frozen)
 
     before = {n: type(m) for n, m in model.named_modules()}
     assert fastpath.apply_fp8(model) == 2 * 7  # q k v o gate up down in each of 2 layers

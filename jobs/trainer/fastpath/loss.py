@@ -1,0 +1,136 @@
+"""The loss of a packed row: the decoder once over it, then a chunked cross-entropy over the lm_head.
+
+Only target positions go through the lm_head, and the ``[T, vocab]`` logits are never materialised in
+full: :func:`chunked_linear_ce` computes the loss and its gradient one chunk of tokens at a time.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .attention import ensure_attention, packed_context
+from .packing import IGNORE_INDEX
+from .parts import _decoder, _unwrap
+
+#: tokens per chunk of the cross-entropy (the plan keeps one chunk of fp32 logits free)
+CE_CHUNK = 2048
+#: the method of an FSDP2-sharded base that runs :func:`base_lm_loss` as its root forward
+#: (jobs.trainer.distributed)
+FSDP_LOSS_METHOD = "lora_jobs_lm_loss"
+
+
+class _ChunkedLinearCE(torch.autograd.Function):
+    """sum_t CE(h_t @ W^T, y_t), chunked over tokens; the gradient is computed in the forward.
+
+    Memory: one chunk of logits (fp32) at a time plus grad_h ``[N, H]``, never ``[N, vocab]``.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk: int, softcap: float | None):
+        n = h.shape[0]
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        grad_w = (torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32),
+                              device=weight.device)
+                  if ctx.needs_input_grad[1] else None)
+        ctx.w_dtype = weight.dtype
+        total = torch.zeros((), dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
+        for s in range(0, n, chunk):
+            hc = h[s:s + chunk]
+            yc = targets[s:s + chunk]
+            logits = hc @ weight.t()
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            if softcap:
+                capped = torch.tanh(logits / softcap)
+                logits = capped * softcap
+            lse = torch.logsumexp(logits, dim=-1)
+            valid = yc != IGNORE_INDEX
+            ysafe = torch.where(valid, yc, 0)
+            picked = logits.gather(1, ysafe.unsqueeze(1)).squeeze(1)
+            total += ((lse - picked) * valid).sum()
+            if grad_h is None and grad_w is None:
+                continue
+            # d/dlogits = softmax - onehot, zero on ignored rows
+            g = logits.sub_(lse.unsqueeze(1)).exp_()
+            g.scatter_add_(1, ysafe.unsqueeze(1), -torch.ones_like(lse).unsqueeze(1))
+            g.mul_(valid.unsqueeze(1))
+            if softcap:
+                g.mul_(1 - capped * capped)
+            g = g.to(h.dtype)
+            if grad_h is not None:
+                grad_h[s:s + chunk] = g @ weight
+            if grad_w is not None:
+                grad_w += g.t() @ hc
+            del g, logits
+        ctx.save_for_backward(grad_h if grad_h is not None else torch.empty(0),
+                              grad_w if grad_w is not None else torch.empty(0))
+        ctx.has = (grad_h is not None, grad_w is not None)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        gh, gw = ctx.saved_tensors
+        has_h, has_w = ctx.has
+        dh = gh * grad_out.to(gh.dtype) if has_h else None
+        dw = (gw * grad_out).to(ctx.w_dtype) if has_w else None
+        return dh, dw, None, None, None
+
+
+def chunked_linear_ce(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                      chunk: int = 4096, softcap: float | None = None) -> torch.Tensor:
+    """Summed cross-entropy of ``h @ weight.T`` against ``targets`` (-100 ignored), fp32 result."""
+    return _ChunkedLinearCE.apply(h, weight, targets, chunk, softcap)
+
+
+def lm_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
+    """Summed next-token loss over the target tokens of a packed row, and their number.
+
+    ``model`` is a causal LM, PEFT-wrapped or not; ``batch`` comes from :func:`jobs.trainer.fastpath.to_device`.
+    Divide the sum by the total target count of the optimizer step (over accumulation and ranks) to get
+    the mean token loss. The decoder runs once over the packed row with per-example attention;
+    only target positions go through the lm_head, in chunks.
+    """
+    base = _unwrap(model)
+    sharded = getattr(base, FSDP_LOSS_METHOD, None)
+    if sharded is not None:  # FSDP2: the loss is the root's forward (its params gathered for it)
+        return sharded(batch)
+    return base_lm_loss(base, batch)
+
+
+def base_lm_loss(base, batch: dict) -> tuple[torch.Tensor, int]:
+    """:func:`lm_loss` on the unwrapped causal LM."""
+    ensure_attention(base)
+    dec = _decoder(base)
+    head = base.get_output_embeddings()
+    cu = batch["cu_seq_lens"]
+    max_len = batch["max_length"]
+    with packed_context():
+        out = dec(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                  cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max_len, max_length_k=max_len)
+    hidden = out[0] if not hasattr(out, "last_hidden_state") else out.last_hidden_state
+    hidden = hidden[0]  # [T, H]
+    targets = batch["targets"][0]
+    n = batch["num_targets"]
+    if n == 0:
+        return hidden.sum() * 0.0, 0
+    # only positions with a target go through the head (prompt tokens cost no lm_head work)
+    if n < targets.numel():
+        idx = batch["target_positions"]
+        hidden = hidden.index_select(0, idx)
+        targets = targets.index_select(0, idx)
+    softcap = getattr(base.config, "final_logit_softcapping", None)
+    if isinstance(head, torch.nn.Linear) and head.bias is None and type(head) is torch.nn.Linear:
+        return chunked_linear_ce(hidden, head.weight, targets, chunk=CE_CHUNK, softcap=softcap), n
+    # any other head (bias, LoRA on lm_head, quantised): recompute each chunk in the backward
+    from torch.utils.checkpoint import checkpoint
+
+    def chunk_loss(hc, yc):
+        logits = head(hc).float()
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        return F.cross_entropy(logits, yc, ignore_index=IGNORE_INDEX, reduction="sum")
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for s in range(0, hidden.shape[0], CE_CHUNK):
+        total = total + checkpoint(chunk_loss, hidden[s:s + CE_CHUNK], targets[s:s + CE_CHUNK],
+                                   use_reentrant=False)
+    return total, n
