@@ -5,8 +5,13 @@ What is proved here:
 * the chart renders with default and with full values, and the API server accepts every
   object (server-side dry-run) in a namespace that enforces Pod Security `restricted`,
   including a Pod made from each workload's template (PSA only warns on workloads);
-* the one-off training Job equals what launcher/render.py renders from the same spec
-  and settings (the chart's own ConfigMap is the settings);
+* the chart renders no training object: `runs` become spec files (read back, each is the
+  same spec, same hash) and a post-install/post-upgrade hook Job that runs `launcher submit`
+  on each in the launcher image, as its own ServiceAccount;
+* that account's Role, installed on the real API server, allows exactly what `launcher
+  submit` calls (SubjectAccessReview), and the launcher, authenticated as it, submits a
+  spec file the chart made and resubmits nothing (tests/integration/test_chart_real_node.py
+  runs the hook itself, in the launcher image, on the real node);
 * after `helm install`, the launcher — running as the chart's launcher ServiceAccount,
   so with exactly the Role's permissions — submits with the chart's defaults and the Job
   completes on the fake GPU node; verbs the Role does not grant are refused;
@@ -98,8 +103,6 @@ def example_spec() -> dict[str, Any]:
 
 def full_values(spec: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every optional part on."""
-    from jobs.spec import TrainingRunSpec
-
     spec = spec or example_spec()
     return {
         "commonLabels": {"team": "ml-platform"},
@@ -117,7 +120,7 @@ def full_values(spec: dict[str, Any] | None = None) -> dict[str, Any]:
         "minio": {"enabled": True, "extraBuckets": ["models", "datasets", "runs"]},
         "priorityClass": {"create": True, "name": f"lora-jobs-test-{uuid.uuid4().hex[:6]}"},
         "resourceQuota": {"enabled": True},
-        "trainingJob": {"enabled": True, "specHash": TrainingRunSpec.model_validate(spec).spec_hash(), "spec": spec},
+        "runs": {spec["name"]: spec},
     }
 
 
@@ -128,28 +131,11 @@ def settings_from_chart(docs: list[dict], namespace: str):
     return make_settings(cluster_values_from_configmap(cm), namespace=namespace)
 
 
-def diff(a: Any, b: Any) -> str:
-    import difflib
-
-    return "\n".join(difflib.unified_diff(yaml.safe_dump(a, sort_keys=True).splitlines(),
-                                          yaml.safe_dump(b, sort_keys=True).splitlines(),
-                                          "launcher/render.py", "chart", lineterm=""))
-
-
 # ------------------------------------------------------------------------ lint and schema
 
 def test_lint_strict_passes_with_default_and_full_values(helm):
     run_helm(helm, "lint", "--strict", str(CHART))
     run_helm(helm, "lint", "--strict", str(CHART), values=full_values())
-
-
-def test_a_multi_node_gitops_job_is_refused_with_the_fix(helm):
-    proc = run_helm(helm, "template", "lora-jobs", str(CHART), check=False, values={"trainingJob": {
-        "enabled": True, "specHash": "abcdef0123", "spec": {
-            "name": "big", "base_model": {"uri": "s3://models/llama/"}, "dataset": {"train": "s3://data/t.jsonl"},
-            "output": "s3://runs/lora", "resources": {"gpus": 8, "nodes": 2}}}})
-    assert proc.returncode != 0
-    assert "resources.nodes > 1" in proc.stderr and "submit it with the launcher" in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize("values, named", [
@@ -158,9 +144,9 @@ def test_a_multi_node_gitops_job_is_refused_with_the_fix(helm):
     ({"images": {"trainer": {"pullPolicy": "Sometimes"}}}, "/images/trainer/pullPolicy"),
     ({"minio": {"port": "nine-thousand"}}, "/minio/port"),
     ({"s3": {"credentials": {"accessKeyId": "only-half"}}}, "/s3/credentials/secretAccessKey"),
-    ({"trainingJob": {"enabled": True, "spec": {"name": "Bad_Name"}}}, "/trainingJob/spec/name"),
-    ({"trainingJob": {"enabled": True, "specHash": "abc", "spec": {}}}, "/trainingJob/specHash"),
-    ({"trainingJob": {"spec": {"resources": {"cpu": 4}}}}, "/trainingJob/spec/resources/cpu"),
+    ({"runs": {"support-bot": "name: support-bot"}}, "/runs/support-bot"),  # a spec is a mapping, not text
+    ({"runs": {"Support_Bot": {"name": "support-bot"}}}, "/runs"),  # the key names a ConfigMap file
+    ({"trainingJob": {"enabled": True}}, ""),  # the old hand-hashed one-off Job is gone, not ignored
     ({"settings": {"mlflowTrackingUri": "mlflow server"}}, "/settings/mlflowTrackingUri"),
     ({"settings": {"mlflowTokenSecret": "Not_A_Secret_Name"}}, "/settings/mlflowTokenSecret"),
     ({"settings": {"multinodeWorkload": "jobsets"}}, "/settings/multinodeWorkload"),
@@ -247,55 +233,85 @@ def test_launcher_role_grants_each_verb_it_needs_and_no_more(helm):
             assert lines[i - 1].strip().startswith("#"), f"rule at line {i + 1} has no comment saying why"
 
 
-# ------------------------------------------------------------ one-off Job == launcher render
+# ------------------------------------------------------------------- runs from values
 
 MINIMAL_SPEC = {"name": "tiny", "base_model": {"uri": "s3://models/m/"},
                 "dataset": {"train": "s3://datasets/d/train.jsonl"}, "output": "s3://runs/out/"}
 CPU_SPEC = {**MINIMAL_SPEC, "name": "cpu-run",
             "resources": {"gpus": 0, "cpu": "500m", "memory": "2Gi", "scratch": "5Gi", "timeout_hours": 0.5,
                           "retries": 0, "priority_class": "batch-low"},
-            "labels": {"team": "support", "schedule": "nightly"}}
+            "labels": {"team": "support", "schedule": "nightly"},
+            "training": {"learning_rate": 2e-4, "epochs": 1}}
+#: Every verb the submit hook's Role grants: what launcher/submit.py calls through launcher/kube.py.
+SUBMIT_GRANTS = {
+    ("batch", "jobs", "create"), ("batch", "jobs", "get"),
+    ("", "configmaps", "create"), ("", "configmaps", "get"), ("", "configmaps", "patch"),
+    ("", "configmaps", "delete"),
+    ("", "services", "create"),
+}
+JOBSET_GRANTS = {("jobset.x-k8s.io", "jobsets", "create"), ("jobset.x-k8s.io", "jobsets", "get")}
 
 
-@pytest.mark.parametrize("spec, extra", [
-    (None, {}),
-    (MINIMAL_SPEC, {}),
-    (CPU_SPEC, {"settings": {"queue": "q1"}}),
-    (None, {"settings": {"queue": "team-a", "nodeSelector": {"pool": "h200"}, "tolerations": []},
-            "priorityClass": {"create": True}, "s3": {"endpoint": "http://minio.storage:9000",
-                                                      "existingSecret": "team-s3", "region": "eu-west-1"}}),
-    ({**MINIMAL_SPEC, "name": "four-gpus", "resources": {"gpus": 4}}, {}),
-    ({**MINIMAL_SPEC, "name": "tracked", "tracking": {"mlflow": {"experiment": "support-bot"}}},
-     {"settings": {"mlflowTrackingUri": "http://mlflow.mlflow.svc:5000", "mlflowTokenSecret": "mlflow-token"}}),
-    ({**MINIMAL_SPEC, "name": "tracked-own-var", "tracking": {"mlflow": {"experiment": "e", "uri_env": "TRACKER"}}},
-     {"settings": {"mlflowTrackingUri": "https://mlflow.example"}}),
-    ({**MINIMAL_SPEC, "name": "untracked", "tracking": {"mlflow": {"experiment": "e"}}}, {}),
-], ids=["example", "defaults-only", "cpu-queued", "settings-variants", "four-gpus", "tracked", "tracked-own-var",
-        "tracking-without-server"])
-def test_one_off_training_job_is_rendered_as_the_launcher_renders_it(helm, spec, extra):
+def _grants(role: dict) -> set[tuple[str, str, str]]:
+    assert all(not r.get("resourceNames") for r in role["rules"])
+    return {(group, res, verb) for r in role["rules"] for group in r["apiGroups"] for res in r["resources"]
+            for verb in r["verbs"]}
+
+
+def test_runs_become_spec_files_that_the_launcher_reads_as_the_same_spec(helm):
     from jobs.spec import TrainingRunSpec
-    from launcher.render import render_run
 
-    spec = copy.deepcopy(spec) if spec else example_spec()
-    model = TrainingRunSpec.model_validate(spec)
-    values = {"trainingJob": {"enabled": True, "specHash": model.spec_hash(), "spec": spec}, **extra}
-    docs = template(helm, values=values, namespace="team-ns")
-    run = render_run(model, settings_from_chart(docs, "team-ns"))
-    job, configmap = run.workload, run.configmap
+    runs = {"support-bot": example_spec(), "tiny": MINIMAL_SPEC, "cpu": CPU_SPEC}
+    docs = template(helm, values={"runs": runs}, namespace="team-ns")
+    specs = find(docs, "ConfigMap", "lora-jobs-runs")
+    assert sorted(specs["data"]) == ["cpu.yaml", "support-bot.yaml", "tiny.yaml"]
+    for key, spec in runs.items():
+        # Go's YAML layout is not PyYAML's, but it is the same spec, hence the same run and Job name.
+        from_chart = TrainingRunSpec.model_validate(yaml.safe_load(specs["data"][f"{key}.yaml"]))
+        model = TrainingRunSpec.model_validate(spec)
+        assert from_chart == model and from_chart.spec_hash() == model.spec_hash()
 
-    chart_job = find(docs, "Job", job["metadata"]["name"])
-    assert chart_job == job, diff(job, chart_job)
-    env = {e["name"]: e for e in chart_job["spec"]["template"]["spec"]["containers"][0]["env"]}
-    mlflow, uri = (spec.get("tracking") or {}).get("mlflow"), extra.get("settings", {}).get("mlflowTrackingUri")
-    if mlflow and uri:  # both renderings carry it, not merely agree on leaving it out
-        assert env[mlflow.get("uri_env", "MLFLOW_TRACKING_URI")]["value"] == uri
-    else:
-        assert not {"MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_TOKEN", "TRACKER"} & set(env)
-    chart_cm = find(docs, "ConfigMap", configmap["metadata"]["name"])
-    assert chart_cm["metadata"] == configmap["metadata"]
-    # The spec text differs in layout (Go vs PyYAML) but is the same spec, hence the same run.
-    from_chart = TrainingRunSpec.model_validate(yaml.safe_load(chart_cm["data"]["spec.yaml"]))
-    assert from_chart == model and from_chart.spec_hash() == model.spec_hash()
+    # The chart renders no training object: the only Job is the hook, and no object carries a spec hash.
+    assert [d["metadata"]["name"] for d in docs if d["kind"] in ("Job", "JobSet")] == ["lora-jobs-submit"]
+    assert not [d for d in docs if "lora-jobs.io/spec-hash" in (d["metadata"].get("labels") or {})]
+    hook = find(docs, "Job", "lora-jobs-submit")
+    assert hook["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+    assert "hook-failed" not in hook["metadata"]["annotations"]["helm.sh/hook-delete-policy"]  # kept for its log
+    assert hook["spec"]["backoffLimit"] == 0
+    pod = hook["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "lora-jobs-submit" and pod["automountServiceAccountToken"] is True
+    container = pod["containers"][0]
+    assert container["image"] == "lora-jobs/launcher:0.1.0"
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "runs")
+    assert next(v for v in pod["volumes"] if v["name"] == "runs")["configMap"]["name"] == "lora-jobs-runs"
+    assert container["args"] == [f"{mount['mountPath']}/{k}.yaml" for k in sorted(runs)]
+    assert "launcher submit" in container["command"][2]
+    # No LAUNCHER_* or kubeconfig: the launcher finds the cluster, namespace and defaults from the pod.
+    assert not container.get("env")
+
+
+def test_the_submit_hook_runs_after_the_minio_bucket_hook(helm):
+    docs = template(helm, values={"runs": {"tiny": MINIMAL_SPEC}, "minio": {"enabled": True}})
+    weight = {d["metadata"]["name"]: int(d["metadata"]["annotations"].get("helm.sh/hook-weight", 0))
+              for d in docs if d["kind"] == "Job"}
+    assert weight["lora-jobs-submit"] > weight["lora-jobs-minio-buckets"]
+
+
+@pytest.mark.parametrize("workload, grants", [("indexed-job", SUBMIT_GRANTS),
+                                              ("jobset", SUBMIT_GRANTS | JOBSET_GRANTS),
+                                              ("auto", SUBMIT_GRANTS | JOBSET_GRANTS)])
+def test_submit_role_grants_what_launcher_submit_calls_and_no_more(helm, workload, grants):
+    docs = template(helm, values={"runs": {"tiny": MINIMAL_SPEC}, "settings": {"multinodeWorkload": workload}})
+    assert _grants(find(docs, "Role", "lora-jobs-submit")) == grants
+    binding = find(docs, "RoleBinding", "lora-jobs-submit")
+    assert binding["roleRef"]["name"] == "lora-jobs-submit"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "lora-jobs-submit", "namespace": "ns-test"}]
+    lines = (CHART / "templates" / "runs.yaml").read_text().splitlines()
+    for i, line in enumerate(lines):
+        if line.strip().startswith("- apiGroups:"):
+            assert lines[i - 1].strip().startswith("#"), f"rule at line {i + 1} has no comment saying why"
+    # Without runs there is no hook, account or Role.
+    assert not [d for d in template(helm) if "submit" in d["metadata"]["name"]]
 
 
 # -------------------------------------------------------- the real API server (dry-run, PSA)
@@ -391,11 +407,11 @@ def _token_kubeconfig(kube_api, stack, namespace: str, service_account: str, pat
     return str(path)
 
 
-def install(helm: str, stack, namespace: str, **s3: str) -> None:
+def install(helm: str, stack, namespace: str, *flags: str, runs: dict | None = None, **s3: str) -> None:
     values = {"s3": {"existingSecret": "lora-jobs-s3", "endpoint": stack.s3_endpoint, "bucket": stack.bucket, **s3},
-              "images": {"trainer": {"tag": "from-the-chart"}}}
+              "images": {"trainer": {"tag": "from-the-chart"}}, "runs": runs or {}}
     run_helm(helm, "install", "lora-jobs", str(CHART), "--namespace", namespace, "--wait", "--timeout", "2m",
-             values=values, kubeconfig=stack.kubeconfig)
+             *flags, values=values, kubeconfig=stack.kubeconfig)
 
 
 @pytest.fixture()
@@ -408,10 +424,11 @@ def installed(helm, stack, kube_api, namespace):
 
 
 def launcher_as_service_account(kube_api, stack, namespace: str, tmp_path: Path, *args: str,
-                                timeout: float = 180) -> subprocess.CompletedProcess:
-    """The launcher CLI authenticated as the chart's launcher ServiceAccount, so with exactly its Role.
-    Only where the cluster is and the namespace are given: every other setting must come from the chart."""
-    kubeconfig = _token_kubeconfig(kube_api, stack, namespace, "lora-jobs-launcher", tmp_path / "kubeconfig")
+                                timeout: float = 180, account: str = "lora-jobs-launcher") -> subprocess.CompletedProcess:
+    """The launcher CLI authenticated as one of the chart's ServiceAccounts (the launcher's by default), so with
+    exactly its Role. Only where the cluster is and the namespace are given: every other setting must come from
+    the chart."""
+    kubeconfig = _token_kubeconfig(kube_api, stack, namespace, account, tmp_path / "kubeconfig")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LAUNCHER_", "AWS_", "KUBECONFIG"))}
     env.update({"LAUNCHER_KUBECONFIG": kubeconfig, "LAUNCHER_NAMESPACE": namespace,
                 "HOME": str(tmp_path), "PYTHONPATH": str(REPO)})
@@ -487,6 +504,72 @@ def test_the_launcher_account_is_refused_what_its_role_does_not_grant(installed,
             with pytest.raises(ApiException) as err:
                 call()
             assert err.value.status == 403, f"{what}: expected 403, got {err.value.status}"
+
+
+def _allowed(kube_api, namespace: str, account: str, verb: str, resource: str, group: str = "",
+             name: str | None = None, in_namespace: str | None = None) -> bool:
+    """The real API server's answer (SubjectAccessReview, as `kubectl auth can-i --as`) for a ServiceAccount,
+    with the groups its token carries."""
+    from kubernetes import client
+
+    review = client.AuthorizationV1Api(kube_api).create_subject_access_review(client.V1SubjectAccessReview(
+        spec=client.V1SubjectAccessReviewSpec(
+            user=f"system:serviceaccount:{namespace}:{account}",
+            groups=["system:serviceaccounts", f"system:serviceaccounts:{namespace}", "system:authenticated"],
+            resource_attributes=client.V1ResourceAttributes(namespace=in_namespace or namespace, verb=verb,
+                                                            group=group, resource=resource, name=name))))
+    return bool(review.status.allowed)
+
+
+def test_the_submit_account_may_do_what_launcher_submit_needs_and_no_more(helm, stack, kube_api, namespace,
+                                                                          tmp_path):
+    """The chart installed with `runs`, on the real API server. --no-hooks: this namespace's pods land on kwok's
+    fake nodes, which run no container, so the hook would "complete" without the launcher having run
+    (test_chart_real_node.py runs the hook itself on the real node). Here the launcher runs as the hook's
+    account, on the spec file the chart made."""
+    from kubernetes import client
+
+    from jobs.spec import TrainingRunSpec
+    from launcher.render import job_name
+
+    _restricted_namespace(kube_api, namespace)
+    spec = {**MINIMAL_SPEC, "name": "from-values", "base_model": {"uri": f"s3://{stack.bucket}/m/"},
+            "resources": {"gpus": 1, "cpu": "1", "memory": "1Gi", "scratch": "1Gi"}}
+    install(helm, stack, namespace, "--no-hooks", runs={"from-values": spec})
+
+    sa = "lora-jobs-submit"
+    for group, resource, verb in SUBMIT_GRANTS:
+        assert _allowed(kube_api, namespace, sa, verb, resource, group), f"{verb} {resource} refused"
+    assert _allowed(kube_api, namespace, sa, "get", "configmaps", name="lora-jobs-launcher")
+    refused = [("list", "jobs", "batch"), ("watch", "jobs", "batch"), ("delete", "jobs", "batch"),
+               ("patch", "jobs", "batch"), ("create", "jobsets", "jobset.x-k8s.io"), ("create", "pods", ""),
+               ("create", "pods/exec", ""), ("list", "pods", ""), ("get", "secrets", ""), ("list", "secrets", ""),
+               ("list", "configmaps", ""), ("delete", "services", ""), ("create", "rolebindings",
+                                                                         "rbac.authorization.k8s.io"),
+               ("escalate", "roles", "rbac.authorization.k8s.io"), ("list", "nodes", "")]
+    wrongly = [r for r in refused if _allowed(kube_api, namespace, sa, r[0], r[1], r[2])]
+    assert not wrongly, f"{sa} may {wrongly}"
+    assert not _allowed(kube_api, namespace, sa, "get", "secrets", name="lora-jobs-s3")
+    assert not _allowed(kube_api, namespace, sa, "create", "jobs", "batch", in_namespace="default")
+    # The control: the review tells granted from refused for this very account.
+    assert _allowed(kube_api, namespace, "lora-jobs-launcher", "list", "jobs", "batch")
+
+    # The spec file as the hook reads it (the live ConfigMap), submitted as the hook's account: enough for the
+    # whole of `launcher submit`, and the same spec twice is one Job.
+    live = client.CoreV1Api(kube_api).read_namespaced_config_map("lora-jobs-runs", namespace)
+    spec_file = tmp_path / "from-values.yaml"
+    spec_file.write_text(live.data["from-values.yaml"])
+    expected = job_name(TrainingRunSpec.model_validate(yaml.safe_load(spec_file.read_text())))
+    first = launcher_as_service_account(kube_api, stack, namespace, tmp_path, "submit", str(spec_file), account=sa)
+    assert first.returncode == 0, f"stdout:\n{first.stdout}\nstderr:\n{first.stderr}"
+    assert f"submitted: job {expected}" in first.stdout
+    # What the Role leaves out on purpose is skipped with a warning, not an error.
+    assert "could not check Secret lora-jobs-s3" in first.stderr, first.stderr
+    again = launcher_as_service_account(kube_api, stack, namespace, tmp_path, "submit", str(spec_file), account=sa)
+    assert again.returncode == 0 and f"already submitted: job {expected}" in again.stdout, again.stderr
+    jobs = client.BatchV1Api(kube_api).list_namespaced_job(namespace, label_selector="lora-jobs.io/run=from-values")
+    assert [j.metadata.name for j in jobs.items] == [expected]
+    assert jobs.items[0].spec.template.spec.containers[0].image == "lora-jobs/trainer:from-the-chart"
 
 
 def test_invalid_values_fail_helm_install_naming_the_value(helm, stack, namespace):

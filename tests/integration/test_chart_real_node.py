@@ -11,15 +11,21 @@ restricted Pod Security Standard:
   CoreDNS and kube-proxy's ClusterIP, as the training user;
 * the base model and a dataset go into that MinIO through its ClusterIP from the node itself
   (`hack/node.sh exec`: a process on the node, as an admin's port-forward would);
-* `helm upgrade` with trainingJob (values: a tiny CPU spec on SmolLM2 cut to 4 layers, training only): the chart's
-  one-off Job trains on the node and publishes v1, which verifies against its manifest;
-* `helm uninstall` removes every object and pod of the release.
+* `helm upgrade` with `runs` holding an invalid spec: the submit hook (the launcher image, as the hook's own
+  ServiceAccount, finding the cluster and namespace from the pod) fails the upgrade, and its log holds the
+  launcher's message naming the field; nothing is submitted;
+* `helm upgrade` with `runs` holding a tiny CPU spec on SmolLM2 cut to 4 layers (training only): the hook's
+  `launcher submit` creates the Job the launcher names (no hash typed anywhere), which trains on the node and
+  publishes v1, which verifies against its manifest; upgrading again resubmits nothing (the same Job);
+* `helm uninstall` removes every object and pod of the release; the run, which `launcher submit` made, is not
+  one of them.
 """
 from __future__ import annotations
 
 import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -101,13 +107,50 @@ def pods_report(core, ns: str) -> str:
     return "\n".join(out)
 
 
+@pytest.fixture()
+def pods_reach_the_api_server(kube_api, node):
+    """In-cluster clients (the submit hook's launcher) reach the API server as on any cluster: Service
+    default/kubernetes (10.96.0.1:443, whose IP the server's certificate names). The stack's API server listens on
+    loopback with --endpoint-reconciler-type none, so that Service has no endpoints; until hack/ gives it one,
+    this puts a relay on the pods' gateway in the node's namespace (to the node's own bridge to the API server)
+    and an EndpointSlice pointing there, and removes both afterwards. Nothing to do where the Service has
+    endpoints already."""
+    from kubernetes import client
+
+    discovery = client.DiscoveryV1Api(kube_api)
+    if discovery.list_namespaced_endpoint_slice("default", label_selector="kubernetes.io/service-name=kubernetes").items:
+        yield
+        return
+    port = int(client.CoreV1Api(kube_api).read_namespaced_service("kubernetes", "default").spec.ports[0].target_port)
+    gateway = "10.251.0.1"  # hack/node.sh POD_GW: where pods already find S3 and DNS
+    relay = subprocess.Popen(["bash", str(REPO / "hack" / "node.sh"), "exec", "socat",
+                              f"TCP-LISTEN:{port},bind={gateway},fork,reuseaddr", f"TCP:127.0.0.1:{port}"],
+                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    name = "kubernetes-test-relay"
+    discovery.create_namespaced_endpoint_slice("default", {
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": name, "labels": {"kubernetes.io/service-name": "kubernetes",
+                                              "endpointslice.kubernetes.io/managed-by": "lora-jobs-tests"}},
+        "addressType": "IPv4", "endpoints": [{"addresses": [gateway], "conditions": {"ready": True}}],
+        "ports": [{"name": "https", "port": port, "protocol": "TCP"}]})
+    try:
+        time.sleep(2)
+        assert relay.poll() is None, f"the API relay did not start: {relay.stderr.read().decode()}"
+        yield
+    finally:
+        discovery.delete_namespaced_endpoint_slice(name, "default")
+        os.killpg(relay.pid, signal.SIGTERM)
+        relay.wait(timeout=30)
+
+
 def test_the_chart_installs_tests_trains_and_uninstalls_on_the_real_node(stack, kube_api, node, node_image,
                                                                           trainer_ref, make_node_namespace,
-                                                                          short_model_dir):
+                                                                          short_model_dir, pods_reach_the_api_server):
     from kubernetes import client
 
     from images import LAUNCHER, VERSION
     from jobs.spec import TrainingRunSpec
+    from launcher.render import job_name as job_name_of
 
     clock, took = [time.monotonic()], {}
 
@@ -166,14 +209,43 @@ def test_the_chart_installs_tests_trains_and_uninstalls_on_the_real_node(stack, 
     assert up.returncode == 0 and b"uploaded" in up.stdout, up.stderr.decode()[-3000:]
     phase("model and data uploaded")
 
-    # -- the chart's one-off training Job, declared in values (GitOps), trains on the node
+    # -- an invalid spec in `runs`: the hook's launcher refuses it, the upgrade fails, its log says why
     spec = lean(cpu_spec("chart-run", f"s3://{BUCKET}/models/base/", f"s3://{BUCKET}/data/train.jsonl",
                          f"s3://{BUCKET}/runs", memory="4Gi", cpu="1800m"))
-    spec_hash = TrainingRunSpec.model_validate(spec).spec_hash()
-    r = helm(stack, "upgrade", RELEASE, str(CHART), "-n", ns, "--reuse-values", "--wait", "--timeout", "5m",
-             values={"trainingJob": {"enabled": True, "specHash": spec_hash, "spec": spec}})
+    bad = {**spec, "name": "bad-run", "training": {**spec.get("training", {}), "epochs": 0}}
+    r = helm(stack, "upgrade", RELEASE, str(CHART), "-n", ns, "--wait", "--timeout", "5m",
+             values={**values, "runs": {"bad-run": bad}})
+    assert r.returncode != 0, f"helm upgrade with an invalid spec passed:\n{r.stdout}"
+    assert f"{FULLNAME}-submit" in r.stderr, r.stderr
+    hook_pods = core.list_namespaced_pod(ns, label_selector="app.kubernetes.io/component=submit").items
+    assert len(hook_pods) == 1 and hook_pods[0].spec.node_name == node["STACK_NODE_NAME"], hook_pods
+    hook_log = core.read_namespaced_pod_log(hook_pods[0].metadata.name, ns)  # what `kubectl logs` shows
+    assert "/etc/lora-jobs/runs/bad-run.yaml" in hook_log and "training.epochs" in hook_log, hook_log
+    assert "Traceback" not in hook_log, hook_log
+    assert not batch.list_namespaced_job(ns, label_selector="lora-jobs.io/run=bad-run").items
+    phase("helm upgrade with an invalid run: refused by the launcher in the hook")
+
+    # -- a valid run in `runs`: the hook submits it, in the cluster, with the chart's defaults
+    r = helm(stack, "upgrade", RELEASE, str(CHART), "-n", ns, "--wait", "--timeout", "5m",
+             values={**values, "runs": {"chart-run": spec}})
     assert r.returncode == 0, f"helm upgrade failed:\n{r.stdout}\n{r.stderr}\n{pods_report(core, ns)}"
-    job_name = f"chart-run-{spec_hash[:8]}"
+    job_name = job_name_of(TrainingRunSpec.model_validate(spec))
+    runs = batch.list_namespaced_job(ns, label_selector="lora-jobs.io/run=chart-run").items
+    assert [j.metadata.name for j in runs] == [job_name], [j.metadata.name for j in runs]
+    first_uid = runs[0].metadata.uid
+    # the namespace from the pod's ServiceAccount, the image from the chart's lora-jobs-launcher ConfigMap
+    assert runs[0].metadata.namespace == ns and runs[0].spec.template.spec.containers[0].image == trainer_ref
+    # the hook succeeded and is gone (hook-succeeded), the failed one before it too (before-hook-creation)
+    assert not batch.list_namespaced_job(ns, label_selector="app.kubernetes.io/component=submit").items
+    phase("helm upgrade with runs: submitted by the hook")
+
+    # -- the same values again, while the run trains: the hook runs again and resubmits nothing
+    r = helm(stack, "upgrade", RELEASE, str(CHART), "-n", ns, "--wait", "--timeout", "5m",
+             values={**values, "runs": {"chart-run": spec}})
+    assert r.returncode == 0, f"helm upgrade failed:\n{r.stdout}\n{r.stderr}\n{pods_report(core, ns)}"
+    runs = batch.list_namespaced_job(ns, label_selector="lora-jobs.io/run=chart-run").items
+    assert [(j.metadata.name, j.metadata.uid) for j in runs] == [(job_name, first_uid)]
+    phase("helm upgrade, same runs: nothing resubmitted")
 
     def job_done():
         job = batch.read_namespaced_job(job_name, ns)
@@ -189,7 +261,7 @@ def test_the_chart_installs_tests_trains_and_uninstalls_on_the_real_node(stack, 
     log = core.read_namespaced_pod_log(pods[-1].metadata.name, ns)
     assert "published" in log[-2000:], log[-3000:]
     assert train_secret not in log and values["minio"]["rootPassword"] not in log
-    phase("helm upgrade with trainingJob, trained and published")
+    phase("the run from values trained and published")
 
     # -- the published version, read back through the ClusterIP and checked against its manifest
     r = on_node(VERIFY, f"s3://{BUCKET}/runs/chart-run", env=s3_on_node, timeout=120)
@@ -209,9 +281,12 @@ def test_the_chart_installs_tests_trains_and_uninstalls_on_the_real_node(stack, 
         "deployments": [d.metadata.name for d in apps.list_namespaced_deployment(ns, label_selector=selector).items],
         "services": [s.metadata.name for s in core.list_namespaced_service(ns, label_selector=selector).items],
         "secrets": [s.metadata.name for s in core.list_namespaced_secret(ns, label_selector=selector).items],
-        "jobs": [j.metadata.name for j in batch.list_namespaced_job(ns).items],
+        "jobs": [j.metadata.name for j in batch.list_namespaced_job(ns).items if j.metadata.name != job_name],
     }
     assert not any(left.values()), left
+    # The run is the launcher's, not the release's: it stays (launcher cancel, or its TTL, removes it).
+    assert batch.read_namespaced_job(job_name, ns).metadata.labels["lora-jobs.io/run"] == "chart-run"
+    batch.delete_namespaced_job(job_name, ns, propagation_policy="Background")
     wait_for("the release's pods to leave the node", lambda: not core.list_namespaced_pod(ns).items, 180,
              lambda: pods_report(core, ns))
     phase("helm uninstall")

@@ -177,8 +177,7 @@ DNS in kube-system, the dev MinIO's pods, and networkPolicy.s3Egress.
 
 {{/*
 The launcher's settings for this namespace (LauncherSettings field names): the body
-of ConfigMap lora-jobs-launcher, and the input of the one-off training Job, so both
-say the same thing.
+of ConfigMap lora-jobs-launcher.
 */}}
 {{- define "lora-jobs.launcherSettings" -}}
 image: {{ include "lora-jobs.trainerImage" . | quote }}
