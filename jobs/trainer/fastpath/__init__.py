@@ -24,12 +24,14 @@ from __future__ import annotations
 from .attention import ATTN_IMPL, register_attention, varlen_available, varlen_attention_forward
 from .compiling import eager_layers, skip_cpu_isa_probe
 from .fp8 import apply_fp8, fp8_recipe, fp8_support, remove_fp8
-from .kernels import _apply_liger as _apply_liger  # jobs.trainer.fastpath._apply_liger: tests/unit/test_checkpoints_and_merge.py
+# Private names other modules still reach through the package: fastpath._unwrap / _decoder (jobs.trainer.distributed,
+# jobs.trainer.strategies), fastpath._apply_liger (tests/unit/test_checkpoints_and_merge.py).
+from .kernels import _apply_liger as _apply_liger
 from .kernels import install_lean_lora, undo_module_patches
 from .loss import FSDP_LOSS_METHOD, base_lm_loss, chunked_linear_ce, lm_loss
 from .packing import pack_rows, pack_step, to_device
-from .parts import _decoder as _decoder  # used as fastpath._decoder by jobs.trainer.distributed
-from .parts import _unwrap as _unwrap  # used as fastpath._unwrap by jobs.trainer.distributed and train
+from .parts import _decoder as _decoder
+from .parts import _unwrap as _unwrap
 from .planning import Plan, activation_bytes_per_token, estimate_param_count, plan, whole_base_fits
 from .prepare import prepare_model
 
