@@ -121,6 +121,29 @@ class World:
                 dist.all_reduce(values)
         return values
 
+    def once_per_pod(self, fn, what: str):
+        """``fn()`` on each pod's local rank 0 (a download into its own scratch); every rank gets global rank 0's
+        result (our own dataclass between our own processes: the same workdir path on every pod)."""
+        if self.size == 1:
+            return fn()
+        import torch.distributed as dist
+
+        mine = fn() if self.local_rank == 0 else None
+        self.barrier(what)
+        box = [mine if self.main else None]
+        dist.broadcast_object_list(box, src=0)
+        return mine or box[0]
+
+    def any_rank(self, flag: bool, device, what: str) -> bool:
+        """Whether ``flag`` holds on any rank (every rank calls it)."""
+        if self.size == 1:
+            return flag
+        return float(all_gather_floats(self, [float(flag)], device, what).max()) > 0
+
+    def on_main(self, fn):
+        """``fn()`` on rank 0; None elsewhere."""
+        return fn() if self.main else None
+
 
 def broadcast_trainable(world: World, model) -> None:
     """Every rank starts from rank 0's adapter weights (what DDP does at construction)."""

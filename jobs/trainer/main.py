@@ -58,10 +58,12 @@ def _gpus_to_use(spec) -> int:
 
 
 def _cmd_run(args) -> int:
-    from jobs.trainer.recipe import Stage, run
     from jobs.spec import load_spec
+    from jobs.trainer.context import RunContext
+    from jobs.trainer.recipe import run
 
     spec = None
+    context = RunContext()  # its stage names where a failure happened (setup until the recipe starts)
     try:
         spec = load_spec(args.spec)
         workdir = Path(args.workdir or os.environ.get("LORA_JOBS_WORKDIR") or "/scratch")
@@ -75,42 +77,43 @@ def _cmd_run(args) -> int:
         log.info("run %s (spec %s) starting; workdir %s", spec.name, spec.spec_hash(), workdir)
         for advice in spec.advice():
             log.warning("spec: %s", advice.render())
-        meta = run(spec, workdir, run_id=os.environ.get("LORA_JOBS_RUN_ID"), image=os.environ.get("LORA_JOBS_IMAGE"))
+        meta = run(spec, workdir, run_id=os.environ.get("LORA_JOBS_RUN_ID"), image=os.environ.get("LORA_JOBS_IMAGE"),
+                   context=context)
         if meta is None:  # a rank > 0 of a multi-GPU run: rank 0 reports
             return 0
     except LoraJobError as err:
-        log.error("%s failed in stage %s: %s", spec.name if spec else "run", Stage.name, err)
+        log.error("%s failed in stage %s: %s", spec.name if spec else "run", context.stage, err)
         if os.environ.get("LORA_JOBS_DEBUG") == "1":
             traceback.print_exc()
-        write_termination_message(err.exit_code, str(err), stage=Stage.name)
+        write_termination_message(err.exit_code, str(err), stage=context.stage)
         return int(err.exit_code)
     except KeyboardInterrupt:
         from jobs.trainer.recipe import EXIT_INTERRUPTED
 
         # Ctrl-C: the person stopped it, so no retry code (75) and no traceback; nothing half-published
         # stays (publish_version removes a version it had not completed)
-        log.warning("%s interrupted during %s: stopped, nothing published", spec.name if spec else "run", Stage.name)
-        write_termination_message(EXIT_INTERRUPTED, "interrupted (Ctrl-C)", stage=Stage.name)
+        log.warning("%s interrupted during %s: stopped, nothing published", spec.name if spec else "run", context.stage)
+        write_termination_message(EXIT_INTERRUPTED, "interrupted (Ctrl-C)", stage=context.stage)
         return EXIT_INTERRUPTED
     except MemoryError:
         msg = "out of memory; lower training.per_device_batch_size or max_seq_length, or use quantization"
         log.error(msg)
-        write_termination_message(ExitCode.UNEXPECTED, msg, stage=Stage.name)
+        write_termination_message(ExitCode.UNEXPECTED, msg, stage=context.stage)
         return int(ExitCode.UNEXPECTED)
     except Exception as err:  # noqa: BLE001
         if "CUDA out of memory" in str(err) or type(err).__name__ == "OutOfMemoryError":
             # outside the training loop's own back-off (generation, merge): a retry fails the same way
-            msg = (f"GPU out of memory in stage {Stage.name}: {str(err).splitlines()[0]} — lower "
+            msg = (f"GPU out of memory in stage {context.stage}: {str(err).splitlines()[0]} — lower "
                    "training.max_seq_length or eval.max_new_tokens, or use quantization.mode: 4bit")
             log.error(msg)
             if os.environ.get("LORA_JOBS_DEBUG") == "1":
                 traceback.print_exc()
-            write_termination_message(ExitCode.OUT_OF_MEMORY, msg, stage=Stage.name)
+            write_termination_message(ExitCode.OUT_OF_MEMORY, msg, stage=context.stage)
             return int(ExitCode.OUT_OF_MEMORY)
         # a bug: say so plainly, keep the traceback for the report
-        log.error("unexpected %s in stage %s: %s", type(err).__name__, Stage.name, err)
+        log.error("unexpected %s in stage %s: %s", type(err).__name__, context.stage, err)
         traceback.print_exc()
-        write_termination_message(ExitCode.UNEXPECTED, f"{type(err).__name__}: {err}", stage=Stage.name)
+        write_termination_message(ExitCode.UNEXPECTED, f"{type(err).__name__}: {err}", stage=context.stage)
         return int(ExitCode.UNEXPECTED)
     print(f"published {meta['location']}", file=sys.stderr)
     print(f"  eval report: {meta['location']}/eval_report.md", file=sys.stderr)

@@ -1,11 +1,11 @@
-"""The job as one linear recipe: fetch → prepare → train → evaluate → merge → publish.
+"""The job as one linear recipe: setup (fetch → prepare → load) → train → evaluate → merge → publish.
 
-Each stage is a function with plain inputs and outputs, so a test can run one alone.
-``run`` strings them together; ``jobs.trainer.main`` maps what it raises onto exit codes.
+:class:`Recipe` reads top to bottom, one method a stage; fetch and prepare are functions with plain inputs and
+outputs, so a test can run one alone. ``run`` sets up the run's context (progress, tracking, SIGTERM) and runs the
+recipe; ``jobs.trainer.main`` maps what it raises onto exit codes, naming the context's stage.
 """
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import logging
@@ -15,34 +15,15 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from jobs import __version__
 from jobs.errors import DataError, Preempted, SpecError, Problem, StorageError
 from jobs.progress import ProgressWriter, progress_key
 from jobs.spec import TrainingRunSpec
 from jobs.storage import TransferProgress, download_prefix, join, open_store, parse_uri
+from jobs.trainer.context import RunContext, peak_gpu_gib
 
 log = logging.getLogger("jobs")
-
-
-class Stage:
-    """The stage now running, for logs and the termination message; and what each stage cost."""
-
-    name = "setup"
-    started: float | None = None
-    timings: dict[str, dict] = {}
-    progress = None  # jobs.progress.ProgressWriter of rank 0 (None elsewhere, and in tests that call _stage)
-    tracker = None  # jobs.trainer.tracking.MlflowTracker when the spec asks for tracking (rank 0 only)
-
-
-def _peak_gib() -> float | None:
-    try:
-        import torch
-    except ImportError:
-        return None
-    if not torch.cuda.is_available():
-        return None
-    return round(torch.cuda.max_memory_allocated() / 2**30, 2)
 
 
 def _cost_facts(device, world, config) -> dict:
@@ -61,7 +42,7 @@ def _cost_facts(device, world, config) -> dict:
 
 
 def _cost(facts: dict, spec: TrainingRunSpec, *, seconds: float, tokens: int | None,
-          tokens_per_s: float | None) -> dict:
+          tokens_per_s: float | None, stages: dict) -> dict:
     """metadata.json's ``cost``: this attempt's GPU-hours (its GPUs × its wall seconds), tokens, tokens/s/GPU and
     MFU. Queue wait, every attempt's GPU-hours and the price are the launcher's (`launcher status`): the job
     sees neither the Job's creation nor the namespace's price table."""
@@ -70,28 +51,7 @@ def _cost(facts: dict, spec: TrainingRunSpec, *, seconds: float, tokens: int | N
     nodes = spec.resources.nodes if facts["gpus"] and facts["gpus"] % spec.resources.nodes == 0 else 1
     return job_cost(gpus_per_node=facts["gpus"] // max(1, nodes), nodes=nodes, seconds=seconds, tokens=tokens,
                     tokens_per_s=tokens_per_s, params=facts["base_params"], card=facts["card"],
-                    stages=Stage.timings)
-
-
-def _stage(name: str | None) -> None:
-    """Close the running stage (wall seconds, peak GPU memory) and start ``name`` (None: just close)."""
-    now = time.perf_counter()
-    if Stage.started is not None:
-        Stage.timings[Stage.name] = {"seconds": round(now - Stage.started, 1), "peak_gpu_gib": _peak_gib()}
-    if name is None:
-        Stage.started = None
-        return
-    try:
-        import torch
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
-    except ImportError:
-        pass
-    Stage.name, Stage.started = name, now
-    if Stage.progress is not None:
-        Stage.progress.update(stages=dict(Stage.timings))  # wall seconds of each stage so far (jobs/cost.py)
-        Stage.progress.stage(name)
-    log.info("── %s", name)
+                    stages=stages)
 
 
 # ----------------------------------------------------------------------------- fetch
@@ -185,17 +145,18 @@ class Prepared:
     report: dict
 
 
-def prepare(spec: TrainingRunSpec, fetched: Fetched) -> Prepared:
+def prepare(spec: TrainingRunSpec, fetched: Fetched, progress=None) -> Prepared:
+    """The rows to train and validate on; ``progress`` (the run's ProgressWriter) gets where every line went."""
     from jobs import dataprep
 
     try:
         prep = dataprep.prepare(fetched.train_bytes, spec.data, seed=spec.training.seed)
     except DataError as err:  # a rejected file's counts reach the run's status too
-        if Stage.progress is not None and getattr(err, "report", None):
-            Stage.progress.update(data=err.report["counts"])
+        if progress is not None and getattr(err, "report", None):
+            progress.update(data=err.report["counts"])
         raise
-    if Stage.progress is not None:  # where every line went (kept, dropped by reason, by format)
-        Stage.progress.update(data=prep.report["counts"])
+    if progress is not None:  # where every line went (kept, dropped by reason, by format)
+        progress.update(data=prep.report["counts"])
     report = {"train": prep.report}
     if fetched.validation_bytes is not None:
         vprep = dataprep.prepare(fetched.validation_bytes, spec.data.model_copy(update={"min_rows": 1}),
@@ -237,14 +198,6 @@ def _apply_memory_fault(device) -> int | None:
     return int(fraction * total)
 
 
-class _StopFlag:
-    def __init__(self):
-        self.requested = False
-
-    def __call__(self) -> bool:
-        return self.requested
-
-
 #: Exit code of a run stopped by Ctrl-C (SIGINT): 128 + 2, as a shell reports it. Only a person at a terminal
 #: sends it (Kubernetes stops a pod with SIGTERM, which checkpoints and exits 75 for a retry).
 EXIT_INTERRUPTED = 130
@@ -261,64 +214,6 @@ def check_output_writable(store, run_prefix: str, run_id: str | None) -> None:
     except StorageError:  # may write but not delete (a write-once bucket policy): publish needs only writes
         log.warning("output: %s/%s written but not deleted; it is harmless and may be removed",
                     store.label, key)
-
-
-def run(spec: TrainingRunSpec, workdir: Path, *, run_id: str | None = None, image: str | None = None) -> dict | None:
-    """Run every stage; return the summary that is also written as metadata.json (None on ranks > 0)."""
-    import transformers
-
-    from jobs.trainer import distributed
-    from jobs.trainer.cpus import size_torch_threads
-
-    workdir.mkdir(parents=True, exist_ok=True)
-    transformers.utils.logging.set_verbosity_error()  # our log says what happens; no tqdm bars in pod logs
-    transformers.utils.logging.disable_progress_bar()
-    stop = _StopFlag()
-
-    def on_sigterm(signum, frame):
-        log.warning("SIGTERM received: finishing this step, then checkpointing and exiting for a retry")
-        stop.requested = True
-        if Stage.name != "train":
-            raise Preempted(f"stopped by SIGTERM during {Stage.name}", hint="the Job retries this run")
-
-    signal.signal(signal.SIGTERM, on_sigterm)
-    started = time.time()
-    Stage.timings, Stage.started = {}, None
-
-    world = distributed.from_env()
-    size_torch_threads()  # the pod's CPU limit, not the node's cores (under torchrun: OMP_NUM_THREADS)
-    out_store, out_prefix = open_store(spec.output)
-    run_prefix = join(out_prefix, spec.name)
-    if world.main:
-        check_output_writable(out_store, run_prefix, run_id)
-    Stage.progress = ProgressWriter(out_store, progress_key(run_prefix, spec.spec_hash()), enabled=world.main)
-    Stage.progress.update(run=spec.name, run_id=run_id, world_size=world.size)
-    Stage.tracker = _start_tracker(spec, run_id, world)
-    try:
-        metadata = _run(spec, workdir, world, run_id=run_id, image=image, stop=stop, started=started,
-                        out_store=out_store, run_prefix=run_prefix)
-    except BaseException as err:
-        if isinstance(err, KeyboardInterrupt):  # Ctrl-C on a local run: the user's choice, not a failure
-            Stage.progress.close("cancelled", error=f"interrupted during {Stage.name}", exit_code=EXIT_INTERRUPTED)
-        else:
-            Stage.progress.close("preempted" if isinstance(err, Preempted) else "failed",
-                                 error=str(err).splitlines()[0] if str(err) else type(err).__name__,
-                                 exit_code=int(getattr(err, "exit_code", 1)))
-        if Stage.tracker is not None:  # KILLED: the retried pod carries on with the same MLflow run
-            Stage.tracker.finish("KILLED" if isinstance(err, (Preempted, KeyboardInterrupt)) else "FAILED", wait_s=5.0)
-        Stage.tracker = None
-        raise
-    if metadata is not None:
-        Stage.progress.close("succeeded", stage="publish", version=metadata["version"],
-                             location=metadata["location"], cost=metadata.get("cost"))
-        if Stage.tracker is not None:
-            from jobs.trainer.tracking import TAG_LOCATION
-
-            page = workdir / "publish"
-            Stage.tracker.finish("FINISHED", metrics=metadata["metrics"], tags={TAG_LOCATION: metadata["location"]},
-                                 artifacts=[page / "eval_report.md", page / "eval_report.html"])
-    Stage.progress = Stage.tracker = None
-    return metadata
 
 
 def _serving_ready(adapter_dir: Path, spec: TrainingRunSpec, config, tokenizer_size: int) -> dict:
@@ -370,265 +265,333 @@ def _start_tracker(spec: TrainingRunSpec, run_id: str | None, world):
     return tracker
 
 
-def _run(spec: TrainingRunSpec, workdir: Path, world, *, run_id, image, stop, started, out_store, run_prefix):
-    import torch
+def run(spec: TrainingRunSpec, workdir: Path, *, run_id: str | None = None, image: str | None = None,
+        context: RunContext | None = None) -> dict | None:
+    """Run every stage; return the summary that is also written as metadata.json, with the published version
+    and its location (None on ranks > 0). ``context``: the run's (``jobs.trainer.main`` reads the stage from it)."""
+    import transformers
 
     from jobs.trainer import distributed
-    from jobs.trainer import evaluate as ev
-    from jobs.trainer import fastpath
-    from jobs.trainer.merge import merge_and_check, merge_dtype
-    from jobs.trainer.modelio import load_config, load_model, load_tokenizer, model_context_length, resolve_precision
-    from jobs.publish import publish_version
-    from jobs.trainer.tracking import TENSORBOARD_DIR, write_tensorboard
-    from jobs.trainer.train import Checkpoints, encode_rows, evaluate_loss, free_memory, train, wrap_lora
+    from jobs.trainer.cpus import size_torch_threads
 
-    device = torch.device(f"cuda:{world.local_rank}" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    distributed.init(world, device)
+    ctx = context or RunContext()
+    workdir.mkdir(parents=True, exist_ok=True)
+    transformers.utils.logging.set_verbosity_error()  # our log says what happens; no tqdm bars in pod logs
+    transformers.utils.logging.disable_progress_bar()
 
-    _stage("fetch")
-    if world.size == 1:
-        fetched = fetch(spec, workdir)
-    else:  # one download per pod (its local rank 0, into its own scratch); the pod's other ranks read it
-        import torch.distributed as dist
-        mine = fetch(spec, workdir) if world.local_rank == 0 else None
-        world.barrier("every pod's base-model download")
-        box = [mine if world.main else None]
-        dist.broadcast_object_list(box, src=0)  # our own dataclass between our own processes
-        fetched = mine or box[0]  # the same workdir path on every pod
+    def on_sigterm(signum, frame):
+        log.warning("SIGTERM received: finishing this step, then checkpointing and exiting for a retry")
+        ctx.stop.requested = True
+        if ctx.stage != "train":
+            raise Preempted(f"stopped by SIGTERM during {ctx.stage}", hint="the Job retries this run")
 
-    _stage("prepare")
-    prepared = prepare(spec, fetched)
+    signal.signal(signal.SIGTERM, on_sigterm)
+    ctx.started_at = time.time()
 
-    _stage("load")
-    precision = resolve_precision(spec.training.precision, device)
-    free_before_load = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-    tok = load_tokenizer(fetched.base_model_dir)
-    # planned from config.json before the weights load: a base that cannot fit fails here, with the fix
-    # (training.fsdp / resources.gpus), not as a CUDA out-of-memory error halfway through loading
-    config = load_config(fetched.base_model_dir)
-    plan = fastpath.plan(config, spec.training, device, quantization=spec.quantization.mode,
-                         free_memory_bytes=free_before_load, world_size=world.size)
-    cost_facts = _cost_facts(device, world, config)
-    if Stage.progress is not None:
-        Stage.progress.update(**cost_facts)
-    if world.size > 1 and device.type == "cuda" and spec.training.fsdp == "auto":
+    world = distributed.from_env()
+    size_torch_threads()  # the pod's CPU limit, not the node's cores (under torchrun: OMP_NUM_THREADS)
+    out_store, out_prefix = open_store(spec.output)
+    run_prefix = join(out_prefix, spec.name)
+    world.on_main(lambda: check_output_writable(out_store, run_prefix, run_id))
+    ctx.progress = ProgressWriter(out_store, progress_key(run_prefix, spec.spec_hash()), enabled=world.main)
+    ctx.progress.update(run=spec.name, run_id=run_id, world_size=world.size)
+    ctx.tracker = _start_tracker(spec, run_id, world)
+    try:
+        metadata = Recipe(spec, workdir, ctx, world, run_id=run_id, image=image, out_store=out_store,
+                          run_prefix=run_prefix).run()
+    except BaseException as err:
+        if isinstance(err, KeyboardInterrupt):  # Ctrl-C on a local run: the user's choice, not a failure
+            ctx.progress.close("cancelled", error=f"interrupted during {ctx.stage}", exit_code=EXIT_INTERRUPTED)
+        else:
+            ctx.progress.close("preempted" if isinstance(err, Preempted) else "failed",
+                               error=str(err).splitlines()[0] if str(err) else type(err).__name__,
+                               exit_code=int(getattr(err, "exit_code", 1)))
+        if ctx.tracker is not None:  # KILLED: the retried pod carries on with the same MLflow run
+            ctx.tracker.finish("KILLED" if isinstance(err, (Preempted, KeyboardInterrupt)) else "FAILED", wait_s=5.0)
+        ctx.tracker = None
+        raise
+    if metadata is not None:
+        ctx.progress.close("succeeded", stage="publish", version=metadata["version"],
+                           location=metadata["location"], cost=metadata.get("cost"))
+        if ctx.tracker is not None:
+            from jobs.trainer.tracking import TAG_LOCATION
+
+            page = workdir / "publish"
+            ctx.tracker.finish("FINISHED", metrics=metadata["metrics"], tags={TAG_LOCATION: metadata["location"]},
+                               artifacts=[page / "eval_report.md", page / "eval_report.html"])
+    ctx.progress = ctx.tracker = None
+    return metadata
+
+
+@dataclass
+class Trained:
+    """What training leaves for evaluation, merge and publish: the model holding the adapter to publish (only
+    here, so that a stage can let it go), where it runs, and the loop's result."""
+
+    model: Any
+    device: Any
+    result: Any  # jobs.trainer.train.TrainResult
+
+
+class Recipe:
+    """One run, top to bottom: setup (fetch, prepare, load) → train → evaluate → merge → publish.
+
+    How the work is spread over the training processes is the strategy's (``jobs.trainer.strategies``),
+    chosen once the plan is made; after training only the main process evaluates, merges and publishes."""
+
+    def __init__(self, spec: TrainingRunSpec, workdir: Path, ctx: RunContext, world, *, run_id, image, out_store,
+                 run_prefix: str):
+        self.spec, self.workdir, self.ctx, self.world = spec, workdir, ctx, world
+        self.run_id, self.image, self.out_store, self.run_prefix = run_id, image, out_store, run_prefix
+
+    def run(self) -> dict | None:
+        self.setup()
+        trained = self.train()
+        metadata = self.strategy.on_main(lambda: self.publish(self.merge(self.evaluate(trained))))
+        self.strategy.shutdown()
+        return metadata
+
+    # ------------------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        import torch
+
+        from jobs.trainer import distributed
+
+        spec, ctx, world = self.spec, self.ctx, self.world
+        device = torch.device(f"cuda:{world.local_rank}" if torch.cuda.is_available() else "cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        distributed.init(world, device)
+
+        ctx.enter("fetch")
+        # one download per pod (its local rank 0, into its own scratch); the pod's other ranks read it
+        self.fetched = world.once_per_pod(lambda: fetch(spec, self.workdir), "every pod's base-model download")
+
+        ctx.enter("prepare")
+        self.prepared = prepare(spec, self.fetched, ctx.progress)
+
+        ctx.enter("load")
+        self.model = self._setup_model(device)
+        self._setup_data()
+        self._measure_base()
+
+    def _setup_model(self, device):
+        """The plan (from config.json), the strategy it implies, and the base loaded the strategy's way."""
+        import torch
+
+        from jobs.trainer import fastpath, strategies
+        from jobs.trainer.modelio import load_config, load_tokenizer, model_context_length, resolve_precision
+
+        spec, world = self.spec, self.world
+        self.precision = resolve_precision(spec.training.precision, device)
+        free_before_load = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+        self.tok = load_tokenizer(self.fetched.base_model_dir)
+        # planned from config.json before the weights load: a base that cannot fit fails here, with the fix
+        # (training.fsdp / resources.gpus), not as a CUDA out-of-memory error halfway through loading
+        self.config = config = load_config(self.fetched.base_model_dir)
+        plan = fastpath.plan(config, spec.training, device, quantization=spec.quantization.mode,
+                             free_memory_bytes=free_before_load, world_size=world.size)
+        self.cost_facts = _cost_facts(device, world, config)
+        if self.ctx.progress is not None:
+            self.ctx.progress.update(**self.cost_facts)
         # each rank planned from its own free memory: near the threshold they could disagree, and a rank
         # that shards waits forever for one that does not; if any rank must shard, every rank does
-        votes = distributed.all_gather_floats(world, [float(plan.fsdp)], device, "the plan's sharding decision")
-        if float(votes.max()) > 0 and not plan.fsdp:
+        if device.type == "cuda" and spec.training.fsdp == "auto" and \
+                world.any_rank(plan.fsdp, device, "the plan's sharding decision") and not plan.fsdp:
             plan = fastpath.plan(config, spec.training.model_copy(update={"fsdp": "on"}), device,
                                  quantization=spec.quantization.mode, free_memory_bytes=free_before_load,
                                  world_size=world.size)
-    source = None  # rank 0's host copy of the base in an FSDP2 run (distributed.load_sharded)
-    if plan.fsdp:
-        model, source = distributed.load_sharded(
-            world, fetched.base_model_dir, config, precision=precision, device=device, seed=spec.training.seed,
-            wrap=lambda m: wrap_lora(m, spec), prepare=lambda m: fastpath.prepare_model(m, plan))
-    else:
-        model = load_model(fetched.base_model_dir, precision=precision, quantization=spec.quantization.mode,
-                           device=device, double_quant=spec.quantization.double_quant)
-    ctx = spec.base_model.max_context or model_context_length(config) or spec.training.max_seq_length
-    max_len = min(spec.training.max_seq_length, ctx)
-    if spec.training.gradient_checkpointing != "auto":
-        plan.gradient_checkpointing = bool(spec.training.gradient_checkpointing)
-    if device.type == "cpu":
-        # No memory model to plan with on CPU: a micro-batch is per_device_batch_size full-length rows.
-        plan.tokens_per_micro_batch = spec.training.per_device_batch_size * max_len
-    tokens_per_mb = max(plan.tokens_per_micro_batch, max_len)
-    plan.tokens_per_micro_batch = tokens_per_mb
-    log.info("device %s, precision %s, quantization %s, max length %d, plan: %s", device, precision,
-             spec.quantization.mode, max_len, "; ".join(plan.notes) or plan)
-    memory_cap = _apply_memory_fault(device)
-    train_ex, too_long = encode_rows(tok, prepared.train_rows, max_len)
-    val_ex, _ = encode_rows(tok, prepared.val_rows, max_len)
-    if too_long:
-        prepared.report["train"]["prompt_too_long"] = {"count": len(too_long), "lines": too_long[:200]}
-    if len(train_ex) < spec.data.min_rows:
-        raise DataError(f"only {len(train_ex)} training rows fit in max_seq_length={max_len} tokens "
-                        f"(need {spec.data.min_rows})", hint="raise training.max_seq_length or shorten prompts")
+        self.strategy = strategies.choose(world, plan, device)
+        model = self.strategy.load(self.fetched.base_model_dir, config, spec=spec, plan=plan,
+                                   precision=self.precision)
+        ctx_len = spec.base_model.max_context or model_context_length(config) or spec.training.max_seq_length
+        self.max_len = max_len = min(spec.training.max_seq_length, ctx_len)
+        if spec.training.gradient_checkpointing != "auto":
+            plan.gradient_checkpointing = bool(spec.training.gradient_checkpointing)
+        if device.type == "cpu":
+            # No memory model to plan with on CPU: a micro-batch is per_device_batch_size full-length rows.
+            plan.tokens_per_micro_batch = spec.training.per_device_batch_size * max_len
+        plan.tokens_per_micro_batch = max(plan.tokens_per_micro_batch, max_len)
+        self.plan = plan
+        log.info("device %s, precision %s, quantization %s, max length %d, plan: %s", device, self.precision,
+                 spec.quantization.mode, max_len, "; ".join(plan.notes) or plan)
+        self.memory_cap = _apply_memory_fault(device)
+        return model
 
-    if val_ex:
-        log.info("validation loss of the base model on %d examples…", len(val_ex))
-    # sharded, the model already carries the new adapter: lora_B is 0, so this is still the base's loss
-    # (uncompiled: the compile cache is restored below, before anything compiles)
-    with fastpath.eager_layers(model) if plan.fsdp else contextlib.nullcontext():
-        val_before = evaluate_loss(model, val_ex, tokens_per_mb, device, world)
-    prompts = ev.prompts_for(spec, prepared.val_rows,
-                             ev.parse_prompts_jsonl(fetched.eval_prompts_bytes) if fetched.eval_prompts_bytes else None)
-    if not spec.eval.enabled or not world.main:
-        prompts = []  # generations, like everything after training, are rank 0's
-    # the sharded model cannot generate on rank 0 alone: an FSDP2 run's base generates after training,
-    # on rank 0's whole copy with the adapter switched off
-    gen_before = ev.generate(model, tok, prompts, spec, device, "base model") if prompts and not plan.fsdp else []
-    if val_before is not None:
-        log.info("validation loss before training: %.4f", val_before)
+    def _setup_data(self) -> None:
+        """The prepared rows as token ids, cut to the run's max length."""
+        from jobs.trainer.train import encode_rows
 
-    _stage("train")
-    if not plan.fsdp:  # (sharded, load_sharded did this on rank 0's copy)
-        torch.manual_seed(spec.training.seed)  # LoRA A is initialised randomly: the same seed, the same run
-        model = fastpath.prepare_model(wrap_lora(model, spec), plan)
-        distributed.broadcast_trainable(world, model)
-    trainable, total = model.get_nb_trainable_parameters()
-    log.info("LoRA: %d trainable parameters of %d (%.2f%%)", trainable, total, 100 * trainable / max(total, 1))
-    # keyed by what the run trains, not where: more memory or another number of GPUs resumes the run
-    ckpts = Checkpoints(out_store, join(run_prefix, "checkpoints", spec.training_hash()),
-                        workdir if world.main else workdir / f"rank-{world.rank}",
-                        earlier_prefix=join(run_prefix, "checkpoints", spec.spec_hash()))
-    tokens_per_s: dict[int, float] = {}  # per logged step, for the TensorBoard file
+        spec, prepared = self.spec, self.prepared
+        self.train_ex, too_long = encode_rows(self.tok, prepared.train_rows, self.max_len)
+        self.val_ex, _ = encode_rows(self.tok, prepared.val_rows, self.max_len)
+        if too_long:
+            prepared.report["train"]["prompt_too_long"] = {"count": len(too_long), "lines": too_long[:200]}
+        if len(self.train_ex) < spec.data.min_rows:
+            raise DataError(f"only {len(self.train_ex)} training rows fit in max_seq_length={self.max_len} tokens "
+                            f"(need {spec.data.min_rows})", hint="raise training.max_seq_length or shorten prompts")
 
-    def on_progress(**fields) -> None:
-        if fields.get("tokens_per_s") is not None and "step" in fields:
-            tokens_per_s[fields["step"]] = fields["tokens_per_s"]
-        # the first step is written at once: `status` shows training has begun, with its speed, without
-        # waiting out the write interval
-        Stage.progress.update(urgent=fields.get("step") == 1, **fields)
-        if Stage.tracker is not None:
-            Stage.tracker.on_progress(**fields)
+    def _measure_base(self) -> None:
+        """The base's validation loss, and its generations where the strategy can make them before training."""
+        from jobs.trainer import evaluate as ev
+        from jobs.trainer.train import evaluate_loss
 
-    cache = _compile_cache(spec, model, plan, out_store, run_prefix, world)
-    result = train(model, spec, train_ex, val_ex, device=device, plan=plan, checkpoints=ckpts,
-                   stop_requested=stop, world=world, on_progress=on_progress, compile_cache=cache)
-    if cache is not None:
-        cache.save()  # now with the validation graphs too
-    if Stage.tracker is not None:
-        Stage.tracker.evaluations(result.state.evals)  # the final validation is not a progress event
-    if not world.main:  # rank 0 evaluates, merges and publishes
-        log.info("rank %d: training done; rank 0 publishes", world.rank)
-        distributed.shutdown(world)
-        return None
-    train_device = device
-    if plan.fsdp:
-        # The sharded model cannot run on rank 0 alone: what follows (generations, the adapter's files, the
-        # merge) runs on the unsharded base with the whole adapter the ranks gathered, as on one GPU.
-        from peft import set_peft_model_state_dict
+        spec, strategy, model = self.spec, self.strategy, self.model
+        if self.val_ex:
+            log.info("validation loss of the base model on %d examples…", len(self.val_ex))
+        # (uncompiled: the compile cache is restored below, before anything compiles)
+        with strategy.uncompiled(model):
+            self.val_before = evaluate_loss(model, self.val_ex, self.plan.tokens_per_micro_batch, strategy)
+        prompts = ev.prompts_for(spec, self.prepared.val_rows, ev.parse_prompts_jsonl(self.fetched.eval_prompts_bytes)
+                                 if self.fetched.eval_prompts_bytes else None)
+        # generations, like everything after training, are the main process's
+        self.prompts = self.world.on_main(lambda: prompts if spec.eval.enabled else []) or []
+        self.gen_before = []
+        if self.prompts and strategy.generates_base_before_training:
+            self.gen_before = ev.generate(model, self.tok, self.prompts, spec, strategy.device, "base model")
+        if self.val_before is not None:
+            log.info("validation loss before training: %.4f", self.val_before)
 
-        del model
-        free_memory()
-        end_plan = plan
-        if not fastpath.whole_base_fits(config, plan):
-            # a base that needed sharding to train may not fit one GPU even for generations: rank 0 then
-            # evaluates, saves and merges on the CPU (slow for such a base, but the trained adapter is published)
-            log.warning("FSDP2: the whole base (~%.0f GiB) does not fit one GPU's %.0f GiB budget: rank 0 "
-                        "evaluates, saves and merges on the CPU, which is slow for a base this size",
-                        fastpath.estimate_param_count(config) * torch.finfo(plan.dtype).bits / 8 / 2**30,
-                        plan.memory_budget_bytes / 2**30)
-            device = torch.device("cpu")
-            end_plan = fastpath.plan(config, spec.training.model_copy(update={"fsdp": "off"}), device)
-        model = fastpath.prepare_model(source.to(device), end_plan)  # the copy the shards came from
-        source = None
-        set_peft_model_state_dict(model, {k: v.to(device) for k, v in result.adapter.items()})
-        log.info("FSDP2: rank 0 holds the whole base again (on %s) with the gathered adapter of step %d",
-                 device, result.published_step)
-        if prompts:
-            with model.disable_adapter(), fastpath.eager_layers(model):
-                gen_before = ev.generate(model, tok, prompts, spec, device, "base model")
-    steady = result.tokens_per_second_steady
-    log.info("trained %d steps in %.0fs: %.0f tokens/s (%s after warm-up), %d examples and ~%.0f tokens per "
-             "step%s", result.state.step, result.seconds, result.tokens_per_second,
-             "n/a" if steady is None else f"{steady:.0f}", result.examples_per_step, result.tokens_per_step,
-             f", peak GPU memory {_peak_gib():.1f} GiB" if train_device.type == "cuda" else "")
+    # ------------------------------------------------------------------------ train
 
-    _stage("evaluate")
-    if fastpath.remove_fp8(model):  # generations (and what is published) use the bf16 base, as the merge does
-        log.info("FP8 projections swapped back to bf16 for evaluation")
-    val_after = result.val_loss  # of the adapter about to be published (the best one)
-    if val_after is not None:
-        log.info("validation loss after training: %.4f (before %.4f)", val_after, val_before)
-    with fastpath.eager_layers(model):
-        gen_after = ev.generate(model, tok, prompts, spec, device, "with adapter") if prompts else []
-    report = ev.build_report(spec, prompts=prompts, before=gen_before, after=gen_after,
-                             val_loss_before=val_before, val_loss_after=val_after,
-                             history=result.state.history, evals=result.state.evals,
-                             train_outputs=[r.output for r in prepared.train_rows])
-    report["training"]["published_step"] = result.published_step
-    report["training"]["stopped_early"] = result.state.stopped_early
-    out = workdir / "publish"
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    ev.plot_loss(result.state.history, result.state.evals, out / "loss_curve.png")
-    write_tensorboard(out / TENSORBOARD_DIR, result.state.history, result.state.evals, tokens_per_s)
+    def train(self) -> Trained:
+        from jobs.trainer.train import Checkpoints, train
 
-    _stage("merge")
-    model.save_pretrained(out / "adapter", safe_serialization=True)
-    tok.save_pretrained(out / "tokenizer")
-    serving_verdict = _serving_ready(out / "adapter", spec, config, len(tok))
-    merge_info = None
-    if spec.merge.enabled:
-        del model
-        fastpath.undo_module_patches()  # the merge reloads the base: plain transformers classes, any device
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        m_dtype = merge_dtype(spec.merge.dtype, precision)
-        merge_budget = plan.memory_budget_bytes
-        if memory_cap is not None:
-            merge_budget = min(memory_cap, merge_budget or memory_cap)
-        merge_info = merge_and_check(fetched.base_model_dir, out / "adapter", out / "merged", dtype=m_dtype,
-                                     tolerance=spec.merge.tolerance,
-                                     prompts=[ev_prompt.prompt for ev_prompt in prompts] or
-                                     [r.instruction for r in prepared.val_rows[:3]] or ["Hello"],
-                                     tok=tok, device=device, memory_budget_bytes=merge_budget)
-    report["merge"] = merge_info
-    report["serving"] = serving_verdict
+        spec, ctx, strategy, world = self.spec, self.ctx, self.strategy, self.world
+        ctx.enter("train")
+        model = strategy.wrap(self.model, spec, self.plan)
+        self.model = None  # from here on the model lives in what train returns
+        trainable, total = model.get_nb_trainable_parameters()
+        log.info("LoRA: %d trainable parameters of %d (%.2f%%)", trainable, total, 100 * trainable / max(total, 1))
+        # keyed by what the run trains, not where: more memory or another number of GPUs resumes the run
+        ckpts = Checkpoints(self.out_store, join(self.run_prefix, "checkpoints", spec.training_hash()),
+                            self.workdir if world.main else self.workdir / f"rank-{world.rank}",
+                            earlier_prefix=join(self.run_prefix, "checkpoints", spec.spec_hash()))
+        self.tokens_per_s: dict[int, float] = {}  # per logged step, for the TensorBoard file
 
-    _stage("publish")
-    metadata = {
-        "run": spec.name, "run_id": run_id, "spec_hash": spec.spec_hash(),
-        "base_model": {"uri": spec.base_model.uri, "sha256": fetched.base_model_hash},
-        "lora": {"rank": spec.lora.rank, "alpha": spec.lora.alpha, "dropout": spec.lora.dropout,
-                 "target_modules": spec.lora.target_modules, "use_rslora": spec.lora.use_rslora,
-                 "use_dora": spec.lora.use_dora},
-        "quantization": spec.quantization.mode,
-        "training": {"epochs": spec.training.epochs, "learning_rate": spec.training.learning_rate,
-                     "weight_decay": spec.training.weight_decay, "optimizer": spec.training.optimizer,
-                     "examples_per_step": result.examples_per_step, "world_size": world.size,
-                     "tokens_per_step": round(result.tokens_per_step, 1),
-                     "tokens_per_micro_batch": plan.tokens_per_micro_batch,
-                     "max_seq_length": max_len, "precision": precision, "seed": spec.training.seed,
-                     "loss_scaling": result.loss_scaling, "gradient_checkpointing": plan.gradient_checkpointing,
-                     "fp8": plan.fp8, "fp8_recipe": fastpath.fp8_recipe() if plan.fp8 else None,
-                     "first_step_seconds": result.first_step_seconds,
-                     "compile_cache": cache.summary() if cache is not None else None,
-                     "steps": result.state.step, "planned_steps": result.total_steps,
-                     "published_step": result.published_step, "best_val_loss": result.state.best_val,
-                     "stopped_early": result.state.stopped_early, "resumed_from_step": result.resumed_from,
-                     "oom_backoffs": result.state.oom_backoffs,
-                     "train_seconds": round(result.seconds, 1),
-                     "tokens_per_second": round(result.tokens_per_second, 1),
-                     "tokens_per_second_steady": None if steady is None else round(steady, 1),
-                     "gpu_memory_budget_gib": None if plan.memory_budget_bytes is None
-                     else round(plan.memory_budget_bytes / 2**30, 1),
-                     "plan": result.plan_notes},
-        "dataset": {"train": spec.dataset.train, "sha256": prepared.report["train"]["dataset_sha256"],
-                    "rows_kept": prepared.report["train"]["kept_rows"]},
-        "metrics": {"train_loss_first": report["training"]["first_loss"],
-                    "train_loss_last": report["training"]["last_loss"],
-                    "val_loss_before": report["validation"]["loss_before"],
-                    "val_loss_after": report["validation"]["loss_after"],
-                    "perplexity_after": report["validation"]["perplexity_after"]},
-        "merged": spec.merge.enabled,
-        "serving": serving_verdict,
-        "code_version": os.environ.get("LORA_JOBS_CODE_VERSION", __version__),
-        "image": image or os.environ.get("LORA_JOBS_IMAGE"),
-        "device": str(device), "torch": torch.__version__,
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-        "seconds": round(time.time() - started, 1),
-        "stages": Stage.timings,
-        "cost": _cost(cost_facts, spec, seconds=time.time() - started, tokens=result.state.tokens_seen,
-                      tokens_per_s=result.tokens_per_second),
-    }
-    (out / "metadata.json").write_text(json.dumps(metadata, indent=1))
-    (out / "data_report.json").write_text(json.dumps(prepared.report, indent=1))
-    (out / "eval_report.json").write_text(json.dumps(report, indent=1))
-    (out / "eval_report.md").write_text(ev.render_markdown(report, spec))
-    (out / "eval_report.html").write_text(ev.render_html(report, spec, (out / "loss_curve.png").read_bytes()))
-    _stage(None)  # what publishing costs is logged below; metadata.json is already written
-    t_pub = time.perf_counter()
-    version = publish_version(out_store, run_prefix, out)
-    log.info("published %s in %.1fs", version, time.perf_counter() - t_pub)
-    metadata["version"] = version
-    metadata["location"] = f"{out_store.label}/{join(run_prefix, version)}"
-    distributed.shutdown(world)
-    return metadata
+        def on_progress(**fields) -> None:
+            if fields.get("tokens_per_s") is not None and "step" in fields:
+                self.tokens_per_s[fields["step"]] = fields["tokens_per_s"]
+            # the first step is written at once: `status` shows training has begun, with its speed, without
+            # waiting out the write interval
+            ctx.progress.update(urgent=fields.get("step") == 1, **fields)
+            if ctx.tracker is not None:
+                ctx.tracker.on_progress(**fields)
+
+        self.cache = _compile_cache(spec, model, self.plan, self.out_store, self.run_prefix, world)
+        result = train(model, spec, self.train_ex, self.val_ex, strategy=strategy, plan=self.plan, checkpoints=ckpts,
+                       stop_requested=ctx.stop, on_progress=on_progress, compile_cache=self.cache)
+        if self.cache is not None:
+            self.cache.save()  # now with the validation graphs too
+        if ctx.tracker is not None:
+            ctx.tracker.evaluations(result.state.evals)  # the final validation is not a progress event
+        return Trained(model, strategy.device, result)
+
+    # --------------------------------------------------------------------- evaluate
+
+    def evaluate(self, trained: Trained) -> Trained:
+        """The main process's: the adapter's validation loss and generations against the base's; the report, the
+        loss curve and the TensorBoard file in the folder to publish."""
+        from jobs.trainer import evaluate as ev
+        from jobs.trainer import fastpath
+        from jobs.trainer.tracking import TENSORBOARD_DIR, write_tensorboard
+
+        spec, strategy, result, prompts = self.spec, self.strategy, trained.result, self.prompts
+        strategy.finish_training(trained, spec, self.config, self.plan)
+        if prompts and not strategy.generates_base_before_training:
+            with trained.model.disable_adapter(), fastpath.eager_layers(trained.model):
+                self.gen_before = ev.generate(trained.model, self.tok, prompts, spec, trained.device, "base model")
+        steady = result.tokens_per_second_steady
+        log.info("trained %d steps in %.0fs: %.0f tokens/s (%s after warm-up), %d examples and ~%.0f tokens per "
+                 "step%s", result.state.step, result.seconds, result.tokens_per_second,
+                 "n/a" if steady is None else f"{steady:.0f}", result.examples_per_step, result.tokens_per_step,
+                 f", peak GPU memory {peak_gpu_gib():.1f} GiB" if strategy.device.type == "cuda" else "")
+
+        self.ctx.enter("evaluate")
+        model, device = trained.model, trained.device
+        if fastpath.remove_fp8(model):  # generations (and what is published) use the bf16 base, as the merge does
+            log.info("FP8 projections swapped back to bf16 for evaluation")
+        val_after = result.val_loss  # of the adapter about to be published (the best one)
+        if val_after is not None:
+            log.info("validation loss after training: %.4f (before %.4f)", val_after, self.val_before)
+        with fastpath.eager_layers(model):
+            gen_after = ev.generate(model, self.tok, prompts, spec, device, "with adapter") if prompts else []
+        report = ev.build_report(spec, prompts=prompts, before=self.gen_before, after=gen_after,
+                                 val_loss_before=self.val_before, val_loss_after=val_after,
+                                 history=result.state.history, evals=result.state.evals,
+                                 train_outputs=[r.output for r in self.prepared.train_rows])
+        report["training"]["published_step"] = result.published_step
+        report["training"]["stopped_early"] = result.state.stopped_early
+        self.report = report
+        self.out = out = self.workdir / "publish"
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        ev.plot_loss(result.state.history, result.state.evals, out / "loss_curve.png")
+        write_tensorboard(out / TENSORBOARD_DIR, result.state.history, result.state.evals, self.tokens_per_s)
+        return trained
+
+    # ------------------------------------------------------------------------ merge
+
+    def merge(self, trained: Trained) -> Trained:
+        """The adapter's and tokenizer's files, their serving verdict, and (merge.enabled) base + adapter merged
+        and checked against the adapter's own outputs."""
+        import torch
+
+        from jobs.trainer import fastpath
+        from jobs.trainer.merge import merge_and_check, merge_dtype
+
+        spec, out, device = self.spec, self.out, trained.device
+        self.ctx.enter("merge")
+        trained.model.save_pretrained(out / "adapter", safe_serialization=True)
+        self.tok.save_pretrained(out / "tokenizer")
+        self.serving = _serving_ready(out / "adapter", spec, self.config, len(self.tok))
+        merge_info = None
+        if spec.merge.enabled:
+            trained.model = None
+            fastpath.undo_module_patches()  # the merge reloads the base: plain transformers classes, any device
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            merge_budget = self.plan.memory_budget_bytes
+            if self.memory_cap is not None:
+                merge_budget = min(self.memory_cap, merge_budget or self.memory_cap)
+            merge_info = merge_and_check(self.fetched.base_model_dir, out / "adapter", out / "merged",
+                                         dtype=merge_dtype(spec.merge.dtype, self.precision),
+                                         tolerance=spec.merge.tolerance,
+                                         prompts=[ev_prompt.prompt for ev_prompt in self.prompts] or
+                                         [r.instruction for r in self.prepared.val_rows[:3]] or ["Hello"],
+                                         tok=self.tok, device=device, memory_budget_bytes=merge_budget)
+        self.report["merge"] = merge_info
+        self.report["serving"] = self.serving
+        return trained
+
+    # ---------------------------------------------------------------------- publish
+
+    def publish(self, trained: Trained) -> dict:
+        """metadata.json and the reports next to the adapter, then the folder published as the next version."""
+        from jobs.publish import publish_version
+        from jobs.trainer import evaluate as ev
+        from jobs.trainer.metadata import run_metadata
+
+        spec, ctx, out, result, report = self.spec, self.ctx, self.out, trained.result, self.report
+        ctx.enter("publish")
+        metadata = run_metadata(
+            spec, run_id=self.run_id, image=self.image, base_model_hash=self.fetched.base_model_hash,
+            report=report, data_report=self.prepared.report, result=result, plan=self.plan, max_len=self.max_len,
+            precision=self.precision, world_size=self.world.size,
+            compile_cache=self.cache.summary() if self.cache is not None else None, serving=self.serving,
+            device=trained.device, started_at=ctx.started_at, stages=ctx.timings,
+            cost=lambda seconds: _cost(self.cost_facts, spec, seconds=seconds, tokens=result.state.tokens_seen,
+                                       tokens_per_s=result.tokens_per_second, stages=ctx.timings))
+        (out / "metadata.json").write_text(metadata.to_json())
+        (out / "data_report.json").write_text(json.dumps(self.prepared.report, indent=1))
+        (out / "eval_report.json").write_text(json.dumps(report, indent=1))
+        (out / "eval_report.md").write_text(ev.render_markdown(report, spec))
+        (out / "eval_report.html").write_text(ev.render_html(report, spec, (out / "loss_curve.png").read_bytes()))
+        ctx.enter(None)  # what publishing costs is logged below; metadata.json is already written
+        t_pub = time.perf_counter()
+        version = publish_version(self.out_store, self.run_prefix, out)
+        log.info("published %s in %.1fs", version, time.perf_counter() - t_pub)
+        return {**metadata.to_dict(), "version": version,
+                "location": f"{self.out_store.label}/{join(self.run_prefix, version)}"}

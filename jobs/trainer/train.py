@@ -5,6 +5,10 @@ chunked loss — ``jobs.trainer.fastpath``) is ours to make fast, and so checkpo
 resume and preemption are exact: a resumed run continues with the same batches
 at the same optimizer step, none lost beyond the checkpoint interval, none
 counted twice.
+
+Here: tokenisation, the LoRA wrap, the schedule of a step's examples, validation, checkpoints, and
+:func:`train`, which sets up the optimizer and resume and runs the step loop with its hooks
+(``jobs.trainer.loop``); how the work is spread over processes is the strategy's (``jobs.trainer.strategies``).
 """
 from __future__ import annotations
 
@@ -12,12 +16,11 @@ import json
 import logging
 import math
 import random
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from jobs.errors import DataError, Diverged, OutOfMemory, Preempted, Problem, SpecError
+from jobs.errors import DataError, OutOfMemory, Problem, SpecError
 from jobs.spec import ALL_LINEAR, TrainingRunSpec
 
 log = logging.getLogger("jobs")
@@ -278,11 +281,11 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def evaluate_loss(model, examples: list[dict], budget: TokenBudget | int, device, world=None) -> float | None:
+def evaluate_loss(model, examples: list[dict], budget: TokenBudget | int, strategy) -> float | None:
     """Mean token cross-entropy over examples (no dropout, no grad); backs off on out-of-memory.
 
-    With several ranks each takes every world-th example and the sums are all-reduced, so every
-    rank gets the same number (early stopping decides the same everywhere)."""
+    With several ranks each takes its share of the examples (``strategy.validation_batches``) and the sums are
+    all-reduced, so every rank gets the same number (early stopping decides the same everywhere)."""
     import torch
 
     from jobs.trainer import fastpath
@@ -291,10 +294,7 @@ def evaluate_loss(model, examples: list[dict], budget: TokenBudget | int, device
         return None
     if not isinstance(budget, TokenBudget):
         budget = TokenBudget(budget, max(len(e["input_ids"]) for e in examples))
-    mine = examples if world is None or world.size == 1 else examples[world.rank::world.size]
-    from jobs.trainer.distributed import all_gather_floats, is_sharded
-
-    sharded = world is not None and world.size > 1 and is_sharded(model)
+    device = strategy.device
     was_training = model.training
     model.eval()
     try:
@@ -302,28 +302,19 @@ def evaluate_loss(model, examples: list[dict], budget: TokenBudget | int, device
             try:
                 sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, target tokens
                 with torch.no_grad():
-                    mbs = fastpath.pack_rows(mine, budget.tokens, seed=0, shuffle=False) if mine else []
-                    counted = len(mbs)
-                    if sharded:  # every rank runs as many forwards (each gathers the sharded weights)
-                        most = int(all_gather_floats(world, [len(mbs)], device, "validation batch counts").max())
-                        mbs += [_filler(examples, budget.tokens)] * (most - len(mbs))
+                    mbs, counted = strategy.validation_batches(examples, budget.tokens)
                     for i, mb in enumerate(mbs):
                         loss_sum, ntok = fastpath.lm_loss(model, fastpath.to_device(mb, device))
                         if i < counted:
                             sums[0] += loss_sum.double()
                             sums[1] += ntok
-                if world is not None:
-                    world.reduce_sum(sums)
+                strategy.reduce_sum(sums)
                 return float(sums[0]) / max(1.0, float(sums[1]))
             except RuntimeError as err:
                 if not _is_oom(err):
                     raise
                 msg = str(err).splitlines()[0]
-                if sharded:  # as in a sharded step: a rank cannot retry alone while the others wait in its collectives
-                    raise OutOfMemory(f"validation ran out of GPU memory at {budget.tokens} tokens per micro-batch on "
-                                      f"an FSDP2-sharded run ({msg})",
-                                      hint="set training.gpu_memory_gib lower (smaller micro-batches are planned), "
-                                           "or shard over more GPUs") from None
+                strategy.validation_oom(budget.tokens, msg)
             free_memory()
             before = budget.tokens
             if not budget.halve():
@@ -344,15 +335,6 @@ def _filler(examples: list[dict], tokens: int) -> dict:
     return fastpath.pack_rows(examples[:1], tokens, seed=0, shuffle=False)[0]
 
 
-def _adapter_snapshot(model) -> dict:
-    """The whole adapter on the CPU; with FSDP2 every rank gathers its shards (a collective)."""
-    from peft import get_peft_model_state_dict
-
-    from jobs.trainer.distributed import full_tensor
-
-    return {k: full_tensor(v).detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items()}
-
-
 def _check_resumable(saved: TrainState, step: int, examples_per_step: int, world_size: int, checkpoints) -> None:
     """A checkpoint resumes on any number of processes as long as a step still means the same examples
     (the default: 16 per step on any world size). With an explicit accumulation a step is
@@ -370,10 +352,39 @@ def _check_resumable(saved: TrainState, step: int, examples_per_step: int, world
         f"{checkpoints.location} to start the run afresh")])
 
 
-def train(model, spec: TrainingRunSpec, train_ex: list[dict], val_ex: list[dict], *, device, plan,
-          checkpoints, stop_requested: Callable[[], bool] = lambda: False, world=None,
+def _optimizer(params, t, cuda: bool):
+    import torch
+
+    if t.optimizer == "paged_adamw_8bit":
+        import bitsandbytes as bnb
+        return bnb.optim.PagedAdamW8bit(params, lr=t.learning_rate, weight_decay=t.weight_decay)
+    # the same AdamW; on a GPU its fused kernel (one launch for all LoRA tensors, no host sync)
+    return torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay, fused=True if cuda else None)
+
+
+def _resume(checkpoints, model, optimizer, scheduler, state: TrainState, scaler, budget: TokenBudget, *,
+            total_steps: int, examples_per_step: int, world_size: int) -> int | None:
+    """Restore the newest checkpoint into the model, optimizer, schedule, scaler and ``state``; the step it was
+    written at (None: none). A back-off it recorded keeps the micro-batches as small."""
+    resumed_from = checkpoints.restore(model, optimizer, scheduler, state, scaler)
+    if resumed_from is None:
+        return None
+    _check_resumable(state, resumed_from, examples_per_step, world_size, checkpoints)
+    written_by = state.world_size or 1
+    log.info("resumed from checkpoint at step %d of %d%s", resumed_from, total_steps,
+             f" (written by {written_by} training process{'es' if written_by > 1 else ''}, now {world_size})"
+             if written_by != world_size else "")
+    state.world_size = world_size
+    if state.tokens_per_micro_batch:
+        budget.tokens = min(budget.tokens, state.tokens_per_micro_batch)
+    return resumed_from
+
+
+def train(model, spec: TrainingRunSpec, train_ex: list[dict], val_ex: list[dict], *, strategy, plan,
+          checkpoints, stop_requested: Callable[[], bool] = lambda: False,
           on_progress: Callable[..., None] | None = None, compile_cache=None) -> TrainResult:
-    """Train ``model`` (already PEFT-wrapped) in place. ``checkpoints`` saves and restores state.
+    """Train ``model`` (already PEFT-wrapped) in place, spread over the training processes by ``strategy``
+    (``jobs.trainer.strategies``). ``checkpoints`` saves and restores state.
     ``on_progress(**fields)`` sees every recorded step and validation (jobs.progress.ProgressWriter.update).
     ``compile_cache`` (a :class:`jobs.trainer.compile_cache.CompileCache`) is saved once the first step has
     compiled, so a retry that comes before the end of training starts warm too.
@@ -382,35 +393,21 @@ def train(model, spec: TrainingRunSpec, train_ex: list[dict], val_ex: list[dict]
     when there is no validation data), and ``TrainResult.published_step`` says which step that is.
     """
     import torch
-    from peft import set_peft_model_state_dict
     from transformers import get_scheduler
 
-    from jobs.trainer import fastpath
+    from jobs.trainer.loop import Checkpointing, CompileCacheSave, EarlyStopping, ProgressLog, StepLoop, Validation
 
-    from jobs.trainer.distributed import World, full_optimizer_state, is_sharded
-
-    world = world or World()
-    world_size = world.size
-    # FSDP2 (plan.fsdp): gradients are reduce-scattered in each backward, and every forward and backward is a
-    # collective, so every rank runs as many micro-batches; the step's counts are agreed on before them.
-    sharded = world_size > 1 and is_sharded(model)
-    t = spec.training
+    world_size, t, cuda = strategy.world.size, spec.training, strategy.device.type == "cuda"
     torch.manual_seed(t.seed)
     random.seed(t.seed)
     examples_per_step = t.examples_per_step(world_size)
-    sched = Schedule(train_ex, examples_per_step, t.seed, t.epochs, rank=world.rank, world_size=world_size)
+    sched = Schedule(train_ex, examples_per_step, t.seed, t.epochs, rank=strategy.world.rank, world_size=world_size)
     total_steps = sched.steps_per_epoch * t.epochs
     if t.max_steps:
         total_steps = min(total_steps, t.max_steps)
     eval_every = t.eval_interval_for(sched.steps_per_epoch)
     params = [p for p in model.parameters() if p.requires_grad]
-    cuda = device.type == "cuda"
-    if t.optimizer == "paged_adamw_8bit":
-        import bitsandbytes as bnb
-        optimizer = bnb.optim.PagedAdamW8bit(params, lr=t.learning_rate, weight_decay=t.weight_decay)
-    else:  # the same AdamW; on a GPU its fused kernel (one launch for all LoRA tensors, no host sync)
-        optimizer = torch.optim.AdamW(params, lr=t.learning_rate, weight_decay=t.weight_decay,
-                                      fused=True if cuda else None)
+    optimizer = _optimizer(params, t, cuda)
     warmup = t.warmup_steps_for(total_steps)
     scheduler = get_scheduler(t.lr_scheduler if t.lr_scheduler != "constant" else "constant_with_warmup",
                               optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
@@ -421,296 +418,35 @@ def train(model, spec: TrainingRunSpec, train_ex: list[dict], val_ex: list[dict]
     state = TrainState(world_size=world_size, examples_per_step=examples_per_step)
     longest = max((len(e["input_ids"]) for e in train_ex), default=2)
     budget = TokenBudget(plan.tokens_per_micro_batch, min(longest, plan.tokens_per_micro_batch))
-    best_adapter = None
-    resumed_from = checkpoints.restore(model, optimizer, scheduler, state, scaler)
-    if resumed_from is not None:
-        _check_resumable(state, resumed_from, examples_per_step, world_size, checkpoints)
-        written_by = state.world_size or 1
-        log.info("resumed from checkpoint at step %d of %d%s", resumed_from, total_steps,
-                 f" (written by {written_by} training process{'es' if written_by > 1 else ''}, now {world_size})"
-                 if written_by != world_size else "")
-        state.world_size = world_size
-        best_adapter = checkpoints.restored_best
-        if state.tokens_per_micro_batch:
-            budget.tokens = min(budget.tokens, state.tokens_per_micro_batch)
+    resumed_from = _resume(checkpoints, model, optimizer, scheduler, state, scaler, budget, total_steps=total_steps,
+                           examples_per_step=examples_per_step, world_size=world_size)
     log.info("training: %d examples, %d examples per optimizer step (%d per device x %d accumulation x %d "
              "device%s), packed into micro-batches of <=%d tokens; %d optimizer steps (%d per epoch), warm-up %d, "
              "validation every %d steps; lr %.1e, LoRA r=%d alpha=%d%s", len(train_ex), examples_per_step,
              t.per_device_batch_size, t.accumulation_for(world_size), world_size, "s" if world_size > 1 else "",
              budget.tokens, total_steps, sched.steps_per_epoch, warmup, eval_every, t.learning_rate,
              spec.lora.rank, spec.lora.alpha, ", fp16 loss scaling" if scaling else "")
-    model.train()
-    t0 = time.perf_counter()
-    tokens_this_run = 0
-    step_times: list[float] = []
-    step_tokens: list[int] = []
-    pending: dict | None = None  # the step whose loss is still on its way from the GPU
-    last_end = t0
 
-    def finish(p: dict) -> None:
-        """Read a finished step's loss (waiting only for that step) and record it."""
-        if p["event"] is not None:
-            p["event"].synchronize()
-        loss = float(p["loss"]) / max(1.0, float(p["n_target"]))
-        if not math.isfinite(loss):
-            raise Diverged(f"the training loss became {loss} at step {p['step']}",
-                           hint="lower training.learning_rate, use precision: bf16 or fp32, or check the data "
-                                "for empty or garbled outputs")
-        state.history.append({"step": p["step"], "loss": round(loss, 5), "lr": p["lr"], "tokens": p["tokens"],
-                              "examples": p["examples"]})
-        if on_progress is not None:
-            elapsed = time.perf_counter() - t0
-            on_progress(step=p["step"], total_steps=total_steps, loss=round(loss, 5), lr=p["lr"],
-                        examples_seen=state.examples_seen, tokens_seen=state.tokens_seen,
-                        epoch=(p["step"] - 1) // max(1, sched.steps_per_epoch) + 1,
-                        tokens_per_s=round(p["tokens_so_far"] / max(elapsed, 1e-9), 1),
-                        eta_s=_eta_seconds(step_times, total_steps - p["step"]))
-        if p["step"] % t.logging_interval_steps == 0 or p["step"] == total_steps:
-            elapsed = time.perf_counter() - t0
-            log.info("step %d/%d  loss %.4f  lr %.2e  %d examples  %d tokens  %.0f tok/s  step %.2fs  ETA %s",
-                     p["step"], total_steps, loss, p["lr"], p["examples"], p["tokens"],
-                     p["tokens_so_far"] / max(elapsed, 1e-9), p["seconds"], _eta(step_times, total_steps - p["step"]))
-
-    while state.step < total_steps and not state.stopped_early:
-        k = state.step
-        if sharded:
-            step_loss, n_target, real_tokens, stop_here, mbs = _sharded_step(model, sched, k, budget, device, world,
-                                                                             scaler, stop_requested)
-        while not sharded:  # one optimizer step; on out-of-memory: smaller micro-batches, same examples
-            mbs = sched.micro_batches(k, budget.tokens, fastpath.pack_step)
-            n_target = sum(_target_tokens(mb) for mb in mbs)
-            try:
-                step_loss = torch.zeros((), dtype=torch.float32, device=device)
-                for mb in mbs:
-                    loss_sum, _ = fastpath.lm_loss(model, fastpath.to_device(mb, device))
-                    scaler.scale(loss_sum / max(1, n_target)).backward()
-                    step_loss += loss_sum.detach().float()
-                break
-            except RuntimeError as err:
-                if not _is_oom(err):
-                    raise
-                msg = str(err).splitlines()[0]
-            optimizer.zero_grad(set_to_none=True)
-            free_memory()
-            before = budget.tokens
-            if not budget.halve():
-                raise OutOfMemory(
-                    f"out of GPU memory at step {k + 1} even at {before} tokens per micro-batch "
-                    f"(the longest example is {longest} tokens): {msg}",
-                    hint="lower training.max_seq_length, use quantization.mode: 4bit, turn on "
-                         "training.gradient_checkpointing, or use a GPU with more memory")
-            state.oom_backoffs.append({"step": k + 1, "from": before, "to": budget.tokens})
-            state.tokens_per_micro_batch = budget.tokens
-            log.warning("out of GPU memory at step %d with micro-batches of %d tokens: retrying the step at %d "
-                        "(same %d examples)", k + 1, before, budget.tokens, examples_per_step)
-        lr_used = scheduler.get_last_lr()[0]
-        if not sharded:
-            stop_here = stop_requested()
-            real_tokens = sum(len(mb["input_ids"]) for mb in mbs)
-        if world_size > 1 and not sharded:  # data parallel: one all-reduce of the LoRA gradients a step
-            reduced = world.reduce_step(params, n_target, step_loss, [real_tokens, float(stop_here)], device)
-            n_target, step_loss = reduced[0], reduced[1]
-            real_tokens, stop_here = int(reduced[2]), bool(reduced[3] > 0)  # a host sync: all stop together
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        tokens_this_run += real_tokens
-        state.tokens_seen += real_tokens
-        n_examples = len(sched.step_indices(k))  # the whole step's, on every rank
-        state.examples_seen += n_examples
-        now = time.perf_counter()
-        step_times.append(now - last_end)  # host time between step ends: one step behind the GPU at most
-        step_tokens.append(real_tokens)
-        last_end = now
-        # No host sync here: the loss goes to pinned memory behind an event, and is read once the next
-        # step is queued, so the CPU prepares step k+1 while the GPU still runs step k.
-        event = None
-        if cuda:
-            loss_host = torch.empty((), dtype=torch.float32, pin_memory=True)
-            loss_host.copy_(step_loss, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-        else:
-            loss_host = step_loss
-        if isinstance(n_target, torch.Tensor):
-            n_target = float(n_target)
-        current = {"step": state.step, "loss": loss_host, "event": event, "n_target": n_target,
-                   "examples": n_examples, "tokens": real_tokens, "lr": lr_used,
-                   "tokens_so_far": tokens_this_run, "seconds": step_times[-1]}
-        if pending is not None:
-            finish(pending)
-        pending = current
-        due_eval = bool(val_ex) and state.step % eval_every == 0 and state.step < total_steps
-        due_ckpt = state.step % t.checkpoint_interval_steps == 0 and state.step < total_steps
-        stop = stop_here
-        if due_eval or due_ckpt or stop or state.step == total_steps or not cuda:
-            finish(pending)  # (on a CPU there is nothing to overlap: every step is logged at once)
-            pending = None
-        if due_eval and _eval_and_maybe_stop(model, val_ex, budget, device, state, t.early_stopping_patience,
-                                             world):
-            best_adapter = _adapter_snapshot(model)
-        if due_eval and on_progress is not None:
-            on_progress(val_loss=state.evals[-1]["val_loss"], best_val_loss=state.best_val, best_step=state.best_step)
-        if (due_ckpt or stop) and sharded:  # every rank gathers its shards; rank 0 writes the whole state
-            whole, whole_opt = _adapter_snapshot(model), full_optimizer_state(optimizer)
-            if world.main:
-                checkpoints.save(model, optimizer, scheduler, state, scaler, best_adapter, adapter=whole,
-                                 optimizer_state=whole_opt)
-        elif (due_ckpt or stop) and world.main:  # every rank holds the same weights: rank 0 writes them
-            checkpoints.save(model, optimizer, scheduler, state, scaler, best_adapter)
-        if due_ckpt or stop:
-            world.barrier()
-        paused = due_eval or due_ckpt
-        if compile_cache is not None and len(step_times) == 1:
-            compile_cache.save()  # the first step compiled the forward and backward graphs
-            paused = True
-        if paused:
-            last_end = time.perf_counter()  # step times (tokens/s, ETA) leave validation and checkpoints out
-        if stop:
-            raise Preempted(f"stopped by SIGTERM at step {state.step}/{total_steps}; checkpoint saved",
-                            hint="the Job retries and resumes from this checkpoint")
-    if pending is not None:
-        finish(pending)
-    if cuda:
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - t0
-    if step_times:
-        step_times[-1] += time.perf_counter() - last_end  # the GPU's tail of the last step
-
+    loop = StepLoop(model, strategy, sched=sched, budget=budget, optimizer=optimizer, scheduler=scheduler,
+                    scaler=scaler, params=params, state=state, total_steps=total_steps,
+                    eval_every=eval_every if val_ex else None, checkpoint_every=t.checkpoint_interval_steps,
+                    longest=longest, examples_per_step=examples_per_step, stop_requested=stop_requested)
+    progress = ProgressLog(t.logging_interval_steps, sched.steps_per_epoch, on_progress, cuda)
+    validation = Validation(val_ex, on_progress, checkpoints.restored_best if resumed_from is not None else None)
+    hooks = [progress, validation, EarlyStopping(t.early_stopping_patience), Checkpointing(checkpoints, validation)]
+    loop.run(hooks + ([CompileCacheSave(compile_cache)] if compile_cache is not None else []))
+    progress.flush(loop)
+    seconds = loop.clock.stop(strategy.device)
     # The adapter to publish: the one with the best validation loss (early stopping's point).
-    val_loss, published_step = None, state.step
-    publish_adapter = None
-    if val_ex:
-        if state.evals and state.evals[-1]["step"] == state.step:
-            val_loss = state.evals[-1]["val_loss"]
-        else:
-            val_loss = evaluate_loss(model, val_ex, budget, device, world)
-            state.evals.append({"step": state.step, "val_loss": round(val_loss, 5)})
-            log.info("step %d  validation loss %.4f", state.step, val_loss)
-        if best_adapter is not None and state.best_val is not None and state.best_val < val_loss:
-            if sharded:
-                publish_adapter = best_adapter
-            else:
-                set_peft_model_state_dict(model, {k: v.to(device) for k, v in best_adapter.items()})
-            published_step, val_loss = state.best_step, state.best_val
-            log.info("publishing the adapter of step %d (validation loss %.4f), not the last one (%.4f)",
-                     published_step, state.best_val, state.evals[-1]["val_loss"])
-        elif state.best_val is None or val_loss <= state.best_val:
-            state.best_val, state.best_step = val_loss, state.step
-    if sharded and publish_adapter is None:
-        publish_adapter = _adapter_snapshot(model)  # every rank gathers; rank 0 publishes it
-    warm = min(5, len(step_times) // 4) if len(step_times) >= 8 else (1 if len(step_times) > 1 else 0)
-    steady = (sum(step_tokens[warm:]) / max(sum(step_times[warm:]), 1e-9)) if len(step_times) > warm else None
+    val_loss, published_step, adapter = validation.publish(loop)
+    clock = loop.clock
     return TrainResult(state=state, total_steps=total_steps, resumed_from=resumed_from, plan_notes=plan.notes,
-                       seconds=seconds, tokens_per_second=tokens_this_run / max(seconds, 1e-9),
-                       tokens_per_second_steady=steady, examples_per_step=examples_per_step,
-                       tokens_per_step=sum(step_tokens) / max(1, len(step_tokens)), val_loss=val_loss,
+                       seconds=seconds, tokens_per_second=clock.tokens_this_run / max(seconds, 1e-9),
+                       tokens_per_second_steady=clock.steady_tokens_per_second(), examples_per_step=examples_per_step,
+                       tokens_per_step=sum(clock.step_tokens) / max(1, len(clock.step_tokens)), val_loss=val_loss,
                        published_step=published_step, loss_scaling=scaling,
-                       first_step_seconds=round(step_times[0], 1) if step_times else None,
-                       adapter=publish_adapter)
-
-
-def _sharded_step(model, sched: Schedule, k: int, budget: TokenBudget, device, world, scaler,
-                  stop_requested: Callable[[], bool]) -> tuple:
-    """Forward and backward of optimizer step k on an FSDP2-sharded model; leaves the gradients, summed over
-    ranks and normalised by the step's target tokens, in the (sharded) parameters' grads. Returns
-    (loss sum, target tokens, tokens, stop flag), each over all ranks, and this rank's micro-batches.
-
-    The ranks first agree on the step's target tokens (so each rank's loss is divided by the step's total,
-    like the data-parallel path's weighting), its tokens, the stop flag and the most micro-batches any rank
-    has: a rank with fewer runs filler micro-batches whose loss is multiplied by 0, because each forward
-    and backward gathers the weights from every rank. Gradient sync is off for all but the last micro-batch
-    (the LoRA gradients accumulate unsharded, then one reduce-scatter); FSDP2 averages over ranks, so each
-    rank's loss is scaled by the world size to make that average the sum. No out-of-memory back-off: one
-    rank cannot retry alone while the others wait in its collectives."""
-    import torch
-
-    from jobs.trainer import fastpath
-    from jobs.trainer.distributed import all_gather_floats
-
-    mbs = sched.micro_batches(k, budget.tokens, fastpath.pack_step)
-    n_local = sum(_target_tokens(mb) for mb in mbs)
-    tokens_local = sum(len(mb["input_ids"]) for mb in mbs)
-    agreed = all_gather_floats(world, [n_local, tokens_local, float(stop_requested()), len(mbs)], device,
-                               "the step's token counts")
-    n_target, real_tokens = float(agreed[:, 0].sum()), int(agreed[:, 1].sum())
-    stop_here, most = bool(agreed[:, 2].max() > 0), int(agreed[:, 3].max())
-    counted = len(mbs)
-    runs = mbs + [_filler(sched.examples, budget.tokens)] * (most - counted)
-    (log.info if k == 0 else log.debug)("FSDP2 step %d: %d micro-batches on rank %d and %d filler (the busiest "
-                                        "rank has %d)", k + 1, counted, world.rank, most - counted, most)
-    step_loss = torch.zeros((), dtype=torch.float32, device=device)
-    root = fastpath._unwrap(model)  # the FSDP2 root (jobs.trainer.distributed.shard_model)
-    try:
-        for i, mb in enumerate(runs):
-            root.set_requires_gradient_sync(i == len(runs) - 1)
-            loss_sum, _ = fastpath.lm_loss(model, fastpath.to_device(mb, device))
-            weight = world.size / max(1.0, n_target) if i < counted else 0.0
-            scaler.scale(loss_sum * weight).backward()
-            if i < counted:
-                step_loss += loss_sum.detach().float()
-    except RuntimeError as err:
-        if not _is_oom(err):
-            raise
-        raise OutOfMemory(f"out of GPU memory at step {k + 1} with micro-batches of {budget.tokens} tokens on an "
-                          f"FSDP2-sharded run: {str(err).splitlines()[0]}",
-                          hint="set training.gpu_memory_gib lower (smaller micro-batches are planned), turn on "
-                               "training.gradient_checkpointing, or shard over more GPUs") from None
-    finally:
-        root.set_requires_gradient_sync(True)
-    world.reduce_sum(step_loss)
-    return step_loss, n_target, real_tokens, stop_here, mbs
-
-
-def _eval_and_maybe_stop(model, val_ex, budget, device, state: TrainState, patience: int | None,
-                         world=None) -> bool:
-    """Validation at this step; True when it is the best so far (the caller keeps that adapter)."""
-    val = evaluate_loss(model, val_ex, budget, device, world)
-    state.evals.append({"step": state.step, "val_loss": round(val, 5)})
-    log.info("step %d  validation loss %.4f", state.step, val)
-    # patience counts evaluations without a real improvement (> 1e-4) ...
-    if state.patience_ref is None or val < state.patience_ref - 1e-4:
-        state.patience_ref, state.bad_evals = val, 0
-    else:
-        state.bad_evals += 1
-    # ... while the adapter kept for publishing is simply the lowest validation loss seen
-    best = state.best_val is None or val < state.best_val
-    if best:
-        state.best_val, state.best_step = val, state.step
-    if patience and state.bad_evals >= patience:
-        log.info("early stopping at step %d: validation loss has not improved for %d evaluations (best %.4f at "
-                 "step %d)", state.step, patience, state.best_val, state.best_step)
-        state.stopped_early = True
-    return best
-
-
-def _eta_seconds(step_times: list[float], remaining: int) -> float | None:
-    """Seconds left from the recent steps, leaving out the first one (compilation); None: not known yet."""
-    if remaining <= 0:
-        return 0.0
-    recent = step_times[1:][-20:]
-    return round(remaining * sum(recent) / len(recent), 1) if recent else None
-
-
-def _eta(step_times: list[float], remaining: int) -> str:
-    """Remaining time from the recent steps, leaving out the first one (compilation, warm-up)."""
-    if remaining <= 0:
-        return _fmt_eta(0)
-    recent = step_times[1:][-20:]
-    if not recent:
-        return "estimating"
-    return _fmt_eta(remaining * sum(recent) / len(recent))
-
-
-def _fmt_eta(seconds: float) -> str:
-    seconds = int(seconds)
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+                       first_step_seconds=round(clock.step_times[0], 1) if clock.step_times else None,
+                       adapter=adapter)
 
 
 # ------------------------------------------------------------------------- checkpoints

@@ -21,6 +21,7 @@ from jobs.trainer.merge import merge_and_check  # noqa: E402
 from jobs.trainer.modelio import load_model, load_tokenizer, resolve_precision  # noqa: E402
 from jobs.spec import parse_spec  # noqa: E402
 from jobs.storage import LocalStore  # noqa: E402
+from jobs.trainer.strategies import SingleDevice  # noqa: E402
 from jobs.trainer.train import Checkpoints, TrainState, encode_rows, train, wrap_lora  # noqa: E402
 
 pytestmark = pytest.mark.gpu
@@ -74,7 +75,7 @@ def _train(model_dir, spec, tmp_path):
     examples, _ = encode_rows(tok, [_Row(i) for i in range(80)], 128)
     ckpts = Checkpoints(LocalStore(str(tmp_path / "store")), "ckpt", tmp_path / "work")
     torch.cuda.reset_peak_memory_stats()
-    result = train(model, spec, examples, [], device=device, plan=plan, checkpoints=ckpts)
+    result = train(model, spec, examples, [], strategy=SingleDevice(device=device), plan=plan, checkpoints=ckpts)
     return model, tok, result, ckpts, plan
 
 

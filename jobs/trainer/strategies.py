@@ -1,0 +1,407 @@
+"""How the training processes share the work: one device, data parallel, or FSDP2 — chosen once, at setup.
+
+Every difference between the three lives here, behind :class:`Strategy`; the recipe (``jobs.trainer.recipe``)
+and the step loop (``jobs.trainer.loop``) never ask for the rank, the world size or whether the base is sharded.
+
+* :class:`SingleDevice`: one process.
+* :class:`DataParallel`: every rank holds the whole model; each takes its share of a step's examples, and the
+  LoRA gradients are all-reduced once a step, weighted by target tokens (:meth:`World.reduce_step`).
+* :class:`FSDP2`: the base and the LoRA weights are sharded (``distributed.shard_model``); gradients are
+  reduce-scattered in the backward, every rank runs as many micro-batches, checkpoints are gathered whole.
+
+The process group, torchrun and the collectives themselves stay in ``jobs.trainer.distributed``.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, ContextManager, Protocol
+
+from jobs.errors import OutOfMemory
+from jobs.trainer.distributed import World
+
+log = logging.getLogger("jobs")
+
+
+@dataclass
+class StepTotals:
+    """One optimizer step's forward and backward, summed over every rank: the loss sum (a tensor on the device:
+    read later, without a sync), the target tokens the loss is divided by, the tokens, and whether any rank was
+    asked to stop."""
+
+    loss: Any
+    n_target: Any  # a float, or a tensor on the device (data parallel: read after the step)
+    tokens: int
+    stop: bool
+
+
+class Strategy(Protocol):
+    """One way of spreading a run over its training processes."""
+
+    world: World
+    device: Any  # torch.device
+    #: whether the base's generations run before training (on the model as loaded); False: after training,
+    #: on the whole model :meth:`finish_training` gives rank 0, with the adapter switched off
+    generates_base_before_training: bool
+
+    @property
+    def is_main(self) -> bool:
+        """This process evaluates, merges and publishes, and writes checkpoints and progress."""
+
+    def load(self, model_dir: str, config, *, spec, plan, precision: str): ...
+
+    def wrap(self, model, spec, plan):
+        """The model LoRA-wrapped and prepared (``fastpath.prepare_model``), the same adapter on every rank."""
+
+    def uncompiled(self, model) -> ContextManager:
+        """Where the base's validation loss is measured before training (before the compile cache is restored)."""
+
+    def forward_backward(self, model, loop, k: int) -> StepTotals:
+        """Forward and backward of optimizer step ``k`` (``loop``: a :class:`jobs.trainer.loop.StepLoop`); leaves
+        the step's gradients, normalised by its target tokens over every rank, in the LoRA parameters."""
+
+    def validation_batches(self, examples: list[dict], tokens: int) -> tuple[list[dict], int]:
+        """This rank's validation micro-batches, and how many of them count (the rest are fillers)."""
+
+    def validation_oom(self, tokens: int, msg: str) -> None:
+        """Raise where a rank cannot retry a validation alone after running out of memory."""
+
+    def reduce_sum(self, values):
+        """Sum a small tensor over every rank, in place."""
+
+    def adapter(self, model) -> dict:
+        """The whole adapter on the CPU (with sharding a collective: every rank calls it)."""
+
+    def save_checkpoint(self, checkpoints, model, optimizer, scheduler, state, scaler, best_adapter) -> None:
+        """Write a checkpoint (the main rank writes; every rank calls this, then waits for the others)."""
+
+    def publishable(self, model, best_adapter: dict | None) -> dict | None:
+        """After training: put ``best_adapter`` (None: keep the model's) where the main rank publishes it from.
+        Returns the adapter to publish where the model cannot hold it (sharded), else None."""
+
+    def finish_training(self, trained, spec, config, plan) -> None:
+        """On the main rank after training: ``trained.model`` and ``trained.device`` become the whole model that is
+        evaluated, saved and merged (``trained``: a :class:`jobs.trainer.recipe.Trained`)."""
+
+    def on_main(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` on the main rank; None on the others."""
+
+    def barrier(self, what: str) -> None: ...
+
+    def shutdown(self) -> None:
+        """Leave together: every rank waits here for the main rank's publish."""
+
+
+def choose(world: World, plan, device) -> Strategy:
+    """The run's strategy, from the plan (``plan.fsdp``) and the number of training processes."""
+    if plan.fsdp:
+        return FSDP2(world, device)
+    if world.size > 1:
+        return DataParallel(world, device)
+    return SingleDevice(world, device)
+
+
+# --------------------------------------------------------------------------- one device
+
+class SingleDevice:
+    generates_base_before_training = True
+
+    def __init__(self, world: World | None = None, device=None):
+        import torch
+
+        self.world = world or World()
+        self.device = device if device is not None else torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.world.main
+
+    def load(self, model_dir: str, config, *, spec, plan, precision: str):
+        from jobs.trainer.modelio import load_model
+
+        return load_model(model_dir, precision=precision, quantization=spec.quantization.mode, device=self.device,
+                          double_quant=spec.quantization.double_quant)
+
+    def wrap(self, model, spec, plan):
+        import torch
+
+        from jobs.trainer import fastpath
+        from jobs.trainer.train import wrap_lora
+
+        torch.manual_seed(spec.training.seed)  # LoRA A is initialised randomly: the same seed, the same run
+        return fastpath.prepare_model(wrap_lora(model, spec), plan)
+
+    def uncompiled(self, model) -> ContextManager:
+        return contextlib.nullcontext()
+
+    def forward_backward(self, model, loop, k: int) -> StepTotals:
+        loss, n_target, mbs = _local_forward_backward(model, loop, k, self.device)
+        return StepTotals(loss, n_target, sum(len(mb["input_ids"]) for mb in mbs), loop.stop_requested())
+
+    def validation_batches(self, examples: list[dict], tokens: int) -> tuple[list[dict], int]:
+        from jobs.trainer import fastpath
+
+        mine = examples[self.world.rank::self.world.size]
+        mbs = fastpath.pack_rows(mine, tokens, seed=0, shuffle=False) if mine else []
+        return mbs, len(mbs)
+
+    def validation_oom(self, tokens: int, msg: str) -> None:
+        return None  # this rank halves its micro-batches and runs the validation again
+
+    def reduce_sum(self, values):
+        return self.world.reduce_sum(values)
+
+    def adapter(self, model) -> dict:
+        from peft import get_peft_model_state_dict
+
+        return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items()}
+
+    def save_checkpoint(self, checkpoints, model, optimizer, scheduler, state, scaler, best_adapter) -> None:
+        checkpoints.save(model, optimizer, scheduler, state, scaler, best_adapter)
+
+    def publishable(self, model, best_adapter: dict | None) -> dict | None:
+        if best_adapter is not None:
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(model, {k: v.to(self.device) for k, v in best_adapter.items()})
+        return None
+
+    def finish_training(self, trained, spec, config, plan) -> None:
+        return None  # the model trained is the one to evaluate and merge
+
+    def on_main(self, fn: Callable[[], Any]) -> Any:
+        return fn()
+
+    def barrier(self, what: str) -> None:
+        return None
+
+    def shutdown(self) -> None:
+        return None
+
+
+def _local_forward_backward(model, loop, k: int, device):
+    """Step ``k``'s micro-batches on this rank alone; on CUDA out-of-memory, smaller micro-batches and the same
+    examples (``loop.budget`` halves, recorded in ``loop.state``). Returns (loss sum, target tokens, micro-batches)."""
+    import torch
+
+    from jobs.trainer import fastpath
+    from jobs.trainer.train import _is_oom, _target_tokens, free_memory
+
+    budget, state = loop.budget, loop.state
+    while True:
+        mbs = loop.sched.micro_batches(k, budget.tokens, fastpath.pack_step)
+        n_target = sum(_target_tokens(mb) for mb in mbs)
+        try:
+            step_loss = torch.zeros((), dtype=torch.float32, device=device)
+            for mb in mbs:
+                loss_sum, _ = fastpath.lm_loss(model, fastpath.to_device(mb, device))
+                loop.scaler.scale(loss_sum / max(1, n_target)).backward()
+                step_loss += loss_sum.detach().float()
+            return step_loss, n_target, mbs
+        except RuntimeError as err:
+            if not _is_oom(err):
+                raise
+            msg = str(err).splitlines()[0]
+        loop.optimizer.zero_grad(set_to_none=True)
+        free_memory()
+        before = budget.tokens
+        if not budget.halve():
+            raise OutOfMemory(
+                f"out of GPU memory at step {k + 1} even at {before} tokens per micro-batch "
+                f"(the longest example is {loop.longest} tokens): {msg}",
+                hint="lower training.max_seq_length, use quantization.mode: 4bit, turn on "
+                     "training.gradient_checkpointing, or use a GPU with more memory")
+        state.oom_backoffs.append({"step": k + 1, "from": before, "to": budget.tokens})
+        state.tokens_per_micro_batch = budget.tokens
+        log.warning("out of GPU memory at step %d with micro-batches of %d tokens: retrying the step at %d "
+                    "(same %d examples)", k + 1, before, budget.tokens, loop.examples_per_step)
+
+
+# ------------------------------------------------------------------------ data parallel
+
+class DataParallel(SingleDevice):
+    """Every rank holds the whole model and trains on its share of each step; rank 0 writes and publishes."""
+
+    def wrap(self, model, spec, plan):
+        from jobs.trainer.distributed import broadcast_trainable
+
+        model = super().wrap(model, spec, plan)
+        broadcast_trainable(self.world, model)  # every rank starts from rank 0's adapter (what DDP does)
+        return model
+
+    def forward_backward(self, model, loop, k: int) -> StepTotals:
+        loss, n_target, mbs = _local_forward_backward(model, loop, k, self.device)
+        tokens = sum(len(mb["input_ids"]) for mb in mbs)
+        # one all-reduce of the LoRA gradients a step; reading its stop flag is a host sync: all stop together
+        reduced = self.world.reduce_step(loop.params, n_target, loss, [tokens, float(loop.stop_requested())],
+                                         self.device)
+        return StepTotals(reduced[1], reduced[0], int(reduced[2]), bool(reduced[3] > 0))
+
+    def save_checkpoint(self, checkpoints, model, optimizer, scheduler, state, scaler, best_adapter) -> None:
+        if self.world.main:  # every rank holds the same weights: rank 0 writes them
+            checkpoints.save(model, optimizer, scheduler, state, scaler, best_adapter)
+        self.world.barrier()
+
+    def on_main(self, fn: Callable[[], Any]) -> Any:
+        if self.world.main:
+            return fn()
+        log.info("rank %d: training done; rank 0 publishes", self.world.rank)
+        return None
+
+    def barrier(self, what: str) -> None:
+        self.world.barrier(what)
+
+    def shutdown(self) -> None:
+        from jobs.trainer.distributed import shutdown
+
+        shutdown(self.world)
+
+
+# -------------------------------------------------------------------------------- FSDP2
+
+class FSDP2(DataParallel):
+    """The base and the adapter sharded over every rank (training.fsdp; ``distributed.shard_model``)."""
+
+    generates_base_before_training = False  # the sharded model cannot generate on rank 0 alone
+
+    def __init__(self, world: World, device):
+        super().__init__(world, device)
+        self.source = None  # rank 0's host copy of the base (distributed.load_sharded), for after training
+
+    def load(self, model_dir: str, config, *, spec, plan, precision: str):
+        from jobs.trainer import distributed, fastpath
+        from jobs.trainer.train import wrap_lora
+
+        model, self.source = distributed.load_sharded(
+            self.world, model_dir, config, precision=precision, device=self.device, seed=spec.training.seed,
+            wrap=lambda m: wrap_lora(m, spec), prepare=lambda m: fastpath.prepare_model(m, plan))
+        return model
+
+    def wrap(self, model, spec, plan):
+        return model  # load_sharded wrapped and prepared it (on rank 0's copy too)
+
+    def uncompiled(self, model) -> ContextManager:
+        from jobs.trainer import fastpath
+
+        # the model already carries the new adapter: lora_B is 0, so this is still the base's loss
+        return fastpath.eager_layers(model)
+
+    def forward_backward(self, model, loop, k: int) -> StepTotals:
+        return _sharded_forward_backward(model, loop, k, self.world, self.device)
+
+    def validation_batches(self, examples: list[dict], tokens: int) -> tuple[list[dict], int]:
+        from jobs.trainer.distributed import all_gather_floats
+        from jobs.trainer.train import _filler
+
+        mbs, counted = super().validation_batches(examples, tokens)
+        # every rank runs as many forwards (each gathers the sharded weights)
+        most = int(all_gather_floats(self.world, [len(mbs)], self.device, "validation batch counts").max())
+        return mbs + [_filler(examples, tokens)] * (most - len(mbs)), counted
+
+    def validation_oom(self, tokens: int, msg: str) -> None:
+        # as in a sharded step: a rank cannot retry alone while the others wait in its collectives
+        raise OutOfMemory(f"validation ran out of GPU memory at {tokens} tokens per micro-batch on "
+                          f"an FSDP2-sharded run ({msg})",
+                          hint="set training.gpu_memory_gib lower (smaller micro-batches are planned), "
+                               "or shard over more GPUs")
+
+    def adapter(self, model) -> dict:
+        from peft import get_peft_model_state_dict
+
+        from jobs.trainer.distributed import full_tensor
+
+        return {k: full_tensor(v).detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items()}
+
+    def save_checkpoint(self, checkpoints, model, optimizer, scheduler, state, scaler, best_adapter) -> None:
+        from jobs.trainer.distributed import full_optimizer_state
+
+        # every rank gathers its shards; rank 0 writes the whole state
+        whole, whole_opt = self.adapter(model), full_optimizer_state(optimizer)
+        if self.world.main:
+            checkpoints.save(model, optimizer, scheduler, state, scaler, best_adapter, adapter=whole,
+                             optimizer_state=whole_opt)
+        self.world.barrier()
+
+    def publishable(self, model, best_adapter: dict | None) -> dict | None:
+        return best_adapter if best_adapter is not None else self.adapter(model)  # every rank gathers
+
+    def finish_training(self, trained, spec, config, plan) -> None:
+        # The sharded model cannot run on rank 0 alone: what follows (generations, the adapter's files, the
+        # merge) runs on the unsharded base with the whole adapter the ranks gathered, as on one GPU.
+        import torch
+        from peft import set_peft_model_state_dict
+
+        from jobs.trainer import fastpath
+        from jobs.trainer.train import free_memory
+
+        trained.model = None
+        free_memory()
+        device, end_plan = self.device, plan
+        if not fastpath.whole_base_fits(config, plan):
+            # a base that needed sharding to train may not fit one GPU even for generations: rank 0 then
+            # evaluates, saves and merges on the CPU (slow for such a base, but the trained adapter is published)
+            log.warning("FSDP2: the whole base (~%.0f GiB) does not fit one GPU's %.0f GiB budget: rank 0 "
+                        "evaluates, saves and merges on the CPU, which is slow for a base this size",
+                        fastpath.estimate_param_count(config) * torch.finfo(plan.dtype).bits / 8 / 2**30,
+                        plan.memory_budget_bytes / 2**30)
+            device = torch.device("cpu")
+            end_plan = fastpath.plan(config, spec.training.model_copy(update={"fsdp": "off"}), device)
+        model = fastpath.prepare_model(self.source.to(device), end_plan)  # the copy the shards came from
+        self.source = None
+        set_peft_model_state_dict(model, {k: v.to(device) for k, v in trained.result.adapter.items()})
+        log.info("FSDP2: rank 0 holds the whole base again (on %s) with the gathered adapter of step %d",
+                 device, trained.result.published_step)
+        trained.model, trained.device = model, device
+
+
+def _sharded_forward_backward(model, loop, k: int, world: World, device) -> StepTotals:
+    """Forward and backward of optimizer step k on an FSDP2-sharded model; leaves the gradients, summed over
+    ranks and normalised by the step's target tokens, in the (sharded) parameters' grads.
+
+    The ranks first agree on the step's target tokens (so each rank's loss is divided by the step's total,
+    like the data-parallel path's weighting), its tokens, the stop flag and the most micro-batches any rank
+    has: a rank with fewer runs filler micro-batches whose loss is multiplied by 0, because each forward
+    and backward gathers the weights from every rank. Gradient sync is off for all but the last micro-batch
+    (the LoRA gradients accumulate unsharded, then one reduce-scatter); FSDP2 averages over ranks, so each
+    rank's loss is scaled by the world size to make that average the sum. No out-of-memory back-off: one
+    rank cannot retry alone while the others wait in its collectives."""
+    import torch
+
+    from jobs.trainer import fastpath
+    from jobs.trainer.distributed import all_gather_floats
+    from jobs.trainer.train import _filler, _is_oom, _target_tokens
+
+    budget = loop.budget
+    mbs = loop.sched.micro_batches(k, budget.tokens, fastpath.pack_step)
+    n_local = sum(_target_tokens(mb) for mb in mbs)
+    tokens_local = sum(len(mb["input_ids"]) for mb in mbs)
+    agreed = all_gather_floats(world, [n_local, tokens_local, float(loop.stop_requested()), len(mbs)], device,
+                               "the step's token counts")
+    n_target, real_tokens = float(agreed[:, 0].sum()), int(agreed[:, 1].sum())
+    stop_here, most = bool(agreed[:, 2].max() > 0), int(agreed[:, 3].max())
+    counted = len(mbs)
+    runs = mbs + [_filler(loop.sched.examples, budget.tokens)] * (most - counted)
+    (log.info if k == 0 else log.debug)("FSDP2 step %d: %d micro-batches on rank %d and %d filler (the busiest "
+                                        "rank has %d)", k + 1, counted, world.rank, most - counted, most)
+    step_loss = torch.zeros((), dtype=torch.float32, device=device)
+    root = fastpath._unwrap(model)  # the FSDP2 root (jobs.trainer.distributed.shard_model)
+    try:
+        for i, mb in enumerate(runs):
+            root.set_requires_gradient_sync(i == len(runs) - 1)
+            loss_sum, _ = fastpath.lm_loss(model, fastpath.to_device(mb, device))
+            weight = world.size / max(1.0, n_target) if i < counted else 0.0
+            loop.scaler.scale(loss_sum * weight).backward()
+            if i < counted:
+                step_loss += loss_sum.detach().float()
+    except RuntimeError as err:
+        if not _is_oom(err):
+            raise
+        raise OutOfMemory(f"out of GPU memory at step {k + 1} with micro-batches of {budget.tokens} tokens on an "
+                          f"FSDP2-sharded run: {str(err).splitlines()[0]}",
+                          hint="set training.gpu_memory_gib lower (smaller micro-batches are planned), turn on "
+                               "training.gradient_checkpointing, or shard over more GPUs") from None
+    finally:
+        root.set_requires_gradient_sync(True)
+    world.reduce_sum(step_loss)
+    return StepTotals(step_loss, n_target, real_tokens, stop_here)
