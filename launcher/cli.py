@@ -29,6 +29,11 @@ from typer.core import TyperGroup
 from launcher.errors import EXIT_OK, EXIT_RUN_FAILED, EXIT_USAGE, LoraJobError, UsageError, exit_code_for
 
 
+class Backend(str, Enum):
+    kubernetes = "kubernetes"
+    local = "local"
+
+
 class Format(str, Enum):
     table = "table"
     json = "json"
@@ -105,18 +110,26 @@ def _root(
                                            help="kubeconfig context (LAUNCHER_CONTEXT)."),
     kubeconfig: Optional[str] = typer.Option(None, "--kubeconfig", metavar="PATH",
                                               help="kubeconfig path (LAUNCHER_KUBECONFIG)."),
+    backend: Optional[Backend] = typer.Option(None, "--backend", help="Where runs run: kubernetes (default) or "
+                                                                     "local, this machine (LAUNCHER_BACKEND)."),
+    state_dir: Optional[Path] = typer.Option(None, "--state-dir", metavar="PATH",
+                                             help="Folder of the local runs' state (LAUNCHER_LOCAL_STATE_DIR; "
+                                                  "default ~/.local/state/lora-jobs/runs)."),
 ) -> None:
-    ctx.obj = {"namespace": namespace, "context": context, "kubeconfig": kubeconfig}
+    ctx.obj = {"namespace": namespace, "context": context, "kubeconfig": kubeconfig,
+               "backend": backend.value if backend else None, "state_dir": state_dir}
 
 
 # ------------------------------------------------------------------------------ plumbing
 
-def _client(ctx: typer.Context):
-    """The SDK client for the global flags; its notes (retries, waiting) go to stderr."""
+def _client(ctx: typer.Context, backend: Optional[str] = None):
+    """The SDK client for the global flags (``backend`` wins over --backend); its notes (retries, waiting) go to
+    stderr."""
     from launcher.client import Client
 
     root = ctx.find_root().obj or {}
-    return Client(root.get("namespace"), context=root.get("context"), kubeconfig=root.get("kubeconfig"), notes=_err)
+    return Client(root.get("namespace"), context=root.get("context"), kubeconfig=root.get("kubeconfig"), notes=_err,
+                  backend=backend or root.get("backend"), state_dir=root.get("state_dir"))
 
 
 def _warn_advice(advice) -> None:
@@ -220,35 +233,44 @@ def submit(
                                                           "render`); touch no cluster."),
     server_dry_run: bool = typer.Option(False, "--server-dry-run", help="Run the preflight checks and a "
                                                                         "server-side dry-run; create nothing."),
-    local: bool = typer.Option(False, "--local", help="Run here, without a cluster (python -m jobs run)."),
+    local: bool = typer.Option(False, "--local", help="Run here, without a cluster (python -m jobs run), and follow it "
+                                                      "to its end: the same as --backend local."),
+    detach: bool = typer.Option(False, "--detach", "-d", help="A local run: start it and return (follow it with "
+                                                              "`launcher --backend local logs RUN -f`)."),
     wait: bool = typer.Option(False, "--wait", help="Wait for the run to finish; exit by its outcome."),
     follow: bool = typer.Option(False, "--follow", "-f", help="Stream the logs until the run finishes."),
     set_: list[str] = SET_OPTION,
     skip_preflight: bool = typer.Option(False, "--skip-preflight",
                                         help="Skip the namespace/Secret/node checks (they need read access)."),
-    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Working folder of a --local run (default: "
-                                                                   "~/.cache/lora-jobs/runs/<job name>)."),
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Working folder of a local run (default: "
+                                                                   "~/.cache/lora-jobs/runs/<job name>, removed "
+                                                                   "when it ends)."),
     timeout: Optional[float] = typer.Option(None, "--timeout", help="With --wait: give up after this many seconds."),
     fmt: Format = typer.Option(Format.table, "--format", "-o", help="How to print what was submitted: table (one "
                                                                      "line), json or yaml."),
 ) -> None:
-    """Validate a spec and submit it as a Job (the same spec twice is the same run)."""
+    """Validate a spec and submit it as a Job (the same spec twice is the same run), or run it here (--local)."""
     if wait:  # checked before the run is created, not after (Client.wait checks it too)
         from launcher.client import check_seconds
 
         check_seconds("timeout", timeout, "--timeout")
-    client = _client(ctx)
-    # a pod cannot read a local path: for the cluster (dry run included) that is an error, for --local a
+    client = _client(ctx, "local" if local else None)
+    here = client.backend.name == "local"
+    if here and dry_run:
+        raise UsageError("--dry-run prints the objects a cluster run creates; a local run creates none",
+                         hint="leave out --dry-run to run it here, or --local (--backend local) to render it")
+    # a pod cannot read a local path: for the cluster (dry run included) that is an error, for a local run a
     # missing input is
-    v = client.validate(spec, set_, target="local" if local else "cluster")
+    v = client.validate(spec, set_, target="local" if here else "cluster")
     _warn_advice(v.advice)
-    if local:
+    if here and not detach:  # followed to its end: the job's own exit code
         raise typer.Exit(client.run_local(v.spec, workdir=workdir, base_dir=spec.resolve().parent,
                                           on_output=lambda line: typer.echo(line, nl=False)))
     if dry_run:
         _print_run(client, v.spec, ManifestFormat.yaml)
         return
-    result = client.submit(v.spec, server_dry_run=server_dry_run, skip_preflight=skip_preflight)
+    result = client.submit(v.spec, server_dry_run=server_dry_run, skip_preflight=skip_preflight, workdir=workdir,
+                           base_dir=spec.resolve().parent)
     for w in result.warnings:
         _err(f"warning: {w}")
     _emit(result.to_dict(), fmt, lambda: typer.echo(result.message))
@@ -268,7 +290,9 @@ def submit(
         say(f"{result.job_name}: {final.sentence}")
         _finish(final)
     else:
-        _err(f"follow it: launcher logs {v.spec.name} -f   |   launcher status {v.spec.name}")
+        cmd = "launcher" + (" --backend local" if here and client.offline_settings.backend != "local" else "")
+        _err(f"follow it: {cmd} logs {v.spec.name} -f   |   {cmd} status {v.spec.name}   |   {cmd} cancel "
+             f"{v.spec.name}")
 
 
 class ManifestFormat(str, Enum):
@@ -333,7 +357,8 @@ def status(ctx: typer.Context, run: str = typer.Argument(..., help="Run name or 
 
     def table() -> None:
         c = _console()
-        c.print(f"[bold]{_esc(data['job'])}[/] (run {_esc(data['run'])}, namespace {_esc(data['namespace'])})")
+        where = "local run" if data["kind"] == "local" else f"namespace {_esc(data['namespace'])}"
+        c.print(f"[bold]{_esc(data['job'])}[/] (run {_esc(data['run'])}, {where})")
         c.print(f"  state:  [bold]{data['state']}[/] — {_esc(data['sentence'])}")
         if data.get("progress"):
             c.print(f"  progress: {data['progress']['summary']}", markup=False)
@@ -384,7 +409,7 @@ def logs(ctx: typer.Context, run: str = typer.Argument(..., help="Run name or Jo
 @app.command("list", epilog="Example:  launcher list   |   launcher list -o json")
 @_handles_errors
 def list_runs(ctx: typer.Context, fmt: Format = FORMAT_OPTION) -> None:
-    """The runs in the namespace, newest first."""
+    """The runs (in the namespace, or local ones with --backend local), newest first."""
     client = _client(ctx)
     rows = [r.to_dict() for r in client.list()]
 
@@ -392,7 +417,7 @@ def list_runs(ctx: typer.Context, fmt: Format = FORMAT_OPTION) -> None:
         from rich.table import Table
 
         if not rows:
-            _console().print(f"no runs in namespace {client.namespace}", markup=False)
+            _console().print(f"no runs in {client.backend.where}", markup=False)
             return
         t = Table("run", "job", "state", "created", "why / progress", "cost")
         for r in rows:
@@ -406,9 +431,11 @@ def list_runs(ctx: typer.Context, fmt: Format = FORMAT_OPTION) -> None:
 @app.command(epilog="Example:  launcher cancel my-run")
 @_handles_errors
 def cancel(ctx: typer.Context, run: str = typer.Argument(..., help="Run name or Job name."),
-           wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait until the Job and its pods are gone."),
+           wait: bool = typer.Option(True, "--wait/--no-wait", help="Wait until the Job and its pods are gone (a "
+                                                                    "local run: until its process ended)."),
            timeout: float = typer.Option(120, "--timeout", help="Seconds to wait for the deletion.")) -> None:
-    """Stop a run: delete its Job, its pods and its spec ConfigMap."""
+    """Stop a run: delete its Job, its pods and its spec ConfigMap; a local run: SIGTERM to its processes (it
+    saves a checkpoint and exits 75)."""
     typer.echo(_client(ctx).cancel(run, wait=wait, timeout=timeout).message)
 
 

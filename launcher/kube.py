@@ -32,6 +32,13 @@ def yaml_error() -> type:
     return yaml.YAMLError
 
 
+def parse_quantity(q: Any) -> float:
+    """A Kubernetes quantity ('500m', '32Gi', '8', 2) as a number, by the client library's own parser."""
+    from kubernetes.utils import parse_quantity as k8s_quantity
+
+    return float(k8s_quantity(q))
+
+
 def _first_line(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
 

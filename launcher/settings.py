@@ -34,9 +34,9 @@ CLUSTER_CONFIGMAP = "lora-jobs-launcher"
 CLUSTER_CONFIGMAP_KEY = "settings.yaml"
 DEFAULT_CONFIG_FILE = "~/.config/lora-jobs/launcher.yaml"
 
-#: Where the cluster is and who we are (and how long to wait for it to answer): the namespace's ConfigMap
-#: cannot decide these.
-_LOCAL_ONLY = {"kubeconfig", "context", "namespace", "cluster_timeout"}
+#: Where the cluster is and who we are (and how long to wait for it to answer), and whether runs go to it at all:
+#: the namespace's ConfigMap cannot decide these.
+_LOCAL_ONLY = {"kubeconfig", "context", "namespace", "cluster_timeout", "backend", "local_state_dir"}
 #: LAUNCHER_* variables that are not settings: any other LAUNCHER_* name is refused as a likely typo.
 ENV_NOT_SETTINGS = {"LAUNCHER_CONFIG": "the config file", "LAUNCHER_DEBUG": "tracebacks on errors"}
 #: The settings whose variables hold JSON, with an example of each.
@@ -115,6 +115,14 @@ class LauncherSettings(BaseSettings):
                                                      "a card (H100-SXM, H100-PCIe, H200, A100, L40S, or another "
                                                      "card's name without NVIDIA, e.g. L4) or its family (H100). "
                                                      "Empty: no cost is shown.")
+    backend: Literal["kubernetes", "local"] = Field(
+        "kubernetes", description="Where runs run: kubernetes (Jobs in the namespace) or local (the job as a process "
+                                  "on this machine, its state under local_state_dir). --backend and submit --local "
+                                  "choose one for a command.")
+    local_state_dir: str | None = Field(None, description="Folder of the local runs' state (a folder per run: its "
+                                                          "spec, process, log and exit code); default: "
+                                                          "$XDG_STATE_HOME/lora-jobs/runs, else "
+                                                          "~/.local/state/lora-jobs/runs.")
     cluster_timeout: float = Field(120.0, gt=0, description="Seconds in a row that wait, logs -f and submit --wait "
                                                             "keep retrying an API server that does not answer before "
                                                             "they stop with an error (a run may take as long as it "

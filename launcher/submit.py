@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from jobs.spec import TrainingRunSpec
 from launcher import render
 from launcher.errors import AlreadyExists, Forbidden, Invalid, NotFound, PreflightError, SubmitConflict
+from launcher.kube import Kube, parse_quantity
 from launcher.settings import LauncherSettings
-
-if TYPE_CHECKING:  # only for annotations: `validate` and `render` use this module's checks with no cluster client
-    from launcher.kube import Kube
 
 
 @dataclass
@@ -47,15 +45,6 @@ class SubmitResult:
                 "namespace": meta.get("namespace"), "spec_hash": labels.get(render.LABEL_HASH),
                 "created": self.created, "server_dry_run": self.dry_run, "message": self.message,
                 "warnings": list(self.warnings)}
-
-
-# ------------------------------------------------------------------------------ quantities
-
-def parse_quantity(q: Any) -> float:
-    """A Kubernetes quantity ('500m', '32Gi', '8', 2) as a number, by the client library's own parser."""
-    from kubernetes.utils import parse_quantity as k8s_quantity
-
-    return float(k8s_quantity(q))
 
 
 # ------------------------------------------------------------------------------ node fit (pure)

@@ -1,6 +1,8 @@
-"""`launcher submit --local` stopped by SIGTERM (a timeout, a CI runner): the job gets the signal too,
-checkpoints and exits 75 like a preempted pod; no training process is left behind. The launcher's
-tracking setting reaches a local run as it reaches a pod."""
+"""A local run is a run: `launcher --backend local` starts it detached and `status`, `logs`, `list`, `wait` and
+`cancel` work on it, from another process, as on a cluster. `launcher submit --local` follows it to its end;
+stopped by SIGTERM (a timeout, a CI runner), the job gets the signal too, checkpoints and exits 75 like a
+preempted pod; no training process is left behind. The launcher's tracking setting reaches a local run as it
+reaches a pod."""
 from __future__ import annotations
 
 import os
@@ -46,7 +48,7 @@ def test_sigterm_to_a_local_run_reaches_the_job_which_checkpoints_and_exits_75(t
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     work = tmp_path / "work"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2",
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2", "XDG_STATE_HOME": str(tmp_path / "state"),
            "LAUNCHER_MLFLOW_TRACKING_URI": mlflow_server.uri}  # the setting, not the job's own variable
     env.pop("MLFLOW_TRACKING_URI", None)
     proc = subprocess.Popen([sys.executable, "-m", "launcher", "submit", str(path), "--local", "--workdir", str(work)],
@@ -80,7 +82,8 @@ def test_ctrl_c_on_a_local_run_stops_it_cancelled_with_130_leaving_no_version_an
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     cache = tmp_path / "cache"  # the default working folder: ~/.cache/lora-jobs/runs/<job>, here under it
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2", "XDG_CACHE_HOME": str(cache)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2", "XDG_CACHE_HOME": str(cache),
+           "XDG_STATE_HOME": str(tmp_path / "state")}
     # its own process group, as a terminal's foreground job: Ctrl-C sends SIGINT to the launcher and the job alike
     proc = subprocess.Popen([sys.executable, "-m", "launcher", "submit", str(path), "--local"], env=env, cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -104,3 +107,62 @@ def test_ctrl_c_on_a_local_run_stops_it_cancelled_with_130_leaving_no_version_an
     assert p["state"] == "cancelled" and p["exit_code"] == 130, p
     assert not any((cache / "lora-jobs" / "runs").iterdir()), "the run's scratch folder is gone"
     assert _processes_mentioning(str(cache)) == [], "a training process outlived the launcher"
+
+
+def test_a_detached_local_run_is_followed_listed_and_cancelled_from_other_processes_like_a_cluster_run(
+        tmp_path, short_model_dir):
+    import json
+
+    spec = {"name": "local-detached", "base_model": {"uri": str(short_model_dir)},
+            "dataset": {"train": str(DEMO / "train.jsonl")}, "output": "out",  # relative: the spec file's folder
+            "training": {"epochs": 3, "max_seq_length": 256}, "eval": {"enabled": False},
+            "merge": {"enabled": False}, "resources": {"gpus": 0}}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    state = tmp_path / "state"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2", "LAUNCHER_BACKEND": "local",
+           "LAUNCHER_LOCAL_STATE_DIR": str(state)}
+
+    def launcher(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "launcher", *args], env=env, cwd=REPO, capture_output=True,
+                              text=True, timeout=timeout)
+
+    started = launcher("submit", str(path), "--detach", "-o", "json")
+    assert started.returncode == 0, started.stderr
+    job = json.loads(started.stdout)["job"]
+    assert "follow it: launcher logs local-detached -f" in started.stderr, started.stderr
+    again = launcher("submit", str(path), "--detach")  # the same spec, still running: the same run
+    assert again.returncode == 0 and again.stdout.startswith(f"already running: local run {job}"), again.stdout
+    deadline = time.time() + 600
+    while " step 1/" not in (log := (state / job / "log").read_text()):
+        assert time.time() < deadline and not (state / job / "exit_code").exists(), log[-3000:]
+        time.sleep(2)
+    assert (tmp_path / "out" / "local-detached" / "progress").is_dir(), "relative output: beside the spec"
+    while not (st := json.loads(launcher("status", "local-detached", "-o", "json").stdout)).get("progress"):
+        assert time.time() < deadline, st  # the job's progress writer: at most every 10 s
+        time.sleep(2)
+    assert st["state"] == "Running" and st["job"] == job and st["kind"] == "local", st
+    shown = launcher("status", "local-detached")
+    assert shown.returncode == 0 and "state:  Running" in shown.stdout, shown.stdout
+    assert "progress: " in shown.stdout and "step " in shown.stdout, shown.stdout  # the line a cluster run shows
+    (row,) = json.loads(launcher("list", "-o", "json").stdout)
+    assert row["job"] == job and row["state"] == "Running", row
+    logs = launcher("logs", "local-detached", "--tail", "3")
+    assert logs.returncode == 0 and 0 < len(logs.stdout.splitlines()) <= 3, logs.stdout
+
+    follower = subprocess.Popen([sys.executable, "-m", "launcher", "logs", job, "-f"], env=env, cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cancelled = launcher("cancel", "local-detached", timeout=300)
+    assert cancelled.returncode == 0 and cancelled.stdout.startswith(f"cancelled: local run {job}"), cancelled
+    assert "exit code 75" in cancelled.stdout, cancelled.stdout
+    out, err = follower.communicate(timeout=60)
+    assert follower.returncode == 1 and "stopped by SIGTERM at step" in out, (out[-2000:], err)
+    assert f"{job}: cancelled (launcher cancel), exit code 75" in err, err
+    waited = launcher("wait", "local-detached")
+    assert waited.returncode == 1 and "cancelled" in waited.stdout, waited.stdout
+    final = json.loads(launcher("status", "local-detached", "-o", "json").stdout)
+    assert final["state"] == "Failed" and final["exit_code"] == 75 and final["completed"], final
+    assert list((tmp_path / "out" / "local-detached" / "checkpoints").rglob("_COMPLETE")), "it saved a checkpoint"
+    assert _processes_mentioning(str(state / job)) == [], "no process of the run is left"
+    again = launcher("cancel", "local-detached")
+    assert again.returncode == 2 and "has already ended" in again.stderr, again.stderr

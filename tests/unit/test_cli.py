@@ -198,8 +198,10 @@ def test_a_local_run_has_the_hash_validate_prints_from_any_folder_and_exits_with
     from jobs.spec import load_spec
     from jobs.storage import parse_uri
 
+    # the job (`python -P -m jobs run ...`) is this script; its supervisor is the real interpreter
     fake = tmp_path / "fakepython"
-    fake.write_text('#!/bin/sh\necho "ARGS $*"\necho "CWD $(pwd)"\nwhile [ "$1" != "--spec" ]; do shift; done\n'
+    fake.write_text(f'#!/bin/sh\nif [ "$3" != jobs ]; then exec {sys.executable} "$@"; fi\n'
+                    'echo "ARGS $*"\necho "CWD $(pwd)"\nwhile [ "$1" != "--spec" ]; do shift; done\n'
                     'cat "$2"\nexit 11\n')
     fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
     monkeypatch.setattr(sys, "executable", str(fake))
@@ -219,14 +221,15 @@ def test_a_local_run_has_the_hash_validate_prints_from_any_folder_and_exits_with
         v = runner.invoke(cli.app, ["validate", given])
         spec_hash = re.search(r"spec hash (\w+)", v.output).group(1)
         hashes.add(spec_hash)
-        work = tmp_path / f"work-{cwd.name}"
-        r = runner.invoke(cli.app, ["submit", given, "--local", "--workdir", str(work)])
+        work, state = tmp_path / f"work-{cwd.name}", tmp_path / f"state-{cwd.name}"
+        r = runner.invoke(cli.app, ["--state-dir", str(state), "submit", given, "--local", "--workdir", str(work)])
         assert r.exit_code == 11, r.output
-        assert f"-m jobs run --spec {work}/spec.yaml --workdir {work}" in r.output
+        run_dir = state / f"local-run-{spec_hash[:8]}"
+        assert f"-m jobs run --spec {run_dir}/spec.yaml --workdir {work}" in r.output
         assert f"running local-run-{spec_hash[:8]} locally" in r.output
         # the job runs next to the spec, on the spec as written: the hash it keys its run by is validate's
         assert f"CWD {specdir}\n" in r.output
-        written = load_spec(work / "spec.yaml")
+        written = load_spec(run_dir / "spec.yaml")
         assert written.spec_hash() == spec_hash and written.dataset.train == "data/train.jsonl"
     assert len(hashes) == 1, hashes
     monkeypatch.chdir(specdir)  # where the job is: its relative paths are the spec file's neighbours
@@ -257,7 +260,7 @@ def test_exit_code_mapping_covers_one_error_hierarchy():
 
 
 def test_log_timestamps_order_regardless_of_fraction_length():
-    from launcher.client import _ts_key as k
+    from launcher.backends.kubernetes import _ts_key as k
 
     assert k("2025-05-01T10:00:00.1Z") > k("2025-05-01T10:00:00.099999999Z")
     assert k("2025-05-01T10:00:00.100000001Z") > k("2025-05-01T10:00:00.1Z")
@@ -368,6 +371,9 @@ class FlakyKube:
     def get_jobset(self, name):
         return None
 
+    def job_workload(self, job):
+        return None  # a cluster without Kueue
+
     def pod_log(self, pod, **kw):
         answer = self.logs.pop(0) if self.logs else []
         if isinstance(answer, Exception):
@@ -386,7 +392,12 @@ def sdk(kube, notes=None):
     from launcher.client import Client
     from launcher.settings import make_settings
 
-    return Client(kube=kube, settings=make_settings(namespace="ml"), notes=notes)
+    from launcher.backends.kubernetes import KubernetesBackend
+
+    settings = make_settings(namespace="ml")
+    note = notes or (lambda message: None)
+    return Client(backend=KubernetesBackend(settings, note=note, kube=kube, settings=settings), settings=settings,
+                  notes=note)
 
 
 def test_wait_outlives_an_api_server_outage(no_sleep):

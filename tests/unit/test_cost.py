@@ -262,6 +262,9 @@ class _Kube:
     def get_jobset(self, name):
         return None
 
+    def job_workload(self, job):
+        return None  # a cluster without Kueue
+
     def list_pods(self, selector):
         return self.pods
 
@@ -277,6 +280,7 @@ def test_launcher_status_and_list_show_what_a_finished_run_cost(tmp_path, monkey
 
     from jobs.progress import progress_key
     from launcher import cli
+    from launcher.backends.kubernetes import KubernetesBackend
     from launcher.client import Client
     from launcher.settings import make_settings
 
@@ -287,7 +291,9 @@ def test_launcher_status_and_list_show_what_a_finished_run_cost(tmp_path, monkey
                                "gpus": 1, "base_params": 8_030_000_000, "tokens_seen": 97_000_000,
                                "tokens_per_s": 14_200.0, "started_at": 0.0, "updated_at": 6800.0,
                                "stages": {"fetch": {"seconds": 40.0}, "train": {"seconds": 6600.0}}}))
-    sdk = Client(kube=_Kube(str(run)), settings=make_settings(namespace="ml", gpu_prices={"H100": 2.5}))
+    settings = make_settings(namespace="ml", gpu_prices={"H100": 2.5})
+    sdk = Client(backend=KubernetesBackend(settings, note=print, kube=_Kube(str(run)), settings=settings),
+                 settings=settings)
     st = sdk.status("r")
     assert st.state == "Succeeded" and st.cost["gpu_hours"] == pytest.approx(1.9), st.cost
     assert st.cost["summary"] == "1.9 GPU-hours, 14.2k tok/s/GPU, MFU 46%, $4.75, queued 2m00s"
