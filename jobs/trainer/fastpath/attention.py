@@ -107,7 +107,7 @@ def _sdpa_per_example(query, key, value, cu_list, scaling):
 def varlen_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention interface: query ``[B, Hq, T, D]`` -> (``[B, T, Hq, D]``, None).
 
-    With ``cu_seq_lens_q`` in kwargs (packed row, B == 1): attention inside each example only.
+    With ``cu_seq_lens_q`` and ``max_length_q`` in kwargs (packed row, B == 1): attention inside each example only.
     Without (evaluation, generation): plain SDPA with the mask transformers built.
     """
     cu = kwargs.get("cu_seq_lens_q")
@@ -122,9 +122,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, scaling=
         raise ValueError("attention dropout is not supported on packed rows")
     if (query.is_cuda and query.dtype in (torch.bfloat16, torch.float16) and _VARLEN is not None
             and torch.cuda.get_device_capability(query.device)[0] >= 8):
-        max_len = kwargs.get("max_length_q")
-        if max_len is None:
-            max_len = int((cu[1:] - cu[:-1]).max())
+        max_len = kwargs["max_length_q"]
         q = query[0].transpose(0, 1)  # [T, Hq, D]
         k = key[0].transpose(0, 1)
         v = value[0].transpose(0, 1)
