@@ -152,7 +152,7 @@ class Kube:
         self.context = context
         self.namespace = namespace
         self._api = api_client
-        self.server = getattr(getattr(api_client, "configuration", None), "host", None)
+        self.server = api_client.configuration.host if api_client is not None else None
         self._jobsets_served: tuple[float, bool] | None = None
 
     @classmethod
@@ -254,8 +254,7 @@ class Kube:
 
     # ------------------------------------------------------------------ helpers
     def _json(self, resp: Any) -> Any:
-        data = resp.data if hasattr(resp, "data") else resp
-        return json.loads(data) if data else {}
+        return json.loads(resp.data) if resp.data else {}  # every call here asks for the raw response
 
     def _batch(self):
         from kubernetes import client

@@ -681,3 +681,16 @@ def test_artifacts_without_a_subcommand_lists_and_help_names_both(runner, tmp_pa
     assert r.exit_code == 0 and "prune" in r.output and "list" in r.output
     r = runner.invoke(cli.app, ["artifacts", "prune", "--help"])
     assert r.exit_code == 0 and "launcher artifacts prune my-run" in r.output
+
+
+def test_the_local_backend_names_what_it_cannot_do_and_the_fix_without_a_traceback(runner, tmp_path):
+    state = str(tmp_path / "state")
+    r = runner.invoke(cli.app, ["--backend", "local", "--state-dir", state, "list"], terminal_width=200)
+    assert r.exit_code == 0 and f"no runs in {state} (local runs)" in r.output, r.output
+    r = runner.invoke(cli.app, ["--backend", "local", "--state-dir", state, "status", "ghost"])
+    assert r.exit_code == 2 and f"no local run named ghost in {state}" in r.output and "fix:" in r.output, r.output
+    spec = write(tmp_path, GOOD)
+    r = runner.invoke(cli.app, ["--state-dir", state, "submit", str(spec), "--local", "--dry-run"])
+    assert r.exit_code == 2 and "a local run creates none" in r.output and "Traceback" not in r.output, r.output
+    r = runner.invoke(cli.app, ["--backend", "nowhere", "list"])
+    assert r.exit_code == 2 and "nowhere" in r.output, r.output
