@@ -11,7 +11,7 @@ import json
 import os
 import re
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Protocol, runtime_checkable
 
 from launcher.errors import (AlreadyExists, ClusterError, ClusterUnreachable, Forbidden, Invalid,  # noqa: F401
                              NotFound, SettingsError, TransientClusterError)
@@ -135,6 +135,33 @@ def default_namespace(kubeconfig: str | None, context: str | None) -> tuple[str,
         return "default", "the default"
     ns, where = context_namespace(kubeconfig, context)
     return (ns, where) if ns else ("default", "the default")
+
+
+@runtime_checkable
+class ClusterReader(Protocol):
+    """What the Kubernetes backend reads of a cluster to follow its runs (status, list, wait, logs): :class:`Kube`
+    does it against an API server; a unit test's stand-in implements the same methods."""
+
+    namespace: str
+
+    def get_job(self, name: str) -> dict | None: ...
+
+    def list_jobs(self, label_selector: str | None = None) -> list[dict]: ...
+
+    def get_jobset(self, name: str) -> dict | None: ...
+
+    def list_jobsets(self, label_selector: str | None = None) -> list[dict]: ...
+
+    def list_pods(self, label_selector: str | None = None) -> list[dict]: ...
+
+    def list_events(self, field_selector: str | None = None) -> list[dict]: ...
+
+    def get_node(self, name: str) -> dict | None: ...
+
+    def job_workload(self, job: dict) -> dict | None: ...
+
+    def pod_log(self, pod: str, *, follow: bool = False, previous: bool = False, timestamps: bool = False,
+                tail_lines: int | None = None) -> Iterator[str]: ...
 
 
 def _plural(kind: str) -> str:

@@ -3,8 +3,8 @@
 It holds the cluster's half of the verbs (submit, status, list, wait, logs, cancel) over the thin adaptor
 :mod:`launcher.kube` (the only module that imports the ``kubernetes`` client), with :mod:`launcher.submit`
 (preflight, idempotent create of what :func:`launcher.render.render_run` renders) and :mod:`launcher.diagnose`
-(Job, pods, events → one sentence). Tests give it their own adaptor (``kube=``): an object with
-:class:`launcher.kube.Kube`'s methods.
+(Job, pods, events → one sentence). Unit tests give it their own adaptor (``kube=``): one that implements
+:class:`launcher.kube.ClusterReader` for the verbs that follow a run.
 """
 from __future__ import annotations
 

@@ -166,13 +166,14 @@ class LocalBackend:
                              hint="see `launcher --backend local list`, or pass --state-dir where it was started")
         return max(mine, key=lambda r: (r.record.get("created") or "", r.job))
 
-    def _status(self, r: _Run, *, with_progress: bool = True) -> RunStatus:
+    def _status(self, r: _Run, *, with_progress: bool = True, progress: dict | None = None) -> RunStatus:
+        """The run's status; its progress object read from its output (``with_progress``), or ``progress``."""
         from jobs.errors import describe_exit_code
         from jobs.progress import read_run_progress
 
         rec = r.record
-        progress = read_run_progress(rec["output"], rec["spec_hash"], endpoint=self.settings.s3_endpoint) \
-            if with_progress else None
+        if with_progress:
+            progress = read_run_progress(rec["output"], rec["spec_hash"], endpoint=self.settings.s3_endpoint)
         cancelled = (r.dir / CANCELLED_FILE).exists()
         reason = _termination(r.dir)
         details = [f"state: {r.dir}", f"log: {r.dir / LOG_FILE}"]
@@ -256,10 +257,15 @@ class LocalBackend:
 
     def list(self) -> list[RunSummary]:
         """The runs in the state folder, newest first."""
+        from jobs.progress import read_runs_progress
+
+        runs = sorted((self._read(d) for d in self._dirs()), key=lambda r: r.record.get("created") or "", reverse=True)
+        # one S3 client for all, and no more tries once the store does not answer (as a cluster's list)
+        progress = read_runs_progress([(r.record["output"], r.record["spec_hash"]) for r in runs],
+                                      endpoint=self.settings.s3_endpoint)
         rows = []
-        for r in sorted((self._read(d) for d in self._dirs()), key=lambda r: r.record.get("created") or "",
-                        reverse=True):
-            st = self._status(r)
+        for r, p in zip(runs, progress):
+            st = self._status(r, with_progress=False, progress=p)
             rows.append(RunSummary(run=st.run, job=st.job, state=st.state, sentence=st.sentence, created=st.created,
                                    progress=(st.progress or {}).get("summary") if st.state == "Running" else None,
                                    cost=(st.cost or {}).get("summary")))

@@ -400,6 +400,13 @@ def sdk(kube, notes=None):
                   notes=note)
 
 
+def test_the_stand_in_adaptor_implements_the_protocol_the_real_one_does():
+    from launcher.kube import ClusterReader, Kube
+
+    assert isinstance(Kube(namespace="ml"), ClusterReader)
+    assert isinstance(FlakyKube(["running"]), ClusterReader)
+
+
 def test_wait_outlives_an_api_server_outage(no_sleep):
     kube = FlakyKube(["running", "running", "running", "done"], outages={2, 3})
     seen, notes = [], []

@@ -265,6 +265,9 @@ class _Kube:
     def job_workload(self, job):
         return None  # a cluster without Kueue
 
+    def pod_log(self, pod, **kw):
+        return iter(())  # the log is not this test's subject
+
     def list_pods(self, selector):
         return self.pods
 
@@ -282,6 +285,7 @@ def test_launcher_status_and_list_show_what_a_finished_run_cost(tmp_path, monkey
     from launcher import cli
     from launcher.backends.kubernetes import KubernetesBackend
     from launcher.client import Client
+    from launcher.kube import ClusterReader
     from launcher.settings import make_settings
 
     run = tmp_path / "out" / "r"
@@ -292,6 +296,7 @@ def test_launcher_status_and_list_show_what_a_finished_run_cost(tmp_path, monkey
                                "tokens_per_s": 14_200.0, "started_at": 0.0, "updated_at": 6800.0,
                                "stages": {"fetch": {"seconds": 40.0}, "train": {"seconds": 6600.0}}}))
     settings = make_settings(namespace="ml", gpu_prices={"H100": 2.5})
+    assert isinstance(_Kube(str(run)), ClusterReader)  # what the backend reads: the real adaptor's methods
     sdk = Client(backend=KubernetesBackend(settings, note=print, kube=_Kube(str(run)), settings=settings),
                  settings=settings)
     st = sdk.status("r")
