@@ -9,6 +9,12 @@ DEMO_DIR ?= $(CURDIR)/.demo
 MODEL_CACHE ?= $(HOME)/.cache/lora-jobs/models/smollm2-135m-instruct
 PYTEST_ARGS ?=
 
+# The lints make test and make test-unit run first: ruff (pyflakes' checks), lint-imports (the layers:
+# pyproject.toml's [tool.importlinter]) and mypy (strict on the contract, jobs/*.py: [tool.mypy]). The venv is
+# named when the recipe runs (see test's comment below).
+LINT = v="$$(hack/venv.sh)" && "$$v/bin/python" -m ruff check . && "$$v/bin/lint-imports" --no-logo && \
+  "$$v/bin/python" -m mypy
+
 .PHONY: help demo test test-unit stack-up stack-down images kind-up kind-down bench-s3 clean
 
 help:  ## list targets
@@ -37,12 +43,12 @@ demo:  ## train a LoRA adapter on the demo data with SmolLM2-135M, locally (no c
 # the stack is set before it.
 test:  ## build and start the real local stack, run the whole test suite, stop the stack
 	@trap 'hack/stack.sh down' EXIT; hack/prepare-test.sh $(MODEL_CACHE) && \
-	  "$$(hack/venv.sh)/bin/python" -m ruff check . && hack/stack.sh up && \
+	  $(LINT) && hack/stack.sh up && \
 	  { chrt --idle 0 hack/build-stack.sh mc jobset kueue >/dev/null 2>&1 & } && \
 	  LORA_TEST_MODEL_DIR=$(MODEL_CACHE) "$$(hack/venv.sh)/bin/python" -m pytest -p no:cacheprovider --durations=25 $(PYTEST_ARGS)
 
-test-unit:  ## lint (ruff: pyflakes' checks) and the fast offline tests
-	@$(PY) -m ruff check .
+test-unit:  ## lint (ruff, the import layers, mypy on the contract) and the fast offline tests
+	@$(LINT)
 	@$(PY) -m pytest -m unit -q -p no:cacheprovider $(PYTEST_ARGS)
 
 stack-up:  ## start the local stack and leave it running (source .stack/env)

@@ -19,7 +19,9 @@ from __future__ import annotations
 import math
 import re
 from datetime import datetime, timezone
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
+
+from jobs.formatting import count, duration
 
 #: Dense (no 2:4 sparsity) bf16 tensor-core peak, TFLOP/s per GPU, by the card name :func:`card_of` gives.
 #: NVIDIA's datasheets print the sparse figure; dense is half of it:
@@ -137,6 +139,7 @@ def job_cost(*, gpus_per_node: int, nodes: int = 1, seconds: float | None = None
                      f"({', '.join(sorted(map(str, prices)))})")
     elif gpu_hours is not None:
         cost = gpu_hours * price
+    queue_wait = _num(queue_wait_s)
     stage_s = None
     if stages:
         stage_s = {k: (_num(v.get("seconds")) if isinstance(v, Mapping) else _num(v)) for k, v in _in_order(stages)}
@@ -144,7 +147,7 @@ def job_cost(*, gpus_per_node: int, nodes: int = 1, seconds: float | None = None
         "card": card, "gpus": gpus, "nodes": max(1, int(nodes or 1)),
         "seconds": None if seconds is None else round(seconds, 1),
         "gpu_hours": None if gpu_hours is None else round(gpu_hours, 4),
-        "queue_wait_s": None if _num(queue_wait_s) is None else round(max(0.0, float(queue_wait_s)), 1),
+        "queue_wait_s": None if queue_wait is None else round(max(0.0, queue_wait), 1),
         "tokens": int(tokens) if tokens is not None else None,
         "tokens_per_s_per_gpu": None if per_gpu is None else round(per_gpu, 1),
         "params": params, "flops_per_token": flops_per_token, "peak_tflops": peak,
@@ -165,18 +168,6 @@ def _in_order(stages: Mapping[str, Any]) -> list[tuple[str, Any]]:
 
 # ------------------------------------------------------------------------------ words
 
-def _human(n: float) -> str:
-    return f"{n / 1000:.1f}k" if n >= 1000 else f"{n:.0f}"
-
-
-def duration(seconds: float) -> str:
-    """12s, 4m05s, 1h02m."""
-    seconds = int(round(seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
-
-
 def describe_cost(c: Mapping[str, Any] | None) -> str | None:
     """One line: "1.9 GPU-hours, 14.2k tok/s/GPU, MFU 41%, $4.75, queued 2m10s"; None when nothing is known."""
     if not c:
@@ -188,7 +179,7 @@ def describe_cost(c: Mapping[str, Any] | None) -> str | None:
     elif not c.get("gpus"):
         parts.append("CPU run: no GPU-hours, no MFU")
     if c.get("tokens_per_s_per_gpu") is not None:
-        parts.append(f"{_human(c['tokens_per_s_per_gpu'])} tok/s/GPU")
+        parts.append(f"{count(c['tokens_per_s_per_gpu'])} tok/s/GPU")
     if c.get("mfu") is not None:
         parts.append(f"MFU {100 * c['mfu']:.0f}%")
     elif c.get("gpus") and c.get("card") and c.get("peak_tflops") is None:
@@ -243,7 +234,7 @@ def _pod_gpus(pod: Mapping[str, Any], gpu_resource: str) -> int:
     return n
 
 
-def pod_gpu_seconds(pods: list[Mapping[str, Any]], gpu_resource: str = "nvidia.com/gpu",
+def pod_gpu_seconds(pods: Sequence[Mapping[str, Any]], gpu_resource: str = "nvidia.com/gpu",
                     now: float | None = None) -> tuple[float | None, float | None]:
     """(GPU-seconds, pod-seconds) of ``pods``: each pod from its ``status.startTime`` (bound to its node, before
     the image pull) to its last container's end (``finishedAt``), or ``now`` while it runs. A pod that never
@@ -283,7 +274,7 @@ def pod_gpu_seconds(pods: list[Mapping[str, Any]], gpu_resource: str = "nvidia.c
     return (gpu_s, pod_s) if started_any else (None, None)
 
 
-def queue_wait_seconds(created: str | None, pods: list[Mapping[str, Any]]) -> float | None:
+def queue_wait_seconds(created: str | None, pods: Sequence[Mapping[str, Any]]) -> float | None:
     """From the Job's (or JobSet's) creation to its first pod's ``status.startTime`` (the pod bound to a node: a
     Kueue queue, a scheduler waiting for GPUs, both count); None until a pod started."""
     t0 = parse_time(created)
@@ -293,7 +284,7 @@ def queue_wait_seconds(created: str | None, pods: list[Mapping[str, Any]]) -> fl
     return max(0.0, min(starts) - t0)
 
 
-def run_cost(progress: Mapping[str, Any] | None, pods: list[Mapping[str, Any]] = (), created: str | None = None, *,
+def run_cost(progress: Mapping[str, Any] | None, pods: Sequence[Mapping[str, Any]] = (), created: str | None = None, *,
              prices: Mapping[str, float] | None = None, gpu_resource: str = "nvidia.com/gpu",
              now: float | None = None) -> dict[str, Any] | None:
     """:func:`job_cost` of a run as the launcher sees it, so far or in the end: the job's progress object (its

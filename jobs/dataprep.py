@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from jobs.errors import DataError, Problem
+from jobs.pii import find_pii
 from jobs.spec import DataRules
 
 #: Longer lines are reported, not parsed: one runaway line must not eat the pod's memory.
@@ -156,7 +157,7 @@ FORMAT_EXAMPLES = {
 }
 
 
-def row_formats(obj: dict) -> list[str]:
+def row_formats(obj: dict[str, Any]) -> list[str]:
     """The formats whose marking keys ``obj`` has, in FORMATS order: [] for none, two or more
     for a row that mixes formats (which is an error: which half to train on is a guess)."""
     return [f for f in FORMATS if any(k in obj for k in FORMAT_KEYS[f])]
@@ -176,7 +177,7 @@ def detect_format(data: bytes) -> str:
     return "instruction"
 
 
-def _parse_turns(obj: dict, fmt: str) -> tuple[tuple[tuple[str, str], ...], list[str]]:
+def _parse_turns(obj: dict[str, Any], fmt: str) -> tuple[tuple[tuple[str, str], ...], list[str]]:
     """The turns of a conversation and what is wrong with them (turns are numbered from 1)."""
     key, role_key, text_key = ("messages", "role", "content") if fmt == "messages" else \
         ("conversations", "from", "value")
@@ -215,7 +216,7 @@ def _parse_turns(obj: dict, fmt: str) -> tuple[tuple[tuple[str, str], ...], list
         turns.append((i, norm, text.strip()))
     if errors:
         return (), errors
-    for (i, role, _), prev in zip(turns, [None] + turns[:-1]):
+    for (i, role, _), prev in zip(turns, [None, *turns[:-1]]):
         if role == "system" and prev is not None:
             errors.append(f"turn {i}: a system turn may only come first")
         elif role != "system" and (prev is None or prev[1] == "system") and role != "user":
@@ -296,7 +297,7 @@ class _OutsideFormat(Problem):
     looks_like: str = "unknown"
 
 
-def _parse_line_as(obj: dict, n: int, persona_field: str, fmt: str) -> Row | Problem:
+def _parse_line_as(obj: dict[str, Any], n: int, persona_field: str, fmt: str) -> Row | Problem:
     """One JSON object read as a row of ``fmt``."""
     where = f"line {n}"
     if fmt != "instruction":
@@ -331,7 +332,7 @@ def _parse_line_as(obj: dict, n: int, persona_field: str, fmt: str) -> Row | Pro
                input=(extra or "").strip(), persona=(persona or "").strip() or None)
 
 
-def _persona_of(obj: dict, persona_field: str) -> tuple[str | None, str | None]:
+def _persona_of(obj: dict[str, Any], persona_field: str) -> tuple[str | None, str | None]:
     key = next((k for k in (persona_field, "persona", "tone") if obj.get(k) is not None), None)
     value = obj.get(key) if key else None
     if value is not None and not isinstance(value, str):
@@ -339,7 +340,7 @@ def _persona_of(obj: dict, persona_field: str) -> tuple[str | None, str | None]:
     return (value or "").strip() or None, None
 
 
-def _parse_conversation(obj: dict, n: int, persona_field: str, fmt: str) -> Row | Problem:
+def _parse_conversation(obj: dict[str, Any], n: int, persona_field: str, fmt: str) -> Row | Problem:
     turns, errors = _parse_turns(obj, fmt)
     persona, bad = _persona_of(obj, persona_field)
     if bad:
@@ -351,7 +352,7 @@ def _parse_conversation(obj: dict, n: int, persona_field: str, fmt: str) -> Row 
     return Row(line=n, instruction=question, output=turns[last_answer][1], persona=persona, turns=turns, fmt=fmt)
 
 
-def read_jsonl(data: bytes, *, persona_field: str = "persona", fmt: str = "auto") -> tuple[list[Row], list[Problem]]:
+def read_jsonl(data: bytes | str, *, persona_field: str = "persona", fmt: str = "auto") -> tuple[list[Row], list[Problem]]:
     """Parse JSONL bytes into valid rows and one :class:`Problem` per bad line.
 
     ``fmt``: "instruction" ({instruction, input?, output}), "messages" ({messages: [{role,
@@ -524,7 +525,7 @@ _SENTINEL = "\x00"
 _POINTER = re.compile(r"\b(?:at|see|visit|via|from|to|on|here|under)\s*(?::\s*)?\x00[.!?:;]*$", re.IGNORECASE)
 
 
-def _cut_url(match: re.Match) -> str:
+def _cut_url(match: re.Match[str]) -> str:
     # Sentence punctuation after a URL belongs to the sentence, not the URL.
     url = match.group(0)
     trail = len(url) - len(url.rstrip(".,;:!?)]}'\""))
@@ -578,79 +579,15 @@ def remove_urls(rows: list[Row]) -> RuleResult:
 
 # ---------------------------------------------------------------------------- rule: PII
 
-# Every pattern below starts only where the previous character cannot continue it, and
-# never puts two unbounded runs of the same characters side by side: a 1 MB line
-# must cost linear time, not quadratic.
-_EMAIL = re.compile(r"(?<![\w.%+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
-_CARD = re.compile(r"(?<![\w-])\d(?:[ -]?\d){12,18}(?![\w-])")
-_SSN = re.compile(r"(?<![\w-])\d{3}-\d{2}-\d{4}(?![\w-])")
-_PHONE = re.compile(
-    r"(?<![\w+.])(?:"
-    r"\+\d{1,3}[ .-]?(?:\(\d{1,4}\)|\d{1,4})(?:[ .-]?\d{2,4}){1,4}"  # international: +44 20 7946 0958
-    r"|(?:1[ .-]?)?(?:\(\d{3}\)\s?|\d{3}[ .-]?)\d{3}[ .-]?\d{4}"  # NANP: (555) 123-4567, 555.123.4567
-    r")(?![\w]|\.\d)")
-_ID_KEYWORD = re.compile(
-    r"(?P<key>\b(?:ssn|social security(?: number)?|passport|driver['’]?s? licen[cs]e|licen[cs]e|national id|"
-    r"tax id|tin|iban|account|acct|customer|member|employee|patient|policy|id)"
-    r"(?:\s*(?:number|no\.?|num|#))?\s*(?:[:#]\s*)?)(?P<value>[A-Z0-9][A-Z0-9-]{4,})\b", re.IGNORECASE)
-_LONG_DIGITS = re.compile(r"(?<![\w-])\d{9,}(?![\w-])")
-PII_TOKENS = ("[EMAIL]", "[CARD]", "[PHONE]", "[ID]")
-
-
-def luhn_ok(digits: str) -> bool:
-    total = 0
-    for i, ch in enumerate(reversed(digits)):
-        d = ord(ch) - 48
-        if i % 2:
-            d = d * 2 - 9 if d > 4 else d * 2
-        total += d
-    return total % 10 == 0
-
-
-def find_pii(text: str) -> tuple[str, Counter]:
-    """Return ``text`` with PII replaced by [EMAIL], [CARD], [PHONE], [ID], and what was found.
-
-    Cards count only when the Luhn check passes; a long digit run that is not a card
-    or a phone is a generic ID. Order matters: emails hide digits, cards are longer
-    than phones.
-    """
-    found: Counter = Counter()
-
-    def sub(pattern: re.Pattern, token: str, text: str, keep: Callable[[re.Match], bool] | None = None) -> str:
-        def repl(m: re.Match) -> str:
-            if keep is not None and not keep(m):
-                return m.group(0)
-            found[token.strip("[]")] += 1
-            return token
-        return pattern.sub(repl, text)
-
-    def is_card(m: re.Match) -> bool:
-        digits = re.sub(r"\D", "", m.group(0))
-        return 13 <= len(digits) <= 19 and luhn_ok(digits)
-
-    def id_value(m: re.Match) -> str:
-        value = m.group("value")
-        if sum(c.isdigit() for c in value) < 5:
-            return m.group(0)
-        found["ID"] += 1
-        return m.group("key") + "[ID]"
-
-    text = sub(_EMAIL, "[EMAIL]", text)
-    text = sub(_CARD, "[CARD]", text, is_card)
-    text = sub(_SSN, "[ID]", text)
-    text = sub(_PHONE, "[PHONE]", text, lambda m: 7 <= sum(c.isdigit() for c in m.group(0)) <= 15)
-    text = _ID_KEYWORD.sub(id_value, text)
-    text = sub(_LONG_DIGITS, "[ID]", text)
-    return text, found
-
-
 def handle_pii(rows: list[Row], mode: str) -> RuleResult:
     """Rule: emails, phones, Luhn-valid cards and ID numbers in outputs: 'redact', 'drop' or 'off'."""
     if mode == "off":
         return RuleResult(list(rows))
-    kept, lines, kinds = [], [], Counter()
+    kept: list[Row] = []
+    lines: list[int] = []
+    kinds: Counter[str] = Counter()
     for row in rows:
-        found: Counter = Counter()
+        found: Counter[str] = Counter()
         redacted_texts = []
         for text in assistant_texts(row):
             redacted, f = find_pii(text)
@@ -699,7 +636,7 @@ def trim_sentence(sentence: str, max_words: int) -> str:
 
 
 def long_sentences(text: str, max_words: int) -> list[str]:
-    out = []
+    out: list[str] = []
     for line in text.split("\n"):
         m = _BULLET.match(line)
         body = line[m.end():] if m else line
@@ -765,7 +702,7 @@ def shingles(text: str, k: int = 3) -> set[str]:
     return {" ".join(words[i:i + k]) for i in range(len(words) - k + 1)}
 
 
-def jaccard(a: set, b: set) -> float:
+def jaccard(a: set[str], b: set[str]) -> float:
     return len(a & b) / len(a | b) if a or b else 1.0
 
 
@@ -937,15 +874,15 @@ def find_conflicts(rows: list[Row]) -> RuleResult:
 _REWORDING_MAX_WORDS = 64
 
 
-def _reworded_questions(rows: list[Row]) -> list[dict]:
+def _reworded_questions(rows: list[Row]) -> list[dict[str, Any]]:
     """Pairs of rows with the same answer whose questions differ by one content word (one substituted, added
     or removed: "reset" vs "restart"). Reported, never dropped: it may be a rewording (teaches nothing new)
     or two questions that share an answer (the X1 and the X2), and only a person can tell. Linear: each
     question of n words gives n keys with one word blanked and n with one word left out."""
-    blanked: dict[tuple, int] = {}
-    shortened: dict[tuple, int] = {}
-    whole: dict[tuple, int] = {}
-    found: list[dict] = []
+    blanked: dict[tuple[object, ...], int] = {}
+    shortened: dict[tuple[object, ...], int] = {}
+    whole: dict[tuple[object, ...], int] = {}
+    found: list[dict[str, Any]] = []
     words_of: dict[int, list[str]] = {}
     asked: dict[int, str] = {}
     for row in rows:
@@ -1035,7 +972,7 @@ _RULE_NOUNS = {
 }
 
 
-def _run_rules(rows: list[Row], rules: DataRules, seed: int) -> tuple[list[Row], dict[str, dict]]:
+def _run_rules(rows: list[Row], rules: DataRules, seed: int) -> tuple[list[Row], dict[str, dict[str, Any]]]:
     steps: list[tuple[str, bool, Callable[[list[Row]], RuleResult]]] = [
         ("strip_boilerplate", rules.strip_boilerplate, strip_boilerplate),
         ("remove_urls", rules.remove_urls, remove_urls),
@@ -1061,11 +998,11 @@ def _run_rules(rows: list[Row], rules: DataRules, seed: int) -> tuple[list[Row],
     return rows, entries
 
 
-def _rows_dropped(entry: dict) -> int:
-    return entry["count"] if entry["action"] == "dropped" else int(entry.get("dropped", 0))
+def _rows_dropped(entry: dict[str, Any]) -> int:
+    return int(entry["count"] if entry["action"] == "dropped" else entry.get("dropped", 0))
 
 
-def _top_reasons(report: dict, limit: int = 3) -> list[str]:
+def _top_reasons(report: dict[str, Any], limit: int = 3) -> list[str]:
     """The biggest causes of lost rows, largest first, for the DataError message."""
     reasons: list[tuple[int, str]] = []
     if report["problems_total"]:
@@ -1080,14 +1017,15 @@ def _top_reasons(report: dict, limit: int = 3) -> list[str]:
     return [text for _, text in reasons[:limit]]
 
 
-def prepare_report(data: bytes, rules: DataRules, *, seed: int = 42) -> Prepared:
+def prepare_report(data: bytes | str, rules: DataRules, *, seed: int = 42) -> Prepared:
     """Like :func:`prepare` but never raises: the caller decides what too few rows means."""
-    data = bytes(data) if not isinstance(data, str) else data.encode("utf-8", "surrogatepass")
+    data = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else bytes(data)
     rows, problems = read_jsonl(data, persona_field=rules.balance_field, fmt=rules.format)
     kept, entries = _run_rules(rows, rules, seed)
     conflicts = entries.pop("conflicts")  # a check, not a switchable rule: it keeps every row
     total_lines = count_lines(data)
     valid_by_format, kept_by_format = Counter(r.fmt for r in rows), Counter(r.fmt for r in kept)
+    fmt: str
     if rules.format != "auto":
         fmt = rules.format
     elif len(valid_by_format) > 1:
@@ -1102,7 +1040,7 @@ def prepare_report(data: bytes, rules: DataRules, *, seed: int = 42) -> Prepared
         errors.append(
             f"{len(outside)} of {non_blank} rows are outside "
             + (f"data.format '{rules.format}'" if rules.format != "auto" else "the accepted formats")
-            + f" (more than {MAX_OUTSIDE_FORMAT_SHARE:.0%}): lines {_line_list([p.line for p in outside], len(outside))}"
+            + f" (more than {MAX_OUTSIDE_FORMAT_SHARE:.0%}): lines {_line_list([p.line for p in outside if p.line is not None], len(outside))}"
             + "; they look like " + ", ".join(f"{k} ({v})" for k, v in looks.most_common()))
     dropped = {name: _rows_dropped(e) for name, e in entries.items() if _rows_dropped(e)}
     report: dict[str, Any] = {

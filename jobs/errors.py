@@ -110,6 +110,13 @@ class OutOfMemory(LoraJobError):
     exit_code = ExitCode.OUT_OF_MEMORY
 
 
+def is_gpu_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is the GPU running out of memory: torch's ``OutOfMemoryError``, or another error that
+    carries CUDA's message (a kernel library re-raising it). Read from the name and message, so the contract
+    needs no torch to tell."""
+    return type(err).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(err)
+
+
 class Diverged(LoraJobError):
     """The loss became NaN or infinite: the same spec and data would diverge again."""
 

@@ -19,8 +19,12 @@ import json
 import logging
 import threading
 import time
+from typing import Any
 
-from jobs.storage import join
+from jobs.background import BackgroundSender
+from jobs.formatting import count, duration
+from jobs.retry import RetryPolicy
+from jobs.storage import Store, join
 
 log = logging.getLogger("jobs")
 
@@ -35,61 +39,37 @@ def progress_key(run_prefix: str, spec_hash: str) -> str:
 class ProgressWriter:
     """Keeps the newest progress and writes it to ``store`` at a bounded rate, off the training thread."""
 
-    def __init__(self, store, key: str, *, min_interval: float = MIN_INTERVAL_S, enabled: bool = True):
+    def __init__(self, store: Store, key: str, *, min_interval: float = MIN_INTERVAL_S, enabled: bool = True):
         self.store, self.key, self.min_interval = store, key, min_interval
         self.enabled = enabled
-        self._state: dict = {"state": "running", "started_at": round(time.time(), 1)}
-        self._dirty = False
-        self._urgent = False
-        self._closed = False
+        self._state: dict[str, Any] = {"state": "running", "started_at": round(time.time(), 1)}
+        self._lock = threading.Lock()
+        self._sender: BackgroundSender[dict[str, Any]] = BackgroundSender(
+            self._write, name="progress-writer", min_interval=min_interval, latest_only=True)
         self._warned = False
-        self._cv = threading.Condition()
-        self._thread: threading.Thread | None = None
         self.writes = 0
 
     # -- what the job calls
-    def update(self, *, urgent: bool = False, **fields) -> None:
+    def update(self, *, urgent: bool = False, **fields: Any) -> None:
         if not self.enabled:
             return
-        with self._cv:
-            self._state.update({k: v for k, v in fields.items()})
-            self._dirty = True
-            self._urgent = self._urgent or urgent
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="progress-writer", daemon=True)
-                self._thread.start()
-            self._cv.notify()
+        with self._lock:  # the newest state replaces any not written yet
+            self._state.update(fields)
+            self._sender.put(dict(self._state), urgent=urgent)
 
     def stage(self, name: str) -> None:
         self.update(stage=name, urgent=True)
 
-    def close(self, state: str, *, wait_s: float = 15.0, **fields) -> None:
+    def close(self, state: str, *, wait_s: float = 15.0, **fields: Any) -> None:
         """The last word: ``state`` (succeeded, failed, preempted), written now (waits up to ``wait_s``)."""
         if not self.enabled:
             return
         self.update(state=state, urgent=True, **fields)
-        with self._cv:
-            self._closed = True
-            self._cv.notify()
-        if self._thread is not None:
-            self._thread.join(wait_s)
+        self._sender.close(wait_s)
 
-    # -- the writer thread
-    def _loop(self) -> None:
-        last = float("-inf")
-        while True:
-            with self._cv:
-                while not (self._dirty and (self._urgent or self._closed
-                                            or time.monotonic() >= last + self.min_interval)):
-                    if self._closed and not self._dirty:
-                        return
-                    self._cv.wait(None if not self._dirty else max(0.01, last + self.min_interval - time.monotonic()))
-                snapshot = dict(self._state, updated_at=round(time.time(), 1))
-                self._dirty = self._urgent = False
-            self._write(snapshot)
-            last = time.monotonic()
-
-    def _write(self, snapshot: dict) -> None:
+    # -- on the writer thread
+    def _write(self, snapshots: list[dict[str, Any]]) -> None:
+        snapshot = dict(snapshots[-1], updated_at=round(time.time(), 1))
         try:
             self.store.put_bytes(self.key, json.dumps(snapshot, sort_keys=True).encode(), "application/json")
             self.writes += 1
@@ -100,7 +80,7 @@ class ProgressWriter:
                             self.store.label, self.key, str(err).splitlines()[0])
 
 
-def read_progress(store, run_prefix: str, spec_hash: str) -> dict | None:
+def read_progress(store: Store, run_prefix: str, spec_hash: str) -> dict[str, Any] | None:
     """The newest progress object of that Job, or None when there is none (yet)."""
     from jobs.errors import LoraJobError
 
@@ -113,24 +93,24 @@ def read_progress(store, run_prefix: str, spec_hash: str) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-# A status read must answer in seconds, whatever the store does: 2 attempts, short timeouts.
-READ_POLICY_KW = {"attempts": 2, "connect_timeout": 2.0, "read_timeout": 5.0, "base_delay": 0.2}
+#: A status read must answer in seconds, whatever the store does: 2 attempts, short timeouts.
+READ_POLICY = RetryPolicy(attempts=2, connect_timeout=2.0, read_timeout=5.0, base_delay=0.2)
 
 
-def read_run_progress(run_uri: str | None, spec_hash: str | None, endpoint: str | None = None) -> dict | None:
+def read_run_progress(run_uri: str | None, spec_hash: str | None,
+                      endpoint: str | None = None) -> dict[str, Any] | None:
     """Progress of the Job whose run prefix is ``run_uri`` (its ``lora-jobs.io/output`` annotation) and whose
     spec hash is ``spec_hash``, with ``summary`` (:func:`describe`) added; None when there is none to read.
     ``endpoint``: the S3 endpoint where the environment names none (:func:`jobs.storage.make_s3_client`)."""
     if not run_uri or not spec_hash:
         return None
     from jobs.errors import LoraJobError
-    from jobs.storage import RetryPolicy, S3Store, make_s3_client, open_store
+    from jobs.storage import S3Store, make_s3_client, open_store
 
     try:
         store, prefix = open_store(run_uri)
         if isinstance(store, S3Store):
-            policy = RetryPolicy(**READ_POLICY_KW)
-            store = S3Store(store.bucket, client=make_s3_client(policy, endpoint=endpoint), policy=policy)
+            store = S3Store(store.bucket, client=make_s3_client(READ_POLICY, endpoint=endpoint), policy=READ_POLICY)
         p = read_progress(store, prefix, spec_hash)
     except (LoraJobError, ValueError, ImportError):
         return None
@@ -139,17 +119,18 @@ def read_run_progress(run_uri: str | None, spec_hash: str | None, endpoint: str 
     return p
 
 
-def read_runs_progress(runs: list[tuple[str | None, str | None]], endpoint: str | None = None) -> list[dict | None]:
+def read_runs_progress(runs: list[tuple[str | None, str | None]],
+                       endpoint: str | None = None) -> list[dict[str, Any] | None]:
     """:func:`read_run_progress` of many runs (``(run_uri, spec_hash)`` each), for `launcher list`: one S3 client
     for all, one request a run, and once the store does not answer or there are no credentials here, no more
     tries (a list of 30 runs must not wait out 30 timeouts). Each progress gets its ``summary``."""
     from jobs.errors import LoraJobError, StorageError, TransientError
-    from jobs.storage import RetryPolicy, S3Store, make_s3_client, open_store
+    from jobs.storage import S3Store, make_s3_client, open_store
 
-    policy = RetryPolicy(**READ_POLICY_KW)
+    policy = READ_POLICY
     client = None
     gave_up = False
-    out: list[dict | None] = []
+    out: list[dict[str, Any] | None] = []
     for run_uri, spec_hash in runs:
         p = None
         if run_uri and spec_hash and not (gave_up and run_uri.startswith("s3://")):
@@ -172,18 +153,7 @@ def read_runs_progress(runs: list[tuple[str | None, str | None]], endpoint: str 
     return out
 
 
-def _human(n: float) -> str:
-    return f"{n / 1000:.1f}k" if n >= 1000 else f"{n:.0f}"
-
-
-def _eta(seconds: float) -> str:
-    seconds = int(seconds)
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
-
-
-def describe_data(counts: dict) -> str:
+def describe_data(counts: dict[str, Any]) -> str:
     """The data stage's counts in one line: "173 rows kept of 179 lines: 3 malformed, 3 dropped by the rules
     (dedup_exact 1, dedup_near 1, strip_boilerplate 1)" (what `launcher data check` reports, for a run)."""
     lost = [f"{counts[k]} {k.replace('_', ' ')}" for k in ("blank", "malformed", "outside_format") if counts.get(k)]
@@ -198,7 +168,7 @@ def describe_data(counts: dict) -> str:
             (": " + ", ".join(lost) if lost else "") + mixed)
 
 
-def describe(p: dict, now: float | None = None) -> str:
+def describe(p: dict[str, Any], now: float | None = None) -> str:
     """One line: "training step 120/400, loss 1.2300, val loss 1.3100, 14.0k tok/s, ETA 12m00s (updated 8s ago)"."""
     stage = p.get("stage") or "starting"
     state = p.get("state") or "running"
@@ -218,11 +188,11 @@ def describe(p: dict, now: float | None = None) -> str:
     if p.get("val_loss") is not None:
         parts.append(f"val loss {p['val_loss']:.4f}")
     if state == "running" and p.get("tokens_per_s"):
-        parts.append(f"{_human(p['tokens_per_s'])} tok/s")
+        parts.append(f"{count(p['tokens_per_s'])} tok/s")
     if state == "running" and p.get("eta_s") is not None and stage == "train":
-        parts.append(f"ETA {_eta(p['eta_s'])}")
+        parts.append(f"ETA {duration(p['eta_s'])}")
     line = ", ".join(parts)
     if p.get("updated_at"):
         age = max(0.0, (now or time.time()) - float(p["updated_at"]))
-        line += f" (updated {_eta(age)} ago)"
+        line += f" (updated {duration(age)} ago)"
     return line

@@ -12,11 +12,11 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, TypedDict
 
-from jobs.errors import StorageError
 from jobs.digest import sha256_file
-from jobs.storage import join
+from jobs.errors import StorageError
+from jobs.storage import Store, join
 
 log = logging.getLogger("jobs")
 
@@ -28,9 +28,9 @@ LATEST = "latest"
 CLAIM = "_CLAIM"  # created first, conditionally: whoever creates it owns the version number
 
 
-def existing_versions(store, run_prefix: str) -> dict[int, bool]:
+def existing_versions(store: Store, run_prefix: str) -> dict[int, bool]:
     """{N: complete?} for every v<N> folder under the run prefix."""
-    out = {}
+    out: dict[int, bool] = {}
     for d in store.list_dirs(run_prefix):
         m = VERSION_RE.match(d)
         if m:
@@ -38,14 +38,14 @@ def existing_versions(store, run_prefix: str) -> dict[int, bool]:
     return out
 
 
-def build_manifest(folder: Path) -> dict:
+def build_manifest(folder: Path) -> dict[str, Any]:
     # never lists itself: a folder published before (an interrupted local run, published again) holds one
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p != folder / MANIFEST)
     return {"files": {str(p.relative_to(folder)): {"sha256": sha256_file(p), "size": p.stat().st_size}
                       for p in files}}
 
 
-def publish_version(store, run_prefix: str, folder: Path, *, max_attempts: int = 50) -> str:
+def publish_version(store: Store, run_prefix: str, folder: Path, *, max_attempts: int = 50) -> str:
     """Upload ``folder`` as the next version under ``run_prefix``; return 'v<N>'.
 
     A number is claimed by creating ``v<N>/_CLAIM`` with a conditional write (``If-None-Match: *``):
@@ -83,7 +83,7 @@ def publish_version(store, run_prefix: str, folder: Path, *, max_attempts: int =
                        hint="another publisher keeps racing this run; retry later")
 
 
-def _remove_incomplete(store, prefix: str) -> None:
+def _remove_incomplete(store: Store, prefix: str) -> None:
     """Best effort: delete what an interrupted publish uploaded under ``prefix`` (never a completed version:
     its marker is written last, after which nothing here runs). What stays (the store unreachable now)
     has no marker, so no reader takes it for a version, and ``launcher artifacts prune`` removes it."""
@@ -98,7 +98,7 @@ def _remove_incomplete(store, prefix: str) -> None:
         log.warning("publishing was interrupted: the incomplete %s/%s was removed", store.label, prefix)
 
 
-def _advance_latest(store, run_prefix: str, n: int, attempts: int = 50) -> None:
+def _advance_latest(store: Store, run_prefix: str, n: int, attempts: int = 50) -> None:
     """Point ``latest`` at v<n> unless it already names a newer version."""
     key = join(run_prefix, LATEST)
     for _ in range(attempts):
@@ -120,6 +120,13 @@ def _advance_latest(store, run_prefix: str, n: int, attempts: int = 50) -> None:
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
+class ManifestEntry(TypedDict):
+    """One file of a version's manifest.json."""
+
+    sha256: str
+    size: int
+
+
 @dataclass
 class FileCheck:
     """What :func:`check_files` found: files the manifest lists but that are absent, and files whose sha256
@@ -136,7 +143,7 @@ class FileCheck:
         return [f"{rel}: missing" for rel in self.missing] + [f"{rel}: sha256 mismatch" for rel in self.changed]
 
 
-def read_manifest(manifest_raw: bytes | None, marker_raw: bytes | None, where: str) -> dict[str, dict]:
+def read_manifest(manifest_raw: bytes | None, marker_raw: bytes | None, where: str) -> dict[str, ManifestEntry]:
     """{relative path: {"sha256", "size"}} of a version's manifest, once its ``_COMPLETE`` marker vouches for it:
     the marker must hold the manifest's sha256 (what :func:`publish_version` writes), so an empty marker or a
     manifest edited after publishing is refused. ``where`` names the version (``s3://b/runs/r/v1``).
@@ -162,7 +169,7 @@ def read_manifest(manifest_raw: bytes | None, marker_raw: bytes | None, where: s
                            hint=damaged) from None
     if not isinstance(files, dict) or not files:
         raise StorageError(f"{where}/{MANIFEST} lists no files", hint=damaged)
-    entries: dict[str, dict] = {}
+    entries: dict[str, ManifestEntry] = {}
     for rel, info in files.items():
         size = info.get("size") if isinstance(info, dict) else None
         if not (isinstance(info, dict) and isinstance(info.get("sha256"), str) and _SHA256.match(info["sha256"])
@@ -172,7 +179,7 @@ def read_manifest(manifest_raw: bytes | None, marker_raw: bytes | None, where: s
     return entries
 
 
-def check_files(entries: dict[str, dict], digest_of: Callable[[str], tuple[str, int] | None]) -> FileCheck:
+def check_files(entries: dict[str, ManifestEntry], digest_of: Callable[[str], tuple[str, int] | None]) -> FileCheck:
     """Each manifest entry against ``digest_of(rel)`` -> (sha256, size), or None when the file is absent."""
     found = FileCheck()
     for rel, info in sorted(entries.items()):
@@ -184,7 +191,7 @@ def check_files(entries: dict[str, dict], digest_of: Callable[[str], tuple[str, 
     return found
 
 
-def verify_version(store, run_prefix: str, version: str) -> list[str]:
+def verify_version(store: Store, run_prefix: str, version: str) -> list[str]:
     """Problems with a published version in ``store`` (empty when its marker vouches for its manifest and every
     file matches the manifest)."""
     prefix = join(run_prefix, version)

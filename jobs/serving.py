@@ -27,7 +27,12 @@ import json
 import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from jobs.errors import Problem
+
+if TYPE_CHECKING:
+    from jobs.spec import FieldPath, TrainingRunSpec
 
 #: vLLM's ``MaxLoRARanks`` (vllm/config/lora.py): the only values ``--max-lora-rank`` accepts
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -105,7 +110,7 @@ class Verdict:
                 "problems": [asdict(p) for p in self.problems], "summary": self.summary()}
 
 
-def check(config: dict, tensors: dict[str, list[int]] | None = None, *, max_lora_rank: int = VLLM_DEFAULT_MAX_LORA_RANK,
+def check(config: dict[str, Any], tensors: dict[str, list[int]] | None = None, *, max_lora_rank: int = VLLM_DEFAULT_MAX_LORA_RANK,
           base_vocab_size: int | None = None, tokenizer_size: int | None = None, checked: str = "adapter") -> Verdict:
     """vLLM's verdict on a LoRA adapter: ``config`` is its adapter_config.json, ``tensors`` {name: shape} of its
     safetensors (None: not known yet, as for a spec), ``base_vocab_size`` the base's embedding rows and
@@ -258,7 +263,7 @@ def make_serving_ready(adapter_dir: str | Path, base_name: str) -> list[str]:
 
 # ------------------------------------------------------------------------------ the spec
 
-def spec_adapter_config(spec) -> dict:
+def spec_adapter_config(spec: TrainingRunSpec) -> dict[str, Any]:
     """The adapter_config.json a run of ``spec`` writes, as far as vLLM's check reads it (jobs/trainer/train.py's
     lora_config: bias none, no modules_to_save, the default init; the spec cannot express the others)."""
     lora = spec.lora
@@ -271,13 +276,11 @@ def spec_adapter_config(spec) -> dict:
 _SPEC_PATHS = {"rank": "lora.rank", "dora": "lora.use_dora"}
 
 
-def spec_advice(spec, lines: dict | None = None) -> list:
+def spec_advice(spec: TrainingRunSpec, lines: dict[FieldPath, int] | None = None) -> list[Problem]:
     """:func:`check` on the adapter the spec will produce, as advice (jobs.errors.Problem): what vLLM will
     refuse, and whether the merged model is then the way to serve it."""
-    from jobs.errors import Problem
-
     verdict = check(spec_adapter_config(spec), checked="spec")
-    out = []
+    out: list[Problem] = []
     for p in verdict.problems:
         where = _SPEC_PATHS.get(p.kind, "lora")
         fix = p.fix

@@ -25,7 +25,9 @@ from jobs.errors import Problem, SpecError
 #: The description of a field kept only to refuse or warn about it (field_docs leaves it out).
 REMOVED = "(removed)"
 RUN_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,38}[a-z0-9])?$")
-ALL_LINEAR = "all-linear"
+ALL_LINEAR: Literal["all-linear"] = "all-linear"
+#: Where a value sits in the spec: ("training", "learning_rate"), ("dataset", "train", 0).
+FieldPath = tuple[str | int, ...]
 
 
 class _Strict(BaseModel):
@@ -43,7 +45,7 @@ class _Strict(BaseModel):
         return v
 
 
-def _types_of(annotation: Any) -> set:
+def _types_of(annotation: Any) -> set[Any]:
     """The plain types an annotation admits: int | None -> {int, NoneType}; Annotated[int, ...] -> {int}."""
     import typing
 
@@ -601,7 +603,7 @@ class TrainingRunSpec(_Strict):
                              "turn one off (a quantised base usually fits one GPU)")
         return self
 
-    _lines: dict = PrivateAttr(default_factory=dict)  # field path -> YAML line, when loaded from text
+    _lines: dict[FieldPath, int] = PrivateAttr(default_factory=dict)  # field path -> YAML line, when loaded from text
 
     def places(self) -> list[tuple[str, str]]:
         """(field path, value) of every field naming where the run reads or writes: an s3:// URI, an hf: model id
@@ -725,7 +727,7 @@ MAX_SPEC_NODES = 20_000
 MAX_SPEC_DEPTH = 64
 
 
-def _yaml_lines(text: str) -> dict[tuple, int]:
+def _yaml_lines(text: str) -> dict[FieldPath, int]:
     """Map field paths to 1-based line numbers in a YAML document.
 
     Each node is visited once (aliases are not followed twice) and the walk is bounded,
@@ -737,9 +739,9 @@ def _yaml_lines(text: str) -> dict[tuple, int]:
         root = yaml.compose(text, Loader=_safe_loader_class())
     except (yaml.YAMLError, RecursionError):
         return {}
-    out: dict[tuple, int] = {}
+    out: dict[FieldPath, int] = {}
     seen: set[int] = set()
-    stack = [(root, ())] if root is not None else []
+    stack: list[tuple[Any, FieldPath]] = [(root, ())] if root is not None else []
     while stack and len(out) < MAX_SPEC_NODES:
         node, path = stack.pop()
         out.setdefault(path, node.start_mark.line + 1)
@@ -787,7 +789,7 @@ def _too_big(data: Any) -> str | None:
     return None
 
 
-def _did_you_mean(loc: tuple) -> str | None:
+def _did_you_mean(loc: tuple[str | int, ...]) -> str | None:
     """The field name closest to an unknown key, among the fields of the section it sits in."""
     import difflib
 
@@ -806,7 +808,7 @@ def _did_you_mean(loc: tuple) -> str | None:
     return match[0] if match else None
 
 
-def problems_from_validation(err: ValidationError, lines: dict[tuple, int] | None = None) -> list[Problem]:
+def problems_from_validation(err: ValidationError, lines: dict[FieldPath, int] | None = None) -> list[Problem]:
     lines = lines or {}
     problems = []
     for e in err.errors():
@@ -846,7 +848,7 @@ def problems_from_validation(err: ValidationError, lines: dict[tuple, int] | Non
     return unique
 
 
-def parse_spec(data: Any, *, source: str | None = None, lines: dict[tuple, int] | None = None) -> TrainingRunSpec:
+def parse_spec(data: Any, *, source: str | None = None, lines: dict[FieldPath, int] | None = None) -> TrainingRunSpec:
     """Validate a parsed spec; raise :class:`SpecError` listing every problem."""
     if not isinstance(data, dict):
         got = "an empty file" if data is None else f"a {type(data).__name__}"
@@ -858,7 +860,7 @@ def parse_spec(data: Any, *, source: str | None = None, lines: dict[tuple, int] 
         raise SpecError(problems_from_validation(err, lines), source) from None
 
 
-def _safe_loader_class():
+def _safe_loader_class() -> Any:
     """PyYAML's SafeLoader on libyaml where PyYAML was built with it (the same documents, ~20x faster: a
     10 MB scalar took 11 s in the pure-Python scanner), else the pure-Python one."""
     import yaml
@@ -866,15 +868,14 @@ def _safe_loader_class():
     return getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-def _unique_key_loader():
+def _unique_key_loader() -> Any:
     """A SafeLoader that refuses duplicate keys: with plain YAML the last one silently wins."""
     import yaml
 
-    class UniqueKeyLoader(_safe_loader_class()):
-        pass
+    UniqueKeyLoader: Any = type("UniqueKeyLoader", (_safe_loader_class(),), {})
 
-    def construct_mapping(loader, node, deep=False):
-        seen: dict = {}
+    def construct_mapping(loader: Any, node: Any, deep: bool = False) -> Any:
+        seen: dict[Any, int] = {}
         for key_node, _ in node.value:
             key = loader.construct_object(key_node, deep=deep)
             try:
@@ -956,7 +957,7 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> TrainingR
     return load_spec_text(text, source=str(p), overrides=overrides)
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``key.path=value`` overrides (values parsed as YAML scalars) to a raw spec mapping."""
     import copy
 
@@ -989,7 +990,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def _section_model(ann) -> type[BaseModel] | None:
+def _section_model(ann: Any) -> type[BaseModel] | None:
     """The model of a section field: ``LoraSpec``, or ``TrackingSpec`` of an optional ``TrackingSpec | None``."""
     args = [a for a in getattr(ann, "__args__", ()) if a is not type(None)] if type(None) in getattr(
         ann, "__args__", ()) else [ann]

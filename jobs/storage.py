@@ -16,20 +16,26 @@ with the defaults a call that makes no progress gives up within
 """
 from __future__ import annotations
 
+import builtins
 import errno
 import hashlib
 import logging
 import os
-import random
 import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Callable, Iterable, TypeVar, Union
 
 from jobs.errors import StorageError, TransientError
+from jobs.formatting import duration, size
+from jobs.retry import RetryPolicy
+
+T = TypeVar("T")
+#: Told each chunk's byte count as it is sent or written (a :class:`TransferProgress`).
+Progress = Callable[[int], None]
 
 log = logging.getLogger("jobs")
 
@@ -55,87 +61,6 @@ class ObjectInfo:
     modified: float | None = None  # seconds since the epoch, when the store says
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """The one retry policy of every S3 request (docs/reliability.md, "Retries").
-
-    botocore sends a request at most ``attempts`` times. A retry is decided by botocore's
-    own classification (connection errors, timeouts, 500/502/503/504, throttling and
-    ``RequestTimeout`` codes); it waits ``d * (0.5 + 0.5 * rand)`` with
-    ``d = min(max_delay, base_delay * 2**(n-1))`` after the n-th failure: exponential with
-    half jitter, so the waits are never all short (a restarting endpoint is ridden out)
-    and never all equal (clients retrying together spread out). Each attempt waits at most
-    ``connect_timeout`` to connect and ``read_timeout`` for each read from the socket.
-    Body streams that break after bytes arrived are resumed from the byte reached
-    (:func:`download_file_ranged`), at most ``resumes`` times per part, each only after
-    progress: a stall without progress is never longer than :meth:`worst_case_stall`.
-    ``LORA_JOBS_S3_ATTEMPTS`` in the environment overrides ``attempts``.
-    """
-
-    attempts: int = 7
-    connect_timeout: float = 5.0
-    read_timeout: float = 20.0
-    base_delay: float = 1.0
-    max_delay: float = 32.0
-    resumes: int = 5
-
-    @classmethod
-    def from_env(cls, **overrides) -> "RetryPolicy":
-        raw = os.environ.get("LORA_JOBS_S3_ATTEMPTS")
-        if raw and "attempts" not in overrides:
-            try:
-                overrides["attempts"] = max(1, int(raw))
-            except ValueError:
-                raise StorageError(f"LORA_JOBS_S3_ATTEMPTS={raw!r} is not a whole number",
-                                   hint="set it to the number of times an S3 request may be sent, e.g. 7") from None
-        return cls(**overrides)
-
-    def _cap(self, n: int) -> float:
-        return min(self.max_delay, self.base_delay * 2 ** (n - 1))
-
-    def delay(self, attempts: int) -> float:
-        """Seconds to wait after the ``attempts``-th failed send (botocore's retry action)."""
-        return self._cap(attempts) * (0.5 + 0.5 * random.random())
-
-    def worst_case_stall(self) -> float:
-        """Longest a request can go without progress before it raises: every attempt
-        timing out on connect and read, every wait at its longest."""
-        return (self.attempts * (self.connect_timeout + self.read_timeout)
-                + sum(self._cap(n) for n in range(1, self.attempts)))
-
-    def shortest_outage_ridden(self) -> float:
-        """An endpoint down for less than this is always waited out (every wait at its shortest)."""
-        return sum(0.5 * self._cap(n) for n in range(1, self.attempts))
-
-    def install(self, client) -> None:
-        """Put this policy into ``client``'s botocore retry hook, in place of botocore's own waits.
-
-        The client was made in botocore's ``legacy`` retry mode (which classifies errors by its
-        ``_retry.json`` and has no retry quota that could cut retries short during an outage);
-        its handler is replaced by one with the same checks and this policy's waits."""
-        from botocore import loaders, retryhandler, translate
-
-        if (client.meta.config.retries or {}).get("mode") != "legacy":
-            raise ValueError("RetryPolicy.install needs a client made with retries={'mode': 'legacy', ...}")
-        model = client.meta.service_model
-        name, prefix = model.service_id.hyphenize(), model.endpoint_prefix
-        data = loaders.create_loader().load_data("_retry")
-        config = translate.build_retry_config(prefix, data.get("retry", {}), data.get("definitions", {}),
-                                              {"max_attempts": self.attempts - 1})
-        handler = retryhandler.RetryHandler(
-            checker=retryhandler.create_checker_from_retry_config(config, operation_name=prefix),
-            action=self.delay)
-        client.meta.events.unregister(f"needs-retry.{name}", unique_id=f"retry-config-{name}")
-        client.meta.events.register(f"needs-retry.{name}", handler, unique_id=f"retry-config-{name}")
-
-
-def _bytes(n: float) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n:.0f} B"
-
-
 class TransferProgress:
     """Bytes done of a long transfer, for the pod log and a terminal.
 
@@ -145,7 +70,7 @@ class TransferProgress:
     the mean rate once. ``on_update(done, total)`` sees every change (a rich progress bar)."""
 
     def __init__(self, what: str, total: int, *, interval: float = 10.0, logger: logging.Logger | None = None,
-                 on_update=None):
+                 on_update: Callable[[int, int], None] | None = None):
         self.what, self.total, self.interval = what, max(0, int(total)), interval
         self.log = logger or log
         self.on_update = on_update
@@ -170,13 +95,13 @@ class TransferProgress:
             eta = (self.total - done) / rate if rate > 0 else None
             pct = f" ({100 * done / self.total:.0f}%)" if self.total else ""
             self.lines += 1
-            self.log.info("%s: %s of %s%s, %s/s, ETA %s", self.what, _bytes(done), _bytes(self.total), pct,
-                          _bytes(rate), "?" if eta is None else f"{eta:.0f}s")
+            self.log.info("%s: %s of %s%s, %s/s, ETA %s", self.what, size(done), size(self.total), pct,
+                          size(rate), "?" if eta is None else duration(eta))
 
     def finish(self) -> None:
         took = time.monotonic() - self._t0
         self.lines += 1
-        self.log.info("%s: %s in %.1fs (%s/s)", self.what, _bytes(self.done), took, _bytes(self.done / max(took, 1e-9)))
+        self.log.info("%s: %s in %.1fs (%s/s)", self.what, size(self.done), took, size(self.done / max(took, 1e-9)))
 
 
 def parse_uri(uri: str) -> tuple[str, str, str]:
@@ -218,7 +143,7 @@ class LocalStore:
             raise StorageError(f"key '{key}' escapes the store root {self.root}")
         return p
 
-    def put_file(self, path: str | Path, key: str, progress=None) -> None:
+    def put_file(self, path: str | Path, key: str, progress: Progress | None = None) -> None:
         dest = self._path(key)
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = dest.with_name(dest.name + ".part")
@@ -237,7 +162,7 @@ class LocalStore:
         except OSError as err:
             raise self._refused(key, err) from err
 
-    def get_file(self, key: str, dest: str | Path, progress=None) -> None:
+    def get_file(self, key: str, dest: str | Path, progress: Progress | None = None) -> None:
         src = self._path(key)
         if not src.is_file():
             raise StorageError(f"{self.root}/{key} not found", hint="check the path in the spec")
@@ -307,7 +232,7 @@ class LocalStore:
                 out.append(ObjectInfo(str(p.relative_to(self.root)), st.st_size, st.st_mtime))
         return out
 
-    def list_dirs(self, prefix: str = "") -> list[str]:
+    def list_dirs(self, prefix: str = "") -> builtins.list[str]:
         base = self._path(prefix) if prefix else self.root
         if not base.is_dir():
             return []
@@ -317,7 +242,8 @@ class LocalStore:
 class S3Store:
     """One bucket on an S3-compatible endpoint."""
 
-    def __init__(self, bucket: str, client=None, policy: RetryPolicy | None = None, endpoint: str | None = None):
+    def __init__(self, bucket: str, client: Any = None, policy: RetryPolicy | None = None,
+                 endpoint: str | None = None):
         """``client``: a boto3 S3 client, made by :func:`make_s3_client` when None (pass one made
         there, so that it carries ``policy``); ``policy``: the retry policy of that client; ``endpoint``:
         the S3 endpoint URL where the environment names none (see :func:`make_s3_client`)."""
@@ -328,13 +254,13 @@ class S3Store:
         self.endpoint = endpoint
 
     @property
-    def client(self):
+    def client(self) -> Any:
         if self._client is None:
             self._client = make_s3_client(self.policy, endpoint=self.endpoint)
         return self._client
 
     # -- error mapping: every call of this class goes through here, once; botocore retries inside
-    def _call(self, what: str, key: str, fn, *args, **kwargs):
+    def _call(self, what: str, key: str, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         from boto3.exceptions import RetriesExceededError, S3UploadFailedError
         from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
@@ -363,7 +289,7 @@ class S3Store:
                              f"{self.policy.attempts} attempts",
                              hint="check that the S3 endpoint is up; the Job retries transient failures")
 
-    def put_file(self, path: str | Path, key: str, progress=None) -> None:
+    def put_file(self, path: str | Path, key: str, progress: Progress | None = None) -> None:
         """``progress(n)`` sees the bytes of each part as it is sent (negative when a part is resent)."""
         self._call("upload to", key, self.client.upload_file, str(path), self.bucket, key,
                    **({"Callback": progress} if progress is not None else {}))
@@ -372,7 +298,7 @@ class S3Store:
         extra = {"ContentType": content_type} if content_type else {}
         self._call("write", key, self.client.put_object, Bucket=self.bucket, Key=key, Body=data, **extra)
 
-    def get_file(self, key: str, dest: str | Path, progress=None) -> None:
+    def get_file(self, key: str, dest: str | Path, progress: Progress | None = None) -> None:
         """One object into ``dest`` (via ``dest.part``): one ranged GET per part, resumed where a
         stream broke, under :attr:`policy` (never the transfer manager's own download retries)."""
         download_file_ranged(self, key, dest, workers=1, progress=progress)
@@ -385,14 +311,14 @@ class S3Store:
         """(content, ETag) of ``key``; (None, None) when absent."""
         from botocore.exceptions import ClientError
 
-        def get():
+        def get() -> tuple[bytes | None, str | None]:
             try:
                 r = self.client.get_object(Bucket=self.bucket, Key=key)
             except ClientError as err:
                 if err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
                     return None, None
                 raise
-            return r["Body"].read(), r["ETag"]
+            return bytes(r["Body"].read()), str(r["ETag"])
 
         return self._call("read", key, get)
 
@@ -400,10 +326,10 @@ class S3Store:
         """Replace ``key`` only if its ETag is still ``tag`` (None: only if absent); False otherwise."""
         return self._conditional_put(key, data, **({"IfMatch": tag} if tag else {"IfNoneMatch": "*"}))
 
-    def _conditional_put(self, key: str, data: bytes, **condition) -> bool:
+    def _conditional_put(self, key: str, data: bytes, **condition: str) -> bool:
         from botocore.exceptions import ClientError
 
-        def put():
+        def put() -> bool:
             try:
                 self.client.put_object(Bucket=self.bucket, Key=key, Body=data, **condition)
             except ClientError as err:
@@ -420,7 +346,7 @@ class S3Store:
         return self._call("write", key, put)
 
     def get_bytes(self, key: str) -> bytes:
-        return self._call("read", key, lambda: self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read())
+        return self._call("read", key, lambda: bytes(self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()))
 
     def delete(self, key: str) -> None:
         self._call("delete", key, self.client.delete_object, Bucket=self.bucket, Key=key)
@@ -440,24 +366,28 @@ class S3Store:
         return self._call("check", key, head)
 
     def list(self, prefix: str = "") -> list[ObjectInfo]:
-        def run():
-            out = []
+        def run() -> builtins.list[ObjectInfo]:
+            out: builtins.list[ObjectInfo] = []
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
                 out.extend(ObjectInfo(o["Key"], o["Size"], o["LastModified"].timestamp() if o.get("LastModified")
                                       else None) for o in page.get("Contents", []))
             return out
         return self._call("list", prefix, run)
 
-    def list_dirs(self, prefix: str = "") -> list[str]:
+    def list_dirs(self, prefix: str = "") -> builtins.list[str]:
         pre = prefix.rstrip("/") + "/" if prefix else ""
 
-        def run():
-            out = []
+        def run() -> builtins.list[str]:
+            out: builtins.list[str] = []
             for page in self.client.get_paginator("list_objects_v2").paginate(
                     Bucket=self.bucket, Prefix=pre, Delimiter="/"):
                 out.extend(p["Prefix"][len(pre):].rstrip("/") for p in page.get("CommonPrefixes", []))
             return sorted(out)
         return self._call("list", pre, run)
+
+
+#: Either store: what the job and the launcher hold (:func:`open_store`).
+Store = Union[LocalStore, S3Store]
 
 
 def _explain(code: str, status: int) -> str:
@@ -482,7 +412,30 @@ def _fix_for(code: str, status: int) -> str:
     return "grant the credentials read/write on this bucket and prefix"
 
 
-def make_s3_client(policy: RetryPolicy | None = None, endpoint: str | None = None):
+def install_retry_policy(client: Any, policy: RetryPolicy) -> None:
+    """Put ``policy`` into ``client``'s botocore retry hook, in place of botocore's own waits.
+
+    The client was made in botocore's ``legacy`` retry mode (which classifies errors by its ``_retry.json``:
+    connection errors, timeouts, 500/502/503/504, throttling and ``RequestTimeout`` codes, and has no retry
+    quota that could cut retries short during an outage); its handler is replaced by one with the same checks
+    and the policy's waits."""
+    from botocore import loaders, retryhandler, translate
+
+    if (client.meta.config.retries or {}).get("mode") != "legacy":
+        raise ValueError("install_retry_policy needs a client made with retries={'mode': 'legacy', ...}")
+    model = client.meta.service_model
+    name, prefix = model.service_id.hyphenize(), model.endpoint_prefix
+    data = loaders.create_loader().load_data("_retry")
+    config = translate.build_retry_config(prefix, data.get("retry", {}), data.get("definitions", {}),
+                                          {"max_attempts": policy.attempts - 1})
+    handler = retryhandler.RetryHandler(
+        checker=retryhandler.create_checker_from_retry_config(config, operation_name=prefix),
+        action=policy.delay)
+    client.meta.events.unregister(f"needs-retry.{name}", unique_id=f"retry-config-{name}")
+    client.meta.events.register(f"needs-retry.{name}", handler, unique_id=f"retry-config-{name}")
+
+
+def make_s3_client(policy: RetryPolicy | None = None, endpoint: str | None = None) -> Any:
     """A boto3 S3 client from the standard AWS environment, path-style for MinIO and friends,
     retrying by ``policy`` (default :meth:`RetryPolicy.from_env`). ``endpoint`` is used where the
     environment names none (``AWS_ENDPOINT_URL_S3``, ``AWS_ENDPOINT_URL`` win): the launcher passes its
@@ -498,11 +451,11 @@ def make_s3_client(policy: RetryPolicy | None = None, endpoint: str | None = Non
                  request_checksum_calculation="when_required", response_checksum_validation="when_required")
     client = boto3.client("s3", endpoint_url=endpoint, region_name=os.environ.get("AWS_REGION", "us-east-1"),
                           config=cfg)
-    policy.install(client)
+    install_retry_policy(client, policy)
     return client
 
 
-def open_store(uri: str, *, endpoint: str | None = None):
+def open_store(uri: str, *, endpoint: str | None = None) -> tuple[Store, str]:
     """(store, key_prefix) for an s3:// URI or a local path; ``endpoint``: see :func:`make_s3_client`."""
     scheme, bucket, key = parse_uri(uri)
     if scheme == "s3":
@@ -526,7 +479,7 @@ def _preallocate(fd: int, size: int) -> None:
         os.ftruncate(fd, size)
 
 
-def _stream_readinto(body):
+def _stream_readinto(body: Any) -> Callable[[memoryview], int]:
     """``readinto(view) -> n`` for a GetObject body, 0 at its end.
 
     botocore's ``StreamingBody.read(n)`` allocates and copies every chunk twice
@@ -542,22 +495,23 @@ def _stream_readinto(body):
 
     fp = getattr(getattr(body, "_raw_stream", None), "_fp", None)
     if isinstance(fp, http.client.HTTPResponse) and not fp.chunked:
-        def readinto(view) -> int:
+        def readinto(view: memoryview) -> int:
             try:
                 return fp.readinto(view)
             except (OSError, http.client.HTTPException) as err:
                 raise ResponseStreamingError(error=err) from None
         return readinto
 
-    def read_copy(view) -> int:
+    def read_copy(view: memoryview) -> int:
         data = body.read(len(view))
         view[:len(data)] = data
         return len(data)
     return read_copy
 
 
-def download_file_ranged(store, key: str, dest: str | Path, *, part_size: int = RANGED_PART_SIZE,
-                         workers: int = RANGED_WORKERS, read_size: int = RANGED_READ_SIZE, progress=None) -> Path:
+def download_file_ranged(store: Store, key: str, dest: str | Path, *, part_size: int = RANGED_PART_SIZE,
+                         workers: int = RANGED_WORKERS, read_size: int = RANGED_READ_SIZE,
+                         progress: Progress | None = None) -> Path:
     """Download one (large) object with parallel ranged GETs written in place into ``dest``.
 
     The object's size and ETag come from one HEAD. ``dest.part`` is preallocated to the
@@ -685,8 +639,8 @@ def safe_relative_path(rel: str, what: str) -> Path:
     return Path(*parts)
 
 
-def download_prefix(store, prefix: str, dest: str | Path, workers: int = 8, *,
-                    ranged_threshold: int = RANGED_THRESHOLD, progress=None) -> list[Path]:
+def download_prefix(store: Store, prefix: str, dest: str | Path, workers: int = 8, *,
+                    ranged_threshold: int = RANGED_THRESHOLD, progress: Progress | None = None) -> list[Path]:
     """Download every object under ``prefix`` into ``dest`` (keys relative to the prefix).
 
     Small objects go ``workers`` at a time through ``get_file``; meanwhile objects of at
@@ -721,8 +675,8 @@ def download_prefix(store, prefix: str, dest: str | Path, workers: int = 8, *,
     return [target(o) for o in objs]
 
 
-def upload_dir(store, src: str | Path, prefix: str, files: Iterable[Path] | None = None, workers: int = 8,
-               progress=None) -> None:
+def upload_dir(store: Store, src: str | Path, prefix: str, files: Iterable[Path] | None = None, workers: int = 8,
+               progress: Progress | None = None) -> None:
     src = Path(src)
     files = list(files) if files is not None else sorted(p for p in src.rglob("*") if p.is_file())
 

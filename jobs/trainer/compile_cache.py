@@ -36,6 +36,8 @@ import logging
 import os
 import time
 
+from jobs.formatting import size
+
 log = logging.getLogger("jobs")
 
 KEY_ENV = "LORA_JOBS_COMPILE_CACHE_KEY"
@@ -184,8 +186,8 @@ class CompileCache:
         self.restored_bytes = len(payload)
         self.restore_seconds = round(time.perf_counter() - t0, 2)
         self.outcome = "warm"
-        log.info("compile cache: %.1f MiB of compiled graphs and kernels restored from %s in %.1fs",
-                 len(payload) / 2**20, self.where, self.restore_seconds)
+        log.info("compile cache: %s of compiled graphs and kernels restored from %s in %.1fs",
+                 size(len(payload)), self.where, self.restore_seconds)
         return True
 
     def save(self) -> int:
@@ -218,5 +220,5 @@ class CompileCache:
                         str(err).splitlines()[0][:200] if str(err) else "")
             return 0
         self.saved_bytes = len(payload)
-        log.info("compile cache: %.1f MiB saved to %s", len(payload) / 2**20, self.where)
+        log.info("compile cache: %s saved to %s", size(len(payload)), self.where)
         return len(payload)

@@ -12,17 +12,10 @@ import math
 import re
 from pathlib import Path
 
+from jobs.pii import pii_kinds
 from jobs.spec import EvalPrompt, TrainingRunSpec
 
 log = logging.getLogger("jobs")
-
-_PII = {
-    "email": re.compile(r"\b[\w.+-]+@[\w-]+\.[\w.-]+\b"),
-    "phone": re.compile(r"(?<!\w)(?:\+?\d{1,3}[\s.-]?)?(?:\(\d{3}\)|\d{3})[\s.-]\d{3}[\s.-]\d{4}(?!\w)"),
-    "card": re.compile(r"\b(?:\d[ -]?){13,16}\b"),
-    "ssn": re.compile(r"\b\d{3}-\d{2}-\d{4}\b"),
-}
-
 
 def words(text: str) -> int:
     return len(text.split())
@@ -34,10 +27,6 @@ def band_of(n_words: int, bands) -> str | None:
         if lo <= n_words <= hi:
             return name
     return None
-
-
-def pii_found(text: str) -> list[str]:
-    return [kind for kind, rx in _PII.items() if rx.search(text)]
 
 
 def longest_copied_span(generated: str, train_outputs: list[str], n: int = 8) -> tuple[float, str | None]:
@@ -194,7 +183,7 @@ def build_report(spec: TrainingRunSpec, *, prompts: list[EvalPrompt], before: li
         items.append({
             "prompt": p.prompt, "expected_band": p.band, "before": b, "after": a, "words": n, "band": got_band,
             "band_ok": None if p.band is None else got_band == p.band,
-            "pii": pii_found(a), "copied_share": round(copied, 3), "copied_from": src if copied >= 0.5 else None,
+            "pii": pii_kinds(a), "copied_share": round(copied, 3), "copied_from": src if copied >= 0.5 else None,
             "fluency_flags": fluency_flags(a, cut_off=getattr(a, "cut_off", False)),
             # a conversation's turns before its last question (the question itself is "prompt")
             "context": [list(t) for t in getattr(p, "context", ())[:-1]] or None,

@@ -26,6 +26,7 @@ import math
 from pathlib import Path
 
 from jobs.errors import MergeMismatch
+from jobs.formatting import size
 
 log = logging.getLogger("jobs")
 
@@ -144,8 +145,8 @@ def _merge_device(base_dir: str, device, memory_budget_bytes: int | None):
     budget = min(free, memory_budget_bytes or free)
     if need <= budget:
         return device
-    log.info("merge: an fp32 copy of the model needs ~%.0f GiB, more than the %.0f GiB budget on the GPU: "
-             "merging on the CPU", need / 2**30, budget / 2**30)
+    log.info("merge: an fp32 copy of the model needs ~%s, more than the %s budget on the GPU: "
+             "merging on the CPU", size(need), size(budget))
     return torch.device("cpu")
 
 

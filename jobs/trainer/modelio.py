@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from jobs.errors import DataError
 
 log = logging.getLogger("jobs")
 
-def torch_dtype(name: str):
+
+def torch_dtype(name: str) -> Any:
+    """The torch dtype of a precision name of the spec (``bf16``, ``fp16``, ``fp32``): the one map of them."""
     import torch
 
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]

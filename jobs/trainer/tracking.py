@@ -20,14 +20,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
 import shutil
-import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
+
+from jobs.background import BackgroundSender
+from jobs.retry import RetryPolicy
 
 log = logging.getLogger("jobs")
 
@@ -37,6 +38,8 @@ BATCH_METRICS, BATCH_PARAMS = 1000, 100
 TAG_LOCATION, TAG_SPEC_HASH, TAG_RUN_ID = "lora-jobs.version_location", "lora-jobs.spec_hash", "lora-jobs.run_id"
 #: The bearer token, when the server wants one: from the pod's environment (a Secret), never the spec.
 TOKEN_ENV = "MLFLOW_TRACKING_TOKEN"
+#: A send is tried 4 times over about 4-7 s (waits of 1, 2 and 4 s, half jittered), then tracking is skipped.
+SEND_POLICY = RetryPolicy(attempts=4, base_delay=1.0)
 
 
 def flatten_params(data: dict, prefix: str = "") -> dict[str, str]:
@@ -126,17 +129,16 @@ class MlflowTracker:
     """One MLflow run for this training run, fed from a background thread; every method returns at once."""
 
     def __init__(self, client: MlflowClient, experiment: str, *, run_name: str, spec_hash: str,
-                 attempts: int = 4, base_delay: float = 1.0, max_queue: int = 10_000):
+                 policy: RetryPolicy = SEND_POLICY, max_queue: int = 10_000):
         self.client, self.experiment, self.run_name, self.spec_hash = client, experiment, run_name, spec_hash
-        self.attempts, self.base_delay = attempts, base_delay
-        self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
-        self._thread: threading.Thread | None = None
+        self.policy = policy
+        self._sender: BackgroundSender[tuple] = BackgroundSender(self._send_all, name="mlflow-tracker",
+                                                                 max_queue=max_queue)
         self._run: dict | None = None
         self._skipped = False  # the tracker gave up: everything after is dropped
         self._warned = False
         self._step = 0
         self._val_steps: set[int] = set()
-        self.dropped = 0
 
     # -- what the job calls
     def start(self, params: dict[str, str], tags: dict[str, str]) -> None:
@@ -177,60 +179,48 @@ class MlflowTracker:
             if path.is_file():
                 self._put(("artifact", path.name, path.read_bytes()))
         self._put(("end", status))
-        self._put(None)
-        if self._thread is not None and not self._skipped:
-            self._thread.join(wait_s)
-            if self._thread.is_alive():
-                self._warn_once(f"still sending after {wait_s:.0f}s; the rest is dropped")
+        if not self._sender.close(0 if self._skipped else wait_s) and not self._skipped:
+            self._warn_once(f"still sending after {wait_s:.0f}s; the rest is dropped")
+
+    @property
+    def dropped(self) -> int:
+        """Items dropped because the queue was full (a tracker that hangs must not grow the job's memory)."""
+        return self._sender.dropped
 
     # -- the sender thread
-    def _put(self, item) -> None:
-        if self._skipped and item is not None:
-            return
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="mlflow-tracker", daemon=True)
-            self._thread.start()
-        try:
-            self._queue.put_nowait(item)
-        except queue.Full:  # a tracker that hangs must not grow the job's memory
-            self.dropped += 1
+    def _put(self, item: tuple) -> None:
+        if not self._skipped:
+            self._sender.put(item)
 
-    def _loop(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            if self._skipped:
-                continue
-            if item[0] == "metrics":  # one batch for whatever queued up meanwhile
+    def _send_all(self, items: list[tuple]) -> None:
+        """What queued up meanwhile, in order; consecutive metrics go as one batch (up to BATCH_METRICS)."""
+        i = 0
+        while i < len(items) and not self._skipped:
+            item = items[i]
+            i += 1
+            if item[0] == "metrics":
                 batch = list(item[1])
-                while len(batch) < BATCH_METRICS and not self._queue.empty():
-                    nxt = self._queue.queue[0]
-                    if nxt is None or nxt[0] != "metrics" or len(batch) + len(nxt[1]) > BATCH_METRICS:
-                        break
-                    batch += self._queue.get()[1]
+                while i < len(items) and items[i][0] == "metrics" and len(batch) + len(items[i][1]) <= BATCH_METRICS:
+                    batch += items[i][1]
+                    i += 1
                 item = ("metrics", batch)
             self._send(item)
 
     def _send(self, item) -> None:
         if item[0] != "start" and self._run is None:
             return  # the run was never created: nothing to log to
-        for attempt in range(self.attempts):
-            try:
-                self._do(item)
+        try:
+            self.policy.call(lambda: self._do(item), retryable=lambda err: isinstance(err, MlflowError) and err.retry,
+                             on_retry=lambda err, _n: self._warn_once(f"{err}; retrying"))
+        except MlflowError as err:
+            if not err.retry:
+                self._warn_once(str(err))
+                if item[0] == "start":
+                    self._skipped = True
                 return
-            except MlflowError as err:
-                if not err.retry:
-                    self._warn_once(str(err))
-                    if item[0] == "start":
-                        self._skipped = True
-                    return
-                self._warn_once(f"{err}; retrying")
-                if attempt + 1 < self.attempts:
-                    time.sleep(self.base_delay * 2 ** attempt)
-        self._skipped = True  # down through every retry: this run goes on untracked
-        log.warning("MLflow at %s did not answer after %d attempts: tracking is skipped for the rest of this "
-                    "run (the run itself goes on)", self.client.uri, self.attempts)
+            self._skipped = True  # down through every retry: this run goes on untracked
+            log.warning("MLflow at %s did not answer after %d attempts: tracking is skipped for the rest of this "
+                        "run (the run itself goes on)", self.client.uri, self.policy.attempts)
 
     def _do(self, item) -> None:
         kind, c = item[0], self.client

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from jobs.progress import ProgressWriter, describe, progress_key, read_progress
-from jobs.storage import RetryPolicy, S3Store, make_s3_client
+from jobs.retry import RetryPolicy
+from jobs.storage import S3Store, make_s3_client
 
 pytestmark = pytest.mark.s3
 

@@ -274,7 +274,7 @@ def test_status_and_list_show_the_jobs_live_progress_from_object_storage(sdk, st
     # command with them (measured just above, on this machine) plus half of what the job's own retry policy
     # waits out on a refused endpoint at the least (31.5 s), so a read that retried like the job would fail here
     # on any machine, and a slow machine's start-up counts on both sides.
-    from jobs.storage import RetryPolicy
+    from jobs.retry import RetryPolicy
 
     no_s3 = {k: v for k, v in launcher_env.items() if not k.startswith("AWS_")}
     no_s3["AWS_ENDPOINT_URL"] = "http://127.0.0.1:9"

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from jobs.errors import StorageError, TransientError
-from jobs.storage import RetryPolicy, S3Store, TransferProgress, download_file_ranged, download_prefix
+from jobs.retry import RetryPolicy
+from jobs.storage import S3Store, TransferProgress, download_file_ranged, download_prefix, install_retry_policy
 
 pytestmark = pytest.mark.s3
 
@@ -34,7 +35,7 @@ def _client(stack, policy: RetryPolicy | None = None):
                           config=Config(s3={"addressing_style": "path"}, max_pool_connections=32,
                                         connect_timeout=policy.connect_timeout, read_timeout=policy.read_timeout,
                                         retries={"mode": "legacy", "total_max_attempts": policy.attempts}))
-    policy.install(client)
+    install_retry_policy(client, policy)
     return client
 
 

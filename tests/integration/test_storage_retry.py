@@ -1,4 +1,4 @@
-"""The one S3 retry policy (jobs.storage.RetryPolicy), measured against real endpoints.
+"""The one S3 retry policy (jobs.retry.RetryPolicy), measured against real endpoints.
 
 Every S3Store call that cannot reach its endpoint sends exactly ``policy.attempts``
 requests (botocore's retries, no loop of ours stacked on them), waits at least the
@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from jobs.errors import StorageError, TransientError
-from jobs.storage import RetryPolicy, S3Store, download_file_ranged, make_s3_client
+from jobs.retry import RetryPolicy
+from jobs.storage import S3Store, download_file_ranged, make_s3_client
 
 pytestmark = pytest.mark.s3
 

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from jobs.dataprep import (Row, balance_groups, check_file, dedup_exact, dedup_near, find_pii, format_report,
+from jobs.dataprep import (Row, balance_groups, check_file, dedup_exact, dedup_near, format_report,
                            handle_pii, limit_output_words, limit_sentences, prepare, read_jsonl, remove_urls,
                            remove_urls_text, split_validation, strip_boilerplate, strip_boilerplate_text,
                            trim_sentence)
 from jobs.errors import DataError, ExitCode
+from jobs.pii import find_pii
 from jobs.spec import DataRules, EvalPrompt
 
 pytestmark = pytest.mark.unit

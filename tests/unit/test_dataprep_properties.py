@@ -7,9 +7,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jobs.dataprep import (Row, balance_groups, find_pii, prepare, read_jsonl, split_validation,
+from jobs.dataprep import (Row, balance_groups, prepare, read_jsonl, split_validation,
                            strip_boilerplate_text)
 from jobs.errors import DataError
+from jobs.pii import find_pii
 from jobs.spec import DataRules
 
 pytestmark = pytest.mark.unit
