@@ -456,7 +456,8 @@ class Recipe:
     # ------------------------------------------------------------------------ train
 
     def train(self) -> Trained:
-        from jobs.trainer.train import Checkpoints, train
+        from jobs.trainer.checkpoints import Checkpoints
+        from jobs.trainer.train import train
 
         spec, ctx, strategy, world = self.spec, self.ctx, self.strategy, self.world
         ctx.enter("train")

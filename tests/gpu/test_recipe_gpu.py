@@ -22,7 +22,8 @@ from jobs.trainer.modelio import load_model, load_tokenizer, resolve_precision  
 from jobs.spec import parse_spec  # noqa: E402
 from jobs.storage import LocalStore  # noqa: E402
 from jobs.trainer.strategies import SingleDevice  # noqa: E402
-from jobs.trainer.train import Checkpoints, TrainState, encode_rows, train, wrap_lora  # noqa: E402
+from jobs.trainer.checkpoints import Checkpoints  # noqa: E402
+from jobs.trainer.train import TrainState, encode_rows, train, wrap_lora  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 

@@ -9,7 +9,8 @@ import pytest
 
 from jobs.errors import DataError
 from jobs.storage import S3Store
-from jobs.trainer.train import Checkpoints, TrainState
+from jobs.trainer.checkpoints import Checkpoints
+from jobs.trainer.train import TrainState
 from tests.unit.test_checkpoints_and_merge import _optimizer, _tiny_llama, _with_adapter
 
 pytestmark = pytest.mark.s3

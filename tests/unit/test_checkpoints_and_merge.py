@@ -17,7 +17,8 @@ peft = pytest.importorskip("peft")
 from jobs.errors import DataError, ExitCode, MergeMismatch  # noqa: E402
 from jobs.trainer.merge import check_merged_weights  # noqa: E402
 from jobs.storage import LocalStore  # noqa: E402
-from jobs.trainer.train import Checkpoints, TrainState  # noqa: E402
+from jobs.trainer.checkpoints import Checkpoints  # noqa: E402
+from jobs.trainer.train import TrainState  # noqa: E402
 
 pytestmark = pytest.mark.unit
 
