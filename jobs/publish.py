@@ -16,6 +16,7 @@ from typing import Any, Callable, TypedDict
 
 from jobs.digest import sha256_file
 from jobs.errors import StorageError
+from jobs.retry import RetryPolicy
 from jobs.storage import Store, join
 
 log = logging.getLogger("jobs")
@@ -98,18 +99,32 @@ def _remove_incomplete(store: Store, prefix: str) -> None:
         log.warning("publishing was interrupted: the incomplete %s/%s was removed", store.label, prefix)
 
 
-def _advance_latest(store: Store, run_prefix: str, n: int, attempts: int = 50) -> None:
+class _LatestMoved(Exception):
+    """Another publisher moved ``latest`` between our read and our compare-and-swap."""
+
+
+#: Compare-and-swap rounds on ``latest``: a lost round is tried again after a short jittered wait, so
+#: publishers that collide spread out instead of colliding again.
+LATEST_POLICY = RetryPolicy(attempts=50, base_delay=0.01, max_delay=0.5)
+
+
+def _advance_latest(store: Store, run_prefix: str, n: int, policy: RetryPolicy = LATEST_POLICY) -> None:
     """Point ``latest`` at v<n> unless it already names a newer version."""
     key = join(run_prefix, LATEST)
-    for _ in range(attempts):
+
+    def swap() -> None:
         data, tag = store.get_versioned(key)
         m = VERSION_RE.match(data.decode().strip()) if data else None
         if m and int(m.group(1)) >= n:
             return
-        if store.put_bytes_if_match(key, f"v{n}\n".encode(), tag):
-            return
-    raise StorageError(f"could not move {store.label}/{key} to v{n}: it kept changing under us",
-                       hint="the version is complete; set latest by hand or publish again")
+        if not store.put_bytes_if_match(key, f"v{n}\n".encode(), tag):
+            raise _LatestMoved
+
+    try:
+        policy.call(swap, retryable=lambda err: isinstance(err, _LatestMoved))
+    except _LatestMoved:
+        raise StorageError(f"could not move {store.label}/{key} to v{n}: it kept changing under us",
+                           hint="the version is complete; set latest by hand or publish again") from None
 
 
 # ------------------------------------------------------------------ the one verify
