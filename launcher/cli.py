@@ -26,6 +26,7 @@ from typing import Any, Callable, Optional
 import typer
 from typer.core import TyperGroup
 
+from jobs.formatting import duration, size
 from launcher.errors import EXIT_OK, EXIT_RUN_FAILED, EXIT_USAGE, LoraJobError, UsageError, exit_code_for
 
 
@@ -510,10 +511,10 @@ def artifacts(ctx: typer.Context, run: str = typer.Argument(..., help="Run name 
         else:
             from rich.table import Table
 
-            t = Table("version", "files", "bytes", "uri")
+            t = Table("version", "files", "size", "uri")
             for v in listing.versions:
                 mark = " (latest)" if v.name == listing.latest else ""
-                t.add_row(v.name + mark, str(v.files), f"{v.bytes:,}", _esc(v.uri))
+                t.add_row(v.name + mark, str(v.files), size(v.bytes), _esc(v.uri))
             c.print(t)
             shown = next((v for v in listing.versions if v.name == listing.latest), listing.versions[-1])
             if shown.eval_page:
@@ -548,8 +549,8 @@ def prune(ctx: typer.Context, run: str = typer.Argument(..., help="Run name or J
             typer.echo(f"nothing to prune: no incomplete version of {report.run} is older than {older_than}")
         for o in report.orphans:
             verb = "removed" if o.removed else "would remove"
-            typer.echo(f"{verb} {report.run}/{o.name}: {o.objects} objects, {o.bytes:,} bytes, untouched for "
-                       f"{o.age_seconds / 3600:.1f} h")
+            typer.echo(f"{verb} {report.run}/{o.name}: {o.objects} objects, {size(o.bytes)}, untouched for "
+                       f"{duration(o.age_seconds)}")
         if report.orphans and not yes:
             typer.echo("dry run: nothing was deleted; add --yes to delete")
 

@@ -13,6 +13,8 @@ import re
 import time
 from typing import Any, Callable, Iterator, Protocol, runtime_checkable
 
+from jobs.formatting import duration
+from jobs.retry import RetryPolicy
 from launcher.errors import (AlreadyExists, ClusterError, ClusterUnreachable, Forbidden, Invalid,  # noqa: F401
                              NotFound, SettingsError, TransientClusterError)
 
@@ -572,12 +574,7 @@ class Outage:
 
 
 def _seconds(s: float | None) -> str:
-    if s is None:
-        return "ever"
-    s = max(0.0, s)
-    if s < 120:
-        return f"{s:.0f} s"
-    return f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
+    return "ever" if s is None else duration(max(0.0, s))
 
 
 def with_retries(fn: Callable[[], Any], *, deadline: float | None = None, outage: Outage | None = None,
@@ -587,16 +584,18 @@ def with_retries(fn: Callable[[], Any], *, deadline: float | None = None, outage
     says the API server has not answered for its limit. Other errors (403, 404, a bad kubeconfig) are
     deterministic and raised at once. Used by ``wait`` and ``logs -f`` to outlive an API server restart."""
     outage = outage or Outage(None)
-    delay = 0.5
+    policy = RetryPolicy(base_delay=0.5, max_delay=max_delay)
+    failures = 0
     while True:
         try:
             result = fn()
         except (ClusterUnreachable, TransientClusterError) as err:
+            failures += 1
+            delay = policy.delay(failures)
             if deadline is not None and time.monotonic() + delay > deadline:
                 raise
             left = outage.failed(err)
             time.sleep(max(0.0, min(delay, left)))
-            delay = min(delay * 2, max_delay)
             continue
         outage.recovered()
         return result

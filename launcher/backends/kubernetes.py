@@ -14,10 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from jobs.retry import RetryPolicy
 from launcher.errors import RunFailed, UsageError, WaitTimeout
 from launcher.results import Attempts, Cancelled, LogStream, RunStatus, RunSummary, cost_of
 
 LABEL_APP_SELECTOR = "app.kubernetes.io/name=lora-jobs"
+#: The wait before reading a pod's log again after the n-th failed read.
+LOG_READ_RETRY = RetryPolicy(base_delay=1.0, max_delay=10.0)
 POD_JOB_LABEL = "batch.kubernetes.io/job-name"
 
 
@@ -426,7 +429,7 @@ class KubernetesBackend:
                         note(f"(the log of pod {name} cannot be read: {err.message})")
                         (done if ended or not follow else no_log).add(name)
                         continue
-                    time.sleep(min(10.0, 0.5 * 2 ** errors[name]))
+                    time.sleep(LOG_READ_RETRY.delay(errors[name]))
                     break
                 if ended or not follow:
                     done.add(name)
