@@ -13,7 +13,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from jobs.errors import ExitCode, LoraJobError, write_termination_message
+from jobs.errors import ExitCode, LoraJobError, is_gpu_out_of_memory, write_termination_message
 
 log = logging.getLogger("jobs")
 
@@ -101,7 +101,7 @@ def _cmd_run(args) -> int:
         write_termination_message(ExitCode.UNEXPECTED, msg, stage=context.stage)
         return int(ExitCode.UNEXPECTED)
     except Exception as err:  # noqa: BLE001
-        if "CUDA out of memory" in str(err) or type(err).__name__ == "OutOfMemoryError":
+        if is_gpu_out_of_memory(err):
             # outside the training loop's own back-off (generation, merge): a retry fails the same way
             msg = (f"GPU out of memory in stage {context.stage}: {str(err).splitlines()[0]} — lower "
                    "training.max_seq_length or eval.max_new_tokens, or use quantization.mode: 4bit")

@@ -18,7 +18,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable, ContextManager, Protocol
 
-from jobs.errors import OutOfMemory
+from jobs.errors import OutOfMemory, is_gpu_out_of_memory
 from jobs.trainer.distributed import World
 
 log = logging.getLogger("jobs")
@@ -186,7 +186,7 @@ def _local_forward_backward(model, loop, k: int, device):
     import torch
 
     from jobs.trainer import fastpath
-    from jobs.trainer.train import _is_oom, _target_tokens, free_memory
+    from jobs.trainer.train import _target_tokens, free_memory
 
     budget, state = loop.budget, loop.state
     while True:
@@ -200,7 +200,7 @@ def _local_forward_backward(model, loop, k: int, device):
                 step_loss += loss_sum.detach().float()
             return step_loss, n_target, mbs
         except RuntimeError as err:
-            if not _is_oom(err):
+            if not is_gpu_out_of_memory(err):
                 raise
             msg = str(err).splitlines()[0]
         loop.optimizer.zero_grad(set_to_none=True)
@@ -370,7 +370,7 @@ def _sharded_forward_backward(model, loop, k: int, world: World, device) -> Step
 
     from jobs.trainer import fastpath
     from jobs.trainer.distributed import all_gather_floats
-    from jobs.trainer.train import _filler, _is_oom, _target_tokens
+    from jobs.trainer.train import _filler, _target_tokens
 
     budget = loop.budget
     mbs = loop.sched.micro_batches(k, budget.tokens, fastpath.pack_step)
@@ -395,7 +395,7 @@ def _sharded_forward_backward(model, loop, k: int, world: World, device) -> Step
             if i < counted:
                 step_loss += loss_sum.detach().float()
     except RuntimeError as err:
-        if not _is_oom(err):
+        if not is_gpu_out_of_memory(err):
             raise
         raise OutOfMemory(f"out of GPU memory at step {k + 1} with micro-batches of {budget.tokens} tokens on an "
                           f"FSDP2-sharded run: {str(err).splitlines()[0]}",

@@ -19,7 +19,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable
 
-from jobs.errors import DataError, OutOfMemory, Problem, SpecError
+from jobs.errors import DataError, OutOfMemory, Problem, SpecError, is_gpu_out_of_memory
 from jobs.spec import ALL_LINEAR, TrainingRunSpec
 
 log = logging.getLogger("jobs")
@@ -265,10 +265,6 @@ class TokenBudget:
         return True
 
 
-def _is_oom(err: BaseException) -> bool:
-    return type(err).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(err)
-
-
 def free_memory() -> None:
     """Drop what Python still holds and give the cached GPU memory back (between stages, after an OOM)."""
     import gc
@@ -310,7 +306,7 @@ def evaluate_loss(model, examples: list[dict], budget: TokenBudget | int, strate
                 strategy.reduce_sum(sums)
                 return float(sums[0]) / max(1.0, float(sums[1]))
             except RuntimeError as err:
-                if not _is_oom(err):
+                if not is_gpu_out_of_memory(err):
                     raise
                 msg = str(err).splitlines()[0]
                 strategy.validation_oom(budget.tokens, msg)
