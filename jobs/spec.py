@@ -266,7 +266,7 @@ class TrainingSpec(_Strict):
                             "per_device_batch_size x accumulation x GPUs examples, however they are packed.")
     max_seq_length: int = Field(1024, ge=32, le=131072, description="Token cap per example; capped again by the "
                                                                      "model's context length.")
-    # Removed: the job always packs (jobs/trainer/fastpath.py) and nothing read the field. Kept only to say so: `true`
+    # Removed: the job always packs (jobs/trainer/fastpath/packing.py) and nothing read the field. Kept only to say so: `true`
     # (what every ConfigMap rendered before carries) is a warning, `false` an error. Never dumped, so neither the
     # ConfigMap nor `--explain` shows it; the hashes add back the `true` they always held (see _hash).
     packing: bool | None = Field(None, exclude=True, description=REMOVED)

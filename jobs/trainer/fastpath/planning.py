@@ -12,6 +12,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from jobs.formatting import size
+from jobs.trainer.modelio import torch_dtype
+
 from .attention import ATTN_IMPL, varlen_available
 from .compiling import bnb_4bit_compiles
 from .fp8 import fp8_recipe, fp8_support, refuse_fp8
@@ -148,7 +151,7 @@ def plan(model_config, training, device: torch.device | str, *, free_memory_byte
         notes.append("fsdp: on has no effect with one training process: the whole base on one device")
         log.warning("training.fsdp: on has no effect with one training process (set resources.gpus above 1)")
     if device.type != "cuda":
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+        dtype = torch_dtype(precision) if precision in ("bf16", "fp16") else torch.float32
         notes.append("CPU: attention is SDPA per example; no compile; fp32 unless asked otherwise")
         tokens = max(max_seq, 2048)
         # no memory model on a CPU: auto never shards there, on does (how FSDP2 is tested without GPUs)
@@ -164,7 +167,7 @@ def plan(model_config, training, device: torch.device | str, *, free_memory_byte
     if precision == "auto":
         dtype = torch.bfloat16 if bf16_ok else torch.float16
     else:
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+        dtype = torch_dtype(precision)
     fp8 = False
     if fp8_req != "off":
         ok, why = fp8_support(device)
@@ -267,9 +270,9 @@ def plan(model_config, training, device: torch.device | str, *, free_memory_byte
                    + (" (a quantised base is not sharded)" if world_size > 1 else ""))
         from jobs.errors import OutOfMemory
 
-        raise OutOfMemory(f"the base model does not fit the GPU memory budget: weights ~{weights / 2**30:.1f} GiB "
-                          f"+ LoRA state ~{lora_state / 2**30:.1f} GiB + headroom {headroom / 2**30:.1f} GiB "
-                          f"> {budget_total / 2**30:.1f} GiB planned for per GPU"
+        raise OutOfMemory(f"the base model does not fit the GPU memory budget: weights ~{size(weights)} "
+                          f"+ LoRA state ~{size(lora_state)} + headroom {size(headroom)} "
+                          f"> {size(budget_total)} planned for per GPU"
                           + (f" ({world_size} processes, {'sharded' if sharded else 'each with the whole base'})"
                              if world_size > 1 else " (one training process)"), hint=fix)
     want = max(8192, 2 * max_seq)
@@ -293,8 +296,8 @@ def plan(model_config, training, device: torch.device | str, *, free_memory_byte
             notes.append(f"memory is tight: {tokens} tokens fit, using max_seq_length={max_seq} anyway")
             tokens = max_seq
     tokens = max(tokens, max_seq)
-    notes.append(f"free {free_memory_bytes / 2**30:.1f} GiB, planning for {budget_total / 2**30:.1f} GiB, "
-                 f"weights ~{weights / 2**30:.1f} GiB, activations ~{(per_tok_gc if gc else per_tok_nogc) / 2**20:.2f} MiB/token "
+    notes.append(f"free {size(free_memory_bytes)}, planning for {size(budget_total)}, "
+                 f"weights ~{size(weights)}, activations ~{(per_tok_gc if gc else per_tok_nogc) / 2**20:.2f} MiB/token "
                  f"-> {tokens} tokens per micro-batch, checkpointing {'on' if gc else 'off'}")
     return Plan(ATTN_IMPL, dtype, gc, tokens, compile_ok, notes, liger_kernels=liger,
                 memory_budget_bytes=budget_total, fp8=fp8, fsdp=sharded)
