@@ -451,6 +451,20 @@ class EvalSpec(_Strict):
         return _check_uri(v, "eval.prompts") if isinstance(v, str) else v
 
 
+class ExportSpec(_Strict):
+    gguf: list[Literal["f16", "bf16", "q8_0"]] = Field(
+        default_factory=list, description="Also publish GGUF files (llama.cpp, Ollama) of the merged model and of "
+        "the adapter in these types, for Llama- and Qwen-family bases; read back and checked before publishing. "
+        "Needs merge.enabled.")
+
+    @field_validator("gguf")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"{v} names a type twice: list each of f16, bf16, q8_0 at most once")
+        return v
+
+
 class MergeSpec(_Strict):
     enabled: bool = Field(True, description="Also publish the adapter merged into the base model.")
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="dtype of the merged weights.")
@@ -567,6 +581,7 @@ class TrainingRunSpec(_Strict):
     data: DataRules = Field(default_factory=DataRules)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     merge: MergeSpec = Field(default_factory=MergeSpec)
+    export: ExportSpec = Field(default_factory=ExportSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     tracking: TrackingSpec | None = Field(None, description="Optional experiment tracking (MLflow). TensorBoard "
                                           "event files are published in every version regardless.")
@@ -596,6 +611,8 @@ class TrainingRunSpec(_Strict):
         if self.training.fp8 == "on" and self.quantization.mode != "none":
             raise ValueError("training.fp8: on needs a 16-bit base model; quantization.mode 4bit/8bit already "
                              "replaces its projections: turn one off")
+        if self.export.gguf and not self.merge.enabled:
+            raise ValueError("export.gguf writes the merged model: set merge.enabled: true or export.gguf: []")
         if self.training.fp8 == "on" and self.resources.gpus == 0:
             raise ValueError("training.fp8: on needs a GPU: set resources.gpus >= 1 or training.fp8: off")
         if self.training.fsdp == "on" and self.quantization.mode != "none":
@@ -669,6 +686,8 @@ class TrainingRunSpec(_Strict):
         fields = self.model_dump(mode="json", exclude=exclude)
         # training.packing was removed (always on); every hash before held its `true`, so keep it there
         fields["training"]["packing"] = True
+        if not fields["export"]["gguf"]:  # added later: the default keeps every earlier run's hash
+            del fields["export"]
         if fields["data"]["format"] == "auto":  # added later: the default keeps every earlier run's hash
             del fields["data"]["format"]
         if "resources" in fields and fields["resources"]["nodes"] == 1:  # likewise

@@ -69,9 +69,14 @@ def run_labels(spec: TrainingRunSpec) -> dict[str, str]:
 
 
 def spec_yaml(spec: TrainingRunSpec) -> str:
+    """The spec the job reads (its ConfigMap): every field, except a section added later while it holds its
+    default, so a trainer image older than the section still reads the spec (its model forbids unknown keys)."""
     import yaml
 
-    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    fields = spec.model_dump(mode="json")
+    if not fields["export"]["gguf"]:
+        del fields["export"]
+    return yaml.safe_dump(fields, sort_keys=False, allow_unicode=True)
 
 
 def render_configmap(spec: TrainingRunSpec, settings: LauncherSettings) -> dict[str, Any]:
