@@ -465,6 +465,35 @@ class ExportSpec(_Strict):
         return v
 
 
+class PromotionTolerance(_Strict):
+    """How much worse than the champion a metric may be before the gate calls it significantly worse: the
+    whole confidence interval of the difference must lie beyond this (docs/promotion.md)."""
+
+    val_loss: float = Field(0.02, ge=0.0, description="Validation loss, nats per token (lower is better).")
+    rouge_l: float = Field(0.02, ge=0.0, le=1.0, description="Mean ROUGE-L of the eval prompts' answers against "
+                                                             "their references.")
+    facts: float = Field(0.02, ge=0.0, le=1.0, description="Mean share of the references' facts found.")
+    fluent: float = Field(0.05, ge=0.0, le=1.0, description="Share of answers without a fluency flag (not "
+                                                            "degenerate: no repetition, cut-off or scaffolding).")
+
+
+class PromotionSpec(_Strict):
+    """The eval gate that moves the run's ``champion`` pointer (jobs/promotion.py, docs/promotion.md)."""
+
+    auto: bool = Field(False, description="At the end of the run, promote the new version to the run's champion "
+                                          "if it passes the gate against the current one (the first complete "
+                                          "version becomes champion). A failed gate leaves it published, "
+                                          "unpromoted; `launcher promote` can still force it.")
+    primary: Literal["val_loss", "rouge_l", "facts", "fluent"] = Field(
+        "val_loss", description="The metric whose mean must not be worse than the champion's.")
+    tolerance: PromotionTolerance = Field(default_factory=PromotionTolerance)
+    confidence: float = Field(0.95, gt=0.5, lt=1.0, description="Of the paired bootstrap intervals.")
+    resamples: int = Field(2000, ge=100, le=100_000, description="Paired bootstrap resamples of the per-prompt "
+                                                                 "differences.")
+    seed: int = Field(0, ge=0, description="Seed of the bootstrap: the same two versions always get the same "
+                                           "verdict.")
+
+
 class MergeSpec(_Strict):
     enabled: bool = Field(True, description="Also publish the adapter merged into the base model.")
     dtype: Literal["auto", "bf16", "fp16", "fp32"] = Field("auto", description="dtype of the merged weights.")
@@ -582,6 +611,7 @@ class TrainingRunSpec(_Strict):
     eval: EvalSpec = Field(default_factory=EvalSpec)
     merge: MergeSpec = Field(default_factory=MergeSpec)
     export: ExportSpec = Field(default_factory=ExportSpec)
+    promotion: PromotionSpec = Field(default_factory=PromotionSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     tracking: TrackingSpec | None = Field(None, description="Optional experiment tracking (MLflow). TensorBoard "
                                           "event files are published in every version regardless.")
@@ -678,7 +708,7 @@ class TrainingRunSpec(_Strict):
         the checkpoints, so a run resubmitted with more memory, other GPUs or another number of them or
         of nodes resumes where it stopped (a step is the same examples on any world size; the job
         refuses a checkpoint whose steps were another number of examples)."""
-        return self._hash(exclude={"tracking", "resources"})
+        return self._hash(exclude={"tracking", "resources", "promotion"})
 
     def _hash(self, exclude: set[str]) -> str:
         # Where a run is reported is not what it trains: a tracking change must not restart a run from
@@ -688,6 +718,9 @@ class TrainingRunSpec(_Strict):
         fields["training"]["packing"] = True
         if not fields["export"]["gguf"]:  # added later: the default keeps every earlier run's hash
             del fields["export"]
+        # added later too; which version becomes champion is not what the run trains (never in training_hash)
+        if "promotion" in fields and fields["promotion"] == PromotionSpec().model_dump(mode="json"):
+            del fields["promotion"]
         if fields["data"]["format"] == "auto":  # added later: the default keeps every earlier run's hash
             del fields["data"]["format"]
         if "resources" in fields and fields["resources"]["nodes"] == 1:  # likewise

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from jobs.errors import PERMANENT_EXIT_CODES
-from jobs.spec import TrainingRunSpec
+from jobs.spec import PromotionSpec, TrainingRunSpec
 from launcher.settings import LauncherSettings
 
 APP = "lora-jobs"
@@ -76,6 +76,8 @@ def spec_yaml(spec: TrainingRunSpec) -> str:
     fields = spec.model_dump(mode="json")
     if not fields["export"]["gguf"]:
         del fields["export"]
+    if fields["promotion"] == PromotionSpec().model_dump(mode="json"):
+        del fields["promotion"]
     return yaml.safe_dump(fields, sort_keys=False, allow_unicode=True)
 
 
