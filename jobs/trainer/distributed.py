@@ -144,6 +144,10 @@ class World:
         """``fn()`` on rank 0; None elsewhere."""
         return fn() if self.main else None
 
+    def scratch(self, workdir):
+        """This process's own scratch folder: ``workdir`` on rank 0, a folder of its own in it elsewhere."""
+        return workdir if self.main else workdir / f"rank-{self.rank}"
+
 
 def broadcast_trainable(world: World, model) -> None:
     """Every rank starts from rank 0's adapter weights (what DDP does at construction)."""

@@ -467,7 +467,7 @@ class Recipe:
         log.info("LoRA: %d trainable parameters of %d (%.2f%%)", trainable, total, 100 * trainable / max(total, 1))
         # keyed by what the run trains, not where: more memory or another number of GPUs resumes the run
         ckpts = Checkpoints(self.out_store, join(self.run_prefix, "checkpoints", spec.training_hash()),
-                            self.workdir if world.main else self.workdir / f"rank-{world.rank}",
+                            world.scratch(self.workdir),
                             earlier_prefix=join(self.run_prefix, "checkpoints", spec.spec_hash()))
         self.tokens_per_s: dict[int, float] = {}  # per logged step, for the TensorBoard file
 

@@ -45,10 +45,6 @@ class Strategy(Protocol):
     #: on the whole model :meth:`finish_training` gives rank 0, with the adapter switched off
     generates_base_before_training: bool
 
-    @property
-    def is_main(self) -> bool:
-        """This process evaluates, merges and publishes, and writes checkpoints and progress."""
-
     def load(self, model_dir: str, config, *, spec, plan, precision: str): ...
 
     def wrap(self, model, spec, plan):
@@ -87,8 +83,6 @@ class Strategy(Protocol):
     def on_main(self, fn: Callable[[], Any]) -> Any:
         """``fn()`` on the main rank; None on the others."""
 
-    def barrier(self, what: str) -> None: ...
-
     def shutdown(self) -> None:
         """Leave together: every rank waits here for the main rank's publish."""
 
@@ -112,10 +106,6 @@ class SingleDevice:
 
         self.world = world or World()
         self.device = device if device is not None else torch.device("cpu")
-
-    @property
-    def is_main(self) -> bool:
-        return self.world.main
 
     def load(self, model_dir: str, config, *, spec, plan, precision: str):
         from jobs.trainer.modelio import load_model
@@ -172,9 +162,6 @@ class SingleDevice:
 
     def on_main(self, fn: Callable[[], Any]) -> Any:
         return fn()
-
-    def barrier(self, what: str) -> None:
-        return None
 
     def shutdown(self) -> None:
         return None
@@ -248,9 +235,6 @@ class DataParallel(SingleDevice):
             return fn()
         log.info("rank %d: training done; rank 0 publishes", self.world.rank)
         return None
-
-    def barrier(self, what: str) -> None:
-        self.world.barrier(what)
 
     def shutdown(self) -> None:
         from jobs.trainer.distributed import shutdown
