@@ -1,0 +1,222 @@
+"""Eval-gated promotion (jobs/promotion.py): the paired bootstrap, the gate's decisions, and the champion pointer
+on a local folder (conditional writes, the race, a stale tag). tests/integration/test_promotion_minio.py runs the
+same pointer checks against the real MinIO. Versions are published by the real publisher from folders holding
+reports in eval_report.json's format, with per-prompt scores set by the test."""
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import pytest
+
+from jobs.promotion import (CHAMPION, GateRefused, PromotionConflict, compare, paired_bootstrap, prepare_promotion,
+                            promote, promote_if_better, read_champion, read_evidence, write_champion)
+from jobs.publish import publish_version
+from jobs.spec import PromotionSpec
+from jobs.storage import LocalStore
+
+N_PROMPTS = 12
+
+
+def version_folder(tmp_path: Path, tag: str, *, rouge: list[float], facts: list[float | None] | None = None,
+                   broken: tuple[int, ...] = (), val_loss: float = 1.2, prompts: list[str] | None = None,
+                   validation_sha: str | None = None, train_sha: str = "a" * 64) -> Path:
+    """A folder as the job leaves it before publishing: an adapter, metadata.json, data_report.json and an
+    eval_report.json whose generations carry the given per-prompt scores (``broken``: prompts with a fluency
+    flag)."""
+    d = tmp_path / f"folder-{tag}"
+    (d / "adapter").mkdir(parents=True)
+    (d / "adapter" / "adapter_model.safetensors").write_bytes(tag.encode() * 100)
+    prompts = prompts or [f"How do I set up feature {i}?" for i in range(len(rouge))]
+    facts = facts or [0.5] * len(rouge)
+    gens = []
+    for i, (p, r, f) in enumerate(zip(prompts, rouge, facts)):
+        gens.append({"prompt": p, "reference": f"Open Settings > Feature {i}.", "context": None, "after": "…",
+                     "fluency_flags": ["repeated_phrase"] if i in broken else [],
+                     "faithfulness": {"before": {"rouge_l": 0.1, "facts": 0.0},
+                                      "after": {"rouge_l": r, "facts": f, "facts_found": [], "facts_missing": []}}})
+    (d / "eval_report.json").write_text(json.dumps({
+        "validation": {"loss_before": 2.0, "loss_after": val_loss}, "generations": gens}))
+    data = {"train": {"dataset_sha256": train_sha, "seed": 42, "kept_rows": 120},
+            "split": {"train_rows": 108, "validation_rows": 12}}
+    if validation_sha:
+        data["validation"] = {"dataset_sha256": validation_sha}
+    (d / "data_report.json").write_text(json.dumps(data))
+    (d / "metadata.json").write_text(json.dumps({"run": "r1", "metrics": {"val_loss_after": val_loss}}))
+    return d
+
+
+GOOD = [0.40, 0.42, 0.38, 0.45, 0.41, 0.39, 0.44, 0.40, 0.43, 0.37, 0.42, 0.41]
+BETTER = [x + 0.2 for x in GOOD]
+WORSE = [0.05, 0.02, 0.08, 0.0, 0.04, 0.03, 0.06, 0.01, 0.05, 0.02, 0.03, 0.04]  # what lr 0 (the base) answers
+
+
+def publish(store, run_prefix: str, tmp_path: Path, tag: str, **scores) -> str:
+    return publish_version(store, run_prefix, version_folder(tmp_path, tag, **scores))
+
+
+# ------------------------------------------------------------------------------ the bootstrap
+
+def test_paired_bootstrap_is_seeded_and_brackets_the_mean():
+    diffs = [0.1, 0.3, -0.05, 0.2, 0.15, 0.0, 0.25, 0.1]
+    mean, low, high = paired_bootstrap(diffs, resamples=2000, seed=7)
+    assert (mean, low, high) == paired_bootstrap(diffs, resamples=2000, seed=7)
+    assert low < mean < high and low > 0  # every resample of these mostly-positive differences stays positive
+    assert paired_bootstrap([0.0] * 5) == (0.0, 0.0, 0.0)
+    wide = paired_bootstrap(diffs, confidence=0.99, seed=7)
+    assert wide[1] <= low and wide[2] >= high
+    with pytest.raises(ValueError):
+        paired_bootstrap([])
+
+
+# ------------------------------------------------------------------------------ the gate (pure)
+
+def _evidence(tmp_path, tag, **scores):
+    store = LocalStore(str(tmp_path / "gate-out"))
+    v = publish(store, f"r-{tag}", tmp_path, tag, **scores)
+    return read_evidence(store, f"r-{tag}", v)
+
+
+def test_a_clearly_better_candidate_passes_with_every_interval_shown(tmp_path):
+    champ = _evidence(tmp_path, "champ", rouge=GOOD, val_loss=1.2)
+    cand = _evidence(tmp_path, "cand", rouge=BETTER, val_loss=1.1)
+    c = compare(champ, cand)
+    assert c.passed and not c.reasons
+    by = {m.metric: m for m in c.metrics}
+    assert by["rouge_l"].verdict == "better" and by["rouge_l"].low > 0.15 and by["rouge_l"].pairs == N_PROMPTS
+    assert by["val_loss"].primary and by["val_loss"].verdict == "better" and by["val_loss"].low is None
+    assert by["fluent"].verdict == "not worse"
+
+
+def test_a_candidate_trained_with_learning_rate_0_fails_naming_each_worse_metric(tmp_path):
+    champ = _evidence(tmp_path, "champ", rouge=GOOD, val_loss=1.2)
+    base = _evidence(tmp_path, "lr0", rouge=WORSE, val_loss=2.0, broken=(0, 2, 3, 5, 7, 9, 11))
+    c = compare(champ, base)
+    assert not c.passed
+    by = {m.metric: m for m in c.metrics}
+    assert by["val_loss"].verdict == "significantly worse"
+    assert by["rouge_l"].verdict == "significantly worse" and by["rouge_l"].high < -0.02
+    assert by["fluent"].verdict == "significantly worse"
+    assert any("ROUGE-L" in r for r in c.reasons) and any("validation loss" in r for r in c.reasons)
+
+
+def test_a_worse_primary_mean_fails_even_within_the_tolerance_and_noise_elsewhere_passes(tmp_path):
+    champ = _evidence(tmp_path, "champ", rouge=GOOD, val_loss=1.2)
+    noisy = _evidence(tmp_path, "noisy", rouge=[x + (0.03 if i % 2 else -0.04) for i, x in enumerate(GOOD)],
+                      val_loss=1.19)
+    c = compare(champ, noisy)
+    assert c.passed, c.reasons
+    assert {m.metric: m for m in c.metrics}["rouge_l"].verdict == "worse (not significant)"
+    slightly = _evidence(tmp_path, "slightly", rouge=BETTER, val_loss=1.21)
+    c = compare(champ, slightly)
+    assert not c.passed and c.reasons == ["validation loss is the primary metric and its mean is worse than the "
+                                          "champion's"]
+    assert compare(champ, slightly, PromotionSpec(primary="rouge_l")).passed
+
+
+def test_different_held_out_sets_are_refused_with_what_differs(tmp_path):
+    champ = _evidence(tmp_path, "champ", rouge=GOOD)
+    other_prompts = _evidence(tmp_path, "prompts", rouge=BETTER, prompts=[f"Other {i}" for i in range(N_PROMPTS)])
+    with pytest.raises(GateRefused, match="different held-out sets .*eval prompts") as err:
+        compare(champ, other_prompts)
+    assert "--force" in err.value.hint
+    other_data = _evidence(tmp_path, "data", rouge=BETTER, train_sha="b" * 64)
+    with pytest.raises(GateRefused, match="validation set"):
+        compare(champ, other_data)
+    other_file = _evidence(tmp_path, "file", rouge=BETTER, validation_sha="c" * 64)
+    with pytest.raises(GateRefused, match="validation set"):
+        compare(champ, other_file)
+
+
+# ------------------------------------------------------------------------------ the pointer (shared with MinIO)
+
+def check_first_then_gated_moves(store, run_prefix: str, tmp_path: Path) -> None:
+    """No champion: v1 becomes it (If-None-Match); a better v2 moves it (If-Match); a worse v3 stays published,
+    unpromoted, with the reasons; --force moves it, recorded as forced."""
+    v1 = publish(store, run_prefix, tmp_path, "one", rouge=GOOD, val_loss=1.2)
+    r = promote(store, run_prefix, v1)
+    assert r.promoted and r.first and "there was none" in r.sentence
+    pointer, tag1 = read_champion(store, run_prefix)
+    assert pointer["version"] == "v1" and len(pointer["manifest_sha256"]) == 64 and pointer["previous"] is None
+    assert promote(store, run_prefix, "v1").already
+    v2 = publish(store, run_prefix, tmp_path, "two", rouge=BETTER, val_loss=1.1)
+    r = promote(store, run_prefix, v2)
+    assert r.promoted and not r.forced and r.previous == "v1" and r.comparison.passed
+    pointer, tag2 = read_champion(store, run_prefix)
+    assert pointer["version"] == "v2" and pointer["gate"]["passed"] and tag2 != tag1
+    publish(store, run_prefix, tmp_path, "three", rouge=WORSE, val_loss=2.0)
+    r = promote(store, run_prefix)  # default: the newest complete version
+    assert r.candidate == "v3" and not r.promoted and r.reasons and "stays published, unpromoted" in r.sentence
+    assert read_champion(store, run_prefix)[0]["version"] == "v2"
+    r = promote(store, run_prefix, "3", force=True)
+    assert r.promoted and r.forced and read_champion(store, run_prefix)[0]["forced"] is True
+    assert read_champion(store, run_prefix)[0]["reasons_overridden"] == r.reasons
+
+
+def check_concurrent_promotions_have_one_winner(make_store, run_prefix: str, tmp_path: Path, racers: int = 4) -> None:
+    """``racers`` promotions of different versions, each judged against the same champion, write at once: exactly
+    one moves the pointer; every other gets a PromotionConflict naming the winner."""
+    store = make_store()
+    promote(store, run_prefix, publish(store, run_prefix, tmp_path, "base", rouge=GOOD, val_loss=1.2))
+    versions = [publish(store, run_prefix, tmp_path, f"c{i}", rouge=[x + 0.1 + 0.01 * i for x in GOOD],
+                        val_loss=1.1 - 0.01 * i) for i in range(racers)]
+    pending = [prepare_promotion(make_store(), run_prefix, v) for v in versions]  # all read the same tag
+    assert len({p.tag for p in pending}) == 1
+    start = threading.Barrier(racers)
+    won, lost = [], []
+
+    def go(p):
+        start.wait()
+        try:
+            won.append(p.commit().candidate)
+        except PromotionConflict as err:
+            lost.append(err)
+
+    threads = [threading.Thread(target=go, args=(p,)) for p in pending]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(won) == 1 and len(lost) == racers - 1, (won, lost)
+    assert read_champion(store, run_prefix)[0]["version"] == won[0]
+    for err in lost:
+        assert f"made {won[0]} champion" in err.message and "launcher promote" in err.hint
+
+
+def check_a_stale_tag_is_refused(store, run_prefix: str, tmp_path: Path) -> None:
+    v1 = publish(store, run_prefix, tmp_path, "s1", rouge=GOOD)
+    promote(store, run_prefix, v1)
+    pointer, stale = read_champion(store, run_prefix)
+    v2 = publish(store, run_prefix, tmp_path, "s2", rouge=BETTER, val_loss=1.1)
+    promote(store, run_prefix, v2)
+    with pytest.raises(PromotionConflict, match="made v2 champion"):
+        write_champion(store, run_prefix, {**pointer, "token": "late"}, stale)
+    with pytest.raises(PromotionConflict):  # a first promotion (If-None-Match) where there is a champion
+        write_champion(store, run_prefix, {**pointer, "token": "first"}, None)
+    assert read_champion(store, run_prefix)[0]["version"] == "v2"
+
+
+def test_first_promotion_then_gated_moves_on_a_folder(tmp_path):
+    check_first_then_gated_moves(LocalStore(str(tmp_path / "out")), "r1", tmp_path)
+    assert (tmp_path / "out" / "r1" / CHAMPION).is_file()
+
+
+def test_concurrent_promotions_on_a_folder_have_exactly_one_winner(tmp_path):
+    check_concurrent_promotions_have_one_winner(lambda: LocalStore(str(tmp_path / "out")), "r1", tmp_path)
+
+
+def test_a_stale_tag_is_refused_on_a_folder(tmp_path):
+    check_a_stale_tag_is_refused(LocalStore(str(tmp_path / "out")), "r1", tmp_path)
+
+
+def test_promote_if_better_never_raises_and_says_why(tmp_path):
+    store = LocalStore(str(tmp_path / "out"))
+    v1 = publish(store, "r1", tmp_path, "one", rouge=GOOD)
+    assert promote_if_better(store, "r1", v1).promoted
+    v2 = publish_version(store, "r1", version_folder(tmp_path, "other", rouge=BETTER,
+                                                     prompts=[f"Other {i}" for i in range(N_PROMPTS)]))
+    r = promote_if_better(store, "r1", v2)
+    assert not r.promoted and "different held-out sets" in r.error and r.previous == "v1"
+    r = promote_if_better(store, "r1", "v9")
+    assert not r.promoted and "not a complete version" in r.error
