@@ -235,7 +235,7 @@ def test_an_outage_is_retried_with_progress_lines_then_stops_at_its_limit():
                                       for a, b in (("30s", "1m30s"), ("1m00s", "1m00s"), ("1m30s", "30s"))]
     now[0] = 125
     outage.recovered()  # one answer: the count starts again
-    assert notes[-1] == "… the API server answers again (after 2m00s)"
+    assert notes[-1] == "… the API server answers again (after 2m05s)"
     now[0] = 1000
     outage.failed(err)
     now[0] = 1119
