@@ -176,26 +176,20 @@ def prepare(spec: TrainingRunSpec, fetched: Fetched, progress=None) -> Prepared:
 
 # ------------------------------------------------------------------------------ run
 
-#: Fault injection for the GPU acceptance run: after the plan is made, cap this process's GPU
-#: memory at this many GiB (torch.cuda.set_per_process_memory_fraction), as if another tenant had
-#: taken the rest, so the planned micro-batch really fails and the back-off is exercised.
-MEMORY_FAULT_ENV = "LORA_JOBS_FAULT_GPU_MEMORY_GIB"
-
-
-def _apply_memory_fault(device) -> int | None:
-    """Apply the fault-injection cap, if set; returns it in bytes."""
-    cap = os.environ.get(MEMORY_FAULT_ENV)
-    if not cap or device.type != "cuda":
+def _memory_cap(device) -> int | None:
+    """The bytes this process may use of its GPU when something capped it below the whole card
+    (``torch.cuda.set_per_process_memory_fraction``: a shared GPU, or a test forcing the out-of-memory
+    back-off), else None. The planner sizes micro-batches from the free memory the driver reports, which
+    such a cap does not change; the merge, which loads the base again, must stay under it."""
+    if device.type != "cuda":
         return None
     import torch
 
     index = device.index if device.index is not None else torch.cuda.current_device()
-    total = torch.cuda.get_device_properties(index).total_memory
-    fraction = min(1.0, float(cap) * 2**30 / total)
-    torch.cuda.set_per_process_memory_fraction(fraction, index)
-    log.warning("%s=%s: this process may now use only %.1f GiB of the GPU (fault injection)",
-                MEMORY_FAULT_ENV, cap, fraction * total / 2**30)
-    return int(fraction * total)
+    fraction = torch.cuda.get_per_process_memory_fraction(index)
+    if fraction >= 1.0:
+        return None
+    return int(fraction * torch.cuda.get_device_properties(index).total_memory)
 
 
 #: Exit code of a run stopped by Ctrl-C (SIGINT): 128 + 2, as a shell reports it. Only a person at a terminal
@@ -416,7 +410,7 @@ class Recipe:
         self.plan = plan
         log.info("device %s, precision %s, quantization %s, max length %d, plan: %s", device, self.precision,
                  spec.quantization.mode, max_len, "; ".join(plan.notes) or plan)
-        self.memory_cap = _apply_memory_fault(device)
+        self.memory_cap = _memory_cap(device)
         return model
 
     def _setup_data(self) -> None:
