@@ -73,6 +73,11 @@ class Verdict:
     needed_max_lora_rank: int | None
     target_modules: list[str] | str
     problems: list[Finding] = field(default_factory=list)
+    #: the base the adapter applies to: its URI as the spec names it (adapter_config's base_model_name_or_path)
+    #: and the sha256 of its model files (jobs.digest.hash_dir, as metadata.json's base_model.sha256; None for an
+    #: ``hf:`` base or when the caller did not pass it)
+    base_model: str | None = None
+    base_model_sha256: str | None = None
 
     @property
     def servable_as_lora(self) -> bool:
@@ -107,6 +112,7 @@ class Verdict:
                 "servable_as_lora": self.servable_as_lora, "rank": self.rank,
                 "vllm_max_lora_rank": self.needed_max_lora_rank, "vllm_flags": self.vllm_flags,
                 "target_modules": self.target_modules, "why_merged": self.why_merged,
+                "base_model": self.base_model, "base_model_sha256": self.base_model_sha256,
                 "problems": [asdict(p) for p in self.problems], "summary": self.summary()}
 
 
@@ -189,7 +195,9 @@ def check(config: dict[str, Any], tensors: dict[str, list[int]] | None = None, *
     targets = config.get("target_modules")
     if isinstance(targets, (list, tuple, set)):  # PEFT may save full module paths: vLLM matches the last part
         targets = sorted({str(t).rsplit(".", 1)[-1] for t in targets})
-    return Verdict(checked, rank, max_lora_rank, need, targets if targets is not None else [], found)
+    base = config.get("base_model_name_or_path")
+    return Verdict(checked, rank, max_lora_rank, need, targets if targets is not None else [], found,
+                   base_model=str(base) if base else None)
 
 
 # ------------------------------------------------------------------------------ the adapter's files
@@ -220,13 +228,18 @@ def vocab_size(config: Any) -> int | None:
 
 
 def check_adapter_dir(adapter_dir: str | Path, *, base_vocab_size: int | None = None,
-                      tokenizer_size: int | None = None, max_lora_rank: int = VLLM_DEFAULT_MAX_LORA_RANK) -> Verdict:
-    """:func:`check` on a saved adapter folder, reading only its JSON and the safetensors header."""
+                      tokenizer_size: int | None = None, max_lora_rank: int = VLLM_DEFAULT_MAX_LORA_RANK,
+                      base_model_sha256: str | None = None) -> Verdict:
+    """:func:`check` on a saved adapter folder, reading only its JSON and the safetensors header.
+    ``base_model_sha256``: the base's model-file hash (jobs.digest.hash_dir), recorded in the verdict so a serving
+    pod can check that it loads the base the adapter was trained on."""
     d = Path(adapter_dir)
     config = json.loads((d / "adapter_config.json").read_text())
     tensors = read_safetensors_header(d / "adapter_model.safetensors")
-    return check(config, tensors, max_lora_rank=max_lora_rank, base_vocab_size=base_vocab_size,
-                 tokenizer_size=tokenizer_size, checked="adapter")
+    verdict = check(config, tensors, max_lora_rank=max_lora_rank, base_vocab_size=base_vocab_size,
+                    tokenizer_size=tokenizer_size, checked="adapter")
+    verdict.base_model_sha256 = base_model_sha256
+    return verdict
 
 
 def base_model_name(uri: str) -> str:
@@ -289,3 +302,54 @@ def spec_advice(spec: TrainingRunSpec, lines: dict[FieldPath, int] | None = None
         prefix = "vLLM will not serve this adapter as a LoRA: " if p.kind != "rank" else "vLLM: "
         out.append(Problem(where, prefix + p.message, fix, line=(lines or {}).get(tuple(where.split(".")))))
     return out
+
+
+# ------------------------------------------------------------------------------ the serving pod's download
+
+def fetch(dest: str | Path, sources: dict[str, str], expected_sha256: dict[str, str] | None = None) -> None:
+    """Download each ``{folder name: s3://…/prefix/}`` into ``dest/<folder name>`` (the init container of a
+    rendered vLLM Deployment: ``python -m jobs.serving fetch``). Each URI must end with '/': S3 lists by plain
+    prefix, so ``…/v1`` would also pull ``…/v10/*``. ``expected_sha256`` {folder name: hash}: the folder's model
+    files must hash to it (jobs.digest.hash_dir, as the job hashed the base it trained on), else ValueError."""
+    from jobs.digest import hash_dir
+    from jobs.storage import download_prefix, open_store
+
+    for name, uri in sources.items():
+        if not uri.endswith("/"):
+            raise ValueError(f"{uri} does not end with '/': S3 lists by prefix, so it would also match its "
+                             "siblings (v1 matches v10); give the folder, ending with '/'")
+        store, prefix = open_store(uri)
+        download_prefix(store, prefix + "/", Path(dest) / name, workers=16)
+    for name, want in (expected_sha256 or {}).items():
+        got = hash_dir(Path(dest) / name)
+        if got != want:
+            raise ValueError(f"{sources.get(name, name)} changed since the adapter was trained: its model files hash "
+                             f"to {got}, the version recorded {want}; serve the merged model, or train again on "
+                             "this base")
+
+
+def _main(argv: list[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m jobs.serving")
+    sub = parser.add_subparsers(dest="verb", required=True)
+    f = sub.add_parser("fetch", help="download a served version's folders from S3 (a serving pod's init container)")
+    f.add_argument("dest")
+    f.add_argument("sources", nargs="+", metavar="NAME=URI/")
+    f.add_argument("--sha256", action="append", default=[], metavar="NAME=HEX")
+    args = parser.parse_args(argv)
+    try:
+        sources = dict(item.split("=", 1) for item in args.sources)
+        fetch(args.dest, sources, dict(item.split("=", 1) for item in args.sha256))
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except Exception as err:  # noqa: BLE001 - a StorageError names bucket, key and the fix
+        print(f"error: {err}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

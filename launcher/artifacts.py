@@ -28,7 +28,7 @@ EVAL_PAGE = "eval_report.html"
 class Version:
     name: str  # "v3"
     number: int
-    uri: str
+    uri: str  # the version's folder, ending with '/'
     files: int = 0
     bytes: int = 0
     eval_page: str | None = None  # <uri>/eval_report.html: the self-contained evaluation page, when published
@@ -63,7 +63,8 @@ def list_versions(output: str, run: str, *, endpoint: str | None = None) -> List
         if complete:
             objs = store.list(join(base, d) + "/")
             page = f"{run_uri}/{d}/{EVAL_PAGE}" if any(o.key.endswith("/" + EVAL_PAGE) for o in objs) else None
-            listing.versions.append(Version(d, n, f"{run_uri}/{d}", files=len(objs),
+            # a folder's URI ends with '/': tools that download by prefix (S3, KServe) would take v1 for v10 too
+            listing.versions.append(Version(d, n, f"{run_uri}/{d}/", files=len(objs),
                                             bytes=sum(o.size for o in objs), eval_page=page))
         else:
             listing.incomplete.append(d)

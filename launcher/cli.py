@@ -561,6 +561,59 @@ def prune(ctx: typer.Context, run: str = typer.Argument(..., help="Run name or J
 app.command("prune", hidden=True, epilog=PRUNE_EPILOG)(prune)
 
 
+# ------------------------------------------------------------------------------ serving
+
+serving_app = typer.Typer(help="Serve a published version: the manifests of a KServe LLMInferenceService or a vLLM "
+                               "Deployment.", no_args_is_help=True)
+app.add_typer(serving_app, name="serving")
+
+
+class Engine(str, Enum):
+    kserve = "kserve"
+    vllm = "vllm"
+
+
+class ServeAs(str, Enum):
+    lora = "lora"
+    merged = "merged"
+
+
+@serving_app.command("manifest", help="Print the manifests that serve a complete version (default: latest), "
+                                      "offline: a KServe LLMInferenceService, or a vLLM Deployment and Service.\n\n"
+                                      "The adapter is served as a LoRA on its base (with the smallest "
+                                      "--max-lora-rank that serves its rank) where the version's serving verdict "
+                                      "allows it, else the merged model; the choice is printed on stderr. S3 "
+                                      "credentials appear only as references to the settings' Secret.",
+                     epilog="Example:  launcher serving manifest my-run --output s3://bucket/runs | kubectl apply -f -"
+                            "   |   launcher serving manifest my-run:v3 --engine vllm --gpus 2 -o json")
+@_handles_errors
+def serving_manifest(
+    ctx: typer.Context,
+    run: str = typer.Argument(..., metavar="RUN[:vN]", help="Run name or Job name, with :vN for a version."),
+    engine: Engine = typer.Option(Engine.kserve, "--engine", help="kserve (an LLMInferenceService) or vllm (a "
+                                                                  "Deployment and a Service)."),
+    fmt: ManifestFormat = typer.Option(ManifestFormat.yaml, "--format", "-o",
+                                       help="yaml (one document per object) or json (a v1 List)."),
+    gpus: int = typer.Option(1, "--gpus", min=1, help="GPUs of the serving pod (nvidia.com/gpu)."),
+    serve_as: Optional[ServeAs] = typer.Option(None, "--serve-as", help="lora or merged (default: what the "
+                                                                        "version's serving verdict allows)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Object name (default: RUN-vN)."),
+    vllm_image: Optional[str] = typer.Option(None, "--vllm-image", metavar="IMAGE",
+                                             help="The vLLM image of --engine vllm."),
+    output: Optional[str] = OUTPUT_OPTION,
+) -> None:
+    """`launcher serving manifest` (its help is above)."""
+    from launcher.render import to_json, to_yaml
+
+    run_name, _, version = run.partition(":")
+    result = _client(ctx).serving_manifests(run_name, version or None, engine=engine.value, gpus=gpus,
+                                            serve_as=serve_as.value if serve_as else None, name=name,
+                                            vllm_image=vllm_image, output=output)
+    for line in result.notes:
+        _err(f"note: {line}")
+    typer.echo(to_json(*result.objects) if fmt == ManifestFormat.json else to_yaml(*result.objects), nl=False)
+
+
 @data_app.command("check", epilog="Example:  launcher data check train.jsonl   |   launcher data check train.jsonl "
                                   "--json   |   launcher data check train.jsonl --spec spec.yaml")
 @_handles_errors

@@ -334,3 +334,21 @@ class Client:
         run_name, output = self._output_of(run, output)
         return PruneReport(run_name, apply, art.prune_incomplete(output, run_name, older_than_seconds=seconds,
                                                                  apply=apply, endpoint=self._s3_endpoint))
+
+    def serving_manifests(self, run: str, version: str | None = None, *, engine: str = "kserve", gpus: int = 1,
+                          serve_as: str | None = None, name: str | None = None, vllm_image: str | None = None,
+                          output: str | None = None):
+        """The manifests that serve a complete version (default: latest) of ``run``: a KServe
+        ``LLMInferenceService`` (``engine="kserve"``) or a vLLM Deployment and Service (``"vllm"``), as a
+        ``launcher.serving.ServingManifests``. The adapter is served as a LoRA on its base where vLLM's verdict
+        (metadata.json ``serving``) allows, else the merged model (``serve_as`` forces one). Reads only the
+        version's manifest and metadata from the store; ``output`` (the spec's output prefix) is needed once the Job
+        is gone. ``UsageError``/``StorageError`` say what is missing and what to do."""
+        from launcher import serving
+
+        serving.check_options(engine, gpus, serve_as)
+        run_name, output = self._output_of(run, output)
+        v = serving.read_version(output, run_name, version, endpoint=self._s3_endpoint)
+        settings = self._backend.settings if self._backend is not None else self.offline_settings
+        return serving.render(v, settings, engine=engine, gpus=gpus, serve_as=serve_as, name=name,
+                              image=vllm_image)

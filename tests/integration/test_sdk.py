@@ -130,7 +130,7 @@ def test_submit_status_wait_artifacts_download_prune_with_typed_results(sdk, sta
 
     listing = sdk.artifacts("sdk-life")  # the output prefix comes from the run's Job
     assert [x.name for x in listing.versions] == ["v1", "v2"] and listing.latest == "v2"
-    assert listing.incomplete == ["v3"] and listing.versions[0].uri == f"{s3_prefix}/sdk-life/v1"
+    assert listing.incomplete == ["v3"] and listing.versions[0].uri == f"{s3_prefix}/sdk-life/v1/"
 
     got = sdk.download("sdk-life", tmp_path / "dl", version="1")
     assert isinstance(got, Downloaded) and got.version == "v1" and got.path == tmp_path / "dl" / "v1"
