@@ -347,26 +347,31 @@ def write_champion(store: Store, run_prefix: str, pointer: dict[str, Any], expec
     except _Unchanged:
         raise PromotionConflict(f"could not move {store.label}/{key}: the store kept refusing the conditional "
                                 "write although the pointer did not change",
-                                hint=f"retry `launcher promote {_run_name(run_prefix)}:{pointer['version']}`") from None
+                                hint=f"retry `launcher promote {_run_name(store, run_prefix)}:{pointer['version']}`") from None
 
 
-def _run_name(run_prefix: str) -> str:
-    return run_prefix.rstrip("/").rsplit("/", 1)[-1]
+def _run_name(store: Store, run_prefix: str) -> str:
+    """The run's name: the last segment of its prefix (of the store's root where the store is the run's folder)."""
+    return (run_prefix.strip("/") or store.label.rstrip("/")).rsplit("/", 1)[-1]
+
+
+def _where(store: Store, run_prefix: str) -> str:
+    return f"{store.label}/{run_prefix}" if run_prefix else store.label
 
 
 def _conflict(store: Store, run_prefix: str, ours: dict[str, Any], data: bytes | None) -> PromotionConflict:
-    run, version = _run_name(run_prefix), ours["version"]
+    run, version = _run_name(store, run_prefix), ours["version"]
     try:
         winner = json.loads(data) if data else None
     except ValueError:
         winner = None
     if not isinstance(winner, dict):
         what = "removed the champion pointer" if data is None else "wrote something else there"
-        return PromotionConflict(f"{version} was not made champion of {store.label}/{run_prefix}: another writer "
+        return PromotionConflict(f"{version} was not made champion of {_where(store, run_prefix)}: another writer "
                                  f"{what} meanwhile", hint=f"run `launcher promote {run}:{version}` again")
     how = ", forced" if winner.get("forced") else ""
     return PromotionConflict(
-        f"{version} was not made champion of {store.label}/{run_prefix}: another promotion won the race and made "
+        f"{version} was not made champion of {_where(store, run_prefix)}: another promotion won the race and made "
         f"{winner.get('version')} champion (at {winner.get('promoted_at')}{how}); {version} stays published, "
         "unpromoted", hint=f"run `launcher promote {run}:{version}` again: the gate then compares it with "
                            f"{winner.get('version')}")
@@ -408,8 +413,14 @@ class PromotionResult:
             how = " (forced: " + "; ".join(self.reasons) + ")" if self.forced and self.reasons else \
                 " (forced)" if self.forced else " (the gate passed)"
             return f"{self.candidate} is now the champion of {self.run}, replacing {self.previous}{how}"
-        return f"{self.candidate} stays published, unpromoted ({self.previous} stays champion): " + \
-            "; ".join(self.reasons)
+        return self.headline + ": " + "; ".join(self.reasons)
+
+    @property
+    def headline(self) -> str:
+        """The sentence without the gate's reasons (a table above them shows them)."""
+        if not (self.promoted or self.already or self.error):
+            return f"{self.candidate} stays published, unpromoted ({self.previous} stays champion)"
+        return self.sentence
 
 
 @dataclass
@@ -446,19 +457,19 @@ def prepare_promotion(store: Store, run_prefix: str, version: str | None = None,
     """Read the champion pointer (and its tag), the candidate (default: the newest complete version) and run the
     gate. Raises :class:`GateRefused` when the two cannot be compared (unless ``force``), :class:`StorageError`
     for a version that is not complete or not whole."""
-    run = _run_name(run_prefix)
+    run = _run_name(store, run_prefix)
     done = complete_versions(store, run_prefix)
     if version is not None and version.isdigit():
         version = f"v{version}"
     if version is None:
         if not done:
-            raise StorageError(f"run {run} has no complete version under {store.label}/{run_prefix}",
+            raise StorageError(f"run {run} has no complete version under {_where(store, run_prefix)}",
                                hint="wait for the run to publish (launcher status), or check --output")
         version = done[-1]
     candidate = read_evidence(store, run_prefix, version)
     pointer, tag = read_champion(store, run_prefix)
     previous = pointer["version"] if pointer else None
-    result = PromotionResult(run, f"{store.label}/{run_prefix}", version, previous, forced=force)
+    result = PromotionResult(run, _where(store, run_prefix), version, previous, forced=force)
     passed = False
     if previous == version:
         result.already, result.forced = True, False
@@ -500,5 +511,5 @@ def promote_if_better(store: Store, run_prefix: str, version: str,
             previous = pointer["version"] if pointer else None
         except LoraJobError:
             pass
-        return PromotionResult(_run_name(run_prefix), f"{store.label}/{run_prefix}", version, previous,
+        return PromotionResult(_run_name(store, run_prefix), _where(store, run_prefix), version, previous,
                                error=err.message + (f" ({err.hint})" if err.hint else ""))

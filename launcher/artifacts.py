@@ -43,6 +43,9 @@ class Listing:
     versions: list[Version] = field(default_factory=list)  # complete only, oldest first
     incomplete: list[str] = field(default_factory=list)  # v<N> folders without _COMPLETE
     latest: str | None = None
+    # the version the run's champion pointer names (`launcher promote`, docs/promotion.md), and when/how it got there
+    champion: str | None = None
+    champion_info: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,7 +81,29 @@ def list_versions(output: str, run: str, *, endpoint: str | None = None) -> List
     if listing.latest is not None:
         shown = next(v for v in listing.versions if v.name == listing.latest)
         shown.serving = _serving_summary(store, join(base, shown.name, "metadata.json"))
+    pointer = _champion_pointer(store, base)
+    if pointer is not None and pointer["version"] in {v.name for v in listing.versions}:
+        listing.champion = pointer["version"]
+        listing.champion_info = {k: pointer.get(k) for k in ("promoted_at", "by", "forced", "previous",
+                                                             "manifest_sha256")}
     return listing
+
+
+def _champion_pointer(store, base: str) -> dict[str, Any] | None:
+    """The run's champion pointer (jobs.promotion), or None: no champion, or one that cannot be read (the listing
+    never fails for it)."""
+    from jobs.promotion import read_champion
+
+    try:
+        return read_champion(store, base)[0]
+    except Exception:  # noqa: BLE001 - display only
+        return None
+
+
+def champion_of(run_uri: str, *, endpoint: str | None = None) -> dict[str, Any] | None:
+    """The champion pointer of the run at ``run_uri`` (``<output>/<run>``), or None."""
+    store, base = open_store(run_uri, endpoint=endpoint)
+    return _champion_pointer(store, base)
 
 
 def _serving_summary(store, key: str) -> str | None:

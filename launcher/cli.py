@@ -353,7 +353,8 @@ def render(
 def status(ctx: typer.Context, run: str = typer.Argument(..., help="Run name or Job name."),
            fmt: Format = FORMAT_OPTION) -> None:
     """Where a run is, in one sentence, and why."""
-    st = _client(ctx).status(run)
+    client = _client(ctx)
+    st = client.status(run)
     data = st.to_dict()
 
     def table() -> None:
@@ -373,6 +374,10 @@ def status(ctx: typer.Context, run: str = typer.Argument(..., help="Run name or 
             from jobs.cost import describe_stages
 
             c.print(f"  stages: {describe_stages(data['cost']['stages'])}", markup=False)
+        if st.succeeded and data.get("progress") and data.get("output"):  # its storage answered just now
+            champ = _champion_or_none(client, data["run"], data["output"])
+            if champ:
+                c.print(f"  champion: {_champion_line(champ)}", markup=False)
         if data["exit_code"] is not None:
             c.print(f"  exit code: {data['exit_code']}")
         for d in data["details"]:
@@ -513,7 +518,8 @@ def artifacts(ctx: typer.Context, run: str = typer.Argument(..., help="Run name 
 
             t = Table("version", "files", "size", "uri")
             for v in listing.versions:
-                mark = " (latest)" if v.name == listing.latest else ""
+                mark = "".join(f" ({what})" for what, name in (("latest", listing.latest),
+                                                               ("champion", listing.champion)) if v.name == name)
                 t.add_row(v.name + mark, str(v.files), size(v.bytes), _esc(v.uri))
             c.print(t)
             shown = next((v for v in listing.versions if v.name == listing.latest), listing.versions[-1])
@@ -521,6 +527,9 @@ def artifacts(ctx: typer.Context, run: str = typer.Argument(..., help="Run name 
                 c.print(f"eval page ({shown.name}): {shown.eval_page}", markup=False)
             if shown.serving:
                 c.print(f"serving ({shown.name}): {shown.serving}", markup=False)
+            if listing.champion:
+                c.print(f"champion: {_champion_line({'version': listing.champion, **listing.champion_info})}",
+                        markup=False)
         for name in listing.incomplete:
             c.print(f"{name}: incomplete (no _COMPLETE marker; publishing or abandoned) — not a version", markup=False)
 
@@ -559,6 +568,75 @@ def prune(ctx: typer.Context, run: str = typer.Argument(..., help="Run name or J
 
 # `launcher prune RUN` came first; it stays as a hidden alias of `launcher artifacts prune`.
 app.command("prune", hidden=True, epilog=PRUNE_EPILOG)(prune)
+
+
+# ------------------------------------------------------------------------------ promote (docs/promotion.md)
+
+def _champion_line(p: dict) -> str:
+    """'v3, promoted 2026-12-07T14:30:00Z by launcher promote (forced), replacing v2'."""
+    return (f"{p['version']}, promoted {p.get('promoted_at')} by {p.get('by')}" + (" (forced)" if p.get("forced") else "")
+            + (f", replacing {p['previous']}" if p.get("previous") else ""))
+
+
+def _champion_or_none(client, run: str, run_uri: str) -> dict | None:
+    try:
+        return client.champion(run, output=run_uri.rsplit("/", 1)[0])
+    except LoraJobError:
+        return None
+
+
+def _num(x: float | None) -> str:
+    return "—" if x is None else f"{x:.4g}"
+
+
+def _difference(m) -> str:
+    if m.difference is None:
+        return "—"
+    if m.low is None:
+        return f"{m.difference:+.4g} (one number each: no interval)"
+    return f"{m.difference:+.4g} [{m.low:+.4g}, {m.high:+.4g}]"
+
+
+@app.command(epilog="Example:  launcher promote my-run:v4 --output s3://bucket/runs   |   launcher promote my-run "
+                    "--spec spec.yaml   |   launcher promote my-run:v3 --force")
+@_handles_errors
+def promote(ctx: typer.Context,
+            run: str = typer.Argument(..., metavar="RUN[:vN]", help="Run name or Job name, with :vN for a version "
+                                                                   "(default: the newest complete one)."),
+            force: bool = typer.Option(False, "--force", help="Promote even if the gate fails or cannot compare "
+                                                              "(recorded as forced, with the reasons overridden)."),
+            spec: Optional[Path] = typer.Option(None, "--spec", help="Gate settings (its promotion: section) and, "
+                                                                     "for its own run, the output prefix."),
+            output: Optional[str] = OUTPUT_OPTION,
+            fmt: Format = FORMAT_OPTION) -> None:
+    """Compare a version with the run's champion on the same held-out set (paired bootstrap intervals) and make it
+    the champion if no metric is significantly worse and the primary one is not worse; exit 1 if the gate fails
+    (the version stays published, unpromoted)."""
+    run_name, _, version = run.partition(":")
+    result = _client(ctx).promote(run_name, version=version or None, output=output, spec=spec, force=force)
+
+    def table() -> None:
+        cmp = result.comparison
+        if cmp is not None:
+            pct = round(100 * cmp.confidence)
+            typer.echo(f"{cmp.candidate} against the champion {cmp.champion} ({result.where}); difference = "
+                       f"candidate − champion, {pct}% paired bootstrap interval ({cmp.resamples} resamples):")
+            rows = [("metric", "better", "champion", "candidate", f"difference [{pct}% interval]", "pairs", "verdict")]
+            rows += [(m.metric + (" (primary)" if m.primary else ""), m.better, _num(m.champion), _num(m.candidate),
+                      _difference(m), str(m.pairs), m.verdict) for m in cmp.metrics]
+            widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+            for r in rows:
+                typer.echo("  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+            typer.echo("verdict: pass" if cmp.passed else "verdict: fail")
+            for reason in cmp.reasons:
+                typer.echo(f"  - {reason}")
+        elif result.reasons:
+            typer.echo("gate: " + "; ".join(result.reasons))
+        typer.echo(result.headline if cmp is not None else result.sentence)
+
+    _emit(result.to_dict(), fmt, table)
+    if not (result.promoted or result.already):
+        raise typer.Exit(EXIT_RUN_FAILED)
 
 
 # ------------------------------------------------------------------------------ serving

@@ -335,6 +335,37 @@ class Client:
         return PruneReport(run_name, apply, art.prune_incomplete(output, run_name, older_than_seconds=seconds,
                                                                  apply=apply, endpoint=self._s3_endpoint))
 
+    def promote(self, run: str, *, version: str | None = None, output: str | None = None,
+                spec: SpecLike | None = None, force: bool = False):
+        """Make a complete version (default: the newest) the run's champion if it passes the gate against the
+        current one: the same held-out set, no metric significantly worse (paired bootstrap intervals), the
+        primary metric not worse (docs/promotion.md). Returns a ``jobs.promotion.PromotionResult`` (``promoted``
+        False with the ``reasons`` when the gate fails: the version stays published). ``force``: promote anyway,
+        recorded as forced. ``spec``: take the gate settings (``promotion:``) and, for its own run, the output
+        prefix from it. Raises ``GateRefused`` (different held-out sets), ``PromotionConflict`` (another promotion
+        won the race) or ``StorageError``."""
+        from jobs.promotion import promote
+        from jobs.storage import join, open_store
+
+        settings = None
+        if spec is not None:
+            s = self.load_spec(spec)
+            settings = s.promotion
+            if output is None and s.name == run:
+                output = s.output
+        if version is not None and not (version.isdigit() or (version[:1] == "v" and version[1:].isdigit())):
+            raise UsageError(f"{version!r} is not a version", hint="name one as vN (or N): launcher promote RUN:v3")
+        run_name, output = self._output_of(run, output)
+        store, base = open_store(output, endpoint=self._s3_endpoint)
+        return promote(store, join(base, run_name), version, settings=settings, force=force)
+
+    def champion(self, run: str, *, output: str | None = None) -> dict | None:
+        """The run's champion pointer (version, manifest_sha256, promoted_at, by, forced, gate), or None."""
+        from launcher import artifacts as art
+
+        run_name, output = self._output_of(run, output)
+        return art.champion_of(f"{output.rstrip('/')}/{run_name}", endpoint=self._s3_endpoint)
+
     def serving_manifests(self, run: str, version: str | None = None, *, engine: str = "kserve", gpus: int = 1,
                           serve_as: str | None = None, name: str | None = None, vllm_image: str | None = None,
                           output: str | None = None):

@@ -220,3 +220,100 @@ def test_promote_if_better_never_raises_and_says_why(tmp_path):
     assert not r.promoted and "different held-out sets" in r.error and r.previous == "v1"
     r = promote_if_better(store, "r1", "v9")
     assert not r.promoted and "not a complete version" in r.error
+
+
+# ------------------------------------------------------------------------------ the CLI and the SDK
+
+def test_cli_promote_prints_the_comparison_moves_only_on_a_pass_and_artifacts_marks_the_champion(tmp_path):
+    from typer.testing import CliRunner
+
+    from launcher import cli
+
+    runner = CliRunner()
+    out = str(tmp_path / "out")
+    store = LocalStore(out)
+    publish(store, "r1", tmp_path, "one", rouge=GOOD, val_loss=1.2)
+    publish(store, "r1", tmp_path, "two", rouge=BETTER, val_loss=1.1)
+    publish(store, "r1", tmp_path, "three", rouge=WORSE, val_loss=2.0, broken=(0, 1, 2))
+
+    r = runner.invoke(cli.app, ["promote", "r1:v1", "--output", out], terminal_width=200)
+    assert r.exit_code == 0, r.output
+    assert "v1 is now the champion of r1 (there was none" in r.output
+
+    r = runner.invoke(cli.app, ["promote", "r1:v2", "--output", out], terminal_width=200)
+    assert r.exit_code == 0, r.output
+    row = next(line for line in r.output.splitlines() if line.lstrip("│ ").startswith("rouge_l"))
+    assert "0.41" in row and "0.61" in row and "+0.2" in row and "better" in row and "[" in row
+    assert "val_loss (primary)" in r.output and "95%" in r.output and "2000 resamples" in r.output
+    assert "verdict: pass" in r.output and "v2 is now the champion of r1, replacing v1" in r.output
+
+    r = runner.invoke(cli.app, ["promote", "r1:v3", "--output", out], terminal_width=200)
+    assert r.exit_code == 1, r.output
+    assert "verdict: fail" in r.output and "significantly worse" in r.output
+    assert "v3 stays published, unpromoted (v2 stays champion)" in r.output
+    assert read_champion(store, "r1")[0]["version"] == "v2"
+
+    r = runner.invoke(cli.app, ["artifacts", "r1", "--output", out], terminal_width=200)
+    assert r.exit_code == 0, r.output
+    assert "v2 (champion)" in r.output and "v3 (latest)" in r.output
+    assert "champion: v2, promoted" in r.output
+    r = runner.invoke(cli.app, ["artifacts", "r1", "--output", out, "-o", "json"])
+    assert json.loads(r.output)["champion"] == "v2"
+
+    r = runner.invoke(cli.app, ["promote", "r1:v3", "--output", out, "--force", "-o", "json"], terminal_width=200)
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.output)
+    assert data["promoted"] and data["forced"] and data["comparison"]["passed"] is False
+
+    r = runner.invoke(cli.app, ["promote", "r1:v7", "--output", out], terminal_width=200)
+    assert r.exit_code == 3 and "not a complete version" in r.output and "Traceback" not in r.output
+
+
+def test_cli_promote_refuses_different_held_out_sets_without_a_traceback(tmp_path):
+    from typer.testing import CliRunner
+
+    from launcher import cli
+
+    out = str(tmp_path / "out")
+    store = LocalStore(out)
+    promote(store, "r1", publish(store, "r1", tmp_path, "one", rouge=GOOD))
+    publish_version(store, "r1", version_folder(tmp_path, "other", rouge=BETTER,
+                                                prompts=[f"Other {i}" for i in range(N_PROMPTS)]))
+    r = CliRunner().invoke(cli.app, ["promote", "r1", "--output", out], terminal_width=200)
+    assert r.exit_code == 2, r.output
+    assert "different held-out sets" in r.output and "fix:" in r.output and "Traceback" not in r.output
+
+
+def test_sdk_promote_reads_the_gate_settings_from_a_spec(tmp_path):
+    from launcher.client import Client
+
+    out = str(tmp_path / "out")
+    store = LocalStore(out)
+    promote(store, "r1", publish(store, "r1", tmp_path, "one", rouge=GOOD, val_loss=1.2))
+    publish(store, "r1", tmp_path, "two", rouge=BETTER, val_loss=1.21)  # better answers, a slightly worse loss
+    spec = {"name": "r1", "base_model": {"uri": "s3://models/base/"}, "dataset": {"train": "s3://data/train.jsonl"},
+            "output": out, "promotion": {"primary": "rouge_l"}}
+    client = Client(backend="local", state_dir=tmp_path / "state")
+    assert not client.promote("r1", version="v2", output=out).promoted  # the default primary: val_loss
+    r = client.promote("r1", version="v2", spec=spec)
+    assert r.promoted and r.comparison.primary == "rouge_l"
+
+
+def test_a_recorded_held_out_record_must_match_too(tmp_path):
+    from jobs.dataprep import Row
+    from jobs.promotion import held_out_record
+    from jobs.spec import EvalPrompt
+
+    rows = [Row(line=i, instruction=f"q{i}", output=f"a{i}") for i in range(3)]
+    prompts = [EvalPrompt(prompt="q0", reference="a0")]
+    rec = held_out_record(rows, prompts)
+    assert rec == held_out_record(list(rows), list(prompts)) and rec["validation_rows"] == 3 and rec["prompts"] == 1
+    assert held_out_record(rows[:2], prompts)["sha256"] != rec["sha256"]
+
+    champ, cand = _evidence(tmp_path, "champ", rouge=GOOD), _evidence(tmp_path, "cand", rouge=BETTER)
+    champ.metadata["held_out"] = rec
+    cand.metadata["held_out"] = held_out_record(rows[:2], prompts)
+    with pytest.raises(GateRefused, match="recorded held-out sha256"):
+        compare(champ, cand)
+    cand.metadata["held_out"] = rec
+    assert compare(champ, cand).passed
