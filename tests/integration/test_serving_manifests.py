@@ -202,3 +202,48 @@ def test_a_v1_uri_cannot_reach_v10_objects_in_s3_nor_in_the_serving_pods_downloa
                            args[0].rstrip("/")], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                           capture_output=True, text=True)
     assert proc.returncode == 1 and "does not end with '/'" in proc.stderr
+
+
+def test_the_cli_prints_the_manifests_as_yaml_or_a_json_list_and_the_choice_on_stderr(client, stack, namespace,
+                                                                                      s3_prefix, tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from launcher import cli
+
+    _publish(s3_prefix, "bot", _version_folder(tmp_path / "v", rank=17))
+    runner = CliRunner()
+    r = runner.invoke(cli.app, ["-n", namespace, "--kubeconfig", stack.kubeconfig, "serving", "manifest", "bot:v1",
+                                "--output", s3_prefix])
+    assert r.exit_code == 0, r.output
+    (isvc,) = list(yaml.safe_load_all(r.stdout))
+    assert isvc["kind"] == "LLMInferenceService" and isvc["metadata"]["namespace"] == namespace
+    assert isvc["spec"]["model"]["lora"]["maxRank"] == 32
+    assert "served as a LoRA of rank 17" in r.stderr and "storageSecretName" in r.stderr
+    r = runner.invoke(cli.app, ["-n", namespace, "serving", "manifest", "bot", "--engine", "vllm", "-o", "json",
+                                "--output", s3_prefix])
+    assert r.exit_code == 0, r.output
+    listed = json.loads(r.stdout)
+    assert listed["kind"] == "List" and [o["kind"] for o in listed["items"]] == ["Deployment", "Service"]
+
+
+def test_the_serving_pods_download_refuses_a_base_changed_since_training(s3_env, stack, s3_client, s3_prefix,
+                                                                          tmp_path):
+    from jobs.digest import hash_dir
+
+    bucket, key = s3_prefix[5:].split("/", 1)
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text('{"vocab_size": 96}')
+    s3_client.put_object(Bucket=bucket, Key=f"{key}/base/config.json", Body=(base / "config.json").read_bytes())
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    def fetch(dest: str, sha: str):
+        return subprocess.run([sys.executable, "-m", "jobs.serving", "fetch", str(tmp_path / dest),
+                               f"base={s3_prefix}/base/", "--sha256", f"base={sha}"],
+                              cwd=REPO, env=env, capture_output=True, text=True)
+
+    ok = fetch("a", hash_dir(base))
+    assert ok.returncode == 0 and (tmp_path / "a" / "base" / "config.json").is_file(), ok.stderr
+    changed = fetch("b", "0" * 64)
+    assert changed.returncode == 1 and "changed since the adapter was trained" in changed.stderr, changed.stderr

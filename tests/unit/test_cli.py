@@ -701,3 +701,13 @@ def test_the_local_backend_names_what_it_cannot_do_and_the_fix_without_a_traceba
     assert r.exit_code == 2 and "a local run creates none" in r.output and "Traceback" not in r.output, r.output
     r = runner.invoke(cli.app, ["--backend", "nowhere", "list"])
     assert r.exit_code == 2 and "nowhere" in r.output, r.output
+
+
+def test_serving_manifest_has_an_example_and_its_choices_in_its_help(runner):
+    r = runner.invoke(cli.app, ["serving", "manifest", "--help"], terminal_width=200)
+    assert r.exit_code == 0, r.output
+    for text in ("Example", "launcher serving manifest my-run", "--engine", "kserve", "vllm", "--gpus", "--serve-as",
+                 "RUN[:vN]"):
+        assert text in r.output, text
+    r = runner.invoke(cli.app, ["serving", "manifest", "r1", "--engine", "triton", "--output", "s3://b/o"])
+    assert r.exit_code == 2 and "triton" in r.output
