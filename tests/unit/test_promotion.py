@@ -317,3 +317,30 @@ def test_a_recorded_held_out_record_must_match_too(tmp_path):
         compare(champ, cand)
     cand.metadata["held_out"] = rec
     assert compare(champ, cand).passed
+
+
+def test_the_gate_reads_reports_as_the_trainers_evaluation_writes_them(tmp_path):
+    """Reports from jobs.trainer.evaluate.build_report itself (ROUGE-L by torchmetrics, facts, fluency flags): the
+    candidate whose answers carry the references' facts passes; the one that repeats itself fails on fluency."""
+    from jobs.spec import EvalPrompt, parse_spec
+    from jobs.trainer.evaluate import build_report
+
+    spec = parse_spec({"name": "r1", "base_model": {"uri": "s3://models/base/"},
+                       "dataset": {"train": "s3://data/train.jsonl"}, "output": str(tmp_path / "out")})
+    refs = [f"Open Settings > Network {i} and set the port to {8000 + i}." for i in range(8)]
+    prompts = [EvalPrompt(prompt=f"How do I set the port of network {i}?", reference=r) for i, r in enumerate(refs)]
+    answers = {"champ": [f"Go to Settings and pick network {i}." for i in range(8)],
+               "good": refs,
+               "loops": ["port port port port port port port port port port" for _ in range(8)]}
+    store = LocalStore(str(tmp_path / "out"))
+    for tag, after in answers.items():
+        report = build_report(spec, prompts=prompts, before=["?"] * 8, after=after, val_loss_before=2.0,
+                              val_loss_after=1.2, history=[], evals=[], train_outputs=[])
+        d = version_folder(tmp_path, tag, rouge=GOOD)
+        (d / "eval_report.json").write_text(json.dumps(report))
+        publish_version(store, "r1", d)
+    champ, good, loops = (read_evidence(store, "r1", v) for v in ("v1", "v2", "v3"))
+    c = compare(champ, good, PromotionSpec(primary="rouge_l"))
+    assert c.passed and {m.metric: m for m in c.metrics}["facts"].verdict == "better"
+    c = compare(champ, loops, PromotionSpec(primary="rouge_l"))
+    assert not c.passed and {m.metric: m for m in c.metrics}["fluent"].verdict == "significantly worse"
