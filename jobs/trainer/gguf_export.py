@@ -21,8 +21,11 @@ Each file is read back with ``gguf.GGUFReader`` before it counts as written, and
 What stays unchecked without llama.cpp, which is not in the trainer image: that llama.cpp (or Ollama) loads the
 files, that its pre-tokenizer (``tokenizer.ggml.pre``, chosen as llama.cpp's converter does, by hashing the
 tokens of its check text) splits text as the transformers tokenizer does, and that it generates the same text as
-the merged model. tests/unit/test_gguf_export.py loads the f16 and q8_0 files with transformers' GGUF loader (a
-second, independent reader, which undoes the permutation) and compares the logits; llama.cpp itself runs nowhere.
+the merged model. tests/unit/test_gguf_export.py undoes the Q/K permutation with transformers' GGUF reader's own
+code (an implementation independent of this one); llama.cpp itself runs nowhere here.
+
+``check_exportable`` refuses, before training, what the export would refuse after it; ``export_gguf`` is the
+export itself, after the merge.
 """
 from __future__ import annotations
 
@@ -87,15 +90,15 @@ def architecture(config: dict) -> tuple[str, bool]:
     archs = config.get("architectures") or [config.get("model_type", "unknown")]
     if archs[0] not in SUPPORTED:
         raise _refuse(f"the base model's architecture {archs[0]} has no GGUF export here; "
-                        f"supported: {', '.join(SUPPORTED)}",
+                      f"supported: {', '.join(SUPPORTED)}",
                       fix="remove export.gguf from the spec (convert merged/ with llama.cpp's "
-                             "convert_hf_to_gguf.py yourself), or fine-tune a Llama- or Qwen2-family base")
+                          "convert_hf_to_gguf.py yourself), or fine-tune a Llama- or Qwen2-family base")
     rope = _rope(config)
     if rope.get("rope_type", "default") != "default":
         raise _refuse(f"the base model's rope scaling {rope.get('rope_type')!r} is not written "
-                        "by this export (only unscaled rope)",
+                      "by this export (only unscaled rope)",
                       fix="remove export.gguf from the spec, or convert merged/ with llama.cpp's "
-                             "convert_hf_to_gguf.py")
+                          "convert_hf_to_gguf.py")
     return archs[0], SUPPORTED[archs[0]][1]
 
 
@@ -209,20 +212,20 @@ def _storage_type(qtype: str, shape: list[int]) -> str:
 
 # ---------------------------------------------------------------------------- tokenizer
 
-def _vocab(model_dir: Path, config: dict) -> tuple[list[str], list[int], str]:
-    """(tokens, token types, pre-tokenizer) as convert_hf_to_gguf.py's get_vocab_base/_set_vocab_gpt2 make them."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+def _pre_tokenizer(model_dir: Path) -> str:
+    """llama.cpp's name of the tokenizer's pre-tokenizer (tokenizer.ggml.pre), found as convert_hf_to_gguf.py's
+    get_vocab_base_pre finds it; refuses a tokenizer this export cannot write."""
+    from transformers import PreTrainedTokenizerFast
 
-    g = _gguf()
     tok_json = model_dir / "tokenizer.json"
     spec = json.loads(tok_json.read_text()) if tok_json.is_file() else {}
     pre = spec.get("pre_tokenizer") or {}
     if spec.get("model", {}).get("type") != "BPE" or "ByteLevel" not in {pre.get("type")} | {
             p.get("type") for p in pre.get("pretokenizers", [])}:
         raise _refuse(f"the tokenizer in {model_dir} is not a byte-level BPE (GPT-2 style) "
-                        "tokenizer.json; only those are written by this export",
+                      "tokenizer.json; only those are written by this export",
                       fix="remove export.gguf from the spec, or convert merged/ with llama.cpp's "
-                             "convert_hf_to_gguf.py")
+                          "convert_hf_to_gguf.py")
     # The hash of the pipeline tokenizer.json defines (whose vocabulary and merges the file carries); AutoTokenizer
     # may rebuild the pre-tokenizer from the model type's class instead (transformers 5 does for Qwen2).
     file_tok = PreTrainedTokenizerFast(tokenizer_file=str(tok_json))
@@ -232,6 +235,15 @@ def _vocab(model_dir: Path, config: dict) -> tuple[list[str], list[int], str]:
                       f"known: {', '.join(sorted(set(PRE_TOKENIZERS.values())))}",
                       fix="remove export.gguf from the spec, or convert merged/ with llama.cpp's "
                           "convert_hf_to_gguf.py (which knows more tokenizers)")
+    return PRE_TOKENIZERS[chkhsh]
+
+
+def _vocab(model_dir: Path, config: dict) -> tuple[list[str], list[int], str]:
+    """(tokens, token types, pre-tokenizer) as convert_hf_to_gguf.py's get_vocab_base/_set_vocab_gpt2 make them."""
+    from transformers import AutoTokenizer
+
+    g = _gguf()
+    pre = _pre_tokenizer(model_dir)
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     vocab_size = config.get("vocab_size", len(tok.get_vocab()))
     reverse = {i: t for t, i in tok.get_vocab().items()}
@@ -255,7 +267,7 @@ def _vocab(model_dir: Path, config: dict) -> tuple[list[str], list[int], str]:
         else:
             types.append(g.TokenType.NORMAL)
         tokens.append(token)
-    return tokens, types, PRE_TOKENIZERS[chkhsh]
+    return tokens, types, pre
 
 
 def _looks_special(token: str) -> bool:
@@ -374,13 +386,16 @@ def write_adapter(adapter_dir: Path, merged_dir: Path, path: Path, *, name: str)
     _write(path, arch, kv, infos, data)
 
 
+def _no_dora() -> SpecError:
+    return _refuse("llama.cpp's LoRA adapters have no DoRA (lora.use_dora is on): the adapter cannot be written "
+                   "as GGUF", fix="turn lora.use_dora off, or remove export.gguf from the spec")
+
+
 def _adapter_alpha(adapter_dir: Path) -> float:
     """The one alpha llama.cpp scales every tensor by (alpha / its rank), refusing what that cannot express."""
     cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
     if cfg.get("use_dora"):
-        raise _refuse("llama.cpp's LoRA adapters have no DoRA (lora.use_dora is on); the adapter "
-                        "cannot be written as GGUF",
-                      fix="turn lora.use_dora off, or use the merged model's GGUF")
+        raise _no_dora()
     if cfg.get("alpha_pattern"):
         raise _refuse("llama.cpp's LoRA GGUF holds one alpha; this adapter has an alpha_pattern",
                       fix="use the merged model's GGUF")
@@ -388,8 +403,8 @@ def _adapter_alpha(adapter_dir: Path) -> float:
     if cfg.get("use_rslora"):  # PEFT scales by alpha/sqrt(r), llama.cpp by alpha/r: alpha*sqrt(r) makes them equal
         if cfg.get("rank_pattern"):
             raise _refuse("lora.use_rslora with ranks that differ by module cannot be written as "
-                            "one llama.cpp alpha",
-                      fix="use the merged model's GGUF")
+                          "one llama.cpp alpha",
+                          fix="use the merged model's GGUF")
         alpha *= math.sqrt(cfg["r"])
     return alpha
 
@@ -405,8 +420,8 @@ def _adapter_pairs(adapter_dir: Path) -> dict[str, tuple[str, str]]:
         stem, _, part = k.rpartition(".lora_")
         if part not in ("A.weight", "B.weight") or not stem.startswith("base_model.model."):
             raise _refuse(f"the adapter tensor {k} is not a linear LoRA A/B weight, which is all "
-                            "llama.cpp's LoRA GGUF holds",
-                      fix="use the merged model's GGUF")
+                          "llama.cpp's LoRA GGUF holds",
+                          fix="use the merged model's GGUF")
         pairs.setdefault(stem.removeprefix("base_model.model.") + ".weight", {})[part[0]] = k
     return {base: (p["A"], p["B"]) for base, p in pairs.items()}
 
@@ -591,7 +606,18 @@ def check_adapter(path: Path, adapter_dir: Path, merged_dir: Path) -> dict:
             "worst_abs_error": worst, "values": "exact"}
 
 
-# ---------------------------------------------------------------------------- the one entry point
+# ---------------------------------------------------------------------------- the entry points
+
+def check_exportable(model_dir: str | Path, *, use_dora: bool) -> str:
+    """Before training: refuse (SpecError, BAD_SPEC) a base or adapter the export cannot write (its architecture,
+    rope scaling or tokenizer; DoRA), so that the run fails at its start and not after training. Returns the
+    pre-tokenizer llama.cpp will use."""
+    model_dir = Path(model_dir)
+    architecture(json.loads((model_dir / "config.json").read_text()))
+    if use_dora:
+        raise _no_dora()
+    return _pre_tokenizer(model_dir)
+
 
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()

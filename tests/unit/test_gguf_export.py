@@ -47,6 +47,14 @@ def _adapt_and_merge(base_dir, tmp, seed: int):
 
 
 @pytest.fixture(scope="module")
+def q8_reader(llama_export):
+    """The q8_0 file's reader, parsed once (49k tokens and merges take seconds to parse)."""
+    import gguf
+
+    return gguf.GGUFReader(str(llama_export[0] / "version" / "gguf" / "smol-q8_0.gguf"))
+
+
+@pytest.fixture(scope="module")
 def llama_export(short_model_dir, tmp_path_factory):
     from jobs.trainer.gguf_export import export_gguf
 
@@ -71,14 +79,14 @@ def test_export_writes_each_type_and_the_adapter_with_their_checks(llama_export)
     assert written[1]["bytes"] < 0.6 * written[0]["bytes"]  # 8.5 bits a weight against 16
 
 
-def test_model_metadata_names_and_shapes_follow_llama_cpp(llama_export):
+def test_model_metadata_names_and_shapes_follow_llama_cpp(llama_export, q8_reader):
     import gguf
     from safetensors.torch import load_file
     from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
     tmp, _, merged, _ = llama_export
     config = json.loads((merged / "config.json").read_text())
-    r = gguf.GGUFReader(str(tmp / "version" / "gguf" / "smol-q8_0.gguf"))
+    r = q8_reader
     f = {k: v.contents() for k, v in r.fields.items() if not k.startswith("tokenizer.ggml.")}
     assert f["general.architecture"] == "llama" and f["general.type"] == "model"
     assert f["llama.block_count"] == 4 and f["llama.embedding_length"] == 576
@@ -151,16 +159,14 @@ def test_a_corrupted_tensor_or_value_is_caught_by_the_read_back(llama_export):
         check_adapter(bad, adapter, merged)
 
 
-def test_a_q8_0_value_beyond_its_block_error_is_caught(llama_export):
-    import gguf
-
+def test_a_q8_0_value_beyond_its_block_error_is_caught(llama_export, q8_reader):
     from jobs.trainer.gguf_export import check_model
 
     tmp, _, merged, _ = llama_export
     # a quantised value moved by three steps of its block's scale is beyond the q8_0 error the check allows
     bad = tmp / "corrupt-q8_0.gguf"
     shutil.copy(tmp / "version" / "gguf" / "smol-q8_0.gguf", bad)
-    t = next(x for x in gguf.GGUFReader(str(bad)).tensors if x.name == "blk.0.ffn_down.weight")
+    t = next(x for x in q8_reader.tensors if x.name == "blk.0.ffn_down.weight")  # the copy's offsets are the same
     with open(bad, "r+b") as fh:  # a Q8_0 block: an f16 scale, then 32 int8
         fh.seek(t.data_offset + 2)
         q0 = np.frombuffer(fh.read(1), dtype=np.int8)[0]
@@ -205,12 +211,23 @@ def test_a_qwen2_model_exports_with_biases_and_no_permutation(short_model_dir, t
 
 
 def test_an_unsupported_architecture_is_refused_naming_it_and_what_is_supported(tmp_path):
-    from jobs.trainer.gguf_export import export_gguf
+    from jobs.trainer.gguf_export import check_exportable, export_gguf
 
     (tmp_path / "merged").mkdir()
     (tmp_path / "merged" / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
-    with pytest.raises(SpecError) as err:
+    message = ("export.gguf: the base model's architecture GPT2LMHeadModel has no GGUF export here; supported: "
+               "LlamaForCausalLM, Qwen2ForCausalLM")
+    with pytest.raises(SpecError) as before_training:
+        check_exportable(tmp_path / "merged", use_dora=False)
+    with pytest.raises(SpecError) as after_merge:
         export_gguf(tmp_path / "merged", tmp_path / "adapter", ["f16"], tmp_path / "gguf", name="x")
-    assert "export.gguf: the base model's architecture GPT2LMHeadModel has no GGUF export here; supported: " \
-           "LlamaForCausalLM, Qwen2ForCausalLM" in str(err.value)
+    assert message in str(before_training.value) and message in str(after_merge.value)
     assert not (tmp_path / "gguf").exists()
+
+
+def test_the_preflight_accepts_smollm2_and_refuses_dora_before_training(short_model_dir):
+    from jobs.trainer.gguf_export import check_exportable
+
+    assert check_exportable(short_model_dir, use_dora=False) == "smollm"
+    with pytest.raises(SpecError, match="export.gguf: llama.cpp's LoRA adapters have no DoRA"):
+        check_exportable(short_model_dir, use_dora=True)
