@@ -191,11 +191,14 @@ def test_a_qwen2_model_exports_with_biases_and_no_permutation(short_model_dir, t
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
                          bos_token_id=1, eos_token_id=2)
-    Qwen2ForCausalLM(config).save_pretrained(tmp_path / "base", safe_serialization=True)
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():  # q8_0 blocks whose f16 scale is subnormal (max|x| below 127 * 2**-14): still in bounds
+        model.model.embed_tokens.weight.mul_(1e-4)  # not adapted by the LoRA: stays this small merged
+    model.save_pretrained(tmp_path / "base", safe_serialization=True)
     _copy_tokenizer(short_model_dir, tmp_path / "base")
     adapter, merged = _adapt_and_merge(tmp_path / "base", tmp_path, seed=2)
-    written = export_gguf(merged, adapter, ["bf16"], tmp_path / "gguf", name="qwen")
-    assert [(w["kind"], w["type"]) for w in written] == [("model", "bf16"), ("adapter", "f16")]
+    written = export_gguf(merged, adapter, ["bf16", "q8_0"], tmp_path / "gguf", name="qwen")
+    assert [(w["kind"], w["type"]) for w in written] == [("model", "bf16"), ("model", "q8_0"), ("adapter", "f16")]
     r = gguf.GGUFReader(str(tmp_path / "gguf" / "qwen-bf16.gguf"))
     assert r.fields["general.architecture"].contents() == "qwen2"
     assert r.fields["qwen2.rope.freq_base"].contents() == 1000000.0
