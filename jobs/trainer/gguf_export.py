@@ -212,26 +212,20 @@ def _storage_type(qtype: str, shape: list[int]) -> str:
 
 # ---------------------------------------------------------------------------- tokenizer
 
-def _pre_tokenizer(model_dir: Path) -> str:
+def _pre_tokenizer(tokenizer_json: dict, encode: Callable[[str], list[int]], where: str) -> str:
     """llama.cpp's name of the tokenizer's pre-tokenizer (tokenizer.ggml.pre), found as convert_hf_to_gguf.py's
-    get_vocab_base_pre finds it; refuses a tokenizer this export cannot write."""
-    from transformers import PreTrainedTokenizerFast
-
-    tok_json = model_dir / "tokenizer.json"
-    spec = json.loads(tok_json.read_text()) if tok_json.is_file() else {}
-    pre = spec.get("pre_tokenizer") or {}
-    if spec.get("model", {}).get("type") != "BPE" or "ByteLevel" not in {pre.get("type")} | {
+    get_vocab_base_pre finds it (the hash of the ids ``encode`` gives its check text); refuses a tokenizer this
+    export cannot write. ``tokenizer_json``: the tokenizer as tokenizer.json holds it."""
+    pre = tokenizer_json.get("pre_tokenizer") or {}
+    if tokenizer_json.get("model", {}).get("type") != "BPE" or "ByteLevel" not in {pre.get("type")} | {
             p.get("type") for p in pre.get("pretokenizers", [])}:
-        raise _refuse(f"the tokenizer in {model_dir} is not a byte-level BPE (GPT-2 style) "
-                      "tokenizer.json; only those are written by this export",
+        raise _refuse(f"{where} is not a byte-level BPE (GPT-2 style) tokenizer; only those are written by this "
+                      "export",
                       fix="remove export.gguf from the spec, or convert merged/ with llama.cpp's "
                           "convert_hf_to_gguf.py")
-    # The hash of the pipeline tokenizer.json defines (whose vocabulary and merges the file carries); AutoTokenizer
-    # may rebuild the pre-tokenizer from the model type's class instead (transformers 5 does for Qwen2).
-    file_tok = PreTrainedTokenizerFast(tokenizer_file=str(tok_json))
-    chkhsh = hashlib.sha256(str(file_tok.encode(_CHECK_TEXT)).encode()).hexdigest()
+    chkhsh = hashlib.sha256(str(encode(_CHECK_TEXT)).encode()).hexdigest()
     if chkhsh not in PRE_TOKENIZERS:
-        raise _refuse(f"llama.cpp has no pre-tokenizer known here for this tokenizer (hash {chkhsh}); "
+        raise _refuse(f"llama.cpp has no pre-tokenizer known here for {where} (hash {chkhsh}); "
                       f"known: {', '.join(sorted(set(PRE_TOKENIZERS.values())))}",
                       fix="remove export.gguf from the spec, or convert merged/ with llama.cpp's "
                           "convert_hf_to_gguf.py (which knows more tokenizers)")
@@ -240,10 +234,17 @@ def _pre_tokenizer(model_dir: Path) -> str:
 
 def _vocab(model_dir: Path, config: dict) -> tuple[list[str], list[int], str]:
     """(tokens, token types, pre-tokenizer) as convert_hf_to_gguf.py's get_vocab_base/_set_vocab_gpt2 make them."""
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     g = _gguf()
-    pre = _pre_tokenizer(model_dir)
+    tok_json = model_dir / "tokenizer.json"
+    if not tok_json.is_file():
+        raise _refuse(f"{model_dir} has no tokenizer.json; only byte-level BPE tokenizer.json tokenizers are "
+                      "written by this export", fix="remove export.gguf from the spec")
+    # The hash of the pipeline tokenizer.json defines (whose vocabulary and merges the file carries); AutoTokenizer
+    # may rebuild the pre-tokenizer from the model type's class instead (transformers 5 does for Qwen2).
+    file_tok = PreTrainedTokenizerFast(tokenizer_file=str(tok_json))
+    pre = _pre_tokenizer(json.loads(tok_json.read_text()), file_tok.encode, f"the tokenizer in {model_dir}")
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     vocab_size = config.get("vocab_size", len(tok.get_vocab()))
     reverse = {i: t for t, i in tok.get_vocab().items()}
@@ -609,15 +610,16 @@ def check_adapter(path: Path, adapter_dir: Path, merged_dir: Path) -> dict:
 
 # ---------------------------------------------------------------------------- the entry points
 
-def check_exportable(model_dir: str | Path, *, use_dora: bool) -> str:
+def check_exportable(config: dict, tokenizer, *, use_dora: bool) -> str:
     """Before training: refuse (SpecError, BAD_SPEC) a base or adapter the export cannot write (its architecture,
-    rope scaling or tokenizer; DoRA), so that the run fails at its start and not after training. Returns the
-    pre-tokenizer llama.cpp will use."""
-    model_dir = Path(model_dir)
-    architecture(json.loads((model_dir / "config.json").read_text()))
+    rope scaling or tokenizer; DoRA), so that the run fails at its start and not after training. ``config``: the
+    base's config as a dict; ``tokenizer``: its loaded (fast) tokenizer. Returns the pre-tokenizer llama.cpp will
+    use."""
+    architecture(config)
     if use_dora:
         raise _no_dora()
-    return _pre_tokenizer(model_dir)
+    return _pre_tokenizer(json.loads(tokenizer.backend_tokenizer.to_str()), tokenizer.encode,
+                          "the base model's tokenizer")
 
 
 def _sha256(path: Path) -> str:

@@ -221,7 +221,7 @@ def test_an_unsupported_architecture_is_refused_naming_it_and_what_is_supported(
     message = ("export.gguf: the base model's architecture GPT2LMHeadModel has no GGUF export here; supported: "
                "LlamaForCausalLM, Qwen2ForCausalLM")
     with pytest.raises(SpecError) as before_training:
-        check_exportable(tmp_path / "merged", use_dora=False)
+        check_exportable({"architectures": ["GPT2LMHeadModel"]}, None, use_dora=False)
     with pytest.raises(SpecError) as after_merge:
         export_gguf(tmp_path / "merged", tmp_path / "adapter", ["f16"], tmp_path / "gguf", name="x")
     assert message in str(before_training.value) and message in str(after_merge.value)
@@ -229,8 +229,15 @@ def test_an_unsupported_architecture_is_refused_naming_it_and_what_is_supported(
 
 
 def test_the_preflight_accepts_smollm2_and_refuses_dora_before_training(short_model_dir):
-    from jobs.trainer.gguf_export import check_exportable
+    from tokenizers.pre_tokenizers import Whitespace
 
-    assert check_exportable(short_model_dir, use_dora=False) == "smollm"
+    from jobs.trainer.gguf_export import check_exportable
+    from jobs.trainer.modelio import load_config, load_tokenizer
+
+    config, tok = load_config(str(short_model_dir)).to_dict(), load_tokenizer(str(short_model_dir))
+    assert check_exportable(config, tok, use_dora=False) == "smollm"
     with pytest.raises(SpecError, match="export.gguf: llama.cpp's LoRA adapters have no DoRA"):
-        check_exportable(short_model_dir, use_dora=True)
+        check_exportable(config, tok, use_dora=True)
+    tok.backend_tokenizer.pre_tokenizer = Whitespace()  # a tokenizer llama.cpp does not know
+    with pytest.raises(SpecError, match="export.gguf: the base model's tokenizer is not a byte-level BPE"):
+        check_exportable(config, tok, use_dora=False)
