@@ -97,6 +97,9 @@ class RunMetadata:
     seconds: float
     stages: dict
     cost: dict
+    #: the held-out set the eval measured (jobs.promotion.held_out_record): the promotion gate compares two
+    #: versions only on the same one
+    held_out: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -107,7 +110,7 @@ class RunMetadata:
 
 def run_metadata(spec, *, run_id, image, base_model_hash, report: dict, data_report: dict, result, plan,
                  max_len: int, precision: str, world_size: int, compile_cache: dict | None, serving: dict,
-                 device, started_at: float, stages: dict, cost) -> RunMetadata:
+                 device, started_at: float, stages: dict, cost, held_out: dict | None = None) -> RunMetadata:
     """The run's metadata from the spec and what each stage returned. ``cost``: ``seconds -> metadata's cost``
     (measured on the same clock reading as ``seconds``)."""
     import torch
@@ -152,4 +155,4 @@ def run_metadata(spec, *, run_id, image, base_model_hash, report: dict, data_rep
         image=image or os.environ.get("LORA_JOBS_IMAGE"),
         device=str(device), torch=torch.__version__,
         started_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started_at)),
-        seconds=round(seconds, 1), stages=stages, cost=cost(seconds))
+        seconds=round(seconds, 1), stages=stages, cost=cost(seconds), held_out=held_out)

@@ -210,7 +210,8 @@ def check_output_writable(store, run_prefix: str, run_id: str | None) -> None:
                     store.label, key)
 
 
-def _serving_ready(adapter_dir: Path, spec: TrainingRunSpec, config, tokenizer_size: int) -> dict:
+def _serving_ready(adapter_dir: Path, spec: TrainingRunSpec, config, tokenizer_size: int,
+                   base_model_sha256: str | None = None) -> dict:
     """The adapter folder as vLLM and KServe read it (its two files; the base named by its URI, not this job's
     folder), and vLLM's verdict on it (jobs/serving.py) for metadata.json and the eval report."""
     from jobs import serving
@@ -221,7 +222,7 @@ def _serving_ready(adapter_dir: Path, spec: TrainingRunSpec, config, tokenizer_s
                  " and ".join(serving.ADAPTER_FILES))
     try:
         verdict = serving.check_adapter_dir(adapter_dir, base_vocab_size=serving.vocab_size(config),
-                                            tokenizer_size=tokenizer_size)
+                                            tokenizer_size=tokenizer_size, base_model_sha256=base_model_sha256)
     except (OSError, ValueError) as err:  # a verdict is advice: it never stops a publish
         log.warning("serving check: could not read the adapter (%s)", err)
         return {"engine": "vllm", "error": str(err)}
@@ -306,7 +307,8 @@ def run(spec: TrainingRunSpec, workdir: Path, *, run_id: str | None = None, imag
         raise
     if metadata is not None:
         ctx.progress.close("succeeded", stage="publish", version=metadata["version"],
-                           location=metadata["location"], cost=metadata.get("cost"))
+                           location=metadata["location"], cost=metadata.get("cost"),
+                           promotion=metadata.get("promotion"))
         if ctx.tracker is not None:
             from jobs.trainer.tracking import TAG_LOCATION
 
@@ -541,7 +543,8 @@ class Recipe:
         self.ctx.enter("merge")
         trained.model.save_pretrained(out / "adapter", safe_serialization=True)
         self.tok.save_pretrained(out / "tokenizer")
-        self.serving = _serving_ready(out / "adapter", spec, self.config, len(self.tok))
+        self.serving = _serving_ready(out / "adapter", spec, self.config, len(self.tok),
+                                      self.fetched.base_model_hash)
         merge_info = None
         if spec.merge.enabled:
             trained.model = None
@@ -565,6 +568,7 @@ class Recipe:
 
     def publish(self, trained: Trained) -> dict:
         """metadata.json and the reports next to the adapter, then the folder published as the next version."""
+        from jobs.promotion import held_out_record, promote_if_better
         from jobs.publish import publish_version
         from jobs.trainer import evaluate as ev
         from jobs.trainer.metadata import run_metadata
@@ -578,7 +582,8 @@ class Recipe:
             compile_cache=self.cache.summary() if self.cache is not None else None, serving=self.serving,
             device=trained.device, started_at=ctx.started_at, stages=ctx.timings,
             cost=lambda seconds: _cost(self.cost_facts, spec, seconds=seconds, tokens=result.state.tokens_seen,
-                                       tokens_per_s=result.tokens_per_second, stages=ctx.timings))
+                                       tokens_per_s=result.tokens_per_second, stages=ctx.timings),
+            held_out=held_out_record(self.prepared.val_rows, self.prompts))
         (out / "metadata.json").write_text(metadata.to_json())
         (out / "data_report.json").write_text(json.dumps(self.prepared.report, indent=1))
         (out / "eval_report.json").write_text(json.dumps(report, indent=1))
@@ -588,5 +593,11 @@ class Recipe:
         t_pub = time.perf_counter()
         version = publish_version(self.out_store, self.run_prefix, out)
         log.info("published %s in %.1fs", version, time.perf_counter() - t_pub)
-        return {**metadata.to_dict(), "version": version,
+        promotion = None
+        if spec.promotion.auto:  # a failed gate, a lost race or an unreachable store never fails the run
+            p = promote_if_better(self.out_store, self.run_prefix, version, spec.promotion)
+            (log.info if p.promoted else log.warning)("promotion: %s", p.sentence)
+            promotion = {"promoted": p.promoted, "champion": p.candidate if p.promoted else p.previous,
+                         "sentence": p.sentence}
+        return {**metadata.to_dict(), "version": version, "promotion": promotion,
                 "location": f"{self.out_store.label}/{join(self.run_prefix, version)}"}

@@ -1,5 +1,6 @@
 """metadata.json keeps its keys: users and tests read them. The list below is the hand-built dict's of
-jobs/trainer/recipe.py before metadata became the typed RunMetadata (jobs/trainer/metadata.py), in its order."""
+jobs/trainer/recipe.py before metadata became the typed RunMetadata (jobs/trainer/metadata.py), in its order;
+keys added since are appended at its end."""
 from __future__ import annotations
 
 import json
@@ -30,6 +31,7 @@ KEYS = {
     "metrics": ["train_loss_first", "train_loss_last", "val_loss_before", "val_loss_after", "perplexity_after"],
     "merged": None, "serving": None, "code_version": None, "image": None, "device": None, "torch": None,
     "started_at": None, "seconds": None, "stages": None, "cost": None,
+    "held_out": None,  # added with promotion (jobs/promotion.py): appended, so every earlier key keeps its place
 }
 
 
