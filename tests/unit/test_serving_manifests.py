@@ -1,7 +1,7 @@
 """`launcher serving manifest` offline (launcher/serving.py): what is served and how, from versions published
 here by jobs.publish into a local folder. The reading, the choice (LoRA or merged, the --max-lora-rank), the
 prefix-safe URIs and the credentials by reference; the apiserver's check of the same objects is
-tests/integration/test_serving_manifests.py.
+tests/integration/test_serving_manifests_apiserver.py.
 """
 from __future__ import annotations
 
