@@ -643,6 +643,9 @@ class TrainingRunSpec(_Strict):
                              "replaces its projections: turn one off")
         if self.export.gguf and not self.merge.enabled:
             raise ValueError("export.gguf writes the merged model: set merge.enabled: true or export.gguf: []")
+        if self.export.gguf and self.lora.use_dora:
+            raise ValueError("export.gguf cannot write a DoRA adapter (llama.cpp's LoRA format has no magnitude "
+                             "vector): set lora.use_dora: false or export.gguf: []")
         if self.training.fp8 == "on" and self.resources.gpus == 0:
             raise ValueError("training.fp8: on needs a GPU: set resources.gpus >= 1 or training.fp8: off")
         if self.training.fsdp == "on" and self.quantization.mode != "none":

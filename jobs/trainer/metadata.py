@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass
@@ -100,6 +100,8 @@ class RunMetadata:
     #: the held-out set the eval measured (jobs.promotion.held_out_record): the promotion gate compares two
     #: versions only on the same one
     held_out: dict | None = None
+    #: the GGUF files of export.gguf (jobs/trainer/gguf_export.py: file, kind, type, bytes, sha256, checks)
+    gguf: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -155,4 +157,5 @@ def run_metadata(spec, *, run_id, image, base_model_hash, report: dict, data_rep
         image=image or os.environ.get("LORA_JOBS_IMAGE"),
         device=str(device), torch=torch.__version__,
         started_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started_at)),
-        seconds=round(seconds, 1), stages=stages, cost=cost(seconds), held_out=held_out)
+        seconds=round(seconds, 1), stages=stages, cost=cost(seconds), held_out=held_out,
+        gguf=report.get("gguf") or [])

@@ -386,6 +386,10 @@ class Recipe:
         # planned from config.json before the weights load: a base that cannot fit fails here, with the fix
         # (training.fsdp / resources.gpus), not as a CUDA out-of-memory error halfway through loading
         self.config = config = load_config(self.fetched.base_model_dir)
+        if spec.export.gguf:  # refused now, not after training: architecture, rope scaling, tokenizer
+            from jobs.trainer.gguf_export import check_exportable
+
+            check_exportable(config.to_dict(), self.tok, use_dora=spec.lora.use_dora)
         plan = fastpath.plan(config, spec.training, device, quantization=spec.quantization.mode,
                              free_memory_bytes=free_before_load, world_size=world.size)
         self.cost_facts = _cost_facts(device, world, config)
@@ -560,6 +564,11 @@ class Recipe:
                                          prompts=[ev_prompt.prompt for ev_prompt in self.prompts] or
                                          [r.instruction for r in self.prepared.val_rows[:3]] or ["Hello"],
                                          tok=self.tok, device=device, memory_budget_bytes=merge_budget)
+            if spec.export.gguf:
+                from jobs.trainer.gguf_export import export_gguf
+
+                self.report["gguf"] = export_gguf(out / "merged", out / "adapter", spec.export.gguf, out / "gguf",
+                                                  name=spec.name)
         self.report["merge"] = merge_info
         self.report["serving"] = self.serving
         return trained

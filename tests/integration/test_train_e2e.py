@@ -57,7 +57,7 @@ def test_job_trains_evaluates_merges_and_publishes_a_complete_version(
     train_uri = _upload_data(s3_client, stack, s3_prefix)
     spec = _spec(tmp_path, "e2e-cpu", model_in_minio, train_uri, s3_prefix + "/out")
     experiment = f"e2e-{uuid.uuid4().hex[:8]}"  # the run is tracked, as a spec with tracking.mlflow asks
-    spec.write_text(yaml.safe_dump({**yaml.safe_load(spec.read_text()),
+    spec.write_text(yaml.safe_dump({**yaml.safe_load(spec.read_text()), "export": {"gguf": ["q8_0"]},
                                     "tracking": {"mlflow": {"experiment": experiment}}}))
     tmsg = tmp_path / "termination-log"
     proc = _run_job(spec, tmp_path / "work", {**_job_env(stack), "MLFLOW_TRACKING_URI": mlflow_server.uri}, tmsg)
@@ -81,6 +81,12 @@ def test_job_trains_evaluates_merges_and_publishes_a_complete_version(
     data_report = json.loads(store.get_bytes(f"{run_prefix}/v1/data_report.json"))
     assert data_report["train"]["total_lines"] >= data_report["train"]["kept_rows"] > 0
     assert report["merge"]["ok"] and report["merge"]["max_relative_logit_diff"] <= report["merge"]["tolerance"]
+    # export.gguf: the merged model in q8_0 and the adapter, each read back and checked, listed in the manifest
+    manifest = json.loads(store.get_bytes(f"{run_prefix}/v1/manifest.json"))
+    gguf = {g["file"]: g for g in meta["gguf"]}
+    assert set(gguf) == {"gguf/e2e-cpu-q8_0.gguf", "gguf/e2e-cpu-adapter-f16.gguf"}, gguf
+    for name, g in gguf.items():
+        assert manifest["files"][name]["sha256"] == g["sha256"] and g["bytes"] > 0, name
     assert len(report["generations"]) == 2 and all("after" in g for g in report["generations"])
     faith = report["checklist"]["faithfulness"]  # no eval prompts given: the held-out rows' outputs are the references
     assert faith["of"] == 2 and faith["after"]["rouge_l"] is not None and faith["before"]["rouge_l"] is not None

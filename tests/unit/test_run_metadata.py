@@ -32,6 +32,7 @@ KEYS = {
     "merged": None, "serving": None, "code_version": None, "image": None, "device": None, "torch": None,
     "started_at": None, "seconds": None, "stages": None, "cost": None,
     "held_out": None,  # added with promotion (jobs/promotion.py): appended, so every earlier key keeps its place
+    "gguf": None,  # added with export.gguf (jobs/trainer/gguf_export.py)
 }
 
 
