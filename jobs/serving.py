@@ -37,6 +37,11 @@ if TYPE_CHECKING:
 #: vLLM's ``MaxLoRARanks`` (vllm/config/lora.py): the only values ``--max-lora-rank`` accepts
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 VLLM_DEFAULT_MAX_LORA_RANK = 16
+#: Whether vLLM's generations with the adapter match PEFT's: the job has no vLLM, so it never knows, and says so
+#: rather than letting a passing rule check read as a pass (vllm#48019, vllm#49354: engines that ignore an
+#: adapter or disagree with PEFT)
+PARITY_NOT_RUN = {"status": "not run", "why": "no vLLM runs in the job: the rules above are read from vLLM's "
+                  "source; that vLLM's generations with this adapter match PEFT's is not checked"}
 #: the two files vLLM (``LoRAModel.from_local_checkpoint``) and KServe read from an adapter folder
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 #: string inits vLLM accepts: they set only the initial adapter weights (PEFTHelper._init_is_supported)
@@ -113,7 +118,8 @@ class Verdict:
                 "vllm_max_lora_rank": self.needed_max_lora_rank, "vllm_flags": self.vllm_flags,
                 "target_modules": self.target_modules, "why_merged": self.why_merged,
                 "base_model": self.base_model, "base_model_sha256": self.base_model_sha256,
-                "problems": [asdict(p) for p in self.problems], "summary": self.summary()}
+                "problems": [asdict(p) for p in self.problems], "summary": self.summary(),
+                "parity": dict(PARITY_NOT_RUN)}
 
 
 def check(config: dict[str, Any], tensors: dict[str, list[int]] | None = None, *, max_lora_rank: int = VLLM_DEFAULT_MAX_LORA_RANK,

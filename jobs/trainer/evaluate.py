@@ -478,6 +478,8 @@ def _serving_lines(serving: dict | None) -> list[str]:
     targets = serving["target_modules"]
     lines.append("- Target modules: " + (", ".join(targets) if isinstance(targets, list) else str(targets)))
     lines += [f"- {p['message']} — {p['fix']}" for p in serving["problems"] if p["kind"] != "rank"]
+    parity = serving.get("parity") or {"status": "not run", "why": "not recorded"}
+    lines.append(f"- Serving parity (vLLM's generations against PEFT's): **{parity['status']}** — {parity['why']}")
     return ["## Serving (vLLM)", "", *lines, ""]
 
 

@@ -191,6 +191,9 @@ def test_the_eval_report_has_a_serving_section():
     lines = _serving_lines(serving.check(_config(r=32, use_dora=True)).to_dict())
     assert lines[0] == "## Serving (vLLM)" and "merged model only" in lines[2]
     assert any("DoRA" in line for line in lines) and _serving_lines(None) == []
+    # no vLLM runs in the job: the report says parity was not run, never a pass
+    assert "- Serving parity (vLLM's generations against PEFT's): **not run** — no vLLM runs in the job" in \
+        "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------ a real PEFT adapter
