@@ -7,8 +7,8 @@ local folder: :meth:`jobs.storage.LocalStore.put_bytes_if_match`). Of two promot
 other raises :class:`PromotionConflict` naming the winner.
 
 The gate compares the candidate with the champion on the same frozen held-out set (refused otherwise): the
-validation loss and the eval's per-prompt scores (ROUGE-L, facts found, fluent answers), each difference with a
-seeded paired-bootstrap interval. It passes when no metric is significantly worse (its whole interval beyond the
+validation loss and the general-ability (regression set) loss per example, and the eval's per-prompt scores
+(ROUGE-L, facts found, fluent answers), each difference with a seeded paired-bootstrap interval. It passes when no metric is significantly worse (its whole interval beyond the
 metric's tolerance on the worse side) and the primary metric's mean is not worse.
 """
 from __future__ import annotations
@@ -34,7 +34,10 @@ METRICS: dict[str, tuple[Literal["lower", "higher"], str]] = {
     "rouge_l": ("higher", "ROUGE-L (faithfulness)"),
     "facts": ("higher", "facts of the reference found"),
     "fluent": ("higher", "fluent answers (no degeneration flag)"),
+    "regression": ("lower", "general ability loss (jobs/regression/general.jsonl)"),
 }
+#: metric -> where its per-example values sit in eval_report.json (absent in versions published before them)
+PER_EXAMPLE = {"val_loss": ("validation", "losses_after"), "regression": ("regression", "losses_after")}
 #: The reports the gate reads from a version (each checked against the version's manifest first).
 REPORTS = ("metadata.json", "eval_report.json", "data_report.json")
 
@@ -158,8 +161,8 @@ def read_evidence(store: Store, run_prefix: str, version: str) -> Evidence:
 
 def per_prompt(eval_report: dict[str, Any]) -> dict[str, list[float | None]]:
     """Each per-prompt score of an eval report, one entry per generation (None where a prompt has none: no
-    reference, or a reference without facts). ``val_loss`` is per validation example when the report records
-    ``validation.losses_after``, else the one mean (no interval can be drawn from it)."""
+    reference, or a reference without facts); ``val_loss`` and ``regression`` per example, where the report
+    records them (:data:`PER_EXAMPLE`; else an empty list)."""
     gens = eval_report.get("generations") or []
 
     def after(g: dict[str, Any], key: str) -> float | None:
@@ -167,16 +170,15 @@ def per_prompt(eval_report: dict[str, Any]) -> dict[str, list[float | None]]:
         v = f["after"].get(key) if isinstance(f, dict) and isinstance(f.get("after"), dict) else None
         return None if v is None else float(v)
 
-    validation = eval_report.get("validation") or {}
-    losses = validation.get("losses_after")
-    loss = validation.get("loss_after")
-    return {
-        "val_loss": [float(x) for x in losses] if isinstance(losses, list) else [None if loss is None
-                                                                               else float(loss)],
+    out: dict[str, list[float | None]] = {
         "rouge_l": [after(g, "rouge_l") for g in gens],
         "facts": [after(g, "facts") for g in gens],
         "fluent": [0.0 if g.get("fluency_flags") else 1.0 for g in gens],
     }
+    for name, (section, key) in PER_EXAMPLE.items():
+        values = (eval_report.get(section) or {}).get(key)
+        out[name] = [None if x is None else float(x) for x in values] if isinstance(values, list) else []
+    return out
 
 
 def paired_bootstrap(diffs: Sequence[float], *, resamples: int = 2000, confidence: float = 0.95,
@@ -211,6 +213,7 @@ class MetricComparison:
     tolerance: float
     verdict: str
     why: str = ""
+    note: str = ""  # how it was compared, where not the usual way (no interval: a version has one mean)
 
 
 @dataclass
@@ -239,10 +242,20 @@ def _metric(name: str, champ: list[float | None], cand: list[float | None], s: P
     if not pairs:
         return MetricComparison(name, better, primary, None, None, None, None, None, 0, tol, "not compared",
                                 "no prompt has this score in both versions")
+    return _judge(name, pairs, s, bootstrap=len(pairs) > 1)
+
+
+def _judge(name: str, pairs: list[tuple[float, float]], s: PromotionSpec, *, bootstrap: bool,
+           note: str = "") -> MetricComparison:
+    """The verdict on (champion, candidate) pairs: with a paired-bootstrap interval, or (``bootstrap`` False: one
+    mean each) the plain difference against the tolerance; ``note`` says why there is no interval."""
+    better, _ = METRICS[name]
+    tol = float(getattr(s.tolerance, name))
+    primary = name == s.primary
     m_champ = sum(a for a, _ in pairs) / len(pairs)
     m_cand = sum(b for _, b in pairs) / len(pairs)
     low = high = None
-    if len(pairs) > 1:
+    if bootstrap:
         mean, low, high = paired_bootstrap([b - a for a, b in pairs], resamples=s.resamples,
                                            confidence=s.confidence, seed=s.seed)
     else:
@@ -266,7 +279,33 @@ def _metric(name: str, champ: list[float | None], cand: list[float | None], s: P
         why = f"{METRICS[name][1]} is the primary metric and its mean is worse than the champion's"
     return MetricComparison(name, better, primary, round(m_champ, 5), round(m_cand, 5), round(mean, 5),
                             None if low is None else round(low, 5), None if high is None else round(high, 5),
-                            len(pairs), tol, verdict, why)
+                            len(pairs), tol, verdict, why, note)
+
+
+def _per_example_metric(name: str, champion: Evidence, candidate: Evidence, s: PromotionSpec) -> MetricComparison:
+    """``val_loss`` or ``regression``: paired by example (the same held-out set, the same order) when both
+    reports record per-example losses; refused when their counts differ. ``val_loss`` of a version published
+    before per-example losses were recorded: the plain difference of the two means, said so in ``why``."""
+    section, key = PER_EXAMPLE[name]
+    champ, cand = per_prompt(champion.eval_report)[name], per_prompt(candidate.eval_report)[name]
+    if champ and cand:
+        if len(champ) != len(cand):
+            raise GateRefused(f"cannot compare {candidate.version} with the champion {champion.version} on "
+                              f"{METRICS[name][1]}: {len(cand)} per-example losses against {len(champ)} "
+                              f"({section}.{key} of eval_report.json); the same held-out set must give as many",
+                              hint="a version whose report was altered or truncated must not be promoted; "
+                                   "evaluate both again, or promote with --force (recorded as forced)")
+        return _metric(name, champ, cand, s)
+    older = ", ".join(e.version for e, v in ((champion, champ), (candidate, cand)) if not v)
+    if name == "val_loss":
+        a, b = ((e.eval_report.get("validation") or {}).get("loss_after") for e in (champion, candidate))
+        if a is not None and b is not None:
+            return _judge(name, [(float(a), float(b))], s, bootstrap=False,
+                          note=f"no interval: {older} has no per-example validation losses (published before "
+                               "they were recorded): the plain difference of the two means")
+    return MetricComparison(name, METRICS[name][0], name == s.primary, None, None, None, None, None, 0,
+                            float(getattr(s.tolerance, name)), "not compared",
+                            f"{older} has no {section}.{key} in its eval report")
 
 
 def compare(champion: Evidence, candidate: Evidence, settings: PromotionSpec | None = None) -> Comparison:
@@ -287,7 +326,8 @@ def compare(champion: Evidence, candidate: Evidence, settings: PromotionSpec | N
                                "--force (recorded as forced)")
     champ, cand = per_prompt(champion.eval_report), per_prompt(candidate.eval_report)
     out = Comparison(champion.version, candidate.version, s.primary, s.confidence, s.resamples, b)
-    out.metrics = [_metric(name, champ[name], cand[name], s) for name in METRICS]
+    out.metrics = [_per_example_metric(name, champion, candidate, s) if name in PER_EXAMPLE
+                   else _metric(name, champ[name], cand[name], s) for name in METRICS]
     for m in out.metrics:
         if m.primary and m.verdict == "not compared":
             out.reasons.append(f"the primary metric {m.metric} is not in both versions' reports: set "

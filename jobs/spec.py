@@ -475,6 +475,9 @@ class PromotionTolerance(_Strict):
     facts: float = Field(0.02, ge=0.0, le=1.0, description="Mean share of the references' facts found.")
     fluent: float = Field(0.05, ge=0.0, le=1.0, description="Share of answers without a fluency flag (not "
                                                             "degenerate: no repetition, cut-off or scaffolding).")
+    regression: float = Field(0.05, ge=0.0, description="Mean loss of the general-ability regression set's "
+                                                        "reference answers (jobs/regression/general.jsonl), nats "
+                                                        "per token (lower is better): what the adapter forgot.")
 
 
 class PromotionSpec(_Strict):
@@ -724,6 +727,9 @@ class TrainingRunSpec(_Strict):
         # added later too; which version becomes champion is not what the run trains (never in training_hash)
         if "promotion" in fields and fields["promotion"] == PromotionSpec().model_dump(mode="json"):
             del fields["promotion"]
+        elif "promotion" in fields and fields["promotion"]["tolerance"]["regression"] == \
+                PromotionTolerance().regression:  # added later still: the default keeps earlier hashes
+            del fields["promotion"]["tolerance"]["regression"]
         if fields["data"]["format"] == "auto":  # added later: the default keeps every earlier run's hash
             del fields["data"]["format"]
         if "resources" in fields and fields["resources"]["nodes"] == 1:  # likewise

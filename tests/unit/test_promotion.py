@@ -21,10 +21,12 @@ N_PROMPTS = 12
 
 def version_folder(tmp_path: Path, tag: str, *, rouge: list[float], facts: list[float | None] | None = None,
                    broken: tuple[int, ...] = (), val_loss: float = 1.2, prompts: list[str] | None = None,
-                   validation_sha: str | None = None, train_sha: str = "a" * 64) -> Path:
+                   validation_sha: str | None = None, train_sha: str = "a" * 64,
+                   val_losses: list[float] | None = None, regression: list[float] | None = None) -> Path:
     """A folder as the job leaves it before publishing: an adapter, metadata.json, data_report.json and an
     eval_report.json whose generations carry the given per-prompt scores (``broken``: prompts with a fluency
-    flag)."""
+    flag); ``val_losses`` and ``regression``: per-example losses after training (left out: a version published
+    before the job recorded them)."""
     d = tmp_path / f"folder-{tag}"
     (d / "adapter").mkdir(parents=True)
     (d / "adapter" / "adapter_model.safetensors").write_bytes(tag.encode() * 100)
@@ -36,8 +38,12 @@ def version_folder(tmp_path: Path, tag: str, *, rouge: list[float], facts: list[
                      "fluency_flags": ["repeated_phrase"] if i in broken else [],
                      "faithfulness": {"before": {"rouge_l": 0.1, "facts": 0.0},
                                       "after": {"rouge_l": r, "facts": f, "facts_found": [], "facts_missing": []}}})
-    (d / "eval_report.json").write_text(json.dumps({
-        "validation": {"loss_before": 2.0, "loss_after": val_loss}, "generations": gens}))
+    report: dict = {"validation": {"loss_before": 2.0, "loss_after": val_loss}, "generations": gens}
+    if val_losses is not None:
+        report["validation"]["losses_after"] = val_losses
+    if regression is not None:
+        report["regression"] = {"losses_after": regression, "loss_after": sum(regression) / len(regression)}
+    (d / "eval_report.json").write_text(json.dumps(report))
     data = {"train": {"dataset_sha256": train_sha, "seed": 42, "kept_rows": 120},
             "split": {"train_rows": 108, "validation_rows": 12}}
     if validation_sha:
@@ -113,6 +119,58 @@ def test_a_worse_primary_mean_fails_even_within_the_tolerance_and_noise_elsewher
     assert not c.passed and c.reasons == ["validation loss is the primary metric and its mean is worse than the "
                                           "champion's"]
     assert compare(champ, slightly, PromotionSpec(primary="rouge_l")).passed
+
+
+#: per-example validation losses of a champion (12 held-out rows), and a candidate whose every loss is lower
+CHAMP_LOSSES = [1.10, 1.35, 0.95, 1.20, 1.42, 1.05, 1.18, 1.30, 0.99, 1.25, 1.12, 1.28]
+LOWER_LOSSES = [x - 0.1 + (0.03 if i % 2 else -0.02) for i, x in enumerate(CHAMP_LOSSES)]
+
+
+def test_val_loss_gets_a_bootstrap_interval_from_per_example_losses(tmp_path):
+    champ = _evidence(tmp_path, "champ", rouge=GOOD, val_loss=sum(CHAMP_LOSSES) / 12, val_losses=CHAMP_LOSSES)
+    cand = _evidence(tmp_path, "cand", rouge=GOOD, val_loss=sum(LOWER_LOSSES) / 12, val_losses=LOWER_LOSSES)
+    c = compare(champ, cand)
+    v = {m.metric: m for m in c.metrics}["val_loss"]
+    assert c.passed and v.verdict == "better" and v.pairs == 12 and not v.note
+    assert v.low is not None and v.high is not None and v.low <= v.difference <= v.high < 0
+    worse = _evidence(tmp_path, "worse", rouge=GOOD, val_loss=1.6, val_losses=[x + 0.4 for x in CHAMP_LOSSES])
+    w = {m.metric: m for m in compare(champ, worse).metrics}["val_loss"]
+    assert w.verdict == "significantly worse" and w.low is not None and w.low > 0.3
+
+
+def test_per_example_losses_of_different_counts_are_refused(tmp_path):
+    champ = _evidence(tmp_path, "champ", rouge=GOOD, val_losses=CHAMP_LOSSES)
+    short = _evidence(tmp_path, "short", rouge=GOOD, val_losses=LOWER_LOSSES[:11])
+    with pytest.raises(GateRefused, match="11 per-example losses against 12"):
+        compare(champ, short)
+
+
+def test_a_version_without_per_example_losses_falls_back_to_the_plain_difference_and_says_so(tmp_path):
+    older = _evidence(tmp_path, "older", rouge=GOOD, val_loss=1.2)
+    newer = _evidence(tmp_path, "newer", rouge=GOOD, val_loss=1.1, val_losses=LOWER_LOSSES)
+    c = compare(older, newer)
+    v = {m.metric: m for m in c.metrics}["val_loss"]
+    assert c.passed and v.verdict == "better" and v.low is None and v.pairs == 1
+    assert v.difference == pytest.approx(-0.1) and v.note.startswith("no interval: v1 has no per-example validation losses") and "plain difference" in v.note
+    assert {m.metric: m for m in c.metrics}["regression"].verdict == "not compared"
+
+
+def test_the_regression_set_flags_a_candidate_that_forgot_and_passes_one_that_did_not(tmp_path):
+    base = [2.1, 1.8, 2.5, 1.9, 2.2, 2.0, 1.7, 2.4, 2.3, 1.6, 2.0, 2.2, 1.9, 2.1, 1.8, 2.6,
+            2.0, 1.9, 2.3, 2.2, 1.7, 2.5, 2.1, 1.8]
+    champ = _evidence(tmp_path, "champ", rouge=GOOD, regression=base)
+    kept = _evidence(tmp_path, "kept", rouge=GOOD, regression=[x + (0.02 if i % 3 else -0.03)
+                                                               for i, x in enumerate(base)])
+    forgot = _evidence(tmp_path, "forgot", rouge=GOOD, regression=[x + 0.6 + 0.05 * (i % 4)
+                                                                   for i, x in enumerate(base)])
+    ok = compare(champ, kept)
+    r = {m.metric: m for m in ok.metrics}["regression"]
+    assert ok.passed and r.pairs == 24 and r.low is not None and r.verdict != "significantly worse"
+    bad = compare(champ, forgot)
+    r = {m.metric: m for m in bad.metrics}["regression"]
+    assert not bad.passed and r.verdict == "significantly worse" and r.high is not None and r.high > 0.5
+    assert any("general ability" in reason for reason in bad.reasons)
+    assert compare(champ, forgot, PromotionSpec(tolerance={"regression": 1.0})).passed
 
 
 def test_different_held_out_sets_are_refused_with_what_differs(tmp_path):
