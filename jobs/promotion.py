@@ -288,6 +288,12 @@ def _per_example_metric(name: str, champion: Evidence, candidate: Evidence, s: P
     before per-example losses were recorded: the plain difference of the two means, said so in ``why``."""
     section, key = PER_EXAMPLE[name]
     champ, cand = per_prompt(champion.eval_report)[name], per_prompt(candidate.eval_report)[name]
+    sets = {(e.eval_report.get(section) or {}).get("set_sha256") for e in (champion, candidate)}
+    if champ and cand and len(sets) > 1:  # the regression set was changed between the two: nothing pairs up
+        return MetricComparison(name, METRICS[name][0], name == s.primary, None, None, None, None, None, 0,
+                                float(getattr(s.tolerance, name)), "not compared",
+                                f"{champion.version} and {candidate.version} were measured on different "
+                                f"versions of the {section} set")
     if champ and cand:
         if len(champ) != len(cand):
             raise GateRefused(f"cannot compare {candidate.version} with the champion {champion.version} on "

@@ -173,8 +173,10 @@ def answer_ids(new: list[int], stop: set[int], max_new_tokens: int) -> tuple[lis
 
 def build_report(spec: TrainingRunSpec, *, prompts: list[EvalPrompt], before: list[str], after: list[str],
                  val_loss_before: float | None, val_loss_after: float | None, history: list[dict],
-                 evals: list[dict], train_outputs: list[str]) -> dict:
-    """The evaluation report: pure, from numbers and texts already computed."""
+                 evals: list[dict], train_outputs: list[str], val_losses_after: list[float] | None = None,
+                 regression: dict | None = None) -> dict:
+    """The evaluation report: pure, from numbers and texts already computed. ``val_losses_after``: the published
+    adapter's loss per held-out example (``validation.losses_after``); ``regression``: :func:`regression_section`."""
     items = []
     for p, b, a in zip(prompts, before, after):
         n = words(a)
@@ -220,11 +222,32 @@ def build_report(spec: TrainingRunSpec, *, prompts: list[EvalPrompt], before: li
             "overfitting_verbatim": {"generations_copying_training": sum(i["copied_share"] >= 0.5 for i in items),
                                      "of": len(items)},
         },
+        "regression": regression,
         "inference_settings": {"temperature": spec.eval.temperature, "top_p": spec.eval.top_p,
                                "top_k": spec.eval.top_k, "max_new_tokens": spec.eval.max_new_tokens},
         "generations": items,
     }
+    if val_losses_after is not None:
+        report["validation"]["losses_after"] = [_r(x) for x in val_losses_after]
     return report
+
+
+def regression_section(before: list[float], after: list[float], set_sha256: str) -> dict:
+    """``eval_report.json``'s ``regression``: the loss of each reference answer of the general-ability set
+    (jobs/regression, its file's sha256) on the base and with the adapter, and their means (each prompt counts
+    once)."""
+    if len(before) != len(after) or not after:
+        raise ValueError(f"{len(before)} regression losses before training against {len(after)} after")
+    return {"set_sha256": set_sha256, "prompts": len(after), "losses_before": [_r(x) for x in before], "losses_after": [_r(x) for x in after],
+            "loss_before": _r(sum(before) / len(before)), "loss_after": _r(sum(after) / len(after))}
+
+
+def regression_line(regression: dict | None) -> str | None:
+    """The report's sentence on forgetting, or None when it was not measured."""
+    if not regression:
+        return None
+    return (f"general ability: loss {regression['loss_before']} → {regression['loss_after']} on "
+            f"{regression['prompts']} prompts (jobs/regression/general.jsonl; lower is better)")
 
 
 def _r(x):
@@ -427,6 +450,7 @@ def render_markdown(report: dict, spec: TrainingRunSpec, version: str | None = N
              "| metric | before | after |", "| --- | --- | --- |",
              f"| validation loss | {v['loss_before']} | {v['loss_after']} |",
              f"| perplexity | {v['perplexity_before']} | {v['perplexity_after']} |", "",
+             *([f"- {regression_line(report.get('regression'))}", ""] if report.get("regression") else []),
              "## Checklist (docs/lora-training-guide.md)", "",
              f"- Fluency: {fluency_line(c['fluency'])}",
              _faithfulness_line(c["faithfulness"]),
@@ -536,6 +560,8 @@ def render_html(report: dict, spec: TrainingRunSpec, loss_png: bytes | None = No
            f"</style></head><body><h1>{title}</h1>"]
     if loss_png:
         out.append(f'<img alt="loss curve" src="data:image/png;base64,{base64.b64encode(loss_png).decode()}">')
+    if report.get("regression"):
+        out.append(f"<p>{h(regression_line(report['regression']) or '')}</p>")
     out.append("<table><tr><th>metric</th><th>before</th><th>after</th></tr>"
                f"<tr><td>validation loss</td><td>{v['loss_before']}</td><td>{v['loss_after']}</td></tr>"
                f"<tr><td>perplexity</td><td>{v['perplexity_before']}</td><td>{v['perplexity_after']}</td></tr>")

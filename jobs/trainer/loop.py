@@ -228,11 +228,16 @@ class ProgressLog:
 
 
 class Validation:
-    """The validation loss every ``eval_every`` steps and after the last; keeps the adapter with the lowest."""
+    """The validation loss every ``eval_every`` steps and after the last; keeps the adapter with the lowest, and
+    this rank's per-example losses of it (gathered once, at :meth:`publish`)."""
 
     def __init__(self, examples: list[dict], on_progress: Callable[..., None] | None, best_adapter: dict | None):
         self.examples, self.on_progress = examples, on_progress
         self.best_adapter = best_adapter  # the whole adapter of state.best_step (restored from a checkpoint too)
+        # this rank's per-example losses of the last validation and of the best one (None: measured before a
+        # resume: a checkpoint does not keep them)
+        self.last_mine: list[float] | None = None
+        self.best_mine: list[float] | None = None
 
     def after_step(self, loop: StepLoop, end: StepEnd) -> bool:
         if not end.due_eval:
@@ -249,10 +254,12 @@ class Validation:
         from jobs.trainer.train import evaluate_loss
 
         state = loop.state
-        val = evaluate_loss(loop.model, self.examples, loop.budget, loop.strategy)
-        state.evals.append({"step": state.step, "val_loss": round(val, 5)})
-        log.info("step %d  validation loss %.4f", state.step, val)
-        return val
+        losses = evaluate_loss(loop.model, self.examples, loop.budget, loop.strategy)
+        assert losses is not None  # validation runs only with examples
+        self.last_mine = losses.mine
+        state.evals.append({"step": state.step, "val_loss": round(losses.mean, 5)})
+        log.info("step %d  validation loss %.4f", state.step, losses.mean)
+        return losses.mean
 
     def _evaluate(self, loop: StepLoop) -> bool:
         """Validation at this step; True when it is the best so far."""
@@ -263,26 +270,31 @@ class Validation:
         best = state.best_val is None or val < state.best_val
         if best:
             state.best_val, state.best_step = val, state.step
+            self.best_mine = self.last_mine
         return best
 
-    def publish(self, loop: StepLoop) -> tuple[float | None, int, dict | None]:
-        """After the loop: the validation loss of the adapter to publish (the best one), its step, and the
-        whole adapter where the model cannot hold it (``strategy.publishable``)."""
+    def publish(self, loop: StepLoop) -> tuple[float | None, list[float] | None, int, dict | None]:
+        """After the loop: the validation loss of the adapter to publish (the best one), its per-example losses in
+        the examples' order (None where it was measured before a resume), its step, and the whole adapter where
+        the model cannot hold it (``strategy.publishable``)."""
         state, strategy = loop.state, loop.strategy
         val_loss, published_step, best = None, state.step, None
+        mine = None
         if self.examples:
             if state.evals and state.evals[-1]["step"] == state.step:
                 val_loss = state.evals[-1]["val_loss"]
             else:
                 val_loss = self._measure(loop)
+            mine = self.last_mine
             if self.best_adapter is not None and state.best_val is not None and state.best_val < val_loss:
-                best = self.best_adapter
+                best, mine = self.best_adapter, self.best_mine
                 published_step, val_loss = state.best_step, state.best_val
                 log.info("publishing the adapter of step %d (validation loss %.4f), not the last one (%.4f)",
                          published_step, state.best_val, state.evals[-1]["val_loss"])
             elif state.best_val is None or val_loss <= state.best_val:
                 state.best_val, state.best_step = val_loss, state.step
-        return val_loss, published_step, strategy.publishable(loop.model, best)
+        losses = None if mine is None else strategy.gather_per_example(mine, len(self.examples))
+        return val_loss, losses, published_step, strategy.publishable(loop.model, best)
 
 
 class EarlyStopping:

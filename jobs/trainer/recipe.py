@@ -426,6 +426,12 @@ class Recipe:
         spec, prepared = self.spec, self.prepared
         self.train_ex, too_long = encode_rows(self.tok, prepared.train_rows, self.max_len)
         self.val_ex, _ = encode_rows(self.tok, prepared.val_rows, self.max_len)
+        # the general-ability set, encoded like training rows (loss on the answer only); with the eval only
+        self.regression_ex: list[dict] = []
+        if spec.eval.enabled:
+            from jobs.regression import general_set
+
+            self.regression_ex, _ = encode_rows(self.tok, general_set(), self.max_len)
         if too_long:
             prepared.report["train"]["prompt_too_long"] = {"count": len(too_long), "lines": too_long[:200]}
         if len(self.train_ex) < spec.data.min_rows:
@@ -433,7 +439,8 @@ class Recipe:
                             f"(need {spec.data.min_rows})", hint="raise training.max_seq_length or shorten prompts")
 
     def _measure_base(self) -> None:
-        """The base's validation loss, and its generations where the strategy can make them before training."""
+        """The base's validation loss and its loss on the general-ability set, and its generations where the
+        strategy can make them before training."""
         from jobs.trainer import evaluate as ev
         from jobs.trainer.train import evaluate_loss
 
@@ -442,7 +449,11 @@ class Recipe:
             log.info("validation loss of the base model on %d examples…", len(self.val_ex))
         # (uncompiled: the compile cache is restored below, before anything compiles)
         with strategy.uncompiled(model):
-            self.val_before = evaluate_loss(model, self.val_ex, self.plan.tokens_per_micro_batch, strategy)
+            before = evaluate_loss(model, self.val_ex, self.plan.tokens_per_micro_batch, strategy)
+            regression = evaluate_loss(model, self.regression_ex, self.plan.tokens_per_micro_batch, strategy)
+        self.val_before = None if before is None else before.mean
+        self.regression_before = None if regression is None else \
+            strategy.gather_per_example(regression.mine, len(self.regression_ex))
         prompts = ev.prompts_for(spec, self.prepared.val_rows, ev.parse_prompts_jsonl(self.fetched.eval_prompts_bytes)
                                  if self.fetched.eval_prompts_bytes else None)
         # generations, like everything after training, are the main process's
@@ -518,10 +529,12 @@ class Recipe:
             log.info("validation loss after training: %.4f (before %.4f)", val_after, self.val_before)
         with fastpath.eager_layers(model):
             gen_after = ev.generate(model, self.tok, prompts, spec, device, "with adapter") if prompts else []
+            regression = self._measure_regression(model, device)
         report = ev.build_report(spec, prompts=prompts, before=self.gen_before, after=gen_after,
                                  val_loss_before=self.val_before, val_loss_after=val_after,
                                  history=result.state.history, evals=result.state.evals,
-                                 train_outputs=[r.output for r in self.prepared.train_rows])
+                                 train_outputs=[r.output for r in self.prepared.train_rows],
+                                 val_losses_after=result.val_losses, regression=regression)
         report["training"]["published_step"] = result.published_step
         report["training"]["stopped_early"] = result.state.stopped_early
         self.report = report
@@ -532,6 +545,23 @@ class Recipe:
         ev.plot_loss(result.state.history, result.state.evals, out / "loss_curve.png")
         write_tensorboard(out / TENSORBOARD_DIR, result.state.history, result.state.evals, self.tokens_per_s)
         return trained
+
+    def _measure_regression(self, model, device) -> dict | None:
+        """The adapter's loss on the general-ability set against the base's (measured before training), on the
+        main process alone; None without the eval."""
+        from jobs.regression import general_set_sha256
+        from jobs.trainer import evaluate as ev
+        from jobs.trainer.strategies import SingleDevice
+        from jobs.trainer.train import evaluate_loss
+
+        if self.regression_before is None:
+            return None
+        after = evaluate_loss(model, self.regression_ex, self.plan.tokens_per_micro_batch,
+                              SingleDevice(device=device))
+        assert after is not None  # measured before training: the set is not empty
+        section = ev.regression_section(self.regression_before, after.mine, general_set_sha256())
+        log.info("%s", ev.regression_line(section))
+        return section
 
     # ------------------------------------------------------------------------ merge
 

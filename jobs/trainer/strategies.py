@@ -58,7 +58,12 @@ class Strategy(Protocol):
         the step's gradients, normalised by its target tokens over every rank, in the LoRA parameters."""
 
     def validation_batches(self, examples: list[dict], tokens: int) -> tuple[list[dict], int]:
-        """This rank's validation micro-batches, and how many of them count (the rest are fillers)."""
+        """This rank's validation micro-batches, one example each in its share's order, and how many of them
+        count (the rest are fillers)."""
+
+    def gather_per_example(self, mine: list[float], n: int) -> list[float]:
+        """Every rank's per-example values of a validation (``mine``: this rank's share) in the ``n`` examples'
+        order; a collective with several ranks."""
 
     def validation_oom(self, tokens: int, msg: str) -> None:
         """Raise where a rank cannot retry a validation alone after running out of memory."""
@@ -132,9 +137,21 @@ class SingleDevice:
     def validation_batches(self, examples: list[dict], tokens: int) -> tuple[list[dict], int]:
         from jobs.trainer import fastpath
 
-        mine = examples[self.world.rank::self.world.size]
-        mbs = fastpath.pack_rows(mine, tokens, seed=0, shuffle=False) if mine else []
+        # one example a micro-batch: each forward's loss is one example's (the gate pairs them by example)
+        mbs = [fastpath.pack_rows([e], tokens, seed=0, shuffle=False)[0]
+               for e in examples[self.world.rank::self.world.size]]
         return mbs, len(mbs)
+
+    def gather_per_example(self, mine: list[float], n: int) -> list[float]:
+        world = self.world
+        if world.size == 1:
+            return list(mine)
+        from jobs.trainer.distributed import all_gather_floats
+
+        share = -(-n // world.size)  # rank r holds examples r, r + world, ...: at most this many
+        got = all_gather_floats(world, list(mine) + [0.0] * (share - len(mine)), self.device,
+                                "the per-example validation losses")
+        return [float(got[i % world.size, i // world.size]) for i in range(n)]
 
     def validation_oom(self, tokens: int, msg: str) -> None:
         return None  # this rank halves its micro-batches and runs the validation again

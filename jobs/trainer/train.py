@@ -201,6 +201,7 @@ class TrainResult:
     loss_scaling: bool
     first_step_seconds: float | None = None  # this run's first optimizer step, compilation included
     adapter: dict | None = None  # FSDP2 runs: the whole adapter to publish (CPU tensors; the model is sharded)
+    val_losses: list[float] | None = None  # val_loss per example, in val_ex's order (None: measured before a resume)
 
 
 def _target_tokens(mb: dict) -> int:
@@ -276,11 +277,22 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def evaluate_loss(model, examples: list[dict], budget: TokenBudget | int, strategy) -> float | None:
-    """Mean token cross-entropy over examples (no dropout, no grad); backs off on out-of-memory.
+@dataclass
+class Losses:
+    """One validation: ``mean``, the token-weighted mean loss over every example (every rank's share), and
+    ``mine``, the token-weighted mean loss of each example of this rank's share (``strategy.validation_batches``),
+    in its order; ``strategy.gather_per_example`` puts every rank's together in the examples' order."""
 
-    With several ranks each takes its share of the examples (``strategy.validation_batches``) and the sums are
-    all-reduced, so every rank gets the same number (early stopping decides the same everywhere)."""
+    mean: float
+    mine: list[float]
+
+
+def evaluate_loss(model, examples: list[dict], budget: TokenBudget | int, strategy) -> Losses | None:
+    """Cross-entropy over examples (no dropout, no grad), overall and per example; backs off on out-of-memory.
+
+    With several ranks each takes its share of the examples (``strategy.validation_batches``: one example a
+    micro-batch, so each forward's loss is one example's) and the sums are all-reduced, so every rank gets the
+    same mean (early stopping decides the same everywhere); the per-example losses stay on their rank."""
     import torch
 
     from jobs.trainer import fastpath
@@ -295,16 +307,19 @@ def evaluate_loss(model, examples: list[dict], budget: TokenBudget | int, strate
     try:
         while True:
             try:
-                sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, target tokens
                 with torch.no_grad():
                     mbs, counted = strategy.validation_batches(examples, budget.tokens)
+                    # each example's loss sum and target tokens, read back once at the end (no sync a forward)
+                    per = torch.zeros(max(1, counted), 2, dtype=torch.float64, device=device)
                     for i, mb in enumerate(mbs):
                         loss_sum, ntok = fastpath.lm_loss(model, fastpath.to_device(mb, device))
                         if i < counted:
-                            sums[0] += loss_sum.double()
-                            sums[1] += ntok
+                            per[i, 0] += loss_sum.double()
+                            per[i, 1] += ntok
+                sums = per[:counted].sum(0)
                 strategy.reduce_sum(sums)
-                return float(sums[0]) / max(1.0, float(sums[1]))
+                mine = per[:counted].cpu().tolist()
+                return Losses(float(sums[0]) / max(1.0, float(sums[1])), [s / max(1.0, n) for s, n in mine])
             except RuntimeError as err:
                 if not is_gpu_out_of_memory(err):
                     raise
@@ -433,12 +448,13 @@ def train(model, spec: TrainingRunSpec, train_ex: list[dict], val_ex: list[dict]
     progress.flush(loop)
     seconds = loop.clock.stop(strategy.device)
     # The adapter to publish: the one with the best validation loss (early stopping's point).
-    val_loss, published_step, adapter = validation.publish(loop)
+    val_loss, val_losses, published_step, adapter = validation.publish(loop)
     clock = loop.clock
     return TrainResult(state=state, total_steps=total_steps, resumed_from=resumed_from, plan_notes=plan.notes,
                        seconds=seconds, tokens_per_second=clock.tokens_this_run / max(seconds, 1e-9),
                        tokens_per_second_steady=clock.steady_tokens_per_second(), examples_per_step=examples_per_step,
                        tokens_per_step=sum(clock.step_tokens) / max(1, len(clock.step_tokens)), val_loss=val_loss,
+                       val_losses=val_losses,
                        published_step=published_step, loss_scaling=scaling,
                        first_step_seconds=round(clock.step_times[0], 1) if clock.step_times else None,
                        adapter=adapter)

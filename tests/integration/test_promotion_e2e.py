@@ -35,8 +35,9 @@ def _job(tmp_path: Path, stack, spec: dict, tag: str) -> subprocess.CompletedPro
 def test_a_learning_run_becomes_champion_and_a_run_that_learns_nothing_is_published_but_not_promoted(
         tmp_path, stack, s3_client, s3_prefix, s3_env, short_model_in_minio):
     from jobs.progress import read_run_progress
-    from jobs.promotion import read_champion
+    from jobs.promotion import compare, read_champion, read_evidence
     from jobs.publish import existing_versions
+    from jobs.regression import general_set, general_set_sha256
     from jobs.spec import parse_spec
     from jobs.storage import open_store
 
@@ -71,6 +72,23 @@ def test_a_learning_run_becomes_champion_and_a_run_that_learns_nothing_is_publis
     meta1 = json.loads(store.get_bytes(f"{run_prefix}/v1/metadata.json"))
     assert meta1["held_out"]["sha256"] == meta2["held_out"]["sha256"], "both measured on the same held-out set"
     assert meta2["metrics"]["val_loss_after"] > meta1["metrics"]["val_loss_after"]
+    # per-example losses: one per held-out row, and the general-ability set's on the base and with the adapter
+    n_val, n_general = meta2["held_out"]["validation_rows"], len(general_set())
+    for v in ("v1", "v2"):
+        report = json.loads(store.get_bytes(f"{run_prefix}/{v}/eval_report.json"))
+        assert len(report["validation"]["losses_after"]) == n_val and n_val > 1, report["validation"]
+        reg = report["regression"]
+        assert reg["prompts"] == n_general and reg["set_sha256"] == general_set_sha256(), reg
+        assert len(reg["losses_before"]) == len(reg["losses_after"]) == n_general
+        assert all(x > 0 for x in reg["losses_before"] + reg["losses_after"])
+        assert f"general ability: loss {reg['loss_before']} → {reg['loss_after']} on {n_general} prompts" in \
+            store.get_bytes(f"{run_prefix}/{v}/eval_report.md").decode()
+    gate = {m.metric: m for m in compare(read_evidence(store, run_prefix, "v1"),
+                                         read_evidence(store, run_prefix, "v2")).metrics}
+    val = gate["val_loss"]
+    assert val.pairs == n_val and val.low is not None and val.high is not None and not val.note, val
+    assert val.low <= val.difference <= val.high
+    assert gate["regression"].pairs == n_general and gate["regression"].low is not None, gate["regression"]
     spec_hash = parse_spec(spec(learning_rate=1e-9)).spec_hash()
     progress = read_run_progress(f"{output}/promo", spec_hash)
     assert progress["state"] == "succeeded" and progress["promotion"]["promoted"] is False, progress

@@ -171,6 +171,9 @@ def test_the_regression_set_flags_a_candidate_that_forgot_and_passes_one_that_di
     assert not bad.passed and r.verdict == "significantly worse" and r.high is not None and r.high > 0.5
     assert any("general ability" in reason for reason in bad.reasons)
     assert compare(champ, forgot, PromotionSpec(tolerance={"regression": 1.0})).passed
+    champ.eval_report["regression"]["set_sha256"], forgot.eval_report["regression"]["set_sha256"] = "a", "b"
+    r = {m.metric: m for m in compare(champ, forgot).metrics}["regression"]
+    assert r.verdict == "not compared" and "different versions of the regression set" in r.why
 
 
 def test_different_held_out_sets_are_refused_with_what_differs(tmp_path):
