@@ -84,6 +84,7 @@ for image in "${images[@]}"; do
   [ "$image" = minio ] && log="$STACK_LOGS/build-minio-image.log"  # build-minio.log is the binary's (build-stack.sh)
   say "building $tag from $from (log: $log)"
   start=$(date +%s)
+  previous=$("$DOCKER" image inspect -f '{{.Id}}' "$tag" 2>/dev/null || true)
   "$DOCKER" build --progress=plain \
       -f "$REPO_ROOT/docker/$image.Dockerfile" \
       --build-arg "BASE_IMAGE=$from" \
@@ -95,5 +96,10 @@ for image in "${images[@]}"; do
     || fail "docker build of $tag failed" "$log" "read the log; a pip or apt download error usually means the CA bundle (CA_BUNDLE) or the network"
   if [ "$context" != "$REPO_ROOT" ]; then rm -rf "$context"; trap - EXIT; fi
   size=$("$DOCKER" image inspect -f '{{.Size}}' "$tag")
+  # the image this tag named before, left untagged by the rebuild: gigabytes a trainer rebuild (kept when a
+  # container or another tag still uses it)
+  if [ -n "$previous" ] && [ "$previous" != "$("$DOCKER" image inspect -f '{{.Id}}' "$tag")" ]; then
+    "$DOCKER" image rm "$previous" >/dev/null 2>&1 || true
+  fi
   say "built $tag in $(( $(date +%s) - start ))s, $(( size / 1024 / 1024 )) MiB"
 done

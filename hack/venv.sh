@@ -36,4 +36,10 @@ if [ ! -f "$venv/.complete" ]; then
     || fail "pip could not install requirements/nodeps.txt" "$log" "check that PyPI is reachable"
   touch "$venv/.complete"
 fi
+# Each environment is a few GB: mark this one used, and remove the others nobody has asked for in a day (a lock
+# whose pins changed leaves its old environment behind; a disk that fills stops the stack's image pushes).
+touch "$venv/.complete"
+for old in "$(dirname "$venv")"/venv-*; do
+  [ "$old" != "$venv" ] && [ -n "$(find "$old/.complete" -mmin +1440 2>/dev/null)" ] && rm -rf "$old"
+done
 cd "$venv" && pwd
