@@ -91,6 +91,7 @@ class Client:
         self._overrides = {"namespace": namespace, "context": context, "kubeconfig": kubeconfig}
         self._note = notes or _log.info
         self._offline = settings
+        self._given_settings = settings  # used as they are: the namespace's ConfigMap is not read over them
         self._state_dir = state_dir
         if backend is not None and isinstance(backend, str):
             from launcher.backends import NAMES
@@ -125,7 +126,8 @@ class Client:
             return LocalBackend(self.offline_settings, note=self._note, state_dir=self._state_dir)
         from launcher.backends.kubernetes import KubernetesBackend
 
-        return KubernetesBackend(self.offline_settings, note=self._note, overrides=self._overrides)
+        return KubernetesBackend(self.offline_settings, note=self._note, overrides=self._overrides,
+                                 settings=self._given_settings)
 
     def connect(self) -> tuple[Any, Any]:
         """(settings including the namespace's ConfigMap, the kube adaptor) of the Kubernetes backend."""
