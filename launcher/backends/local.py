@@ -342,33 +342,38 @@ class LocalBackend:
         SIGKILL after 140 s; a second Ctrl-C kills it at once."""
         r = self._find(job)
         pgid = r.record.get("pid")
+        ctrl_c: list[threading.Event] = []  # one per Ctrl-C: the first stops the job, a second kills it
+
+        def on_sigint(signum, frame) -> None:
+            # Forwarded from the handler itself, not through a KeyboardInterrupt that code between here and the
+            # loop could swallow: the job must hear of every Ctrl-C.
+            if ctrl_c:
+                _signal_group(pgid, signal.SIGKILL)
+                return
+            ctrl_c.append(_escalate(pgid))
+            _signal_group(pgid, signal.SIGINT)
+
         try:
             previous = signal.signal(signal.SIGTERM, lambda signum, frame: _signal_group(pgid, signal.SIGTERM))
+            previous_int = signal.signal(signal.SIGINT, on_sigint)
         except ValueError:  # not the main thread (a library caller's worker): signals stay theirs
-            previous = None
+            previous = previous_int = None
         log = _LogTail(r.dir / LOG_FILE)
-        interrupted, stopper = False, None
         try:
             while True:
-                try:
-                    ended = self._read(r.dir).finished
-                    for line in log.new_lines(final=ended):
-                        on_output(line + "\n")
-                    if ended:
-                        break
-                    time.sleep(0.2)
-                except KeyboardInterrupt:
-                    if interrupted:  # a second Ctrl-C: stop now
-                        _signal_group(pgid, signal.SIGKILL)
-                        continue
-                    interrupted = True
-                    stopper = _escalate(pgid)
-                    _signal_group(pgid, signal.SIGINT)
+                ended = self._read(r.dir).finished
+                for line in log.new_lines(final=ended):
+                    on_output(line + "\n")
+                if ended:
+                    break
+                time.sleep(0.2)
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
-            if stopper is not None:
+                signal.signal(signal.SIGINT, previous_int)
+            for stopper in ctrl_c[:1]:
                 stopper.set()
+        interrupted = bool(ctrl_c)
         r = self._read(r.dir)
         code = r.exit_code if r.exit_code is not None else 1
         if interrupted:

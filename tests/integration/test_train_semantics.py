@@ -113,7 +113,7 @@ def test_early_stopping_publishes_the_best_adapter_not_the_last(tmp_path, small_
     store.get_file("early/v1/adapter/adapter_config.json", tmp_path / "dl" / "adapter_config.json")
     base = AutoModelForCausalLM.from_pretrained(small_model_dir, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, str(tmp_path / "dl")).eval()
-    got = evaluate_loss(model, val_ex, 4096, SingleDevice(device=torch.device("cpu")))
+    got = evaluate_loss(model, val_ex, 4096, SingleDevice(device=torch.device("cpu"))).mean
     assert abs(got - best["val_loss"]) < 2e-3, (got, best, evals[-1])
     assert got < evals[-1]["val_loss"] - 1e-2, "the last adapter was clearly worse than the published one"
 
