@@ -19,7 +19,7 @@ import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 from jobs.errors import DataError, Problem
 from jobs.pii import find_pii
@@ -230,9 +230,12 @@ def _parse_turns(obj: dict[str, Any], fmt: str) -> tuple[tuple[tuple[str, str], 
     return tuple((r, c) for _, r, c in turns), errors[:5]
 
 
-def _parse_line(raw: bytes, n: int, persona_field: str, fmt: str = "instruction") -> Row | Problem | None:
-    """One line → a Row, a Problem, or None for a blank line. Never raises."""
+def read_object(raw: bytes, n: int, fix: str = "") -> dict[str, Any] | Problem | None:
+    """One line → its JSON object, a Problem naming line ``n`` (too long, not UTF-8, not JSON, NaN, not an
+    object; ``fix`` is the advice for the last three), or None for a blank line. Never raises. The one reader of
+    a data line: SFT rows here, preference pairs in :mod:`jobs.preference`."""
     where = f"line {n}"
+    fix = fix or _FIX_JSON
     if len(raw) > MAX_LINE_BYTES:
         return Problem(where, f"line is {len(raw):,} bytes, over the {MAX_LINE_BYTES:,}-byte limit",
                        "split it into several rows or shorten the output", n)
@@ -249,13 +252,22 @@ def _parse_line(raw: bytes, n: int, persona_field: str, fmt: str = "instruction"
     except _NonFinite as err:
         return Problem(where, f"{err} is not valid JSON", "use a string or a finite number", n)
     except json.JSONDecodeError as err:
-        return Problem(where, f"not valid JSON: {err.msg} (column {err.colno})", _FIX_JSON, n)
+        return Problem(where, f"not valid JSON: {err.msg} (column {err.colno})", fix, n)
     except RecursionError:
-        return Problem(where, "JSON nested too deeply to read", _FIX_JSON, n)
+        return Problem(where, "JSON nested too deeply to read", fix, n)
     except ValueError as err:  # e.g. an integer over Python's 4300-digit limit
-        return Problem(where, f"not valid JSON: {err}", _FIX_JSON, n)
+        return Problem(where, f"not valid JSON: {err}", fix, n)
     if not isinstance(obj, dict):
-        return Problem(where, f"expected a JSON object, got {_type_name(obj)}", _FIX_JSON, n)
+        return Problem(where, f"expected a JSON object, got {_type_name(obj)}", fix, n)
+    return obj
+
+
+def _parse_line(raw: bytes, n: int, persona_field: str, fmt: str = "instruction") -> Row | Problem | None:
+    """One line → a Row, a Problem, or None for a blank line. Never raises."""
+    where = f"line {n}"
+    obj = read_object(raw, n)
+    if obj is None or isinstance(obj, Problem):
+        return obj
     looks = row_formats(obj)
     if len(looks) > 1:
         keys = " and ".join(f"'{FORMAT_KEYS[f][0]}'" for f in looks)
@@ -969,6 +981,8 @@ _RULE_NOUNS = {
     "long_sentences": "rows with long sentences", "max_output_words": "rows with overlong outputs",
     "conflicts": "rows answering the same question differently",
     "dedup_exact": "exact duplicates", "dedup_near": "near duplicates", "balance": "rows over a persona's share",
+    # preference pairs (jobs/preference.py)
+    "identical_sides": "pairs whose chosen and rejected are the same", "swapped": "pairs preferring both ways",
 }
 
 
@@ -1012,7 +1026,8 @@ def _top_reasons(report: dict[str, Any], limit: int = 3) -> list[str]:
     for name, entry in report["rules"].items():
         n = _rows_dropped(entry)
         if n:
-            reasons.append((n, f"{n} {_RULE_NOUNS[name]} dropped (data.{name})"))
+            setting = f" (data.{name})" if name in DataRules.model_fields else ""
+            reasons.append((n, f"{n} {_RULE_NOUNS.get(name, name)} dropped{setting}"))
     reasons.sort(key=lambda t: -t[0])
     return [text for _, text in reasons[:limit]]
 
@@ -1100,8 +1115,11 @@ def prepare(data: bytes, rules: DataRules, *, seed: int = 42) -> Prepared:
     return prepared
 
 
-def split_validation(rows: list[Row], fraction: float, seed: int = 42) -> tuple[list[Row], list[Row]]:
-    """Deterministic train/validation split; both keep the input order.
+_Item = TypeVar("_Item")
+
+
+def split_validation(rows: list[_Item], fraction: float, seed: int = 42) -> tuple[list[_Item], list[_Item]]:
+    """Deterministic train/validation split of rows (or preference pairs); both keep the input order.
 
     With ``fraction > 0`` and at least 2 rows, validation gets at least 1 row and
     training keeps at least 1.
@@ -1215,11 +1233,12 @@ def format_report(report: dict[str, Any], *, max_problems: int = 20) -> str:
     by_format = counts.get("by_format") or {}
     fmt = report.get("format", "instruction")
     fmt_text = f"{fmt} format" if fmt != "mixed" else "mixed formats, each row read by its own keys"
+    unit = report.get("unit", "rows")  # preference reports count pairs
     out = [head,
-           f"  {report['total_lines']} lines ({fmt_text}), {report['valid_rows']} valid rows, "
+           f"  {report['total_lines']} lines ({fmt_text}), {report['valid_rows']} valid {unit}, "
            f"{report['kept_rows']} kept"]
     if len(by_format) > 1 or (by_format and fmt not in by_format):
-        out.append("  rows by format: " + ", ".join(f"{f} {c['valid']} valid, {c['kept']} kept"
+        out.append(f"  {unit} by format: " + ", ".join(f"{f} {c['valid']} valid, {c['kept']} kept"
                                                     for f, c in by_format.items()))
     if counts:
         lost = [(counts["malformed"], "malformed lines"), (counts["outside_format"], "outside the format")]
@@ -1251,6 +1270,10 @@ def format_report(report: dict[str, Any], *, max_problems: int = 20) -> str:
             text += f" ({entry['dropped']} dropped)"
         if entry.get("kinds"):
             text += " [" + ", ".join(f"{k} {v}" for k, v in entry["kinds"].items()) + "]"
+        if entry.get("side"):  # a preference pair's rule acts on one side or both
+            text += f" (on {'both answers' if entry['side'] == 'both' else 'the ' + entry['side'] + ' answer'})"
+        if entry.get("in_rejected_kept"):
+            text += f" ({entry['in_rejected_kept']} rejected answers keep theirs: the model learns not to write it)"
         if entry.get("reworded"):
             text += f" ({entry['reworded']} differ only in words like about/around, a/the)"
         if entry["count"]:
@@ -1280,9 +1303,11 @@ def format_report(report: dict[str, Any], *, max_problems: int = 20) -> str:
             out.append(f"    … {count - max_problems} more")
     errors = report.get("errors") or []
     for e in errors:
-        out.append(f"  ERROR: {e} — write every row in one accepted format, or use data.format: auto")
+        out.append(f"  ERROR: {e} — " + ("write every line as a preference pair, or set training.method: sft"
+                                          if unit == "pairs" else
+                                          "write every row in one accepted format, or use data.format: auto"))
     if report["kept_rows"] < report["min_rows"]:
-        out.append(f"  FAIL: {report['kept_rows']} rows kept, data.min_rows is {report['min_rows']}")
+        out.append(f"  FAIL: {report['kept_rows']} {unit} kept, data.min_rows is {report['min_rows']}")
     elif errors:
         out.append("  FAIL: a run would reject this data")
     else:

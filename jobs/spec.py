@@ -250,7 +250,26 @@ class LoraSpec(_Strict):
         return v
 
 
+#: Each preference method's beta when training.beta is unset: DPO's beta (Rafailov et al. 2023; TRL's DPOConfig
+#: default) and ORPO's lambda, which TRL's ORPOConfig calls beta (Hong et al. 2024; TRL's default).
+PREFERENCE_BETA_DEFAULTS = {"dpo": 0.1, "orpo": 0.1}
+#: The methods that train on preference pairs ({prompt, chosen, rejected}; jobs/preference.py).
+PREFERENCE_METHODS = tuple(PREFERENCE_BETA_DEFAULTS)
+
+
 class TrainingSpec(_Strict):
+    method: Literal["sft", "dpo", "orpo"] = Field(
+        "sft", description="sft: supervised fine-tuning on rows (instruction/chat). dpo: Direct Preference "
+                           "Optimization on preference pairs {prompt, chosen, rejected}; the reference model is the "
+                           "base with the adapter disabled, so no second model is loaded. orpo: Odds-Ratio "
+                           "Preference Optimization on the same pairs (the chosen side's loss plus an odds-ratio "
+                           "term), no reference. dpo/orpo read dataset files as pairs (`launcher data check "
+                           "--explain`).")
+    beta: float | None = Field(
+        None, allow_inf_nan=False,
+        description="dpo: beta, how far the adapter may move from the reference (higher: less; guide 0.01-0.5, "
+                    "outside it a warning). orpo: lambda, the weight of the odds-ratio term (TRL calls it beta; "
+                    "guide 0.05-1.0). null: the method's default, 0.1 for both. Only for dpo and orpo.")
     epochs: int = Field(1, ge=1, le=100, description="Passes over the training data (guide: 1-3; outside it, "
                                                      "a warning).")
     learning_rate: float = Field(2e-4, gt=0.0, le=1.0, description="AdamW learning rate (guide: 1e-4 to 2e-4; "
@@ -310,6 +329,26 @@ class TrainingSpec(_Strict):
                             "off: never (a base that does not fit one GPU then fails at planning). Sharded runs "
                             "skip torch.compile and FP8; not with quantization. Checkpoints are the same either "
                             "way: a run resumes with or without sharding.")
+
+    @field_validator("beta")
+    @classmethod
+    def _beta_needs_a_preference_method(cls, v: float | None, info: ValidationInfo) -> float | None:
+        method = info.data.get("method", "sft")
+        if v is not None and v <= 0:
+            raise ValueError(f"{v:g} is not above 0: beta scales the preference term and must be positive; write "
+                             "e.g. 0.1 (the default of dpo and orpo), or delete the line for the default")
+        if v is not None and method == "sft":
+            raise ValueError("is only read by training.method dpo or orpo, and the method is sft: set "
+                             "training.method: dpo (or orpo), or delete the beta line")
+        return v
+
+    def preference_beta(self) -> float:
+        """The beta a dpo/orpo run trains with: training.beta, or the method's default (PREFERENCE_BETA_DEFAULTS).
+        Raises ValueError for method sft, which has no beta. The spec keeps ``beta`` as written (None stays
+        None), so the spec hash and the rendered ConfigMap do not change for specs that leave it out."""
+        if self.method not in PREFERENCE_BETA_DEFAULTS:
+            raise ValueError(f"training.method {self.method} has no preference beta")
+        return self.beta if self.beta is not None else PREFERENCE_BETA_DEFAULTS[self.method]
 
     @field_validator("packing")
     @classmethod
@@ -651,6 +690,10 @@ class TrainingRunSpec(_Strict):
                              "vector): set lora.use_dora: false or export.gguf: []")
         if self.training.fp8 == "on" and self.resources.gpus == 0:
             raise ValueError("training.fp8: on needs a GPU: set resources.gpus >= 1 or training.fp8: off")
+        if self.training.method in PREFERENCE_METHODS and self.data.format != "auto":
+            raise ValueError(f"data.format '{self.data.format}' names a format of SFT rows, but training.method "
+                             f"{self.training.method} reads preference pairs ({{prompt, chosen, rejected}}, in any of "
+                             "TRL's three forms, each row by its own keys): set data.format: auto or delete the line")
         if self.training.fsdp == "on" and self.quantization.mode != "none":
             raise ValueError("training.fsdp: on shards a 16-bit base; quantization.mode 4bit/8bit is not sharded: "
                              "turn one off (a quantised base usually fits one GPU)")
@@ -676,10 +719,15 @@ class TrainingRunSpec(_Strict):
     def advice(self) -> list[Problem]:
         """Values outside the guide's ranges: valid, but worth a warning that names the range and why."""
         out = []
-        for path, lo, hi, why in GUIDE_RANGES:
+        method = self.training.method
+        for path, lo, hi, why in GUIDE_RANGES + PREFERENCE_RANGES.get(method, []):
+            if method in PREFERENCE_METHODS and path == "training.learning_rate" and (lo, hi) == (1e-4, 2e-4):
+                continue  # the SFT range; a preference method has its own (PREFERENCE_RANGES)
             value: Any = self
             for part in path.split("."):
                 value = getattr(value, part)
+            if path == "training.beta":
+                value = self.training.preference_beta()
             if not lo <= value <= hi:
                 out.append(Problem(path, f"{value:g} is outside the guide's {lo:g}-{hi:g}", why,
                                    line=self._lines.get(tuple(path.split(".")))))
@@ -730,6 +778,12 @@ class TrainingRunSpec(_Strict):
         elif "promotion" in fields and fields["promotion"]["tolerance"]["regression"] == \
                 PromotionTolerance().regression:  # added later still: the default keeps earlier hashes
             del fields["promotion"]["tolerance"]["regression"]
+        # added later: an SFT run keeps every earlier run's hash; a preference run hashes the beta it trains with,
+        # so `beta: 0.1` and no beta line (the default) are one run
+        if fields["training"]["method"] == "sft":
+            del fields["training"]["method"], fields["training"]["beta"]
+        else:
+            fields["training"]["beta"] = self.training.preference_beta()
         if fields["data"]["format"] == "auto":  # added later: the default keeps every earlier run's hash
             del fields["data"]["format"]
         if "resources" in fields and fields["resources"]["nodes"] == 1:  # likewise
@@ -745,6 +799,28 @@ class TrainingRunSpec(_Strict):
             del fields["training"]["compile"]
         canon = json.dumps(fields, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canon.encode()).hexdigest()[:10]
+
+
+#: Advice for the preference methods, in GUIDE_RANGES' shape; a method's learning-rate range replaces the SFT one.
+PREFERENCE_RANGES: dict[str, list[tuple[str, float, float, str]]] = {
+    "dpo": [
+        ("training.beta", 0.01, 0.5, "DPO's beta (Rafailov et al. 2023, 'Direct Preference Optimization'; TRL's "
+                                     "default 0.1): much lower lets the adapter drift far from the reference and "
+                                     "over-optimise the pairs, much higher barely moves it"),
+        ("training.learning_rate", 5e-6, 5e-5, "DPO moves a model with far smaller steps than SFT: TRL's DPOConfig "
+                                               "defaults to 1e-6 for full weights, and LoRA adapters commonly train at "
+                                               "5e-6 to 5e-5; at the SFT rate of 2e-4 a few steps over-optimise "
+                                               "the pairs"),
+    ],
+    "orpo": [
+        ("training.beta", 0.05, 1.0, "ORPO's lambda (Hong et al. 2024, 'ORPO: Monolithic Preference Optimization "
+                                     "without Reference Model', uses 0.1 and studies up to 1.0; TRL's "
+                                     "default 0.1), the weight of the odds-ratio term against the chosen side's "
+                                     "loss: much lower is plain SFT on the chosen answers"),
+        ("training.learning_rate", 5e-6, 5e-5, "like DPO: TRL's ORPOConfig defaults to 1e-6 for full weights, "
+                                               "and LoRA adapters commonly train at 5e-6 to 5e-5"),
+    ],
+}
 
 
 def _same_place(a: str, b: str) -> bool:

@@ -692,35 +692,59 @@ def serving_manifest(
     typer.echo(to_json(*result.objects) if fmt == ManifestFormat.json else to_yaml(*result.objects), nl=False)
 
 
+class Method(str, Enum):
+    sft = "sft"
+    dpo = "dpo"
+    orpo = "orpo"
+
+
 @data_app.command("check", epilog="Example:  launcher data check train.jsonl   |   launcher data check train.jsonl "
-                                  "--json   |   launcher data check train.jsonl --spec spec.yaml")
+                                  "--json   |   launcher data check train.jsonl --spec spec.yaml   |   launcher "
+                                  "data check pairs.jsonl --method dpo")
 @_handles_errors
 def data_check(file: Optional[Path] = typer.Argument(
                    None, help="A JSONL file, one JSON object per line, each row in one accepted format: "
                               "{instruction, input?, output}, chat {messages: [{role, content}]} or ShareGPT "
-                              "{conversations: [{from, value}]}; a file may mix them (see --explain)."),
+                              "{conversations: [{from, value}]}; a file may mix them. For dpo/orpo, preference "
+                              "pairs {prompt, chosen, rejected} in TRL's formats (see --explain)."),
                as_json: bool = typer.Option(False, "--json", help="Print the full report as JSON."),
-               spec: Optional[Path] = typer.Option(None, "--spec", help="Apply this spec's data rules and seed "
-                                                                        "(default: the guide's rules)."),
+               spec: Optional[Path] = typer.Option(None, "--spec", help="Apply this spec's data rules, seed and "
+                                                                        "training.method (default: the guide's "
+                                                                        "rules)."),
+               method: Optional[Method] = typer.Option(
+                   None, "--method", help="Check the file as SFT rows (sft) or as preference pairs (dpo, orpo: the "
+                                          "same data). Default: the spec's training.method with --spec, else pairs "
+                                          "when the file's first row has 'chosen' or 'rejected', else rows."),
                explain: bool = typer.Option(False, "--explain", help="Print every accepted data format with an "
                                                                      "example, the limits and the rules.")) -> None:
     """Apply the data rules to a local file and report what a run would keep, by format and by reason; exit 1 if
     it would be rejected."""
-    from jobs import dataprep
+    from jobs import dataprep, preference
 
     if explain:
         typer.echo(dataprep.explain_text())
+        typer.echo("")
+        typer.echo(preference.explain_text())
         if file is None:
             return
     if file is None:
         raise UsageError("name a JSONL file", hint="launcher data check train.jsonl (or --explain)")
+    rules, seed = None, 42
+    chosen_method = method.value if method else None
     if spec is not None:
         from launcher.client import Client
 
         s = Client().load_spec(spec)
-        report = dataprep.check_file(file, s.data, seed=s.training.seed)
+        rules, seed = s.data, s.training.seed
+        chosen_method = chosen_method or s.training.method
+    if chosen_method is None and preference.looks_like_pairs(dataprep.read_data_file(file)):
+        chosen_method = "dpo"
+        _err("note: read as preference pairs (the file's first row has 'chosen' or 'rejected'); --method sft "
+             "checks it as SFT rows")
+    if chosen_method in ("dpo", "orpo"):
+        report = preference.check_pairs_file(file, rules, seed=seed)
     else:
-        report = dataprep.check_file(file)
+        report = dataprep.check_file(file, rules, seed=seed)
     if as_json:
         typer.echo(json.dumps(report, indent=2, default=str))
     else:

@@ -78,6 +78,10 @@ def spec_yaml(spec: TrainingRunSpec) -> str:
         del fields["export"]
     if fields["promotion"] == PromotionSpec().model_dump(mode="json"):
         del fields["promotion"]
+    if fields["training"]["method"] == "sft":  # preference tuning, added later: SFT specs read as before
+        del fields["training"]["method"]
+    if fields["training"]["beta"] is None:
+        del fields["training"]["beta"]
     return yaml.safe_dump(fields, sort_keys=False, allow_unicode=True)
 
 
