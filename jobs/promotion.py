@@ -18,7 +18,8 @@ import json
 import random
 import secrets
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from jobs.errors import LoraJobError, StorageError
@@ -40,6 +41,8 @@ METRICS: dict[str, tuple[Literal["lower", "higher"], str]] = {
 PER_EXAMPLE = {"val_loss": ("validation", "losses_after"), "regression": ("regression", "losses_after")}
 #: The reports the gate reads from a version (each checked against the version's manifest first).
 REPORTS = ("metadata.json", "eval_report.json", "data_report.json")
+#: How a candidate not yet published is named in its own verdict (its version number is taken when it publishes).
+THIS_VERSION = "this version"
 
 
 class PromotionConflict(StorageError):
@@ -155,6 +158,23 @@ def read_evidence(store: Store, run_prefix: str, version: str) -> Evidence:
     assert manifest is not None  # read_manifest refused a version without one
     return Evidence(version, hashlib.sha256(manifest).hexdigest(), reports["metadata.json"],
                     reports["eval_report.json"], reports["data_report.json"])
+
+
+def read_folder_evidence(folder: Path, version: str = THIS_VERSION) -> Evidence:
+    """The reports of a version from the folder the job publishes (the bytes that are published), read before
+    publishing; ``manifest_sha256`` is that of the folder's manifest.json once :func:`jobs.publish.publish_version`
+    has written it (what the version's ``_COMPLETE`` marker holds), empty before. Raises :class:`StorageError` for
+    a report that is not JSON."""
+    reports: dict[str, dict[str, Any]] = {}
+    for name in REPORTS:
+        path = folder / name
+        try:
+            reports[name] = json.loads(path.read_text()) if path.is_file() else {}
+        except ValueError:
+            raise StorageError(f"{path} is not JSON", hint="a bug in the job: report it") from None
+    manifest = folder / MANIFEST
+    return Evidence(version, hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else "",
+                    reports["metadata.json"], reports["eval_report.json"], reports["data_report.json"])
 
 
 # ----------------------------------------------------------------------------------- the gate (pure)
@@ -344,6 +364,29 @@ def compare(champion: Evidence, candidate: Evidence, settings: PromotionSpec | N
     return out
 
 
+def _num(x: float | None) -> str:
+    return "—" if x is None else f"{x:.4g}"
+
+
+def _difference(m: dict[str, Any]) -> str:
+    if m["difference"] is None:
+        return "—"
+    if m["low"] is None:
+        return f"{m['difference']:+.4g} (one number each: no interval)"
+    return f"{m['difference']:+.4g} [{m['low']:+.4g}, {m['high']:+.4g}]"
+
+
+def comparison_rows(comparison: dict[str, Any]) -> list[tuple[str, ...]]:
+    """A comparison (:meth:`Comparison.to_dict`) as a table, header first: metric, which way is better, the two
+    means, the difference with its interval, the pairs, the verdict (`launcher promote`, the eval page)."""
+    pct = round(100 * comparison["confidence"])
+    rows: list[tuple[str, ...]] = [("metric", "better", "champion", "candidate", f"difference [{pct}% interval]",
+                                    "pairs", "verdict")]
+    rows += [(m["metric"] + (" (primary)" if m["primary"] else ""), m["better"], _num(m["champion"]),
+              _num(m["candidate"]), _difference(m), str(m["pairs"]), m["verdict"]) for m in comparison["metrics"]]
+    return rows
+
+
 # ----------------------------------------------------------------------------------- the pointer
 
 def read_champion(store: Store, run_prefix: str) -> tuple[dict[str, Any] | None, str | None]:
@@ -423,12 +466,118 @@ def _conflict(store: Store, run_prefix: str, ours: dict[str, Any], data: bytes |
                            f"{winner.get('version')}")
 
 
+# ----------------------------------------------------------------------------------- the verdict
+
+#: What the eval page says about when its verdict was reached and where the outcome is (docs/promotion.md).
+PAGE_NOTE = ("This verdict was reached before the version was published, against the champion named here. The "
+             "champion pointer is moved after publishing, by a conditional write: if another version became "
+             "champion in between, the gate runs again against that one and the run's status (`launcher status "
+             "RUN`) says what finally happened; `launcher artifacts RUN` names the champion now.")
+
+
+@dataclass
+class Verdict:
+    """The gate's verdict on ``candidate`` against the champion the pointer named when it was read (``champion``,
+    None: no champion), and the pointer's tag then (``tag``): the pointer is moved on this verdict only while it
+    still has that tag. ``refusal``: why the gate could not compare (it did not run)."""
+
+    candidate: str
+    champion: str | None
+    tag: str | None
+    champion_manifest_sha256: str | None = None
+    comparison: Comparison | None = None
+    refusal: LoraJobError | None = None
+    judged_at: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+    @property
+    def first(self) -> bool:
+        """No champion yet (and nothing kept the gate from looking): the candidate may become the first."""
+        return self.champion is None and self.refusal is None
+
+    @property
+    def already(self) -> bool:
+        return self.champion is not None and self.champion == self.candidate
+
+    @property
+    def passed(self) -> bool:
+        """The pointer may move to the candidate: no champion yet, or the gate passed."""
+        return self.first or (self.comparison is not None and self.comparison.passed)
+
+    @property
+    def reasons(self) -> list[str]:
+        if self.refusal is not None:
+            return [_refusal_text(self.refusal)]
+        return list(self.comparison.reasons) if self.comparison is not None else []
+
+    @property
+    def status(self) -> Literal["first", "passed", "failed", "not run", "already"]:
+        if self.refusal is not None:
+            return "not run"
+        if self.already:
+            return "already"
+        return "first" if self.first else "passed" if self.passed else "failed"
+
+    @property
+    def summary(self) -> str:
+        """One sentence: 'compared with the champion v3: the gate failed', 'first version: no champion to
+        compare', 'gate not run: ...'."""
+        if self.refusal is not None:
+            return "gate not run: " + _refusal_text(self.refusal)
+        if self.already:
+            return f"{self.candidate} is already the champion"
+        if self.first:
+            return "first version: no champion to compare; it becomes the run's champion"
+        return f"compared with the champion {self.champion}: the gate {'passed' if self.passed else 'failed'}"
+
+    def section(self) -> dict[str, Any]:
+        """The eval report's ``promotion`` section (eval_report.json; the eval page renders it): the verdict, the
+        champion it was reached against, each metric's comparison, and :data:`PAGE_NOTE`."""
+        return {"status": self.status, "summary": self.summary, "champion": self.champion,
+                "champion_manifest_sha256": self.champion_manifest_sha256, "judged_at": self.judged_at,
+                "reasons": self.reasons, "comparison": None if self.comparison is None else self.comparison.to_dict(),
+                "note": PAGE_NOTE}
+
+
+def _refusal_text(err: LoraJobError) -> str:
+    return err.message + (f" ({err.hint})" if err.hint else "")
+
+
+def judge(store: Store, run_prefix: str, candidate: Evidence, settings: PromotionSpec | None = None) -> Verdict:
+    """The gate, run now: ``candidate`` (a published version's evidence, or one about to be published:
+    :func:`read_folder_evidence`) against the run's current champion. A comparison the gate refuses (different
+    held-out sets, a damaged champion) is the verdict's ``refusal``; raises :class:`StorageError` only when the
+    champion pointer cannot be read."""
+    pointer, tag = read_champion(store, run_prefix)
+    if pointer is None:
+        return Verdict(candidate.version, None, None)
+    v = Verdict(candidate.version, pointer["version"], tag, pointer.get("manifest_sha256"))
+    if v.already:
+        return v
+    try:
+        v.comparison = compare(read_evidence(store, run_prefix, pointer["version"]), candidate, settings)
+    except (GateRefused, StorageError) as err:
+        v.refusal = err
+    return v
+
+
+def judge_before_publish(store: Store, run_prefix: str, folder: Path,
+                         settings: PromotionSpec | None = None) -> Verdict:
+    """For the job with ``promotion.auto``: the gate on the reports in ``folder`` (about to be published) against
+    the current champion, for the eval page. Never raises: what kept the gate from running is the verdict's
+    ``refusal`` (the version is published all the same)."""
+    try:
+        return judge(store, run_prefix, read_folder_evidence(folder), settings)
+    except LoraJobError as err:
+        return Verdict(THIS_VERSION, None, None, refusal=err)
+
+
 # ----------------------------------------------------------------------------------- promotion
 
 @dataclass
 class PromotionResult:
     """What a promotion did: ``promoted`` (the pointer moved to ``candidate``), or why not (``reasons``; ``error``
-    when it could not be attempted). ``first``: no champion before; ``forced``: promoted despite the gate."""
+    when it could not be attempted). ``first``: no champion before; ``forced``: promoted despite the gate.
+    ``note``: how the outcome differs from the verdict on the eval page (the champion changed after it)."""
 
     run: str
     where: str
@@ -442,12 +591,16 @@ class PromotionResult:
     reasons: list[str] = field(default_factory=list)
     error: str | None = None
     pointer: dict[str, Any] | None = None
+    note: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @property
     def sentence(self) -> str:
+        return self._sentence() + (f" ({self.note})" if self.note else "")
+
+    def _sentence(self) -> str:
         if self.already:
             return f"{self.candidate} is already the champion of {self.run}"
         if self.error:
@@ -466,7 +619,30 @@ class PromotionResult:
         """The sentence without the gate's reasons (a table above them shows them)."""
         if not (self.promoted or self.already or self.error):
             return f"{self.candidate} stays published, unpromoted ({self.previous} stays champion)"
-        return self.sentence
+        return self._sentence()
+
+
+def _result(store: Store, run_prefix: str, version: str, v: Verdict) -> PromotionResult:
+    """A promotion's result before the pointer is written, from the verdict on ``version``."""
+    comparison = None if v.comparison is None else replace(v.comparison, candidate=version)
+    return PromotionResult(_run_name(store, run_prefix), _where(store, run_prefix), version, v.champion,
+                           first=v.first, already=v.already, comparison=comparison, reasons=v.reasons)
+
+
+def move_champion(store: Store, run_prefix: str, result: PromotionResult, candidate: Evidence, tag: str | None,
+                  by: str) -> PromotionResult:
+    """Make ``result.candidate`` the champion: write the pointer (:func:`write_champion`, conditional on ``tag``,
+    the tag the verdict was reached on) and mark ``result`` promoted. Raises :class:`PromotionConflict` when the
+    pointer changed meanwhile."""
+    result.pointer = {
+        "version": result.candidate, "manifest_sha256": candidate.manifest_sha256,
+        "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "by": by,
+        "forced": result.forced, "previous": result.previous, "held_out": candidate.held_out,
+        "gate": None if result.comparison is None else result.comparison.to_dict(),
+        "reasons_overridden": result.reasons if result.forced else [], "token": secrets.token_hex(8)}
+    write_champion(store, run_prefix, result.pointer, tag)
+    result.promoted = True
+    return result
 
 
 @dataclass
@@ -483,56 +659,38 @@ class PendingPromotion:
     move: bool  # the gate passed, there is no champion yet, or the promotion is forced
 
     def commit(self) -> PromotionResult:
-        r = self.result
         if not self.move:
-            return r
-        r.pointer = {
-            "version": r.candidate, "manifest_sha256": self.candidate.manifest_sha256,
-            "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "by": self.by,
-            "forced": r.forced, "previous": r.previous, "held_out": self.candidate.held_out,
-            "gate": None if r.comparison is None else r.comparison.to_dict(),
-            "reasons_overridden": r.reasons if r.forced else [], "token": secrets.token_hex(8)}
-        write_champion(self.store, self.run_prefix, r.pointer, self.tag)
-        r.promoted = True
-        return r
+            return self.result
+        return move_champion(self.store, self.run_prefix, self.result, self.candidate, self.tag, self.by)
 
 
 def prepare_promotion(store: Store, run_prefix: str, version: str | None = None, *,
                       settings: PromotionSpec | None = None, force: bool = False,
                       by: str = "launcher promote") -> PendingPromotion:
     """Read the champion pointer (and its tag), the candidate (default: the newest complete version) and run the
-    gate. Raises :class:`GateRefused` when the two cannot be compared (unless ``force``), :class:`StorageError`
-    for a version that is not complete or not whole."""
+    gate (:func:`judge`). Raises :class:`GateRefused` when the two cannot be compared (unless ``force``),
+    :class:`StorageError` for a version that is not complete or not whole."""
     run = _run_name(store, run_prefix)
-    done = complete_versions(store, run_prefix)
     if version is not None and version.isdigit():
         version = f"v{version}"
     if version is None:
+        done = complete_versions(store, run_prefix)
         if not done:
             raise StorageError(f"run {run} has no complete version under {_where(store, run_prefix)}",
                                hint="wait for the run to publish (launcher status), or check --output")
         version = done[-1]
     candidate = read_evidence(store, run_prefix, version)
-    pointer, tag = read_champion(store, run_prefix)
-    previous = pointer["version"] if pointer else None
-    result = PromotionResult(run, _where(store, run_prefix), version, previous, forced=force)
-    passed = False
-    if previous == version:
-        result.already, result.forced = True, False
-    elif pointer is None:
-        result.first, result.forced, passed = True, False, True
+    v = judge(store, run_prefix, candidate, settings)
+    if v.refusal is not None:
+        if not force:
+            raise v.refusal
+        result = _result(store, run_prefix, version, v)
+        result.reasons = [v.refusal.message]
     else:
-        try:
-            champion = read_evidence(store, run_prefix, previous or "")
-            result.comparison = compare(champion, candidate, settings)
-            result.reasons = list(result.comparison.reasons)
-            passed = result.comparison.passed
-        except (GateRefused, StorageError) as err:
-            if not force:
-                raise
-            result.reasons = [err.message]
-        result.forced = force and not passed
-    return PendingPromotion(store, run_prefix, result, candidate, tag, by, move=passed or result.forced)
+        result = _result(store, run_prefix, version, v)
+    result.forced = force and not v.passed and not v.already
+    return PendingPromotion(store, run_prefix, result, candidate, v.tag, by,
+                            move=not v.already and (v.passed or result.forced))
 
 
 def promote(store: Store, run_prefix: str, version: str | None = None, *, settings: PromotionSpec | None = None,
@@ -543,19 +701,45 @@ def promote(store: Store, run_prefix: str, version: str | None = None, *, settin
     return prepare_promotion(store, run_prefix, version, settings=settings, force=force, by=by).commit()
 
 
-def promote_if_better(store: Store, run_prefix: str, version: str,
-                      settings: PromotionSpec | None = None) -> PromotionResult:
-    """For the job, after publishing ``version`` with ``promotion.auto``: promote it if it passes the gate. Never
-    raises for what a user must act on (a failed gate, different held-out sets, a lost race, an unreachable
-    store): the version stays published and the result says why it was not promoted and how to retry."""
+#: How often the job judges again when the champion keeps changing between its verdict and its pointer write.
+REJUDGE_ROUNDS = 3
+AUTO = "auto (promotion.auto)"
+
+
+def promote_judged(store: Store, run_prefix: str, candidate: Evidence, verdict: Verdict,
+                   settings: PromotionSpec | None = None) -> PromotionResult:
+    """For the job, after publishing ``candidate`` (its ``version`` and ``manifest_sha256`` now the published
+    ones) with ``verdict`` (:func:`judge_before_publish`) on its eval page: move the champion pointer if the
+    verdict passed and the pointer still has the tag it was reached on. If the champion changed meanwhile (or the
+    conditional write loses a race), the gate runs again against the new champion, at most
+    :data:`REJUDGE_ROUNDS` times, and the result's ``note`` says that the page's verdict was superseded. Never
+    raises for what a user must act on (a failed gate, a refused comparison, a lost race, an unreachable store):
+    the version stays published and the result says why it was not promoted and how to retry."""
+    version = candidate.version
+    run = _run_name(store, run_prefix)
+    retry = f"`launcher promote {run}:{version}` runs the gate again"
+    v, result = verdict, _result(store, run_prefix, version, verdict)
     try:
-        return promote(store, run_prefix, version, settings=settings, by="auto (promotion.auto)")
+        for _ in range(REJUDGE_ROUNDS + 1):
+            _, tag = read_champion(store, run_prefix)
+            if tag != v.tag:  # another version became champion after the verdict: judge against that one
+                v = judge(store, run_prefix, candidate, settings)
+            result = _result(store, run_prefix, version, v)
+            if v is not verdict:
+                result.note = (f"the eval page records the gate at publish time: {verdict.summary}; the champion "
+                               f"pointer changed after that (now {v.champion or 'none'}), so the gate ran again: "
+                               f"{v.summary}")
+            if v.refusal is not None:
+                result.error = _refusal_text(v.refusal)
+                return result
+            if v.already or not v.passed:
+                return result
+            try:
+                return move_champion(store, run_prefix, result, candidate, v.tag, AUTO)
+            except PromotionConflict:
+                v = replace(v, tag="(moved)")  # judged again next round, against whoever won
+        result.error = f"the champion kept changing while this version was judged ({retry})"
+        return result
     except LoraJobError as err:
-        previous = None
-        try:
-            pointer, _ = read_champion(store, run_prefix)
-            previous = pointer["version"] if pointer else None
-        except LoraJobError:
-            pass
-        return PromotionResult(_run_name(store, run_prefix), _where(store, run_prefix), version, previous,
-                               error=err.message + (f" ({err.hint})" if err.hint else ""))
+        result.error = _refusal_text(err) + f"; {retry}"
+        return result

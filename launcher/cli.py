@@ -374,6 +374,8 @@ def status(ctx: typer.Context, run: str = typer.Argument(..., help="Run name or 
             from jobs.cost import describe_stages
 
             c.print(f"  stages: {describe_stages(data['cost']['stages'])}", markup=False)
+        if (data.get("progress") or {}).get("promotion"):  # what promotion.auto did, after the eval page
+            c.print(f"  promotion: {data['progress']['promotion']['sentence']}", markup=False)
         if st.succeeded and data.get("progress") and data.get("output"):  # its storage answered just now
             champ = _champion_or_none(client, data["run"], data["output"])
             if champ:
@@ -585,18 +587,6 @@ def _champion_or_none(client, run: str, run_uri: str) -> dict | None:
         return None
 
 
-def _num(x: float | None) -> str:
-    return "—" if x is None else f"{x:.4g}"
-
-
-def _difference(m) -> str:
-    if m.difference is None:
-        return "—"
-    if m.low is None:
-        return f"{m.difference:+.4g} (one number each: no interval)"
-    return f"{m.difference:+.4g} [{m.low:+.4g}, {m.high:+.4g}]"
-
-
 @app.command(epilog="Example:  launcher promote my-run:v4 --output s3://bucket/runs   |   launcher promote my-run "
                     "--spec spec.yaml   |   launcher promote my-run:v3 --force")
 @_handles_errors
@@ -612,6 +602,8 @@ def promote(ctx: typer.Context,
     """Compare a version with the run's champion on the same held-out set (paired bootstrap intervals) and make it
     the champion if no metric is significantly worse and the primary one is not worse; exit 1 if the gate fails
     (the version stays published, unpromoted)."""
+    from jobs.promotion import comparison_rows
+
     run_name, _, version = run.partition(":")
     result = _client(ctx).promote(run_name, version=version or None, output=output, spec=spec, force=force)
 
@@ -621,9 +613,7 @@ def promote(ctx: typer.Context,
             pct = round(100 * cmp.confidence)
             typer.echo(f"{cmp.candidate} against the champion {cmp.champion} ({result.where}); difference = "
                        f"candidate − champion, {pct}% paired bootstrap interval ({cmp.resamples} resamples):")
-            rows = [("metric", "better", "champion", "candidate", f"difference [{pct}% interval]", "pairs", "verdict")]
-            rows += [(m.metric + (" (primary)" if m.primary else ""), m.better, _num(m.champion), _num(m.candidate),
-                      _difference(m), str(m.pairs), m.verdict) for m in cmp.metrics]
+            rows = comparison_rows(cmp.to_dict())
             widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
             for r in rows:
                 typer.echo("  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())

@@ -458,6 +458,7 @@ def render_markdown(report: dict, spec: TrainingRunSpec, version: str | None = N
              f"- Safety: {c['safety_pii']['generations_with_pii']} of {c['safety_pii']['of']} generations contain PII",
              f"- Overfitting: {c['overfitting_verbatim']['generations_copying_training']} of "
              f"{c['overfitting_verbatim']['of']} copy a training output verbatim", "",
+             *_promotion_lines(report.get("promotion")),
              *_serving_lines(report.get("serving")),
              "## Generations", "",
              f"Settings: temperature {report['inference_settings']['temperature']}, top_p "
@@ -486,6 +487,25 @@ def fluency_line(fl: dict) -> str:
     named = [f"#{b['prompt']} \"{_clip(b['text'], 60)}\" ({', '.join(f.replace('_', ' ') for f in b['flags'])})"
              for b in fl.get("broken", [])]
     return head + (": " + "; ".join(named) if named else "")
+
+
+def _promotion_lines(section: dict | None) -> list[str]:
+    """The report's promotion section (jobs.promotion.Verdict.section: the gate against the champion before
+    publishing) in Markdown: a heading, the verdict, the comparison table, the reasons, the note; nothing for a
+    report without one (promotion.auto off)."""
+    from jobs.promotion import comparison_rows
+
+    if not section:
+        return []
+    lines = ["## Promotion gate (promotion.auto)", "", f"**{section['summary']}** (judged {section['judged_at']}, "
+             "before publishing)", ""]
+    if section.get("comparison"):
+        rows = comparison_rows(section["comparison"])
+        lines += ["| " + " | ".join(rows[0]) + " |", "|" + " --- |" * len(rows[0]),
+                  *("| " + " | ".join(r) + " |" for r in rows[1:]), ""]
+    if section["reasons"] and section["status"] != "not run":
+        lines += ["Reasons:", "", *(f"- {r}" for r in section["reasons"]), ""]
+    return [*lines, f"_{section['note']}_", ""]
 
 
 def _serving_lines(serving: dict | None) -> list[str]:
@@ -572,6 +592,8 @@ def render_html(report: dict, spec: TrainingRunSpec, loss_png: bytes | None = No
     out.append("</table><h2>Checklist (docs/lora-training-guide.md)</h2><table>")
     out += [f"<tr><td>{h(name)}</td>{verdict(ok)}<td>{h(detail)}</td></tr>" for name, ok, detail in checks]
     out.append("</table>")
+    if report.get("promotion"):
+        out.append(_promotion_html(report["promotion"]))
     if report.get("serving"):
         out.append("<h2>Serving (vLLM)</h2><p>" + "<br>".join(h(x.replace("**", "")) for x in _serving_lines(report["serving"])[2:-1])
                    + "</p>")
@@ -600,4 +622,25 @@ def render_html(report: dict, spec: TrainingRunSpec, loss_png: bytes | None = No
             out.append(f"<p><b>Reference</b></p><pre>{h(g['reference'])}</pre>")
         out.append("<p>" + " · ".join(notes) + "</p>")
     out.append("</body></html>")
+    return "\n".join(out)
+
+
+def _promotion_html(section: dict) -> str:
+    """The promotion section (see :func:`_promotion_lines`) as the eval page shows it."""
+    from html import escape as h
+
+    from jobs.promotion import comparison_rows
+
+    cls = {"passed": "pass", "first": "pass", "failed": "fail"}.get(section["status"], "na")
+    out = ["<h2>Promotion gate (promotion.auto)</h2>",
+           f'<p><span class="{cls}">{h(section["summary"])}</span> (judged {h(section["judged_at"])}, before '
+           "publishing)</p>"]
+    if section.get("comparison"):
+        rows = comparison_rows(section["comparison"])
+        out.append("<table><tr>" + "".join(f"<th>{h(c)}</th>" for c in rows[0]) + "</tr>"
+                   + "".join("<tr>" + "".join(f"<td>{h(c)}</td>" for c in r) + "</tr>" for r in rows[1:])
+                   + "</table>")
+    if section["reasons"] and section["status"] != "not run":
+        out.append("<p>Reasons:</p><ul>" + "".join(f"<li>{h(r)}</li>" for r in section["reasons"]) + "</ul>")
+    out.append(f"<p><i>{h(section['note'])}</i></p>")
     return "\n".join(out)

@@ -606,8 +606,10 @@ class Recipe:
     # ---------------------------------------------------------------------- publish
 
     def publish(self, trained: Trained) -> dict:
-        """metadata.json and the reports next to the adapter, then the folder published as the next version."""
-        from jobs.promotion import held_out_record, promote_if_better
+        """metadata.json and the reports next to the adapter; with promotion.auto, the gate's verdict against the
+        current champion in the eval report and page; the folder published as the next version; then the champion
+        pointer moved if the gate passed (docs/promotion.md)."""
+        from jobs.promotion import held_out_record, judge_before_publish, promote_judged, read_folder_evidence
         from jobs.publish import publish_version
         from jobs.trainer import evaluate as ev
         from jobs.trainer.metadata import run_metadata
@@ -626,6 +628,12 @@ class Recipe:
         (out / "metadata.json").write_text(metadata.to_json())
         (out / "data_report.json").write_text(json.dumps(self.prepared.report, indent=1))
         (out / "eval_report.json").write_text(json.dumps(report, indent=1))
+        verdict = None
+        if spec.promotion.auto:  # judged on the reports just written, before they are published (never raises)
+            verdict = judge_before_publish(self.out_store, self.run_prefix, out, spec.promotion)
+            log.info("promotion gate before publishing: %s", verdict.summary)
+            report["promotion"] = verdict.section()
+            (out / "eval_report.json").write_text(json.dumps(report, indent=1))
         (out / "eval_report.md").write_text(ev.render_markdown(report, spec))
         (out / "eval_report.html").write_text(ev.render_html(report, spec, (out / "loss_curve.png").read_bytes()))
         ctx.enter(None)  # what publishing costs is logged below; metadata.json is already written
@@ -633,10 +641,11 @@ class Recipe:
         version = publish_version(self.out_store, self.run_prefix, out)
         log.info("published %s in %.1fs", version, time.perf_counter() - t_pub)
         promotion = None
-        if spec.promotion.auto:  # a failed gate, a lost race or an unreachable store never fails the run
-            p = promote_if_better(self.out_store, self.run_prefix, version, spec.promotion)
+        if verdict is not None:  # a failed gate, a lost race or an unreachable store never fails the run
+            p = promote_judged(self.out_store, self.run_prefix, read_folder_evidence(out, version), verdict,
+                               spec.promotion)
             (log.info if p.promoted else log.warning)("promotion: %s", p.sentence)
             promotion = {"promoted": p.promoted, "champion": p.candidate if p.promoted else p.previous,
-                         "sentence": p.sentence}
+                         "sentence": p.sentence, "page": verdict.status, "rejudged": bool(p.note)}
         return {**metadata.to_dict(), "version": version, "promotion": promotion,
                 "location": f"{self.out_store.label}/{join(self.run_prefix, version)}"}

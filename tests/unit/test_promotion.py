@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from jobs.promotion import (CHAMPION, GateRefused, PromotionConflict, compare, paired_bootstrap, prepare_promotion,
-                            promote, promote_if_better, read_champion, read_evidence, write_champion)
+from jobs.promotion import (CHAMPION, THIS_VERSION, GateRefused, PromotionConflict, compare, judge_before_publish,
+                            paired_bootstrap, prepare_promotion, promote, promote_judged, read_champion, read_evidence,
+                            read_folder_evidence, write_champion)
 from jobs.publish import publish_version
 from jobs.spec import PromotionSpec
 from jobs.storage import LocalStore
@@ -271,16 +272,160 @@ def test_a_stale_tag_is_refused_on_a_folder(tmp_path):
     check_a_stale_tag_is_refused(LocalStore(str(tmp_path / "out")), "r1", tmp_path)
 
 
-def test_promote_if_better_never_raises_and_says_why(tmp_path):
+# ------------------------------------------------------------------------------ the job: judged before publishing
+
+def job_publishes(store, run_prefix: str, folder: Path, settings: PromotionSpec | None = None, *,
+                  meanwhile=lambda: None):
+    """What the job's publish step does with promotion.auto (jobs/trainer/recipe.py): the gate on the folder's
+    reports against the current champion, its verdict into eval_report.json, the folder published, then the
+    pointer moved on that verdict. ``meanwhile``: what other promotions do between the verdict and the publish.
+    Returns (the verdict's section as published, the result)."""
+    verdict = judge_before_publish(store, run_prefix, folder, settings)
+    report = json.loads((folder / "eval_report.json").read_text())
+    report["promotion"] = verdict.section()
+    (folder / "eval_report.json").write_text(json.dumps(report))
+    meanwhile()
+    version = publish_version(store, run_prefix, folder)
+    result = promote_judged(store, run_prefix, read_folder_evidence(folder, version), verdict, settings)
+    published = read_evidence(store, run_prefix, version)
+    assert published.manifest_sha256 == read_folder_evidence(folder, version).manifest_sha256
+    return published.eval_report["promotion"], result
+
+
+def test_the_job_judges_before_publishing_and_the_published_report_carries_the_verdict(tmp_path):
     store = LocalStore(str(tmp_path / "out"))
-    v1 = publish(store, "r1", tmp_path, "one", rouge=GOOD)
-    assert promote_if_better(store, "r1", v1).promoted
-    v2 = publish_version(store, "r1", version_folder(tmp_path, "other", rouge=BETTER,
-                                                     prompts=[f"Other {i}" for i in range(N_PROMPTS)]))
-    r = promote_if_better(store, "r1", v2)
+    page, r = job_publishes(store, "r1", version_folder(tmp_path, "one", rouge=GOOD, val_loss=1.2))
+    assert page["status"] == "first" and page["champion"] is None and page["comparison"] is None
+    assert page["summary"].startswith("first version: no champion to compare") and "launcher status" in page["note"]
+    assert r.promoted and r.first and r.candidate == "v1" and not r.note
+    pointer = read_champion(store, "r1")[0]
+    assert pointer["version"] == "v1" and pointer["by"] == "auto (promotion.auto)"
+    assert pointer["manifest_sha256"] == read_evidence(store, "r1", "v1").manifest_sha256
+
+    page, r = job_publishes(store, "r1", version_folder(tmp_path, "lr0", rouge=WORSE, val_loss=2.0,
+                                                        broken=(0, 2, 3)))
+    assert page["status"] == "failed" and page["champion"] == "v1"
+    assert page["summary"] == "compared with the champion v1: the gate failed"
+    assert page["champion_manifest_sha256"] == pointer["manifest_sha256"]
+    by = {m["metric"]: m for m in page["comparison"]["metrics"]}
+    assert page["comparison"]["candidate"] == THIS_VERSION and page["comparison"]["champion"] == "v1"
+    assert by["rouge_l"]["verdict"] == "significantly worse" and by["rouge_l"]["high"] < 0 and by["rouge_l"]["pairs"]
+    assert any("ROUGE-L" in x for x in page["reasons"]) and page["reasons"] == page["comparison"]["reasons"]
+    assert not r.promoted and r.previous == "v1" and r.candidate == "v2" and r.reasons == page["reasons"]
+    assert r.sentence.startswith("v2 stays published, unpromoted (v1 stays champion): ") and not r.note
+    assert r.comparison.candidate == "v2"  # named by its version once published
+    assert read_champion(store, "r1")[0]["version"] == "v1"
+
+    page, r = job_publishes(store, "r1", version_folder(tmp_path, "three", rouge=BETTER, val_loss=1.1))
+    assert page["status"] == "passed" and page["summary"] == "compared with the champion v1: the gate passed"
+    assert r.promoted and r.previous == "v1" and read_champion(store, "r1")[0]["gate"]["candidate"] == "v3"
+
+
+def test_a_champion_that_changes_after_the_verdict_is_judged_again_and_status_says_so(tmp_path):
+    """The page (published, immutable) keeps the verdict against the champion at publish time; when another
+    version became champion before the pointer write, the gate runs again against it and the result (the run's
+    status) says both."""
+    store = LocalStore(str(tmp_path / "out"))
+    promote(store, "r1", publish(store, "r1", tmp_path, "one", rouge=GOOD, val_loss=1.2))
+    great = [x + 0.4 for x in GOOD]
+
+    def a_better_champion():
+        assert promote(store, "r1", publish(store, "r1", tmp_path, "two", rouge=great, val_loss=0.9)).promoted
+
+    page, r = job_publishes(store, "r1", version_folder(tmp_path, "three", rouge=BETTER, val_loss=1.1),
+                            meanwhile=a_better_champion)
+    assert page["status"] == "passed" and page["champion"] == "v1", "the page: the gate against v1, at publish time"
+    assert not r.promoted and r.previous == "v2" and r.comparison.champion == "v2" and r.candidate == "v3"
+    assert r.note == ("the eval page records the gate at publish time: compared with the champion v1: the gate "
+                      "passed; the champion pointer changed after that (now v2), so the gate ran again: compared "
+                      "with the champion v2: the gate failed")
+    assert r.note in r.sentence and read_champion(store, "r1")[0]["version"] == "v2"
+
+    def a_weaker_champion_forced():
+        assert promote(store, "r1", publish(store, "r1", tmp_path, "four", rouge=WORSE, val_loss=2.0),
+                       force=True).forced
+
+    page, r = job_publishes(store, "r1", version_folder(tmp_path, "five", rouge=BETTER, val_loss=1.1),
+                            meanwhile=a_weaker_champion_forced)
+    assert page["status"] == "failed" and page["champion"] == "v2"
+    assert r.promoted and r.previous == "v4" and "now v4), so the gate ran again: compared with the champion v4: " \
+        "the gate passed" in r.note
+    assert read_champion(store, "r1")[0]["version"] == "v5"
+
+
+class _RivalFirst(LocalStore):
+    """A real folder store on which another promotion lands just before this writer's first pointer write: the
+    race between a verdict's tag check and its conditional write, made to happen every time."""
+
+    def __init__(self, root: str, rival) -> None:
+        super().__init__(root)
+        self.rival = rival
+
+    def put_bytes_if_match(self, key: str, data: bytes, tag: str | None) -> bool:
+        if key.endswith("/" + CHAMPION) and self.rival is not None:
+            rival, self.rival = self.rival, None
+            rival()
+        return super().put_bytes_if_match(key, data, tag)
+
+
+def test_a_race_lost_at_the_pointer_write_is_judged_again_against_the_winner(tmp_path):
+    root = str(tmp_path / "out")
+    plain = LocalStore(root)
+    promote(plain, "r1", publish(plain, "r1", tmp_path, "one", rouge=GOOD, val_loss=1.2))
+    great = [x + 0.4 for x in GOOD]
+    store = _RivalFirst(root, lambda: promote(plain, "r1", publish(plain, "r1", tmp_path, "two", rouge=great,
+                                                                    val_loss=0.9)))
+    page, r = job_publishes(store, "r1", version_folder(tmp_path, "three", rouge=BETTER, val_loss=1.1))
+    assert page["status"] == "passed" and page["champion"] == "v1"
+    # the job published v2; the rival published v3 and made it champion between the job's check and its write
+    assert r.candidate == "v2" and not r.promoted and not r.error and r.previous == "v3" and "now v3" in r.note
+    assert read_champion(plain, "r1")[0]["version"] == "v3"
+
+
+def test_the_job_never_fails_on_the_gate_and_says_why(tmp_path):
+    store = LocalStore(str(tmp_path / "out"))
+    promote(store, "r1", publish(store, "r1", tmp_path, "one", rouge=GOOD))
+    page, r = job_publishes(store, "r1", version_folder(tmp_path, "other", rouge=BETTER,
+                                                        prompts=[f"Other {i}" for i in range(N_PROMPTS)]))
+    assert page["status"] == "not run" and page["champion"] == "v1"
+    assert page["summary"].startswith("gate not run: cannot compare this version with the champion v1: they were "
+                                      "evaluated on different held-out sets")
     assert not r.promoted and "different held-out sets" in r.error and r.previous == "v1"
-    r = promote_if_better(store, "r1", "v9")
-    assert not r.promoted and "not a complete version" in r.error
+    (tmp_path / "out" / "r1" / CHAMPION).write_text("not a pointer")
+    page, r = job_publishes(store, "r1", version_folder(tmp_path, "three", rouge=BETTER))
+    assert page["status"] == "not run" and "is not a champion pointer" in page["summary"]
+    assert not r.promoted and "is not a champion pointer" in r.error and "launcher promote r1:v3" in r.error
+
+
+def test_the_eval_page_shows_the_verdict_its_table_and_reasons(tmp_path):
+    """jobs.trainer.evaluate renders the report's promotion section (Markdown and the HTML page): the verdict, the
+    champion, each metric's difference with its interval, the reasons, and when the verdict was reached."""
+    from jobs.spec import EvalPrompt, parse_spec
+    from jobs.trainer.evaluate import build_report, render_html, render_markdown
+
+    store = LocalStore(str(tmp_path / "out"))
+    promote(store, "r1", publish(store, "r1", tmp_path, "one", rouge=GOOD, val_loss=1.2))
+    folder = version_folder(tmp_path, "lr0", rouge=WORSE, val_loss=2.0, broken=(0, 2, 3))
+    verdict = judge_before_publish(store, "r1", folder)
+    spec = parse_spec({"name": "r1", "base_model": {"uri": "s3://models/base/"},
+                       "dataset": {"train": "s3://data/train.jsonl"}, "output": str(tmp_path / "out")})
+    report = build_report(spec, prompts=[EvalPrompt(prompt="<b>q</b>", reference="a")], before=["?"], after=["a"],
+                          val_loss_before=2.0, val_loss_after=1.2, history=[], evals=[], train_outputs=[])
+    report["promotion"] = verdict.section()
+    rouge = next(m for m in verdict.comparison.metrics if m.metric == "rouge_l")
+    interval = f"{rouge.difference:+.4g} [{rouge.low:+.4g}, {rouge.high:+.4g}]"
+    md = render_markdown(report, spec)
+    assert "## Promotion gate (promotion.auto)" in md and "**compared with the champion v1: the gate failed**" in md
+    row = next(line for line in md.splitlines() if line.startswith("| rouge_l |"))
+    assert interval in row and "significantly worse" in row
+    assert f"- {verdict.reasons[0]}" in md and "launcher status" in md
+    html = render_html(report, spec)
+    assert '<span class="fail">compared with the champion v1: the gate failed</span>' in html
+    assert f"<td>{interval}</td>" in html and "<td>val_loss (primary)</td>" in html
+    report["promotion"] = judge_before_publish(LocalStore(str(tmp_path / "empty")), "r1", folder).section()
+    assert "**first version: no champion to compare; it becomes the run's champion**" in render_markdown(report, spec)
+    del report["promotion"]
+    assert "Promotion gate" not in render_markdown(report, spec) and "Promotion gate" not in render_html(report, spec)
 
 
 # ------------------------------------------------------------------------------ the CLI and the SDK
