@@ -592,9 +592,16 @@ class PromotionResult:
     error: str | None = None
     pointer: dict[str, Any] | None = None
     note: str = ""
+    page: str | None = None  # the job's: the status of the verdict on the version's eval page
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def progress(self) -> dict[str, Any]:
+        """The job's progress object's ``promotion`` (what `launcher status` shows): whether it was promoted, the
+        champion now, the sentence, the eval page's verdict, and whether the gate was run again after it."""
+        return {"promoted": self.promoted, "champion": self.candidate if self.promoted else self.previous,
+                "sentence": self.sentence, "page": self.page, "rejudged": bool(self.note)}
 
     @property
     def sentence(self) -> str:
@@ -725,6 +732,7 @@ def promote_judged(store: Store, run_prefix: str, candidate: Evidence, verdict: 
             if tag != v.tag:  # another version became champion after the verdict: judge against that one
                 v = judge(store, run_prefix, candidate, settings)
             result = _result(store, run_prefix, version, v)
+            result.page = verdict.status
             if v is not verdict:
                 result.note = (f"the eval page records the gate at publish time: {verdict.summary}; the champion "
                                f"pointer changed after that (now {v.champion or 'none'}), so the gate ran again: "
@@ -741,5 +749,5 @@ def promote_judged(store: Store, run_prefix: str, candidate: Evidence, verdict: 
         result.error = f"the champion kept changing while this version was judged ({retry})"
         return result
     except LoraJobError as err:
-        result.error = _refusal_text(err) + f"; {retry}"
+        result.error, result.page = _refusal_text(err) + f"; {retry}", verdict.status
         return result

@@ -645,7 +645,6 @@ class Recipe:
             p = promote_judged(self.out_store, self.run_prefix, read_folder_evidence(out, version), verdict,
                                spec.promotion)
             (log.info if p.promoted else log.warning)("promotion: %s", p.sentence)
-            promotion = {"promoted": p.promoted, "champion": p.candidate if p.promoted else p.previous,
-                         "sentence": p.sentence, "page": verdict.status, "rejudged": bool(p.note)}
+            promotion = p.progress()
         return {**metadata.to_dict(), "version": version, "promotion": promotion,
                 "location": f"{self.out_store.label}/{join(self.run_prefix, version)}"}

@@ -397,6 +397,41 @@ def test_the_job_never_fails_on_the_gate_and_says_why(tmp_path):
     assert not r.promoted and "is not a champion pointer" in r.error and "launcher promote r1:v3" in r.error
 
 
+def test_launcher_status_of_a_local_run_says_what_promotion_auto_finally_did(tmp_path):
+    """The run's progress object carries the result (jobs/trainer/recipe.py closes it with
+    PromotionResult.progress()); `launcher status` prints its sentence, including that the page's verdict was
+    superseded. The local run's folder is written as launcher.backends.local leaves a finished run."""
+    from typer.testing import CliRunner
+
+    from jobs.progress import ProgressWriter, progress_key
+    from launcher import cli
+
+    out = tmp_path / "out"
+    store = LocalStore(str(out))
+    promote(store, "r1", publish(store, "r1", tmp_path, "one", rouge=GOOD, val_loss=1.2))
+
+    def a_better_champion():
+        promote(store, "r1", publish(store, "r1", tmp_path, "two", rouge=[x + 0.4 for x in GOOD], val_loss=0.9))
+
+    _, r = job_publishes(store, "r1", version_folder(tmp_path, "three", rouge=BETTER, val_loss=1.1),
+                         meanwhile=a_better_champion)
+    progress = ProgressWriter(store, progress_key("r1", "h" * 12))
+    progress.close("succeeded", stage="publish", version=r.candidate, promotion=r.progress())
+    assert r.progress() == {"promoted": False, "champion": "v2", "sentence": r.sentence, "page": "passed",
+                            "rejudged": True}
+    job = tmp_path / "state" / "r1-hhhhhhhh"
+    job.mkdir(parents=True)
+    (job / "run.json").write_text(json.dumps({"run": "r1", "job": job.name, "spec_hash": "h" * 12,
+                                              "output": f"{out}/r1", "created": "2026-12-07T16:00:00Z", "pid": None}))
+    (job / "exit_code").write_text("0\n")
+    shown = CliRunner().invoke(cli.app, ["--backend", "local", "--state-dir", str(tmp_path / "state"), "status", "r1"],
+                               terminal_width=400)
+    assert shown.exit_code == 0, shown.output
+    line = next(x for x in shown.output.splitlines() if x.strip().startswith("promotion:"))
+    assert "v3 stays published, unpromoted (v2 stays champion)" in line and "the gate ran again" in line
+    assert "the eval page records the gate at publish time: compared with the champion v1: the gate passed" in line
+
+
 def test_the_eval_page_shows_the_verdict_its_table_and_reasons(tmp_path):
     """jobs.trainer.evaluate renders the report's promotion section (Markdown and the HTML page): the verdict, the
     champion, each metric's difference with its interval, the reasons, and when the verdict was reached."""
