@@ -4,6 +4,7 @@ touch a run: ``kubernetes`` (:mod:`launcher.backends.kubernetes`, a Job or JobSe
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -59,3 +60,23 @@ class Backend(Protocol):
 
     def output_of(self, run: str) -> tuple[str, str]:
         """(run name, the spec's output prefix) of a run, to find its published versions."""
+
+
+def poll_until_finished(read: Callable[[], RunStatus], *, deadline: float | None, interval: float,
+                        on_change: Callable[[RunStatus], None] | None,
+                        timed_out: Callable[[RunStatus], Exception]) -> RunStatus:
+    """Every backend's ``wait``: ``read`` the run's status every ``interval`` seconds, hand each new sentence to
+    ``on_change``, return the status once it is finished; past ``deadline`` (``time.monotonic()``; None: no
+    limit) raise ``timed_out(last status)``."""
+    last = None
+    while True:
+        st = read()
+        if st.sentence != last:
+            if on_change:
+                on_change(st)
+            last = st.sentence
+        if st.finished:
+            return st
+        if deadline is not None and time.monotonic() >= deadline:
+            raise timed_out(st)
+        time.sleep(interval if deadline is None else max(0.0, min(interval, deadline - time.monotonic())))

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from jobs.retry import RetryPolicy
+from launcher.backends import poll_until_finished
 from launcher.errors import RunFailed, UsageError, WaitTimeout
 from launcher.results import Attempts, Cancelled, LogStream, RunStatus, RunSummary, cost_of
 
@@ -321,24 +322,21 @@ class KubernetesBackend:
         settings, kube = self.connect()
         name = job["metadata"]["name"]
         deadline = time.monotonic() + timeout if timeout else None
-        last = None
-        while True:
+
+        def read() -> RunStatus:
             snap = with_retries(lambda: self._snapshot(kube, job), deadline=deadline, outage=outage)
             if snap.workload is None:
                 raise RunFailed(f"job {name} no longer exists (cancelled, or deleted after its TTL)")
             diag = snap.diagnose(gpu_resource=settings.gpu_resource, workload=self._workload(kube, snap.workload),
                                  nodes=self._nodes(kube, snap.pods))
-            status = snap.status(diag, kube.namespace)
-            if diag.sentence != last:
-                if on_change:
-                    on_change(status)
-                last = diag.sentence
-            if diag.finished:
-                return status
-            if deadline is not None and time.monotonic() >= deadline:
-                raise WaitTimeout(f"job {name} is still {diag.state.lower()} after {timeout:g} s: {diag.sentence}",
-                                  hint="wait again with a longer --timeout")
-            time.sleep(interval if deadline is None else max(0.0, min(interval, deadline - time.monotonic())))
+            return snap.status(diag, kube.namespace)
+
+        def timed_out(st: RunStatus) -> WaitTimeout:
+            return WaitTimeout(f"job {name} is still {st.state.lower()} after {timeout:g} s: {st.sentence}",
+                               hint="wait again with a longer --timeout")
+
+        return poll_until_finished(read, deadline=deadline, interval=interval, on_change=on_change,
+                                   timed_out=timed_out)
 
     def logs(self, run: str, *, follow: bool = False, tail: int | None = None, poll: float = 1.0,
              rank: int | None = None) -> LogStream:

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from launcher.backends import poll_until_finished
 from launcher.errors import UsageError, WaitTimeout
 from launcher.results import Attempts, Cancelled, LogStream, RunStatus, RunSummary, cost_of
 
@@ -275,20 +276,15 @@ class LocalBackend:
              on_change: Callable[[RunStatus], None] | None = None) -> RunStatus:
         deadline = time.monotonic() + timeout if timeout else None
         job = self._find(run).job
-        last = None
-        while True:
+
+        def read() -> RunStatus:
             r = self._read(self.root / job)
-            st = self._status(r, with_progress=r.finished)
-            if st.sentence != last:
-                if on_change:
-                    on_change(st)
-                last = st.sentence
-            if st.finished:
-                return st
-            if deadline is not None and time.monotonic() >= deadline:
-                raise WaitTimeout(f"local run {job} is still running after {timeout:g} s",
-                                  hint="wait again with a longer --timeout")
-            time.sleep(interval if deadline is None else max(0.0, min(interval, deadline - time.monotonic())))
+            return self._status(r, with_progress=r.finished)
+
+        return poll_until_finished(read, deadline=deadline, interval=interval, on_change=on_change,
+                                   timed_out=lambda st: WaitTimeout(f"local run {job} is still running after "
+                                                                    f"{timeout:g} s",
+                                                                    hint="wait again with a longer --timeout"))
 
     def logs(self, run: str, *, follow: bool = False, tail: int | None = None, poll: float = 1.0,
              rank: int | None = None) -> LogStream:
