@@ -16,7 +16,10 @@ Each file is read back with ``gguf.GGUFReader`` before it counts as written, and
 - tensors: every name and shape expected, none more;
 - values: every tensor dequantised (``gguf.quants.dequantize``) against the merged safetensors (Q/K permuted):
   bit-exact for f32 (norms, biases), f16 and bf16 (against torch's own rounding of the same values); for q8_0
-  within each 32-value block's scale error (half a step of max|x|/127, plus the f16 rounding of the scale).
+  within each 32-value block's scale error (half a step of max|x|/127, plus the f16 rounding of the scale);
+- Llama 3.1's ``llama3`` rope scaling, which has no metadata key in llama.cpp but the ``rope_freqs.weight`` tensor
+  its converter writes (:func:`rope_freq_factors`): against transformers' own rotary embedding (f32, to float32
+  rounding).
 
 What stays unchecked without llama.cpp, which is not in the trainer image: that llama.cpp (or Ollama) loads the
 files, that its pre-tokenizer (``tokenizer.ggml.pre``, chosen as llama.cpp's converter does, by hashing the
@@ -94,9 +97,10 @@ def architecture(config: dict) -> tuple[str, bool]:
                       fix="remove export.gguf from the spec (convert merged/ with llama.cpp's "
                           "convert_hf_to_gguf.py yourself), or fine-tune a Llama- or Qwen2-family base")
     rope = _rope(config)
-    if rope.get("rope_type", "default") != "default":
-        raise _refuse(f"the base model's rope scaling {rope.get('rope_type')!r} is not written "
-                      "by this export (only unscaled rope)",
+    rope_type = rope.get("rope_type", "default")
+    if rope_type != "default" and not (rope_type == "llama3" and SUPPORTED[archs[0]][0] == "LLAMA"):
+        raise _refuse(f"the base model's rope scaling {rope_type!r} is not written by this export (only "
+                      "unscaled rope, and Llama 3.1's 'llama3' scaling on Llama bases)",
                       fix="remove export.gguf from the spec, or convert merged/ with llama.cpp's "
                           "convert_hf_to_gguf.py")
     return archs[0], SUPPORTED[archs[0]][1]
@@ -109,6 +113,39 @@ def _rope(config: dict) -> dict:
     if rope.get("type") and "rope_type" not in rope:
         rope["rope_type"] = rope["type"]
     return rope
+
+
+#: llama.cpp's tensor of per-pair rotary frequency divisors (gguf.MODEL_TENSOR.ROPE_FREQS)
+ROPE_FREQS = "rope_freqs.weight"
+
+
+def rope_freq_factors(config: dict) -> np.ndarray | None:
+    """For Llama 3.1's ``llama3`` rope scaling: what llama.cpp reads as ``rope_freqs.weight`` (f32, one value per
+    rotary pair), the number each pair's base frequency is divided by. transformers scales each inverse frequency
+    by its wavelength: pairs whose wavelength is shorter than ``original_max_position_embeddings /
+    high_freq_factor`` keep it (1), those longer than ``original_max_position_embeddings / low_freq_factor`` are
+    divided by ``factor``, those between are interpolated, ``(1 - s) / factor + s`` with ``s =
+    (original_max_position_embeddings / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)``;
+    the divisor is the reciprocal of that. Computed in float32 like the rotary embedding itself. None for a base
+    without llama3 scaling (llama.cpp's converter writes the tensor for no other)."""
+    rope = _rope(config)
+    if rope.get("rope_type") != "llama3":
+        return None
+    import torch
+
+    dim = _head_dim(config)
+    inv_freq = 1.0 / (float(rope["rope_theta"]) ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    # all four are required, as transformers requires them (Llama 3.1 and 3.2: 8, 1, 4, 8192); versions of
+    # llama.cpp's converter that read original_max_position_embeddings from the config's top level (absent in
+    # Llama 3.x configs) fall back to 8192, the same number for those models
+    factor, low, high = float(rope["factor"]), float(rope["low_freq_factor"]), float(rope["high_freq_factor"])
+    original = float(rope["original_max_position_embeddings"])
+    wavelength = 2 * math.pi / inv_freq
+    smooth = (original / wavelength - low) / (high - low)
+    divisor = torch.where(wavelength < original / high, torch.ones_like(inv_freq),
+                          torch.where(wavelength > original / low, torch.full_like(inv_freq, factor),
+                                      1 / ((1 - smooth) / factor + smooth)))
+    return divisor.numpy().astype(np.float32)
 
 
 def _head_dim(config: dict) -> int:
@@ -312,6 +349,9 @@ def write_model(merged_dir: Path, path: Path, qtype: str, *, name: str) -> None:
     names = _model_tensors(config, files)
     name_map = _name_map(config, arch)
     infos = []
+    rope_freqs = rope_freq_factors(config)
+    if rope_freqs is not None:  # first, as llama.cpp's converter yields it before the model's tensors
+        infos.append((ROPE_FREQS, list(rope_freqs.shape), "f32"))
     for n in names:
         shape = _shape(files, n)
         infos.append((_gguf_name(name_map, n), shape, _storage_type(qtype, shape)))
@@ -344,6 +384,8 @@ def write_model(merged_dir: Path, path: Path, qtype: str, *, name: str) -> None:
     transform = _for_llama_cpp(config, permute)
 
     def data():
+        if rope_freqs is not None:
+            yield rope_freqs
         for n, t in _read_tensors(files, names):
             yield transform(n, t.float().numpy())
 
@@ -519,12 +561,16 @@ def check_model(path: Path, merged_dir: Path, qtype: str) -> dict:
     name_map = _name_map(config, arch)
     by_gguf = {_gguf_name(name_map, n): n for n in names}
     read = {t.name: t for t in c.reader.tensors}
-    for extra in sorted(set(read) - set(by_gguf)):
+    rope_freqs = _rope_freqs_expected(merged_dir, config)
+    derived = {ROPE_FREQS: "the rope scaling of config.json"} if rope_freqs is not None else {}
+    for extra in sorted(set(read) - set(by_gguf) - set(derived)):
         c.problems.append(f"tensor {extra} is not in the merged model")
-    for missing in sorted(set(by_gguf) - set(read)):
-        c.problems.append(f"tensor {missing} ({by_gguf[missing]}) is missing")
+    for missing in sorted((set(by_gguf) | set(derived)) - set(read)):
+        c.problems.append(f"tensor {missing} ({by_gguf.get(missing) or derived[missing]}) is missing")
     transform = _for_llama_cpp(config, permute)
     worst = 0.0
+    if rope_freqs is not None and ROPE_FREQS in read:
+        worst = _compare_rope_freqs(c, read[ROPE_FREQS], rope_freqs)
     hf_to_gguf = {hf: gn for gn, hf in by_gguf.items()}
     for hf, src in _read_tensors(files, [by_gguf[n] for n in sorted(set(by_gguf) & set(read))]):
         t = read[hf_to_gguf[hf]]
@@ -532,6 +578,38 @@ def check_model(path: Path, merged_dir: Path, qtype: str) -> dict:
     c.done("model")
     return {"metadata_keys": len(c.fields), "tensors": len(read), "tokens": len(tokens),
             "worst_abs_error": worst, "values": "exact" if qtype != "q8_0" else "within q8_0 block error"}
+
+
+def _rope_freqs_expected(merged_dir: Path, config: dict) -> np.ndarray | None:
+    """The divisors ``rope_freqs.weight`` must hold, from transformers' own rotary embedding (an implementation
+    independent of :func:`rope_freq_factors`): its unscaled inverse frequencies over the scaled ones it uses."""
+    if _rope(config).get("rope_type") != "llama3":
+        return None
+    import torch
+    from transformers import AutoConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    cfg = AutoConfig.from_pretrained(str(merged_dir))
+    scaled = LlamaRotaryEmbedding(cfg).inv_freq.double()
+    dim = _head_dim(config)
+    plain = 1.0 / (float(_rope(config)["rope_theta"]) ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    return (plain / scaled).numpy()
+
+
+def _compare_rope_freqs(c: _Check, t, expected: np.ndarray) -> float:
+    """``rope_freqs.weight`` against transformers' scaling: f32, one value per rotary pair, within float32
+    rounding (both sides compute in float32, in different orders)."""
+    if t.tensor_type != _qtype("f32") or [int(x) for x in t.shape] != [len(expected)]:
+        c.problems.append(f"tensor {t.name} is {t.tensor_type.name} of shape {[int(x) for x in t.shape]}, expected "
+                          f"F32 of shape [{len(expected)}] (one divisor per rotary pair)")
+        return 0.0
+    got = np.asarray(t.data, dtype=np.float64).reshape(-1)
+    err = np.abs(got - expected)
+    bad = err > 4e-6 * np.abs(expected)  # a few float32 ulps
+    if bad.any():
+        c.problems.append(f"tensor {t.name}: {int(bad.sum())} rotary divisor(s) differ from transformers' llama3 "
+                          f"scaling, largest error {float(err.max()):.3g}")
+    return float(err.max())
 
 
 def _compare(c: _Check, t, expected: np.ndarray, qtype: str, hf: str) -> float:

@@ -213,6 +213,69 @@ def test_a_qwen2_model_exports_with_biases_and_no_permutation(short_model_dir, t
 
 
 
+def test_a_llama_with_llama3_rope_scaling_exports_its_rotary_divisors_as_rope_freqs(short_model_dir, tmp_path):
+    """Llama 3.1's rope scaling on a tiny Llama built here (head_dim 16: 8 rotary pairs, original context 256, so
+    that 3 pairs keep their frequency, 1 is interpolated and 4 are divided by the factor): llama.cpp's
+    rope_freqs.weight (f32, one divisor per pair) is written and read back against transformers' own rotary
+    embedding; a divisor changed in the file is caught; no rope scaling metadata key (llama.cpp's converter writes
+    none for llama3), and the adapter carries no rope_freqs (convert_lora_to_gguf writes none)."""
+    import math
+
+    import gguf
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from jobs.trainer.gguf_export import ROPE_FREQS, check_exportable, check_model, export_gguf
+    from jobs.trainer.modelio import load_tokenizer
+
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 256}
+    torch.manual_seed(3)
+    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         rope_scaling=rope, rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                         bos_token_id=1, eos_token_id=2)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "base", safe_serialization=True)
+    _copy_tokenizer(short_model_dir, tmp_path / "base")
+    saved = json.loads((tmp_path / "base" / "config.json").read_text())
+    assert (saved.get("rope_parameters") or saved.get("rope_scaling"))["rope_type"] == "llama3"
+    adapter, merged = _adapt_and_merge(tmp_path / "base", tmp_path, seed=4)
+    written = export_gguf(merged, adapter, ["f16"], tmp_path / "gguf", name="l31")
+    assert [(w["kind"], w["type"]) for w in written] == [("model", "f16"), ("adapter", "f16")]
+
+    r = gguf.GGUFReader(str(tmp_path / "gguf" / "l31-f16.gguf"))
+    t = next(x for x in r.tensors if x.name == ROPE_FREQS == "rope_freqs.weight")
+    assert t.tensor_type.name == "F32" and [int(x) for x in t.shape] == [8]
+    # by hand, in float64: wavelength 2*pi*10000**(2i/16) of each pair against 256/4 = 64 and 256/1 = 256
+    wavelength = [2 * math.pi * 10000.0 ** (2 * i / 16) for i in range(8)]
+    s = (256 / wavelength[3] - 1.0) / (4.0 - 1.0)
+    want = [1.0, 1.0, 1.0, 1 / ((1 - s) / 8.0 + s), 8.0, 8.0, 8.0, 8.0]
+    assert 64 < wavelength[3] < 256 and wavelength[2] < 64 and wavelength[4] > 256
+    np.testing.assert_allclose(np.asarray(t.data, dtype=np.float64), want, rtol=1e-6)
+    assert not any("rope.scaling" in k for k in r.fields), [k for k in r.fields if "rope" in k]
+    assert written[0]["checks"]["tensors"] == 2 * 9 + 3  # 9 per layer, embeddings, final norm, rope_freqs
+    ar = gguf.GGUFReader(str(tmp_path / "gguf" / "l31-adapter-f16.gguf"))
+    assert not any(x.name == ROPE_FREQS for x in ar.tensors)
+
+    bad = tmp_path / "corrupt-rope.gguf"
+    shutil.copy(tmp_path / "gguf" / "l31-f16.gguf", bad)
+    with open(bad, "r+b") as fh:  # the interpolated pair's divisor, in place
+        fh.seek(t.data_offset + 3 * 4)
+        fh.write(np.float32(want[3] * 1.001).tobytes())
+    with pytest.raises(LoraJobError, match=r"rope_freqs\.weight: 1 rotary divisor\(s\) differ from transformers' "
+                                           r"llama3 scaling"):
+        check_model(bad, merged, "f16")
+
+    # before training: llama3 scaling passes on a Llama base; on another architecture, or another scaling, refused
+    tok = load_tokenizer(str(tmp_path / "base"))
+    assert check_exportable(saved, tok, use_dora=False) == "smollm"
+    for other in ({**saved, "architectures": ["Qwen2ForCausalLM"]},
+                  {**saved, "rope_parameters": {**rope, "rope_type": "yarn", "rope_theta": 10000.0},
+                   "rope_scaling": None}):
+        with pytest.raises(SpecError, match="rope scaling '(llama3|yarn)' is not written by this export"):
+            check_exportable(other, tok, use_dora=False)
+
+
 def test_an_unsupported_architecture_is_refused_naming_it_and_what_is_supported(tmp_path):
     from jobs.trainer.gguf_export import check_exportable, export_gguf
 
