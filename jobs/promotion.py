@@ -10,6 +10,11 @@ The gate compares the candidate with the champion on the same frozen held-out se
 validation loss and the general-ability (regression set) loss per example, and the eval's per-prompt scores
 (ROUGE-L, facts found, fluent answers), each difference with a seeded paired-bootstrap interval. It passes when no metric is significantly worse (its whole interval beyond the
 metric's tolerance on the worse side) and the primary metric's mean is not worse.
+
+``launcher promote`` judges a published version and moves the pointer (:func:`promote`). The job, with
+``promotion.auto``, judges before it publishes, on the reports in its folder (:func:`judge_before_publish`), puts
+the :class:`Verdict` into the version's eval report and page, publishes, then moves the pointer on that verdict
+(:func:`promote_judged`), judging again against a champion that changed in between.
 """
 from __future__ import annotations
 
