@@ -117,6 +117,37 @@ def cmd_data(path: str, tokenizer: str, n: int) -> None:
     print(f"{path}: {n} rows, mean {sum(lens) / n:.0f} tokens, max {max(lens)}", flush=True)
 
 
+def _answer(rng: random.Random, tok, target: int) -> str:
+    parts: list[str] = []
+    while len(parts) < 400:
+        s = _sentence(rng)
+        if parts and len(tok(" ".join(parts + [s]))["input_ids"]) > target:
+            break
+        parts.append(s)
+    return " ".join(parts)
+
+
+def cmd_pairs(path: str, tokenizer: str, n: int) -> None:
+    """Preference pairs in TRL's standard format (prompt, chosen, rejected strings): a ticket question, a chosen
+    answer of steps, and a rejected one that opens by brushing the user off; each side's length lognormal (median
+    ~300 tokens, at most 900), so a pair fits 2,048 tokens either way."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    rng = random.Random(1)
+    rows = []
+    for i in range(n):
+        q = f"Ticket {i}: how do I {rng.choice(_VERBS)} the {rng.choice(_NOUNS)} {rng.choice(_TAILS)}?"
+        sizes = [min(900, max(24, int(math.exp(rng.gauss(math.log(300), 0.6))))) for _ in range(2)]
+        chosen = "Here is how. " + _answer(rng, tok, sizes[0])
+        rejected = "Not my problem, but fine. " + _answer(rng, tok, sizes[1])
+        rows.append({"prompt": q, "chosen": chosen, "rejected": rejected})
+    Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lens = [sum(len(tok(r[k])["input_ids"]) for k in ("prompt", "chosen", "rejected")) for r in rows]
+    print(f"{path}: {n} pairs, mean {sum(lens) / n:.0f} tokens (prompt + chosen + rejected), max {max(lens)}",
+          flush=True)
+
+
 def _spec(name: str, model: str, data: str, store: str, overrides: dict) -> dict:
     spec = {"name": name, "base_model": {"uri": model}, "dataset": {"train": data}, "output": store}
     for key, value in overrides.items():  # {"quantization": {"mode": "4bit"}} and the like
@@ -281,6 +312,26 @@ def cmd_trl(res: str, quant: str = "", base: str = "", gc: str = "0") -> int:
     return proc.returncode
 
 
+def cmd_trldpo(res: str, name: str, base: str, data: str, tokenizer: str, quant: str = "", gc: str = "1",
+               pre: str = "0") -> int:
+    """The preference peer: TRL's DPOTrainer + PEFT LoRA (benchmarks/peer/trl_dpo.py) on the job's model folder,
+    pairs and tokenizer; writes ``trl_dpo_<name>.json``."""
+    res_dir = Path(res)
+    res_dir.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    env.update(STEPS="14", BS="4", GC=gc, PRE=pre, BASE=base, DATA=data, TOK=tokenizer, QUANT=quant, OUT=str(res_dir))
+    log_path = res_dir / f"trl_dpo_{name}.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "peer" / "trl_dpo.py"), name],
+                              stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+    m = re.findall(r"^RESULT (.*)$", log_path.read_text(), flags=re.M)
+    if not m:
+        (res_dir / f"trl_dpo_{name}.json").write_text(json.dumps(
+            {"exit_code": proc.returncode, "log_tail": log_path.read_text().splitlines()[-15:]}, indent=1))
+    print(f"RESULT trl_dpo {name} rc={proc.returncode} {m[-1][:400] if m else ''}", flush=True)
+    return proc.returncode
+
+
 def cmd_summary(res: str, outfile: str) -> None:
     res_dir = Path(res)
 
@@ -408,6 +459,6 @@ def _parity(bf16: dict, fp8: dict, warm: dict) -> dict:
 if __name__ == "__main__":
     cmd, *args = sys.argv[1:]
     fn = {"models": cmd_models, "data": lambda p, t, n: cmd_data(p, t, int(n)), "job": cmd_job, "trl": cmd_trl,
-          "summary": cmd_summary}[cmd]
+          "pairs": lambda p, t, n: cmd_pairs(p, t, int(n)), "trldpo": cmd_trldpo, "summary": cmd_summary}[cmd]
     rc = fn(*args)
     sys.exit(rc if isinstance(rc, int) else 0)

@@ -4,6 +4,11 @@
 #   bf16    python -m jobs run: Llama-3-8B shape, bf16 LoRA, 1,500 rows      (~5 min)
 #   trl     the strongest peer in the same call: STEPS=14 GC=0 BS=4 liger_packing   (~2 min)
 #   qlora   the job with quantization.mode: 4bit, max_seq_length 2048, 500 rows     (~3 min)
+#   dpo     the job with training.method: dpo on the 8B shape, bf16 LoRA, $PAIRS pairs (default 400; acceptance.py
+#           pairs: TRL's prompt/chosen/rejected format)
+#   dpoq    the same with quantization.mode: 4bit;   orpo: the bf16 run with training.method: orpo
+#   trldpo  the preference peer in the same call: TRL's DPOTrainer + PEFT LoRA on the same model folder, pairs and
+#           tokenizer (benchmarks/peer/trl_dpo.py), GC=0 BS=4;   trldpoq: the same on the 8B in NF4, GC=1
 #   qwen    the job on the Qwen2.5-7B shape, bf16 LoRA, 800 rows                    (~3 min)
 #   fp8     the bf16 job again with training.fp8: on (torchao float8 for the frozen projections)   (~5 min)
 #   parity  FP8 against bf16 through the job on a Llama-3.2-1B shape, 255 steps (1,350 rows x 3 epochs)
@@ -62,6 +67,11 @@ data() {  # data ROWS -> path of a data file with that many rows
   [ -f "$f" ] || $A data "$f" "$TOK" "$1" >&2
   echo "$f"
 }
+pairs() {  # pairs N -> path of a preference-pairs file with that many pairs
+  local f="$ACCEPT_WORK/pairs-$1.jsonl"
+  [ -f "$f" ] || $A pairs "$f" "$TOK" "$1" >&2
+  echo "$f"
+}
 models() {  # models [NAMES]: comma-separated, default the 8B and 7B shapes
   local names=${1:-llama3-8b,qwen2.5-7b} n missing=
   for n in ${names//,/ }; do [ -f "$MODELS/$n/config.json" ] || missing=1; done
@@ -81,6 +91,16 @@ for stage in "$@"; do
              '{"quantization": {"mode": "4bit"}, "training": {"max_seq_length": 2048}}' ;;
     qloraeager) need qloraeager 150 && models llama3-8b && $A job qlora_eager "$MODELS/llama3-8b" "$(data 500)" "$RES" \
              '{"quantization": {"mode": "4bit"}, "training": {"max_seq_length": 2048, "compile": "off"}}' ;;
+    dpo)   need dpo 200 && models llama3-8b && $A job dpo "$MODELS/llama3-8b" "$(pairs ${PAIRS:-400})" "$RES" \
+             '{"training": {"method": "dpo"}}' ;;
+    dpoq)  need dpoq 200 && models llama3-8b && $A job dpoq "$MODELS/llama3-8b" "$(pairs ${PAIRS:-400})" "$RES" \
+             '{"training": {"method": "dpo"}, "quantization": {"mode": "4bit"}}' ;;
+    orpo)  need orpo 200 && models llama3-8b && $A job orpo "$MODELS/llama3-8b" "$(pairs ${PAIRS:-400})" "$RES" \
+             '{"training": {"method": "orpo"}}' ;;
+    trldpo) need trldpo 150 && models llama3-8b && d=$(pairs ${PAIRS:-400}) \
+             && timeout $(( $(left) - 5 )) $A trldpo "$RES" gc0 "$MODELS/llama3-8b" "$d" "$TOK" "" 0 ;;
+    trldpoq) need trldpoq 150 && models llama3-8b && d=$(pairs ${PAIRS:-400}) \
+             && timeout $(( $(left) - 5 )) $A trldpo "$RES" qlora_gc1 "$MODELS/llama3-8b" "$d" "$TOK" 4bit 1 ;;
     qwen)  need qwen 150 && models && $A job qwen "$MODELS/qwen2.5-7b" "$(data 800)" "$RES" ;;
     fp8)   need fp8 240 && models llama3-8b && $A job fp8 "$MODELS/llama3-8b" "$(data $ROWS)" "$RES" "$FP8" ;;
     warm8b) if [ ! -d "$ACCEPT_WORK/store/bf16/compile-cache" ]; then echo "SKIP warm8b (no bf16 run in this machine's store)"
