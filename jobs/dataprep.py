@@ -274,6 +274,10 @@ def _parse_line(raw: bytes, n: int, persona_field: str, fmt: str = "instruction"
         return _OutsideFormat(where, f"has both {keys}: one row is one format ({', '.join(looks)})",
                               "split it into one row per format, or remove the keys that do not belong", n,
                               looks_like="+".join(looks))
+    if not looks and ("chosen" in obj or "rejected" in obj):
+        return _OutsideFormat(where, "a preference pair ('chosen'/'rejected'), not an SFT row",
+                              "set training.method: dpo or orpo to train on pairs (`launcher data check --method dpo "
+                              "FILE` checks them), or write the row in an SFT format", n, looks_like="preference")
     if fmt == "auto":
         if not looks:  # no format's key: read as instruction so the message names what is missing
             parsed = _parse_line_as(obj, n, persona_field, "instruction")
@@ -1086,6 +1090,11 @@ def prepare_report(data: bytes | str, rules: DataRules, *, seed: int = 42) -> Pr
     return Prepared(kept, report)
 
 
+#: The fix when SFT data holds preference pairs: the spec's method, not the rows, is what is wrong.
+_FIX_PAIRS_AS_ROWS = ("these are preference pairs: set training.method: dpo or orpo to train on them (`launcher data "
+                      "check --method dpo FILE` checks them as pairs)")
+
+
 def prepare(data: bytes, rules: DataRules, *, seed: int = 42) -> Prepared:
     """Apply every enabled golden rule to JSONL bytes; return kept rows and a JSON-ready report.
 
@@ -1098,8 +1107,9 @@ def prepare(data: bytes, rules: DataRules, *, seed: int = 42) -> Prepared:
     report = prepared.report
     if report["errors"]:
         err = DataError("; ".join(report["errors"]),
-                        hint="write every row in one accepted format (run `launcher data check FILE` to see each "
-                             "line), or set data.format: auto to read each row by its own keys")
+                        hint=_FIX_PAIRS_AS_ROWS if "preference" in report["outside_format"]["looks_like"] else
+                        "write every row in one accepted format (run `launcher data check FILE` to see each "
+                        "line), or set data.format: auto to read each row by its own keys")
         err.report = report  # type: ignore[attr-defined]
         raise err
     if report["kept_rows"] < rules.min_rows:
@@ -1304,7 +1314,8 @@ def format_report(report: dict[str, Any], *, max_problems: int = 20) -> str:
     errors = report.get("errors") or []
     for e in errors:
         out.append(f"  ERROR: {e} — " + ("write every line as a preference pair, or set training.method: sft"
-                                          if unit == "pairs" else
+                                          if unit == "pairs" else _FIX_PAIRS_AS_ROWS if "preference" in
+                                          (report.get("outside_format") or {}).get("looks_like", {}) else
                                           "write every row in one accepted format, or use data.format: auto"))
     if report["kept_rows"] < report["min_rows"]:
         out.append(f"  FAIL: {report['kept_rows']} {unit} kept, data.min_rows is {report['min_rows']}")

@@ -87,9 +87,8 @@ def looks_like_pairs(data: bytes) -> bool:
 def _relabel(error: str, label: Callable[[int], str]) -> str:
     """A turn error of dataprep's conversation check ('turn 3: ...', 'turns 2 and 3') with each turn named by
     where it sits in the pair ('prompt turn 2', "'chosen'")."""
-    error = re.sub(r"\bturns (\d+) and (\d+)", lambda m: f"{label(int(m.group(1)))} and {label(int(m.group(2)))}",
-                   error)
-    return re.sub(r"\bturn (\d+)", lambda m: label(int(m.group(1))), error)
+    return re.sub(r"\bturns? (\d+)(?: and (\d+))?",
+                  lambda m: label(int(m.group(1))) + (f" and {label(int(m.group(2)))}" if m.group(2) else ""), error)
 
 
 def _one_answer(side: str, value: list[Any]) -> str | None:
@@ -108,6 +107,10 @@ def _chat_pair(obj: dict[str, Any], n: int) -> tuple[tuple[tuple[str, str], ...]
     errors: list[str] = []
     if not prompt:
         errors.append("'prompt' is empty")
+    elif isinstance(prompt[-1], dict) and str(prompt[-1].get("role", "")).strip().lower() == "assistant":
+        # said once here, rather than as 'two assistant turns in a row' for each side
+        return Problem(f"line {n}", f"prompt turn {len(prompt)} is an assistant turn: a prompt ends with the user "
+                                    "turn that 'chosen' and 'rejected' answer", _FIX_CHAT, n)
     answers: dict[str, str] = {}
     for side in ("chosen", "rejected"):
         bad = _one_answer(side, obj[side])

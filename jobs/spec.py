@@ -720,8 +720,10 @@ class TrainingRunSpec(_Strict):
         """Values outside the guide's ranges: valid, but worth a warning that names the range and why."""
         out = []
         method = self.training.method
-        for path, lo, hi, why in GUIDE_RANGES + PREFERENCE_RANGES.get(method, []):
-            if method in PREFERENCE_METHODS and path == "training.learning_rate" and (lo, hi) == (1e-4, 2e-4):
+        ranges = [(*r, "the guide's") for r in GUIDE_RANGES] + [(*r, f"the range advised for {method}")
+                                                                for r in PREFERENCE_RANGES.get(method, [])]
+        for path, lo, hi, why, source in ranges:
+            if method in PREFERENCE_METHODS and path == "training.learning_rate" and source == "the guide's":
                 continue  # the SFT range; a preference method has its own (PREFERENCE_RANGES)
             value: Any = self
             for part in path.split("."):
@@ -729,7 +731,7 @@ class TrainingRunSpec(_Strict):
             if path == "training.beta":
                 value = self.training.preference_beta()
             if not lo <= value <= hi:
-                out.append(Problem(path, f"{value:g} is outside the guide's {lo:g}-{hi:g}", why,
+                out.append(Problem(path, f"{value:g} is outside {source} {lo:g}-{hi:g}", why,
                                    line=self._lines.get(tuple(path.split(".")))))
         if self.training.packing:
             out.append(Problem("training.packing", "was removed: the job always packs examples (attention stays per "
@@ -809,8 +811,7 @@ PREFERENCE_RANGES: dict[str, list[tuple[str, float, float, str]]] = {
                                      "over-optimise the pairs, much higher barely moves it"),
         ("training.learning_rate", 5e-6, 5e-5, "DPO moves a model with far smaller steps than SFT: TRL's DPOConfig "
                                                "defaults to 1e-6 for full weights, and LoRA adapters commonly train at "
-                                               "5e-6 to 5e-5; at the SFT rate of 2e-4 a few steps over-optimise "
-                                               "the pairs"),
+                                               "5e-6 to 5e-5 (the SFT default, 2e-4, is above it)"),
     ],
     "orpo": [
         ("training.beta", 0.05, 1.0, "ORPO's lambda (Hong et al. 2024, 'ORPO: Monolithic Preference Optimization "

@@ -126,6 +126,11 @@ def test_the_variants_render_what_they_name():
 
 # ------------------------------------------------------------------------------ submit --dry-run
 
+#: Examples run with `launcher submit --local` (local folders): a dry run refuses them, naming the first local path.
+LOCAL_EXAMPLES = {"examples/demo/spec.yaml": "dataset.train (line 8)",
+                  "examples/preference/spec.yaml": "dataset.train (line 10)"}
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("example", examples())
 def test_what_submit_dry_run_prints_is_unchanged(example, variant, monkeypatch):
@@ -137,9 +142,9 @@ def test_what_submit_dry_run_prints_is_unchanged(example, variant, monkeypatch):
     for o in overrides:
         args += ["--set", o]
     r = CliRunner().invoke(cli.app, args)
-    if example == "examples/demo/spec.yaml":
-        # the demo reads and writes local folders: a dry run is for a cluster, whose pods cannot read them
-        assert r.exit_code == 2 and "a pod cannot read" in r.output and "dataset.train (line 8)" in r.output, r.output
+    if example in LOCAL_EXAMPLES:
+        # the demos read and write local folders: a dry run is for a cluster, whose pods cannot read them
+        assert r.exit_code == 2 and "a pod cannot read" in r.output and LOCAL_EXAMPLES[example] in r.output, r.output
         assert not (GOLDEN / "dry_run" / golden_name(example, variant)).exists()
         return
     assert r.exit_code == 0, r.output

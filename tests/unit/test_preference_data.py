@@ -3,6 +3,7 @@ counted and line-numbered in the report, and the report prints like an SFT one."
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -100,3 +101,125 @@ def test_the_report_prints_with_format_report():
     data = jsonl({"prompt": "a?", "chosen": "Yes, gladly.", "rejected": "No."})
     text = format_report(prepare_pairs_report(data, ALL_OFF).report)
     assert "1 valid pairs, 1 kept" in text and "OK: a run would accept this data" in text
+
+
+# ---------------------------------------------------------------------------- planted defects, each by line
+
+DEFECTS = Path(__file__).parent / "data" / "pairs_with_defects.jsonl"
+#: Every planted defect of tests/unit/data/pairs_with_defects.jsonl (63 lines; the others are good pairs).
+MALFORMED = {11: "not valid JSON", 12: "expected a JSON object, got a list",
+             13: "missing 'rejected': a pair needs both sides", 14: "'chosen' is empty",
+             15: "'chosen' must be a string or a list of messages, got a number",
+             16: "'chosen' is a string and 'rejected' a list",
+             23: "prompt turn 1: role 'bot' is not one of system, user, assistant; 'rejected' must be an assistant "
+                 "message, got role 'user'",
+             24: "'chosen' and 'rejected' start differently, so they share no prompt",
+             37: "missing 'prompt' (plain-text pairs need it",
+             38: "prompt turn 2 is an assistant turn",
+             40: "'persona' must be a string, got a number"}
+
+
+@pytest.fixture(scope="module")
+def defects_report() -> dict:
+    return prepare_pairs_report(DEFECTS.read_bytes(), DataRules(), seed=42).report
+
+
+def test_every_malformed_line_is_a_problem_naming_its_line(defects_report):
+    problems = {p["line"]: p["message"] for p in defects_report["problems"]}
+    assert set(problems) == set(MALFORMED) | {25}
+    for line, message in MALFORMED.items():
+        assert message in problems[line], (line, problems[line])
+    assert defects_report["counts"]["malformed"] == len(MALFORMED) == 11
+
+
+def test_an_sft_row_in_a_pairs_file_is_outside_the_format_and_names_what_it_looks_like(defects_report):
+    assert defects_report["outside_format"] == {"count": 1, "lines": [25], "looks_like": {"instruction": 1},
+                                                "max_share": 0.05}
+    assert defects_report["errors"] == []  # 1 of 63 lines: under the 5% that fails the data
+
+
+def test_every_rule_counts_its_pairs_and_names_their_lines(defects_report):
+    rules = defects_report["rules"]
+    got = {name: (e["count"], e["lines"], e["action"]) for name, e in rules.items()}
+    assert got == {
+        "strip_boilerplate": (2, [21, 22], "stripped"),   # 22's chosen was only boilerplate: the pair goes
+        "remove_urls": (1, [39], "removed"),
+        "pii": (1, [20], "redacted"),                     # an email in chosen, a phone number in rejected
+        "long_sentences": (0, [], "flagged"),
+        "max_output_words": (0, [], "off"),
+        "identical_sides": (1, [17], "dropped"),          # 'Yes, it does.' vs 'yes,  it DOES.'
+        "swapped": (2, [1, 36], "flagged"),               # the same prompt, preferring both ways
+        "dedup_exact": (1, [18], "dropped"),              # line 1 again
+        "dedup_near": (2, [19, 62], "dropped"),           # a/the and one added word
+        "balance": (0, [], "skipped (fewer than two personas)"),
+    }
+    assert rules["strip_boilerplate"]["dropped"] == 1 and rules["strip_boilerplate"]["in_rejected_kept"] == 1
+    assert rules["pii"]["kinds"] == {"EMAIL": 1, "PHONE": 1}
+    assert rules["dedup_exact"]["duplicate_of"] == [[18, 1]]
+    assert rules["dedup_near"]["duplicate_of"] == [[19, 2], [62, 61]] and rules["dedup_near"]["reworded"] == 1
+    assert rules["swapped"]["swapped_with"] == [[36, 1]]
+
+
+def test_the_counts_account_for_every_line(defects_report):
+    counts = defects_report["counts"]
+    assert counts["lines"] == 63 and counts["blank"] == 0
+    assert counts["malformed"] + counts["outside_format"] + counts["valid"] == 63
+    assert counts["dropped_by_rule"] == {"strip_boilerplate": 1, "identical_sides": 1, "dedup_exact": 1,
+                                         "dedup_near": 2}
+    assert counts["valid"] - sum(counts["dropped_by_rule"].values()) == counts["kept"] == 46
+    assert defects_report["valid_rows"] == 51 and defects_report["kept_rows"] == 46
+    assert defects_report["problems_total"] == 12
+
+
+def test_the_rules_change_the_pairs_they_report():
+    pairs = {p.line: p for p in prepare_pairs(DEFECTS.read_bytes(), DataRules(), seed=42).pairs}
+    assert "[EMAIL]" in pairs[20].chosen.output and "[PHONE]" in pairs[20].rejected.output
+    assert pairs[21].chosen.output == "The X2 suits most flats."  # stripped from the chosen answer only
+    assert pairs[21].rejected.output == "As an AI language model, I refuse."
+    assert "https://" not in pairs[39].chosen.output and pairs[39].chosen.output == "It covers setup."
+    assert {17, 18, 19, 22, 62} .isdisjoint(pairs) and {1, 36, 61, 63} <= set(pairs)
+    # the two sides of a kept pair still share the prompt
+    assert all(p.chosen.instruction == p.rejected.instruction and p.chosen.turns[:-1] == p.rejected.turns[:-1]
+               for p in pairs.values())
+
+
+def test_pii_drop_drops_a_pair_with_pii_on_either_side():
+    data = jsonl({"prompt": "a?", "chosen": "Mail bob@example.com.", "rejected": "No."},
+                 {"prompt": "b?", "chosen": "Sure.", "rejected": "Call 555-867-5309."},
+                 {"prompt": "c?", "chosen": "Sure.", "rejected": "No."})
+    report = prepare_pairs_report(data, ALL_OFF.model_copy(update={"pii": "drop"})).report
+    assert (report["rules"]["pii"]["lines"], report["kept_rows"]) == ([1, 2], 1)
+
+
+def test_rules_that_are_off_touch_nothing():
+    report = prepare_pairs_report(DEFECTS.read_bytes(), ALL_OFF).report
+    assert report["kept_rows"] == report["valid_rows"] - 1  # the pair whose sides are equal: always dropped
+    assert all(e["action"] == "off" for name, e in report["rules"].items()
+               if name not in ("identical_sides", "swapped"))
+
+
+def test_near_duplicates_need_the_prompt_and_the_answers_near():
+    prompt = "My router sits in a hallway with thick stone walls and the far bedroom has no signal. What first?"
+    data = jsonl({"prompt": prompt, "chosen": "Move the router to a central shelf.", "rejected": "Not my problem."},
+                 {"prompt": prompt, "chosen": "Add a mesh satellite in between.", "rejected": "Buy a new flat."},
+                 {"prompt": "Which port is WAN?", "chosen": "Move the router to a central shelf.",
+                  "rejected": "Not my problem."})
+    assert prepare_pairs_report(data, DataRules(min_rows=1)).report["rules"]["dedup_near"]["count"] == 0
+
+
+def test_a_file_of_sft_rows_read_as_pairs_fails_and_says_why():
+    data = jsonl(*({"instruction": f"q{i}?", "output": "a."} for i in range(10)))
+    with pytest.raises(DataError) as err:
+        prepare_pairs(data, DataRules(), seed=1)
+    assert "10 of 10 lines are not preference pairs" in str(err.value) and "instruction (10)" in str(err.value)
+    assert "training.method: sft" in err.value.hint
+
+
+def test_pairs_read_as_sft_rows_fail_naming_the_method_to_set():
+    from jobs.dataprep import prepare
+
+    data = jsonl(*({"prompt": f"q{i}?", "chosen": "a.", "rejected": "b."} for i in range(10)))
+    with pytest.raises(DataError) as err:
+        prepare(data, DataRules(), seed=1)
+    assert "they look like preference (10)" in str(err.value)
+    assert "set training.method: dpo or orpo" in err.value.hint
