@@ -223,7 +223,8 @@ class DatasetSpec(_Strict):
     train: str = Field(description="JSONL, one row a line, in any of the accepted formats (a file may mix them): "
                                    "{instruction, input?, output} (optional 'persona'/'tone'), chat "
                                    "{messages: [{role, content}]}, or ShareGPT {conversations: [{from, value}]}; "
-                                   "`launcher data check --explain` shows each.")
+                                   "with training.method dpo or orpo, preference pairs {prompt, chosen, "
+                                   "rejected} in TRL's formats. `launcher data check --explain` shows each.")
     validation: str | None = Field(None, description="Optional validation JSONL; else validation_split is used.")
     validation_split: float = Field(0.1, ge=0.0, le=0.5, description="Fraction held out when no validation file.")
 
