@@ -93,6 +93,8 @@ def _relabel(error: str, label: Callable[[int], str]) -> str:
 
 def _one_answer(side: str, value: list[Any]) -> str | None:
     """What is wrong with an explicit-prompt side that should be one assistant message, or None."""
+    if not value:
+        return f"'{side}' is empty"
     if len(value) != 1:
         return f"'{side}' must be one assistant message, got {len(value)} messages"
     msg = value[0]

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from jobs.dataprep import Row, format_report, split_validation
 from jobs.errors import DataError, ExitCode
@@ -223,3 +225,64 @@ def test_pairs_read_as_sft_rows_fail_naming_the_method_to_set():
         prepare(data, DataRules(), seed=1)
     assert "they look like preference (10)" in str(err.value)
     assert "set training.method: dpo or orpo" in err.value.hint
+
+
+# ---------------------------------------------------------------------------- any input
+
+def test_the_report_has_every_key_of_an_sft_report():
+    from jobs.dataprep import prepare_report
+
+    sft = prepare_report(jsonl({"instruction": "a?", "output": "b."}), ALL_OFF).report
+    pairs = prepare_pairs_report(jsonl({"prompt": "a?", "chosen": "b.", "rejected": "c."}), ALL_OFF).report
+    assert set(sft) <= set(pairs) and set(sft["counts"]) <= set(pairs["counts"])
+    assert set(sft["rules"]) - {"conflicts"} <= set(pairs["rules"])
+
+
+_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=12))
+_values = st.recursive(_scalars, lambda c: st.one_of(st.lists(c, max_size=3),
+                                                     st.dictionaries(st.sampled_from(["role", "content", "x"]), c,
+                                                                     max_size=3)), max_leaves=6)
+_msgs = st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "system", "gpt", ""]),
+                                        "content": st.one_of(st.text(max_size=12), _scalars)}), max_size=4)
+_sides = st.one_of(st.text(max_size=20), _msgs, _values)
+_lines = st.one_of(
+    st.dictionaries(st.sampled_from(["prompt", "chosen", "rejected", "persona", "instruction", "output"]), _sides,
+                    max_size=4),
+    st.fixed_dictionaries({"prompt": _sides, "chosen": _sides, "rejected": _sides}),
+    _values)
+
+
+@given(st.lists(_lines, max_size=12), st.booleans())
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_any_lines_give_pairs_or_problems_never_an_exception(lines, rules_on):
+    data = "".join(json.dumps(x) + "\n" for x in lines).encode()
+    pairs, problems = read_pairs(data)
+    assert len(pairs) + len(problems) == sum(1 for x in lines)  # every line is one or the other
+    assert all(p.chosen.line == p.rejected.line == p.line for p in pairs)
+    assert all(p.chosen.turns[:-1] == p.rejected.turns[:-1] and p.chosen.instruction == p.rejected.instruction
+               for p in pairs)
+    report = prepare_pairs_report(data, DataRules(min_rows=1) if rules_on else ALL_OFF).report
+    assert report["counts"]["malformed"] + report["counts"]["outside_format"] + report["counts"]["valid"] == len(lines)
+
+
+@pytest.mark.parametrize("line, message", [
+    ({"prompt": [msg("user", "a?")], "chosen": [], "rejected": [msg("assistant", "b.")]}, "'chosen' is empty"),
+    ({"prompt": [msg("user", "a?")], "chosen": [msg("assistant", "b."), msg("assistant", "c.")],
+      "rejected": [msg("assistant", "d.")]}, "'chosen' must be one assistant message, got 2 messages"),
+    ({"prompt": [msg("user", "a?")], "chosen": [msg("assistant", "b.")], "rejected": [msg("assistant", 7)]},
+     "'rejected' (assistant): 'content' must be a string, got a number"),
+    ({"prompt": [msg("user", "a?")], "chosen": [msg("assistant", "b.")], "rejected": [msg("assistant", " ")]},
+     "'rejected' (assistant): empty 'content'"),
+    ({"prompt": [], "chosen": [msg("assistant", "b.")], "rejected": [msg("assistant", "c.")]}, "'prompt' is empty"),
+    ({"prompt": 5, "chosen": [msg("assistant", "b.")], "rejected": [msg("assistant", "c.")]},
+     "'prompt' must be a list of messages like 'chosen', got a number"),
+    ({"chosen": [msg("user", "a?"), msg("assistant", "b.")], "rejected": [msg("user", "a?"), msg("user", "c?")]},
+     "'rejected' turn 2: two user turns in a row ('rejected' turn 1 and 'rejected' turn 2)"),
+    ({"chosen": [msg("user", "a?"), msg("assistant", "b."), msg("user", "more?"), msg("assistant", "c.")],
+      "rejected": [msg("user", "a?"), msg("assistant", "x.")]},
+     "after the 1 turn(s) both conversations share, 'chosen' has 3 more and 'rejected' 1"),
+    ({"prompt": "a?", "chosen": None, "rejected": "b."}, "'chosen' must be a string or a list of messages, got null"),
+])
+def test_each_malformed_conversation_names_the_side_and_turn(line, message):
+    pairs, problems = read_pairs(jsonl(line))
+    assert pairs == [] and len(problems) == 1 and message in problems[0].message, problems
