@@ -1147,11 +1147,12 @@ def split_validation(rows: list[_Item], fraction: float, seed: int = 42) -> tupl
 
 # ---------------------------------------------------------------------------- the CLI's view
 
-def check_file(path: str | Path, rules: DataRules | None = None, *, seed: int = 42) -> dict[str, Any]:
+def check_file(path: str | Path, rules: DataRules | None = None, *, seed: int = 42,
+               data: bytes | None = None) -> dict[str, Any]:
     """Run the rules over a local JSONL file and return the report (never raises for bad data;
-    ``report['ok']`` says whether a run would accept it)."""
+    ``report['ok']`` says whether a run would accept it). ``data``: the file's bytes, when already read."""
     p = Path(path)
-    data = read_data_file(p)
+    data = read_data_file(p) if data is None else data
     rules = rules or DataRules()
     report = prepare_report(data, rules, seed=seed).report
     report["source"] = str(p)

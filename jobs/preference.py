@@ -494,11 +494,12 @@ def prepare_pairs(data: bytes, data_spec: DataRules, *, seed: int = 42) -> Prepa
     return prepared
 
 
-def check_pairs_file(path: str | Path, rules: DataRules | None = None, *, seed: int = 42) -> dict[str, Any]:
+def check_pairs_file(path: str | Path, rules: DataRules | None = None, *, seed: int = 42,
+                     data: bytes | None = None) -> dict[str, Any]:
     """:func:`jobs.dataprep.check_file` for preference pairs: the report of a local file (never raises for bad
-    data; ``report['ok']`` says whether a dpo/orpo run would accept it)."""
+    data; ``report['ok']`` says whether a dpo/orpo run would accept it). ``data``: its bytes, when already read."""
     p = Path(path)
-    data = read_data_file(p)
+    data = read_data_file(p) if data is None else data
     rules = rules or DataRules()
     report = prepare_pairs_report(data, rules, seed=seed).report
     report["source"] = str(p)

@@ -727,14 +727,15 @@ def data_check(file: Optional[Path] = typer.Argument(
         s = Client().load_spec(spec)
         rules, seed = s.data, s.training.seed
         chosen_method = chosen_method or s.training.method
-    if chosen_method is None and preference.looks_like_pairs(dataprep.read_data_file(file)):
+    data = dataprep.read_data_file(file)
+    if chosen_method is None and preference.looks_like_pairs(data):
         chosen_method = "dpo"
         _err("note: read as preference pairs (the file's first row has 'chosen' or 'rejected'); --method sft "
              "checks it as SFT rows")
     if chosen_method in ("dpo", "orpo"):
-        report = preference.check_pairs_file(file, rules, seed=seed)
+        report = preference.check_pairs_file(file, rules, seed=seed, data=data)
     else:
-        report = dataprep.check_file(file, rules, seed=seed)
+        report = dataprep.check_file(file, rules, seed=seed, data=data)
     if as_json:
         typer.echo(json.dumps(report, indent=2, default=str))
     else:

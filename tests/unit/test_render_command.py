@@ -17,7 +17,7 @@ from launcher import cli, render
 from launcher.errors import AlreadyExists
 from launcher.settings import make_settings
 from launcher.submit import submit
-from tests.unit.test_golden import GOLDEN, ROOT, SETTINGS, VARIANTS, examples, golden_name
+from tests.unit.test_golden import GOLDEN, LOCAL_EXAMPLES, ROOT, SETTINGS, VARIANTS, examples, golden_name
 
 pytestmark = pytest.mark.unit
 
@@ -50,8 +50,9 @@ def render_args(example: str, variant: str) -> list[str]:
 @pytest.mark.parametrize("example", examples())
 def test_render_prints_what_a_run_creates_with_flags_for_the_cluster_choices(example, variant):
     r = invoke(*render_args(example, variant), env={"LAUNCHER_S3_ENDPOINT": SETTINGS["s3_endpoint"]})
-    if example == "examples/demo/spec.yaml":  # local folders: what render prints runs in a pod, which cannot read them
-        assert r.exit_code == 2 and "output (line 10): is a local path" in r.output and "--local" in r.output, r.output
+    if example in LOCAL_EXAMPLES:  # local folders: what render prints runs in a pod, which cannot read them
+        assert r.exit_code == 2 and "output (line " in r.output and "is a local path" in r.output, r.output
+        assert "--local" in r.output, r.output
         return
     assert r.exit_code == 0, r.output
     assert r.stdout == (GOLDEN / "runs" / golden_name(example, variant)).read_text()
