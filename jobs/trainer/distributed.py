@@ -89,8 +89,9 @@ class World:
 
     def reduce_step(self, params, n_local: int, loss_local, extras: list[float], device):
         """Sum every rank's gradients (each scaled by its target-token count) and divide by the
-        step's total count. The gradients arrive normalised by the rank's own count. Returns, summed
-        over ranks, a tensor [target tokens, loss sum, *extras] on ``device``."""
+        step's total count. The gradients arrive normalised by the rank's own count. ``loss_local``: a scalar or a
+        1-D tensor of statistics. Returns, summed over ranks, a tensor [target tokens, *loss_local, *extras] on
+        ``device``."""
         import torch
         import torch.distributed as dist
 
@@ -99,8 +100,8 @@ class World:
             if p.grad is None:  # a rank with no example in this step (a short last step)
                 p.grad = torch.zeros_like(p)
             grads.append(p.grad)
-        tail = torch.stack([torch.tensor(float(n_local), device=device), loss_local.float().reshape(()).to(device),
-                            *[torch.tensor(float(x), device=device) for x in extras]])
+        tail = torch.cat([torch.tensor([float(n_local)], device=device), loss_local.float().reshape(-1).to(device),
+                          torch.tensor([float(x) for x in extras], device=device)])
         flat = torch.cat([g.reshape(-1).float() * n_local for g in grads] + [tail])
         with collective("the step's gradient all-reduce", self):
             dist.all_reduce(flat)
@@ -195,8 +196,8 @@ def shard_model(world: World, model) -> None:
             fully_shard(layer, mesh=mesh)
         fully_shard(base, mesh=mesh)
 
-    def sharded_loss(self, batch):
-        return fastpath.base_lm_loss(self, batch)
+    def sharded_loss(self, batch, per_example: bool = False):
+        return fastpath.base_example_losses(self, batch) if per_example else fastpath.base_lm_loss(self, batch)
 
     setattr(base, fastpath.FSDP_LOSS_METHOD, types.MethodType(sharded_loss, base))
     register_fsdp_forward_method(base, fastpath.FSDP_LOSS_METHOD)

@@ -78,11 +78,16 @@ class StepLoop:
     """Runs optimizer steps until the plan's last, an early stop or a SIGTERM (Preempted, after its checkpoint).
 
     Holds what a step needs (``strategy.forward_backward`` reads ``sched``, ``budget``, ``scaler``, ``optimizer``,
-    ``params``, ``state``, ``stop_requested``) and what the hooks read (``state``, ``clock``, ``total_steps``)."""
+    ``params``, ``state``, ``stop_requested`` and ``objective``: SFT or a preference loss,
+    ``jobs.trainer.preference.Objective``, chosen once for the run) and what the hooks read (``state``, ``clock``,
+    ``total_steps``, ``objective``)."""
 
     def __init__(self, model, strategy, *, sched, budget, optimizer, scheduler, scaler, params, state,
                  total_steps: int, eval_every: int | None, checkpoint_every: int, longest: int,
-                 examples_per_step: int, stop_requested: Callable[[], bool]):
+                 examples_per_step: int, stop_requested: Callable[[], bool], objective=None):
+        from jobs.trainer.preference import Objective
+
+        self.objective = objective if objective is not None else Objective("sft")
         self.model, self.strategy = model, strategy
         self.sched, self.budget, self.optimizer, self.scheduler, self.scaler = sched, budget, optimizer, scheduler, scaler
         self.params, self.state, self.total_steps = params, state, total_steps
@@ -116,14 +121,14 @@ class StepLoop:
             # step is queued, so the CPU prepares step k+1 while the GPU still runs step k.
             event = None
             if cuda:
-                loss_host = torch.empty((), dtype=torch.float32, pin_memory=True)
+                loss_host = torch.empty(done.loss.shape, dtype=torch.float32, pin_memory=True)
                 loss_host.copy_(done.loss, non_blocking=True)
                 event = torch.cuda.Event()
                 event.record()
             else:
                 loss_host = done.loss
-            n_target = float(done.n_target) if isinstance(done.n_target, torch.Tensor) else done.n_target
-            recorded = RecordedStep(step=state.step, loss=loss_host, event=event, n_target=n_target,
+            totals = [float(x) if isinstance(x, torch.Tensor) else x for x in done.n_target]
+            recorded = RecordedStep(step=state.step, loss=loss_host, event=event, n_target=totals,
                                     examples=n_examples, tokens=done.tokens, lr=lr_used,
                                     tokens_so_far=self.clock.tokens_this_run, seconds=self.clock.step_times[-1])
             end = StepEnd(step=state.step,
@@ -143,9 +148,9 @@ class StepLoop:
 @dataclass
 class RecordedStep:
     step: int
-    loss: object  # the step's loss sum: a pinned host tensor behind ``event`` on a GPU
+    loss: object  # the step's statistics (``objective.micro_loss``): a pinned host tensor behind ``event`` on a GPU
     event: object
-    n_target: float
+    n_target: list  # the totals its terms are divided by (SFT: target tokens)
     examples: int
     tokens: int
     lr: float
@@ -206,13 +211,14 @@ class ProgressLog:
         state, total, clock = loop.state, loop.total_steps, loop.clock
         if p.event is not None:
             p.event.synchronize()
-        loss = float(p.loss) / max(1.0, float(p.n_target))
+        summary = loop.objective.summary(p.loss, p.n_target)
+        loss = summary.pop("loss")
         if not math.isfinite(loss):
             raise Diverged(f"the training loss became {loss} at step {p.step}",
                            hint="lower training.learning_rate, use precision: bf16 or fp32, or check the data "
                                 "for empty or garbled outputs")
         state.history.append({"step": p.step, "loss": round(loss, 5), "lr": p.lr, "tokens": p.tokens,
-                              "examples": p.examples})
+                              "examples": p.examples, **{k: round(v, 5) for k, v in summary.items()}})
         if self.on_progress is not None:
             elapsed = time.perf_counter() - clock.t0
             self.on_progress(step=p.step, total_steps=total, loss=round(loss, 5), lr=p.lr,
@@ -222,9 +228,10 @@ class ProgressLog:
                              eta_s=_eta_seconds(clock.step_times, total - p.step))
         if p.step % self.logging_interval == 0 or p.step == total:
             elapsed = time.perf_counter() - clock.t0
-            log.info("step %d/%d  loss %.4f  lr %.2e  %d examples  %d tokens  %.0f tok/s  step %.2fs  ETA %s",
-                     p.step, total, loss, p.lr, p.examples, p.tokens, p.tokens_so_far / max(elapsed, 1e-9),
-                     p.seconds, _eta(clock.step_times, total - p.step))
+            extra = "".join(f"  {k.replace('_', ' ')} {v:.4f}" for k, v in summary.items())
+            log.info("step %d/%d  loss %.4f%s  lr %.2e  %d %s  %d tokens  %.0f tok/s  step %.2fs  ETA %s",
+                     p.step, total, loss, extra, p.lr, p.examples, "pairs" if loop.objective.preference else "examples",
+                     p.tokens, p.tokens_so_far / max(elapsed, 1e-9), p.seconds, _eta(clock.step_times, total - p.step))
 
 
 class Validation:
@@ -251,14 +258,15 @@ class Validation:
         return True
 
     def _measure(self, loop: StepLoop) -> float:
-        from jobs.trainer.train import evaluate_loss
-
         state = loop.state
-        losses = evaluate_loss(loop.model, self.examples, loop.budget, loop.strategy)
+        losses = loop.objective.validate(loop.model, self.examples, loop.budget, loop.strategy)
         assert losses is not None  # validation runs only with examples
         self.last_mine = losses.mine
-        state.evals.append({"step": state.step, "val_loss": round(losses.mean, 5)})
-        log.info("step %d  validation loss %.4f", state.step, losses.mean)
+        extra = loop.objective.validation_metrics(losses)
+        state.evals.append({"step": state.step, "val_loss": round(losses.mean, 5),
+                            **{k: round(v, 5) for k, v in extra.items()}})
+        log.info("step %d  validation loss %.4f%s", state.step, losses.mean,
+                 "".join(f"  {k.replace('_', ' ')} {v:.4f}" for k, v in extra.items()))
         return losses.mean
 
     def _evaluate(self, loop: StepLoop) -> bool:

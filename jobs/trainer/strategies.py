@@ -26,12 +26,12 @@ log = logging.getLogger("jobs")
 
 @dataclass
 class StepTotals:
-    """One optimizer step's forward and backward, summed over every rank: the loss sum (a tensor on the device:
-    read later, without a sync), the target tokens the loss is divided by, the tokens, and whether any rank was
-    asked to stop."""
+    """One optimizer step's forward and backward, summed over every rank: the objective's statistics (a small tensor
+    on the device, read later without a sync; ``loss[0]`` the loss sum for SFT), the totals its terms are divided
+    by (``objective.counts``: SFT's target tokens), the tokens, and whether any rank was asked to stop."""
 
     loss: Any
-    n_target: Any  # a float, or a tensor on the device (data parallel: read after the step)
+    n_target: list  # floats, or tensors on the device (data parallel: read after the step)
     tokens: int
     stop: bool
 
@@ -58,8 +58,8 @@ class Strategy(Protocol):
         the step's gradients, normalised by its target tokens over every rank, in the LoRA parameters."""
 
     def validation_batches(self, examples: list[dict], tokens: int) -> tuple[list[dict], int]:
-        """This rank's validation micro-batches, one example each in its share's order, and how many of them
-        count (the rest are fillers)."""
+        """This rank's validation micro-batches, its share of the examples packed in order (every example whole,
+        none dropped), and how many of them count (the rest are fillers)."""
 
     def gather_per_example(self, mine: list[float], n: int) -> list[float]:
         """Every rank's per-example values of a validation (``mine``: this rank's share) in the ``n`` examples'
@@ -131,15 +131,19 @@ class SingleDevice:
         return contextlib.nullcontext()
 
     def forward_backward(self, model, loop, k: int) -> StepTotals:
-        loss, n_target, mbs = _local_forward_backward(model, loop, k, self.device)
-        return StepTotals(loss, n_target, sum(len(mb["input_ids"]) for mb in mbs), loop.stop_requested())
+        stats, totals, mbs = _local_forward_backward(model, loop, k, self.device, lambda counts: (counts, 1.0))
+        return StepTotals(stats, totals, sum(len(mb["input_ids"]) for mb in mbs), loop.stop_requested())
 
     def validation_batches(self, examples: list[dict], tokens: int) -> tuple[list[dict], int]:
         from jobs.trainer import fastpath
 
-        # one example a micro-batch: each forward's loss is one example's (the gate pairs them by example)
-        mbs = [fastpath.pack_rows([e], tokens, seed=0, shuffle=False)[0]
-               for e in examples[self.world.rank::self.world.size]]
+        # this rank's share packed in its order (no shuffle): the micro-batches' examples, one after another, are
+        # the share's, so each example's loss (fastpath.example_losses) is put back by position
+        share = examples[self.world.rank::self.world.size]
+        mbs = fastpath.pack_rows(share, tokens, seed=0, shuffle=False)
+        packed = sum(len(mb["seq_lens"]) for mb in mbs)
+        if packed != len(share):
+            raise ValueError(f"validation packed {packed} of {len(share)} examples (one shorter than 2 tokens?)")
         return mbs, len(mbs)
 
     def gather_per_example(self, mine: list[float], n: int) -> list[float]:
@@ -184,25 +188,29 @@ class SingleDevice:
         return None
 
 
-def _local_forward_backward(model, loop, k: int, device):
+def _local_forward_backward(model, loop, k: int, device, agree: Callable[[list[float]], tuple[list, float]]):
     """Step ``k``'s micro-batches on this rank alone; on CUDA out-of-memory, smaller micro-batches and the same
-    examples (``loop.budget`` halves, recorded in ``loop.state``). Returns (loss sum, target tokens, micro-batches)."""
+    examples (``loop.budget`` halves, recorded in ``loop.state``). ``agree(counts)`` turns this rank's normalisers of
+    the step (``loop.objective.counts``: they do not depend on the layout) into the totals each loss term is divided
+    by and a factor on every term (a collective where the ranks must agree first: called once, before any retry).
+    Returns (the step's statistics, the totals, micro-batches)."""
     import torch
 
     from jobs.trainer import fastpath
-    from jobs.trainer.train import _target_tokens, free_memory
+    from jobs.trainer.train import free_memory
 
-    budget, state = loop.budget, loop.state
+    budget, state, objective = loop.budget, loop.state, loop.objective
+    mbs = loop.sched.micro_batches(k, budget.tokens, objective.pack)
+    totals, factor = agree(objective.counts(mbs))
+    scale = [factor / max(1.0, float(t)) for t in totals]
     while True:
-        mbs = loop.sched.micro_batches(k, budget.tokens, fastpath.pack_step)
-        n_target = sum(_target_tokens(mb) for mb in mbs)
         try:
-            step_loss = torch.zeros((), dtype=torch.float32, device=device)
+            stats = torch.zeros(objective.stats_size, dtype=torch.float32, device=device)
             for mb in mbs:
-                loss_sum, _ = fastpath.lm_loss(model, fastpath.to_device(mb, device))
-                loop.scaler.scale(loss_sum / max(1, n_target)).backward()
-                step_loss += loss_sum.detach().float()
-            return step_loss, n_target, mbs
+                loss, mb_stats = objective.micro_loss(model, fastpath.to_device(mb, device), mb, scale)
+                loop.scaler.scale(loss).backward()
+                stats += mb_stats
+            return stats, totals, mbs
         except RuntimeError as err:
             if not is_gpu_out_of_memory(err):
                 raise
@@ -220,6 +228,7 @@ def _local_forward_backward(model, loop, k: int, device):
         state.tokens_per_micro_batch = budget.tokens
         log.warning("out of GPU memory at step %d with micro-batches of %d tokens: retrying the step at %d "
                     "(same %d examples)", k + 1, before, budget.tokens, loop.examples_per_step)
+        mbs = loop.sched.micro_batches(k, budget.tokens, objective.pack)
 
 
 # ------------------------------------------------------------------------ data parallel
@@ -235,12 +244,28 @@ class DataParallel(SingleDevice):
         return model
 
     def forward_backward(self, model, loop, k: int) -> StepTotals:
-        loss, n_target, mbs = _local_forward_backward(model, loop, k, self.device)
+        world, objective = self.world, loop.objective
+
+        def agree(counts):
+            if not objective.preference:
+                # SFT: each rank normalises by its own target tokens, and the all-reduce weights the ranks by them
+                return counts, 1.0
+            # per pair, or a loss of two terms (ORPO): the ranks agree on the step's totals first; each rank's terms
+            # are divided by them and scaled by the world size, which the all-reduce's mean takes back out
+            from jobs.trainer.distributed import all_gather_floats
+
+            got = all_gather_floats(world, counts, self.device, "the step's loss normalisers")
+            return [float(x) for x in got.sum(0)], float(world.size)
+
+        stats, totals, mbs = _local_forward_backward(model, loop, k, self.device, agree)
         tokens = sum(len(mb["input_ids"]) for mb in mbs)
         # one all-reduce of the LoRA gradients a step; reading its stop flag is a host sync: all stop together
-        reduced = self.world.reduce_step(loop.params, n_target, loss, [tokens, float(loop.stop_requested())],
-                                         self.device)
-        return StepTotals(reduced[1], reduced[0], int(reduced[2]), bool(reduced[3] > 0))
+        reduced = world.reduce_step(loop.params, 1.0 if objective.preference else totals[0], stats,
+                                    [tokens, float(loop.stop_requested())], self.device)
+        n = objective.stats_size
+        if not objective.preference:
+            totals = [reduced[0]]  # every rank's target tokens
+        return StepTotals(reduced[1:1 + n], totals, int(reduced[1 + n]), bool(reduced[2 + n] > 0))
 
     def save_checkpoint(self, checkpoints, model, optimizer, scheduler, state, scaler, best_adapter) -> None:
         if self.world.main:  # every rank holds the same weights: rank 0 writes them
@@ -358,10 +383,11 @@ class FSDP2(DataParallel):
 
 def _sharded_forward_backward(model, loop, k: int, world: World, device) -> StepTotals:
     """Forward and backward of optimizer step k on an FSDP2-sharded model; leaves the gradients, summed over
-    ranks and normalised by the step's target tokens, in the (sharded) parameters' grads.
+    ranks and normalised by the step's totals (``loop.objective.counts``: target tokens, pairs), in the (sharded)
+    parameters' grads.
 
-    The ranks first agree on the step's target tokens (so each rank's loss is divided by the step's total,
-    like the data-parallel path's weighting), its tokens, the stop flag and the most micro-batches any rank
+    The ranks first agree on the step's totals (so each rank's loss terms are divided by the step's, like the
+    data-parallel path's weighting), its tokens, the stop flag and the most micro-batches any rank
     has: a rank with fewer runs filler micro-batches whose loss is multiplied by 0, because each forward
     and backward gathers the weights from every rank. Gradient sync is off for all but the last micro-batch
     (the LoRA gradients accumulate unsharded, then one reduce-scatter); FSDP2 averages over ranks, so each
@@ -371,30 +397,32 @@ def _sharded_forward_backward(model, loop, k: int, world: World, device) -> Step
 
     from jobs.trainer import fastpath
     from jobs.trainer.distributed import all_gather_floats
-    from jobs.trainer.train import _filler, _target_tokens
 
-    budget = loop.budget
-    mbs = loop.sched.micro_batches(k, budget.tokens, fastpath.pack_step)
-    n_local = sum(_target_tokens(mb) for mb in mbs)
+    budget, objective = loop.budget, loop.objective
+    mbs = loop.sched.micro_batches(k, budget.tokens, objective.pack)
+    counts = objective.counts(mbs)
     tokens_local = sum(len(mb["input_ids"]) for mb in mbs)
-    agreed = all_gather_floats(world, [n_local, tokens_local, float(loop.stop_requested()), len(mbs)], device,
+    agreed = all_gather_floats(world, [*counts, tokens_local, float(loop.stop_requested()), len(mbs)], device,
                                "the step's token counts")
-    n_target, real_tokens = float(agreed[:, 0].sum()), int(agreed[:, 1].sum())
-    stop_here, most = bool(agreed[:, 2].max() > 0), int(agreed[:, 3].max())
+    c = len(counts)
+    totals = [float(x) for x in agreed[:, :c].sum(0)]
+    real_tokens = int(agreed[:, c].sum())
+    stop_here, most = bool(agreed[:, c + 1].max() > 0), int(agreed[:, c + 2].max())
     counted = len(mbs)
-    runs = mbs + [_filler(loop.sched.examples, budget.tokens)] * (most - counted)
+    runs = mbs + [objective.filler(loop.sched.examples, budget.tokens)] * (most - counted)
     (log.info if k == 0 else log.debug)("FSDP2 step %d: %d micro-batches on rank %d and %d filler (the busiest "
                                         "rank has %d)", k + 1, counted, world.rank, most - counted, most)
-    step_loss = torch.zeros((), dtype=torch.float32, device=device)
+    stats = torch.zeros(objective.stats_size, dtype=torch.float32, device=device)
+    scale = [world.size / max(1.0, t) for t in totals]
     root = fastpath._unwrap(model)  # the FSDP2 root (jobs.trainer.distributed.shard_model)
     try:
         for i, mb in enumerate(runs):
             root.set_requires_gradient_sync(i == len(runs) - 1)
-            loss_sum, _ = fastpath.lm_loss(model, fastpath.to_device(mb, device))
-            weight = world.size / max(1.0, n_target) if i < counted else 0.0
-            loop.scaler.scale(loss_sum * weight).backward()
+            loss, mb_stats = objective.micro_loss(model, fastpath.to_device(mb, device), mb,
+                                                  scale if i < counted else [0.0] * c)
+            loop.scaler.scale(loss).backward()
             if i < counted:
-                step_loss += loss_sum.detach().float()
+                stats += mb_stats
     except RuntimeError as err:
         if not is_gpu_out_of_memory(err):
             raise
@@ -404,5 +432,5 @@ def _sharded_forward_backward(model, loop, k: int, world: World, device) -> Step
                                "training.gradient_checkpointing, or shard over more GPUs") from None
     finally:
         root.set_requires_gradient_sync(True)
-    world.reduce_sum(step_loss)
-    return StepTotals(step_loss, n_target, real_tokens, stop_here)
+    world.reduce_sum(stats)
+    return StepTotals(stats, totals, real_tokens, stop_here)

@@ -290,9 +290,9 @@ class Losses:
 def evaluate_loss(model, examples: list[dict], budget: TokenBudget | int, strategy) -> Losses | None:
     """Cross-entropy over examples (no dropout, no grad), overall and per example; backs off on out-of-memory.
 
-    With several ranks each takes its share of the examples (``strategy.validation_batches``: one example a
-    micro-batch, so each forward's loss is one example's) and the sums are all-reduced, so every rank gets the
-    same mean (early stopping decides the same everywhere); the per-example losses stay on their rank."""
+    With several ranks each takes its share of the examples (``strategy.validation_batches``: packed in order, each
+    forward's per-example losses from ``fastpath.example_losses``) and the sums are all-reduced, so every rank gets
+    the same mean (early stopping decides the same everywhere); the per-example losses stay on their rank."""
     import torch
 
     from jobs.trainer import fastpath
@@ -310,16 +310,19 @@ def evaluate_loss(model, examples: list[dict], budget: TokenBudget | int, strate
                 with torch.no_grad():
                     mbs, counted = strategy.validation_batches(examples, budget.tokens)
                     # each example's loss sum and target tokens, read back once at the end (no sync a forward)
-                    per = torch.zeros(max(1, counted), 2, dtype=torch.float64, device=device)
+                    sums, counts = [], []
                     for i, mb in enumerate(mbs):
-                        loss_sum, ntok = fastpath.lm_loss(model, fastpath.to_device(mb, device))
+                        loss_sums, ntok = fastpath.example_losses(model, fastpath.to_device(mb, device))
                         if i < counted:
-                            per[i, 0] += loss_sum.double()
-                            per[i, 1] += ntok
-                sums = per[:counted].sum(0)
-                strategy.reduce_sum(sums)
-                mine = per[:counted].cpu().tolist()
-                return Losses(float(sums[0]) / max(1.0, float(sums[1])), [s / max(1.0, n) for s, n in mine])
+                            sums.append(loss_sums.double())
+                            counts += ntok
+                    per = torch.stack([torch.cat(sums) if sums else torch.zeros(0, dtype=torch.float64,
+                                                                                 device=device),
+                                       torch.tensor(counts, dtype=torch.float64, device=device)], 1)
+                totals = per.sum(0)
+                strategy.reduce_sum(totals)
+                mine = per.cpu().tolist()
+                return Losses(float(totals[0]) / max(1.0, float(totals[1])), [s / max(1.0, n) for s, n in mine])
             except RuntimeError as err:
                 if not is_gpu_out_of_memory(err):
                     raise
@@ -337,7 +340,7 @@ def evaluate_loss(model, examples: list[dict], budget: TokenBudget | int, strate
             model.train()
 
 
-def _filler(examples: list[dict], tokens: int) -> dict:
+def _filler(examples: list[dict], tokens: int) -> dict:  # validation's (SFT examples)
     """A micro-batch whose loss counts for nothing: what a sharded rank runs when it has fewer micro-batches
     than another (every forward and backward of FSDP2 is a collective over all ranks)."""
     from jobs.trainer import fastpath
@@ -392,9 +395,11 @@ def _resume(checkpoints, model, optimizer, scheduler, state: TrainState, scaler,
 
 def train(model, spec: TrainingRunSpec, train_ex: list[dict], val_ex: list[dict], *, strategy, plan,
           checkpoints, stop_requested: Callable[[], bool] = lambda: False,
-          on_progress: Callable[..., None] | None = None, compile_cache=None) -> TrainResult:
+          on_progress: Callable[..., None] | None = None, compile_cache=None, objective=None) -> TrainResult:
     """Train ``model`` (already PEFT-wrapped) in place, spread over the training processes by ``strategy``
-    (``jobs.trainer.strategies``). ``checkpoints`` saves and restores state.
+    (``jobs.trainer.strategies``). ``checkpoints`` saves and restores state. ``objective``
+    (``jobs.trainer.preference.Objective``; None: SFT) is what a step minimises: SFT over encoded examples, or DPO /
+    ORPO over encoded pairs (``preference.encode_pairs``), whose validation is the held-out preference loss.
     ``on_progress(**fields)`` sees every recorded step and validation (jobs.progress.ProgressWriter.update).
     ``compile_cache`` (a :class:`jobs.trainer.compile_cache.CompileCache`) is saved once the first step has
     compiled, so a retry that comes before the end of training starts warm too.
@@ -407,6 +412,9 @@ def train(model, spec: TrainingRunSpec, train_ex: list[dict], val_ex: list[dict]
 
     from jobs.trainer.loop import Checkpointing, CompileCacheSave, EarlyStopping, ProgressLog, StepLoop, Validation
 
+    from jobs.trainer.preference import Objective
+
+    objective = objective if objective is not None else Objective("sft")
     world_size, t, cuda = strategy.world.size, spec.training, strategy.device.type == "cuda"
     torch.manual_seed(t.seed)
     random.seed(t.seed)
@@ -426,21 +434,25 @@ def train(model, spec: TrainingRunSpec, train_ex: list[dict], val_ex: list[dict]
     scaler = torch.amp.GradScaler("cuda", enabled=scaling)
 
     state = TrainState(world_size=world_size, examples_per_step=examples_per_step)
-    longest = max((len(e["input_ids"]) for e in train_ex), default=2)
+    longest = max((objective.length(e) for e in train_ex), default=2)
     budget = TokenBudget(plan.tokens_per_micro_batch, min(longest, plan.tokens_per_micro_batch))
+    objective.prepare(model, train_ex, val_ex, budget.tokens, strategy)
     resumed_from = _resume(checkpoints, model, optimizer, scheduler, state, scaler, budget, total_steps=total_steps,
                            examples_per_step=examples_per_step, world_size=world_size)
-    log.info("training: %d examples, %d examples per optimizer step (%d per device x %d accumulation x %d "
+    unit = f"{objective.method.upper()} pairs" if objective.preference else "examples"
+    log.info("training: %d %s, %d per optimizer step (%d per device x %d accumulation x %d "
              "device%s), packed into micro-batches of <=%d tokens; %d optimizer steps (%d per epoch), warm-up %d, "
-             "validation every %d steps; lr %.1e, LoRA r=%d alpha=%d%s", len(train_ex), examples_per_step,
+             "validation every %d steps; lr %.1e, LoRA r=%d alpha=%d%s%s", len(train_ex), unit, examples_per_step,
              t.per_device_batch_size, t.accumulation_for(world_size), world_size, "s" if world_size > 1 else "",
              budget.tokens, total_steps, sched.steps_per_epoch, warmup, eval_every, t.learning_rate,
-             spec.lora.rank, spec.lora.alpha, ", fp16 loss scaling" if scaling else "")
+             spec.lora.rank, spec.lora.alpha, ", fp16 loss scaling" if scaling else "",
+             f", beta {objective.beta:g}" if objective.preference else "")
 
     loop = StepLoop(model, strategy, sched=sched, budget=budget, optimizer=optimizer, scheduler=scheduler,
                     scaler=scaler, params=params, state=state, total_steps=total_steps,
                     eval_every=eval_every if val_ex else None, checkpoint_every=t.checkpoint_interval_steps,
-                    longest=longest, examples_per_step=examples_per_step, stop_requested=stop_requested)
+                    longest=longest, examples_per_step=examples_per_step, stop_requested=stop_requested,
+                    objective=objective)
     progress = ProgressLog(t.logging_interval_steps, sched.steps_per_epoch, on_progress, cuda)
     validation = Validation(val_ex, on_progress, checkpoints.restored_best if resumed_from is not None else None)
     hooks = [progress, validation, EarlyStopping(t.early_stopping_patience), Checkpointing(checkpoints, validation)]

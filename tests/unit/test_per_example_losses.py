@@ -63,6 +63,63 @@ def test_validation_gives_each_examples_own_loss_in_order_and_the_token_weighted
     assert len(set(round(x, 4) for x in losses.mine)) == 5  # distinct examples: no value repeated or shuffled
 
 
+def _one_at_a_time(model, examples):
+    """Each example alone through the packed path (what validation did before it packed): its loss sum and
+    target tokens."""
+    out = []
+    for e in examples:
+        batch = fastpath.to_device(fastpath.pack_rows([e], 1024, seed=0, shuffle=False)[0], "cpu")
+        loss, n = fastpath.lm_loss(model, batch)
+        out.append((loss, n))
+    return out
+
+
+@pytest.mark.parametrize("budget", [256, 40])  # everything in one forward; several forwards
+def test_packed_validation_gives_each_example_the_loss_it_has_alone(budget):
+    model, examples = _tiny(), _examples(7)
+    with torch.no_grad():
+        alone = _one_at_a_time(model, [dict(e, input_ids=e["input_ids"][:budget], labels=e["labels"][:budget])
+                                       for e in examples])
+    mbs, counted = SingleDevice().validation_batches(examples, budget)
+    assert (len(mbs) == 1) == (budget == 256) and counted == len(mbs)
+    losses = evaluate_loss(model, examples, budget, SingleDevice())
+    assert losses is not None
+    expected = [float(s) / n for s, n in alone]
+    assert losses.mine == pytest.approx(expected, rel=2e-5, abs=1e-6)
+    assert losses.mean == pytest.approx(sum(float(s) for s, _ in alone) / sum(n for _, n in alone), rel=2e-5)
+
+
+def test_example_losses_are_differentiable_per_example_and_chunked():
+    """The per-example sums of one packed forward give the same LoRA gradients as each example's own forward, for
+    any weighting of the examples (what the preference losses do), with chunks smaller than an example."""
+    from peft import LoraConfig, get_peft_model
+
+    from jobs.trainer.fastpath import loss as loss_mod
+
+    model = get_peft_model(_tiny(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.0))
+    for n, p in model.named_parameters():  # lora_B starts at 0: give it values so gradients reach lora_A
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.05)
+    examples = _examples(4)
+    weights = torch.tensor([0.5, -1.0, 2.0, 0.25])
+    params = [p for p in model.parameters() if p.requires_grad]
+    old_chunk = loss_mod.CE_CHUNK
+    loss_mod.CE_CHUNK = 5
+    try:
+        batch = fastpath.to_device(fastpath.pack_rows(examples, 1024, seed=0, shuffle=False)[0], "cpu")
+        sums, counts = fastpath.example_losses(model, batch)
+        assert counts == [sum(1 for t in e["labels"][1:] if t != -100) for e in examples]
+        packed = torch.autograd.grad((sums * weights).sum(), params)
+        alone = _one_at_a_time(model, examples)
+    finally:
+        loss_mod.CE_CHUNK = old_chunk
+    assert torch.allclose(sums.detach(), torch.stack([s.detach() for s, _ in alone]), rtol=1e-5)
+    each = torch.autograd.grad(sum(w * s for w, (s, _) in zip(weights, alone)), params)
+    for a, b in zip(packed, each):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert any(float(g.abs().max()) > 0 for g in packed)
+
+
 def test_every_ranks_share_of_per_example_losses_is_put_back_in_the_examples_order(monkeypatch):
     """Rank r validates examples r, r + world, ... (validation_batches); the gather pads the shorter shares and
     interleaves them back. all_gather_floats is replaced by what two ranks would send."""
@@ -80,7 +137,9 @@ def test_every_ranks_share_of_per_example_losses_is_put_back_in_the_examples_ord
     monkeypatch.setattr(distributed, "all_gather_floats", all_gather)
     for rank in (0, 1):
         s = DataParallel(World(rank=rank, size=2), torch.device("cpu"))
-        assert len(s.validation_batches(_examples(n), 256)[0]) == len(shares[rank])
+        mbs, counted = s.validation_batches(_examples(n), 256)
+        assert counted == len(mbs) == 1  # the share packs into one forward
+        assert mbs[0]["seq_lens"] == [len(e["input_ids"]) for e in _examples(n)[rank::2]]  # in the share's order
         assert s.gather_per_example(shares[rank], n) == [10.0, 11.0, 12.0, 13.0, 14.0]
     assert sent == {0: [10.0, 12.0, 14.0], 1: [11.0, 13.0, 0.0]}
 

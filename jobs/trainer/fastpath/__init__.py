@@ -9,7 +9,8 @@ what happens to the tokens inside one micro-batch and how the GPU is used. Its c
 * :mod:`.attention` — :data:`ATTN_IMPL`, attention that never crosses an example boundary (PyTorch's
   flash varlen kernel on CUDA, SDPA per example elsewhere), and :func:`register_attention`.
 * :mod:`.loss` — :func:`lm_loss`: the decoder once over a packed row, targets shifted inside each example,
-  a chunked cross-entropy over the lm_head that never materialises the ``[T, vocab]`` logits.
+  a chunked cross-entropy over the lm_head that never materialises the ``[T, vocab]`` logits;
+  :func:`example_losses`: the same forward, each packed example's summed loss (validation, preference losses).
 * :mod:`.planning` — :func:`plan`: dtype, checkpointing, compile, FP8, FSDP2 and tokens per micro-batch
   from the device and its free memory.
 * :mod:`.prepare` — :func:`prepare_model` applies a plan to a loaded model (it registers the attention
@@ -28,7 +29,8 @@ from .fp8 import apply_fp8, fp8_recipe, fp8_support, remove_fp8
 # jobs.trainer.strategies), fastpath._apply_liger (tests/unit/test_checkpoints_and_merge.py).
 from .kernels import _apply_liger as _apply_liger
 from .kernels import install_lean_lora, undo_module_patches
-from .loss import FSDP_LOSS_METHOD, base_lm_loss, chunked_linear_ce, lm_loss
+from .loss import (FSDP_LOSS_METHOD, base_example_losses, base_lm_loss, chunked_linear_ce, chunked_linear_token_ce,
+                   example_losses, lm_loss)
 from .packing import pack_rows, pack_step, to_device
 from .parts import _decoder as _decoder
 from .parts import _unwrap as _unwrap
@@ -37,7 +39,8 @@ from .prepare import prepare_model
 
 __all__ = [
     "ATTN_IMPL", "FSDP_LOSS_METHOD", "Plan", "activation_bytes_per_token", "apply_fp8",
-    "base_lm_loss", "chunked_linear_ce", "eager_layers", "estimate_param_count",
+    "base_example_losses", "base_lm_loss", "chunked_linear_ce", "chunked_linear_token_ce", "eager_layers",
+    "example_losses", "estimate_param_count",
     "fp8_recipe", "fp8_support", "install_lean_lora", "lm_loss", "pack_rows", "pack_step", "plan",
     "prepare_model", "register_attention", "remove_fp8", "skip_cpu_isa_probe", "to_device", "undo_module_patches",
     "varlen_attention_forward", "varlen_available", "whole_base_fits",

@@ -81,6 +81,63 @@ def chunked_linear_ce(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tens
     return _ChunkedLinearCE.apply(h, weight, targets, chunk, softcap)
 
 
+class _ChunkedLinearTokenCE(torch.autograd.Function):
+    """CE(h_t @ W^T, y_t) for each token t (0 where y_t is ignored), chunked over tokens; ``W`` frozen.
+
+    The per-token gradient of ``h`` is computed in the forward (one chunk of fp32 logits at a time, as
+    :class:`_ChunkedLinearCE`) and scaled in the backward by each token's upstream gradient, so the per-token
+    losses can be summed per example (or weighted in any way) without ``[N, vocab]`` ever existing.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk: int, softcap: float | None):
+        n = h.shape[0]
+        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        out = torch.zeros(n, dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
+        for s in range(0, n, chunk):
+            hc = h[s:s + chunk]
+            yc = targets[s:s + chunk]
+            logits = hc @ weight.t()
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            if softcap:
+                capped = torch.tanh(logits / softcap)
+                logits = capped * softcap
+            lse = torch.logsumexp(logits, dim=-1)
+            valid = yc != IGNORE_INDEX
+            ysafe = torch.where(valid, yc, 0)
+            picked = logits.gather(1, ysafe.unsqueeze(1)).squeeze(1)
+            out[s:s + chunk] = (lse - picked) * valid
+            if grad_h is None:
+                continue
+            g = logits.sub_(lse.unsqueeze(1)).exp_()
+            g.scatter_add_(1, ysafe.unsqueeze(1), -torch.ones_like(lse).unsqueeze(1))
+            g.mul_(valid.unsqueeze(1))
+            if softcap:
+                g.mul_(1 - capped * capped)
+            grad_h[s:s + chunk] = g.to(h.dtype) @ weight
+            del g, logits
+        ctx.save_for_backward(grad_h if grad_h is not None else torch.empty(0))
+        ctx.has_h = grad_h is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (gh,) = ctx.saved_tensors
+        dh = gh * grad_out.to(gh.dtype).unsqueeze(1) if ctx.has_h else None
+        return dh, None, None, None, None
+
+
+def chunked_linear_token_ce(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *,
+                            chunk: int = 4096, softcap: float | None = None) -> torch.Tensor:
+    """Cross-entropy of each row of ``h @ weight.T`` against ``targets`` (0 where -100), fp32, ``[N]``.
+
+    ``weight`` gets no gradient (a frozen lm_head: LoRA's case); :func:`example_losses` falls back to a
+    recomputing path for a head that trains."""
+    if weight.requires_grad:
+        raise ValueError("chunked_linear_token_ce takes a frozen weight")
+    return _ChunkedLinearTokenCE.apply(h, weight, targets, chunk, softcap)
+
+
 def lm_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
     """Summed next-token loss over the target tokens of a packed row, and their number.
 
@@ -96,11 +153,23 @@ def lm_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
     return base_lm_loss(base, batch)
 
 
-def base_lm_loss(base, batch: dict) -> tuple[torch.Tensor, int]:
-    """:func:`lm_loss` on the unwrapped causal LM."""
+def example_losses(model, batch: dict) -> tuple[torch.Tensor, list[int]]:
+    """Each packed example's summed next-token loss (``[num_examples]`` fp32, differentiable: the negative of
+    its summed target log-prob) and its number of target tokens (host ints, no GPU sync), from one forward.
+
+    As :func:`lm_loss`, only target positions go through the lm_head, chunk by chunk; the per-token losses are
+    then summed by the example each target position belongs to (``batch["target_example"]``)."""
+    base = _unwrap(model)
+    sharded = getattr(base, FSDP_LOSS_METHOD, None)
+    if sharded is not None:
+        return sharded(batch, per_example=True)
+    return base_example_losses(base, batch)
+
+
+def _target_hidden(base, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoder once over the packed row; the hidden states of the target positions and their targets."""
     ensure_attention(base)
     dec = _decoder(base)
-    head = base.get_output_embeddings()
     cu = batch["cu_seq_lens"]
     max_len = batch["max_length"]
     with packed_context():
@@ -109,28 +178,65 @@ def base_lm_loss(base, batch: dict) -> tuple[torch.Tensor, int]:
     hidden = out[0] if not hasattr(out, "last_hidden_state") else out.last_hidden_state
     hidden = hidden[0]  # [T, H]
     targets = batch["targets"][0]
-    n = batch["num_targets"]
-    if n == 0:
-        return hidden.sum() * 0.0, 0
-    # only positions with a target go through the head (prompt tokens cost no lm_head work)
-    if n < targets.numel():
+    # only positions with a target go through the head (prompt tokens cost no lm_head work); each example's
+    # last position has none, so this always selects
+    if batch["num_targets"] < targets.numel():
         idx = batch["target_positions"]
         hidden = hidden.index_select(0, idx)
         targets = targets.index_select(0, idx)
-    softcap = getattr(base.config, "final_logit_softcapping", None)
-    if isinstance(head, torch.nn.Linear) and head.bias is None and type(head) is torch.nn.Linear:
-        return chunked_linear_ce(hidden, head.weight, targets, chunk=CE_CHUNK, softcap=softcap), n
-    # any other head (bias, LoRA on lm_head, quantised): recompute each chunk in the backward
-    from torch.utils.checkpoint import checkpoint
+    return hidden, targets
 
+
+def _plain_head(head) -> bool:
+    return isinstance(head, torch.nn.Linear) and head.bias is None and type(head) is torch.nn.Linear
+
+
+def _chunk_ce(head, softcap, reduction: str):
     def chunk_loss(hc, yc):
         logits = head(hc).float()
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
-        return F.cross_entropy(logits, yc, ignore_index=IGNORE_INDEX, reduction="sum")
+        return F.cross_entropy(logits, yc, ignore_index=IGNORE_INDEX, reduction=reduction)
+    return chunk_loss
 
+
+def base_lm_loss(base, batch: dict) -> tuple[torch.Tensor, int]:
+    """:func:`lm_loss` on the unwrapped causal LM."""
+    hidden, targets = _target_hidden(base, batch)
+    n = batch["num_targets"]
+    if n == 0:
+        return hidden.sum() * 0.0, 0
+    head = base.get_output_embeddings()
+    softcap = getattr(base.config, "final_logit_softcapping", None)
+    if _plain_head(head):
+        return chunked_linear_ce(hidden, head.weight, targets, chunk=CE_CHUNK, softcap=softcap), n
+    # any other head (bias, LoRA on lm_head, quantised): recompute each chunk in the backward
+    from torch.utils.checkpoint import checkpoint
+
+    chunk_loss = _chunk_ce(head, softcap, "sum")
     total = hidden.new_zeros((), dtype=torch.float32)
     for s in range(0, hidden.shape[0], CE_CHUNK):
         total = total + checkpoint(chunk_loss, hidden[s:s + CE_CHUNK], targets[s:s + CE_CHUNK],
                                    use_reentrant=False)
     return total, n
+
+
+def base_example_losses(base, batch: dict) -> tuple[torch.Tensor, list[int]]:
+    """:func:`example_losses` on the unwrapped causal LM."""
+    hidden, targets = _target_hidden(base, batch)
+    counts = list(batch["example_targets"])
+    sums = hidden.new_zeros(len(counts), dtype=torch.float32)
+    if batch["num_targets"] == 0:
+        return sums + hidden.sum() * 0.0, counts
+    head = base.get_output_embeddings()
+    softcap = getattr(base.config, "final_logit_softcapping", None)
+    if _plain_head(head) and not head.weight.requires_grad:
+        per_token = chunked_linear_token_ce(hidden, head.weight, targets, chunk=CE_CHUNK, softcap=softcap)
+    else:  # a head that trains or is not a plain Linear: recompute each chunk in the backward
+        from torch.utils.checkpoint import checkpoint
+
+        chunk_loss = _chunk_ce(head, softcap, "none")
+        per_token = torch.cat([checkpoint(chunk_loss, hidden[s:s + CE_CHUNK], targets[s:s + CE_CHUNK],
+                                          use_reentrant=False) for s in range(0, hidden.shape[0], CE_CHUNK)])
+    # each row of hidden is a target position (every example ends on one without a target): sum by example
+    return sums.index_add(0, batch["target_example"], per_token.float()), counts

@@ -120,9 +120,10 @@ def to_device(mb: dict, device: torch.device | str) -> dict[str, Any]:
 
     Returns ``input_ids``, ``position_ids``, ``labels`` (unshifted) and ``targets`` (shifted inside
     each example), all ``[1, T]`` int64; ``target_positions`` (``[num_targets]``, where targets are);
-    ``cu_seq_lens`` (``[N+1]`` int32, cumulative example lengths) and, as plain ints (so the hot path
-    never syncs with the GPU), ``max_length`` (longest example), ``num_targets`` (tokens that carry a
-    loss) and ``num_tokens``.
+    ``target_example`` (``[num_targets]``, the example each target belongs to); ``cu_seq_lens`` (``[N+1]``
+    int32, cumulative example lengths) and, as plain ints (so the hot path never syncs with the GPU),
+    ``max_length`` (longest example), ``num_targets`` (tokens that carry a loss), ``example_targets`` (a list:
+    each example's target tokens) and ``num_tokens``.
     """
     device = torch.device(device)
     ids = list(mb["input_ids"])
@@ -144,12 +145,22 @@ def to_device(mb: dict, device: torch.device | str) -> dict[str, Any]:
         return ten.to(device, non_blocking=pin)
 
     target_positions = [i for i, x in enumerate(targets) if x != IGNORE_INDEX]
+    target_example: list[int] = []  # the example (0..N-1) each target position belongs to
+    example_targets = [0] * len(seq_lens)
+    e = 0
+    for i in target_positions:
+        while i >= cu[e + 1]:
+            e += 1
+        target_example.append(e)
+        example_targets[e] += 1
     return {
         "input_ids": t([ids]),
         "target_positions": t(target_positions),
         "position_ids": t([pos]),
         "labels": t([labels]),
         "targets": t([targets]),
+        "target_example": t(target_example),
+        "example_targets": example_targets,
         "cu_seq_lens": t(cu, torch.int32),
         "max_length": max(seq_lens),
         "num_targets": len(target_positions),
