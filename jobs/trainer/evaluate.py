@@ -174,9 +174,10 @@ def answer_ids(new: list[int], stop: set[int], max_new_tokens: int) -> tuple[lis
 def build_report(spec: TrainingRunSpec, *, prompts: list[EvalPrompt], before: list[str], after: list[str],
                  val_loss_before: float | None, val_loss_after: float | None, history: list[dict],
                  evals: list[dict], train_outputs: list[str], val_losses_after: list[float] | None = None,
-                 regression: dict | None = None) -> dict:
+                 regression: dict | None = None, preference: dict | None = None) -> dict:
     """The evaluation report: pure, from numbers and texts already computed. ``val_losses_after``: the published
-    adapter's loss per held-out example (``validation.losses_after``); ``regression``: :func:`regression_section`."""
+    adapter's loss per held-out example (``validation.losses_after``; of a DPO/ORPO run, per held-out pair);
+    ``regression``: :func:`regression_section`; ``preference``: :func:`preference_section` (DPO/ORPO runs)."""
     items = []
     for p, b, a in zip(prompts, before, after):
         n = words(a)
@@ -223,6 +224,7 @@ def build_report(spec: TrainingRunSpec, *, prompts: list[EvalPrompt], before: li
                                      "of": len(items)},
         },
         "regression": regression,
+        "preference": preference,
         "inference_settings": {"temperature": spec.eval.temperature, "top_p": spec.eval.top_p,
                                "top_k": spec.eval.top_k, "max_new_tokens": spec.eval.max_new_tokens},
         "generations": items,
@@ -240,6 +242,34 @@ def regression_section(before: list[float], after: list[float], set_sha256: str)
         raise ValueError(f"{len(before)} regression losses before training against {len(after)} after")
     return {"set_sha256": set_sha256, "prompts": len(after), "losses_before": [_r(x) for x in before], "losses_after": [_r(x) for x in after],
             "loss_before": _r(sum(before) / len(before)), "loss_after": _r(sum(after) / len(after))}
+
+
+def preference_section(method: str, beta: float, pairs: int, before: dict, after: dict) -> dict:
+    """``eval_report.json``'s ``preference`` (DPO/ORPO runs): on the held-out pairs, the base's and the adapter's
+    preference accuracy (the share of pairs whose chosen answer gets the higher summed log-prob) and, for DPO, the
+    implicit reward accuracy and mean reward margin (``beta`` x the log-ratio against the base; the base's own are
+    0 by definition). ``before``/``after``: ``Objective.validation_metrics``."""
+    def r(x):
+        return None if x is None else round(float(x), 4)
+
+    return {"method": method, "beta": beta, "pairs": pairs,
+            "preference_accuracy_before": r(before.get("preference_accuracy")),
+            "preference_accuracy_after": r(after.get("preference_accuracy")),
+            "reward_accuracy_after": r(after.get("reward_accuracy")),
+            "reward_margin_after": r(after.get("reward_margin"))}
+
+
+def preference_line(section: dict | None) -> str | None:
+    """The report's one-line summary of :func:`preference_section`."""
+    if not section:
+        return None
+    line = (f"preference ({section['method']}, beta {section['beta']:g}): the model prefers the chosen answer on "
+            f"{section['preference_accuracy_before']:.0%} → {section['preference_accuracy_after']:.0%} of "
+            f"{section['pairs']} held-out pairs")
+    if section.get("reward_accuracy_after") is not None:
+        line += (f"; implicit reward accuracy {section['reward_accuracy_after']:.0%}, mean margin "
+                 f"{section['reward_margin_after']:+.3f}")
+    return line
 
 
 def regression_line(regression: dict | None) -> str | None:
@@ -451,6 +481,7 @@ def render_markdown(report: dict, spec: TrainingRunSpec, version: str | None = N
              f"| validation loss | {v['loss_before']} | {v['loss_after']} |",
              f"| perplexity | {v['perplexity_before']} | {v['perplexity_after']} |", "",
              *([f"- {regression_line(report.get('regression'))}", ""] if report.get("regression") else []),
+             *([f"- {preference_line(report.get('preference'))}", ""] if report.get("preference") else []),
              "## Checklist (docs/lora-training-guide.md)", "",
              f"- Fluency: {fluency_line(c['fluency'])}",
              _faithfulness_line(c["faithfulness"]),
@@ -582,6 +613,8 @@ def render_html(report: dict, spec: TrainingRunSpec, loss_png: bytes | None = No
         out.append(f'<img alt="loss curve" src="data:image/png;base64,{base64.b64encode(loss_png).decode()}">')
     if report.get("regression"):
         out.append(f"<p>{h(regression_line(report['regression']) or '')}</p>")
+    if report.get("preference"):
+        out.append(f"<p>{h(preference_line(report['preference']) or '')}</p>")
     out.append("<table><tr><th>metric</th><th>before</th><th>after</th></tr>"
                f"<tr><td>validation loss</td><td>{v['loss_before']}</td><td>{v['loss_after']}</td></tr>"
                f"<tr><td>perplexity</td><td>{v['perplexity_before']}</td><td>{v['perplexity_after']}</td></tr>")

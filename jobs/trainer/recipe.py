@@ -140,37 +140,52 @@ def fetch(spec: TrainingRunSpec, workdir: Path) -> Fetched:
 
 @dataclass
 class Prepared:
-    train_rows: list
+    train_rows: list  # dataprep.Row, or jobs.preference.Pair for a dpo/orpo run
     val_rows: list
     report: dict
 
+    def chosen(self, rows: list) -> list:
+        """SFT rows as they are; a pair's chosen side (what evaluation compares against and copies from)."""
+        return [getattr(r, "chosen", r) for r in rows]
+
+    def held_out_rows(self) -> list:
+        """The validation rows as the held-out record hashes them: a pair's chosen and rejected side, in turn."""
+        return [side for r in self.val_rows for side in ((r.chosen, r.rejected) if hasattr(r, "chosen") else (r,))]
+
 
 def prepare(spec: TrainingRunSpec, fetched: Fetched, progress=None) -> Prepared:
-    """The rows to train and validate on; ``progress`` (the run's ProgressWriter) gets where every line went."""
-    from jobs import dataprep
+    """The rows (or, for training.method dpo/orpo, the preference pairs) to train and validate on; ``progress`` (the
+    run's ProgressWriter) gets where every line went."""
+    from jobs import dataprep, preference
+
+    def rows_of(data: bytes, rules) -> tuple[list, dict]:
+        if spec.training.method == "sft":
+            prep = dataprep.prepare(data, rules, seed=spec.training.seed)
+            return prep.rows, prep.report
+        pairs = preference.prepare_pairs(data, rules, seed=spec.training.seed)
+        return pairs.pairs, pairs.report
 
     try:
-        prep = dataprep.prepare(fetched.train_bytes, spec.data, seed=spec.training.seed)
+        rows, train_report = rows_of(fetched.train_bytes, spec.data)
     except DataError as err:  # a rejected file's counts reach the run's status too
         if progress is not None and getattr(err, "report", None):
             progress.update(data=err.report["counts"])
         raise
     if progress is not None:  # where every line went (kept, dropped by reason, by format)
-        progress.update(data=prep.report["counts"])
-    report = {"train": prep.report}
+        progress.update(data=train_report["counts"])
+    report = {"train": train_report}
     if fetched.validation_bytes is not None:
-        vprep = dataprep.prepare(fetched.validation_bytes, spec.data.model_copy(update={"min_rows": 1}),
-                                 seed=spec.training.seed)
-        train_rows, val_rows = prep.rows, vprep.rows
-        report["validation"] = vprep.report
+        val_rows, report["validation"] = rows_of(fetched.validation_bytes,
+                                                 spec.data.model_copy(update={"min_rows": 1}))
+        train_rows = rows
     else:
-        train_rows, val_rows = dataprep.split_validation(prep.rows, spec.dataset.validation_split,
-                                                         spec.training.seed)
+        train_rows, val_rows = dataprep.split_validation(rows, spec.dataset.validation_split, spec.training.seed)
     report["split"] = {"train_rows": len(train_rows), "validation_rows": len(val_rows)}
-    for line in dataprep.format_report(prep.report, max_problems=5).splitlines()[1:]:
+    for line in dataprep.format_report(train_report, max_problems=5).splitlines()[1:]:
         log.info("data %s", line.strip() if line.startswith("  OK") else line[2:])
-    log.info("data: %d lines, %d valid, %d kept → %d train / %d validation", prep.report["total_lines"],
-             prep.report["valid_rows"], prep.report["kept_rows"], len(train_rows), len(val_rows))
+    log.info("data: %d lines, %d valid, %d kept → %d train / %d validation%s", train_report["total_lines"],
+             train_report["valid_rows"], train_report["kept_rows"], len(train_rows), len(val_rows),
+             "" if spec.training.method == "sft" else " pairs")
     return Prepared(train_rows, val_rows, report)
 
 
@@ -402,17 +417,22 @@ class Recipe:
             plan = fastpath.plan(config, spec.training.model_copy(update={"fsdp": "on"}), device,
                                  quantization=spec.quantization.mode, free_memory_bytes=free_before_load,
                                  world_size=world.size)
+        from jobs.trainer.preference import Objective
+
         self.strategy = strategies.choose(world, plan, device)
+        self.objective = Objective.for_spec(spec)  # SFT, DPO or ORPO: what a step minimises, chosen once
         model = self.strategy.load(self.fetched.base_model_dir, config, spec=spec, plan=plan,
                                    precision=self.precision)
         ctx_len = spec.base_model.max_context or model_context_length(config) or spec.training.max_seq_length
         self.max_len = max_len = min(spec.training.max_seq_length, ctx_len)
         if spec.training.gradient_checkpointing != "auto":
             plan.gradient_checkpointing = bool(spec.training.gradient_checkpointing)
+        # the unit a micro-batch must hold whole: a row, or a preference pair's two sides
+        unit_len = max_len * (2 if spec.training.method != "sft" else 1)
         if device.type == "cpu":
-            # No memory model to plan with on CPU: a micro-batch is per_device_batch_size full-length rows.
-            plan.tokens_per_micro_batch = spec.training.per_device_batch_size * max_len
-        plan.tokens_per_micro_batch = max(plan.tokens_per_micro_batch, max_len)
+            # No memory model to plan with on CPU: a micro-batch is per_device_batch_size full-length rows (pairs).
+            plan.tokens_per_micro_batch = spec.training.per_device_batch_size * unit_len
+        plan.tokens_per_micro_batch = max(plan.tokens_per_micro_batch, unit_len)
         self.plan = plan
         log.info("device %s, precision %s, quantization %s, max length %d, plan: %s", device, self.precision,
                  spec.quantization.mode, max_len, "; ".join(plan.notes) or plan)
@@ -421,11 +441,13 @@ class Recipe:
 
     def _setup_data(self) -> None:
         """The prepared rows as token ids, cut to the run's max length."""
+        from jobs.trainer.preference import encode_pairs
         from jobs.trainer.train import encode_rows
 
         spec, prepared = self.spec, self.prepared
-        self.train_ex, too_long = encode_rows(self.tok, prepared.train_rows, self.max_len)
-        self.val_ex, _ = encode_rows(self.tok, prepared.val_rows, self.max_len)
+        encode = encode_pairs if self.objective.preference else encode_rows
+        self.train_ex, too_long = encode(self.tok, prepared.train_rows, self.max_len)
+        self.val_ex, _ = encode(self.tok, prepared.val_rows, self.max_len)
         # the general-ability set, encoded like training rows (loss on the answer only); with the eval only
         self.regression_ex: list[dict] = []
         if spec.eval.enabled:
@@ -446,15 +468,18 @@ class Recipe:
 
         spec, strategy, model = self.spec, self.strategy, self.model
         if self.val_ex:
-            log.info("validation loss of the base model on %d examples…", len(self.val_ex))
+            log.info("validation loss of the base model on %d %s…", len(self.val_ex),
+                     "pairs" if self.objective.preference else "examples")
         # (uncompiled: the compile cache is restored below, before anything compiles)
         with strategy.uncompiled(model):
-            before = evaluate_loss(model, self.val_ex, self.plan.tokens_per_micro_batch, strategy)
+            before = self.objective.measure_base(model, self.val_ex, self.plan.tokens_per_micro_batch, strategy)
+            self.pairs_before = self.objective.validation_metrics(before)
             regression = evaluate_loss(model, self.regression_ex, self.plan.tokens_per_micro_batch, strategy)
         self.val_before = None if before is None else before.mean
         self.regression_before = None if regression is None else \
             strategy.gather_per_example(regression.mine, len(self.regression_ex))
-        prompts = ev.prompts_for(spec, self.prepared.val_rows, ev.parse_prompts_jsonl(self.fetched.eval_prompts_bytes)
+        prompts = ev.prompts_for(spec, self.prepared.chosen(self.prepared.val_rows),
+                                 ev.parse_prompts_jsonl(self.fetched.eval_prompts_bytes)
                                  if self.fetched.eval_prompts_bytes else None)
         # generations, like everything after training, are the main process's
         self.prompts = self.world.on_main(lambda: prompts if spec.eval.enabled else []) or []
@@ -462,7 +487,8 @@ class Recipe:
         if self.prompts and strategy.generates_base_before_training:
             self.gen_before = ev.generate(model, self.tok, self.prompts, spec, strategy.device, "base model")
         if self.val_before is not None:
-            log.info("validation loss before training: %.4f", self.val_before)
+            log.info("validation loss before training: %.4f%s", self.val_before,
+                     "".join(f", {k.replace('_', ' ')} {v:.4f}" for k, v in self.pairs_before.items()))
 
     # ------------------------------------------------------------------------ train
 
@@ -493,7 +519,8 @@ class Recipe:
 
         self.cache = _compile_cache(spec, model, self.plan, self.out_store, self.run_prefix, world)
         result = train(model, spec, self.train_ex, self.val_ex, strategy=strategy, plan=self.plan, checkpoints=ckpts,
-                       stop_requested=ctx.stop, on_progress=on_progress, compile_cache=self.cache)
+                       stop_requested=ctx.stop, on_progress=on_progress, compile_cache=self.cache,
+                       objective=self.objective)
         if self.cache is not None:
             self.cache.save()  # now with the validation graphs too
         if ctx.tracker is not None:
@@ -530,11 +557,12 @@ class Recipe:
         with fastpath.eager_layers(model):
             gen_after = ev.generate(model, self.tok, prompts, spec, device, "with adapter") if prompts else []
             regression = self._measure_regression(model, device)
+        pairs = self._pairs_section(result)
         report = ev.build_report(spec, prompts=prompts, before=self.gen_before, after=gen_after,
                                  val_loss_before=self.val_before, val_loss_after=val_after,
                                  history=result.state.history, evals=result.state.evals,
-                                 train_outputs=[r.output for r in self.prepared.train_rows],
-                                 val_losses_after=result.val_losses, regression=regression)
+                                 train_outputs=[r.output for r in self.prepared.chosen(self.prepared.train_rows)],
+                                 val_losses_after=result.val_losses, regression=regression, preference=pairs)
         report["training"]["published_step"] = result.published_step
         report["training"]["stopped_early"] = result.state.stopped_early
         self.report = report
@@ -561,6 +589,21 @@ class Recipe:
         assert after is not None  # measured before training: the set is not empty
         section = ev.regression_section(self.regression_before, after.mine, general_set_sha256())
         log.info("%s", ev.regression_line(section))
+        return section
+
+    def _pairs_section(self, result) -> dict | None:
+        """DPO/ORPO runs: on the held-out pairs, preference accuracy (and DPO's reward accuracy and margin) of the
+        base (measured before training) and of the adapter published (its step's validation)."""
+        from jobs.trainer import evaluate as ev
+
+        if not self.objective.preference or not self.val_ex:
+            return None
+        after = next((e for e in reversed(result.state.evals) if e["step"] == result.published_step), None)
+        if after is None:
+            return None
+        section = ev.preference_section(self.objective.method, self.objective.beta, len(self.val_ex),
+                                        self.pairs_before, after)
+        log.info("%s", ev.preference_line(section))
         return section
 
     # ------------------------------------------------------------------------ merge
@@ -592,7 +635,7 @@ class Recipe:
                                          dtype=merge_dtype(spec.merge.dtype, self.precision),
                                          tolerance=spec.merge.tolerance,
                                          prompts=[ev_prompt.prompt for ev_prompt in self.prompts] or
-                                         [r.instruction for r in self.prepared.val_rows[:3]] or ["Hello"],
+                                         [r.instruction for r in self.prepared.chosen(self.prepared.val_rows[:3])] or ["Hello"],
                                          tok=self.tok, device=device, memory_budget_bytes=merge_budget)
             if spec.export.gguf:
                 from jobs.trainer.gguf_export import export_gguf
@@ -624,7 +667,7 @@ class Recipe:
             device=trained.device, started_at=ctx.started_at, stages=ctx.timings,
             cost=lambda seconds: _cost(self.cost_facts, spec, seconds=seconds, tokens=result.state.tokens_seen,
                                        tokens_per_s=result.tokens_per_second, stages=ctx.timings),
-            held_out=held_out_record(self.prepared.val_rows, self.prompts))
+            held_out=held_out_record(self.prepared.held_out_rows(), self.prompts))
         (out / "metadata.json").write_text(metadata.to_json())
         (out / "data_report.json").write_text(json.dumps(self.prepared.report, indent=1))
         (out / "eval_report.json").write_text(json.dumps(report, indent=1))
