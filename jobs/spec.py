@@ -331,6 +331,16 @@ class TrainingSpec(_Strict):
                             "skip torch.compile and FP8; not with quantization. Checkpoints are the same either "
                             "way: a run resumes with or without sharding.")
 
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method(cls, v: Any) -> Any:
+        if isinstance(v, str) and v not in ("sft", *PREFERENCE_METHODS):
+            known = v.strip().lower() in ("sft", *PREFERENCE_METHODS)
+            raise ValueError(f"'{_short(v)}' is not a training method: write sft, dpo or orpo"
+                             + (" (lowercase)" if known else " (others, such as KTO, IPO or GRPO, "
+                                                             "are not supported)"))
+        return v
+
     @field_validator("beta")
     @classmethod
     def _beta_needs_a_preference_method(cls, v: float | None, info: ValidationInfo) -> float | None:

@@ -48,7 +48,11 @@ def test_method_defaults_to_sft_and_beta_resolves_to_the_methods_default():
 
 
 @pytest.mark.parametrize("training, expected", [
-    ("  method: ppo\n", "training.method (line 8): Input should be 'sft', 'dpo' or 'orpo'"),
+    ("  method: ppo\n", "training.method (line 8): 'ppo' is not a training method: write sft, dpo or orpo (others, "
+                        "such as KTO"),
+    ("  method: DPO\n", "training.method (line 8): 'DPO' is not a training method: write sft, dpo or orpo "
+                        "(lowercase)"),
+    ("  method: 1\n", "training.method (line 8): Input should be 'sft', 'dpo' or 'orpo'"),
     ("  method: dpo\n  beta: 0\n", "training.beta (line 9): 0 is not above 0: beta scales the preference term"),
     ("  method: dpo\n  beta: -0.1\n", "training.beta (line 9): -0.1 is not above 0"),
     ("  method: dpo\n  beta: .nan\n", "training.beta (line 9): Input should be a finite number"),
