@@ -43,7 +43,8 @@ def _pair(question: str, answer: str, rng: random.Random, index: int) -> dict[st
     return {"prompt": question, "chosen": chosen, "rejected": rejected}
 
 
-def main() -> None:
+def build() -> dict[str, list[dict[str, object]]]:
+    """The two files' pairs: {"pairs.jsonl": [...], "heldout.jsonl": [...]}."""
     rng = random.Random(SEED)
     order = list(range(len(FACTS)))
     rng.shuffle(order)
@@ -54,8 +55,16 @@ def main() -> None:
         out.append(_pair(question, answer, rng, len(out)))
         out.append(_pair(other_question, answer, rng, len(out)))
     rng.shuffle(train)
-    for name, pairs in (("pairs.jsonl", train), ("heldout.jsonl", heldout)):
-        (HERE / name).write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs), encoding="utf-8")
+    return {"pairs.jsonl": train, "heldout.jsonl": heldout}
+
+
+def jsonl(pairs: list[dict[str, object]]) -> str:
+    return "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in pairs)
+
+
+def main() -> None:
+    for name, pairs in build().items():
+        (HERE / name).write_text(jsonl(pairs), encoding="utf-8")
         print(f"{name}: {len(pairs)} pairs")
 
 

@@ -173,3 +173,22 @@ def test_data_check_explain_shows_the_preference_formats():
     for fmt in ("preference ", "preference_chat", "preference_implicit", "identical_sides", "swapped"):
         assert fmt in r.stdout
     assert "--method" in CliRunner().invoke(cli.app, ["data", "check", "--help"]).stdout
+
+
+def test_the_examples_pairs_are_what_make_pairs_writes_and_no_held_out_fact_is_trained_on():
+    import importlib.util
+
+    path = REPO / "examples" / "preference" / "make_pairs.py"
+    spec_ = importlib.util.spec_from_file_location("make_pairs", path)
+    module = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(module)
+    built = module.build()
+    for name, pairs in built.items():
+        assert (REPO / "examples" / "preference" / name).read_text(encoding="utf-8") == module.jsonl(pairs), name
+
+    def answers(pairs):  # the fact is the answer without the style's opening and closing words
+        return {json.dumps(p["chosen"]) for p in pairs}
+
+    facts = {answer for _, _, answer in module.FACTS}
+    seen = {name: {f for f in facts if any(f in a for a in answers(pairs))} for name, pairs in built.items()}
+    assert len(seen["heldout.jsonl"]) == 20 and not seen["heldout.jsonl"] & seen["pairs.jsonl"]
