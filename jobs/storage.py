@@ -59,6 +59,7 @@ class ObjectInfo:
     key: str
     size: int
     modified: float | None = None  # seconds since the epoch, when the store says
+    etag: str | None = None  # the S3 ETag (changes whenever the object is written with other content)
 
 
 class TransferProgress:
@@ -370,7 +371,7 @@ class S3Store:
             out: builtins.list[ObjectInfo] = []
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
                 out.extend(ObjectInfo(o["Key"], o["Size"], o["LastModified"].timestamp() if o.get("LastModified")
-                                      else None) for o in page.get("Contents", []))
+                                      else None, o.get("ETag")) for o in page.get("Contents", []))
             return out
         return self._call("list", prefix, run)
 

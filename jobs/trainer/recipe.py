@@ -63,6 +63,7 @@ class Fetched:
     train_bytes: bytes
     validation_bytes: bytes | None
     eval_prompts_bytes: bytes | None
+    base_model_fetch: dict | None = None  # an s3:// base: the node cache's hit|miss|off and the bytes fetched
 
 
 def _read_object(uri: str, what: str) -> bytes:
@@ -99,8 +100,10 @@ def _check_space(folder: Path, need: int, what: str) -> None:
 
 def fetch(spec: TrainingRunSpec, workdir: Path) -> Fetched:
     from jobs.digest import hash_dir
+    from jobs.model_cache import CacheConfig, fetch_base_model
 
     uri = spec.base_model.uri
+    base_fetch = None
     if uri.startswith("hf:"):
         base_dir, base_hash = uri[3:], None
     elif uri.startswith("s3://"):
@@ -112,16 +115,19 @@ def fetch(spec: TrainingRunSpec, workdir: Path) -> Fetched:
             raise StorageError(f"no base model under {uri}", hint="upload the model folder there or fix base_model.uri")
         size = sum(o.size for o in objs)
         what = f"the base model ({len(objs)} files)"
-        _check_space(workdir, size, what)
-        moved = TransferProgress(f"downloading the base model ({len(objs)} files)", size)
-        try:
-            download_prefix(store, prefix, dest, workers=16, progress=moved)
-        except OSError as err:  # the volume filled up under us (another writer, a shared node disk)
-            if err.errno != errno.ENOSPC:
-                raise
-            raise _no_space(workdir, size, what, shutil.disk_usage(workdir).free, during=True) from None
-        moved.finish()
-        base_dir, base_hash = str(dest), hash_dir(dest)
+
+        def download(dest: Path) -> None:  # into this job's scratch: no node cache, or one that cannot serve it
+            _check_space(workdir, size, what)
+            moved = TransferProgress(f"downloading the base model ({len(objs)} files)", size)
+            try:
+                download_prefix(store, prefix, dest, workers=16, progress=moved)
+            except OSError as err:  # the volume filled up under us (another writer, a shared node disk)
+                if err.errno != errno.ENOSPC:
+                    raise
+                raise _no_space(workdir, size, what, shutil.disk_usage(workdir).free, during=True) from None
+            moved.finish()
+        got = fetch_base_model(store, prefix, objs, dest, download, CacheConfig.from_env())  # docs/model-cache.md
+        base_dir, base_hash, base_fetch = str(got.path), got.sha256, got.record()
     else:
         p = Path(parse_uri(uri)[2])
         if not (p / "config.json").is_file():
@@ -133,7 +139,7 @@ def fetch(spec: TrainingRunSpec, workdir: Path) -> Fetched:
     prompts = None
     if isinstance(spec.eval.prompts, str):
         prompts = _read_object(spec.eval.prompts, "eval.prompts")
-    return Fetched(base_dir, base_hash, train, val, prompts)
+    return Fetched(base_dir, base_hash, train, val, prompts, base_fetch)
 
 
 # --------------------------------------------------------------------------- prepare
@@ -378,6 +384,8 @@ class Recipe:
         ctx.enter("fetch")
         # one download per pod (its local rank 0, into its own scratch); the pod's other ranks read it
         self.fetched = world.once_per_pod(lambda: fetch(spec, self.workdir), "every pod's base-model download")
+        if self.fetched.base_model_fetch is not None and ctx.progress is not None:
+            ctx.progress.update(base_model=self.fetched.base_model_fetch)
 
         ctx.enter("prepare")
         self.prepared = prepare(spec, self.fetched, ctx.progress)
