@@ -49,6 +49,8 @@ JOBSET_NAME_LABEL = "jobset.sigs.k8s.io/jobset-name"
 TERMINATION_GRACE_SECONDS = 120
 #: uid/gid of the images (docker/*.Dockerfile): above 10000, so no user of the node shares it.
 RUN_AS = 10001
+#: Where the node's base-model cache (settings.model_cache_host_path) is mounted in the pod.
+MODEL_CACHE_MOUNT = "/var/cache/lora-jobs/models"
 
 
 def job_name(spec: TrainingRunSpec) -> str:
@@ -122,6 +124,11 @@ def _env(spec: TrainingRunSpec, settings: LauncherSettings, master: str) -> list
             {"name": "PET_MASTER_ADDR", "value": master},
             {"name": "PET_MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
         ]
+    if settings.model_cache_host_path:  # jobs.model_cache reads these
+        from jobs.model_cache import ENV_DIR, ENV_MAX_GIB
+
+        env += [{"name": ENV_DIR, "value": MODEL_CACHE_MOUNT},
+                {"name": ENV_MAX_GIB, "value": f"{settings.model_cache_max_gib:g}"}]
     mlflow = spec.tracking.mlflow if spec.tracking is not None else None
     if mlflow is not None and settings.mlflow_tracking_uri:
         env.append({"name": mlflow.uri_env, "value": settings.mlflow_tracking_uri})
@@ -215,6 +222,13 @@ def render_job(spec: TrainingRunSpec, settings: LauncherSettings, *, master: str
             {"name": "tmp", "emptyDir": {"sizeLimit": "1Gi"}},
         ],
     }
+    if settings.model_cache_host_path:
+        # The node's base-model cache, shared by the node's training pods (docs/model-cache.md): a hostPath, so
+        # the namespace must allow it (Pod Security "privileged"). DirectoryOrCreate: a node without the folder
+        # still runs the pod (the kubelet makes it, root's: the job then downloads as without a cache, warned).
+        container["volumeMounts"].append({"name": "model-cache", "mountPath": MODEL_CACHE_MOUNT})
+        pod_spec["volumes"].append({"name": "model-cache", "hostPath": {"path": settings.model_cache_host_path,
+                                                                        "type": "DirectoryOrCreate"}})
     if r.nodes > 1:
         pod_spec["subdomain"] = name  # with the headless Service: <job>-<index>.<job> resolves to each pod
     if r.gpus > 1 or r.nodes > 1:

@@ -115,6 +115,16 @@ class LauncherSettings(BaseSettings):
                                                      "a card (H100-SXM, H100-PCIe, H200, A100, L40S, or another "
                                                      "card's name without NVIDIA, e.g. L4) or its family (H100). "
                                                      "Empty: no cost is shown.")
+    model_cache_host_path: str | None = Field(
+        None, description="A folder on each node where training pods keep the base models they download, so that "
+                          "the node's next jobs read them from its disk (a hostPath volume; docs/model-cache.md). "
+                          "The namespace must allow hostPath volumes (Pod Security 'privileged': 'baseline' and "
+                          "'restricted' refuse them), and the folder must be writable by uid 10001 (a folder the "
+                          "kubelet creates is root's: the jobs then download as without it, with a warning). "
+                          "Empty: off, every job downloads its base model.")
+    model_cache_max_gib: float = Field(200.0, gt=0, description="Bound of that cache on each node, in GiB: the least "
+                                                                "recently used models that no job is using are "
+                                                                "evicted to stay within it.")
     backend: Literal["kubernetes", "local"] = Field(
         "kubernetes", description="Where runs run: kubernetes (Jobs in the namespace) or local (the job as a process "
                                   "on this machine, its state under local_state_dir). --backend and submit --local "
@@ -274,6 +284,21 @@ class LauncherSettings(BaseSettings):
         if twice:
             raise ValueError(f"{twice[0]} is priced twice (GPU types are compared without case)")
         return v
+
+    @field_validator("model_cache_host_path", mode="before")
+    @classmethod
+    def _host_folder(cls, v: Any) -> Any:
+        if v is None or (isinstance(v, str) and not v.strip()):
+            return None  # empty: off
+        if not isinstance(v, str):
+            return v
+        import posixpath
+
+        if not v.startswith("/") or "//" in v or posixpath.normpath(v) != v.rstrip("/") or v.rstrip("/") == "" \
+                or any(c in v for c in "\n\r\0:"):
+            raise ValueError(f"{v[:80]!r} is not a node folder: give an absolute path without '..', '.', '//' or "
+                             "':', not / itself, e.g. /var/cache/lora-jobs/models (empty: off)")
+        return v.rstrip("/")
 
     @field_validator("cluster_timeout", mode="before")
     @classmethod

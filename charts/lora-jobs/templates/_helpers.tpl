@@ -203,6 +203,8 @@ priority_class: {{ if $priority }}{{ $priority | quote }}{{ else }}null{{ end }}
 mlflow_tracking_uri: {{ with .Values.settings.mlflowTrackingUri }}{{ . | quote }}{{ else }}null{{ end }}
 mlflow_token_secret: {{ with .Values.settings.mlflowTokenSecret }}{{ . | quote }}{{ else }}null{{ end }}
 gpu_prices: {{- with .Values.settings.gpuPrices }}{{ toYaml . | nindent 2 }}{{ else }} {}{{ end }}
+model_cache_host_path: {{ with .Values.settings.modelCache.hostPath }}{{ . | quote }}{{ else }}null{{ end }}
+model_cache_max_gib: {{ .Values.settings.modelCache.maxGiB }}
 {{- end }}
 
 {{/*
