@@ -1,6 +1,7 @@
-"""Per-example losses for the promotion gate: the validation's loss of each held-out example (one forward each,
-in the examples' order; every rank's share put back in order), the general-ability regression set shipped as
-package data, and the report's ``validation.losses_after`` and ``regression`` as build_report writes them."""
+"""Per-example losses for the promotion gate: the validation's loss of each held-out example (packed, each example's
+loss summed apart from the same forward, the same as it has alone; every rank's share put back in the examples'
+order), the general-ability regression set shipped as package data, and the report's ``validation.losses_after`` and
+``regression`` as build_report writes them."""
 from __future__ import annotations
 
 import json
