@@ -249,7 +249,7 @@ class Objective:
         pc, pr = logp[0::2], logp[1::2]
         if self.method == "dpo":
             assert self.ref is not None, "DPO needs the reference log-probs (reference_log_probs)"
-            ref = self.ref.to(pc.device)[torch.tensor(mb["pairs"], device=pc.device)]
+            ref = self.ref[mb["pairs"]].to(pc.device, torch.float32)  # this micro-batch's pairs only
             loss, cr, rr = dpo_losses(pc, pr, ref[:, 0], ref[:, 1], self.beta)
             total = loss.sum()
             stats = torch.stack([total.detach(), (cr > rr).float().sum(), (cr - rr).sum(), torch.zeros_like(total)])
