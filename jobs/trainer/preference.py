@@ -206,7 +206,7 @@ class Objective:
             return self.validate(model, examples, budget, strategy)
         if not examples:
             return None
-        measured = evaluate_pairs(model, examples, budget, strategy, self, "self")
+        measured = evaluate_pairs(model, examples, budget, strategy, self, "self" if self.method == "dpo" else None)
         if self.method == "dpo" and measured is not None:  # the base's log-probs are the held-out pairs' reference
             self.val_ref = by_index(examples, torch.tensor(measured.log_probs, dtype=torch.float64))
         return measured
