@@ -114,6 +114,7 @@ def _chat_pair(obj: dict[str, Any], n: int) -> tuple[tuple[tuple[str, str], ...]
         return Problem(f"line {n}", f"prompt turn {len(prompt)} is an assistant turn: a prompt ends with the user "
                                     "turn that 'chosen' and 'rejected' answer", _FIX_CHAT, n)
     answers: dict[str, str] = {}
+    prompt_turns: tuple[tuple[str, str], ...] = ()
     for side in ("chosen", "rejected"):
         bad = _one_answer(side, obj[side])
         if bad:
