@@ -274,7 +274,8 @@ class TrainingSpec(_Strict):
     epochs: int = Field(1, ge=1, le=100, description="Passes over the training data (guide: 1-3; outside it, "
                                                      "a warning).")
     learning_rate: float = Field(2e-4, gt=0.0, le=1.0, description="AdamW learning rate (guide: 1e-4 to 2e-4; "
-                                                                   "outside it, a warning).")
+                                                                   "dpo/orpo: 5e-6 to 5e-5; outside it, a "
+                                                                   "warning).")
     weight_decay: float = Field(0.01, ge=0.0, le=1.0, description="AdamW weight decay (guide: 0.01).")
     optimizer: Literal["adamw_torch", "adamw_torch_fused", "paged_adamw_8bit"] = Field(
         "adamw_torch", description="An AdamW variant (guide: AdamW).")
