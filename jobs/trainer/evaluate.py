@@ -200,8 +200,8 @@ def build_report(spec: TrainingRunSpec, *, prompts: list[EvalPrompt], before: li
             items[-1] |= {"reference": None, "faithfulness": None, "faithfulness_dropped": None}
     with_band = [i for i in items if i["band_ok"] is not None]
 
-    def ppl(x):
-        return None if x is None else round(math.exp(min(x, 50)), 3)
+    def ppl(x):  # a preference run's validation loss is DPO's / ORPO's, not a cross-entropy: no perplexity
+        return None if x is None or preference else round(math.exp(min(x, 50)), 3)
 
     report = {
         "validation": {"loss_before": _r(val_loss_before), "loss_after": _r(val_loss_after),
@@ -473,13 +473,19 @@ def plot_loss(history: list[dict], evals: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _val_label(report: dict) -> str:
+    pref = report.get("preference")
+    return f"validation loss ({pref['method'].upper()}, held-out pairs)" if pref else "validation loss"
+
+
 def render_markdown(report: dict, spec: TrainingRunSpec, version: str | None = None) -> str:
     v, c = report["validation"], report["checklist"]
     lines = [f"# Evaluation: {spec.name}" + (f" {version}" if version else ""), "",
              "![loss curve](loss_curve.png)", "",
              "| metric | before | after |", "| --- | --- | --- |",
-             f"| validation loss | {v['loss_before']} | {v['loss_after']} |",
-             f"| perplexity | {v['perplexity_before']} | {v['perplexity_after']} |", "",
+             f"| {_val_label(report)} | {v['loss_before']} | {v['loss_after']} |",
+             *([f"| perplexity | {v['perplexity_before']} | {v['perplexity_after']} |"]
+               if not report.get("preference") else []), "",
              *([f"- {regression_line(report.get('regression'))}", ""] if report.get("regression") else []),
              *([f"- {preference_line(report.get('preference'))}", ""] if report.get("preference") else []),
              "## Checklist (docs/lora-training-guide.md)", "",
@@ -616,8 +622,9 @@ def render_html(report: dict, spec: TrainingRunSpec, loss_png: bytes | None = No
     if report.get("preference"):
         out.append(f"<p>{h(preference_line(report['preference']) or '')}</p>")
     out.append("<table><tr><th>metric</th><th>before</th><th>after</th></tr>"
-               f"<tr><td>validation loss</td><td>{v['loss_before']}</td><td>{v['loss_after']}</td></tr>"
-               f"<tr><td>perplexity</td><td>{v['perplexity_before']}</td><td>{v['perplexity_after']}</td></tr>")
+               f"<tr><td>{h(_val_label(report))}</td><td>{v['loss_before']}</td><td>{v['loss_after']}</td></tr>"
+               + ("" if report.get("preference") else
+                  f"<tr><td>perplexity</td><td>{v['perplexity_before']}</td><td>{v['perplexity_after']}</td></tr>"))
     if f["of"]:
         out.append(f"<tr><td>ROUGE-L (mean)</td><td>{f['before']['rouge_l']}</td><td>{f['after']['rouge_l']}</td></tr>"
                    f"<tr><td>facts of the references found</td><td>{_pct(f['before']['facts'])}</td>"

@@ -22,11 +22,13 @@ def test_a_dpo_report_has_the_preference_section_and_its_line_on_both_pages(tmp_
     report = ev.build_report(spec, prompts=[], before=[], after=[], val_loss_before=0.6931,
                              val_loss_after=0.3, history=[], evals=[], train_outputs=[], preference=section)
     assert report["preference"] == section
+    assert report["validation"]["perplexity_before"] is None  # DPO's loss is not a cross-entropy
     line = ev.preference_line(section)
     assert line == ("preference (dpo, beta 0.1): the model prefers the chosen answer on 42% → 95% of 40 held-out "
                     "pairs; implicit reward accuracy 100%, mean margin +0.812")
-    assert line in ev.render_markdown(report, spec)
-    assert "preference (dpo, beta 0.1)" in ev.render_html(report, spec)
+    md, page = ev.render_markdown(report, spec), ev.render_html(report, spec)
+    assert line in md and "| validation loss (DPO, held-out pairs) | 0.6931 | 0.3 |" in md and "perplexity" not in md
+    assert "preference (dpo, beta 0.1)" in page and "perplexity" not in page
 
 
 def test_an_orpo_report_has_no_reward_numbers_and_an_sft_report_no_section(tmp_path):
@@ -36,4 +38,5 @@ def test_an_orpo_report_has_no_reward_numbers_and_an_sft_report_no_section(tmp_p
     spec = _spec(tmp_path, "sft")
     sft = ev.build_report(spec, prompts=[], before=[], after=[], val_loss_before=2.0,
                           val_loss_after=1.5, history=[], evals=[], train_outputs=[])
-    assert sft["preference"] is None and "preference (" not in ev.render_markdown(sft, spec)
+    md = ev.render_markdown(sft, spec)
+    assert sft["preference"] is None and "preference (" not in md and "| perplexity | 7.389 | 4.482 |" in md
