@@ -134,3 +134,24 @@ def test_reference_log_probs_are_the_base_s_whatever_the_adapter():
 
     assert torch.allclose(side_log_probs(model, pairs, 4096, SingleDevice()), ref, rtol=1e-6)
     assert ref.shape == (len(pairs), 2) and bool((ref < 0).all())
+
+
+def test_the_bases_held_out_measure_is_its_own_reference_for_dpo_and_has_no_rewards_for_orpo():
+    import math
+
+    model, pairs = _model(), _pairs()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.zero_()  # a fresh adapter: the model is the base
+    dpo = Objective("dpo", 0.1)
+    base = dpo.measure_base(model, pairs, 4096, SingleDevice())
+    assert base.mean == pytest.approx(math.log(2)) and base.reward_margin == 0.0 and base.reward_accuracy == 0.0
+    assert dpo.val_ref is not None and torch.allclose(dpo.val_ref, reference_log_probs(model, pairs, 4096,
+                                                                                       SingleDevice()))
+    assert set(dpo.validation_metrics(base)) == {"preference_accuracy", "reward_accuracy", "reward_margin"}
+    orpo = Objective("orpo", 0.1)
+    measured = orpo.measure_base(model, pairs, 4096, SingleDevice())
+    assert measured.reward_accuracy is None and orpo.val_ref is None
+    assert set(orpo.validation_metrics(measured)) == {"preference_accuracy"}
+    assert measured.mean > 0 and len(measured.mine) == len(pairs)
