@@ -1,7 +1,7 @@
 """A preference step's gradient does not depend on how its pairs are laid out: one process with one micro-batch, one
-process with a micro-batch per pair, and two data-parallel ranks (real gloo processes) give the same LoRA gradients
-and the same step statistics, for DPO (normalised per pair) and ORPO (chosen tokens and pairs). SFT's data-parallel
-step is tests/integration/test_distributed_cpu.py's."""
+process with a micro-batch per pair, and two ranks (real gloo processes), data parallel or FSDP2-sharded, give the same
+LoRA gradients and the same step statistics, for DPO (normalised per pair) and ORPO (chosen tokens and pairs). SFT's
+are tests/integration/test_distributed_cpu.py's and test_fsdp_cpu.py's."""
 from __future__ import annotations
 
 import os
@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from jobs.trainer import fastpath
 from jobs.trainer.distributed import World
 from jobs.trainer.preference import Objective, reference_log_probs
-from jobs.trainer.strategies import DataParallel, SingleDevice
+from jobs.trainer.strategies import FSDP2, DataParallel, SingleDevice
 from jobs.trainer.train import Schedule, TokenBudget
 
 METHODS = ("dpo", "orpo")
@@ -60,15 +60,20 @@ def _loop(model, objective, pairs, tokens, rank=0, world=1):
                            stop_requested=lambda: False, longest=tokens, examples_per_step=len(pairs))
 
 
-def _step(strategy, method, tokens, rank=0, world=1):
+def _step(strategy, method, tokens, rank=0, world=1, shard=False):
     model, pairs = _model(), _pairs()
+    if shard:  # FSDP2 over the ranks (as training.fsdp: on does on CPUs); gradients come back as whole tensors
+        from jobs.trainer.distributed import shard_model
+
+        shard_model(strategy.world, model)
     objective = Objective(method, 0.1)
     objective.prepare(model, pairs, [], 4096, strategy)
     model.train()
     loop = _loop(model, objective, pairs, tokens, rank, world)
     done = strategy.forward_backward(model, loop, 0)
     summary = objective.summary(done.loss, [float(x) for x in done.n_target])
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().clone()
+             for n, p in model.named_parameters() if p.requires_grad}
     return summary, grads
 
 
@@ -85,9 +90,12 @@ def _rank(rank: int, port: int, out):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
+        world = World(rank=rank, size=2)
         for method in METHODS:
-            summary, grads = _step(DataParallel(World(rank=rank, size=2), torch.device("cpu")), method, 4096, rank, 2)
-            out.put((method, rank, summary, {k: v.numpy() for k, v in grads.items()}))
+            for name, strategy in (("ddp", DataParallel(world, torch.device("cpu"))),
+                                   ("fsdp", FSDP2(world, torch.device("cpu")))):
+                summary, grads = _step(strategy, method, 4096, rank, 2, shard=name == "fsdp")
+                out.put((method, name, rank, summary, {k: v.numpy() for k, v in grads.items()}))
     finally:
         dist.destroy_process_group()
 
@@ -112,10 +120,10 @@ def test_a_steps_gradient_is_the_same_on_one_process_per_pair_micro_batches_and_
         split, split_grads = _step(SingleDevice(), method, 1)  # every pair alone in its micro-batch
         assert split == pytest.approx(one, rel=1e-5)
         _close(split_grads, one_grads)
-        for _ in (0, 1):
-            got_method, rank, summary, grads = out.get(timeout=300)
+        for _ in range(4):  # each rank, data parallel then FSDP2
+            got_method, name, rank, summary, grads = out.get(timeout=300)
             assert got_method == method
-            assert summary == pytest.approx(one, rel=1e-5), rank
+            assert summary == pytest.approx(one, rel=1e-5), (name, rank)
             _close({k: torch.from_numpy(v) for k, v in grads.items()}, one_grads)
         assert one["loss"] > 0 and (method != "dpo" or 0.0 <= one["reward_accuracy"] <= 1.0)
     for p in procs:
