@@ -1,9 +1,11 @@
 """promotion.auto through the real job (CPU, the 4-layer SmolLM2, real MinIO): the first run's version becomes
-the run's champion; a second run of the same run name that learns nothing (learning rate 1e-9) is published as
-v2 and not promoted, with the gate's reason in its progress and log, and the champion pointer still names v1."""
+the run's champion, and its published eval report and page say so (no champion before); a second run of the same
+run name that learns nothing (learning rate 1e-9) is published as v2 and not promoted, with the gate's reasons in
+its published eval report and page, its progress and its log, and the champion pointer still names v1."""
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import os
 import subprocess
@@ -89,7 +91,26 @@ def test_a_learning_run_becomes_champion_and_a_run_that_learns_nothing_is_publis
     assert val.pairs == n_val and val.low is not None and val.high is not None and not val.note, val
     assert val.low <= val.difference <= val.high
     assert gate["regression"].pairs == n_general and gate["regression"].low is not None, gate["regression"]
+    # the gate ran before publishing: its verdict is in each version's eval report and page
+    page1 = json.loads(store.get_bytes(f"{run_prefix}/v1/eval_report.json"))["promotion"]
+    assert page1["status"] == "first" and page1["champion"] is None and page1["comparison"] is None, page1
+    for name in ("eval_report.md", "eval_report.html"):
+        assert "first version: no champion to compare" in store.get_bytes(f"{run_prefix}/v1/{name}").decode()
+    page2 = json.loads(store.get_bytes(f"{run_prefix}/v2/eval_report.json"))["promotion"]
+    assert page2["status"] == "failed" and page2["champion"] == "v1", page2
+    assert page2["champion_manifest_sha256"] == manifest_sha and page2["reasons"], page2
+    assert any("validation loss" in r for r in page2["reasons"]), page2["reasons"]
+    assert {m["metric"] for m in page2["comparison"]["metrics"]} >= {"val_loss", "regression", "rouge_l"}
+    md2 = store.get_bytes(f"{run_prefix}/v2/eval_report.md").decode()
+    html2 = store.get_bytes(f"{run_prefix}/v2/eval_report.html").decode()
+    assert "**compared with the champion v1: the gate failed**" in md2 and "| val_loss (primary) |" in md2
+    assert "compared with the champion v1: the gate failed</span>" in html2
+    for reason in page2["reasons"]:
+        assert f"- {reason}" in md2 and f"<li>{html.escape(reason)}</li>" in html2
     spec_hash = parse_spec(spec(learning_rate=1e-9)).spec_hash()
     progress = read_run_progress(f"{output}/promo", spec_hash)
     assert progress["state"] == "succeeded" and progress["promotion"]["promoted"] is False, progress
-    assert progress["promotion"]["champion"] == "v1"
+    assert progress["promotion"]["champion"] == "v1" and progress["promotion"]["page"] == "failed"
+    assert not progress["promotion"]["rejudged"]
+    for reason in page2["reasons"]:
+        assert reason in progress["promotion"]["sentence"]
