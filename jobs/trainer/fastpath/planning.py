@@ -258,10 +258,14 @@ def plan(model_config, training, device: torch.device | str, *, free_memory_byte
         elif sharded:
             fix = (f"even 1/{world_size} of it does not fit: raise resources.gpus (or resources.nodes), or raise "
                    "training.gpu_memory_gib if it is set below the card's memory")
-        else:
+        need_gib = math.ceil((weights + lora_state + headroom + max_seq * per_tok_gc) / 2**30)
+        if not sharded and world_size == 1 and quantization == "none":
             fix = ("raise resources.gpus above 1 (training.fsdp: auto then shards the base over the GPUs), use "
                    "quantization.mode: 4bit, or a GPU with more memory")
-        need_gib = math.ceil((weights + lora_state + headroom + max_seq * per_tok_gc) / 2**30)
+        elif not sharded and world_size == 1:  # a quantised base: neither sharding nor 4-bit is a way out
+            fix = (f"raise training.gpu_memory_gib to {need_gib} or more (with training.max_seq_length "
+                   f"{max_seq}), lower training.max_seq_length, or use a GPU with more memory"
+                   + (", or quantization.mode: 4bit" if quantization == "8bit" else ""))
         if (quantization != "none" and getattr(training, "gpu_memory_gib", "auto") == "auto"
                 and need_gib * 2**30 <= free_memory_bytes):
             fix = (f"training.gpu_memory_gib: auto plans {quantization} runs for {QUANTIZED_MEMORY_GIB:g} GiB; "
