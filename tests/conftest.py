@@ -422,6 +422,42 @@ def short_model_dir(small_model_dir) -> Path:
     return target
 
 
+#: The tiny model's shape: SmolLM2's architecture (Llama: grouped-query attention, SwiGLU MLP, RMSNorm, RoPE, tied
+#: embeddings) and its whole vocabulary, with everything else as small as the transformers test suite's tiny
+#: models. Its cost per token is the embedding and the tied output layer (49,152 x 64): ~15x less than the 4
+#: layers above, which spent 20-30 s a step of 16 examples on the loaded CI machine.
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(small_model_dir, tmp_path_factory) -> Path:
+    """A randomly initialised model of SmolLM2-135M-Instruct's architecture (``TINY``, seeded), written here, with
+    the real model's tokenizer, chat template and generation config: what the transformers test suite does for
+    tests whose subject is the machinery, not the model.
+
+    For the tests whose subject is what runs the training (ranks, signals, gangs, real pods, evictions, the
+    chart's run, the steps' arithmetic, data parallel against one process): they compare runs with each other,
+    and nothing in them depends on what the weights know. Claims about what is learned keep the real model
+    (small_model_dir), and so do FSDP's memory per rank, the image's own run and `make demo`. Made once a
+    session (a second), in the session's temporary folder: nothing outlives the run."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = json.loads((small_model_dir / "config.json").read_text())
+    assert config["model_type"] == "llama", config["model_type"]  # TINY's keys are Llama's
+    config.update(TINY, _model_name_or_path=f"tiny random {config['model_type']} with SmolLM2-135M's vocabulary")
+    target = tmp_path_factory.mktemp("tiny-smollm2")
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in config.items() if k != "architectures"}))
+    model.save_pretrained(target, safe_serialization=True)
+    for f in small_model_dir.iterdir():  # the tokenizer, its chat template, the generation config
+        if f.is_file() and f.name not in ("model.safetensors", "config.json"):
+            (target / f.name).write_bytes(f.read_bytes())
+    return target
+
+
 def _upload_model(s3_client, bucket: str, folder: Path, prefix: str) -> str:
     for p in sorted(folder.iterdir()):
         if p.is_file():
@@ -439,3 +475,9 @@ def model_in_minio(stack, s3_client, small_model_dir) -> str:
 def short_model_in_minio(stack, s3_client, short_model_dir) -> str:
     """short_model_dir uploaded once per session to the test bucket; returns its s3:// prefix."""
     return _upload_model(s3_client, stack.bucket, short_model_dir, f"models/{short_model_dir.name}")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_in_minio(stack, s3_client, tiny_model_dir) -> str:
+    """tiny_model_dir uploaded once per session to the test bucket; returns its s3:// prefix."""
+    return _upload_model(s3_client, stack.bucket, tiny_model_dir, "models/tiny-smollm2")

@@ -145,7 +145,7 @@ def pods_reach_the_api_server(kube_api, node):
 
 def test_the_chart_installs_tests_trains_and_uninstalls_on_the_real_node(stack, kube_api, node, node_image,
                                                                           trainer_ref, make_node_namespace,
-                                                                          short_model_dir, pods_reach_the_api_server):
+                                                                          tiny_model_dir, pods_reach_the_api_server):
     from kubernetes import client
 
     from images import LAUNCHER, VERSION
@@ -204,7 +204,7 @@ def test_the_chart_installs_tests_trains_and_uninstalls_on_the_real_node(stack, 
     svc = core.read_namespaced_service(f"{FULLNAME}-minio", ns)
     s3_on_node = {"AWS_ENDPOINT_URL": f"http://{svc.spec.cluster_ip}:9000", "AWS_ACCESS_KEY_ID": train_key,
                   "AWS_SECRET_ACCESS_KEY": train_secret, "BUCKET": BUCKET}
-    up = on_node(UPLOAD, str(short_model_dir), "models/base", "data/train.jsonl",
+    up = on_node(UPLOAD, str(tiny_model_dir), "models/base", "data/train.jsonl",
                  env=s3_on_node, stdin=train_jsonl())
     assert up.returncode == 0 and b"uploaded" in up.stdout, up.stderr.decode()[-3000:]
     phase("model and data uploaded")

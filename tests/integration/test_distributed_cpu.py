@@ -1,5 +1,7 @@
 """Data parallel through PyTorch's own launcher: the real job under ``torchrun --nproc-per-node 2``
-(gloo on CPU, SmolLM2-135M) against the same job in one process.
+(gloo on CPU) against the same job in one process. The subject is the ranks, not what they learn: the model is
+conftest's tiny_model_dir (SmolLM2's architecture and vocabulary, randomly initialised, ~15x less compute a token
+than its first 4 layers).
 
 Same examples per optimizer step, the same loss curve (the gradients are summed across ranks
 weighted by target tokens, so a step's loss is the same token mean), and exactly one version,
@@ -46,13 +48,13 @@ def _job(tmp_path: Path, name: str, model_dir: Path, nproc: int) -> tuple[subpro
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=REPO), tmsg
 
 
-def test_two_processes_train_like_one_and_publish_one_version(tmp_path, short_model_dir):
+def test_two_processes_train_like_one_and_publish_one_version(tmp_path, tiny_model_dir):
     from jobs.publish import existing_versions
     from jobs.storage import LocalStore
 
-    one, _ = _job(tmp_path, "one", short_model_dir, 1)
+    one, _ = _job(tmp_path, "one", tiny_model_dir, 1)
     assert one.returncode == 0, one.stderr[-3000:]
-    two, tmsg = _job(tmp_path, "two", short_model_dir, 2)
+    two, tmsg = _job(tmp_path, "two", tiny_model_dir, 2)
     assert two.returncode == 0, two.stderr[-4000:]
     assert json.loads(tmsg.read_text())["exit_code"] == 0
     assert "rank 1 of 2" in two.stderr and "rank 1: training done; rank 0 publishes" in two.stderr
@@ -73,7 +75,7 @@ def test_two_processes_train_like_one_and_publish_one_version(tmp_path, short_mo
 
     # Two "nodes" as a multi-node pod pair runs them: each its own `python -m jobs run` with the PET_*
     # variables the launcher renders, its own scratch folder, one torchrun each, rendezvous on node 0.
-    nodes = _two_nodes(tmp_path, "nodes", short_model_dir)
+    nodes = _two_nodes(tmp_path, "nodes", tiny_model_dir)
     for rank, (proc, out) in enumerate(nodes):
         assert proc.returncode == 0, f"node {rank}:\n{out[-3000:]}"
     assert "node 1 of 2: starting 1 training process (torchrun --nnodes=2 --node-rank=1" in nodes[1][1]
@@ -110,12 +112,12 @@ def _two_nodes(tmp_path: Path, name: str, model_dir: Path) -> list[tuple[subproc
     return list(zip(procs, outs))
 
 
-def test_under_torchrun_the_job_still_exits_with_its_own_code(tmp_path, short_model_dir, monkeypatch):
+def test_under_torchrun_the_job_still_exits_with_its_own_code(tmp_path, tiny_model_dir, monkeypatch):
     """torchrun exits 1 whatever its workers did; the job's relaunch maps it back (11: bad data,
     never retried) from the termination message rank 0 wrote."""
     from jobs.trainer.distributed import relaunch
 
-    spec = {"name": "too-few", "base_model": {"uri": str(short_model_dir)},
+    spec = {"name": "too-few", "base_model": {"uri": str(tiny_model_dir)},
             "dataset": {"train": str(DEMO / "train.jsonl")}, "output": str(tmp_path / "store"),
             "data": {"min_rows": 100000}, "resources": {"gpus": 0}}
     path = tmp_path / "spec.yaml"
@@ -147,7 +149,7 @@ def _children_with_rank(pid: int) -> dict[int, int]:
 
 
 def test_sigterm_to_one_rank_checkpoints_all_and_the_retry_resumes_at_that_step_on_any_world_size(
-        tmp_path, short_model_dir):
+        tmp_path, tiny_model_dir):
     """The kubelet's SIGTERM may reach one worker first: the stop flag travels with the step's all-reduce,
     so every rank stops after the same step, rank 0 checkpoints, the run exits 75, and the retry (a new
     pod: a fresh workdir) resumes from that step. A checkpoint is not tied to its world size: a run
@@ -163,7 +165,7 @@ def test_sigterm_to_one_rank_checkpoints_all_and_the_retry_resumes_at_that_step_
     def spec(name: str) -> Path:
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump({
-            "name": name, "base_model": {"uri": str(short_model_dir)}, "dataset": {"train": str(DEMO / "train.jsonl")},
+            "name": name, "base_model": {"uri": str(tiny_model_dir)}, "dataset": {"train": str(DEMO / "train.jsonl")},
             "output": str(tmp_path / "store"),
             "training": {"max_steps": 6, "max_seq_length": 256, "checkpoint_interval_steps": 100, "epochs": 3},
             "lora": {"dropout": 0.0}, "eval": {"enabled": False}, "merge": {"enabled": False},
@@ -297,22 +299,25 @@ class _Gang:
 
 
 def test_a_rank_killed_hard_or_gone_silent_ends_every_node_and_the_gang_resumes_from_the_newest_checkpoint(
-        tmp_path, short_model_dir):
+        tmp_path, tiny_model_dir):
     """An Indexed Job replaces only the pod that failed, so a multi-node run is a gang only if every surviving
     pod ends too, promptly, with the transient code. SIGKILL of node 1's rank (its socket closes): node 0 exits
     75 within seconds. Node 1's rank frozen (SIGSTOP: a lost node, nothing closes the socket): node 0 exits 75
     once the collective timeout passes (here 20 s; torch's gloo default is 30 minutes). Each new gang resumes
     from the newest checkpoint, and the run publishes exactly one version with every step once."""
+    import re
     import signal
     import time
 
     from jobs.publish import existing_versions
     from jobs.storage import LocalStore
 
-    spec = {"name": "gang", "base_model": {"uri": str(short_model_dir)}, "dataset": {"train": str(DEMO / "train.jsonl")},
+    spec = {"name": "gang", "base_model": {"uri": str(tiny_model_dir)}, "dataset": {"train": str(DEMO / "train.jsonl")},
             "output": str(tmp_path / "store"),
-            # 4 examples a step (2 per rank) and short rows: what is proved is the gang's end, not the training
-            "training": {"max_steps": 6, "max_seq_length": 128, "checkpoint_interval_steps": 2,
+            # 4 examples a step (2 per rank) and short rows: what is proved is the gang's end, not the training.
+            # 12 steps: each fault lands after step 3 or 5, and the tiny model's steps are quick: the steps left
+            # after it keep the gang from reaching its end before the fault does
+            "training": {"max_steps": 12, "max_seq_length": 128, "checkpoint_interval_steps": 2,
                          "per_device_batch_size": 2, "gradient_accumulation_steps": 1},
             "lora": {"dropout": 0.0}, "eval": {"enabled": False}, "merge": {"enabled": False},
             "resources": {"gpus": 0, "nodes": 2}}
@@ -322,7 +327,7 @@ def test_a_rank_killed_hard_or_gone_silent_ends_every_node_and_the_gang_resumes_
 
     # attempt 1: a hard death of node 1's rank after the step-2 checkpoint
     first = _Gang(tmp_path, path, 1, LORA_JOBS_COLLECTIVE_TIMEOUT_S=str(timeout_s))
-    first.read_node0_until("checkpoint saved at step 2", "step 3/6")
+    first.read_node0_until("checkpoint saved at step 2", "step 3/12")
     victim = _descendant_with_rank(first.procs[1].pid, 1)
     assert victim, "node 1's training process"
     os.kill(victim, signal.SIGKILL)
@@ -333,13 +338,15 @@ def test_a_rank_killed_hard_or_gone_silent_ends_every_node_and_the_gang_resumes_
     msg = first.message(0)
     assert msg["exit_code"] == 75 and msg["stage"] == "train", msg
     assert msg["message"].startswith("rank 0 of 2 lost a peer during the "), msg  # the step's or validation's
-    assert "Connection closed by peer" in msg["message"], msg
+    # the dead rank's socket closed: a FIN ("closed") or, with bytes of the step's all-reduce still unread when the
+    # kernel closed it, a RST ("reset"): either way not the collective timeout of the silent peer below
+    assert re.search(r"Connection (closed|reset) by peer", msg["message"]), msg
     assert noticed < 60, f"node 0 took {noticed:.0f} s to notice a dead peer"
     assert first.procs[1].returncode not in (0, *range(10, 16)), "node 1 failed, and not as 'never retry'"
 
     # attempt 2 (the Job replaced both pods): resumes at step 2; node 1's rank goes silent after the step-4 one
     second = _Gang(tmp_path, path, 2, LORA_JOBS_COLLECTIVE_TIMEOUT_S=str(timeout_s))
-    second.read_node0_until("resumed from checkpoint at step 2 of 6", "checkpoint saved at step 4", "step 5/6")
+    second.read_node0_until("resumed from checkpoint at step 2 of 12", "checkpoint saved at step 4", "step 5/12")
     frozen = _descendant_with_rank(second.procs[1].pid, 1)
     assert frozen
     os.kill(frozen, signal.SIGSTOP)
@@ -361,8 +368,8 @@ def test_a_rank_killed_hard_or_gone_silent_ends_every_node_and_the_gang_resumes_
     assert third.procs[0].returncode == 0 and third.procs[1].returncode == 0, out0[-3000:] + out1[-2000:]
     assert third.message(0)["exit_code"] == 0
     for out in (out0, out1):
-        assert "resumed from checkpoint at step 4 of 6" in out and "step 5/6" in out and "step 3/6" not in out
+        assert "resumed from checkpoint at step 4 of 12" in out and "step 5/12" in out and "step 3/12" not in out
     store = LocalStore(str(tmp_path / "store"))
     assert existing_versions(store, "gang") == {1: True}, "one version, published once by node 0's rank 0"
     report = json.loads(store.get_bytes("gang/v1/eval_report.json"))
-    assert [h["step"] for h in report["training"]["history"]] == [1, 2, 3, 4, 5, 6]
+    assert [h["step"] for h in report["training"]["history"]] == list(range(1, 13))

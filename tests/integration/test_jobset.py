@@ -210,7 +210,7 @@ def test_kueue_admits_a_two_node_jobset_as_one_workload_and_the_next_waits_in_it
 @pytest.mark.node
 @pytest.mark.train
 def test_two_real_pods_of_a_jobset_meet_at_pod_zeros_jobset_hostname_and_publish_one_version(
-        s3_env, jobset, stack, node, trainer_ref, real_ns, short_model_in_minio, train_data, s3_prefix, tmp_path):
+        s3_env, jobset, stack, node, trainer_ref, real_ns, tiny_model_in_minio, train_data, s3_prefix, tmp_path):
     """As test_real_pods' two-pod run, with multinode_workload: jobset: the node's DNS resolves pod 0's JobSet
     hostname under JobSet's (port-less) headless Service, torchrun's rendezvous meets there over the bridge."""
     import test_real_pods as real
@@ -218,7 +218,7 @@ def test_two_real_pods_of_a_jobset_meet_at_pod_zeros_jobset_hostname_and_publish
     from published import cpu_spec, lean
 
     env = {**real.env_for(stack, node, real_ns, trainer_ref, tmp_path), "LAUNCHER_MULTINODE_WORKLOAD": "jobset"}
-    data = lean(cpu_spec("js-real", short_model_in_minio, train_data, f"{s3_prefix}/runs", memory="4Gi"))
+    data = lean(cpu_spec("js-real", tiny_model_in_minio, train_data, f"{s3_prefix}/runs", memory="4Gi"))
     data["resources"].update({"nodes": 2, "cpu": "1"})
     r = real.cli(env, "submit", str(real.write_spec(tmp_path, data)))
     assert r.returncode == 0 and "submitted: jobset js-real-" in r.stdout, r.stdout + r.stderr

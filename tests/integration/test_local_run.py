@@ -2,7 +2,8 @@
 `cancel` work on it, from another process, as on a cluster. `launcher submit --local` follows it to its end;
 stopped by SIGTERM (a timeout, a CI runner), the job gets the signal too, checkpoints and exits 75 like a
 preempted pod; no training process is left behind. The launcher's tracking setting reaches a local run as it
-reaches a pod."""
+reaches a pod. The subject is the processes and signals, not what is learned: the signal tests train conftest's
+tiny_model_dir (SmolLM2's architecture and vocabulary, randomly initialised)."""
 from __future__ import annotations
 
 import os
@@ -33,14 +34,14 @@ def _processes_mentioning(text: str) -> list[int]:
     return out
 
 
-def test_sigterm_to_a_local_run_reaches_the_job_which_checkpoints_and_exits_75(tmp_path, short_model_dir,
+def test_sigterm_to_a_local_run_reaches_the_job_which_checkpoints_and_exits_75(tmp_path, tiny_model_dir,
                                                                                mlflow_server):
     import uuid
 
     from published import find_run
 
     experiment = f"local-{uuid.uuid4().hex[:8]}"
-    spec = {"name": "local-stop", "base_model": {"uri": str(short_model_dir)},
+    spec = {"name": "local-stop", "base_model": {"uri": str(tiny_model_dir)},
             "tracking": {"mlflow": {"experiment": experiment}},
             "dataset": {"train": str(DEMO / "train.jsonl")}, "output": str(tmp_path / "store"),
             "training": {"epochs": 3, "max_seq_length": 256}, "eval": {"enabled": False},
@@ -72,10 +73,10 @@ def test_sigterm_to_a_local_run_reaches_the_job_which_checkpoints_and_exits_75(t
 
 
 def test_ctrl_c_on_a_local_run_stops_it_cancelled_with_130_leaving_no_version_and_no_scratch(tmp_path,
-                                                                                           short_model_dir):
+                                                                                           tiny_model_dir):
     import json
 
-    spec = {"name": "local-ctrl-c", "base_model": {"uri": str(short_model_dir)},
+    spec = {"name": "local-ctrl-c", "base_model": {"uri": str(tiny_model_dir)},
             "dataset": {"train": str(DEMO / "train.jsonl")}, "output": str(tmp_path / "store"),
             "training": {"epochs": 3, "max_seq_length": 256}, "eval": {"enabled": False},
             "merge": {"enabled": False}, "resources": {"gpus": 0}}
@@ -113,6 +114,8 @@ def test_a_detached_local_run_is_followed_listed_and_cancelled_from_other_proces
         tmp_path, short_model_dir):
     import json
 
+    # the 4-layer model, not the tiny one: between step 1 and the cancel come ~10 launcher processes (status,
+    # list, logs, ...), and the run must still be training then; the tiny model's 30 steps can be over by then
     spec = {"name": "local-detached", "base_model": {"uri": str(short_model_dir)},
             "dataset": {"train": str(DEMO / "train.jsonl")}, "output": "out",  # relative: the spec file's folder
             "training": {"epochs": 3, "max_seq_length": 256}, "eval": {"enabled": False},

@@ -5,7 +5,9 @@ runs it, hardened, in a namespace that enforces the "restricted" Pod Security St
 Nothing here is injected: image pull errors come from the registry, a missing Secret key from the
 kubelet, OOMKilled from the kernel's memory cgroup, an eviction from the Eviction API, logs from the
 container's own log file through the API server and the kubelet. Each run is `launcher submit` of a
-CPU spec (SmolLM2-135M cut to 4 layers, from MinIO: conftest's short_model_dir; a few steps).
+CPU spec of a few steps. The subject is the pod, not what it learns: the model is conftest's tiny_model_dir
+(SmolLM2's architecture and vocabulary, randomly initialised), from MinIO. The OOM test keeps SmolLM2-135M's first
+4 layers (short_model_dir), the model its 350Mi limit was chosen against.
 """
 from __future__ import annotations
 
@@ -120,13 +122,13 @@ def train_data(s3_prefix, s3_client, stack) -> str:
 # ------------------------------------------------------------------------------ the trainer pod
 
 def test_trainer_runs_as_a_real_pod_and_publishes(s3_env, kube_api, stack, node, trainer_ref, real_ns,
-                                                  short_model_in_minio, train_data, s3_prefix, tmp_path):
+                                                  tiny_model_in_minio, train_data, s3_prefix, tmp_path):
     from kubernetes import client
 
     from jobs.storage import open_store
 
     env = env_for(stack, node, real_ns, trainer_ref, tmp_path)
-    spec = cpu_spec("real-pod", short_model_in_minio, train_data, f"{s3_prefix}/runs")
+    spec = cpu_spec("real-pod", tiny_model_in_minio, train_data, f"{s3_prefix}/runs")
     # As on a node that has never pulled the trainer (an earlier test may have).
     subprocess.run(["bash", str(REPO / "hack" / "node.sh"), "rmi", trainer_ref], cwd=REPO, check=True,
                    capture_output=True)
@@ -179,11 +181,11 @@ def test_trainer_runs_as_a_real_pod_and_publishes(s3_env, kube_api, stack, node,
 
 # ------------------------------------------------------------------------------ faults, for real
 
-def test_a_missing_image_fails_to_pull_and_status_says_so(stack, node, trainer_ref, real_ns, short_model_in_minio,
+def test_a_missing_image_fails_to_pull_and_status_says_so(stack, node, trainer_ref, real_ns, tiny_model_in_minio,
                                                           train_data, s3_prefix, tmp_path):
     missing = trainer_ref.rsplit(":", 1)[0] + ":no-such-tag"
     env = env_for(stack, node, real_ns, missing, tmp_path)
-    r = cli(env, "submit", str(write_spec(tmp_path, cpu_spec("bad-tag", short_model_in_minio, train_data,
+    r = cli(env, "submit", str(write_spec(tmp_path, cpu_spec("bad-tag", tiny_model_in_minio, train_data,
                                                              f"{s3_prefix}/runs"))))
     assert r.returncode == 0, r.stdout + r.stderr
     s = wait_status(env, "bad-tag", lambda s: s["blocked"], 120, "the pull to fail")
@@ -193,14 +195,14 @@ def test_a_missing_image_fails_to_pull_and_status_says_so(stack, node, trainer_r
     assert "cannot pull the trainer image" in r.stdout and "Traceback" not in r.stdout + r.stderr
 
 
-def test_a_missing_secret_key_is_diagnosed(kube_api, stack, node, trainer_ref, real_ns, short_model_in_minio, train_data,
+def test_a_missing_secret_key_is_diagnosed(kube_api, stack, node, trainer_ref, real_ns, tiny_model_in_minio, train_data,
                                            s3_prefix, tmp_path):
     from kubernetes import client
 
     client.CoreV1Api(kube_api).patch_namespaced_secret(
         "lora-jobs-s3", real_ns, {"data": {"AWS_SECRET_ACCESS_KEY": None}})
     env = env_for(stack, node, real_ns, trainer_ref, tmp_path)
-    spec = str(write_spec(tmp_path, cpu_spec("no-key", short_model_in_minio, train_data, f"{s3_prefix}/runs")))
+    spec = str(write_spec(tmp_path, cpu_spec("no-key", tiny_model_in_minio, train_data, f"{s3_prefix}/runs")))
     r = cli(env, "submit", spec)
     assert r.returncode == 3 and "Secret lora-jobs-s3 has no key AWS_SECRET_ACCESS_KEY" in r.stderr, r.stderr
     # Past the launcher's check (a Secret edited after submit looks the same): the kubelet refuses.
@@ -215,6 +217,7 @@ def test_a_missing_secret_key_is_diagnosed(kube_api, stack, node, trainer_ref, r
 def test_a_memory_limit_too_low_is_oomkilled_diagnosed_and_not_retried(stack, node, trainer_ref, real_ns,
                                                                        short_model_in_minio, train_data, s3_prefix,
                                                                        tmp_path):
+    # the 4-layer model (~170 MB of fp32 weights), not the tiny one (~13 MB): the limit was chosen against it
     env = env_for(stack, node, real_ns, trainer_ref, tmp_path)
     spec = cpu_spec("too-small", short_model_in_minio, train_data, f"{s3_prefix}/runs", memory="350Mi")
     r = cli(env, "submit", str(write_spec(tmp_path, spec)))
@@ -227,14 +230,14 @@ def test_a_memory_limit_too_low_is_oomkilled_diagnosed_and_not_retried(stack, no
 
 
 def test_an_eviction_mid_training_resumes_from_the_checkpoint_and_publishes_once(s3_env, kube_api, stack, node,
-                                                                                 trainer_ref, real_ns, short_model_in_minio,
+                                                                                 trainer_ref, real_ns, tiny_model_in_minio,
                                                                                  train_data, s3_prefix, tmp_path):
     from kubernetes import client
     from jobs.storage import open_store
 
     env = env_for(stack, node, real_ns, trainer_ref, tmp_path)
-    spec = lean(cpu_spec("evicted", short_model_in_minio, train_data, f"{s3_prefix}/runs", epochs=8,
-                         checkpoint_interval_steps=1))  # 32 steps: the eviction lands mid-training
+    spec = lean(cpu_spec("evicted", tiny_model_in_minio, train_data, f"{s3_prefix}/runs", epochs=16,
+                         checkpoint_interval_steps=1))  # 64 quick steps: the eviction lands mid-training
     r = cli(env, "submit", str(write_spec(tmp_path, spec)))
     assert r.returncode == 0, r.stdout + r.stderr
     store, prefix = open_store(f"{s3_prefix}/runs")
@@ -306,12 +309,12 @@ def test_an_eviction_mid_training_resumes_from_the_checkpoint_and_publishes_once
 
 
 def test_a_node_whose_kubelet_stops_is_named_and_the_run_recovers_when_it_returns(s3_env, stack, node, trainer_ref,
-                                                                                  real_ns, short_model_in_minio,
+                                                                                  real_ns, tiny_model_in_minio,
                                                                                   train_data, s3_prefix, tmp_path):
     from jobs.storage import open_store
 
     env = env_for(stack, node, real_ns, trainer_ref, tmp_path)
-    spec = lean(cpu_spec("node-away", short_model_in_minio, train_data, f"{s3_prefix}/runs"))
+    spec = lean(cpu_spec("node-away", tiny_model_in_minio, train_data, f"{s3_prefix}/runs"))
     r = cli(env, "submit", str(write_spec(tmp_path, spec)))
     assert r.returncode == 0, r.stdout + r.stderr
     # From fetch on (each stage is written at once): the earliest sign of a working run, so the kubelet stops
@@ -342,7 +345,7 @@ def test_a_node_whose_kubelet_stops_is_named_and_the_run_recovers_when_it_return
 # ------------------------------------------------------------------------------ two real pods, one run
 
 def test_two_real_pods_rendezvous_over_the_pod_network_and_publish_one_version(s3_env, stack, node, trainer_ref,
-                                                                               real_ns, short_model_in_minio, train_data,
+                                                                               real_ns, tiny_model_in_minio, train_data,
                                                                                s3_prefix, tmp_path):
     """resources.nodes: 2 on CPU: the Indexed Job's pods find pod 0 by its hostname under the headless
     Service (the node's cluster DNS), meet at torchrun's rendezvous over the bridge, train with gloo
@@ -350,7 +353,7 @@ def test_two_real_pods_rendezvous_over_the_pod_network_and_publish_one_version(s
     from jobs.storage import open_store
 
     env = env_for(stack, node, real_ns, trainer_ref, tmp_path)
-    spec = lean(cpu_spec("two-pods", short_model_in_minio, train_data, f"{s3_prefix}/runs", memory="4Gi"))
+    spec = lean(cpu_spec("two-pods", tiny_model_in_minio, train_data, f"{s3_prefix}/runs", memory="4Gi"))
     spec["resources"].update({"nodes": 2, "cpu": "1"})
     r = cli(env, "submit", str(write_spec(tmp_path, spec)))
     assert r.returncode == 0, r.stdout + r.stderr

@@ -1,6 +1,7 @@
 """What a step is, when validation runs, which adapter is published, and how divergence fails:
-the real job (``jobs.trainer.recipe.run`` / ``python -m jobs run``) on SmolLM2-135M on CPU (the first test: cut to
-4 layers), local folders as the store.
+the real job (``jobs.trainer.recipe.run`` / ``python -m jobs run``) on SmolLM2-135M on CPU (the first test, whose
+subject is the steps' arithmetic: conftest's tiny_model_dir, SmolLM2's architecture and vocabulary randomly
+initialised), local folders as the store.
 
 The first test runs the spec's training defaults: nothing about batches, micro-batches,
 accumulation or evaluation intervals is forced.
@@ -30,12 +31,12 @@ def _run(spec: dict, tmp_path: Path) -> dict:
 
 
 def test_default_spec_steps_are_sixteen_examples_and_validation_runs_several_times_an_epoch(
-        tmp_path, short_model_dir):
+        tmp_path, tiny_model_dir):
     from jobs.storage import LocalStore
 
-    # the base is SmolLM2-135M cut to 4 layers (conftest's short_model_dir): a base model is the user's
-    # choice, not a training default, and the subject here is the steps, not what is learned
-    spec = {"name": "defaults", "base_model": {"uri": str(short_model_dir)},
+    # the base is a tiny random model of SmolLM2's architecture (conftest's tiny_model_dir): a base model is the
+    # user's choice, not a training default, and the subject here is the steps, not what is learned
+    spec = {"name": "defaults", "base_model": {"uri": str(tiny_model_dir)},
             "dataset": {"train": str(DEMO / "train.jsonl")}, "output": str(tmp_path / "store"),
             "resources": {"gpus": 0},
             # only the evaluation's generations are shortened: they are not what this test is about
