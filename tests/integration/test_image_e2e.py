@@ -5,9 +5,10 @@ cluster pulls: built by hack/build-images.sh, run with the hardening the Kuberne
 (read-only root filesystem, uid/gid 10001, every capability dropped, no-new-privileges, only
 /scratch and /tmp writable, HF_HOME=/scratch/hf), credentials only from the environment, the
 spec mounted read-only where the ConfigMap goes and the termination message written to
-/dev/termination-log. The real SmolLM2-135M trains, evaluates, merges and publishes a version
-that verifies against its manifest; a missing dataset exits 12 with a message that names the
-bucket and key and leaks no secret.
+/dev/termination-log. A model of SmolLM2's architecture and vocabulary (conftest's tiny_model_dir, randomly
+initialised: the subject is the image, not what is learned; test_train_e2e.py trains the real SmolLM2-135M)
+trains, evaluates, merges and publishes a version that verifies against its manifest; a missing dataset exits 12
+with a message that names the bucket and key and leaks no secret.
 """
 from __future__ import annotations
 
@@ -89,10 +90,10 @@ def _docker_run(image: str, spec: Path, tmp_path: Path, stack, timeout: int = 60
 
 
 def test_trainer_image_trains_merges_and_publishes_a_verified_version(
-        tmp_path, trainer_image, stack, s3_client, s3_prefix, model_in_minio, s3_env):
+        tmp_path, trainer_image, stack, s3_client, s3_prefix, tiny_model_in_minio, s3_env):
     from jobs.storage import open_store
 
-    model_uri = model_in_minio
+    model_uri = tiny_model_in_minio
     train_uri = _upload_data(s3_client, stack, s3_prefix)
     spec = _spec(tmp_path, "image-e2e", model_uri, train_uri, s3_prefix + "/out")
 
