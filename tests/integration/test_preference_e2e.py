@@ -22,7 +22,7 @@ PAIRS = REPO / "examples" / "preference"
 
 def test_a_local_dpo_run_publishes_an_adapter_that_prefers_the_chosen_answers(tmp_path, short_model_dir):
     from jobs.publish import verify_version
-    from jobs.storage import open_store
+    from jobs.storage import join, open_store
 
     train = tmp_path / "pairs.jsonl"
     train.write_text("\n".join((PAIRS / "pairs.jsonl").read_text().splitlines()[:32]) + "\n")
@@ -47,8 +47,9 @@ def test_a_local_dpo_run_publishes_an_adapter_that_prefers_the_chosen_answers(tm
     assert "DPO pairs" in out and "reward accuracy" in out and "tok/s" in out, out[-4000:]
 
     store, prefix = open_store(str(tmp_path / "store"))
-    assert verify_version(store, f"{prefix}/pref-e2e", "v1") == []
-    report = json.loads(store.get_bytes(f"{prefix}/pref-e2e/v1/eval_report.json"))
+    run = join(prefix, "pref-e2e")
+    assert verify_version(store, run, "v1") == []
+    report = json.loads(store.get_bytes(join(run, "v1", "eval_report.json")))
     pref = report["preference"]
     assert pref["method"] == "dpo" and pref["beta"] == 0.1 and pref["pairs"] == 12, pref
     assert pref["preference_accuracy_after"] >= 0.9, pref
@@ -58,5 +59,5 @@ def test_a_local_dpo_run_publishes_an_adapter_that_prefers_the_chosen_answers(tm
     assert v["loss_before"] == pytest.approx(0.6931, abs=1e-3) and v["loss_after"] < v["loss_before"], v
     assert v["perplexity_before"] is None, "a DPO loss has no perplexity"
     assert len(v["losses_after"]) == 12, "one held-out loss per pair (the promotion gate pairs them)"
-    page = store.get_bytes(f"{prefix}/pref-e2e/v1/eval_report.md").decode()
+    page = store.get_bytes(join(run, "v1", "eval_report.md")).decode()
     assert "preference (dpo, beta 0.1)" in page, page[:3000]
