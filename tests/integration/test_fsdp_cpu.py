@@ -1,5 +1,10 @@
 """FSDP2 sharding of the frozen base (``training.fsdp``) in the real job: ``torchrun --nproc-per-node 2``,
-gloo on CPU, SmolLM2-135M, against the same spec run data parallel (every rank the whole base).
+gloo on CPU, against the same spec run data parallel (every rank the whole base).
+
+What each rank holds and loads is measured on the real SmolLM2-135M (its memory is the point). The agreement with
+data parallel (the loss curve, the checkpoint, a checkpoint resumed across the two) is the ranks' arithmetic, not
+what is learned: it is proved on conftest's tiny_model_dir (SmolLM2's architecture and vocabulary, randomly
+initialised), three runs in the time of one of the real model's.
 
 ``fsdp: on`` shards on CPU too (``auto`` decides from GPU memory, and a CPU has no budget to plan
 with), so the sharded path runs here as it would on GPUs: fully_shard per decoder layer and at the
@@ -68,13 +73,11 @@ def _close(a: dict[int, float], b: dict[int, float], steps) -> None:
         assert abs(a[s] - b[s]) <= LOSS_RTOL * abs(b[s]), (s, a, b)
 
 
-def test_fsdp_shards_the_base_trains_like_data_parallel_and_checkpoints_cross_over(tmp_path, small_model_dir):
-    from safetensors.torch import load_file
-
+def test_fsdp_shards_the_base_so_no_rank_but_0_ever_holds_it_whole_and_publishes_once(tmp_path, small_model_dir):
     from jobs.publish import existing_versions
     from jobs.storage import LocalStore
 
-    # 1. sharded from step 0: each rank holds half of the model, one version is published
+    # sharded from step 0: each rank holds half of the model, one version is published
     fs = _job(tmp_path, _spec(tmp_path, "fs", small_model_dir, "on", evaluate=True), "fs").stderr
     held = {int(m[1]): (int(m[2]), int(m[3])) for m in re.finditer(
         r"FSDP2: the base is sharded over 2 ranks; rank (\d) holds (\d+) of (\d+) parameters", fs)}
@@ -103,24 +106,42 @@ def test_fsdp_shards_the_base_trains_like_data_parallel_and_checkpoints_cross_ov
     assert existing_versions(store, "fs") == {1: True}, "rank 0 alone publishes, once"
     meta = json.loads(store.get_bytes("fs/v1/metadata.json"))
     assert meta["training"]["world_size"] == 2 and any(n.startswith("FSDP2: ") for n in meta["training"]["plan"])
+    assert meta["metrics"]["val_loss_before"] is not None  # measured sharded (its value: the next test)
+    # its generations ran after training on rank 0's copy with the adapter switched off
+    gens = json.loads(store.get_bytes("fs/v1/eval_report.json"))["generations"]
+    assert len(gens) == 2 and all(g["before"].strip() and g["after"].strip() for g in gens), gens
+    print(f"\nFSDP2 held per rank {held}, first step micro-batches (n, filler) {first}\n"
+          f"(tensors, peak host GiB) per rank after loading {loaded}")
+
+
+def test_fsdp_trains_like_data_parallel_and_checkpoints_cross_over(tmp_path, tiny_model_dir):
+    from safetensors.torch import load_file
+
+    from jobs.publish import existing_versions
+    from jobs.storage import LocalStore
+
+    layers = json.loads((tiny_model_dir / "config.json").read_text())["num_hidden_layers"]
+    store = LocalStore(str(tmp_path / "store"))
+    # 1. sharded from step 0, with the ranks' micro-batches as unequal as on the real model (the same tokenizer,
+    #    rows and packing), so rank 1 runs a filler micro-batch in step 1
+    fs = _job(tmp_path, _spec(tmp_path, "fs", tiny_model_dir, "on"), "fs").stderr
+    first = {int(m[2]): (int(m[1]), int(m[3])) for m in re.finditer(
+        r"FSDP2 step 1: (\d+) micro-batches on rank (\d) and (\d+) filler", fs)}
+    assert sorted(first.values()) == [(1, 1), (2, 0)], first
+    assert existing_versions(store, "fs") == {1: True}, "rank 0 alone publishes, once"
 
     # 2. the same spec data parallel (fsdp: off): the same loss curve
-    ddp = _job(tmp_path, _spec(tmp_path, "ddp", small_model_dir, "off"), "ddp").stderr
+    ddp = _job(tmp_path, _spec(tmp_path, "ddp", tiny_model_dir, "off"), "ddp").stderr
     assert "FSDP2" not in ddp
     l_fs, l_ddp = _losses(fs), _losses(ddp)
     assert sorted(l_fs) == sorted(l_ddp) == [1, 2, 3], (l_fs, l_ddp)
     _close(l_fs, l_ddp, [1, 2, 3])
     # the base's validation loss, measured sharded with the fresh adapter in place (lora_B is 0), is the
-    # unsharded base's; its generations ran after training on rank 0's copy with the adapter switched off
+    # unsharded base's
     before = {n: json.loads(store.get_bytes(f"{n}/v1/metadata.json"))["metrics"]["val_loss_before"]
               for n in ("fs", "ddp")}
     assert before["fs"] is not None and abs(before["fs"] - before["ddp"]) <= LOSS_RTOL * before["ddp"], before
-    report = json.loads(store.get_bytes("fs/v1/eval_report.json"))
-    gens = report["generations"]
-    assert len(gens) == 2 and all(g["before"].strip() and g["after"].strip() for g in gens), gens
-    print(f"\nFSDP2 held per rank {held}, first step micro-batches (n, filler) {first}\n"
-          f"(tensors, peak host GiB) per rank after loading {loaded}\n"
-          f"losses sharded {l_fs}\nlosses data parallel {l_ddp}")
+    print(f"\nlosses sharded {l_fs}\nlosses data parallel {l_ddp}")
 
     # 3. the sharded run's checkpoint is the whole adapter and optimizer state an unsharded run writes.
     #    AdamW's first moment is 0.1 x the gradient after one step: it checks the reduce-scattered gradients'
@@ -143,7 +164,7 @@ def test_fsdp_shards_the_base_trains_like_data_parallel_and_checkpoints_cross_ov
         assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a), f
         rel = {k: float((a[k] - b[k]).norm() / b[k].norm().clamp(min=1e-30)) for k in a
                if a[k].is_floating_point() and not k.startswith("rng.") and a[k].dim() > 0}
-        assert len(rel) >= 2 * 30 * 7, (f, len(rel))  # every LoRA tensor: A and B of 7 projections x 30 layers
+        assert len(rel) >= 2 * layers * 7, (f, len(rel))  # every LoRA tensor: A and B of 7 projections a layer
         assert sorted(rel.values())[len(rel) // 2] <= 1e-4 and max(rel.values()) <= 1e-2, \
             (f, sorted(rel.items(), key=lambda kv: kv[1])[-3:])
         print(f"{f}: {len(rel)} tensors, relative difference median {sorted(rel.values())[len(rel) // 2]:.1e}, "
@@ -151,7 +172,7 @@ def test_fsdp_shards_the_base_trains_like_data_parallel_and_checkpoints_cross_ov
 
     # 4. the data-parallel run's checkpoint resumes sharded (a new attempt of the same run with fsdp: on):
     #    step 3 again, from the same state, the same loss
-    again = _job(tmp_path, _spec(tmp_path, "ddp", small_model_dir, "on"), "ddp-again").stderr
+    again = _job(tmp_path, _spec(tmp_path, "ddp", tiny_model_dir, "on"), "ddp-again").stderr
     assert again.count("resumed from checkpoint at step 2 of 3") == 2, again[-3000:]
     assert "FSDP2: the base is sharded over 2 ranks" in again
     resumed = _losses(again)
