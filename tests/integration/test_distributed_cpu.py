@@ -1,6 +1,6 @@
 """Data parallel through PyTorch's own launcher: the real job under ``torchrun --nproc-per-node 2``
 (gloo on CPU) against the same job in one process. The subject is the ranks, not what they learn: the model is
-conftest's tiny_model_dir (SmolLM2's architecture and vocabulary, randomly initialised, ~15x less compute a token
+conftest's tiny_model_dir (SmolLM2's architecture and vocabulary, randomly initialised, 13x fewer parameters
 than its first 4 layers).
 
 Same examples per optimizer step, the same loss curve (the gradients are summed across ranks
