@@ -1104,25 +1104,31 @@ def prepare(data: bytes, rules: DataRules, *, seed: int = 42) -> Prepared:
     lines never raise: they are problems in the report.
     """
     prepared = prepare_report(data, rules, seed=seed)
-    report = prepared.report
+    refuse_unusable(prepared.report, rules, unit="training rows", check="launcher data check FILE",
+                    format_fix=_FIX_PAIRS_AS_ROWS if "preference" in prepared.report["outside_format"]["looks_like"]
+                    else "write every row in one accepted format (run `launcher data check FILE` to see each "
+                         "line), or set data.format: auto to read each row by its own keys")
+    return prepared
+
+
+def refuse_unusable(report: dict[str, Any], rules: DataRules, *, unit: str, check: str, format_fix: str) -> None:
+    """Raise :class:`DataError` (with ``.report``, for data_report.json on failure) when ``report`` (SFT rows or
+    preference pairs: ``unit``) says a run cannot use the data: too much outside the format, or fewer than
+    ``rules.min_rows`` kept. ``check``: the command that shows every line."""
     if report["errors"]:
-        err = DataError("; ".join(report["errors"]),
-                        hint=_FIX_PAIRS_AS_ROWS if "preference" in report["outside_format"]["looks_like"] else
-                        "write every row in one accepted format (run `launcher data check FILE` to see each "
-                        "line), or set data.format: auto to read each row by its own keys")
+        err = DataError("; ".join(report["errors"]), hint=format_fix)
         err.report = report  # type: ignore[attr-defined]
         raise err
     if report["kept_rows"] < rules.min_rows:
         reasons = _top_reasons(report)
-        msg = (f"only {report['kept_rows']} of {report['total_lines']} lines are usable training rows "
+        msg = (f"only {report['kept_rows']} of {report['total_lines']} lines are usable {unit} "
                f"({report['valid_rows']} valid); data.min_rows is {rules.min_rows}")
         if reasons:
             msg += ". Main reasons: " + "; ".join(reasons)
-        err = DataError(msg, hint="run `launcher data check FILE` to see every bad line, fix the data, "
+        err = DataError(msg, hint=f"run `{check}` to see every bad line, fix the data, "
                                   "or relax the rule in the spec's `data:` section (or lower data.min_rows)")
-        err.report = report  # type: ignore[attr-defined]  # for data_report.json on failure
+        err.report = report  # type: ignore[attr-defined]
         raise err
-    return prepared
 
 
 _Item = TypeVar("_Item")
@@ -1148,13 +1154,15 @@ def split_validation(rows: list[_Item], fraction: float, seed: int = 42) -> tupl
 # ---------------------------------------------------------------------------- the CLI's view
 
 def check_file(path: str | Path, rules: DataRules | None = None, *, seed: int = 42,
-               data: bytes | None = None) -> dict[str, Any]:
+               data: bytes | None = None,
+               report_of: Callable[..., Any] | None = None) -> dict[str, Any]:
     """Run the rules over a local JSONL file and return the report (never raises for bad data;
-    ``report['ok']`` says whether a run would accept it). ``data``: the file's bytes, when already read."""
+    ``report['ok']`` says whether a run would accept it). ``data``: the file's bytes, when already read;
+    ``report_of``: what reads them (default :func:`prepare_report`; preference pairs pass theirs)."""
     p = Path(path)
     data = read_data_file(p) if data is None else data
     rules = rules or DataRules()
-    report = prepare_report(data, rules, seed=seed).report
+    report = (report_of or prepare_report)(data, rules, seed=seed).report
     report["source"] = str(p)
     report["ok"] = report["kept_rows"] >= rules.min_rows and not report["errors"]
     return report

@@ -26,13 +26,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from jobs import dataprep
 from jobs.dataprep import (MAX_LINE_BYTES, MAX_OUTSIDE_FORMAT_SHARE, NO_PERSONA, REPORT_LINES, REPORT_PROBLEMS,
                            FORMAT_KEYS, Row, RuleResult, _a, _is_encodable, _lsh_params, _NUM_PERM, _normalise,
-                           _OutsideFormat, _parse_turns, _persona_of, _split_lines, _top_reasons, _type_name,
+                           _OutsideFormat, _parse_turns, _persona_of, _split_lines, _type_name,
                            balance_groups, content_key, count_lines, dedup_exact, handle_pii, jaccard,
-                           limit_output_words, limit_sentences, read_data_file, read_object, remove_urls,
+                           limit_output_words, limit_sentences, read_object, remove_urls,
                            row_formats, shingles, strip_boilerplate, strip_boilerplate_text)
-from jobs.errors import DataError, Problem
+from jobs.errors import Problem
 from jobs.spec import DataRules
 
 #: The formats a pair may be written in (the report counts pairs per format).
@@ -475,23 +476,10 @@ def prepare_pairs(data: bytes, data_spec: DataRules, *, seed: int = 42) -> Prepa
     Raises :class:`DataError` (with ``.report``) when more than MAX_OUTSIDE_FORMAT_SHARE of the lines are not
     pairs, or when fewer than ``data_spec.min_rows`` pairs are kept; a few malformed lines never raise."""
     prepared = prepare_pairs_report(data, data_spec, seed=seed)
-    report = prepared.report
-    if report["errors"]:
-        err = DataError("; ".join(report["errors"]),
-                        hint="write every line as a preference pair (run `launcher data check --method dpo FILE` "
-                             "to see each line), or set training.method: sft to train on SFT rows")
-        err.report = report  # type: ignore[attr-defined]
-        raise err
-    if report["kept_rows"] < data_spec.min_rows:
-        reasons = _top_reasons(report)
-        msg = (f"only {report['kept_rows']} of {report['total_lines']} lines are usable preference pairs "
-               f"({report['valid_rows']} valid); data.min_rows is {data_spec.min_rows}")
-        if reasons:
-            msg += ". Main reasons: " + "; ".join(reasons)
-        err = DataError(msg, hint="run `launcher data check --method dpo FILE` to see every bad line, fix the "
-                                  "data, or relax the rule in the spec's `data:` section (or lower data.min_rows)")
-        err.report = report  # type: ignore[attr-defined]
-        raise err
+    dataprep.refuse_unusable(prepared.report, data_spec, unit="preference pairs",
+                             check="launcher data check --method dpo FILE",
+                             format_fix="write every line as a preference pair (run `launcher data check --method dpo "
+                                        "FILE` to see each line), or set training.method: sft to train on SFT rows")
     return prepared
 
 
@@ -499,13 +487,7 @@ def check_pairs_file(path: str | Path, rules: DataRules | None = None, *, seed: 
                      data: bytes | None = None) -> dict[str, Any]:
     """:func:`jobs.dataprep.check_file` for preference pairs: the report of a local file (never raises for bad
     data; ``report['ok']`` says whether a dpo/orpo run would accept it). ``data``: its bytes, when already read."""
-    p = Path(path)
-    data = read_data_file(p) if data is None else data
-    rules = rules or DataRules()
-    report = prepare_pairs_report(data, rules, seed=seed).report
-    report["source"] = str(p)
-    report["ok"] = report["kept_rows"] >= rules.min_rows and not report["errors"]
-    return report
+    return dataprep.check_file(path, rules, seed=seed, data=data, report_of=prepare_pairs_report)
 
 
 def explain_text() -> str:
