@@ -19,6 +19,34 @@ CE_CHUNK = 2048
 FSDP_LOSS_METHOD = "lora_jobs_lm_loss"
 
 
+def _ce_of_chunk(hc, yc, weight, softcap):
+    """One chunk's cross-entropy: fp32 logits of ``hc @ weight.T`` (soft-capped), their logsumexp, the tanh of
+    the cap (None without one), which targets count and the safe target ids; the per-token loss is
+    ``(lse - picked) * valid``."""
+    logits = hc @ weight.t()
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    capped = None
+    if softcap:
+        capped = torch.tanh(logits / softcap)
+        logits = capped * softcap
+    lse = torch.logsumexp(logits, dim=-1)
+    valid = yc != IGNORE_INDEX
+    ysafe = torch.where(valid, yc, 0)
+    picked = logits.gather(1, ysafe.unsqueeze(1)).squeeze(1)
+    return logits, lse, capped, valid, ysafe, (lse - picked) * valid
+
+
+def _chunk_grad_logits(logits, lse, capped, valid, ysafe):
+    """d loss / d logits of one chunk, in place over ``logits``: softmax - onehot, zero on ignored rows, through
+    the soft cap."""
+    g = logits.sub_(lse.unsqueeze(1)).exp_()
+    g.scatter_add_(1, ysafe.unsqueeze(1), -torch.ones_like(lse).unsqueeze(1))
+    g.mul_(valid.unsqueeze(1))
+    if capped is not None:
+        g.mul_(1 - capped * capped)
+    return g
+
+
 class _ChunkedLinearCE(torch.autograd.Function):
     """sum_t CE(h_t @ W^T, y_t), chunked over tokens; the gradient is computed in the forward.
 
@@ -36,26 +64,11 @@ class _ChunkedLinearCE(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
         for s in range(0, n, chunk):
             hc = h[s:s + chunk]
-            yc = targets[s:s + chunk]
-            logits = hc @ weight.t()
-            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-            if softcap:
-                capped = torch.tanh(logits / softcap)
-                logits = capped * softcap
-            lse = torch.logsumexp(logits, dim=-1)
-            valid = yc != IGNORE_INDEX
-            ysafe = torch.where(valid, yc, 0)
-            picked = logits.gather(1, ysafe.unsqueeze(1)).squeeze(1)
-            total += ((lse - picked) * valid).sum()
+            logits, lse, capped, valid, ysafe, token_loss = _ce_of_chunk(hc, targets[s:s + chunk], weight, softcap)
+            total += token_loss.sum()
             if grad_h is None and grad_w is None:
                 continue
-            # d/dlogits = softmax - onehot, zero on ignored rows
-            g = logits.sub_(lse.unsqueeze(1)).exp_()
-            g.scatter_add_(1, ysafe.unsqueeze(1), -torch.ones_like(lse).unsqueeze(1))
-            g.mul_(valid.unsqueeze(1))
-            if softcap:
-                g.mul_(1 - capped * capped)
-            g = g.to(h.dtype)
+            g = _chunk_grad_logits(logits, lse, capped, valid, ysafe).to(h.dtype)
             if grad_h is not None:
                 grad_h[s:s + chunk] = g @ weight
             if grad_w is not None:
@@ -95,25 +108,11 @@ class _ChunkedLinearTokenCE(torch.autograd.Function):
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         out = torch.zeros(n, dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
         for s in range(0, n, chunk):
-            hc = h[s:s + chunk]
-            yc = targets[s:s + chunk]
-            logits = hc @ weight.t()
-            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-            if softcap:
-                capped = torch.tanh(logits / softcap)
-                logits = capped * softcap
-            lse = torch.logsumexp(logits, dim=-1)
-            valid = yc != IGNORE_INDEX
-            ysafe = torch.where(valid, yc, 0)
-            picked = logits.gather(1, ysafe.unsqueeze(1)).squeeze(1)
-            out[s:s + chunk] = (lse - picked) * valid
+            logits, lse, capped, valid, ysafe, out[s:s + chunk] = _ce_of_chunk(h[s:s + chunk], targets[s:s + chunk],
+                                                                            weight, softcap)
             if grad_h is None:
                 continue
-            g = logits.sub_(lse.unsqueeze(1)).exp_()
-            g.scatter_add_(1, ysafe.unsqueeze(1), -torch.ones_like(lse).unsqueeze(1))
-            g.mul_(valid.unsqueeze(1))
-            if softcap:
-                g.mul_(1 - capped * capped)
+            g = _chunk_grad_logits(logits, lse, capped, valid, ysafe)
             grad_h[s:s + chunk] = g.to(h.dtype) @ weight
             del g, logits
         ctx.save_for_backward(grad_h if grad_h is not None else torch.empty(0))
