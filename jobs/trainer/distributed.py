@@ -123,17 +123,20 @@ class World:
         return values
 
     def once_per_pod(self, fn, what: str):
-        """``fn()`` on each pod's local rank 0 (a download into its own scratch); every rank gets global rank 0's
-        result (our own dataclass between our own processes: the same workdir path on every pod)."""
+        """``fn()`` on each pod's local rank 0 (a download into its own scratch, or the node's model cache); every
+        rank gets its own pod's result (our own dataclass between our own processes). A pod's ranks are
+        contiguous (torchrun: global rank = the pod's first rank + local rank), so that is global rank
+        ``rank - local_rank``'s. Pods may differ: one node's cache hit beside another's download to scratch."""
         if self.size == 1:
             return fn()
         import torch.distributed as dist
 
         mine = fn() if self.local_rank == 0 else None
         self.barrier(what)
-        box = [mine if self.main else None]
-        dist.broadcast_object_list(box, src=0)
-        return mine or box[0]
+        leaders: list = [None] * self.size
+        with collective(what, self):
+            dist.all_gather_object(leaders, mine)
+        return leaders[self.rank - self.local_rank]
 
     def any_rank(self, flag: bool, device, what: str) -> bool:
         """Whether ``flag`` holds on any rank (every rank calls it)."""
