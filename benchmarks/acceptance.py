@@ -117,6 +117,32 @@ def cmd_data(path: str, tokenizer: str, n: int) -> None:
     print(f"{path}: {n} rows, mean {sum(lens) / n:.0f} tokens, max {max(lens)}", flush=True)
 
 
+def cmd_longdata(path: str, tokenizer: str, n: int, tokens: int) -> None:
+    """``n`` rows of ~``tokens`` tokens each (question + answer, chat template's own tokens left out): the long-context
+    runs, whose every row fills ``max_seq_length``. Sentences are added in blocks and measured once a block."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    rng = random.Random(2)
+    rows, lens = [], []
+    for i in range(n):
+        q = f"Ticket {i}: summarise the log of the {rng.choice(_NOUNS)} {rng.choice(_TAILS)}."
+        budget = tokens - len(tok(q)["input_ids"]) - 16
+        parts: list[str] = []
+        have = 0
+        while True:  # each block measured alone (a sum, not the whole text again: 16k tokens a row)
+            block = " ".join(_sentence(rng) for _ in range(64))
+            n_block = len(tok(" " + block)["input_ids"])
+            if have + n_block > budget:
+                break
+            parts.append(block)
+            have += n_block
+        rows.append({"instruction": q, "output": " ".join(parts)})
+        lens.append(len(tok(q + " " + rows[-1]["output"])["input_ids"]))
+    Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    print(f"{path}: {n} rows, mean {sum(lens) / n:.0f} tokens, max {max(lens)}", flush=True)
+
+
 def _answer(rng: random.Random, tok, target: int) -> str:
     parts: list[str] = []
     while len(parts) < 400:
@@ -459,6 +485,7 @@ def _parity(bf16: dict, fp8: dict, warm: dict) -> dict:
 if __name__ == "__main__":
     cmd, *args = sys.argv[1:]
     fn = {"models": cmd_models, "data": lambda p, t, n: cmd_data(p, t, int(n)), "job": cmd_job, "trl": cmd_trl,
-          "pairs": lambda p, t, n: cmd_pairs(p, t, int(n)), "trldpo": cmd_trldpo, "summary": cmd_summary}[cmd]
+          "pairs": lambda p, t, n: cmd_pairs(p, t, int(n)),
+          "longdata": lambda p, t, n, k: cmd_longdata(p, t, int(n), int(k)), "trldpo": cmd_trldpo, "summary": cmd_summary}[cmd]
     rc = fn(*args)
     sys.exit(rc if isinstance(rc, int) else 0)

@@ -7,6 +7,10 @@
 #   dpo     the job with training.method: dpo on the 8B shape, bf16 LoRA, $PAIRS pairs (default 400; acceptance.py
 #           pairs: TRL's prompt/chosen/rejected format)
 #   dpoq    the same with quantization.mode: 4bit;   orpo: the bf16 run with training.method: orpo
+#   dpocap  the dpo stage again under training.gpu_memory_gib $CAP (default 64: below TRL DPOTrainer's 67.5 GiB peak
+#           on the H100): throughput at no more memory than the peer
+#   long8k  bf16, training.max_seq_length 8192, $LONGROWS (default 48) rows of ~8,100 tokens, 12 steps (issue 34 item 4)
+#   long16kq  4-bit, max_seq_length 16384, $LONGROWS rows of ~16,200 tokens, 12 steps
 #   trldpo  the preference peer in the same call: TRL's DPOTrainer + PEFT LoRA on the same model folder, pairs and
 #           tokenizer (benchmarks/peer/trl_dpo.py), GC=0 BS=4;   trldpoq: the same on the 8B in NF4, GC=1
 #   qwen    the job on the Qwen2.5-7B shape, bf16 LoRA, 800 rows                    (~3 min)
@@ -72,6 +76,11 @@ pairs() {  # pairs N -> path of a preference-pairs file with that many pairs
   [ -f "$f" ] || $A pairs "$f" "$TOK" "$1" >&2
   echo "$f"
 }
+longdata() {  # longdata ROWS TOKENS -> path of a data file whose every row has ~TOKENS tokens
+  local f="$ACCEPT_WORK/long-$1-$2.jsonl"
+  [ -f "$f" ] || $A longdata "$f" "$TOK" "$1" "$2" >&2
+  echo "$f"
+}
 models() {  # models [NAMES]: comma-separated, default the 8B and 7B shapes
   local names=${1:-llama3-8b,qwen2.5-7b} n missing=
   for n in ${names//,/ }; do [ -f "$MODELS/$n/config.json" ] || missing=1; done
@@ -95,6 +104,13 @@ for stage in "$@"; do
              '{"training": {"method": "dpo"}}' ;;
     dpoq)  need dpoq 200 && models llama3-8b && $A job dpoq "$MODELS/llama3-8b" "$(pairs ${PAIRS:-400})" "$RES" \
              '{"training": {"method": "dpo"}, "quantization": {"mode": "4bit"}}' ;;
+    dpocap) need dpocap 200 && models llama3-8b && $A job dpocap "$MODELS/llama3-8b" "$(pairs ${PAIRS:-400})" "$RES" \
+             "{\"training\": {\"method\": \"dpo\", \"gpu_memory_gib\": ${CAP:-64}}}" ;;
+    long8k) need long8k 200 && models llama3-8b && $A job long8k "$MODELS/llama3-8b" "$(longdata ${LONGROWS:-48} 8100)" \
+             "$RES" '{"training": {"max_seq_length": 8192, "max_steps": 12}, "eval": {"enabled": false}}' ;;
+    long16kq) need long16kq 200 && models llama3-8b && $A job long16kq "$MODELS/llama3-8b" \
+             "$(longdata ${LONGROWS:-48} 16200)" "$RES" \
+             '{"quantization": {"mode": "4bit"}, "training": {"max_seq_length": 16384, "max_steps": 12}, "eval": {"enabled": false}}' ;;
     orpo)  need orpo 200 && models llama3-8b && $A job orpo "$MODELS/llama3-8b" "$(pairs ${PAIRS:-400})" "$RES" \
              '{"training": {"method": "orpo"}}' ;;
     trldpo) need trldpo 150 && models llama3-8b && d=$(pairs ${PAIRS:-400}) \
