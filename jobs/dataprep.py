@@ -1036,45 +1036,40 @@ def _top_reasons(report: dict[str, Any], limit: int = 3) -> list[str]:
     return [text for _, text in reasons[:limit]]
 
 
-def prepare_report(data: bytes | str, rules: DataRules, *, seed: int = 42) -> Prepared:
-    """Like :func:`prepare` but never raises: the caller decides what too few rows means."""
-    data = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else bytes(data)
-    rows, problems = read_jsonl(data, persona_field=rules.balance_field, fmt=rules.format)
-    kept, entries = _run_rules(rows, rules, seed)
-    conflicts = entries.pop("conflicts")  # a check, not a switchable rule: it keeps every row
+def build_report(data: bytes, rules: DataRules, *, seed: int, fmt: str, formats: tuple[str, ...],
+                 valid: list[Row], kept: list[Row], problems: list[Problem], entries: dict[str, dict[str, Any]],
+                 conflicts: dict[str, Any], outside_error: Callable[[list[_OutsideFormat], int], str],
+                 unit: str | None = None) -> dict[str, Any]:
+    """The data report (data_report.json, what `launcher data check` prints) of SFT rows or preference pairs.
+
+    ``valid``/``kept``: the rows read and kept (a pair: its chosen side, which carries its format and persona);
+    ``problems``: the lines that did not read; ``entries``: each rule's entry (``RuleResult.entry``);
+    ``conflicts``: the conflict check's entry; ``formats``: the formats counted, in order; ``fmt``: the data's
+    format; ``outside_error``: the error when more than MAX_OUTSIDE_FORMAT_SHARE of the non-blank lines are
+    outside the format (given those lines and the non-blank count); ``unit``: ``pairs`` for preference pairs
+    (the report's first key), None for rows (no key)."""
     total_lines = count_lines(data)
-    valid_by_format, kept_by_format = Counter(r.fmt for r in rows), Counter(r.fmt for r in kept)
-    fmt: str
-    if rules.format != "auto":
-        fmt = rules.format
-    elif len(valid_by_format) > 1:
-        fmt = "mixed"
-    else:
-        fmt = next(iter(valid_by_format), None) or detect_format(data)
+    valid_by_format, kept_by_format = Counter(r.fmt for r in valid), Counter(r.fmt for r in kept)
     outside = [p for p in problems if isinstance(p, _OutsideFormat)]
-    non_blank = len(rows) + len(problems)
+    non_blank = len(valid) + len(problems)
     errors = []
     if outside and len(outside) > MAX_OUTSIDE_FORMAT_SHARE * non_blank:
-        looks = Counter(p.looks_like for p in outside)
-        errors.append(
-            f"{len(outside)} of {non_blank} rows are outside "
-            + (f"data.format '{rules.format}'" if rules.format != "auto" else "the accepted formats")
-            + f" (more than {MAX_OUTSIDE_FORMAT_SHARE:.0%}): lines {_line_list([p.line for p in outside if p.line is not None], len(outside))}"
-            + "; they look like " + ", ".join(f"{k} ({v})" for k, v in looks.most_common()))
+        errors.append(outside_error(outside, non_blank))
     dropped = {name: _rows_dropped(e) for name, e in entries.items() if _rows_dropped(e)}
-    report: dict[str, Any] = {
+    report: dict[str, Any] = {"unit": unit} if unit else {}
+    report |= {
         "format": fmt,
         "total_lines": total_lines,
-        "valid_rows": len(rows),
+        "valid_rows": len(valid),
         "kept_rows": len(kept),
         "dataset_sha256": hashlib.sha256(data).hexdigest(),
         "seed": seed,
         # Where every line went, so nothing is lost without a count: the run's status carries it.
         "counts": {"lines": total_lines, "blank": total_lines - non_blank,
                    "malformed": len(problems) - len(outside), "outside_format": len(outside),
-                   "valid": len(rows), "dropped_by_rule": dropped, "kept": len(kept),
+                   "valid": len(valid), "dropped_by_rule": dropped, "kept": len(kept),
                    "by_format": {f: {"valid": valid_by_format[f], "kept": kept_by_format[f]}
-                                 for f in FORMATS if valid_by_format[f]}},
+                                 for f in formats if valid_by_format[f]}},
         "outside_format": {"count": len(outside), "lines": [p.line for p in outside[:REPORT_LINES]],
                            "looks_like": dict(Counter(p.looks_like for p in outside).most_common()),
                            "max_share": MAX_OUTSIDE_FORMAT_SHARE},
@@ -1087,7 +1082,34 @@ def prepare_report(data: bytes | str, rules: DataRules, *, seed: int = 42) -> Pr
         "min_rows": rules.min_rows,
         "settings": rules.model_dump(mode="json"),
     }
-    return Prepared(kept, report)
+    return report
+
+
+def prepare_report(data: bytes | str, rules: DataRules, *, seed: int = 42) -> Prepared:
+    """Like :func:`prepare` but never raises: the caller decides what too few rows means."""
+    data = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else bytes(data)
+    rows, problems = read_jsonl(data, persona_field=rules.balance_field, fmt=rules.format)
+    kept, entries = _run_rules(rows, rules, seed)
+    conflicts = entries.pop("conflicts")  # a check, not a switchable rule: it keeps every row
+    valid_by_format = Counter(r.fmt for r in rows)
+    fmt: str
+    if rules.format != "auto":
+        fmt = rules.format
+    elif len(valid_by_format) > 1:
+        fmt = "mixed"
+    else:
+        fmt = next(iter(valid_by_format), None) or detect_format(data)
+
+    def outside_error(outside: list[_OutsideFormat], non_blank: int) -> str:
+        looks = Counter(p.looks_like for p in outside)
+        return (f"{len(outside)} of {non_blank} rows are outside "
+                + (f"data.format '{rules.format}'" if rules.format != "auto" else "the accepted formats")
+                + f" (more than {MAX_OUTSIDE_FORMAT_SHARE:.0%}): lines {_line_list([p.line for p in outside if p.line is not None], len(outside))}"
+                + "; they look like " + ", ".join(f"{k} ({v})" for k, v in looks.most_common()))
+
+    return Prepared(kept, build_report(data, rules, seed=seed, fmt=fmt, formats=FORMATS, valid=rows, kept=kept,
+                                       problems=problems, entries=entries, conflicts=conflicts,
+                                       outside_error=outside_error))
 
 
 #: The fix when SFT data holds preference pairs: the spec's method, not the rows, is what is wrong.

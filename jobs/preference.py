@@ -19,7 +19,6 @@ builds the report in :func:`jobs.dataprep.prepare`'s shape, so :func:`jobs.datap
 """
 from __future__ import annotations
 
-import hashlib
 import re
 from collections import Counter
 from dataclasses import dataclass, replace
@@ -27,10 +26,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from jobs import dataprep
-from jobs.dataprep import (MAX_LINE_BYTES, MAX_OUTSIDE_FORMAT_SHARE, NO_PERSONA, REPORT_LINES, REPORT_PROBLEMS,
-                           FORMAT_KEYS, Row, RuleResult, _a, _is_encodable, _lsh_params, _NUM_PERM, _normalise,
+from jobs.dataprep import (MAX_LINE_BYTES, MAX_OUTSIDE_FORMAT_SHARE, REPORT_LINES, FORMAT_KEYS,
+                           Row, RuleResult, _a, _is_encodable, _lsh_params, _NUM_PERM, _normalise,
                            _OutsideFormat, _parse_turns, _persona_of, _split_lines, _type_name,
-                           balance_groups, content_key, count_lines, dedup_exact, handle_pii, jaccard,
+                           balance_groups, content_key, dedup_exact, handle_pii, jaccard,
                            limit_output_words, limit_sentences, read_object, remove_urls,
                            row_formats, shingles, strip_boilerplate, strip_boilerplate_text)
 from jobs.errors import Problem
@@ -413,8 +412,13 @@ def _run_rules(pairs: list[Pair], rules: DataRules, seed: int) -> tuple[list[Pai
     return pairs, entries
 
 
-def _dropped(entry: dict[str, Any]) -> int:
-    return int(entry["count"] if entry["action"] == "dropped" else entry.get("dropped", 0))
+def _outside_error(outside: list[_OutsideFormat], non_blank: int) -> str:
+    looks = Counter(p.looks_like for p in outside)
+    shown = ", ".join(str(p.line) for p in outside[:10]) + (f", … ({len(outside) - 10} more)"
+                                                            if len(outside) > 10 else "")
+    return (f"{len(outside)} of {non_blank} lines are not preference pairs (more than "
+            f"{MAX_OUTSIDE_FORMAT_SHARE:.0%}): lines {shown}; they look like "
+            + ", ".join(f"{k} ({v})" for k, v in looks.most_common()))
 
 
 def prepare_pairs_report(data: bytes | str, rules: DataRules, *, seed: int = 42) -> PreparedPairs:
@@ -422,49 +426,16 @@ def prepare_pairs_report(data: bytes | str, rules: DataRules, *, seed: int = 42)
     data = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else bytes(data)
     pairs, problems = read_pairs(data, persona_field=rules.balance_field)
     kept, entries = _run_rules(pairs, rules, seed)
-    total_lines = count_lines(data)
     valid_by_format = Counter(p.chosen.fmt for p in pairs)
-    kept_by_format = Counter(p.chosen.fmt for p in kept)
     fmt = "mixed" if len(valid_by_format) > 1 else next(iter(valid_by_format), "preference")
-    outside = [p for p in problems if isinstance(p, _OutsideFormat)]
-    non_blank = len(pairs) + len(problems)
-    errors = []
-    if outside and len(outside) > MAX_OUTSIDE_FORMAT_SHARE * non_blank:
-        looks = Counter(p.looks_like for p in outside)
-        shown = ", ".join(str(p.line) for p in outside[:10]) + (f", … ({len(outside) - 10} more)"
-                                                                if len(outside) > 10 else "")
-        errors.append(f"{len(outside)} of {non_blank} lines are not preference pairs (more than "
-                      f"{MAX_OUTSIDE_FORMAT_SHARE:.0%}): lines {shown}; they look like "
-                      + ", ".join(f"{k} ({v})" for k, v in looks.most_common()))
-    report: dict[str, Any] = {
-        "unit": "pairs",
-        "format": fmt,
-        "total_lines": total_lines,
-        "valid_rows": len(pairs),
-        "kept_rows": len(kept),
-        "dataset_sha256": hashlib.sha256(data).hexdigest(),
-        "seed": seed,
-        "counts": {"lines": total_lines, "blank": total_lines - non_blank,
-                   "malformed": len(problems) - len(outside), "outside_format": len(outside),
-                   "valid": len(pairs),
-                   "dropped_by_rule": {k: _dropped(e) for k, e in entries.items() if _dropped(e)},
-                   "kept": len(kept),
-                   "by_format": {f: {"valid": valid_by_format[f], "kept": kept_by_format[f]}
-                                 for f in PAIR_FORMATS if valid_by_format[f]}},
-        "outside_format": {"count": len(outside), "lines": [p.line for p in outside[:REPORT_LINES]],
-                           "looks_like": dict(Counter(p.looks_like for p in outside).most_common()),
-                           "max_share": MAX_OUTSIDE_FORMAT_SHARE},
-        "errors": errors,
-        "problems_total": len(problems),
-        "problems": [{"line": p.line, "message": p.message, "fix": p.fix} for p in problems[:REPORT_PROBLEMS]],
-        "rules": entries,
-        # SFT's conflict check (one question, two answers) does not apply: several pairs may share a prompt.
-        # Pairs that prefer both ways are the 'swapped' check among the rules.
-        "conflicts": {"conflicts": [], "groups": 0, "reworded_questions": [], "reworded_count": 0},
-        "personas": dict(sorted(Counter(p.chosen.persona or NO_PERSONA for p in kept).items())),
-        "min_rows": rules.min_rows,
-        "settings": rules.model_dump(mode="json"),
-    }
+    # SFT's conflict check (one question, two answers) does not apply: several pairs may share a prompt.
+    # Pairs that prefer both ways are the 'swapped' check among the rules.
+    no_conflicts = {"conflicts": [], "groups": 0, "reworded_questions": [], "reworded_count": 0}
+    # a pair's chosen side carries its format and persona
+    report = dataprep.build_report(data, rules, seed=seed, fmt=fmt, formats=PAIR_FORMATS,
+                                   valid=[p.chosen for p in pairs], kept=[p.chosen for p in kept],
+                                   problems=problems, entries=entries, conflicts=no_conflicts,
+                                   outside_error=_outside_error, unit="pairs")
     return PreparedPairs(kept, report)
 
 

@@ -388,6 +388,27 @@ def test_prepare_reports_counts_lines_and_hash():
     json.dumps(report, allow_nan=False)
 
 
+#: data_report.json's keys, in the order written (preference reports put "unit": "pairs" first).
+REPORT_KEYS = ["format", "total_lines", "valid_rows", "kept_rows", "dataset_sha256", "seed", "counts", "outside_format",
+               "errors", "problems_total", "problems", "rules", "conflicts", "personas", "min_rows", "settings"]
+COUNTS_KEYS = ["lines", "blank", "malformed", "outside_format", "valid", "dropped_by_rule", "kept", "by_format"]
+
+
+def test_the_report_keys_in_order_and_the_settings_it_ran_with():
+    data = jsonl({"instruction": "a?", "output": "b.", "persona": "pirate"}, {"instruction": "c?", "output": "d."},
+                 {"messages": [{"role": "user", "content": "e?"}, {"role": "assistant", "content": "f."}]})
+    rules = ALL_OFF.model_copy(update={"min_rows": 3})
+    report = prepare(data, rules, seed=5).report
+    assert list(report) == REPORT_KEYS and list(report["counts"]) == COUNTS_KEYS  # no "unit": rows
+    assert (report["format"], report["seed"], report["min_rows"]) == ("mixed", 5, 3)
+    assert report["settings"] == rules.model_dump(mode="json")
+    assert report["counts"]["by_format"] == {"instruction": {"valid": 2, "kept": 2}, "messages": {"valid": 1, "kept": 1}}
+    assert report["personas"] == {"(none)": 2, "pirate": 1}
+    assert report["conflicts"] == {"count": 0, "lines": [], "action": "flagged", "conflicts": [], "groups": 0,
+                                   "reworded_questions": [], "reworded_count": 0}
+    assert "conflicts" not in report["rules"]  # a check that keeps every row, not a rule
+
+
 def test_rules_that_are_off_touch_nothing():
     data = jsonl(*[{"instruction": "As an AI?", "output": "As an AI, mail a@b.example or https://x.example."}] * 3)
     prepared = prepare(data, ALL_OFF)

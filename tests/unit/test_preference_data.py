@@ -2,6 +2,7 @@
 counted and line-numbered in the report, and the report prints like an SFT one."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -236,6 +237,26 @@ def test_the_report_has_every_key_of_an_sft_report():
     pairs = prepare_pairs_report(jsonl({"prompt": "a?", "chosen": "b.", "rejected": "c."}), ALL_OFF).report
     assert set(sft) <= set(pairs) and set(sft["counts"]) <= set(pairs["counts"])
     assert set(sft["rules"]) - {"conflicts"} <= set(pairs["rules"])
+
+
+def test_the_report_keys_in_order_and_what_a_pair_report_carries():
+    from test_dataprep import COUNTS_KEYS, REPORT_KEYS
+
+    data = jsonl({"prompt": "a?", "chosen": "b.", "rejected": "c.", "persona": "pirate"},
+                 {"prompt": [msg("user", "d?")], "chosen": [msg("assistant", "e.")],
+                  "rejected": [msg("assistant", "f.")]},
+                 {"prompt": "a?", "chosen": "g.", "rejected": "h."})
+    rules = ALL_OFF.model_copy(update={"min_rows": 3})
+    report = prepare_pairs_report(data, rules, seed=5).report
+    assert list(report) == ["unit", *REPORT_KEYS] and list(report["counts"]) == COUNTS_KEYS
+    assert (report["unit"], report["format"], report["seed"], report["min_rows"]) == ("pairs", "mixed", 5, 3)
+    assert report["dataset_sha256"] == hashlib.sha256(data).hexdigest()
+    assert report["settings"] == rules.model_dump(mode="json")
+    assert report["counts"]["by_format"] == {"preference": {"valid": 2, "kept": 2},
+                                             "preference_chat": {"valid": 1, "kept": 1}}
+    assert report["personas"] == {"(none)": 2, "pirate": 1}
+    # one prompt, two answers is no conflict between pairs
+    assert report["conflicts"] == {"conflicts": [], "groups": 0, "reworded_questions": [], "reworded_count": 0}
 
 
 _scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=12))
