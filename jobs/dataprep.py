@@ -980,14 +980,36 @@ def balance_groups(rows: list[Row], max_share: float, seed: int = 42) -> RuleRes
 
 # ---------------------------------------------------------------------------- the pipeline
 
-_RULE_NOUNS = {
-    "strip_boilerplate": "rows with boilerplate", "remove_urls": "rows with URLs", "pii": "rows with PII",
-    "long_sentences": "rows with long sentences", "max_output_words": "rows with overlong outputs",
-    "conflicts": "rows answering the same question differently",
-    "dedup_exact": "exact duplicates", "dedup_near": "near duplicates", "balance": "rows over a persona's share",
+def counted(n: int, singular: str, plural: str | None = None) -> str:
+    """``n`` and the noun it takes: "1 row", "2 rows", "0 rows" (``plural``: when it is not ``singular`` + s)."""
+    return f"{n} {singular if n == 1 else plural or singular + 's'}"
+
+
+#: What each rule drops, for the counts (`launcher data check`'s "not kept", a DataError's reasons): (noun, rest).
+#: A noun of None is the report's unit: a row, or a pair for preference reports.
+_RULE_NOUNS: dict[str, tuple[str | None, str]] = {
+    "strip_boilerplate": (None, "with boilerplate"), "remove_urls": (None, "with URLs"), "pii": (None, "with PII"),
+    "long_sentences": (None, "with long sentences"), "max_output_words": (None, "with overlong outputs"),
+    "conflicts": (None, "answering the same question differently"),
+    "dedup_exact": ("exact duplicate", ""), "dedup_near": ("near duplicate", ""),
+    "balance": (None, "over a persona's share"),
     # preference pairs (jobs/preference.py)
-    "identical_sides": "pairs whose chosen and rejected are the same", "swapped": "pairs preferring both ways",
+    "identical_sides": ("pair", "whose chosen and rejected are the same"), "swapped": ("pair", "preferring both ways"),
 }
+
+
+def _unit_noun(report: dict[str, Any]) -> str:
+    """A report's unit, singular: "row", or "pair" for preference pairs (``unit: pairs``)."""
+    return "pair" if report.get("unit") == "pairs" else "row"
+
+
+def rule_count(n: int, rule: str, unit: str = "row") -> str:
+    """What ``n`` drops of ``rule`` are, counted: "1 row with boilerplate", "2 pairs with boilerplate",
+    "1 exact duplicate" (``unit``: "row" or "pair")."""
+    if rule not in _RULE_NOUNS:
+        return f"{n} {rule}"
+    noun, rest = _RULE_NOUNS[rule]
+    return counted(n, noun or unit) + (f" {rest}" if rest else "")
 
 
 def _run_rules(rows: list[Row], rules: DataRules, seed: int) -> tuple[list[Row], dict[str, dict[str, Any]]]:
@@ -1025,13 +1047,13 @@ def _top_reasons(report: dict[str, Any], limit: int = 3) -> list[str]:
     reasons: list[tuple[int, str]] = []
     if report["problems_total"]:
         first = report["problems"][0]
-        reasons.append((report["problems_total"], f"{report['problems_total']} malformed lines "
+        reasons.append((report["problems_total"], f"{counted(report['problems_total'], 'malformed line')} "
                                                   f"(first: line {first['line']}: {first['message']})"))
     for name, entry in report["rules"].items():
         n = _rows_dropped(entry)
         if n:
             setting = f" (data.{name})" if name in DataRules.model_fields else ""
-            reasons.append((n, f"{n} {_RULE_NOUNS.get(name, name)} dropped{setting}"))
+            reasons.append((n, f"{rule_count(n, name, _unit_noun(report))} dropped{setting}"))
     reasons.sort(key=lambda t: -t[0])
     return [text for _, text in reasons[:limit]]
 
@@ -1275,17 +1297,19 @@ def format_report(report: dict[str, Any], *, max_problems: int = 20) -> str:
     fmt = report.get("format", "instruction")
     fmt_text = f"{fmt} format" if fmt != "mixed" else "mixed formats, each row read by its own keys"
     unit = report.get("unit", "rows")  # preference reports count pairs
+    one = _unit_noun(report)
     out = [head,
-           f"  {report['total_lines']} lines ({fmt_text}), {report['valid_rows']} valid {unit}, "
+           f"  {counted(report['total_lines'], 'line')} ({fmt_text}), {counted(report['valid_rows'], 'valid ' + one)}, "
            f"{report['kept_rows']} kept"]
     if len(by_format) > 1 or (by_format and fmt not in by_format):
         out.append(f"  {unit} by format: " + ", ".join(f"{f} {c['valid']} valid, {c['kept']} kept"
                                                     for f, c in by_format.items()))
     if counts:
-        lost = [(counts["malformed"], "malformed lines"), (counts["outside_format"], "outside the format")]
-        lost += [(n, _RULE_NOUNS.get(name, name)) for name, n in counts["dropped_by_rule"].items()]
+        lost = [(counts["malformed"], counted(counts["malformed"], "malformed line")),
+                (counts["outside_format"], f"{counts['outside_format']} outside the format")]
+        lost += [(n, rule_count(n, name, one)) for name, n in counts["dropped_by_rule"].items()]
         if any(n for n, _ in lost):
-            out.append("  not kept: " + ", ".join(f"{n} {what}" for n, what in lost if n))
+            out.append("  not kept: " + ", ".join(what for n, what in lost if n))
     personas = report.get("personas") or {}
     if len(personas) > 1 or (personas and NO_PERSONA not in personas):
         out.append("  personas: " + ", ".join(f"{k} {v}" for k, v in personas.items()))
@@ -1314,16 +1338,19 @@ def format_report(report: dict[str, Any], *, max_problems: int = 20) -> str:
         if entry.get("side"):  # a preference pair's rule acts on one side or both
             text += f" (on {'both answers' if entry['side'] == 'both' else 'the ' + entry['side'] + ' answer'})"
         if entry.get("in_rejected_kept"):
-            text += f" ({entry['in_rejected_kept']} rejected answers keep theirs: the model learns not to write it)"
+            n = entry["in_rejected_kept"]
+            text += (f" ({counted(n, 'rejected answer')} {'keeps its own' if n == 1 else 'keep theirs'}: the model "
+                     "learns not to write it)")
         if entry.get("reworded"):
-            text += f" ({entry['reworded']} differ only in words like about/around, a/the)"
+            n = entry["reworded"]
+            text += f" ({n} {'differs' if n == 1 else 'differ'} only in words like about/around, a/the)"
         if entry["count"]:
             text += ": lines " + _line_list(entry["lines"], entry["count"])
         out.append(text)
     conflicts = (report.get("conflicts") or {}).get("conflicts", [])
     if conflicts:
         groups = report["conflicts"]["groups"]
-        out.append(f"  warning: {groups} question(s) answered differently (conflicts), the model would learn "
+        out.append(f"  warning: {counted(groups, 'question')} answered differently (conflicts), the model would learn "
                    f"either answer — keep the right one, delete the others:")
         for c in conflicts[:max_problems]:
             (la, a), (lb, b) = list(c["answers"].items())[:2]
@@ -1335,7 +1362,7 @@ def format_report(report: dict[str, Any], *, max_problems: int = 20) -> str:
     reworded = (report.get("conflicts") or {}).get("reworded_questions", [])
     if reworded:
         count = report["conflicts"]["reworded_count"]
-        out.append(f"  warning: {count} pair(s) of questions one word apart with the same answer: a rewording "
+        out.append(f"  warning: {counted(count, 'pair')} of questions one word apart with the same answer: a rewording "
                    f"teaches nothing new (delete one), two questions that share an answer are fine (keep both):")
         for r in reworded[:max_problems]:
             out.append(f"    lines {r['lines'][0]}, {r['lines'][1]}: '{r['differ'][0]}' vs '{r['differ'][1]}' in "
@@ -1349,7 +1376,7 @@ def format_report(report: dict[str, Any], *, max_problems: int = 20) -> str:
                                           (report.get("outside_format") or {}).get("looks_like", {}) else
                                           "write every row in one accepted format, or use data.format: auto"))
     if report["kept_rows"] < report["min_rows"]:
-        out.append(f"  FAIL: {report['kept_rows']} {unit} kept, data.min_rows is {report['min_rows']}")
+        out.append(f"  FAIL: {counted(report['kept_rows'], one)} kept, data.min_rows is {report['min_rows']}")
     elif errors:
         out.append("  FAIL: a run would reject this data")
     else:

@@ -245,7 +245,7 @@ data("invalid-spec-for-rules", "\n".join(ROWS) + "\n", 2, [r"data\.min_rows \(li
      args=("--spec", "{d}/spec.yaml"), files={"spec.yaml": GOOD + "data: {min_rows: 0}\n"})
 data("missing-spec-for-rules", "\n".join(ROWS) + "\n", 2, [r"nope\.yaml: file not found"],
      args=("--spec", "{d}/nope.yaml"))
-data("all-duplicates", "\n".join([ROWS[0]] * 12) + "\n", 1, [r"11 exact duplicates", r"FAIL: 1 rows kept"])
+data("all-duplicates", "\n".join([ROWS[0]] * 12) + "\n", 1, [r"11 exact duplicates", r"FAIL: 1 row kept"])
 data("too-few-rows", "\n".join(ROWS[:3]) + "\n", 1, [r"FAIL: 3 rows kept, data\.min_rows is 8"], fix=False)
 data("json-array-not-jsonl", "[\n" + ",\n".join(ROWS) + "\n]\n", 1, [r"line 1: not valid JSON", r"FAIL"])
 data("csv-file", "instruction,output\n" + "\n".join(f"q{i},a{i}" for i in range(10)) + "\n", 1,
@@ -284,7 +284,7 @@ for _id, _line, _says in [
 data("conflicting-answers", "\n".join(ROWS + [json.dumps({"instruction": "What colour is the WAN port?",
                                                           "output": f"The WAN port is {c}."})
                                               for c in ("blue", "yellow")]) + "\n", 0,
-     [r"warning: 1 question\(s\) answered differently", r"lines 11, 12: .*'blue' vs 'yellow'"], outcome="warning")
+     [r"warning: 1 question answered differently", r"lines 11, 12: .*'blue' vs 'yellow'"], outcome="warning")
 data("pii-in-output", bad(json.dumps({"instruction": "Email?", "output": "Write to jane.doe@example.com."})), 0,
      [r"pii\s+1 redacted \[EMAIL 1\]: lines 4"], outcome="warning", fix=False)
 data("boilerplate-answer", bad(json.dumps({"instruction": "Hi", "output": "As an AI language model, I cannot."})), 0,

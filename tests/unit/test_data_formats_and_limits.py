@@ -113,7 +113,7 @@ def test_every_line_is_counted_kept_or_dropped_by_a_named_reason(tmp_path):
     c = report["counts"]
     assert (c["lines"], c["blank"], c["malformed"], c["valid"], c["kept"]) == (16, 1, 2, 13, 12)
     assert c["dropped_by_rule"] == {"dedup_exact": 1}
-    assert "not kept: 2 malformed lines, 1 exact duplicates" in format_report(report)
+    assert "  not kept: 2 malformed lines, 1 exact duplicate" in format_report(report).splitlines()
 
 
 # ---------------------------------------------------------------------------- bounded reads

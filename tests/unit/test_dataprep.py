@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from jobs.dataprep import (Row, balance_groups, check_file, dedup_exact, dedup_near, format_report,
-                           handle_pii, limit_output_words, limit_sentences, prepare, read_jsonl, remove_urls,
+                           handle_pii, limit_output_words, limit_sentences, prepare, prepare_report, read_jsonl, remove_urls,
                            remove_urls_text, split_validation, strip_boilerplate, strip_boilerplate_text,
                            trim_sentence)
 from jobs.errors import DataError, ExitCode
@@ -426,6 +426,39 @@ def test_too_few_rows_raise_data_error_with_counts_and_reasons():
     assert "5 exact duplicates dropped (data.dedup_exact)" in msg and "2 malformed lines" in msg
     assert "launcher data check" in err.value.hint
     assert err.value.report["kept_rows"] == 1
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_every_count_takes_its_noun_in_the_singular_or_the_plural(n):
+    one = n == 1
+    good = [{"instruction": f"Question {i} about item {i * 7}?", "output": f"Answer number {i} is here."}
+            for i in range(4)]
+    data = jsonl(*good, *["{bad"] * n,
+                 *[{"instruction": f"Boiler {i}?", "output": "As an AI language model, I cannot help with that."}
+                   for i in range(n)],
+                 *[good[0]] * n,
+                 *[{"instruction": f"Which colour is box {i}?", "output": "Blue."} for i in range(n)],
+                 *[{"instruction": f"Which colour is box {i}?", "output": "Yellow."} for i in range(n)])
+    text = format_report(prepare_report(data, DataRules(min_rows=20)).report)
+    lost = "1 malformed line, 1 row with boilerplate, 1 exact duplicate" if one else \
+        "2 malformed lines, 2 rows with boilerplate, 2 exact duplicates"
+    assert f"\n  not kept: {lost}\n" in text
+    assert f"warning: {'1 question' if one else '2 questions'} answered differently" in text
+    if not one:  # box 0 and box 1: a rewording of each other, both for Blue and for Yellow
+        assert "warning: 2 pairs of questions one word apart" in text
+    assert f"FAIL: {4 + 2 * n} rows kept" in text  # conflicting rows are kept
+    with pytest.raises(DataError) as err:
+        prepare(data, DataRules(min_rows=20))
+    assert (f"Main reasons: {lost.split(', ')[0]} (first: line 5:" in err.value.message
+            and f"; {lost.split(', ')[1]} dropped (data.strip_boilerplate); {lost.split(', ')[2]} dropped "
+                "(data.dedup_exact)" in err.value.message)
+
+
+def test_one_line_one_row_one_kept_are_singular():
+    report = prepare_report(jsonl({"instruction": "a?", "output": "b."}), ALL_OFF.model_copy(update={"min_rows": 2})
+                            ).report
+    text = format_report(report)
+    assert "  1 line (instruction format), 1 valid row, 1 kept\n" in text and "FAIL: 1 row kept" in text
 
 
 def test_report_keeps_at_most_200_line_numbers_but_counts_all():

@@ -89,7 +89,7 @@ def test_prepare_pairs_raises_data_error_with_the_report_when_too_few_pairs_rema
         prepare_pairs(data, DataRules(min_rows=1), seed=1)
     assert err.value.exit_code == ExitCode.BAD_DATA
     assert "only 0 of 2 lines are usable preference pairs" in str(err.value)
-    assert "pairs whose chosen and rejected are the same dropped" in str(err.value)
+    assert "1 pair whose chosen and rejected are the same dropped" in str(err.value)
     assert err.value.report["rules"]["identical_sides"]["lines"] == [1]
 
 
@@ -103,7 +103,7 @@ def test_split_validation_splits_pairs_like_rows():
 def test_the_report_prints_with_format_report():
     data = jsonl({"prompt": "a?", "chosen": "Yes, gladly.", "rejected": "No."})
     text = format_report(prepare_pairs_report(data, ALL_OFF).report)
-    assert "1 valid pairs, 1 kept" in text and "OK: a run would accept this data" in text
+    assert "1 valid pair, 1 kept" in text and "OK: a run would accept this data" in text
 
 
 # ---------------------------------------------------------------------------- planted defects, each by line
@@ -172,6 +172,38 @@ def test_the_counts_account_for_every_line(defects_report):
     assert counts["valid"] - sum(counts["dropped_by_rule"].values()) == counts["kept"] == 46
     assert defects_report["valid_rows"] == 51 and defects_report["kept_rows"] == 46
     assert defects_report["problems_total"] == 12
+
+
+def test_the_counts_of_pairs_say_pair_or_pairs(defects_report):
+    text = format_report(defects_report)
+    assert "\n  63 lines (preference format), 51 valid pairs, 46 kept\n" in text
+    assert ("\n  not kept: 11 malformed lines, 1 outside the format, 1 pair with boilerplate, 1 pair whose chosen and "
+            "rejected are the same, 1 exact duplicate, 2 near duplicates\n") in text
+    assert "(1 rejected answer keeps its own: the model learns not to write it)" in text
+    assert "2 dropped (1 differs only in words like about/around, a/the)" in text
+
+
+def test_launcher_data_check_of_the_defects_file_counts_pairs():
+    from typer.testing import CliRunner
+
+    from launcher import cli
+
+    r = CliRunner().invoke(cli.app, ["data", "check", "--method", "dpo", str(DEFECTS)])
+    assert r.exit_code == 0, r.output
+    assert "1 pair with boilerplate, 1 pair whose chosen and rejected" in r.stdout and " rows with" not in r.stdout
+
+
+def test_too_few_pairs_give_their_reasons_in_pairs():
+    data = jsonl(*[{"prompt": "a?", "chosen": "Yes.", "rejected": "No."}] * 3,
+                 {"prompt": "b?", "chosen": "As an AI language model, I cannot help with that.", "rejected": "No."},
+                 "{bad")
+    with pytest.raises(DataError) as err:
+        prepare_pairs(data, DataRules(min_rows=4), seed=1)
+    msg = str(err.value)
+    assert "Main reasons: 2 exact duplicates dropped (data.dedup_exact); 1 malformed line (first: line 5" in msg
+    assert "; 1 pair with boilerplate dropped (data.strip_boilerplate)" in msg
+    text = format_report(prepare_pairs_report(data, DataRules(min_rows=4), seed=1).report)
+    assert "FAIL: 1 pair kept, data.min_rows is 4" in text
 
 
 def test_the_rules_change_the_pairs_they_report():
