@@ -19,10 +19,11 @@ CE_CHUNK = 2048
 FSDP_LOSS_METHOD = "lora_jobs_lm_loss"
 
 
-def _ce_of_chunk(hc, yc, weight, softcap):
-    """One chunk's cross-entropy: fp32 logits of ``hc @ weight.T`` (soft-capped), their logsumexp, the tanh of
-    the cap (None without one), which targets count and the safe target ids; the per-token loss is
-    ``(lse - picked) * valid``."""
+def _linear_chunk_ce(hc, yc, weight, softcap):
+    """One chunk's cross-entropy against a plain weight matrix (the hand-written-gradient path of
+    :func:`chunked_linear_ce` and :func:`chunked_linear_token_ce`), with what its gradient needs: fp32 logits
+    of ``hc @ weight.T`` (soft-capped), their logsumexp, the tanh of the cap (None without one), which targets
+    count and the safe target ids; the per-token loss is ``(lse - picked) * valid``."""
     logits = hc @ weight.t()
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     capped = None
@@ -64,7 +65,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
         for s in range(0, n, chunk):
             hc = h[s:s + chunk]
-            logits, lse, capped, valid, ysafe, token_loss = _ce_of_chunk(hc, targets[s:s + chunk], weight, softcap)
+            logits, lse, capped, valid, ysafe, token_loss = _linear_chunk_ce(hc, targets[s:s + chunk], weight, softcap)
             total += token_loss.sum()
             if grad_h is None and grad_w is None:
                 continue
@@ -108,8 +109,8 @@ class _ChunkedLinearTokenCE(torch.autograd.Function):
         grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
         out = torch.zeros(n, dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
         for s in range(0, n, chunk):
-            logits, lse, capped, valid, ysafe, out[s:s + chunk] = _ce_of_chunk(h[s:s + chunk], targets[s:s + chunk],
-                                                                            weight, softcap)
+            logits, lse, capped, valid, ysafe, out[s:s + chunk] = _linear_chunk_ce(
+                h[s:s + chunk], targets[s:s + chunk], weight, softcap)
             if grad_h is None:
                 continue
             g = _chunk_grad_logits(logits, lse, capped, valid, ysafe)
@@ -190,7 +191,10 @@ def _plain_head(head) -> bool:
     return isinstance(head, torch.nn.Linear) and head.bias is None and type(head) is torch.nn.Linear
 
 
-def _chunk_ce(head, softcap, reduction: str):
+def _head_chunk_ce_fn(head, softcap, reduction: str):
+    """A function ``(hc, yc) -> cross-entropy`` of one chunk through any lm_head module (bias, LoRA on the
+    head, quantised), ``reduction`` as :func:`torch.nn.functional.cross_entropy`'s: what
+    ``torch.utils.checkpoint`` runs per chunk, recomputing its logits in the backward."""
     def chunk_loss(hc, yc):
         logits = head(hc).float()
         if softcap:
@@ -212,7 +216,7 @@ def base_lm_loss(base, batch: dict) -> tuple[torch.Tensor, int]:
     # any other head (bias, LoRA on lm_head, quantised): recompute each chunk in the backward
     from torch.utils.checkpoint import checkpoint
 
-    chunk_loss = _chunk_ce(head, softcap, "sum")
+    chunk_loss = _head_chunk_ce_fn(head, softcap, "sum")
     total = hidden.new_zeros((), dtype=torch.float32)
     for s in range(0, hidden.shape[0], CE_CHUNK):
         total = total + checkpoint(chunk_loss, hidden[s:s + CE_CHUNK], targets[s:s + CE_CHUNK],
@@ -234,7 +238,7 @@ def base_example_losses(base, batch: dict) -> tuple[torch.Tensor, list[int]]:
     else:  # a head that trains or is not a plain Linear: recompute each chunk in the backward
         from torch.utils.checkpoint import checkpoint
 
-        chunk_loss = _chunk_ce(head, softcap, "none")
+        chunk_loss = _head_chunk_ce_fn(head, softcap, "none")
         per_token = torch.cat([checkpoint(chunk_loss, hidden[s:s + CE_CHUNK], targets[s:s + CE_CHUNK],
                                           use_reentrant=False) for s in range(0, hidden.shape[0], CE_CHUNK)])
     # each row of hidden is a target position (every example ends on one without a target): sum by example
