@@ -12,18 +12,12 @@ from jobs.errors import SpecError
 from jobs.spec import load_spec_text
 from launcher import cli
 from launcher.render import spec_yaml
+from spec_texts import minimal_spec
 
 pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parents[2]
-BASE = """\
-name: prefs
-base_model:
-  uri: s3://models/smollm2/
-dataset:
-  train: s3://datasets/pairs.jsonl
-output: s3://runs/lora
-"""
+BASE = minimal_spec("prefs")
 
 
 def spec(training: str = "", extra: str = ""):

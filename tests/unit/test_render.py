@@ -12,6 +12,7 @@ from jobs.spec import load_spec_text, parse_spec
 from launcher import render
 from launcher.settings import (LauncherSettings, SettingsError, cluster_values_from_configmap, load_settings,
                                make_settings)
+from spec_texts import minimal_spec
 
 pytestmark = pytest.mark.unit
 
@@ -243,13 +244,7 @@ def test_owner_reference_points_at_the_created_job():
 # ------------------------------------------------------------------------------ bad specs
 
 def test_bad_spec_reports_every_problem_with_field_paths_and_lines():
-    text = """\
-name: Bad_Name
-base_model:
-  uri: s3://models/x/
-dataset:
-  train: s3://data/train.jsonl
-output: s3://runs/lora
+    text = minimal_spec("Bad_Name") + """\
 lora:
   rank: 0
   ranq: 16
