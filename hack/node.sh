@@ -318,6 +318,7 @@ serializeImagePulls: false
 maxPods: 30
 containerLogMaxSize: 50Mi
 shutdownGracePeriod: 0s
+nodeLeaseDurationSeconds: 10
 EOF
 }
 

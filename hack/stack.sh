@@ -142,12 +142,18 @@ up_kube() {
     api GET /readyz
 
   say "starting kube-controller-manager and kube-scheduler"
+  # A node whose heartbeat stops is marked Unknown after 15 s, not v1.34's 50 s (test_real_pods' stopped
+  # kubelet waited that out). Every node renews a 10 s lease every 2.5 s (the kubelet: nodeLeaseDurationSeconds
+  # in hack/node.sh; kwok: --node-lease-duration-seconds below, besides its status heartbeat every 5 s), so the
+  # grace spans 6 renewals, as upstream's 50 s spans 5 of a 40 s lease's. Checked every 2 s instead of 5.
+  # An API server down for longer than that (test_faults restarts it) can leave the nodes Unknown for a few
+  # seconds after it returns, as it would past 50 s before: pods keep their place (300 s of toleration).
   start kube-controller-manager "$STACK_LOGS/kube-controller-manager.log" "$KUBE_BIN/kube-controller-manager" \
     --kubeconfig "$KCFG" --authentication-kubeconfig "$KCFG" --authorization-kubeconfig "$KCFG" \
     --bind-address 127.0.0.1 --secure-port "$KCM_PORT" --leader-elect=false \
     --service-account-private-key-file "$PKI/sa.key" --root-ca-file "$PKI/ca.crt" \
     --use-service-account-credentials=false --controllers '*,-nodeipam,-cloud-node-lifecycle' \
-    --concurrent-job-syncs 10 --profiling=false
+    --concurrent-job-syncs 10 --profiling=false --node-monitor-grace-period 15s --node-monitor-period 2s
   start kube-scheduler "$STACK_LOGS/kube-scheduler.log" "$KUBE_BIN/kube-scheduler" \
     --kubeconfig "$KCFG" --authentication-kubeconfig "$KCFG" --authorization-kubeconfig "$KCFG" \
     --bind-address 127.0.0.1 --secure-port "$SCHED_PORT" --leader-elect=false --profiling=false
@@ -160,7 +166,7 @@ up_kube() {
   start kwok "$STACK_LOGS/kwok.log" "$KWOK" --kubeconfig "$KCFG" \
     --manage-all-nodes=false --manage-nodes-with-annotation-selector kwok.x-k8s.io/node=fake \
     --node-ip 10.244.0.1 --cidr 10.244.0.0/16 --server-address "127.0.0.1:$KWOK_PORT" \
-    --config "$here/kwok/stages.yaml"
+    --config "$here/kwok/stages.yaml" --node-lease-duration-seconds 10
   wait_for kwok 30 "$STACK_LOGS/kwok.log" "see the log" curl -fsS "http://127.0.0.1:$KWOK_PORT/healthz"
   create_node kwok-gpu-0 8
   create_node kwok-cpu-0 0

@@ -325,7 +325,7 @@ def test_a_node_whose_kubelet_stops_is_named_and_the_run_recovers_when_it_return
     node_sh = ["bash", str(REPO / "hack" / "node.sh")]
     subprocess.run([*node_sh, "stop-kubelet"], cwd=REPO, check=True, capture_output=True)
     try:
-        # The node lifecycle controller marks the node Unknown after its grace period (50 s in v1.34).
+        # The node lifecycle controller marks the node Unknown after its grace period (the stack sets 15 s, hack/stack.sh).
         lost = wait_status(env, "node-away", lambda s: "is not Ready" in s["sentence"], 150,
                            "status to name the node that stopped reporting")
         assert f"node {node['STACK_NODE_NAME']} is not Ready: Kubelet stopped posting node status" \
