@@ -229,3 +229,43 @@ def verify_version(store: Store, run_prefix: str, version: str) -> list[str]:
         return hashlib.sha256(data).hexdigest(), len(data)
 
     return check_files(entries, digest_of).problems()
+
+
+def fetch_version_files(store: Store, prefix: str, names: list[str], dest: Path, where: str) -> dict[str, bytes]:
+    """Files ``names`` of the complete version at ``prefix`` (``where`` names it: ``s3://b/runs/r/v3``), downloaded
+    into ``dest`` and each checked against the version's manifest, whose sha256 its ``_COMPLETE`` marker must hold
+    (:func:`read_manifest`, :func:`check_files`: the publisher's own check). Returns the bytes of the manifest and
+    of the marker under their names. A :class:`StorageError` names an incomplete version, a name its manifest does
+    not list, or a file missing or altered; nothing checked is left in ``dest`` then."""
+    sizes = {o.key[len(prefix) + 1:] if prefix else o.key: o.size for o in store.list(prefix + "/" if prefix else "")}
+    if not sizes:
+        raise StorageError(f"{where} holds nothing: no published version there",
+                           hint="name a complete version, <output>/<run>/v<N> (`launcher artifacts RUN` lists them)")
+    marker = store.get_bytes(join(prefix, MARKER)) if MARKER in sizes else None
+    manifest = store.get_bytes(join(prefix, MANIFEST)) if MANIFEST in sizes else None
+    entries = read_manifest(manifest, marker, where)
+    unlisted = [n for n in names if n not in entries]
+    if unlisted:
+        raise StorageError(f"{where} has no {', '.join(unlisted)} in its manifest",
+                           hint="name a version the job published (its adapter/ folder holds "
+                                "adapter_config.json and adapter_model.safetensors)")
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        if name in sizes:
+            target = dest / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            store.get_file(join(prefix, name), target)
+
+    def digest_of(rel: str) -> tuple[str, int] | None:
+        local = dest / rel
+        return (sha256_file(local), local.stat().st_size) if local.is_file() else None
+
+    found = check_files({n: entries[n] for n in names}, digest_of)
+    if not found.ok:
+        for name in names:
+            (dest / name).unlink(missing_ok=True)
+        raise StorageError(f"{where}: " + "; ".join(found.problems()),
+                           hint="the version was damaged or altered after publishing: do not start from it; name "
+                                "another version (`launcher artifacts RUN` lists them) or publish again")
+    assert manifest is not None and marker is not None  # read_manifest refused a version without them
+    return {MANIFEST: manifest, MARKER: marker}

@@ -658,6 +658,12 @@ class TrainingRunSpec(_Strict):
     base_model: BaseModelSpec
     dataset: DatasetSpec
     output: str = Field(description="Prefix under which versions are published: s3://bucket/prefix or a folder.")
+    base_adapter: str | None = Field(
+        None, description="Start from a published adapter: the URI of one complete version, <output>/<run>/v<N> "
+        "(`launcher artifacts RUN` lists them). Its adapter, checked against the version's manifest, is what "
+        "training starts from, and with training.method: dpo it is also the frozen reference (else the base is). "
+        "It must have been trained on this base_model, and lora.rank, alpha, target_modules, use_rslora and "
+        "use_dora must be its own. What the run publishes is a whole adapter of the base.")
     lora: LoraSpec = Field(default_factory=LoraSpec)
     quantization: Quantization = Field(default_factory=Quantization)
     training: TrainingSpec = Field(default_factory=TrainingSpec)
@@ -685,6 +691,17 @@ class TrainingRunSpec(_Strict):
     @classmethod
     def _output(cls, v: str) -> str:
         return _check_uri(v, "output").rstrip("/")
+
+    @field_validator("base_adapter")
+    @classmethod
+    def _base_adapter(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        v = _check_uri(v, "base_adapter").rstrip("/")
+        if v.startswith("hf:") or not re.fullmatch(r"v[1-9][0-9]*", v.rsplit("/", 1)[-1]):
+            raise ValueError(f"'{_short(v)}' names no version: write the URI of one published version, ending in "
+                             "/v<N> (e.g. s3://bucket/runs/my-sft/v3; `launcher artifacts RUN` lists them)")
+        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> "TrainingRunSpec":
@@ -720,6 +737,8 @@ class TrainingRunSpec(_Strict):
         if self.dataset.validation is not None:
             out.append(("dataset.validation", self.dataset.validation))
         out.append(("output", self.output))
+        if self.base_adapter is not None:
+            out.append(("base_adapter", self.base_adapter))
         if isinstance(self.eval.prompts, str):
             out.append(("eval.prompts", self.eval.prompts))
         return out
@@ -798,6 +817,8 @@ class TrainingRunSpec(_Strict):
             del fields["training"]["method"], fields["training"]["beta"]
         else:
             fields["training"]["beta"] = self.training.preference_beta()
+        if fields["base_adapter"] is None:  # added later: a run from the base keeps every earlier run's hash
+            del fields["base_adapter"]
         if fields["data"]["format"] == "auto":  # added later: the default keeps every earlier run's hash
             del fields["data"]["format"]
         if "resources" in fields and fields["resources"]["nodes"] == 1:  # likewise

@@ -84,6 +84,8 @@ def spec_yaml(spec: TrainingRunSpec) -> str:
         del fields["training"]["method"]
     if fields["training"]["beta"] is None:
         del fields["training"]["beta"]
+    if fields["base_adapter"] is None:  # added later too
+        del fields["base_adapter"]
     return yaml.safe_dump(fields, sort_keys=False, allow_unicode=True)
 
 

@@ -244,19 +244,24 @@ def regression_section(before: list[float], after: list[float], set_sha256: str)
             "loss_before": _r(sum(before) / len(before)), "loss_after": _r(sum(after) / len(after))}
 
 
-def preference_section(method: str, beta: float, pairs: int, before: dict, after: dict) -> dict:
+def preference_section(method: str, beta: float, pairs: int, before: dict, after: dict, *,
+                       base_adapter: str | None = None, reference_accuracy: float | None = None) -> dict:
     """``eval_report.json``'s ``preference`` (DPO/ORPO runs): on the held-out pairs, the base's and the adapter's
     preference accuracy (the share of pairs whose chosen answer gets the higher summed log-prob) and, for DPO, the
     implicit reward accuracy and mean reward margin (``beta`` x the log-ratio against the base; the base's own are
-    0 by definition). ``before``/``after``: ``Objective.validation_metrics``."""
+    0 by definition). ``before``/``after``: ``Objective.validation_metrics``. A run from a ``base_adapter`` also
+    names it, and (DPO) its preference accuracy: the rewards are then measured against it, not the base."""
     def r(x):
         return None if x is None else round(float(x), 4)
 
-    return {"method": method, "beta": beta, "pairs": pairs,
-            "preference_accuracy_before": r(before.get("preference_accuracy")),
-            "preference_accuracy_after": r(after.get("preference_accuracy")),
-            "reward_accuracy_after": r(after.get("reward_accuracy")),
-            "reward_margin_after": r(after.get("reward_margin"))}
+    out = {"method": method, "beta": beta, "pairs": pairs,
+           "preference_accuracy_before": r(before.get("preference_accuracy")),
+           "preference_accuracy_after": r(after.get("preference_accuracy")),
+           "reward_accuracy_after": r(after.get("reward_accuracy")),
+           "reward_margin_after": r(after.get("reward_margin"))}
+    if base_adapter is not None:
+        out.update(base_adapter=base_adapter, preference_accuracy_reference=r(reference_accuracy))
+    return out
 
 
 def preference_line(section: dict | None) -> str | None:
@@ -266,6 +271,11 @@ def preference_line(section: dict | None) -> str | None:
     line = (f"preference ({section['method']}, beta {section['beta']:g}): the model prefers the chosen answer on "
             f"{section['preference_accuracy_before']:.0%} → {section['preference_accuracy_after']:.0%} of "
             f"{section['pairs']} held-out pairs")
+    if section.get("base_adapter"):
+        line += f" (starting from {section['base_adapter']}"
+        if section.get("preference_accuracy_reference") is not None:
+            line += f": {section['preference_accuracy_reference']:.0%}, the reference of the rewards"
+        line += ")"
     if section.get("reward_accuracy_after") is not None:
         line += (f"; implicit reward accuracy {section['reward_accuracy_after']:.0%}, mean margin "
                  f"{section['reward_margin_after']:+.3f}")

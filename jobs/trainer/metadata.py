@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field
 class BaseModelInfo:
     uri: str
     sha256: str | None  # of the downloaded folder (None for hf: ids)
+    #: how the files came: the node cache's hit|miss|off and the bytes fetched (jobs/model_cache.py; an s3:// base)
+    fetch: dict | None = None
 
 
 @dataclass
@@ -102,6 +104,9 @@ class RunMetadata:
     held_out: dict | None = None
     #: the GGUF files of export.gguf (jobs/trainer/gguf_export.py: file, kind, type, bytes, sha256, checks)
     gguf: list = field(default_factory=list)
+    #: spec.base_adapter: the published version the run started from (uri, its manifest's sha256, the sha256 of the
+    #: base it was trained on); None for a run that starts from a new adapter
+    base_adapter: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -112,7 +117,8 @@ class RunMetadata:
 
 def run_metadata(spec, *, run_id, image, base_model_hash, report: dict, data_report: dict, result, plan,
                  max_len: int, precision: str, world_size: int, compile_cache: dict | None, serving: dict,
-                 device, started_at: float, stages: dict, cost, held_out: dict | None = None) -> RunMetadata:
+                 device, started_at: float, stages: dict, cost, held_out: dict | None = None,
+                 base_model_fetch: dict | None = None, base_adapter: dict | None = None) -> RunMetadata:
     """The run's metadata from the spec and what each stage returned. ``cost``: ``seconds -> metadata's cost``
     (measured on the same clock reading as ``seconds``)."""
     import torch
@@ -125,7 +131,7 @@ def run_metadata(spec, *, run_id, image, base_model_hash, report: dict, data_rep
     t, lora = spec.training, spec.lora
     return RunMetadata(
         run=spec.name, run_id=run_id, spec_hash=spec.spec_hash(),
-        base_model=BaseModelInfo(uri=spec.base_model.uri, sha256=base_model_hash),
+        base_model=BaseModelInfo(uri=spec.base_model.uri, sha256=base_model_hash, fetch=base_model_fetch),
         lora=LoraInfo(rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, target_modules=lora.target_modules,
                       use_rslora=lora.use_rslora, use_dora=lora.use_dora),
         quantization=spec.quantization.mode,
@@ -158,4 +164,4 @@ def run_metadata(spec, *, run_id, image, base_model_hash, report: dict, data_rep
         device=str(device), torch=torch.__version__,
         started_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started_at)),
         seconds=round(seconds, 1), stages=stages, cost=cost(seconds), held_out=held_out,
-        gguf=report.get("gguf") or [])
+        gguf=report.get("gguf") or [], base_adapter=base_adapter)

@@ -151,22 +151,34 @@ class Objective:
     #: the training pairs and of the held-out ones (:meth:`prepare`)
     ref: torch.Tensor | None = None
     val_ref: torch.Tensor | None = None
+    #: DPO's reference: None, the base (the adapter switched off); or spec.base_adapter's URI, the adapter the run
+    #: starts from, frozen (its log-probs are taken before the first step, with the adapter as loaded)
+    base_adapter: str | None = None
+    #: with a base_adapter, the held-out pairs' preference accuracy under it (:meth:`prepare`)
+    reference_accuracy: float | None = None
 
     def prepare(self, model, train: list[dict], val: list[dict], budget, strategy) -> None:
-        """Before training (and again on resume: nothing of it is checkpointed): DPO's reference log-probs of the
-        training and held-out pairs, one no-grad packed pass of the base (the adapter switched off); the held-out
-        pairs' are :meth:`measure_base`'s where it ran."""
+        """Before training, on the adapter as wrapped (and again on resume, before the checkpoint is restored:
+        nothing of it is checkpointed): DPO's reference log-probs of the training and held-out pairs, one no-grad
+        packed pass of the base (the adapter switched off), or of the base_adapter the run starts from (the adapter
+        as loaded); the held-out pairs' base log-probs are :meth:`measure_base`'s where it ran."""
         if self.method != "dpo":
             return
         import logging
         import time
 
         t0 = time.perf_counter()
-        self.ref = reference_log_probs(model, train, budget, strategy)
-        if val and (self.val_ref is None or self.val_ref.shape[0] != len(val)):  # else measure_base's
-            self.val_ref = reference_log_probs(model, val, budget, strategy)
-        logging.getLogger("jobs").info("DPO: the reference's log-probs of %d training pairs (the base, adapter off) "
-                                       "in %.1fs", len(train), time.perf_counter() - t0)
+        frozen = self.base_adapter is not None
+        self.ref = reference_log_probs(model, train, budget, strategy, adapter_on=frozen)
+        if val and (frozen or self.val_ref is None or self.val_ref.shape[0] != len(val)):  # else measure_base's
+            self.val_ref = reference_log_probs(model, val, budget, strategy, adapter_on=frozen)
+        if frozen and val:
+            assert self.val_ref is not None
+            self.reference_accuracy = float((self.val_ref[:, 0] > self.val_ref[:, 1]).double().mean())
+        logging.getLogger("jobs").info(
+            "DPO: the reference's log-probs of %d training pairs (%s) in %.1fs", len(train),
+            f"the base_adapter {self.base_adapter}, frozen" if frozen else "the base, adapter off",
+            time.perf_counter() - t0)
 
     def length(self, example: dict) -> int:
         """Tokens of one unit of the schedule (an example, or a pair's two sides)."""
@@ -193,7 +205,7 @@ class Objective:
     @classmethod
     def for_spec(cls, spec) -> "Objective":
         t = spec.training
-        return cls(t.method, t.preference_beta()) if t.method != "sft" else cls("sft")
+        return cls(t.method, t.preference_beta(), base_adapter=spec.base_adapter) if t.method != "sft" else cls("sft")
 
     @property
     def preference(self) -> bool:
@@ -302,9 +314,12 @@ def side_log_probs(model, pairs: list[dict], budget, strategy) -> torch.Tensor:
     return -torch.tensor([m * n for m, n in zip(means, counts)], dtype=torch.float64).view(-1, 2)
 
 
-def reference_log_probs(model, pairs: list[dict], budget, strategy) -> torch.Tensor:
-    """DPO's reference: :func:`side_log_probs` of the base (the adapter switched off), by pair ``index``."""
-    with model.disable_adapter():
+def reference_log_probs(model, pairs: list[dict], budget, strategy, *, adapter_on: bool = False) -> torch.Tensor:
+    """DPO's reference: :func:`side_log_probs` of the base (the adapter switched off), or with ``adapter_on`` of
+    the model as it is (the base_adapter a run starts from, before its first step), by pair ``index``."""
+    import contextlib
+
+    with contextlib.nullcontext() if adapter_on else model.disable_adapter():
         return by_index(pairs, side_log_probs(model, pairs, budget, strategy))
 
 

@@ -6,6 +6,7 @@ recipe; ``jobs.trainer.main`` maps what it raises onto exit codes, naming the co
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -64,6 +65,74 @@ class Fetched:
     validation_bytes: bytes | None
     eval_prompts_bytes: bytes | None
     base_model_fetch: dict | None = None  # an s3:// base: the node cache's hit|miss|off and the bytes fetched
+    base_adapter: "BaseAdapter | None" = None  # spec.base_adapter, fetched and checked
+
+
+#: the files of a published version that a run starting from it reads (the adapter as vLLM reads it, and the
+#: version's metadata.json: the base it was trained on)
+BASE_ADAPTER_FILES = ["adapter/adapter_config.json", "adapter/adapter_model.safetensors", "metadata.json"]
+
+
+@dataclass
+class BaseAdapter:
+    """``base_adapter``: a published version's adapter, downloaded and checked against its manifest."""
+
+    uri: str
+    dir: Path  # holds adapter_config.json and adapter_model.safetensors
+    manifest_sha256: str  # of the version's manifest.json (what its _COMPLETE marker holds)
+    base_model_sha256: str | None  # of the base it was trained on (its metadata.json)
+    config: dict  # its adapter_config.json
+
+    def record(self) -> dict:
+        """What metadata.json's ``base_adapter`` says: where the run started, and which bytes."""
+        return {"uri": self.uri, "manifest_sha256": self.manifest_sha256,
+                "base_model_sha256": self.base_model_sha256}
+
+
+def fetch_base_adapter(spec: TrainingRunSpec, workdir: Path, base_hash: str | None) -> BaseAdapter:
+    """``spec.base_adapter``'s adapter, checked file by file against the version's manifest
+    (:func:`jobs.publish.fetch_version_files`), and checked against this run before any weights load: trained on
+    the same base (the sha256 of the base's files, where both are known) and with this spec's LoRA shape."""
+    from jobs.publish import MANIFEST, fetch_version_files
+
+    uri = spec.base_adapter
+    assert uri is not None
+    store, prefix = open_store(uri)
+    dest = workdir / "base-adapter"
+    got = fetch_version_files(store, prefix.rstrip("/"), BASE_ADAPTER_FILES, dest, uri)
+    import hashlib
+
+    try:
+        meta = json.loads((dest / "metadata.json").read_text())
+        config = json.loads((dest / "adapter" / "adapter_config.json").read_text())
+    except ValueError as err:
+        raise StorageError(f"{uri}: its metadata.json or adapter_config.json is not JSON ({err})",
+                           hint="name a version the job published") from None
+    adapter = BaseAdapter(uri=uri, dir=dest / "adapter", manifest_sha256=hashlib.sha256(got[MANIFEST]).hexdigest(),
+                          base_model_sha256=(meta.get("base_model") or {}).get("sha256"), config=config)
+    line = spec.line_of("base_adapter")
+    problems = []
+    if adapter.base_model_sha256 and base_hash and adapter.base_model_sha256 != base_hash:
+        trained_on = (meta.get("base_model") or {}).get("uri", "another base")
+        problems.append(Problem("base_adapter", f"was trained on {trained_on} (files sha256 "
+                                f"{adapter.base_model_sha256[:12]}), not on this run's base_model "
+                                f"{spec.base_model.uri} (sha256 {base_hash[:12]}): its weights would not fit",
+                                f"set base_model.uri to {trained_on}, or name a version trained on this base",
+                                line=line))
+    lora = spec.lora
+    for field, theirs, ours in (("rank", config.get("r"), lora.rank), ("alpha", config.get("lora_alpha"), lora.alpha),
+                                ("use_rslora", bool(config.get("use_rslora")), lora.use_rslora),
+                                ("use_dora", bool(config.get("use_dora")), lora.use_dora)):
+        if theirs != ours:
+            problems.append(Problem(f"lora.{field}", f"is {ours}, but the base_adapter's is {theirs}: training "
+                                    "starts from its weights, so the adapter's shape must be its own",
+                                    f"set lora.{field}: {str(theirs).lower() if isinstance(theirs, bool) else theirs}",
+                                    line=spec.line_of(f"lora.{field}")))
+    if problems:
+        raise SpecError(problems)
+    log.info("base_adapter: %s (manifest sha256 %s), trained on %s", uri, adapter.manifest_sha256[:12],
+             (meta.get("base_model") or {}).get("uri", "?"))
+    return adapter
 
 
 def _read_object(uri: str, what: str) -> bytes:
@@ -139,7 +208,8 @@ def fetch(spec: TrainingRunSpec, workdir: Path) -> Fetched:
     prompts = None
     if isinstance(spec.eval.prompts, str):
         prompts = _read_object(spec.eval.prompts, "eval.prompts")
-    return Fetched(base_dir, base_hash, train, val, prompts, base_fetch)
+    adapter = fetch_base_adapter(spec, workdir, base_hash) if spec.base_adapter else None
+    return Fetched(base_dir, base_hash, train, val, prompts, base_fetch, adapter)
 
 
 # --------------------------------------------------------------------------- prepare
@@ -429,8 +499,9 @@ class Recipe:
 
         self.strategy = strategies.choose(world, plan, device)
         self.objective = Objective.for_spec(spec)  # SFT, DPO or ORPO: what a step minimises, chosen once
+        self.adapter_dir = self.fetched.base_adapter.dir if self.fetched.base_adapter else None
         model = self.strategy.load(self.fetched.base_model_dir, config, spec=spec, plan=plan,
-                                   precision=self.precision)
+                                   precision=self.precision, adapter=self.adapter_dir)
         ctx_len = spec.base_model.max_context or model_context_length(config) or spec.training.max_seq_length
         self.max_len = max_len = min(spec.training.max_seq_length, ctx_len)
         if spec.training.gradient_checkpointing != "auto":
@@ -479,7 +550,9 @@ class Recipe:
             log.info("validation loss of the base model on %d %s…", len(self.val_ex),
                      "pairs" if self.objective.preference else "examples")
         # (uncompiled: the compile cache is restored below, before anything compiles)
-        with strategy.uncompiled(model):
+        # the base: an FSDP2 model is wrapped at load, with a base_adapter's weights in it then
+        bare = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+        with strategy.uncompiled(model), bare:
             before = self.objective.measure_base(model, self.val_ex, self.plan.tokens_per_micro_batch, strategy)
             self.pairs_before = self.objective.validation_metrics(before)
             regression = evaluate_loss(model, self.regression_ex, self.plan.tokens_per_micro_batch, strategy)
@@ -506,7 +579,7 @@ class Recipe:
 
         spec, ctx, strategy, world = self.spec, self.ctx, self.strategy, self.world
         ctx.enter("train")
-        model = strategy.wrap(self.model, spec, self.plan)
+        model = strategy.wrap(self.model, spec, self.plan, self.adapter_dir)
         self.model = None  # from here on the model lives in what train returns
         trainable, total = model.get_nb_trainable_parameters()
         log.info("LoRA: %d trainable parameters of %d (%.2f%%)", trainable, total, 100 * trainable / max(total, 1))
@@ -610,7 +683,8 @@ class Recipe:
         if after is None:
             return None
         section = ev.preference_section(self.objective.method, self.objective.beta, len(self.val_ex),
-                                        self.pairs_before, after)
+                                        self.pairs_before, after, base_adapter=self.spec.base_adapter,
+                                        reference_accuracy=self.objective.reference_accuracy)
         log.info("%s", ev.preference_line(section))
         return section
 
@@ -675,7 +749,9 @@ class Recipe:
             device=trained.device, started_at=ctx.started_at, stages=ctx.timings,
             cost=lambda seconds: _cost(self.cost_facts, spec, seconds=seconds, tokens=result.state.tokens_seen,
                                        tokens_per_s=result.tokens_per_second, stages=ctx.timings),
-            held_out=held_out_record(self.prepared.held_out_rows(), self.prompts))
+            held_out=held_out_record(self.prepared.held_out_rows(), self.prompts),
+            base_model_fetch=self.fetched.base_model_fetch,
+            base_adapter=self.fetched.base_adapter.record() if self.fetched.base_adapter else None)
         (out / "metadata.json").write_text(metadata.to_json())
         (out / "data_report.json").write_text(json.dumps(self.prepared.report, indent=1))
         (out / "eval_report.json").write_text(json.dumps(report, indent=1))

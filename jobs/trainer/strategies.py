@@ -45,10 +45,11 @@ class Strategy(Protocol):
     #: on the whole model :meth:`finish_training` gives rank 0, with the adapter switched off
     generates_base_before_training: bool
 
-    def load(self, model_dir: str, config, *, spec, plan, precision: str): ...
+    def load(self, model_dir: str, config, *, spec, plan, precision: str, adapter=None): ...
 
-    def wrap(self, model, spec, plan):
-        """The model LoRA-wrapped and prepared (``fastpath.prepare_model``), the same adapter on every rank."""
+    def wrap(self, model, spec, plan, adapter=None):
+        """The model LoRA-wrapped and prepared (``fastpath.prepare_model``), the same adapter on every rank: new, or
+        ``adapter``'s weights (a folder: ``spec.base_adapter``, fetched)."""
 
     def uncompiled(self, model) -> ContextManager:
         """Where the base's validation loss is measured before training (before the compile cache is restored)."""
@@ -112,20 +113,20 @@ class SingleDevice:
         self.world = world or World()
         self.device = device if device is not None else torch.device("cpu")
 
-    def load(self, model_dir: str, config, *, spec, plan, precision: str):
+    def load(self, model_dir: str, config, *, spec, plan, precision: str, adapter=None):
         from jobs.trainer.modelio import load_model
 
         return load_model(model_dir, precision=precision, quantization=spec.quantization.mode, device=self.device,
                           double_quant=spec.quantization.double_quant)
 
-    def wrap(self, model, spec, plan):
+    def wrap(self, model, spec, plan, adapter=None):
         import torch
 
         from jobs.trainer import fastpath
         from jobs.trainer.train import wrap_lora
 
         torch.manual_seed(spec.training.seed)  # LoRA A is initialised randomly: the same seed, the same run
-        return fastpath.prepare_model(wrap_lora(model, spec), plan)
+        return fastpath.prepare_model(wrap_lora(model, spec, adapter), plan)
 
     def uncompiled(self, model) -> ContextManager:
         return contextlib.nullcontext()
@@ -236,10 +237,10 @@ def _local_forward_backward(model, loop, k: int, device, agree: Callable[[list[f
 class DataParallel(SingleDevice):
     """Every rank holds the whole model and trains on its share of each step; rank 0 writes and publishes."""
 
-    def wrap(self, model, spec, plan):
+    def wrap(self, model, spec, plan, adapter=None):
         from jobs.trainer.distributed import broadcast_trainable
 
-        model = super().wrap(model, spec, plan)
+        model = super().wrap(model, spec, plan, adapter)
         broadcast_trainable(self.world, model)  # every rank starts from rank 0's adapter (what DDP does)
         return model
 
@@ -295,16 +296,16 @@ class FSDP2(DataParallel):
         super().__init__(world, device)
         self.source = None  # rank 0's host copy of the base (distributed.load_sharded), for after training
 
-    def load(self, model_dir: str, config, *, spec, plan, precision: str):
+    def load(self, model_dir: str, config, *, spec, plan, precision: str, adapter=None):
         from jobs.trainer import distributed, fastpath
         from jobs.trainer.train import wrap_lora
 
         model, self.source = distributed.load_sharded(
             self.world, model_dir, config, precision=precision, device=self.device, seed=spec.training.seed,
-            wrap=lambda m: wrap_lora(m, spec), prepare=lambda m: fastpath.prepare_model(m, plan))
+            wrap=lambda m: wrap_lora(m, spec, adapter), prepare=lambda m: fastpath.prepare_model(m, plan))
         return model
 
-    def wrap(self, model, spec, plan):
+    def wrap(self, model, spec, plan, adapter=None):
         return model  # load_sharded wrapped and prepared it (on rank 0's copy too)
 
     def uncompiled(self, model) -> ContextManager:

@@ -147,7 +147,7 @@ def lora_config(spec: TrainingRunSpec):
                       bias="none", task_type="CAUSAL_LM")
 
 
-def wrap_lora(model, spec: TrainingRunSpec):
+def wrap_lora(model, spec: TrainingRunSpec, start_from=None):
     """PEFT LoRA on the loaded base; the base stays frozen and in its own dtype.
 
     No ``prepare_model_for_kbit_training`` for QLoRA: it upcasts the norms and embeddings to fp32,
@@ -159,10 +159,45 @@ def wrap_lora(model, spec: TrainingRunSpec):
     from peft import get_peft_model
 
     try:
-        return get_peft_model(model, lora_config(spec))
+        wrapped = get_peft_model(model, lora_config(spec))
     except ValueError as err:  # e.g. target modules not found in the model
         raise DataError(f"LoRA could not be applied: {err}",
                         hint="check lora.target_modules against the model's module names") from None
+    if start_from is not None:
+        load_adapter_weights(wrapped, start_from, spec)
+    return wrapped
+
+
+def load_adapter_weights(model, adapter_dir, spec: TrainingRunSpec) -> None:
+    """``spec.base_adapter``'s weights (``adapter_dir``: its adapter_model.safetensors, never a pickle) into the
+    new adapter of ``model``, which must hold exactly its tensors at their shapes. A model built on the meta device
+    (every rank of an FSDP2 run but the one that loads the base) holds no values: rank 0's copy gets the weights
+    and broadcasts them (``distributed.load_sharded``)."""
+    from pathlib import Path
+
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    if any(p.is_meta for p in model.parameters()):
+        return
+    theirs = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+    ours = get_peft_model_state_dict(model)
+    missing = sorted(set(ours) - set(theirs))
+    extra = sorted(set(theirs) - set(ours))
+    shapes = sorted(k for k in set(ours) & set(theirs) if tuple(ours[k].shape) != tuple(theirs[k].shape))
+    if missing or extra or shapes:
+        def first(keys: list[str]) -> str:
+            return ", ".join(k.removeprefix("base_model.model.") for k in keys[:3]) + (" …" if len(keys) > 3 else "")
+
+        what = "; ".join(x for x in (f"{len(missing)} tensors it lacks ({first(missing)})" if missing else "",
+                                     f"{len(extra)} tensors this run's adapter has no place for ({first(extra)})"
+                                     if extra else "",
+                                     f"{len(shapes)} of another shape ({first(shapes)})" if shapes else "") if x)
+        raise SpecError([Problem("lora.target_modules", f"this run's adapter and the base_adapter's differ: {what}",
+                                 "set lora.target_modules (and rank) to the base_adapter's own, as its "
+                                 "adapter_config.json lists them", line=spec.line_of("lora.target_modules"))])
+    set_peft_model_state_dict(model, theirs)
+    log.info("base_adapter: %d tensors loaded into the adapter; training starts from them", len(theirs))
 
 
 # ---------------------------------------------------------------------------- the loop

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.unit
 
 KEYS = {
     "run": None, "run_id": None, "spec_hash": None,
-    "base_model": ["uri", "sha256"],
+    "base_model": ["uri", "sha256", "fetch"],  # fetch: added with the node cache (jobs/model_cache.py), appended
     "lora": ["rank", "alpha", "dropout", "target_modules", "use_rslora", "use_dora"],
     "quantization": None,
     "training": ["epochs", "learning_rate", "weight_decay", "optimizer", "examples_per_step", "world_size",
@@ -33,6 +33,7 @@ KEYS = {
     "started_at": None, "seconds": None, "stages": None, "cost": None,
     "held_out": None,  # added with promotion (jobs/promotion.py): appended, so every earlier key keeps its place
     "gguf": None,  # added with export.gguf (jobs/trainer/gguf_export.py)
+    "base_adapter": None,  # added with spec.base_adapter (a run that starts from a published adapter)
 }
 
 
@@ -75,7 +76,8 @@ def test_metadata_json_carries_the_run_s_values_rounded_as_before():
         (750.0, 61.3, 146.9, 150.0)
     assert (t["steps"], t["planned_steps"], t["published_step"], t["resumed_from_step"]) == (12, 12, 10, 6)
     assert t["world_size"] == 2 and t["tokens_per_micro_batch"] == 1024 and t["oom_backoffs"][0]["to"] == 1024
-    assert m["base_model"] == {"uri": "s3://models/m/", "sha256": "f00"}
+    assert m["base_model"] == {"uri": "s3://models/m/", "sha256": "f00", "fetch": None}
+    assert m["base_adapter"] is None
     assert m["dataset"] == {"train": "s3://data/train.jsonl", "sha256": "d00", "rows_kept": 200}
     assert m["metrics"]["val_loss_before"] == 2.4 and m["device"] == "cpu" and m["started_at"] == "2027-01-15T08:00:00Z"
     assert m["cost"]["seconds"] == m["seconds"], "cost and seconds read one clock"
