@@ -5,8 +5,10 @@ contract), with the standard library: the official clients (``mlflow``, ``mlflow
 add dozens of packages to the trainer image for a handful of POSTs. The job logs
 
 - params: the whole resolved spec, flattened (``lora.rank``, ``training.learning_rate``, ...);
-- metrics: ``loss``, ``lr``, ``tokens_per_s`` per logged step, ``val_loss`` per evaluation,
-  ``val_loss_before``/``val_loss_after`` at the end;
+- metrics: every numeric metric of a logged step (``loss``, ``lr``, ``tokens_per_s``, and what the objective
+  adds: DPO's ``reward_accuracy``, ``reward_margin``; ORPO's ``nll``, ``odds_ratio_loss``,
+  ``preference_accuracy``, ``log_odds``) and of an evaluation (``val_loss``, and the others prefixed as it is:
+  ``val_preference_accuracy``, ...), ``val_loss_before``/``val_loss_after`` at the end;
 - tags: ``lora-jobs.version_location`` (``s3://…/<run>/vN``), ``lora-jobs.spec_hash``, the run name;
 - artifacts: the eval page (``eval_report.md``, ``eval_report.html`` when there is one), through
   the server's artifact proxy (``mlflow server --serve-artifacts``).
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -40,6 +43,33 @@ TAG_LOCATION, TAG_SPEC_HASH, TAG_RUN_ID = "lora-jobs.version_location", "lora-jo
 TOKEN_ENV = "MLFLOW_TRACKING_TOKEN"
 #: A send is tried 4 times over about 4-7 s (waits of 1, 2 and 4 s, half jittered), then tracking is skipped.
 SEND_POLICY = RetryPolicy(attempts=4, base_delay=1.0)
+
+
+#: What a progress event, a history entry or an evaluation carries that counts or places rather than measures: not
+#: a metric (the step is the metric's x; tokens and examples are the batch's size; best_* repeat a val_loss).
+NOT_METRICS = frozenset({"step", "total_steps", "epoch", "examples_seen", "tokens_seen", "eta_s", "tokens", "examples",
+                         "best_val_loss", "best_step"})
+
+
+def _metric_value(value) -> float | None:
+    """A finite number as a float; None for anything else (None, text, a bool, NaN or inf: MLflow refuses a batch
+    with a NaN in it, so one would cost the whole batch)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def step_metrics(fields: dict) -> dict[str, float]:
+    """Every numeric metric of a logged step (a progress event or a history entry), by its name: ``loss``, ``lr``,
+    ``tokens_per_s`` and whatever the objective adds (``Objective.summary``: ``reward_accuracy``, ``nll``, ...)."""
+    out = {k: _metric_value(v) for k, v in fields.items() if k not in NOT_METRICS}
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def validation_metrics(fields: dict) -> dict[str, float]:
+    """Every numeric metric of a validation (a progress event or an evaluation), named as its loss is: ``val_loss``,
+    and ``val_`` before the others (``preference_accuracy`` -> ``val_preference_accuracy``)."""
+    return {(k if k.startswith("val_") else f"val_{k}"): v for k, v in step_metrics(fields).items()}
 
 
 def flatten_params(data: dict, prefix: str = "") -> dict[str, str]:
@@ -138,33 +168,36 @@ class MlflowTracker:
         self._skipped = False  # the tracker gave up: everything after is dropped
         self._warned = False
         self._step = 0
-        self._val_steps: set[int] = set()
+        self._val_sent: set[tuple[int, str]] = set()  # (step, metric) of the validations sent
 
     # -- what the job calls
     def start(self, params: dict[str, str], tags: dict[str, str]) -> None:
         self._put(("start", params, tags))
 
     def on_progress(self, **fields) -> None:
-        """Shaped like ``jobs.trainer.train.train``'s ``on_progress``: a logged step, or a validation."""
+        """Shaped like ``jobs.trainer.train.train``'s ``on_progress``: a logged step, or a validation; every
+        numeric metric it carries is sent (:func:`step_metrics`, :func:`validation_metrics`)."""
         now = int(time.time() * 1000)
         if "loss" in fields and "step" in fields:
             self._step = int(fields["step"])
-            metrics = {k: fields[k] for k in ("loss", "lr", "tokens_per_s") if fields.get(k) is not None}
-            self._put(("metrics", [{"key": k, "value": float(v), "timestamp": now, "step": self._step}
-                                   for k, v in metrics.items()]))
+            self._put(("metrics", [{"key": k, "value": v, "timestamp": now, "step": self._step}
+                                   for k, v in step_metrics(fields).items()]))
         elif fields.get("val_loss") is not None:
-            self._val_steps.add(self._step)
-            self._put(("metrics", [{"key": "val_loss", "value": float(fields["val_loss"]), "timestamp": now,
-                                    "step": self._step}]))
+            metrics = validation_metrics(fields)
+            self._val_sent.update((self._step, k) for k in metrics)
+            self._put(("metrics", [{"key": k, "value": v, "timestamp": now, "step": self._step}
+                                   for k, v in metrics.items()]))
 
     def evaluations(self, evals: list[dict]) -> None:
-        """Any of the run's ``{"step", "val_loss"}`` not reported through ``on_progress`` (the final one)."""
+        """Every metric of the run's evaluations (``{"step", "val_loss", ...}``: ``TrainState.evals``) not sent
+        through ``on_progress``: the final validation, and what a validation's progress event does not carry (the
+        objective's ``validation_metrics``: a DPO run's preference and reward accuracy, reward margin)."""
         now = int(time.time() * 1000)
-        new = [e for e in evals if e["step"] not in self._val_steps]
-        self._val_steps.update(e["step"] for e in new)
+        new = [(e["step"], k, v) for e in evals for k, v in validation_metrics(e).items()
+               if (e["step"], k) not in self._val_sent]
+        self._val_sent.update((step, k) for step, k, _ in new)
         if new:
-            self._put(("metrics", [{"key": "val_loss", "value": float(e["val_loss"]), "timestamp": now,
-                                    "step": e["step"]} for e in new]))
+            self._put(("metrics", [{"key": k, "value": v, "timestamp": now, "step": step} for step, k, v in new]))
 
     def finish(self, status: str, *, metrics: dict[str, float] | None = None, tags: dict[str, str] | None = None,
                artifacts: list[Path] = (), wait_s: float = 20.0) -> None:
@@ -271,8 +304,10 @@ TENSORBOARD_DIR = "tensorboard"
 
 def write_tensorboard(folder: Path, history: list[dict], evals: list[dict],
                       tokens_per_s: dict[int, float] | None = None) -> Path | None:
-    """Event files of the run's scalars (``loss``, ``lr``, ``tokens_per_s`` per step, ``val_loss`` per
-    evaluation) in ``folder``; `tensorboard --logdir` reads them. Returns the folder.
+    """Event files of the run's scalars in ``folder``: every numeric metric of each step of ``history``
+    (:func:`step_metrics`: ``loss``, ``lr``, the objective's own) and ``tokens_per_s``, and of each evaluation
+    (:func:`validation_metrics`: ``val_loss``, ``val_preference_accuracy``, ...); `tensorboard --logdir` reads
+    them. Returns the folder.
 
     Best effort, like the MLflow tracker: the event files are a convenience beside ``metadata.json`` and
     the eval report, so a missing ``tensorboardX`` (an image built without it) or a writer that fails is
@@ -298,13 +333,13 @@ def _write_scalars(SummaryWriter, folder: Path, history, evals, tokens_per_s) ->
     writer = SummaryWriter(logdir=str(folder), flush_secs=3600)
     try:
         for h in history:
-            writer.add_scalar("loss", h["loss"], h["step"])
-            if h.get("lr") is not None:
-                writer.add_scalar("lr", h["lr"], h["step"])
+            for key, value in step_metrics(h).items():
+                writer.add_scalar(key, value, h["step"])
             if tokens_per_s and h["step"] in tokens_per_s:
                 writer.add_scalar("tokens_per_s", tokens_per_s[h["step"]], h["step"])
         for e in evals:
-            writer.add_scalar("val_loss", e["val_loss"], e["step"])
+            for key, value in validation_metrics(e).items():
+                writer.add_scalar(key, value, e["step"])
     finally:
         writer.close()
 

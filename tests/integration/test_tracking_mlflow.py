@@ -51,6 +51,39 @@ def test_params_metrics_tags_and_the_eval_page_land_on_the_server(mlflow_server,
     assert [f["path"] for f in files] == ["eval_report.md"]  # no eval_report.html here: nothing to upload
 
 
+def test_a_preference_runs_metrics_land_under_their_names_each_once(mlflow_server):
+    experiment = f"t-{uuid.uuid4().hex[:8]}"
+    tracker = MlflowTracker(MlflowClient(mlflow_server.uri), experiment, run_name="dpo", spec_hash="dpo")
+    tracker.start({"training.method": "dpo"}, {TAG_SPEC_HASH: "dpo"})
+    for step in range(1, 5):  # a DPO step's progress event, its objective's metrics with it
+        tracker.on_progress(step=step, total_steps=4, loss=0.7 - step / 20, lr=1e-5, examples_seen=8 * step,
+                            tokens_seen=900 * step, epoch=1, tokens_per_s=50.0, eta_s=10 * (4 - step),
+                            reward_accuracy=step / 4, reward_margin=step / 10)
+        if step == 2:  # a validation's event carries its loss; the rest is in the run's evaluations
+            tracker.on_progress(val_loss=0.6, best_val_loss=0.6, best_step=2)
+    # TrainState.evals at the end: step 2's loss is sent already; step 4 is the final validation
+    evals = [{"step": 2, "val_loss": 0.6, "preference_accuracy": 0.625, "reward_accuracy": 0.5, "reward_margin": 0.25},
+             {"step": 4, "val_loss": 0.5, "preference_accuracy": 0.75, "reward_accuracy": 0.875, "reward_margin": 0.5}]
+    tracker.evaluations(evals)
+    tracker.finish("FINISHED")
+
+    run = find_run(mlflow_server.uri, experiment)
+
+    def history(key: str) -> list[tuple[int, float]]:
+        got = mlflow_get(mlflow_server.uri, "mlflow/metrics/get-history", run_id=run["info"]["run_id"], metric_key=key)
+        return sorted((m["step"], m["value"]) for m in got.get("metrics", []))
+
+    assert {m["key"] for m in run["data"]["metrics"]} == {
+        "loss", "lr", "tokens_per_s", "reward_accuracy", "reward_margin",  # no counter (epoch, eta_s, ...)
+        "val_loss", "val_preference_accuracy", "val_reward_accuracy", "val_reward_margin"}
+    assert history("reward_accuracy") == [(s, s / 4) for s in range(1, 5)]
+    assert history("reward_margin") == [(s, pytest.approx(s / 10)) for s in range(1, 5)]
+    assert history("val_loss") == [(2, 0.6), (4, 0.5)]  # each validation once
+    assert history("val_preference_accuracy") == [(2, 0.625), (4, 0.75)]
+    assert history("val_reward_accuracy") == [(2, 0.5), (4, 0.875)]
+    assert history("val_reward_margin") == [(2, 0.25), (4, 0.5)]
+
+
 def test_a_retried_pod_carries_on_with_the_unfinished_run_of_its_spec(mlflow_server):
     experiment = f"t-{uuid.uuid4().hex[:8]}"
     first = MlflowTracker(MlflowClient(mlflow_server.uri), experiment, run_name="r", spec_hash="h1")

@@ -98,6 +98,66 @@ def test_tensorboard_event_files_hold_every_step_scalar(tmp_path):
     assert scalars["val_loss"] == [(0, pytest.approx(2.5)), (2, pytest.approx(1.5)), (5, pytest.approx(1.2))]
 
 
+def _preference_run(method: str) -> tuple[list[dict], list[dict]]:
+    """The history and evaluations of a DPO or ORPO run, as jobs.trainer.loop records them: each step's entry
+    holds what ``Objective.summary`` reads its statistics as, each evaluation what ``Objective.validation_metrics``
+    makes of the held-out pairs (the real objective's, so a metric it gains reaches the test)."""
+    import torch
+
+    from jobs.trainer.preference import Objective, PairMetrics
+
+    objective = Objective(method, 0.1)
+    history = []
+    for step in range(1, 5):
+        # the step's summed statistics (micro_loss's layout) over 8 pairs (ORPO: and 200 chosen target tokens)
+        stats = torch.tensor([4.0 / step, 5.0 + step / 4, 0.5 * step, 1.5 * step])
+        summary = objective.summary(stats, [8.0] if method == "dpo" else [200.0, 8.0])
+        loss = summary.pop("loss")
+        history.append({"step": step, "loss": round(loss, 5), "lr": 1e-5 * step, "tokens": 900, "examples": 8,
+                        **{k: round(v, 5) for k, v in summary.items()}})
+    evals = []
+    for step in (0, 2, 4):
+        measured = PairMetrics(mean=0.7 - step / 10, mine=[], preference_accuracy=0.5 + step / 10,
+                               reward_accuracy=step / 5 if method == "dpo" else None,
+                               reward_margin=step / 20 if method == "dpo" else None, log_probs=[])
+        extra = objective.validation_metrics(measured)
+        evals.append({"step": step, "val_loss": round(measured.mean, 5), **{k: round(v, 5) for k, v in extra.items()}})
+    return history, evals
+
+
+@pytest.mark.parametrize("method, step_names, val_names", [
+    ("dpo", {"reward_accuracy", "reward_margin"}, {"val_preference_accuracy", "val_reward_accuracy", "val_reward_margin"}),
+    ("orpo", {"nll", "odds_ratio_loss", "preference_accuracy", "log_odds"}, {"val_preference_accuracy"}),
+])
+def test_tensorboard_holds_every_metric_of_a_preference_run(tmp_path, method, step_names, val_names):
+    from jobs.trainer.tracking import write_tensorboard
+
+    history, evals = _preference_run(method)
+    scalars = read_tensorboard(write_tensorboard(tmp_path / "tb", history, evals, {s: 10.0 * s for s in range(1, 5)}))
+    assert set(scalars) == {"loss", "lr", "tokens_per_s", "val_loss"} | step_names | val_names
+    for name in step_names | {"loss", "lr"}:  # named as the history names them, at every step
+        assert scalars[name] == [(h["step"], pytest.approx(h[name])) for h in history], name
+    for name in val_names | {"val_loss"}:  # prefixed as the validation loss is
+        assert scalars[name] == [(e["step"], pytest.approx(e[name.removeprefix("val_")] if name != "val_loss"
+                                                           else e["val_loss"])) for e in evals], name
+
+
+def test_a_step_and_a_validation_send_every_numeric_metric_they_carry_and_no_counter():
+    from jobs.trainer.tracking import step_metrics, validation_metrics
+
+    # a progress event of a DPO step, as jobs.trainer.loop.ProgressLog sends it, with the objective's metrics
+    event = {"step": 3, "total_steps": 10, "loss": 0.61, "lr": 1e-5, "examples_seen": 24, "tokens_seen": 2700,
+             "epoch": 1, "tokens_per_s": 55.5, "eta_s": 40, "reward_accuracy": 0.75, "reward_margin": 0.2}
+    assert step_metrics(event) == {"loss": 0.61, "lr": 1e-5, "tokens_per_s": 55.5, "reward_accuracy": 0.75,
+                                   "reward_margin": 0.2}
+    assert step_metrics({"step": 1, "loss": 1, "lr": None, "note": "x", "flag": True, "x": float("nan")}) == \
+        {"loss": 1.0}  # a None, a text, a bool or a NaN is no metric (a NaN would cost MLflow's whole batch)
+    assert validation_metrics({"val_loss": 0.5, "best_val_loss": 0.4, "best_step": 2, "preference_accuracy": 0.9}) \
+        == {"val_loss": 0.5, "val_preference_accuracy": 0.9}
+    assert validation_metrics({"step": 4, "val_loss": 0.5, "reward_margin": 0.3}) == {"val_loss": 0.5,
+                                                                                     "val_reward_margin": 0.3}
+
+
 def test_without_tensorboardx_the_event_files_are_skipped_with_one_warning_not_an_error(tmp_path, monkeypatch,
                                                                                          caplog):
     import sys
