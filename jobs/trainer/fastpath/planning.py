@@ -144,6 +144,9 @@ def plan(model_config, training, device: torch.device | str, *, free_memory_byte
     ctx = _cfg(model_config, "max_position_embeddings", None)
     if ctx:
         max_seq = min(max_seq, int(ctx))
+    # what one micro-batch must hold whole: a row, or a preference pair's two sides (chosen, then rejected)
+    sides = 2 if getattr(training, "method", "sft") in ("dpo", "orpo") else 1
+    unit = max_seq * sides
     precision = getattr(training, "precision", "auto")
     gc_req = getattr(training, "gradient_checkpointing", "auto")
     fsdp_req = getattr(training, "fsdp", "auto")
@@ -222,7 +225,7 @@ def plan(model_config, training, device: torch.device | str, *, free_memory_byte
     fused = liger or compile_ok  # both keep no fp32 copies in the norms and one MLP intermediate less
     per_tok_nogc = activation_bytes_per_token(model_config, checkpointing=False, dtype_bytes=dbytes, liger=fused)
     per_tok_gc = activation_bytes_per_token(model_config, checkpointing=True, dtype_bytes=dbytes, liger=fused)
-    fits_one_gpu = budget - max_seq * per_tok_gc >= 0
+    fits_one_gpu = budget - unit * per_tok_gc >= 0
     sharded = (world_size > 1 and quantization == "none"
                and (fsdp_req == "on" or (fsdp_req == "auto" and not fits_one_gpu)))
     if sharded:
@@ -258,7 +261,7 @@ def plan(model_config, training, device: torch.device | str, *, free_memory_byte
         elif sharded:
             fix = (f"even 1/{world_size} of it does not fit: raise resources.gpus (or resources.nodes), or raise "
                    "training.gpu_memory_gib if it is set below the card's memory")
-        need_gib = math.ceil((weights + lora_state + headroom + max_seq * per_tok_gc) / 2**30)
+        need_gib = math.ceil((weights + lora_state + headroom + unit * per_tok_gc) / 2**30)
         if not sharded and world_size == 1 and quantization == "none":
             fix = ("raise resources.gpus above 1 (training.fsdp: auto then shards the base over the GPUs), use "
                    "quantization.mode: 4bit, or a GPU with more memory")
@@ -279,11 +282,11 @@ def plan(model_config, training, device: torch.device | str, *, free_memory_byte
                           f"> {size(budget_total)} planned for per GPU"
                           + (f" ({world_size} processes, {'sharded' if sharded else 'each with the whole base'})"
                              if world_size > 1 else " (one training process)"), hint=fix)
-    want = max(8192, 2 * max_seq)
+    want = max(8192, 2 * unit)
 
-    def fit(per_tok: float) -> int:
+    def fit(per_tok: float, cap: bool = True) -> int:
         t = int(budget // per_tok) if budget > 0 else 0
-        return min(MAX_TOKENS_PER_MICRO_BATCH, (t // 256) * 256)
+        return min(MAX_TOKENS_PER_MICRO_BATCH, (t // 256) * 256) if cap else t
 
     if gc_req is True:
         gc = True
@@ -292,19 +295,52 @@ def plan(model_config, training, device: torch.device | str, *, free_memory_byte
     else:
         gc = fit(per_tok_nogc) < min(want, MAX_TOKENS_PER_MICRO_BATCH)
     tokens = fit(per_tok_gc if gc else per_tok_nogc)
-    if tokens < max_seq:
-        if not gc and gc_req != False:  # noqa: E712
-            gc = True
-            tokens = fit(per_tok_gc)
-        if tokens < max_seq:
-            notes.append(f"memory is tight: {tokens} tokens fit, using max_seq_length={max_seq} anyway")
-            tokens = max_seq
-    tokens = max(tokens, max_seq)
+    if not gc and gc_req != False and fit(per_tok_nogc, cap=False) < unit:  # noqa: E712
+        gc = True
+        tokens = fit(per_tok_gc)
+    need = weights + lora_state + headroom + unit * per_tok_gc
+    if (fit(per_tok_gc if gc else per_tok_nogc, cap=False) < unit and quantization != "none" and not sharded
+            and getattr(training, "gpu_memory_gib", "auto") == "auto" and need <= free_memory_bytes):
+        # auto's 12 GiB for a quantised run is a floor, not a wall: a long max_seq_length gets what it needs
+        notes.append(f"gpu_memory_gib auto: {QUANTIZED_MEMORY_GIB:g} GiB do not hold one {unit}-token micro-batch; "
+                     f"planning for {size(need)}")
+        budget_total, budget, gc = int(need), unit * per_tok_gc, gc_req is not False
+        tokens = fit(per_tok_gc if gc else per_tok_nogc)
+    if fit(per_tok_gc if gc else per_tok_nogc, cap=False) < unit:
+        refuse_long(unit, sides, max_seq, budget_total, budget, per_tok_gc if gc else per_tok_nogc, gc, gc_req,
+                    quantization, training, free_memory_bytes)
+    tokens = max(tokens, unit)
     notes.append(f"free {size(free_memory_bytes)}, planning for {size(budget_total)}, "
                  f"weights ~{size(weights)}, activations ~{(per_tok_gc if gc else per_tok_nogc) / 2**20:.2f} MiB/token "
                  f"-> {tokens} tokens per micro-batch, checkpointing {'on' if gc else 'off'}")
     return Plan(ATTN_IMPL, dtype, gc, tokens, compile_ok, notes, liger_kernels=liger,
                 memory_budget_bytes=budget_total, fp8=fp8, fsdp=sharded)
+
+
+def refuse_long(unit: int, sides: int, max_seq: int, budget_total: float, left: float, per_tok: float, gc: bool,
+                gc_req, quantization: str, training, free_memory_bytes: int) -> None:
+    """Raise :class:`jobs.errors.OutOfMemory` before loading: one micro-batch must hold a whole row (a pair's two
+    sides), and the activations of ``unit`` tokens do not fit what the weights leave of the budget. Names the
+    longest ``max_seq_length`` that fits and the other ways out."""
+    from jobs.errors import OutOfMemory
+
+    fits = max(0, int(max(left, 0) // per_tok) // sides // 256 * 256)
+    what = f"a pair of two {max_seq}-token sides" if sides == 2 else f"a {max_seq}-token row"
+    ways = [f"lower training.max_seq_length to {fits} or less" if fits >= 32 else "lower training.max_seq_length"]
+    if not gc and gc_req is False:
+        ways.insert(0, "set training.gradient_checkpointing: auto (activations are then ~"
+                    "1/10 as large)")
+    if getattr(training, "gpu_memory_gib", "auto") != "auto" or quantization != "none":
+        if budget_total < free_memory_bytes:
+            ways.append(f"raise training.gpu_memory_gib (it plans for {size(budget_total)} of {size(free_memory_bytes)} "
+                        "free)")
+    if quantization == "none":
+        ways.append("quantization.mode: 4bit")
+    ways.append("a GPU with more memory")
+    raise OutOfMemory(f"training.max_seq_length {max_seq} does not fit: one micro-batch holds {what} whole, whose "
+                      f"activations ({'with' if gc else 'without'} checkpointing, ~{per_tok / 2**20:.2f} MiB a token) "
+                      f"need ~{size(unit * per_tok)}, and the weights leave ~{size(max(left, 0))} of the "
+                      f"{size(budget_total)} planned for", hint=", ".join(ways[:-1]) + " or " + ways[-1])
 
 
 def whole_base_fits(model_config, p: Plan) -> bool:
