@@ -1,10 +1,11 @@
 """FSDP2 sharding of the frozen base (``training.fsdp``) in the real job: ``torchrun --nproc-per-node 2``,
 gloo on CPU, against the same spec run data parallel (every rank the whole base).
 
-What each rank holds and loads is measured on the real SmolLM2-135M (its memory is the point). The agreement with
-data parallel (the loss curve, the checkpoint, a checkpoint resumed across the two) is the ranks' arithmetic, not
-what is learned: it is proved on conftest's tiny_model_dir (SmolLM2's architecture and vocabulary, randomly
-initialised), three runs in the time of one of the real model's.
+What each rank holds and loads is measured on the real SmolLM2-135M (its memory is the point: the tiny model's
+weights, 12 MiB, would vanish in a rank's peak host memory), in one step without the eval. The rest is the ranks'
+arithmetic and mechanics, not what is learned, proved on conftest's tiny_model_dir (SmolLM2's architecture and
+vocabulary, randomly initialised): the agreement with data parallel (the loss curve, the checkpoint, a checkpoint
+resumed across the two), the filler micro-batches, one version, and the eval on rank 0's copy of the whole base.
 
 ``fsdp: on`` shards on CPU too (``auto`` decides from GPU memory, and a CPU has no budget to plan
 with), so the sharded path runs here as it would on GPUs: fully_shard per decoder layer and at the
@@ -36,18 +37,21 @@ DEMO = REPO / "examples" / "demo"
 LOSS_RTOL = 1e-4
 
 
-def _spec(tmp_path: Path, name: str, model_dir: Path, fsdp: str, evaluate: bool = False) -> Path:
+def _spec(tmp_path: Path, name: str, model_dir: Path, fsdp: str, evaluate: bool = False, steps: int = 3,
+          validation: Path | None = None) -> Path:
     spec = {"name": name, "base_model": {"uri": str(model_dir)}, "dataset": {"train": str(DEMO / "train.jsonl")},
             "output": str(tmp_path / "store"),
             # 4 examples a step, 2 a rank in micro-batches of <= 128 tokens (the demo's rows are ~30-100): with
             # seed 0, step 1 packs rank 0's two rows into one micro-batch and rank 1's into two (and step 2 the
             # other way round), so a sharded rank runs a filler micro-batch; a checkpoint after step 2 of 3
-            "training": {"max_steps": 3, "max_seq_length": 128, "per_device_batch_size": 1, "seed": 0,
+            "training": {"max_steps": steps, "max_seq_length": 128, "per_device_batch_size": 1, "seed": 0,
                          "gradient_accumulation_steps": 2, "checkpoint_interval_steps": 2, "fsdp": fsdp},
             # no dropout: each rank's masks come from its own random stream (see test_distributed_cpu)
             "lora": {"dropout": 0.0},
             "eval": {"enabled": evaluate, "num_prompts": 2, "max_new_tokens": 16, "temperature": 0.0},
             "merge": {"enabled": False}, "resources": {"gpus": 0}}
+    if validation is not None:
+        spec["dataset"]["validation"] = str(validation)
     path = tmp_path / f"{name}-{fsdp}.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
@@ -77,8 +81,14 @@ def test_fsdp_shards_the_base_so_no_rank_but_0_ever_holds_it_whole_and_publishes
     from jobs.publish import existing_versions
     from jobs.storage import LocalStore
 
-    # sharded from step 0: each rank holds half of the model, one version is published
-    fs = _job(tmp_path, _spec(tmp_path, "fs", small_model_dir, "on", evaluate=True), "fs").stderr
+    # sharded from step 0: each rank holds half of the model, one version is published. What is measured here is the
+    # load and what each rank holds: one step, no eval, two validation rows (the whole model's validation of the
+    # demo's 17 held-out rows took as long as a step, twice); the rest is the next test's, on the tiny model
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps(r) + "\n" for r in (
+        {"instruction": "Does the Acme Router X2 have a guest network?", "output": "Yes: Settings > Wi-Fi > Guest."},
+        {"instruction": "Reset the router?", "output": "Hold the reset button for ten seconds."})))
+    fs = _job(tmp_path, _spec(tmp_path, "fs", small_model_dir, "on", steps=1, validation=val), "fs").stderr
     held = {int(m[1]): (int(m[2]), int(m[3])) for m in re.finditer(
         r"FSDP2: the base is sharded over 2 ranks; rank (\d) holds (\d+) of (\d+) parameters", fs)}
     assert set(held) == {0, 1}, fs[-3000:]
@@ -87,7 +97,7 @@ def test_fsdp_shards_the_base_so_no_rank_but_0_ever_holds_it_whole_and_publishes
     for rank, (mine, _) in held.items():
         assert 0.49 * total <= mine <= 0.51 * total, held  # each rank about half
     assert held[0][0] + held[1][0] >= total  # shards cover everything (FSDP pads uneven dims)
-    assert "FSDP2: rank 0 holds the whole base again (on cpu) with the gathered adapter of step 3" in fs
+    assert "FSDP2: rank 0 holds the whole base again (on cpu) with the gathered adapter of step 1" in fs
     # no rank but 0 ever held the whole base: rank 1 built it on the meta device and received only its
     # shards; rank 0 read it into host memory, once (its copy is what it evaluates and merges at the end)
     loaded = {int(m[1]): (int(m[2]), float(m[3])) for m in re.finditer(
@@ -98,18 +108,11 @@ def test_fsdp_shards_the_base_so_no_rank_but_0_ever_holds_it_whole_and_publishes
     assert loaded[1][1] < loaded[0][1] - 0.75 * base_gib, (loaded, base_gib)
     first = {int(m[2]): (int(m[1]), int(m[3])) for m in re.finditer(
         r"FSDP2 step 1: (\d+) micro-batches on rank (\d) and (\d+) filler", fs)}
-    assert set(first) == {0, 1} and max(n for n, _ in first.values()) >= 2, first  # accumulation in the step
-    # ranks with unequal micro-batches: the one with fewer runs fillers (each forward gathers the shards from
-    # every rank), whose loss counts for nothing: the loss curve below still matches the data-parallel run's
-    assert sorted(first.values()) == [(1, 1), (2, 0)], first
+    assert set(first) == {0, 1}, first  # both ranks ran the sharded step (its fillers: the next test)
     store = LocalStore(str(tmp_path / "store"))
     assert existing_versions(store, "fs") == {1: True}, "rank 0 alone publishes, once"
     meta = json.loads(store.get_bytes("fs/v1/metadata.json"))
     assert meta["training"]["world_size"] == 2 and any(n.startswith("FSDP2: ") for n in meta["training"]["plan"])
-    assert meta["metrics"]["val_loss_before"] is not None  # measured sharded (its value: the next test)
-    # its generations ran after training on rank 0's copy with the adapter switched off
-    gens = json.loads(store.get_bytes("fs/v1/eval_report.json"))["generations"]
-    assert len(gens) == 2 and all(g["before"].strip() and g["after"].strip() for g in gens), gens
     print(f"\nFSDP2 held per rank {held}, first step micro-batches (n, filler) {first}\n"
           f"(tensors, peak host GiB) per rank after loading {loaded}")
 
@@ -123,12 +126,22 @@ def test_fsdp_trains_like_data_parallel_and_checkpoints_cross_over(tmp_path, tin
     layers = json.loads((tiny_model_dir / "config.json").read_text())["num_hidden_layers"]
     store = LocalStore(str(tmp_path / "store"))
     # 1. sharded from step 0, with the ranks' micro-batches as unequal as on the real model (the same tokenizer,
-    #    rows and packing), so rank 1 runs a filler micro-batch in step 1
-    fs = _job(tmp_path, _spec(tmp_path, "fs", tiny_model_dir, "on"), "fs").stderr
+    #    rows and packing), so rank 1 runs a filler micro-batch in step 1; with the eval
+    fs = _job(tmp_path, _spec(tmp_path, "fs", tiny_model_dir, "on", evaluate=True), "fs").stderr
     first = {int(m[2]): (int(m[1]), int(m[3])) for m in re.finditer(
         r"FSDP2 step 1: (\d+) micro-batches on rank (\d) and (\d+) filler", fs)}
+    assert set(first) == {0, 1} and max(n for n, _ in first.values()) >= 2, first  # accumulation in the step
+    # ranks with unequal micro-batches: the one with fewer runs fillers (each forward gathers the shards from
+    # every rank), whose loss counts for nothing: the loss curve below still matches the data-parallel run's
     assert sorted(first.values()) == [(1, 1), (2, 0)], first
     assert existing_versions(store, "fs") == {1: True}, "rank 0 alone publishes, once"
+    # after training, rank 0 alone holds the whole base again with the gathered adapter and generates on it, with
+    # the adapter switched off and on (the tiny random model's answers may be empty: that they ran is the point)
+    whole = fs.index("FSDP2: rank 0 holds the whole base again (on cpu) with the gathered adapter of step 3")
+    assert whole < fs.index("generating 1-2 of 2 (base model)") < fs.index("generating 1-2 of 2 (with adapter)"), \
+        fs[-3000:]
+    gens = json.loads(store.get_bytes("fs/v1/eval_report.json"))["generations"]
+    assert len(gens) == 2 and all(isinstance(g["before"], str) and isinstance(g["after"], str) for g in gens), gens
 
     # 2. the same spec data parallel (fsdp: off): the same loss curve
     ddp = _job(tmp_path, _spec(tmp_path, "ddp", tiny_model_dir, "off"), "ddp").stderr
