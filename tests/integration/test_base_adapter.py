@@ -3,8 +3,9 @@ answers of examples/preference publishes v1; a DPO run names v1 as its base_adap
 weights, and v1 (frozen) is the reference of DPO's rewards, not the base: with a learning rate too small to move
 the adapter, the published adapter is v1's weights and the held-out reward margin is ~0 (against the base it is
 not: v1 moved the model). metadata.json records which version, by its manifest's sha256. A spec whose LoRA shape is
-not v1's is refused before any weights load, naming the field and the fix. SmolLM2-135M cut to 4 layers
-(conftest's short_model_dir), a folder as the object store."""
+not v1's is refused before any weights load, naming the field and the fix. The subject is which weights a run
+starts from and measures against, not what it learns: the tiny random Llama (conftest's tiny_model_dir), a folder
+as the object store."""
 from __future__ import annotations
 
 import hashlib
@@ -32,7 +33,7 @@ def _submit(tmp_path: Path, spec: dict) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=900)
 
 
-def test_a_dpo_run_starts_from_a_published_sft_adapter_which_is_its_frozen_reference(tmp_path, short_model_dir):
+def test_a_dpo_run_starts_from_a_published_sft_adapter_which_is_its_frozen_reference(tmp_path, tiny_model_dir):
     from safetensors.torch import load_file
 
     from jobs.publish import verify_version
@@ -46,7 +47,7 @@ def test_a_dpo_run_starts_from_a_published_sft_adapter_which_is_its_frozen_refer
     heldout = tmp_path / "heldout.jsonl"
     heldout.write_text("\n".join((PAIRS / "heldout.jsonl").read_text().splitlines()[:12]) + "\n")
     store_dir = tmp_path / "store"
-    common = {"base_model": {"uri": str(short_model_dir)}, "output": str(store_dir), "lora": {"rank": 8, "alpha": 16},
+    common = {"base_model": {"uri": str(tiny_model_dir)}, "output": str(store_dir), "lora": {"rank": 8, "alpha": 16},
               "data": {"min_rows": 8, "balance": False}, "eval": {"num_prompts": 1, "max_new_tokens": 4},
               "merge": {"enabled": False}, "resources": {"gpus": 0}}
     loop = {"max_seq_length": 64, "per_device_batch_size": 8, "gradient_accumulation_steps": 1,
