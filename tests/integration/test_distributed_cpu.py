@@ -22,6 +22,10 @@ pytestmark = pytest.mark.train
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "examples" / "demo"
+#: Node 0 of a multi-node run waits 10 s after publishing so that the other pods end first and their logs stay
+#: readable (jobs.trainer.distributed.relaunch); these "nodes" are local processes whose output the test already
+#: holds, so they leave at once (the real node keeps it: test_real_pods and test_jobset read rank 1's log after)
+NO_LEAVE_GRACE = {"LORA_JOBS_LEAVE_GRACE_S": "0"}
 
 
 def _threads(nproc: int) -> dict[str, str]:
@@ -101,7 +105,7 @@ def _two_nodes(tmp_path: Path, name: str, model_dir: Path) -> list[tuple[subproc
         port = sock.getsockname()[1]
     procs = []
     for rank in range(2):
-        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **NO_LEAVE_GRACE,
                "TERMINATION_MESSAGE_PATH": str(tmp_path / f"{name}-{rank}.termination"),
                "PET_NNODES": "2", "PET_NODE_RANK": str(rank), "PET_MASTER_ADDR": "127.0.0.1",
                "PET_MASTER_PORT": str(port)}
@@ -265,7 +269,7 @@ class _Gang:
         self.tmsg = [tmp_path / f"attempt{attempt}-node{r}.termination" for r in range(2)]
         self.procs = []
         for rank in range(2):
-            e = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **env,
+            e = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **NO_LEAVE_GRACE, **env,
                  "TERMINATION_MESSAGE_PATH": str(self.tmsg[rank]), "PET_NNODES": "2", "PET_NODE_RANK": str(rank),
                  "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(port)}
             self.procs.append(subprocess.Popen(
