@@ -225,7 +225,8 @@ class ProgressLog:
                              examples_seen=state.examples_seen, tokens_seen=state.tokens_seen,
                              epoch=(p.step - 1) // max(1, self.steps_per_epoch) + 1,
                              tokens_per_s=round(p.tokens_so_far / max(elapsed, 1e-9), 1),
-                             eta_s=_eta_seconds(clock.step_times, total - p.step))
+                             eta_s=_eta_seconds(clock.step_times, total - p.step),
+                             **{k: round(v, 5) for k, v in summary.items()})  # the objective's own metrics
         if p.step % self.logging_interval == 0 or p.step == total:
             elapsed = time.perf_counter() - clock.t0
             extra = "".join(f"  {k.replace('_', ' ')} {v:.4f}" for k, v in summary.items())
@@ -253,8 +254,9 @@ class Validation:
         if self._evaluate(loop):
             self.best_adapter = loop.strategy.adapter(loop.model)
         if self.on_progress is not None:
-            self.on_progress(val_loss=state.evals[-1]["val_loss"], best_val_loss=state.best_val,
-                             best_step=state.best_step)
+            last = state.evals[-1]  # its loss, and what the objective measures beside it (val_ + its name)
+            self.on_progress(val_loss=last["val_loss"], best_val_loss=state.best_val, best_step=state.best_step,
+                             **{f"val_{k}": v for k, v in last.items() if k not in ("step", "val_loss")})
         return True
 
     def _measure(self, loop: StepLoop) -> float:

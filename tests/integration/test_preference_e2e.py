@@ -95,3 +95,5 @@ def test_a_local_dpo_run_publishes_an_adapter_that_prefers_the_chosen_answers(tm
     for name in ("val_loss", "val_preference_accuracy", "val_reward_accuracy", "val_reward_margin"):
         key = name if name == "val_loss" else name.removeprefix("val_")
         assert mlflow_history(name) == [(e["step"], pytest.approx(e[key], abs=1e-5)) for e in evals], name
+    for name in ("loss", "reward_accuracy", "reward_margin"):  # with jobs/trainer/loop.py passing them on
+        assert mlflow_history(name) == [(h["step"], pytest.approx(h[name], abs=1e-5)) for h in history], name
