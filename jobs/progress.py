@@ -164,7 +164,9 @@ def describe_data(counts: dict[str, Any]) -> str:
     formats = counts.get("by_format") or {}
     kept_by_format = ", ".join(f"{name} {n.get('kept', 0)}" for name, n in sorted(formats.items()))
     mixed = f"; kept by format: {kept_by_format}" if len(formats) > 1 else ""
-    return (f"{counts.get('kept', 0)} rows kept of {counts.get('lines', 0)} lines" +
+    kept, lines = int(counts.get("kept", 0)), int(counts.get("lines", 0))
+    noun = "pair" if counts.get("unit") == "pairs" else "row"  # a preference run's data is counted in pairs
+    return (f"{kept} {noun}{'' if kept == 1 else 's'} kept of {lines} line{'' if lines == 1 else 's'}" +
             (": " + ", ".join(lost) if lost else "") + mixed)
 
 

@@ -245,10 +245,10 @@ def prepare(spec: TrainingRunSpec, fetched: Fetched, progress=None) -> Prepared:
         rows, train_report = rows_of(fetched.train_bytes, spec.data)
     except DataError as err:  # a rejected file's counts reach the run's status too
         if progress is not None and getattr(err, "report", None):
-            progress.update(data=err.report["counts"])
+            progress.update(data={**err.report["counts"], "unit": err.report.get("unit", "rows")})
         raise
-    if progress is not None:  # where every line went (kept, dropped by reason, by format)
-        progress.update(data=train_report["counts"])
+    if progress is not None:  # where every line went (kept, dropped by reason, by format), in rows or pairs
+        progress.update(data={**train_report["counts"], "unit": train_report.get("unit", "rows")})
     report = {"train": train_report}
     if fetched.validation_bytes is not None:
         val_rows, report["validation"] = rows_of(fetched.validation_bytes,

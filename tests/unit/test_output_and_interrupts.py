@@ -111,3 +111,7 @@ def test_the_data_counts_of_a_run_read_as_one_line():
                                      "dedup_near 1, strip_boilerplate 1); kept by format: instruction 168, messages 5")
     assert describe_data({"lines": 10, "kept": 10, "by_format": {"instruction": {"kept": 10}}}) == \
         "10 rows kept of 10 lines"
+    # a preference run's data is counted in pairs, and one of anything takes the singular
+    assert describe_data({"lines": 1, "kept": 1, "unit": "pairs"}) == "1 pair kept of 1 line"
+    assert describe_data({"lines": 63, "kept": 40, "unit": "pairs", "malformed": 11}) == \
+        "40 pairs kept of 63 lines: 11 malformed"
