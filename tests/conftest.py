@@ -390,7 +390,7 @@ def short_model_dir(small_model_dir) -> Path:
 
     For the tests whose subject is what runs the training (processes, ranks, pods, signals, checkpoints,
     retries), not what the model learns: the full model stays in the end-to-end and quality tests
-    (test_train_e2e's complete version, early stopping, the image e2e, the chats, `make demo`). Made once from
+    (test_train_e2e's complete version, FSDP's memory per rank, the chats, `make demo`). Made once from
     the cached full model, with safetensors (nothing unpickled), next to it."""
     from safetensors.torch import load_file, save_file
 

@@ -1,7 +1,7 @@
 """What a step is, when validation runs, which adapter is published, and how divergence fails:
-the real job (``jobs.trainer.recipe.run`` / ``python -m jobs run``) on SmolLM2-135M on CPU (the first test, whose
-subject is the steps' arithmetic: conftest's tiny_model_dir, SmolLM2's architecture and vocabulary randomly
-initialised), local folders as the store.
+the real job (``jobs.trainer.recipe.run`` / ``python -m jobs run``) on CPU, local folders as the store. The
+steps' arithmetic and early stopping's choice of adapter are the recipe's, not what is learned: they run on
+conftest's tiny_model_dir (SmolLM2's architecture and vocabulary, randomly initialised).
 
 The first test runs the spec's training defaults: nothing about batches, micro-batches,
 accumulation or evaluation intervals is forced.
@@ -58,23 +58,24 @@ def test_default_spec_steps_are_sixteen_examples_and_validation_runs_several_tim
 
 
 def _contradicting_data(tmp_path: Path) -> tuple[Path, Path]:
-    """Train on one answer, validate on its opposite: validation loss must rise as training goes on."""
-    colours = ["blue", "green", "orange", "purple", "yellow", "silver", "black", "white"]
+    """Train on one answer, validate on its opposite: validation loss must rise as training goes on. Every
+    training answer is "Blue.", every validation answer "Green.": the answer's form (a word, a full stop, the
+    end) helps both, learning that it is blue hurts the other; a rule a tiny model learns in a few steps."""
     items = ["router", "switch", "modem", "cable", "antenna", "adapter", "charger", "bridge", "hub", "repeater"]
     train, val = [], []
-    for i, item in enumerate(items):
+    for item in items:
         for j in range(4):
             q = f"What colour is the status light of the {item} in room {j + 1}?"
-            train.append({"instruction": q, "output": f"The {item} light in room {j + 1} is {colours[(i + j) % 8]}."})
-            if j == 0:  # the same answer, another colour: the format helps, memorising the colour hurts
-                val.append({"instruction": q, "output": f"The {item} light in room 1 is {colours[(i + 4) % 8]}."})
+            train.append({"instruction": q, "output": "Blue."})
+            if j == 0:
+                val.append({"instruction": q, "output": "Green."})
     tp, vp = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
     tp.write_text("".join(json.dumps(r) + "\n" for r in train))
     vp.write_text("".join(json.dumps(r) + "\n" for r in val))
     return tp, vp
 
 
-def test_early_stopping_publishes_the_best_adapter_not_the_last(tmp_path, small_model_dir):
+def test_early_stopping_publishes_the_best_adapter_not_the_last(tmp_path, tiny_model_dir):
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -85,11 +86,13 @@ def test_early_stopping_publishes_the_best_adapter_not_the_last(tmp_path, small_
     from jobs.trainer.train import encode_rows, evaluate_loss
 
     tp, vp = _contradicting_data(tmp_path)
-    spec = {"name": "early", "base_model": {"uri": str(small_model_dir)},
+    # The tiny random model at 50 times the guide's learning rate (a warning, not an error): validation loss falls,
+    # then rises once "Blue" wins (measured, seeds 1-4 and 42: stopped after 8-12 of 30 steps, the last adapter
+    # 0.1-0.4 nats worse than the best; SmolLM2-135M at 1e-3 on the same data: 10 steps, +2.4 nats, 38 s in all)
+    spec = {"name": "early", "base_model": {"uri": str(tiny_model_dir)},
             "dataset": {"train": str(tp), "validation": str(vp)}, "output": str(tmp_path / "store"),
-            # a learning rate above the guide's (a warning, not an error) so that memorising shows in a few steps
             "training": {"epochs": 3, "per_device_batch_size": 4, "gradient_accumulation_steps": 1,
-                         "learning_rate": 1e-3, "eval_interval_steps": 2, "early_stopping_patience": 2,
+                         "learning_rate": 1e-2, "eval_interval_steps": 2, "early_stopping_patience": 2,
                          "max_seq_length": 96},
             "data": {"min_rows": 4, "balance": False},
             "eval": {"enabled": False}, "merge": {"enabled": False}, "resources": {"gpus": 0}}
@@ -104,7 +107,7 @@ def test_early_stopping_publishes_the_best_adapter_not_the_last(tmp_path, small_
     assert report["training"]["published_step"] == best["step"]
 
     # the published adapter really is that step's: its validation loss is the best one
-    tok = load_tokenizer(str(small_model_dir))
+    tok = load_tokenizer(str(tiny_model_dir))
     from jobs.dataprep import prepare as prep_rows
     from jobs.spec import parse_spec
 
@@ -112,7 +115,7 @@ def test_early_stopping_publishes_the_best_adapter_not_the_last(tmp_path, small_
     val_ex, _ = encode_rows(tok, rows, 96)
     store.get_file("early/v1/adapter/adapter_model.safetensors", tmp_path / "dl" / "adapter_model.safetensors")
     store.get_file("early/v1/adapter/adapter_config.json", tmp_path / "dl" / "adapter_config.json")
-    base = AutoModelForCausalLM.from_pretrained(small_model_dir, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, str(tmp_path / "dl")).eval()
     got = evaluate_loss(model, val_ex, 4096, SingleDevice(device=torch.device("cpu"))).mean
     assert abs(got - best["val_loss"]) < 2e-3, (got, best, evals[-1])
