@@ -38,6 +38,32 @@ def _setup_logging() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
+#: Imported by peft and transformers whenever installed, used only on a GPU: bitsandbytes for 4/8-bit bases and the
+#: paged 8-bit optimizer, torchao for FP8 training (jobs/trainer/fastpath/fp8.py asks for CUDA first).
+GPU_ONLY_PACKAGES = ("bitsandbytes", "torchao")
+
+
+def _skip_gpu_only_imports(spec) -> bool:
+    """On a machine without CUDA, keep bitsandbytes and torchao out of this process: peft and transformers import
+    them at their own import when installed (bitsandbytes' import alone compiles ops with torch.compile), about 2 s
+    of every job process's start-up on the 2-core CI machine (7.3 -> 4.8 s for the imports of torch, transformers
+    and peft), paid by every rank of every CPU test run. ``sys.modules[name] = None`` is Python's own "not
+    importable": ``import`` raises ImportError and ``importlib.util.find_spec`` answers None, which is how peft and
+    transformers ask. Only where nothing could use them: quantization off (the spec refuses it without GPUs; with
+    ``resources.gpus`` but none visible, bitsandbytes' CPU kernels could serve it) and not the paged 8-bit
+    optimizer. True when they were kept out."""
+    if spec.quantization.mode != "none" or spec.training.optimizer == "paged_adamw_8bit":
+        return False
+    import torch
+
+    if torch.cuda.is_available():
+        return False
+    for name in GPU_ONLY_PACKAGES:
+        if name not in sys.modules:
+            sys.modules[name] = None  # type: ignore[assignment]
+    return True
+
+
 def _gpus_to_use(spec) -> int:
     """How many GPUs this run trains on: the spec's, which the container must see."""
     from jobs.trainer.distributed import visible_gpus
@@ -74,6 +100,7 @@ def _cmd_run(args) -> int:
 
             argv = ["run", "--spec", args.spec] + (["--workdir", args.workdir] if args.workdir else [])
             return relaunch(max(1, gpus), argv, nodes=nodes)
+        _skip_gpu_only_imports(spec)
         log.info("run %s (spec %s) starting; workdir %s", spec.name, spec.spec_hash(), workdir)
         for advice in spec.advice():
             log.warning("spec: %s", advice.render())
