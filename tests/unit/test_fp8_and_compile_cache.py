@@ -26,11 +26,10 @@ LLAMA = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336,
          "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192}
 
 
-
 @pytest.fixture(autouse=True)
 def no_cpu_isa_probe(monkeypatch):
     """inductor's probe of the CPU's vector instructions (a test program built and run per candidate, paid by a
-    process's first CPU compile: ~5 s of this file on the 2-core machine) is not what these tests are about: off,
+    process's first CPU compile: ~12 s of this file on the 2-core machine) is not what these tests are about: off,
     as the subprocesses below have it (TORCHINDUCTOR_VEC_ISA_OK=0); the probe's own switch is the subject of
     test_gpu_compiles_skip_inductors_cpu_isa_probe_unless_the_user_set_it, in a process of its own."""
     from torch._inductor import config
