@@ -27,11 +27,13 @@ from typing import Any, Callable
 
 from jobs import dataprep
 from jobs.dataprep import (MAX_LINE_BYTES, MAX_OUTSIDE_FORMAT_SHARE, REPORT_LINES, FORMAT_KEYS,
-                           Row, RuleResult, _a, _is_encodable, _lsh_params, _NUM_PERM, _normalise,
-                           _OutsideFormat, _parse_turns, _persona_of, _split_lines, _type_name,
-                           balance_groups, content_key, dedup_exact, handle_pii, jaccard,
+                           Row, RuleResult, balance_groups, content_key, dedup_exact, handle_pii, jaccard,
                            limit_output_words, limit_sentences, read_object, remove_urls,
                            row_formats, shingles, strip_boilerplate, strip_boilerplate_text)
+from jobs.dataprep.dedup import _NUM_PERM, _lsh_params
+from jobs.dataprep.formats import (_a, _is_encodable, _OutsideFormat, _parse_turns, _persona_of, _split_lines,
+                                   _type_name)
+from jobs.dataprep.rules import _normalise
 from jobs.errors import Problem
 from jobs.spec import DataRules
 
