@@ -10,8 +10,8 @@ MODEL_CACHE ?= $(HOME)/.cache/lora-jobs/models/smollm2-135m-instruct
 PYTEST_ARGS ?=
 
 # The lints make test and make test-unit run first: ruff (pyflakes' checks), lint-imports (the layers:
-# pyproject.toml's [tool.importlinter]) and mypy (strict on the contract, jobs/*.py and jobs/dataprep/:
-# [tool.mypy]). The venv is named when the recipe runs (see test's comment below).
+# pyproject.toml's [tool.importlinter]) and mypy (strict on the contract, jobs/*.py, jobs/dataprep/
+# and jobs/spec/: [tool.mypy]). The venv is named when the recipe runs (see test's comment below).
 LINT = v="$$(hack/venv.sh)" && "$$v/bin/python" -m ruff check . && "$$v/bin/lint-imports" --no-logo && \
   "$$v/bin/python" -m mypy
 

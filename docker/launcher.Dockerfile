@@ -31,13 +31,14 @@ RUN --mount=type=cache,id=lora-jobs-wheels,target=/var/cache/wheels,sharing=lock
  && pip check \
  && rm /tmp/requirements.txt
 
-# The package itself: the launcher and the light contract it imports (jobs/*.py and jobs/dataprep/: the spec
-# model, errors, storage, the artifact layout, the data rules), never the trainer (jobs/trainer/, torch). README.m[d]
-# matches nothing rather than failing while the repository has no README.
+# The package itself: the launcher and the light contract it imports (jobs/*.py, jobs/dataprep/ and jobs/spec/:
+# the spec model, errors, storage, the artifact layout, the data rules), never the trainer (jobs/trainer/, torch).
+# README.m[d] matches nothing rather than failing while the repository has no README.
 WORKDIR /src
 COPY pyproject.toml README.m[d] ./
 COPY jobs/*.py jobs/py.typed ./jobs/
 COPY jobs/dataprep/*.py ./jobs/dataprep/
+COPY jobs/spec/*.py ./jobs/spec/
 COPY launcher/ ./launcher/
 RUN test -f README.md || echo "# lora-jobs" > README.md \
  && pip install --no-deps --no-build-isolation --no-cache-dir . \

@@ -559,7 +559,7 @@ def interrupt_at(target: str, after: int = 0):
 
 I = "interrupts and unwritable output"
 case(I, "ctrl-c-in-validate", ["validate", S], 130, [r"^interrupted$"], files={"spec.yaml": GOOD}, fix=False,
-     patch=interrupt_at("jobs.spec:load_spec_text"))
+     patch=interrupt_at("jobs.spec.loading:load_spec_text"))
 case(I, "ctrl-c-in-data-check", ["data", "check", "{d}/t.jsonl"], 130, [r"^interrupted$"], fix=False,
      files={"t.jsonl": "\n".join(ROWS) + "\n"}, patch=interrupt_at("jobs.dataprep:prepare_report"))
 case(I, "ctrl-c-in-render", ["render", S], 130, [r"^interrupted$"], files={"spec.yaml": GOOD}, fix=False,

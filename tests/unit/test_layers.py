@@ -1,5 +1,5 @@
-"""The layers hold at run time: importing the contract (every module of jobs/*.py and jobs/dataprep/) loads no
-trainer, torch, transformers, peft, kubernetes, typer or rich, and importing the launcher's CLI loads no torch.
+"""The layers hold at run time: importing the contract (every module of jobs/*.py, jobs/dataprep/ and jobs/spec/)
+loads no trainer, torch, transformers, peft, kubernetes, typer or rich, and importing the launcher's CLI loads no torch.
 lint-imports (pyproject.toml's [tool.importlinter]) checks the same from the source; this proves what a process
 really loads."""
 from __future__ import annotations
@@ -14,12 +14,12 @@ import pytest
 pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parents[2]
-#: Every module of the contract: jobs/*.py but the entrypoint shim (python -m jobs starts the trainer), and the data
-#: rules' package jobs/dataprep/.
+#: Every module of the contract: jobs/*.py but the entrypoint shim (python -m jobs starts the trainer), and the
+#: packages jobs/dataprep/ (the data rules) and jobs/spec/ (the spec model; its __main__ prints the reference doc).
 CONTRACT = sorted([f"jobs.{p.stem}" for p in (REPO / "jobs").glob("*.py") if p.stem not in ("__init__", "__main__")]
-                  + ["jobs.dataprep"]
-                  + [f"jobs.dataprep.{p.stem}" for p in (REPO / "jobs" / "dataprep").glob("*.py")
-                     if p.stem != "__init__"])
+                  + [f"jobs.{pkg}" for pkg in ("dataprep", "spec")]
+                  + [f"jobs.{pkg}.{p.stem}" for pkg in ("dataprep", "spec") for p in (REPO / "jobs" / pkg).glob("*.py")
+                     if p.stem not in ("__init__", "__main__")])
 
 
 def _loaded_after(imports: list[str], watch: set[str]) -> str:
