@@ -27,7 +27,7 @@ def field_docs(model: type[BaseModel] = TrainingRunSpec, prefix: str = "") -> li
 def reference_markdown() -> str:
     """docs/spec-reference.md, generated from the fields (a test keeps the file in sync)."""
     lines = ["# Spec reference", "",
-             "Generated from `jobs/spec.py` (`python -m jobs.spec > docs/spec-reference.md`). Unknown keys are "
+             "Generated from `jobs/spec/` (`python -m jobs.spec > docs/spec-reference.md`). Unknown keys are "
              "errors; `launcher validate --explain` prints the same table.", "",
              "| field | default | meaning |", "| --- | --- | --- |"]
     for path, default, desc in field_docs():
