@@ -7,6 +7,7 @@ implementation independent of the export's. llama.cpp itself is not run here (no
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
@@ -24,6 +25,35 @@ def _copy_tokenizer(src, dst) -> None:
     for f in src.iterdir():
         if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
             shutil.copy(f, dst / f.name)
+
+
+#: the vocabulary of the tiny Qwen2 and Llama built here: SmolLM2's first ids (17 special, the byte alphabet, the
+#: first merges), so that their GGUF files carry 1,024 tokens and ~770 merges, not 49,152 and 48,900
+SMALL_VOCAB = 1024
+
+
+def _small_tokenizer(src, dst, monkeypatch) -> None:
+    """SmolLM2's tokenizer cut to its first SMALL_VOCAB ids and the merges among them, for the tiny models built
+    here: gguf.GGUFReader parses a string array one element at a time (about 2.4 s for the full vocabulary and
+    merges on this machine, paid by every read back of a model file), while these tests are about tensors. Its
+    pre-tokenizer is SmolLM2's, but cutting the vocabulary changes the ids of llama.cpp's check text, so their hash
+    is registered as "smollm" for the test (jobs/trainer/gguf_export.PRE_TOKENIZERS; the real hash of the full
+    tokenizer is what the SmolLM2 export above and the preflight test go through)."""
+    from transformers import PreTrainedTokenizerFast
+
+    from jobs.trainer import gguf_export
+
+    _copy_tokenizer(src, dst)
+    tj = json.loads((src / "tokenizer.json").read_text())
+    vocab = {t: i for t, i in tj["model"]["vocab"].items() if i < SMALL_VOCAB}
+    assert len(vocab) == SMALL_VOCAB
+    merges = [m for m in tj["model"]["merges"] if (m if isinstance(m, str) else " ".join(m)).replace(" ", "") in vocab
+              and all(part in vocab for part in (m.split(" ") if isinstance(m, str) else m))]
+    assert len(merges) > SMALL_VOCAB // 2
+    tj["model"].update(vocab=vocab, merges=merges)
+    (dst / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False))
+    ids = PreTrainedTokenizerFast(tokenizer_file=str(dst / "tokenizer.json")).encode(gguf_export._CHECK_TEXT)
+    monkeypatch.setitem(gguf_export.PRE_TOKENIZERS, hashlib.sha256(str(ids).encode()).hexdigest(), "smollm")
 
 
 def _adapt_and_merge(base_dir, tmp, seed: int):
@@ -178,7 +208,7 @@ def test_a_q8_0_value_beyond_its_block_error_is_caught(llama_export, q8_reader):
 
 
 
-def test_a_qwen2_model_exports_with_biases_and_no_permutation(short_model_dir, tmp_path):
+def test_a_qwen2_model_exports_with_biases_and_no_permutation(short_model_dir, tmp_path, monkeypatch):
     import gguf
     import torch
     from safetensors.torch import load_file
@@ -187,7 +217,7 @@ def test_a_qwen2_model_exports_with_biases_and_no_permutation(short_model_dir, t
     from jobs.trainer.gguf_export import export_gguf
 
     torch.manual_seed(1)
-    config = Qwen2Config(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    config = Qwen2Config(vocab_size=SMALL_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                          rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
                          bos_token_id=1, eos_token_id=2)
@@ -195,7 +225,7 @@ def test_a_qwen2_model_exports_with_biases_and_no_permutation(short_model_dir, t
     with torch.no_grad():  # q8_0 blocks whose f16 scale is subnormal (max|x| below 127 * 2**-14): still in bounds
         model.model.embed_tokens.weight.mul_(1e-4)  # not adapted by the LoRA: stays this small merged
     model.save_pretrained(tmp_path / "base", safe_serialization=True)
-    _copy_tokenizer(short_model_dir, tmp_path / "base")
+    _small_tokenizer(short_model_dir, tmp_path / "base", monkeypatch)
     adapter, merged = _adapt_and_merge(tmp_path / "base", tmp_path, seed=2)
     written = export_gguf(merged, adapter, ["bf16", "q8_0"], tmp_path / "gguf", name="qwen")
     assert [(w["kind"], w["type"]) for w in written] == [("model", "bf16"), ("model", "q8_0"), ("adapter", "f16")]
@@ -213,7 +243,8 @@ def test_a_qwen2_model_exports_with_biases_and_no_permutation(short_model_dir, t
 
 
 
-def test_a_llama_with_llama3_rope_scaling_exports_its_rotary_divisors_as_rope_freqs(short_model_dir, tmp_path):
+def test_a_llama_with_llama3_rope_scaling_exports_its_rotary_divisors_as_rope_freqs(short_model_dir, tmp_path,
+                                                                                    monkeypatch):
     """Llama 3.1's rope scaling on a tiny Llama built here (head_dim 16: 8 rotary pairs, original context 256, so
     that 3 pairs keep their frequency, 1 is interpolated and 4 are divided by the factor): llama.cpp's
     rope_freqs.weight (f32, one divisor per pair) is written and read back against transformers' own rotary
@@ -231,12 +262,12 @@ def test_a_llama_with_llama3_rope_scaling_exports_its_rotary_divisors_as_rope_fr
     rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
             "original_max_position_embeddings": 256}
     torch.manual_seed(3)
-    config = LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=SMALL_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                          rope_scaling=rope, rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
                          bos_token_id=1, eos_token_id=2)
     LlamaForCausalLM(config).save_pretrained(tmp_path / "base", safe_serialization=True)
-    _copy_tokenizer(short_model_dir, tmp_path / "base")
+    _small_tokenizer(short_model_dir, tmp_path / "base", monkeypatch)
     saved = json.loads((tmp_path / "base" / "config.json").read_text())
     assert (saved.get("rope_parameters") or saved.get("rope_scaling"))["rope_type"] == "llama3"
     adapter, merged = _adapt_and_merge(tmp_path / "base", tmp_path, seed=4)
