@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from jobs.errors import LoraJobError, StorageError
-from jobs.publish import MANIFEST, MARKER, existing_versions, read_manifest
+from jobs.publish import MANIFEST, MARKER, IncompleteVersion, existing_versions, open_version
 from jobs.retry import RetryPolicy
 from jobs.spec import PromotionSpec
 from jobs.storage import Store, join
@@ -132,18 +132,18 @@ def complete_versions(store: Store, run_prefix: str) -> list[str]:
 def read_evidence(store: Store, run_prefix: str, version: str) -> Evidence:
     """A complete version's manifest sha256 and reports. Its ``_COMPLETE`` marker must vouch for its manifest,
     every file the manifest lists must be there at its size, and each report read must match its sha256 in the
-    manifest (:func:`jobs.publish.read_manifest`); a :class:`StorageError` names what is wrong otherwise."""
+    manifest (:func:`jobs.publish.open_version`); a :class:`StorageError` names what is wrong otherwise."""
     prefix = join(run_prefix, version)
     where = f"{store.label}/{prefix}"
-    sizes = {o.key[len(prefix) + 1:]: o.size for o in store.list(prefix + "/")}
-    if MARKER not in sizes:
+    try:
+        opened = open_version(store, prefix, where)
+    except IncompleteVersion:
         have = ", ".join(complete_versions(store, run_prefix)) or "none"
         raise StorageError(f"{where} is not a complete version (no {MARKER} marker)",
-                           hint=f"pick a complete version (complete: {have}); `launcher artifacts RUN` lists them")
-    marker = store.get_bytes(join(prefix, MARKER))
-    manifest = store.get_bytes(join(prefix, MANIFEST)) if MANIFEST in sizes else None
-    entries = read_manifest(manifest, marker, where)
-    missing = sorted(rel for rel, e in entries.items() if sizes.get(rel) != e["size"])
+                           hint=f"pick a complete version (complete: {have}); `launcher artifacts RUN` lists them"
+                           ) from None
+    entries = opened.entries
+    missing = sorted(rel for rel, e in entries.items() if opened.sizes.get(rel) != e["size"])
     if missing:
         raise StorageError(f"{where}: {len(missing)} file(s) of its manifest are missing or have another size: "
                            + ", ".join(missing[:5]), hint="the version is damaged: do not promote it; publish again")
@@ -152,7 +152,7 @@ def read_evidence(store: Store, run_prefix: str, version: str) -> Evidence:
         if name not in entries:
             reports[name] = {}
             continue
-        raw = store.get_bytes(join(prefix, name))
+        raw = store.get_bytes(opened.key(name))
         if hashlib.sha256(raw).hexdigest() != entries[name]["sha256"]:
             raise StorageError(f"{where}/{name} does not match its sha256 in {MANIFEST}",
                                hint="the version was altered after publishing: do not promote it")
@@ -160,8 +160,7 @@ def read_evidence(store: Store, run_prefix: str, version: str) -> Evidence:
             reports[name] = json.loads(raw)
         except ValueError:
             raise StorageError(f"{where}/{name} is not JSON", hint="publish the version again") from None
-    assert manifest is not None  # read_manifest refused a version without one
-    return Evidence(version, hashlib.sha256(manifest).hexdigest(), reports["metadata.json"],
+    return Evidence(version, hashlib.sha256(opened.manifest).hexdigest(), reports["metadata.json"],
                     reports["eval_report.json"], reports["data_report.json"])
 
 

@@ -130,7 +130,9 @@ def _advance_latest(store: Store, run_prefix: str, n: int, policy: RetryPolicy =
 # ------------------------------------------------------------------ the one verify
 # A version is whole when its _COMPLETE marker holds the sha256 of its manifest.json and every file the manifest
 # lists is there with that sha256 and size. The publisher's store (verify_version) and the launcher's downloaded
-# copy (launcher.artifacts) are checked by the same two functions below.
+# copy (launcher.artifacts) are checked by the same two functions below; open_version is the one way a reader
+# (verify_version, fetch_version_files, jobs.promotion, launcher.artifacts) lists a version and reads its marker
+# and manifest.
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -158,6 +160,16 @@ class FileCheck:
         return [f"{rel}: missing" for rel in self.missing] + [f"{rel}: sha256 mismatch" for rel in self.changed]
 
 
+class IncompleteVersion(StorageError):
+    """A version folder without its ``_COMPLETE`` marker: a publish in progress or one that died, never a version.
+    ``objects``: how many objects its folder holds (0: nothing there at all)."""
+
+    def __init__(self, where: str, objects: int | None = None) -> None:
+        super().__init__(f"{where} has no {MARKER} marker: it is incomplete (a publish in progress or one that "
+                         "died)", hint="wait for the publish to finish, or pick a complete version")
+        self.objects = objects
+
+
 def read_manifest(manifest_raw: bytes | None, marker_raw: bytes | None, where: str) -> dict[str, ManifestEntry]:
     """{relative path: {"sha256", "size"}} of a version's manifest, once its ``_COMPLETE`` marker vouches for it:
     the marker must hold the manifest's sha256 (what :func:`publish_version` writes), so an empty marker or a
@@ -166,8 +178,7 @@ def read_manifest(manifest_raw: bytes | None, marker_raw: bytes | None, where: s
     damaged = "the version was damaged or altered after publishing: do not use it; download another version " \
               "(`launcher artifacts RUN` lists them) or publish again"
     if marker_raw is None:
-        raise StorageError(f"{where} has no {MARKER} marker: it is incomplete (a publish in progress or one "
-                           "that died)", hint="wait for the publish to finish, or pick a complete version")
+        raise IncompleteVersion(where)
     if manifest_raw is None:
         raise StorageError(f"{where} has a {MARKER} marker but no {MANIFEST}", hint=damaged)
     marker = marker_raw.decode("utf-8", "replace").strip()
@@ -206,29 +217,64 @@ def check_files(entries: dict[str, ManifestEntry], digest_of: Callable[[str], tu
     return found
 
 
+@dataclass(frozen=True)
+class OpenedVersion:
+    """A published version whose ``_COMPLETE`` marker vouches for its manifest (:func:`open_version`)."""
+
+    prefix: str  # the version's folder in the store ('' : the store's root)
+    sizes: dict[str, int]  # every object of the folder, by its name relative to ``prefix`` -> its size
+    entries: dict[str, ManifestEntry]  # the manifest (:func:`read_manifest`)
+    manifest: bytes  # manifest.json as stored
+    marker: bytes  # _COMPLETE as stored: the manifest's sha256
+
+    def key(self, rel: str) -> str:
+        """The store key of the version's file ``rel``."""
+        return join(self.prefix, rel)
+
+
+def version_objects(store: Store, prefix: str) -> dict[str, int]:
+    """{name relative to ``prefix``: size} of every object in the version folder ``prefix`` ('' : the store's
+    root, what :func:`jobs.storage.open_store` gives for a URI naming the version itself)."""
+    return {o.key[len(prefix) + 1:] if prefix else o.key: o.size for o in store.list(prefix + "/" if prefix else "")}
+
+
+def open_version(store: Store, prefix: str, where: str | None = None, *,
+                 objects: dict[str, int] | None = None) -> OpenedVersion:
+    """The version folder ``prefix`` of ``store``: its objects (``objects`` when the caller listed them already,
+    :func:`version_objects`), its ``_COMPLETE`` marker and its manifest, read and checked by :func:`read_manifest`.
+    ``where`` names it in messages (default ``<store label>/<prefix>``). Raises :class:`IncompleteVersion`
+    (before reading anything) when the folder has no marker, and :func:`read_manifest`'s :class:`StorageError`
+    when the marker does not vouch for the manifest."""
+    where = f"{store.label}/{prefix}" if where is None else where
+    sizes = version_objects(store, prefix) if objects is None else objects
+    if MARKER not in sizes:
+        raise IncompleteVersion(where, len(sizes))
+    marker = store.get_bytes(join(prefix, MARKER))
+    manifest = store.get_bytes(join(prefix, MANIFEST)) if MANIFEST in sizes else None
+    entries = read_manifest(manifest, marker, where)
+    assert manifest is not None  # read_manifest refused a version without one
+    return OpenedVersion(prefix, sizes, entries, manifest, marker)
+
+
 def verify_version(store: Store, run_prefix: str, version: str) -> list[str]:
     """Problems with a published version in ``store`` (empty when its marker vouches for its manifest and every
-    file matches the manifest)."""
+    file matches the manifest). A store that cannot list the version raises; one that fails a read is a problem."""
     prefix = join(run_prefix, version)
-    sizes = {o.key[len(prefix) + 1:] if prefix else o.key: o.size for o in store.list(prefix + "/" if prefix else "")}
-
-    def raw(name: str) -> bytes | None:
-        return store.get_bytes(join(prefix, name)) if name in sizes else None
-
-    if MARKER not in sizes:
-        return [f"{version} has no {MARKER} marker: incomplete"]
+    sizes = version_objects(store, prefix)
     try:
-        entries = read_manifest(raw(MANIFEST), raw(MARKER), f"{store.label}/{prefix}")
+        opened = open_version(store, prefix, objects=sizes)
+    except IncompleteVersion:
+        return [f"{version} has no {MARKER} marker: incomplete"]
     except StorageError as err:
         return [err.message]
 
     def digest_of(rel: str) -> tuple[str, int] | None:
         if rel not in sizes:
             return None
-        data = store.get_bytes(join(prefix, rel))
+        data = store.get_bytes(opened.key(rel))
         return hashlib.sha256(data).hexdigest(), len(data)
 
-    return check_files(entries, digest_of).problems()
+    return check_files(opened.entries, digest_of).problems()
 
 
 def fetch_version_files(store: Store, prefix: str, names: list[str], dest: Path, where: str) -> dict[str, bytes]:
@@ -237,13 +283,15 @@ def fetch_version_files(store: Store, prefix: str, names: list[str], dest: Path,
     (:func:`read_manifest`, :func:`check_files`: the publisher's own check). Returns the bytes of the manifest and
     of the marker under their names. A :class:`StorageError` names an incomplete version, a name its manifest does
     not list, or a file missing or altered; nothing checked is left in ``dest`` then."""
-    sizes = {o.key[len(prefix) + 1:] if prefix else o.key: o.size for o in store.list(prefix + "/" if prefix else "")}
-    if not sizes:
+    try:
+        opened = open_version(store, prefix, where)
+    except IncompleteVersion as err:
+        if err.objects:
+            raise
         raise StorageError(f"{where} holds nothing: no published version there",
-                           hint="name a complete version, <output>/<run>/v<N> (`launcher artifacts RUN` lists them)")
-    marker = store.get_bytes(join(prefix, MARKER)) if MARKER in sizes else None
-    manifest = store.get_bytes(join(prefix, MANIFEST)) if MANIFEST in sizes else None
-    entries = read_manifest(manifest, marker, where)
+                           hint="name a complete version, <output>/<run>/v<N> (`launcher artifacts RUN` lists them)"
+                           ) from None
+    sizes, entries = opened.sizes, opened.entries
     unlisted = [n for n in names if n not in entries]
     if unlisted:
         raise StorageError(f"{where} has no {', '.join(unlisted)} in its manifest",
@@ -254,7 +302,7 @@ def fetch_version_files(store: Store, prefix: str, names: list[str], dest: Path,
         if name in sizes:
             target = dest / name
             target.parent.mkdir(parents=True, exist_ok=True)
-            store.get_file(join(prefix, name), target)
+            store.get_file(opened.key(name), target)
 
     def digest_of(rel: str) -> tuple[str, int] | None:
         local = dest / rel
@@ -267,5 +315,4 @@ def fetch_version_files(store: Store, prefix: str, names: list[str], dest: Path,
         raise StorageError(f"{where}: " + "; ".join(found.problems()),
                            hint="the version was damaged or altered after publishing: do not start from it; name "
                                 "another version (`launcher artifacts RUN` lists them) or publish again")
-    assert manifest is not None and marker is not None  # read_manifest refused a version without them
-    return {MANIFEST: manifest, MARKER: marker}
+    return {MANIFEST: opened.manifest, MARKER: opened.marker}

@@ -17,7 +17,7 @@ from typing import Any
 
 from jobs.errors import StorageError
 from jobs.digest import sha256_file as _sha256
-from jobs.publish import LATEST, MANIFEST, MARKER as COMPLETE, check_files, existing_versions, read_manifest
+from jobs.publish import LATEST, MANIFEST, MARKER as COMPLETE, check_files, existing_versions, open_version
 from jobs.storage import TransferProgress, join, open_store, safe_relative_path
 
 
@@ -122,7 +122,7 @@ def download_version(output: str, run: str, version: str | None, dest: str | Pat
                      endpoint: str | None = None) -> tuple[str, Path]:
     """Download a complete version (default: latest) into ``dest/<version>``, all or nothing: the files land in
     a staging folder beside it, are verified there against the manifest (whose sha256 the ``_COMPLETE`` marker
-    must hold: :func:`jobs.publish.read_manifest`, the publisher's own check), and the folder is renamed into
+    must hold: :func:`jobs.publish.open_version`, the publisher's own check), and the folder is renamed into
     place only when every file matches; otherwise nothing is left and the error names the missing or changed
     files. Returns (version, folder). ``on_progress(done, total)`` sees the bytes as they arrive (a progress
     bar); the ``launcher`` logger gets a line every 10 s. ``endpoint``: the S3 endpoint where the environment
@@ -143,13 +143,8 @@ def download_version(output: str, run: str, version: str | None, dest: str | Pat
         raise StorageError(f"run {run} has no version {version}", hint=f"pick one of: {have}")
     where = f"{listing.prefix}/{version}"
     store, base = open_store(where, endpoint=endpoint)
-    sizes = {o.key[len(base) + 1:] if base else o.key: o.size for o in store.list(base + "/" if base else "")}
-
-    def raw(name: str) -> bytes | None:
-        return store.get_bytes(join(base, name)) if name in sizes else None
-
-    manifest_raw, marker_raw = raw(MANIFEST), raw(COMPLETE)
-    entries = read_manifest(manifest_raw, marker_raw, where)
+    opened = open_version(store, base, where)
+    entries = opened.entries
     for rel in entries:  # every path is checked before anything is written
         safe_relative_path(rel, f"the manifest of {where}")
 
@@ -169,11 +164,11 @@ def download_version(output: str, run: str, version: str | None, dest: str | Pat
         raise StorageError(f"cannot download into {dest}: {why}",
                            hint="pass --download a folder you can write (it is created when missing)") from None
     try:
-        present = {rel: info for rel, info in entries.items() if rel in sizes}
+        present = {rel: info for rel, info in entries.items() if rel in opened.sizes}
         moved = TransferProgress(f"downloading {run} {version}", sum(info["size"] for info in present.values()),
                                  on_update=on_progress, logger=logging.getLogger("launcher"))
         for rel in sorted(present):
-            store.get_file(join(base, rel), staging / safe_relative_path(rel, where), progress=moved)
+            store.get_file(opened.key(rel), staging / safe_relative_path(rel, where), progress=moved)
 
         def digest_of(rel: str) -> tuple[str, int] | None:
             local = staging / safe_relative_path(rel, where)
@@ -182,8 +177,8 @@ def download_version(output: str, run: str, version: str | None, dest: str | Pat
         found = check_files(entries, digest_of)
         if not found.ok:
             raise _mismatch(found, where, target)
-        (staging / MANIFEST).write_bytes(manifest_raw)
-        (staging / COMPLETE).write_bytes(marker_raw)
+        (staging / MANIFEST).write_bytes(opened.manifest)
+        (staging / COMPLETE).write_bytes(opened.marker)
         if target.exists():
             target.rmdir()  # empty (checked above)
         os.replace(staging, target)

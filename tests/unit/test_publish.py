@@ -109,3 +109,38 @@ def test_ordinary_keys_map_to_relative_paths():
 
     assert safe_relative_path("adapter/adapter_model.safetensors", "x") == Path("adapter/adapter_model.safetensors")
     assert safe_relative_path("model-00001-of-00004.safetensors", "x") == Path("model-00001-of-00004.safetensors")
+
+
+def test_every_reader_opens_a_version_one_way_and_keeps_its_own_words_for_a_missing_marker(tmp_path):
+    """open_version is how verify_version, fetch_version_files, jobs.promotion.read_evidence and the launcher's
+    download list a version and read its marker and manifest; each keeps its own message for a half-written one."""
+    import hashlib
+
+    from jobs.errors import StorageError
+    from jobs.promotion import read_evidence
+    from jobs.publish import IncompleteVersion, fetch_version_files, open_version
+
+    store = LocalStore(str(tmp_path / "bucket"))
+    publish_version(store, "r", _artifacts(tmp_path))
+    opened = open_version(store, "r/v1")
+    assert sorted(opened.entries) == ["adapter/adapter_model.safetensors", "metadata.json"]
+    assert {"_COMPLETE", "manifest.json", "metadata.json"} <= set(opened.sizes)
+    assert opened.marker.decode().strip() == hashlib.sha256(opened.manifest).hexdigest()
+    assert opened.key("metadata.json") == "r/v1/metadata.json"
+    rooted = open_version(LocalStore(str(tmp_path / "bucket" / "r" / "v1")), "")  # the launcher's: a URI per version
+    assert rooted.entries == opened.entries and rooted.key("metadata.json") == "metadata.json"
+
+    store.put_bytes("r/v2/metadata.json", b"{}")  # a publish that died before its marker
+    with pytest.raises(IncompleteVersion, match="r/v2 has no _COMPLETE marker: it is incomplete") as err:
+        open_version(store, "r/v2")
+    assert err.value.objects == 1
+    assert verify_version(store, "r", "v2") == ["v2 has no _COMPLETE marker: incomplete"]
+    dest = tmp_path / "fetched"
+    with pytest.raises(IncompleteVersion, match=r"^s3://b/r/v2 has no _COMPLETE marker: it is incomplete"):
+        fetch_version_files(store, "r/v2", ["metadata.json"], dest, "s3://b/r/v2")
+    with pytest.raises(StorageError, match=r"^s3://b/r/v9 holds nothing: no published version there\n"):
+        fetch_version_files(store, "r/v9", ["metadata.json"], dest, "s3://b/r/v9")
+    assert not dest.exists()
+    with pytest.raises(StorageError, match=r"/r/v2 is not a complete version \(no _COMPLETE marker\)\n") as err2:
+        read_evidence(store, "r", "v2")
+    assert "(complete: v1)" in (err2.value.hint or "") and not isinstance(err2.value, IncompleteVersion)
