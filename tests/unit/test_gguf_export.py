@@ -77,14 +77,6 @@ def _adapt_and_merge(base_dir, tmp, seed: int):
 
 
 @pytest.fixture(scope="module")
-def q8_reader(llama_export):
-    """The q8_0 file's reader, parsed once (49k tokens and merges take seconds to parse)."""
-    import gguf
-
-    return gguf.GGUFReader(str(llama_export[0] / "version" / "gguf" / "smol-q8_0.gguf"))
-
-
-@pytest.fixture(scope="module")
 def llama_export(short_model_dir, tmp_path_factory):
     from jobs.trainer.gguf_export import export_gguf
 
@@ -109,14 +101,14 @@ def test_export_writes_each_type_and_the_adapter_with_their_checks(llama_export)
     assert written[1]["bytes"] < 0.6 * written[0]["bytes"]  # 8.5 bits a weight against 16
 
 
-def test_model_metadata_names_and_shapes_follow_llama_cpp(llama_export, q8_reader):
+def test_model_metadata_names_and_shapes_follow_llama_cpp(llama_export):
     import gguf
     from safetensors.torch import load_file
     from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
     tmp, _, merged, _ = llama_export
     config = json.loads((merged / "config.json").read_text())
-    r = q8_reader
+    r = gguf.GGUFReader(str(tmp / "version" / "gguf" / "smol-q8_0.gguf"))  # ~2.4 s: 49k tokens, 49k merges
     f = {k: v.contents() for k, v in r.fields.items() if not k.startswith("tokenizer.ggml.")}
     assert f["general.architecture"] == "llama" and f["general.type"] == "model"
     assert f["llama.block_count"] == 4 and f["llama.embedding_length"] == 576
@@ -189,14 +181,44 @@ def test_a_corrupted_tensor_or_value_is_caught_by_the_read_back(llama_export):
         check_adapter(bad, adapter, merged)
 
 
-def test_a_q8_0_value_beyond_its_block_error_is_caught(llama_export, q8_reader):
+@pytest.fixture(scope="module")
+def qwen_export(short_model_dir, tmp_path_factory):
+    """A Qwen2-shaped model built here from a config (biases, untied output, SMALL_VOCAB), adapted, merged and
+    exported as bf16 and q8_0."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from jobs.trainer.gguf_export import export_gguf
+
+    tmp = tmp_path_factory.mktemp("gguf-qwen")
+    torch.manual_seed(1)
+    config = Qwen2Config(vocab_size=SMALL_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                         bos_token_id=1, eos_token_id=2)
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():  # q8_0 blocks whose f16 scale is subnormal (max|x| below 127 * 2**-14): still in bounds
+        model.model.embed_tokens.weight.mul_(1e-4)  # not adapted by the LoRA: stays this small merged
+    model.save_pretrained(tmp / "base", safe_serialization=True)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        _small_tokenizer(short_model_dir, tmp / "base", monkeypatch)
+        adapter, merged = _adapt_and_merge(tmp / "base", tmp, seed=2)
+        written = export_gguf(merged, adapter, ["bf16", "q8_0"], tmp / "gguf", name="qwen")
+    return tmp, merged, written
+
+
+def test_a_q8_0_value_beyond_its_block_error_is_caught(qwen_export):
+    import gguf
+
     from jobs.trainer.gguf_export import check_model
 
-    tmp, _, merged, _ = llama_export
+    tmp, merged, _ = qwen_export
     # a quantised value moved by three steps of its block's scale is beyond the q8_0 error the check allows
     bad = tmp / "corrupt-q8_0.gguf"
-    shutil.copy(tmp / "version" / "gguf" / "smol-q8_0.gguf", bad)
-    t = next(x for x in q8_reader.tensors if x.name == "blk.0.ffn_down.weight")  # the copy's offsets are the same
+    shutil.copy(tmp / "gguf" / "qwen-q8_0.gguf", bad)
+    assert check_model(bad, merged, "q8_0")["values"] == "within q8_0 block error"  # the copy itself passes
+    t = next(x for x in gguf.GGUFReader(str(bad)).tensors if x.name == "blk.0.ffn_down.weight")
+    assert t.tensor_type.name == "Q8_0"
     with open(bad, "r+b") as fh:  # a Q8_0 block: an f16 scale, then 32 int8
         fh.seek(t.data_offset + 2)
         q0 = np.frombuffer(fh.read(1), dtype=np.int8)[0]
@@ -207,29 +229,13 @@ def test_a_q8_0_value_beyond_its_block_error_is_caught(llama_export, q8_reader):
         check_model(bad, merged, "q8_0")
 
 
-
-def test_a_qwen2_model_exports_with_biases_and_no_permutation(short_model_dir, tmp_path, monkeypatch):
+def test_a_qwen2_model_exports_with_biases_and_no_permutation(qwen_export):
     import gguf
-    import torch
     from safetensors.torch import load_file
-    from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from jobs.trainer.gguf_export import export_gguf
-
-    torch.manual_seed(1)
-    config = Qwen2Config(vocab_size=SMALL_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
-                         bos_token_id=1, eos_token_id=2)
-    model = Qwen2ForCausalLM(config)
-    with torch.no_grad():  # q8_0 blocks whose f16 scale is subnormal (max|x| below 127 * 2**-14): still in bounds
-        model.model.embed_tokens.weight.mul_(1e-4)  # not adapted by the LoRA: stays this small merged
-    model.save_pretrained(tmp_path / "base", safe_serialization=True)
-    _small_tokenizer(short_model_dir, tmp_path / "base", monkeypatch)
-    adapter, merged = _adapt_and_merge(tmp_path / "base", tmp_path, seed=2)
-    written = export_gguf(merged, adapter, ["bf16", "q8_0"], tmp_path / "gguf", name="qwen")
+    tmp, merged, written = qwen_export
     assert [(w["kind"], w["type"]) for w in written] == [("model", "bf16"), ("model", "q8_0"), ("adapter", "f16")]
-    r = gguf.GGUFReader(str(tmp_path / "gguf" / "qwen-bf16.gguf"))
+    r = gguf.GGUFReader(str(tmp / "gguf" / "qwen-bf16.gguf"))
     assert r.fields["general.architecture"].contents() == "qwen2"
     assert r.fields["qwen2.rope.freq_base"].contents() == 1000000.0
     tensors = {t.name: t for t in r.tensors}
@@ -240,7 +246,6 @@ def test_a_qwen2_model_exports_with_biases_and_no_permutation(short_model_dir, t
     q = gguf.quants.dequantize(tensors["blk.1.attn_q.weight"].data, tensors["blk.1.attn_q.weight"].tensor_type)
     want_q = load_file(str(merged / "model.safetensors"))["model.layers.1.self_attn.q_proj.weight"].float().numpy()
     np.testing.assert_allclose(q.reshape(want_q.shape), want_q, rtol=2 ** -8, atol=1e-6)
-
 
 
 def test_a_llama_with_llama3_rope_scaling_exports_its_rotary_divisors_as_rope_freqs(short_model_dir, tmp_path,
