@@ -44,29 +44,33 @@ def response_only(encoded: dict) -> dict:
             "labels": [IGNORE] * start + labels[start:end] + [IGNORE] * (len(labels) - end)}
 
 
-def encode_pair(tok, pair, max_len: int, index: int) -> dict | None:
+def encode_pair(tok, pair, max_len: int, index: int, cut: list[int] | None = None) -> dict | None:
     """A pair as the trainer packs it: ``{"chosen", "rejected"}`` (each ``input_ids``/``labels``, the prompt masked),
     ``index`` (its position in its set: where its reference log-probs are), ``line``; None when a side's prompt alone
     does not fit ``max_len`` or a side has nothing to learn."""
     from jobs.trainer.train import encode_example
 
-    sides = []
+    sides, was_cut = [], False
     for row in (pair.chosen, pair.rejected):
         enc = encode_example(tok, row, max_len)
         if enc is None:
             return None
+        was_cut = enc.pop("cut", False) or was_cut
         enc = response_only(enc)
         if target_tokens(enc) == 0:
             return None
         sides.append(enc)
+    if was_cut and cut is not None:  # a side's answer cut at max_len: named in the data report
+        cut.append(pair.line)
     return {"chosen": sides[0], "rejected": sides[1], "index": index, "line": pair.line}
 
 
-def encode_pairs(tok, pairs, max_len: int) -> tuple[list[dict], list[int]]:
-    """Every pair encoded (:func:`encode_pair`), and the lines of those that did not fit."""
+def encode_pairs(tok, pairs, max_len: int, cut: list[int] | None = None) -> tuple[list[dict], list[int]]:
+    """Every pair encoded (:func:`encode_pair`), and the lines of those that did not fit; the lines of pairs kept
+    with an answer cut at ``max_len`` go to ``cut`` when given."""
     out, too_long = [], []
     for p in pairs:
-        e = encode_pair(tok, p, max_len, len(out))
+        e = encode_pair(tok, p, max_len, len(out), cut)
         if e is None:
             too_long.append(p.line)
         else:

@@ -504,6 +504,12 @@ class Recipe:
                                    precision=self.precision, adapter=self.adapter_dir)
         ctx_len = spec.base_model.max_context or model_context_length(config) or spec.training.max_seq_length
         self.max_len = max_len = min(spec.training.max_seq_length, ctx_len)
+        if max_len < spec.training.max_seq_length:
+            log.warning("training.max_seq_length %d is above the base model's context length %d (%s): rows are "
+                        "cut at %d tokens; set base_model.max_context: %d if the model was extended to it, or "
+                        "lower training.max_seq_length", spec.training.max_seq_length, ctx_len,
+                        "base_model.max_context" if spec.base_model.max_context else "its config", max_len,
+                        spec.training.max_seq_length)
         if spec.training.gradient_checkpointing != "auto":
             plan.gradient_checkpointing = bool(spec.training.gradient_checkpointing)
         # the unit a micro-batch must hold whole: a row, or a preference pair's two sides
@@ -525,19 +531,46 @@ class Recipe:
 
         spec, prepared = self.spec, self.prepared
         encode = encode_pairs if self.objective.preference else encode_rows
-        self.train_ex, too_long = encode(self.tok, prepared.train_rows, self.max_len)
-        self.val_ex, _ = encode(self.tok, prepared.val_rows, self.max_len)
+        cut: list[int] = []
+        val_cut: list[int] = []
+        self.train_ex, too_long = encode(self.tok, prepared.train_rows, self.max_len, cut)
+        self.val_ex, val_too_long = encode(self.tok, prepared.val_rows, self.max_len, val_cut)
         # the general-ability set, encoded like training rows (loss on the answer only); with the eval only
         self.regression_ex: list[dict] = []
         if spec.eval.enabled:
             from jobs.regression import general_set
 
             self.regression_ex, _ = encode_rows(self.tok, general_set(), self.max_len)
-        if too_long:
-            prepared.report["train"]["prompt_too_long"] = {"count": len(too_long), "lines": too_long[:200]}
+        self._report_length_losses(too_long, cut, val_too_long, val_cut)
         if len(self.train_ex) < spec.data.min_rows:
             raise DataError(f"only {len(self.train_ex)} training rows fit in max_seq_length={self.max_len} tokens "
                             f"(need {spec.data.min_rows})", hint="raise training.max_seq_length or shorten prompts")
+
+    def _report_length_losses(self, too_long: list[int], cut: list[int], val_too_long: list[int],
+                              val_cut: list[int]) -> None:
+        """Rows that max length changed, each named by line: dropped (the prompt alone does not fit) or kept with
+        the answer cut there. A warning in the log; the lines in the data report (``prompt_too_long`` and
+        ``answer_cut`` of the train section, or of the validation file's; ``validation_…`` for held-out rows split
+        from the training file), the first 200 of each."""
+        from jobs.dataprep.report import counted
+
+        report, noun = self.prepared.report, "pair" if self.objective.preference else "row"
+        # held-out rows split from the training file are named by its lines, in its section
+        val_section, val_key = ("validation", "") if "validation" in report else ("train", "validation_")
+        for section, key, dropped, kept_cut in (("train", "", too_long, cut),
+                                                 (val_section, val_key, val_too_long, val_cut)):
+            where = "validation" if key or section == "validation" else "training"
+            if dropped:
+                report[section][key + "prompt_too_long"] = {"count": len(dropped), "lines": dropped[:200]}
+                log.warning("%s %s dropped: the prompt alone is longer than max length %d tokens (%s); raise "
+                            "training.max_seq_length or shorten the prompts", counted(len(dropped), f"{where} {noun}"),
+                            "was" if len(dropped) == 1 else "were", self.max_len, _lines(dropped))
+            if kept_cut:
+                report[section][key + "answer_cut"] = {"count": len(kept_cut), "lines": kept_cut[:200]}
+                log.warning("%s longer than max length %d tokens: kept, with the answer cut there (%s); raise "
+                            "training.max_seq_length to keep %s whole",
+                            counted(len(kept_cut), f"{where} {noun}"), self.max_len, _lines(kept_cut),
+                            "it" if len(kept_cut) == 1 else "them")
 
     def _measure_base(self) -> None:
         """The base's validation loss and its loss on the general-ability set, and its generations where the
@@ -775,3 +808,12 @@ class Recipe:
             promotion = p.progress()
         return {**metadata.to_dict(), "version": version, "promotion": promotion,
                 "location": f"{self.out_store.label}/{join(self.run_prefix, version)}"}
+
+
+def _lines(lines: list[int], shown: int = 8) -> str:
+    """"line 3", "lines 3, 7 and 9", "lines 3, 7, … (12 in all; the data report lists them)"."""
+    if len(lines) == 1:
+        return f"line {lines[0]}"
+    if len(lines) <= shown:
+        return "lines " + ", ".join(map(str, lines[:-1])) + f" and {lines[-1]}"
+    return "lines " + ", ".join(map(str, lines[:shown])) + f", … ({len(lines)} in all; the data report lists them)"

@@ -87,7 +87,9 @@ def _encode_conversation(tok, row, max_len: int) -> dict | None:
         labels += piece if trained else [IGNORE] * len(piece)
     if first_answer_at is None or first_answer_at >= max_len - 4:
         return None  # not even the first answer fits
-    return {"input_ids": ids[:max_len], "labels": labels[:max_len]}
+    if len(ids) > max_len:  # later turns cut: counted by encode_rows, named in the data report
+        return {"input_ids": ids[:max_len], "labels": labels[:max_len], "cut": True}
+    return {"input_ids": ids, "labels": labels}
 
 
 def encode_example(tok, row, max_len: int) -> dict | None:
@@ -113,7 +115,9 @@ def encode_example(tok, row, max_len: int) -> dict | None:
         p = [tok.bos_token_id] + p
     if len(p) >= max_len - 4:
         return None
-    a = a[: max_len - len(p)]
+    if len(p) + len(a) > max_len:  # the answer's end is cut: counted by encode_rows, named in the data report
+        a = a[: max_len - len(p)]
+        return {"input_ids": p + a, "labels": [IGNORE] * len(p) + a, "cut": True}
     return {"input_ids": p + a, "labels": [IGNORE] * len(p) + a}
 
 
@@ -125,14 +129,18 @@ def prompt_text_for(tok, row_or_prompt) -> str:
     return f"### Instruction:\n{msgs[0]['content']}\n\n### Response:\n"
 
 
-def encode_rows(tok, rows, max_len: int) -> tuple[list[dict], list[int]]:
+def encode_rows(tok, rows, max_len: int, cut: list[int] | None = None) -> tuple[list[dict], list[int]]:
+    """Every row encoded (:func:`encode_example`), and the lines of those whose prompt alone does not fit
+    ``max_len``; the lines of rows kept with their answer cut at ``max_len`` go to ``cut`` when given."""
     out, too_long = [], []
     for r in rows:
         e = encode_example(tok, r, max_len)
         if e is None:
             too_long.append(r.line)
-        else:
-            out.append(e)
+            continue
+        if e.pop("cut", False) and cut is not None:
+            cut.append(r.line)
+        out.append(e)
     return out, too_long
 
 
