@@ -88,6 +88,11 @@ COMPILE_MODEL_TYPES = {"llama"}
 #: above this micro-batch size the GEMMs are saturated; more tokens only cost memory (8B on an
 #: H200: 15.2k tokens/s at 69 GiB with 8k-token micro-batches, 15.0k at 121 GiB with 16k)
 MAX_TOKENS_PER_MICRO_BATCH = 8192
+#: checkpointing stays off while a micro-batch of this many tokens (or two rows, if more) fits without it: it
+#: recomputes every layer's forward (~+1/3 of the work), while 4k-token micro-batches still fill an 8B's GEMMs.
+#: An 8B DPO run capped at 64 GiB on an H100 took checkpointing with 8k tokens: 10.1k tok/s at 20 GiB, against
+#: 14.7k uncapped (benchmarks/results/2026-12-07-h100-cap)
+MIN_TOKENS_WITHOUT_CHECKPOINTING = 4096
 #: bytes kept free for the allocator, CUDA context and fragmentation (plus the loss chunk, in plan)
 HEADROOM_BYTES = 2 * 2**30
 #: the same for quantised runs, planned into a small budget (12 GiB): the 8B QLoRA plan with 2 GiB kept free
@@ -119,8 +124,9 @@ def plan(model_config, training, device: torch.device | str, *, free_memory_byte
       flash varlen kernel on CUDA (Ampere+) and SDPA per example elsewhere.
     * checkpointing and tokens per micro-batch: from the free memory, the weights and the
       calibrated activation cost per token: no checkpointing when a micro-batch of at least
-      ``max(8192, 2 * max_seq_length)`` tokens fits without it, else checkpointing with the
-      largest micro-batch that fits (capped at :data:`MAX_TOKENS_PER_MICRO_BATCH`).
+      ``max(MIN_TOKENS_WITHOUT_CHECKPOINTING, 2 * unit)`` tokens fits without it (``unit``: a row of
+      ``max_seq_length``, or a preference pair's two sides), else checkpointing with the largest
+      micro-batch that fits; never more than :data:`MAX_TOKENS_PER_MICRO_BATCH`.
       ``training.gradient_checkpointing`` true/false is obeyed.
     * compile: each decoder layer with ``torch.compile(dynamic=True)`` on CUDA for model types in
       :data:`COMPILE_MODEL_TYPES`, 16-bit or 4-bit (bitsandbytes' NF4 ops trace since 0.46), unless
@@ -282,7 +288,7 @@ def plan(model_config, training, device: torch.device | str, *, free_memory_byte
                           f"> {size(budget_total)} planned for per GPU"
                           + (f" ({world_size} processes, {'sharded' if sharded else 'each with the whole base'})"
                              if world_size > 1 else " (one training process)"), hint=fix)
-    want = max(8192, 2 * unit)
+    want = max(MIN_TOKENS_WITHOUT_CHECKPOINTING, 2 * unit)
 
     def fit(per_tok: float, cap: bool = True) -> int:
         t = int(budget // per_tok) if budget > 0 else 0
