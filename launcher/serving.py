@@ -115,8 +115,8 @@ def read_version(output: str, run: str, version: str | None = None, *, endpoint:
     match its sha256. Reads only the listing, ``manifest.json``, ``_COMPLETE`` and ``metadata.json`` (plus
     ``adapter/adapter_config.json`` for a version published before the serving check); the file contents are
     verified in full by ``launcher artifacts RUN --download``."""
-    from jobs.publish import MANIFEST, MARKER, check_files, read_manifest
-    from jobs.storage import join, open_store
+    from jobs.publish import MARKER, check_files, open_version
+    from jobs.storage import open_store
     from launcher.artifacts import list_versions
 
     listing = list_versions(output, run, endpoint=endpoint)
@@ -140,17 +140,13 @@ def read_version(output: str, run: str, version: str | None = None, *, endpoint:
                          hint="pick one of: " + ", ".join(v.name for v in listing.versions))
     where = f"{listing.prefix}/{name}"
     store, base = open_store(where, endpoint=endpoint)
-    sizes = {o.key[len(base) + 1:] if base else o.key: o.size for o in store.list(base + "/" if base else "")}
-
-    def raw(rel: str) -> bytes | None:
-        return store.get_bytes(join(base, rel)) if rel in sizes else None
-
-    entries = read_manifest(raw(MANIFEST), raw(MARKER), where)
+    opened = open_version(store, base, where)
+    sizes, entries = opened.sizes, opened.entries
     read: dict[str, bytes] = {}
 
     def fetched(rel: str) -> bytes | None:
         if rel not in read and rel in sizes:
-            read[rel] = store.get_bytes(join(base, rel))
+            read[rel] = store.get_bytes(opened.key(rel))
         return read.get(rel)
 
     fetched("metadata.json")
