@@ -110,7 +110,7 @@ class TrainingSpec(_Strict):
     early_stopping_patience: int | None = Field(3, ge=1, description="Stop after N evaluations without a better "
                                                                       "validation loss; null turns it off.")
     checkpoint_interval_steps: int = Field(50, ge=1, description="Checkpoint to object storage every N steps.")
-    gradient_checkpointing: bool | Literal["auto"] = Field("auto", description="auto: on when memory is tight.")
+    gradient_checkpointing: bool | Literal["auto"] = Field("auto", description="auto: off while a micro-batch of 4,096 tokens (or two rows) fits without it; else on for the fewest decoder layers that make it fit (16-bit bases), or every layer. true/false: every layer, or none.")
     gpu_memory_gib: float | Literal["auto"] = Field(
         "auto", description="GPU memory the run plans for, per GPU. auto: all free memory for 16-bit LoRA; "
                             "12 GiB for QLoRA/8-bit (the guide's 4-12 GB), so the run also fits a small card.")

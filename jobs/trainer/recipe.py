@@ -332,7 +332,8 @@ def _compile_cache(spec: TrainingRunSpec, model, plan, store, run_prefix: str, w
               if not k.startswith("_") and k not in ("transformers_version", "name_or_path")}
     lora = spec.lora
     facts = {"dtype": str(plan.dtype), "fp8": fastpath.fp8_recipe() if plan.fp8 else None,
-             "checkpointing": plan.gradient_checkpointing, "attention": plan.attn_implementation,
+             "checkpointing": plan.gradient_checkpointing, "checkpoint_layers": plan.checkpoint_layers,
+             "attention": plan.attn_implementation,
              "lora": [lora.rank, lora.alpha, lora.dropout > 0, lora.target_modules, lora.use_rslora, lora.use_dora],
              "world_size": world.size, "quantization": spec.quantization.mode}
     cache = CompileCache(store, run_prefix, cache_key(config, facts), signing_key(), writer=world.main)
@@ -512,6 +513,7 @@ class Recipe:
                         spec.training.max_seq_length)
         if spec.training.gradient_checkpointing != "auto":
             plan.gradient_checkpointing = bool(spec.training.gradient_checkpointing)
+            plan.checkpoint_layers = None  # asked for by hand: every layer, or none
         # the unit a micro-batch must hold whole: a row, or a preference pair's two sides
         unit_len = max_len * (2 if spec.training.method != "sft" else 1)
         if device.type == "cpu":

@@ -305,9 +305,9 @@ def test_plan_under_a_cap_takes_smaller_micro_batches_before_checkpointing(monke
             assert planning.MIN_TOKENS_WITHOUT_CHECKPOINTING <= p.tokens_per_micro_batch < 8192, (method, cap)
             weights = fastpath.estimate_param_count(cfg) * 2
             assert weights + p.tokens_per_micro_batch * per_tok < cap * 2**30, (method, cap)
-        # below what holds 4,096 tokens without it: checkpointing, with the largest micro-batch that fits
+        # below what holds 4,096 tokens without it: checkpointing (of some layers: test_partial_checkpointing.py)
         low = fastpath.plan(cfg, TrainingSpec(method=method, gpu_memory_gib=40), cuda, free_memory_bytes=free)
-        assert low.gradient_checkpointing is True and low.tokens_per_micro_batch == 8192, (method, low.notes)
+        assert low.gradient_checkpointing is True and low.tokens_per_micro_batch >= 4096, (method, low.notes)
     # a long row raises the floor to two rows: 4,096-token rows want 8,192 tokens without checkpointing
     long = fastpath.plan(cfg, TrainingSpec(max_seq_length=4096, gpu_memory_gib=64), cuda, free_memory_bytes=free)
     assert long.gradient_checkpointing is True, long.notes

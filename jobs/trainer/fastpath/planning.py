@@ -35,6 +35,9 @@ class Plan:
     memory_budget_bytes: int | None = None  # GPU memory the plan fits into (None on CPU)
     fp8: bool = False                # FP8 GEMMs for the frozen base projections (see apply_fp8)
     fsdp: bool = False               # FSDP2: the base sharded over every rank (jobs.trainer.distributed.shard_model)
+    #: with gradient_checkpointing: how many decoder layers, from the first, recompute their forward in the
+    #: backward (None: every layer); the others keep their activations
+    checkpoint_layers: int | None = None
 
 
 def _cfg(model_config, name, default=None):
@@ -59,14 +62,16 @@ def estimate_param_count(model_config) -> int:
 
 
 def activation_bytes_per_token(model_config, *, checkpointing: bool, dtype_bytes: int = 2,
-                               liger: bool = False) -> float:
+                               liger: bool = False, checkpoint_layers: int | None = None) -> float:
     """Bytes of saved activations per token of a micro-batch (whole model), LoRA on all linears.
 
     No checkpointing: every layer keeps its inputs of the projections, the dropout copies for the
     LoRA branches, attention inputs/outputs and the MLP intermediates: about 17 hidden-sized and
     7 intermediate-sized tensors a layer with the eager RMSNorm/SwiGLU, 13 and 3.5 with Liger's
     kernels (which keep no fp32 copies); see benchmarks/README.md for the measured values.
-    Checkpointing: one hidden-sized tensor a layer plus one layer's full set during recompute.
+    Checkpointing: one hidden-sized tensor a layer plus one layer's full set during recompute;
+    ``checkpoint_layers`` k of the layers: k hidden-sized tensors, the other layers' full sets, and one
+    layer's full set during recompute.
     """
     h = int(_cfg(model_config, "hidden_size", 0) or 0)
     inter = int(_cfg(model_config, "intermediate_size", 4 * h) or 4 * h)
@@ -74,7 +79,8 @@ def activation_bytes_per_token(model_config, *, checkpointing: bool, dtype_bytes
     ch, ci = (LIGER_HIDDEN_COEF, LIGER_INTER_COEF) if liger else (ACT_HIDDEN_COEF, ACT_INTER_COEF)
     per_layer = (ch * h + ci * inter) * dtype_bytes
     if checkpointing:
-        return layers * h * dtype_bytes * 1.0 + per_layer
+        k = layers if checkpoint_layers is None else max(0, min(layers, checkpoint_layers))
+        return k * h * dtype_bytes * 1.0 + (layers - k) * per_layer + (per_layer if k else 0)
     return layers * per_layer
 
 
@@ -125,8 +131,10 @@ def plan(model_config, training, device: torch.device | str, *, free_memory_byte
     * checkpointing and tokens per micro-batch: from the free memory, the weights and the
       calibrated activation cost per token: no checkpointing when a micro-batch of at least
       ``max(MIN_TOKENS_WITHOUT_CHECKPOINTING, 2 * unit)`` tokens fits without it (``unit``: a row of
-      ``max_seq_length``, or a preference pair's two sides), else checkpointing with the largest
-      micro-batch that fits; never more than :data:`MAX_TOKENS_PER_MICRO_BATCH`.
+      ``max_seq_length``, or a preference pair's two sides); else, for a 16-bit base, checkpointing of the
+      fewest decoder layers that let such a micro-batch fit (:attr:`Plan.checkpoint_layers`); else
+      checkpointing of every layer with the largest micro-batch that fits; never more than
+      :data:`MAX_TOKENS_PER_MICRO_BATCH`.
       ``training.gradient_checkpointing`` true/false is obeyed.
     * compile: each decoder layer with ``torch.compile(dynamic=True)`` on CUDA for model types in
       :data:`COMPILE_MODEL_TYPES`, 16-bit or 4-bit (bitsandbytes' NF4 ops trace since 0.46), unless
@@ -300,6 +308,19 @@ def plan(model_config, training, device: torch.device | str, *, free_memory_byte
         gc = False
     else:
         gc = fit(per_tok_nogc) < min(want, MAX_TOKENS_PER_MICRO_BATCH)
+    n_layers = max(1, int(_cfg(model_config, "num_hidden_layers", 1) or 1))
+    layers_ckpt = None
+    if gc and gc_req == "auto" and quantization == "none" and not sharded:
+        # checkpoint only as many layers as a micro-batch of `want` tokens needs: each one left out saves its
+        # recomputed forward. (Quantised bases keep every layer checkpointed and the largest micro-batch: their
+        # weights are dequantised again for every micro-batch.)
+        target = max(min(want, MAX_TOKENS_PER_MICRO_BATCH), unit)
+        for k in range(1, n_layers):
+            per_tok_k = activation_bytes_per_token(model_config, checkpointing=True, dtype_bytes=dbytes, liger=fused,
+                                                   checkpoint_layers=k)
+            if fit(per_tok_k, cap=False) >= target:
+                layers_ckpt, per_tok_gc = k, per_tok_k
+                break
     tokens = fit(per_tok_gc if gc else per_tok_nogc)
     if not gc and gc_req != False and fit(per_tok_nogc, cap=False) < unit:  # noqa: E712
         gc = True
@@ -316,11 +337,12 @@ def plan(model_config, training, device: torch.device | str, *, free_memory_byte
         refuse_long(unit, sides, max_seq, budget_total, budget, per_tok_gc if gc else per_tok_nogc, gc, gc_req,
                     quantization, training, free_memory_bytes)
     tokens = max(tokens, unit)
+    checkpointing = "off" if not gc else "on" if layers_ckpt is None else f"on for {layers_ckpt} of {n_layers} layers"
     notes.append(f"free {size(free_memory_bytes)}, planning for {size(budget_total)}, "
                  f"weights ~{size(weights)}, activations ~{(per_tok_gc if gc else per_tok_nogc) / 2**20:.2f} MiB/token "
-                 f"-> {tokens} tokens per micro-batch, checkpointing {'on' if gc else 'off'}")
+                 f"-> {tokens} tokens per micro-batch, checkpointing {checkpointing}")
     return Plan(ATTN_IMPL, dtype, gc, tokens, compile_ok, notes, liger_kernels=liger,
-                memory_budget_bytes=budget_total, fp8=fp8, fsdp=sharded)
+                memory_budget_bytes=budget_total, fp8=fp8, fsdp=sharded, checkpoint_layers=layers_ckpt)
 
 
 def refuse_long(unit: int, sides: int, max_seq: int, budget_total: float, left: float, per_tok: float, gc: bool,

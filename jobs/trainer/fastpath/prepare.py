@@ -8,7 +8,7 @@ from .attention import ensure_attention
 from .compiling import compile_layers
 from .fp8 import apply_fp8, fp8_recipe
 from .kernels import _apply_liger, install_lean_lora
-from .parts import _unwrap
+from .parts import _decoder, _unwrap
 from .planning import Plan
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,9 @@ def prepare_model(model, p: Plan) -> Any:
         log.info("FP8: %d frozen projections run their GEMMs in float8 (%s scaling)", n, fp8_recipe())
     if p.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if p.checkpoint_layers is not None:  # the plan's first k layers recompute; the others keep activations
+            for layer in list(_decoder(base).layers)[p.checkpoint_layers:]:
+                layer.gradient_checkpointing = False
     if (p.gradient_checkpointing or p.compile) and hasattr(base, "enable_input_require_grads"):
         # checkpointing needs an input that requires grad; so does compile, for one graph for every
         # layer: the first layer's input comes from the frozen embedding, the others' require grad,
