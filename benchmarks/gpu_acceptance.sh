@@ -9,6 +9,9 @@
 #   dpoq    the same with quantization.mode: 4bit;   orpo: the bf16 run with training.method: orpo
 #   dpocap  the dpo stage again under training.gpu_memory_gib $CAP (default 64: below TRL DPOTrainer's 67.5 GiB peak
 #           on the H100): throughput at no more memory than the peer
+#   capsome the bf16 stage under training.gpu_memory_gib $CAP (default 40): the plan checkpoints only some layers
+#   capall  the same with training.gradient_checkpointing: true (every layer, 8k-token micro-batches: the plan
+#           before e1ac5bc), to compare in the same call
 #   long8k  bf16, training.max_seq_length 8192, $LONGROWS (default 48) rows of ~8,100 tokens, 12 steps (issue 34 item 4;
 #           12 steps or one epoch, whichever ends first: 48 rows make 3 steps of 16)
 #   long16kq  4-bit, max_seq_length 16384, $LONGROWS rows of ~16,200 tokens, 12 steps; base_model.max_context 16384
@@ -98,6 +101,10 @@ for stage in "$@"; do
   case $stage in
     bf16)  need bf16 240 && models llama3-8b && $A job bf16 "$MODELS/llama3-8b" "$(data $ROWS)" "$RES" ;;
     trl)   need trl 120 && timeout $(( $(left) - 5 )) $A trl "$RES" ;;
+    capsome) need capsome 200 && models llama3-8b && $A job capsome "$MODELS/llama3-8b" "$(data $ROWS)" "$RES" \
+             "{\"training\": {\"gpu_memory_gib\": ${CAP:-40}}}" ;;
+    capall) need capall 200 && models llama3-8b && $A job capall "$MODELS/llama3-8b" "$(data $ROWS)" "$RES" \
+             "{\"training\": {\"gpu_memory_gib\": ${CAP:-40}, \"gradient_checkpointing\": true}}" ;;
     qlora) need qlora 150 && models llama3-8b && $A job qlora "$MODELS/llama3-8b" "$(data 500)" "$RES" \
              '{"quantization": {"mode": "4bit"}, "training": {"max_seq_length": 2048}}' ;;
     qloraeager) need qloraeager 150 && models llama3-8b && $A job qlora_eager "$MODELS/llama3-8b" "$(data 500)" "$RES" \
