@@ -46,7 +46,15 @@ start() {  # start NAME LOGFILE CMD...: a daemon in its own session, pid recorde
   local name=$1 log=$2; shift 2
   if running "$name"; then return 0; fi
   mkdir -p "$PIDS"
-  setsid "$@" >"$log" 2>&1 < /dev/null &
+  # with no file descriptor of ours but its log: a lock held by whoever started the stack (`flock LOCK make
+  # test`) is not held on by the daemons after that command ends
+  (
+    for fd in /proc/self/fd/*; do
+      fd=${fd##*/}
+      if [ "$fd" -gt 2 ] 2>/dev/null; then eval "exec $fd>&-" 2>/dev/null || true; fi
+    done
+    exec setsid "$@"
+  ) >"$log" 2>&1 < /dev/null &
   echo $! > "$PIDS/$name"
 }
 
