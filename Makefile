@@ -41,11 +41,33 @@ demo:  ## train a LoRA adapter on the demo data with SmolLM2-135M, locally (no c
 # the Kueue build and one other compile.
 # dockerd starts in hack/prepare-test.sh (the images build beside the Go builds), so the trap that stops
 # the stack is set before it.
+# The suite runs as four groups (tests/conftest.py, LORA_TEST_GROUP), two pytest processes at a time on the one
+# stack: "cpu" (train, node, docker) beside "wait" (kube, s3, helm, mlflow, jobset, kueue: tests that mostly wait
+# on servers and controllers), then "alone" (the tests that stop a shared server) beside "unit" (offline). The
+# second of each pair runs under nice 5: it takes the CPU the first leaves, and a CPU training run (OpenMP
+# threads that spin at each barrier) slows several-fold beside an equal-priority neighbour. The first prints as
+# it runs, the second writes to a log printed when both are done. Each prints its own tier table and 25 slowest;
+# the last lines say how each group ended, and make test fails if any failed (exit 5, nothing selected, is not
+# a failure: PYTEST_ARGS may select one group's tests only).
+PYTEST = "$$(hack/venv.sh)/bin/python" -m pytest -p no:cacheprovider --durations=25 $(PYTEST_ARGS)
+# pair FIRST SECOND: the two groups side by side; sets rc_FIRST and rc_SECOND
+PAIR = pair() { log=$$(mktemp /tmp/lora-jobs-test-$$2.XXXXXX); \
+  { LORA_TEST_GROUP=$$2 nice -n 5 $(PYTEST) >"$$log" 2>&1 & bg=$$!; }; \
+  echo "make test: group $$1 runs here; group $$2 runs beside it, its output follows"; \
+  rc=0; LORA_TEST_GROUP=$$1 $(PYTEST) || rc=$$?; eval "rc_$$1=$$rc"; \
+  rc=0; wait "$$bg" || rc=$$?; eval "rc_$$2=$$rc"; bg=; \
+  printf '\n%s\n' "======== group $$2, run beside group $$1 ========"; cat "$$log"; rm -f "$$log"; }
 test:  ## build and start the real local stack, run the whole test suite, stop the stack
-	@trap 'hack/stack.sh down' EXIT; hack/prepare-test.sh $(MODEL_CACHE) && \
+	@bg=; trap '[ -z "$$bg" ] || kill "$$bg" 2>/dev/null || true; hack/stack.sh down' EXIT; \
+	  hack/prepare-test.sh $(MODEL_CACHE) && \
 	  $(LINT) && hack/stack.sh up && \
 	  { chrt --idle 0 hack/build-stack.sh mc jobset kueue >/dev/null 2>&1 & } && \
-	  LORA_TEST_MODEL_DIR=$(MODEL_CACHE) "$$(hack/venv.sh)/bin/python" -m pytest -p no:cacheprovider --durations=25 $(PYTEST_ARGS)
+	  export LORA_TEST_MODEL_DIR=$(MODEL_CACHE) && $(PAIR) && pair cpu wait && pair alone unit && \
+	  outcome() { case $$2 in 0) echo "make test: group $$1: passed";; 5) echo "make test: group $$1: no test selected";; \
+	    *) echo "make test: group $$1: FAILED (pytest exit $$2)";; esac; } && \
+	  echo && outcome cpu $$rc_cpu && outcome wait $$rc_wait && outcome alone $$rc_alone && outcome unit $$rc_unit && \
+	  ok() { [ $$1 = 0 ] || [ $$1 = 5 ]; } && ok $$rc_cpu && ok $$rc_wait && ok $$rc_alone && ok $$rc_unit && \
+	  [ "$$rc_cpu$$rc_wait$$rc_alone$$rc_unit" != 5555 ]
 
 test-unit:  ## lint (ruff, the import layers, mypy on the contract) and the fast offline tests
 	@$(LINT)

@@ -7,6 +7,7 @@ part cannot start, the fixture fails with the stack's message: never a skip.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -39,6 +40,53 @@ def pytest_collection_modifyitems(config, items):
         tier = TIER_OF_FOLDER.get(folder)
         if tier and item.get_closest_marker(tier) is None:
             item.add_marker(tier)
+    select_group(config, items)  # below: LORA_TEST_GROUP, by those markers
+
+
+# `make test` runs the suite as four groups (LORA_TEST_GROUP selects one; unset, a run takes every test), two
+# pytest processes at a time on the one stack: "cpu" beside "wait", then "alone" beside "unit".
+# cpu: the integration tiers that keep the cores busy (train, node, docker; gpu). The real node and the image
+#   builds (hack/build-images.sh, its logs under .stack/logs) are theirs only: nothing in "wait" schedules a pod
+#   there or builds an image.
+# wait: the tiers that mostly wait on servers and controllers (kube, s3, helm, mlflow, jobset, kueue): the kwok
+#   nodes' GPUs, Kueue's ClusterQueues and the PriorityClasses of its tests are theirs only.
+# alone: the tests that need the stack to themselves: they stop a server every test shares (MinIO, the API
+#   server, MLflow) or read the whole bucket while other tests write and delete in it. A test added to this
+#   kind joins ALONE by its node id (file::name, parameters aside).
+# unit: the offline tests (tests/unit): no server, so beside "alone".
+CPU_TIERS = ("gpu", "train", "node", "docker")
+ALONE = {
+    "test_faults.py::test_publish_rides_out_a_paused_object_store",
+    "test_faults.py::test_publish_retries_through_an_object_store_restart_and_gives_up_cleanly",
+    "test_faults.py::test_wait_and_logs_follow_reconnect_across_an_api_server_restart",
+    "test_faults.py::test_wait_and_logs_follow_wait_out_an_api_server_that_is_down_when_they_start",
+    "test_progress.py::test_a_hung_store_never_blocks_training_and_a_dead_one_never_fails_it",
+    "test_storage_download.py::test_minio_paused_mid_download_is_retried_and_completes",
+    "test_storage_retry.py::test_a_hung_endpoint_is_given_up_within_the_stated_worst_case",
+    "test_tracking_mlflow.py::test_a_hung_server_never_slows_the_caller_and_the_run_goes_on_untracked",
+    "test_security.py::test_the_s3_secret_appears_nowhere",
+}
+GROUPS = ("cpu", "wait", "alone", "unit")
+
+
+def group_of(item) -> str:
+    if f"{item.path.name}::{item.originalname}" in ALONE:
+        return "alone"
+    if item.get_closest_marker("unit") is not None:
+        return "unit"
+    return "cpu" if any(item.get_closest_marker(t) is not None for t in CPU_TIERS) else "wait"
+
+
+def select_group(config, items):
+    group = os.environ.get("LORA_TEST_GROUP")
+    if not group:
+        return
+    if group not in GROUPS:
+        raise pytest.UsageError(f"LORA_TEST_GROUP={group}: one of {', '.join(GROUPS)}")
+    others = [i for i in items if group_of(i) != group]
+    if others:
+        config.hook.pytest_deselected(items=others)
+        items[:] = [i for i in items if group_of(i) == group]
 
 
 # The time table printed at the end of a run: where the suite's minutes went, by tier. An integration test's
@@ -64,7 +112,8 @@ def pytest_terminal_summary(terminalreporter):
     if not _tier_seconds:
         return
     tr = terminalreporter
-    tr.write_sep("=", "time by tier (setup + test + teardown)")
+    group = os.environ.get("LORA_TEST_GROUP")
+    tr.write_sep("=", "time by tier (setup + test + teardown)" + (f", group {group}" if group else ""))
     total = sum(s for _, s in _tier_seconds.values())
     for tier, (n, seconds) in sorted(_tier_seconds.items(), key=lambda kv: -kv[1][1]):
         tr.write_line(f"{tier:>8}  {n:4d} tests  {seconds / 60:6.1f} min  {100 * seconds / max(total, 1e-9):5.1f}%")
@@ -95,7 +144,8 @@ class Stack:
 
     def env(self) -> dict[str, str]:
         """Everything hack/stack.sh wrote to its env file (pid files, ports, binaries)."""
-        return Redacted(_read_env(Path(self.env_file)))
+        with stack_lock():  # never half-written: another pytest process may be rewriting it
+            return Redacted(_read_env(Path(self.env_file)))
 
     def s3_env(self) -> dict[str, str]:
         return Redacted({"AWS_ENDPOINT_URL": self.s3_endpoint, "AWS_ACCESS_KEY_ID": self.s3_access_key,
@@ -110,6 +160,27 @@ def _read_env(path: Path) -> dict[str, str]:
             key, _, value = line[7:].partition("=")
             out[key] = shlex.split(value)[0] if value else ""
     return out
+
+
+@contextlib.contextmanager
+def stack_lock():
+    """Held while a fixture runs hack/stack.sh (up, mlflow, kueue, jobset) or reads the files it writes: make test's
+    two pytest processes share the stack, and both may start the same on-demand part at once (two controllers on
+    one port) or read .stack/env while the other's `hack/stack.sh jobset` rewrites it."""
+    import fcntl
+
+    STACK_RUN.mkdir(parents=True, exist_ok=True)
+    with open(STACK_RUN / "fixtures.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _stack_sh(*args: str) -> int:
+    return subprocess.run(["bash", str(REPO / "hack" / "stack.sh"), *args], cwd=REPO,
+                          stdout=sys.stderr, stderr=subprocess.STDOUT).returncode
 
 
 def _stack_is_up(env: dict[str, str]) -> bool:
@@ -133,12 +204,10 @@ def _stack_is_up(env: dict[str, str]) -> bool:
 @pytest.fixture(scope="session")
 def stack() -> Stack:
     env_file = STACK_RUN / "env"
-    if not (env_file.is_file() and _stack_is_up(_read_env(env_file))):
-        proc = subprocess.run(["bash", str(REPO / "hack" / "stack.sh"), "up"], cwd=REPO,
-                              stdout=sys.stderr, stderr=subprocess.STDOUT)
-        if proc.returncode != 0:
+    with stack_lock():
+        if not (env_file.is_file() and _stack_is_up(_read_env(env_file))) and _stack_sh("up") != 0:
             pytest.fail("the local stack did not start (hack/stack.sh up); its message is above", pytrace=False)
-    env = _read_env(env_file)
+        env = _read_env(env_file)
     return Stack(kubeconfig=env["KUBECONFIG"], s3_endpoint=env["AWS_ENDPOINT_URL"],
                  s3_access_key=env["AWS_ACCESS_KEY_ID"], s3_secret_key=env["AWS_SECRET_ACCESS_KEY"],
                  bucket=env["STACK_TEST_BUCKET"], helm=env["HELM"], bin_dir=env["STACK_BIN_DIR"],
@@ -166,12 +235,10 @@ def mlflow_server() -> MlflowServer:
         except Exception:
             return False
 
-    if not (env_file.is_file() and up()):
-        proc = subprocess.run(["bash", str(REPO / "hack" / "stack.sh"), "mlflow"], cwd=REPO,
-                              stdout=sys.stderr, stderr=subprocess.STDOUT)
-        if proc.returncode != 0:
+    with stack_lock():
+        if not (env_file.is_file() and up()) and _stack_sh("mlflow") != 0:
             pytest.fail("the MLflow server did not start (hack/stack.sh mlflow); its message is above", pytrace=False)
-    env = _read_env(env_file)
+        env = _read_env(env_file)
     return MlflowServer(uri=env["STACK_MLFLOW_URI"], pid_file=env["STACK_MLFLOW_PID_FILE"])
 
 
@@ -180,11 +247,10 @@ def kueue(stack) -> str:
     """Kueue's controller against the stack's apiserver, its CRDs and webhooks installed: started on first use
     (`hack/stack.sh kueue` builds the pinned Kueue once per machine); stopped by `hack/stack.sh down`.
     Returns Kueue's namespace."""
-    proc = subprocess.run(["bash", str(REPO / "hack" / "stack.sh"), "kueue"], cwd=REPO,
-                          stdout=sys.stderr, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        pytest.fail("Kueue did not start (hack/stack.sh kueue); its message is above", pytrace=False)
-    return _read_env(STACK_RUN / "kueue" / "env")["STACK_KUEUE_NAMESPACE"]
+    with stack_lock():
+        if _stack_sh("kueue") != 0:
+            pytest.fail("Kueue did not start (hack/stack.sh kueue); its message is above", pytrace=False)
+        return _read_env(STACK_RUN / "kueue" / "env")["STACK_KUEUE_NAMESPACE"]
 
 
 @pytest.fixture(scope="session")
@@ -192,11 +258,10 @@ def jobset(stack) -> str:
     """JobSet's controller against the stack's apiserver, its CRD, RBAC and webhooks installed: started on first use
     (`hack/stack.sh jobset` builds the pinned JobSet once per machine); stopped by `hack/stack.sh down`.
     Returns its pid file."""
-    proc = subprocess.run(["bash", str(REPO / "hack" / "stack.sh"), "jobset"], cwd=REPO,
-                          stdout=sys.stderr, stderr=subprocess.STDOUT)
-    if proc.returncode != 0:
-        pytest.fail("JobSet did not start (hack/stack.sh jobset); its message is above", pytrace=False)
-    return _read_env(STACK_RUN / "jobset" / "env")["STACK_JOBSET_PID_FILE"]
+    with stack_lock():
+        if _stack_sh("jobset") != 0:
+            pytest.fail("JobSet did not start (hack/stack.sh jobset); its message is above", pytrace=False)
+        return _read_env(STACK_RUN / "jobset" / "env")["STACK_JOBSET_PID_FILE"]
 
 
 @pytest.fixture(scope="session")
