@@ -81,6 +81,12 @@ def select_group(config, items):
     group = os.environ.get("LORA_TEST_GROUP")
     if not group:
         return
+    # an ALONE entry must name a test: renamed, it would silently run beside the others again
+    collected_files = {i.path.name for i in items}
+    ids = {f"{i.path.name}::{i.originalname}" for i in items}
+    stale = sorted(a for a in ALONE if a.split("::")[0] in collected_files and a not in ids)
+    if stale:
+        raise pytest.UsageError("tests/conftest.py ALONE names tests that do not exist (renamed?): " + ", ".join(stale))
     if group not in GROUPS:
         raise pytest.UsageError(f"LORA_TEST_GROUP={group}: one of {', '.join(GROUPS)}")
     others = [i for i in items if group_of(i) != group]

@@ -7,6 +7,7 @@ import fcntl
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,11 @@ def test_a_daemon_started_under_a_lock_does_not_hold_the_lock(tmp_path):
     subprocess.run(["flock", str(lock), "bash", "-c", script], env=env, check=True, timeout=30)
     pid = int((tmp_path / "run" / "pids" / "sleeper").read_text())
     try:
-        assert Path(f"/proc/{pid}/comm").read_text().strip() == "sleep"  # the recorded pid is the daemon
+        # the recorded pid becomes the daemon: the subshell execs setsid, which execs sleep (under load, a moment on)
+        deadline = time.monotonic() + 20
+        while Path(f"/proc/{pid}/comm").read_text().strip() != "sleep" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert Path(f"/proc/{pid}/comm").read_text().strip() == "sleep"
         fds = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
         assert fds == {"/dev/null", str(tmp_path / "sleeper.log")}, fds
         with open(lock, "w") as f:  # free: the daemon did not inherit flock's descriptor
