@@ -104,8 +104,8 @@ def test_example_losses_are_differentiable_per_example_and_chunked():
     examples = _examples(4)
     weights = torch.tensor([0.5, -1.0, 2.0, 0.25])
     params = [p for p in model.parameters() if p.requires_grad]
-    old_chunk = loss_mod.CE_CHUNK
-    loss_mod.CE_CHUNK = 5
+    base = fastpath._unwrap(model)
+    setattr(base, loss_mod.CE_CHUNK_ATTR, 5)  # the plan's chunk, as prepare_model sets it
     try:
         batch = fastpath.to_device(fastpath.pack_rows(examples, 1024, seed=0, shuffle=False)[0], "cpu")
         sums, counts = fastpath.example_losses(model, batch)
@@ -113,7 +113,7 @@ def test_example_losses_are_differentiable_per_example_and_chunked():
         packed = torch.autograd.grad((sums * weights).sum(), params)
         alone = _one_at_a_time(model, examples)
     finally:
-        loss_mod.CE_CHUNK = old_chunk
+        setattr(base, loss_mod.CE_CHUNK_ATTR, loss_mod.CE_CHUNK)
     assert torch.allclose(sums.detach(), torch.stack([s.detach() for s, _ in alone]), rtol=1e-5)
     each = torch.autograd.grad(sum(w * s for w, (s, _) in zip(weights, alone)), params)
     for a, b in zip(packed, each):

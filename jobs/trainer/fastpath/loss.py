@@ -12,11 +12,21 @@ from .attention import ensure_attention, packed_context
 from .packing import IGNORE_INDEX
 from .parts import _decoder, _unwrap
 
-#: tokens per chunk of the cross-entropy (the plan keeps one chunk of fp32 logits free)
+#: tokens per chunk of the cross-entropy by default (the plan keeps one chunk of fp32 logits and their gradient free)
 CE_CHUNK = 2048
+#: the chunks the planner tries, in order, when the default's logits do not fit the budget (Plan.ce_chunk)
+CE_CHUNKS = (2048, 1024, 512, 256)
+#: the attribute of the base model that holds the plan's chunk (set by jobs.trainer.fastpath.prepare_model)
+CE_CHUNK_ATTR = "_lora_jobs_ce_chunk"
 #: the method of an FSDP2-sharded base that runs :func:`base_lm_loss` as its root forward
 #: (jobs.trainer.distributed)
 FSDP_LOSS_METHOD = "lora_jobs_lm_loss"
+
+
+def ce_chunk(base) -> int:
+    """Tokens per chunk of the loss for this (unwrapped) base: its plan's :attr:`Plan.ce_chunk`, else
+    :data:`CE_CHUNK`."""
+    return int(getattr(base, CE_CHUNK_ATTR, CE_CHUNK))
 
 
 def _linear_chunk_ce(hc, yc, weight, softcap):
@@ -211,16 +221,16 @@ def base_lm_loss(base, batch: dict) -> tuple[torch.Tensor, int]:
         return hidden.sum() * 0.0, 0
     head = base.get_output_embeddings()
     softcap = getattr(base.config, "final_logit_softcapping", None)
+    chunk = ce_chunk(base)
     if _plain_head(head):
-        return chunked_linear_ce(hidden, head.weight, targets, chunk=CE_CHUNK, softcap=softcap), n
+        return chunked_linear_ce(hidden, head.weight, targets, chunk=chunk, softcap=softcap), n
     # any other head (bias, LoRA on lm_head, quantised): recompute each chunk in the backward
     from torch.utils.checkpoint import checkpoint
 
     chunk_loss = _head_chunk_ce_fn(head, softcap, "sum")
     total = hidden.new_zeros((), dtype=torch.float32)
-    for s in range(0, hidden.shape[0], CE_CHUNK):
-        total = total + checkpoint(chunk_loss, hidden[s:s + CE_CHUNK], targets[s:s + CE_CHUNK],
-                                   use_reentrant=False)
+    for s in range(0, hidden.shape[0], chunk):
+        total = total + checkpoint(chunk_loss, hidden[s:s + chunk], targets[s:s + chunk], use_reentrant=False)
     return total, n
 
 
@@ -233,13 +243,14 @@ def base_example_losses(base, batch: dict) -> tuple[torch.Tensor, list[int]]:
         return sums + hidden.sum() * 0.0, counts
     head = base.get_output_embeddings()
     softcap = getattr(base.config, "final_logit_softcapping", None)
+    chunk = ce_chunk(base)
     if _plain_head(head) and not head.weight.requires_grad:
-        per_token = chunked_linear_token_ce(hidden, head.weight, targets, chunk=CE_CHUNK, softcap=softcap)
+        per_token = chunked_linear_token_ce(hidden, head.weight, targets, chunk=chunk, softcap=softcap)
     else:  # a head that trains or is not a plain Linear: recompute each chunk in the backward
         from torch.utils.checkpoint import checkpoint
 
         chunk_loss = _head_chunk_ce_fn(head, softcap, "none")
-        per_token = torch.cat([checkpoint(chunk_loss, hidden[s:s + CE_CHUNK], targets[s:s + CE_CHUNK],
-                                          use_reentrant=False) for s in range(0, hidden.shape[0], CE_CHUNK)])
+        per_token = torch.cat([checkpoint(chunk_loss, hidden[s:s + chunk], targets[s:s + chunk],
+                                          use_reentrant=False) for s in range(0, hidden.shape[0], chunk)])
     # each row of hidden is a target position (every example ends on one without a target): sum by example
     return sums.index_add(0, batch["target_example"], per_token.float()), counts

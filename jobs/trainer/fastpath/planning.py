@@ -18,7 +18,7 @@ from jobs.trainer.modelio import torch_dtype
 from .attention import ATTN_IMPL, varlen_available
 from .compiling import bnb_4bit_compiles
 from .fp8 import fp8_recipe, fp8_support, refuse_fp8
-from .loss import CE_CHUNK
+from .loss import CE_CHUNK, CE_CHUNKS
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,9 @@ class Plan:
     #: with gradient_checkpointing: how many decoder layers, from the first, recompute their forward in the
     #: backward (None: every layer); the others keep their activations
     checkpoint_layers: int | None = None
+    #: tokens per chunk of the loss's cross-entropy over the lm_head (:data:`jobs.trainer.fastpath.loss.CE_CHUNK`,
+    #: smaller where its fp32 logits do not fit the budget beside one micro-batch); prepare_model sets it on the base
+    ce_chunk: int = CE_CHUNK
 
 
 def _cfg(model_config, name, default=None):
@@ -136,6 +139,11 @@ def plan(model_config, training, device: torch.device | str, *, free_memory_byte
       checkpointing of every layer with the largest micro-batch that fits; never more than
       :data:`MAX_TOKENS_PER_MICRO_BATCH`.
       ``training.gradient_checkpointing`` true/false is obeyed.
+    * the loss's chunk (:attr:`Plan.ce_chunk`): the budget keeps one chunk of fp32 logits and their gradient
+      free (``2 * chunk * vocab * 4`` bytes, 1.96 GiB for a 128k vocabulary at 2,048 tokens); where that leaves
+      no room for one ``unit``-token micro-batch with checkpointing, the first of :data:`CE_CHUNKS` that does
+      (the loss then runs more, smaller chunks; same values). Not where ``gpu_memory_gib: auto`` would raise a
+      quantised run's 12 GiB instead.
     * compile: each decoder layer with ``torch.compile(dynamic=True)`` on CUDA for model types in
       :data:`COMPILE_MODEL_TYPES`, 16-bit or 4-bit (bitsandbytes' NF4 ops trace since 0.46), unless
       ``training.compile: off`` (+8% over Liger's kernels on the 8B benchmark); otherwise Liger's
@@ -232,8 +240,12 @@ def plan(model_config, training, device: torch.device | str, *, free_memory_byte
         weights += 2 * vocab * h * (2 - wbytes)
     lora_state = 0.006 * n_params * 16  # ~0.5% of the params trainable at r=16: fp32 weight+grad+2 moments
     vocab = int(_cfg(model_config, "vocab_size", 0) or 0)
-    # allocator slack + one chunk of fp32 logits (and its gradient)
-    headroom = (QUANTIZED_HEADROOM_BYTES if quantization != "none" else HEADROOM_BYTES) + 2 * CE_CHUNK * vocab * 4
+    slack = QUANTIZED_HEADROOM_BYTES if quantization != "none" else HEADROOM_BYTES
+
+    def headroom_for(chunk: int) -> int:  # allocator slack + one chunk of fp32 logits (and its gradient)
+        return slack + 2 * chunk * vocab * 4
+
+    headroom = headroom_for(CE_CHUNK)
     budget = budget_total - weights - lora_state - headroom
     dbytes = torch.finfo(dtype).bits // 8
     fused = liger or compile_ok  # both keep no fp32 copies in the norms and one MLP intermediate less
@@ -253,7 +265,6 @@ def plan(model_config, training, device: torch.device | str, *, free_memory_byte
         gathered = (2 * layer + root) * wbytes * (1 - 1 / world_size)
         weights = weights / world_size
         lora_state = lora_state / world_size
-        budget = budget_total - weights - lora_state - headroom - gathered
         if compile_ok:
             compile_ok = False
             notes.append("torch.compile off: the layers are FSDP2-sharded (their all-gather hooks stay eager)")
@@ -267,6 +278,21 @@ def plan(model_config, training, device: torch.device | str, *, free_memory_byte
         per_tok_nogc = activation_bytes_per_token(model_config, checkpointing=False, dtype_bytes=dbytes, liger=fused)
         per_tok_gc = activation_bytes_per_token(model_config, checkpointing=True, dtype_bytes=dbytes, liger=fused)
         notes.append(_fsdp_note(world_size) + (" (the weights do not fit one GPU)" if not fits_one_gpu else ""))
+    else:
+        gathered = 0.0
+    # the loss's chunk: the default, unless its logits leave no room for one unit-token micro-batch with
+    # checkpointing; then the first smaller one that does (the smallest, to refuse with, if none does). Not where
+    # auto raises a quantised run's 12 GiB floor to what the default needs (below): that keeps the default.
+    raises_floor = (quantization != "none" and not sharded and getattr(training, "gpu_memory_gib", "auto") == "auto"
+                    and weights + lora_state + headroom + unit * per_tok_gc <= free_memory_bytes)
+    ce_chunk = CE_CHUNK
+    for ce_chunk in (CE_CHUNKS if not raises_floor else (CE_CHUNK,)):
+        if budget_total - weights - lora_state - gathered - headroom_for(ce_chunk) - unit * per_tok_gc >= 0:
+            break
+    headroom = headroom_for(ce_chunk)
+    budget = budget_total - weights - lora_state - headroom - gathered
+    if ce_chunk < CE_CHUNK:
+        notes.append(f"loss computed {ce_chunk} tokens at a time ({CE_CHUNK} does not fit the memory budget)")
     if budget <= 0:
         if world_size > 1 and not sharded:
             fix = ("set training.fsdp: auto or on to shard it over the run's "
@@ -342,7 +368,8 @@ def plan(model_config, training, device: torch.device | str, *, free_memory_byte
                  f"weights ~{size(weights)}, activations ~{(per_tok_gc if gc else per_tok_nogc) / 2**20:.2f} MiB/token "
                  f"-> {tokens} tokens per micro-batch, checkpointing {checkpointing}")
     return Plan(ATTN_IMPL, dtype, gc, tokens, compile_ok, notes, liger_kernels=liger,
-                memory_budget_bytes=budget_total, fp8=fp8, fsdp=sharded, checkpoint_layers=layers_ckpt)
+                memory_budget_bytes=budget_total, fp8=fp8, fsdp=sharded, checkpoint_layers=layers_ckpt,
+                ce_chunk=ce_chunk)
 
 
 def refuse_long(unit: int, sides: int, max_seq: int, budget_total: float, left: float, per_tok: float, gc: bool,

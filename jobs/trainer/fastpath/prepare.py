@@ -8,6 +8,7 @@ from .attention import ensure_attention
 from .compiling import compile_layers
 from .fp8 import apply_fp8, fp8_recipe
 from .kernels import _apply_liger, install_lean_lora
+from .loss import CE_CHUNK_ATTR
 from .parts import _decoder, _unwrap
 from .planning import Plan
 
@@ -15,7 +16,7 @@ log = logging.getLogger(__name__)
 
 
 def prepare_model(model, p: Plan) -> Any:
-    """Apply a plan to a loaded (PEFT-wrapped) model: attention, lean LoRA, kernels, checkpointing.
+    """Apply a plan to a loaded (PEFT-wrapped) model: attention, lean LoRA, kernels, checkpointing, the loss's chunk.
 
     Registers :data:`jobs.trainer.fastpath.ATTN_IMPL` with transformers on first use. Returns the model
     (compiled layers when ``p.compile``). Call after ``get_peft_model``.
@@ -28,6 +29,7 @@ def prepare_model(model, p: Plan) -> Any:
     elif p.liger_kernels:
         _apply_liger(base)
     base.config.use_cache = False
+    setattr(base, CE_CHUNK_ATTR, p.ce_chunk)  # the loss's chunk (jobs.trainer.fastpath.loss.ce_chunk)
     if p.fp8:
         n = apply_fp8(model)
         log.info("FP8: %d frozen projections run their GEMMs in float8 (%s scaling)", n, fp8_recipe())
