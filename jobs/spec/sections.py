@@ -113,7 +113,10 @@ class TrainingSpec(_Strict):
     gradient_checkpointing: bool | Literal["auto"] = Field("auto", description="auto: off while a micro-batch of 4,096 tokens (or two rows) fits without it; else on for the fewest decoder layers that make it fit (16-bit bases), or every layer. true/false: every layer, or none.")
     gpu_memory_gib: float | Literal["auto"] = Field(
         "auto", description="GPU memory the run plans for, per GPU. auto: all free memory for 16-bit LoRA; "
-                            "12 GiB for QLoRA/8-bit (the guide's 4-12 GB), so the run also fits a small card.")
+                            "12 GiB for QLoRA/8-bit (the guide's 4-12 GB), so the run also fits a small card. The "
+                            "plan keeps one chunk of the loss's fp32 logits free (2,048 tokens: 1.96 GiB for a 128k "
+                            "vocabulary); where that leaves no room for one row (pair) with checkpointing, the loss "
+                            "runs 1,024, 512 or 256 tokens at a time (same values; the plan's notes say so).")
     logging_interval_steps: int = Field(1, ge=1, description="Progress line every N optimizer steps.")
     fp8: Literal["auto", "on", "off"] = Field(
         "off", description="FP8 matmuls (torchao float8, dynamic tensorwise scaling) for the frozen base model's "
