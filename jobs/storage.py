@@ -521,7 +521,8 @@ def download_file_ranged(store: Store, key: str, dest: str | Path, *, part_size:
     and ``os.pwrite`` it at its offset as it streams: no temporary copies. A part whose
     connection fails or stalls (the client's read timeout) is retried from the byte it
     had reached (botocore retries the GET under the store's :class:`RetryPolicy`; a stream
-    that breaks after bytes arrived resumes, at most ``policy.resumes`` times per part),
+    that breaks after bytes arrived resumes, at most ``policy.resumes`` times per part; one whose
+    body stalls before its first byte is sent again, up to ``policy.attempts`` times with the policy's waits),
     with the error mapping of every other call here: missing/denied → :class:`StorageError`,
     still failing → :class:`TransientError`.
     The byte count is verified, then ``dest.part`` is renamed to ``dest``; on any
@@ -546,11 +547,13 @@ def download_file_ranged(store: Store, key: str, dest: str | Path, *, part_size:
 
         def part(start: int, end: int) -> int:  # [start, end)
             reached = start  # kept across retries: a retry resumes where the stream broke
+            streaming = False  # this attempt's GET answered: a failure now is the body's, which botocore never retries
 
             def attempt() -> None:
-                nonlocal reached
+                nonlocal reached, streaming
                 from botocore.exceptions import ClientError, IncompleteReadError
 
+                streaming = False
                 if stop.is_set():
                     raise _Cancelled
                 extra = {"IfMatch": etag} if etag else {}
@@ -564,6 +567,7 @@ def download_file_ranged(store: Store, key: str, dest: str | Path, *, part_size:
                                          f"(ETag {etag} no longer matches)",
                                          hint="the Job retries and then downloads the new version") from None
                 body = resp["Body"]
+                streaming = True
                 complete = False
                 try:
                     want = f"bytes {reached}-{end - 1}/{size}"
@@ -593,16 +597,24 @@ def download_file_ranged(store: Store, key: str, dest: str | Path, *, part_size:
                     else:
                         body.close()
 
-            resumed = 0
+            resumed = stalled = 0
             while True:  # botocore retries the GET itself; a stream that breaks after bytes arrived resumes here
                 before = reached
                 try:
                     store._call("download", key, attempt)
                     return reached - start
                 except TransientError:
-                    if reached == before or resumed >= store.policy.resumes:
-                        raise
-                    resumed += 1
+                    if reached > before and resumed < store.policy.resumes:
+                        resumed += 1
+                        continue
+                    # the GET was answered and then its body stalled before a byte came (an endpoint that stops
+                    # right after the headers): botocore does not retry a body, so this loop does, under the
+                    # policy's attempts and waits
+                    if reached == before and streaming and stalled + 1 < store.policy.attempts and not stop.is_set():
+                        stalled += 1
+                        time.sleep(store.policy.delay(stalled))
+                        continue
+                    raise
 
         spans = [(off, min(off + part_size, size)) for off in range(0, size, part_size)]
         got = 0

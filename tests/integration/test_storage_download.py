@@ -158,6 +158,51 @@ def test_minio_paused_mid_download_is_retried_and_completes(stack, s3_prefix, tm
     assert len(sends) > parts, f"{len(sends)} GETs for {parts} parts: nothing was retried"
 
 
+def _empty_bodies(client, byte_range: str, times: int) -> list[str]:
+    """The first ``times`` answers to a GET of ``byte_range`` reach the download with their body already read
+    (drained here, in botocore's after-call hook): a response whose headers came and whose body then ended
+    before a byte, as from an endpoint that stops right after the headers. Returns the Range of every GET."""
+    ranges = _count_gets(client)
+    emptied: list[int] = []
+
+    def drain(http_response, parsed, model, context, **_):
+        if http_response.status_code == 206 and parsed.get("ContentRange", "").startswith(
+                f"bytes {byte_range.removeprefix('bytes=')}/") and len(emptied) < times:
+            parsed["Body"].read()
+            emptied.append(1)
+
+    client.meta.events.register("after-call.s3.GetObject", drain)
+    return ranges
+
+
+def test_a_part_whose_body_ends_before_its_first_byte_is_sent_again_under_the_policy(stack, s3_prefix, tmp_path):
+    """Found in CI (the MinIO pause test: a retried GET was answered after the pause, then its body stalled
+    before a byte): botocore retries a GET, never its body, and a part that broke with no new byte was given up
+    at once as "after 8 attempts". Now it is sent again under the policy's attempts and waits."""
+    policy = RetryPolicy(attempts=3, connect_timeout=2, read_timeout=2, base_delay=0.05)
+    client = _client(stack, policy)
+    bucket, key = _key(s3_prefix, "stalls.bin")
+    data = os.urandom(3 * PART)
+    client.put_object(Bucket=bucket, Key=key, Body=data)
+    second = f"bytes={PART}-{2 * PART - 1}"
+    ranges = _empty_bodies(client, second, times=2)
+
+    dest = tmp_path / "stalls.bin"
+    download_file_ranged(S3Store(bucket, client=client, policy=policy), key, dest, part_size=PART, workers=3)
+
+    assert dest.read_bytes() == data
+    assert ranges.count(second) == 3, ranges  # two empty answers, then the part
+
+    # every answer empty: given up after the policy's attempts, nothing left behind
+    bad = tmp_path / "never.bin"
+    ranges = _empty_bodies(client, second, times=10**6)
+    with pytest.raises(TransientError) as err:
+        download_file_ranged(S3Store(bucket, client=client, policy=policy), key, bad, part_size=PART, workers=3)
+    assert f"s3://{bucket}/{key}" in str(err.value) and "after 3 attempts" in str(err.value)
+    assert ranges.count(second) == 3, ranges
+    assert not bad.exists() and not Path(f"{bad}.part").exists()
+
+
 def test_object_replaced_mid_download_is_never_stitched(stack, s3_prefix, tmp_path):
     """The 3rd part's GET finds a new version (If-Match the first ETag fails): TransientError, no file."""
     client, other = _client(stack), _client(stack)
