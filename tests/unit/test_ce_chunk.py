@@ -19,14 +19,11 @@ from jobs.spec import TrainingSpec  # noqa: E402
 from jobs.trainer import fastpath  # noqa: E402
 from jobs.trainer.fastpath import loss as loss_mod  # noqa: E402
 from jobs.trainer.fastpath import planning  # noqa: E402
+from tiny_models import LLAMA3_8B, tiny_llama  # noqa: E402
 
 pytestmark = pytest.mark.unit
 FREE = int(79.1 * 2**30)  # an H100's free memory before the load
 GIB = 2**30
-#: Llama-3-8B's shape (benchmarks/acceptance.py's LLAMA3_8B)
-LLAMA3_8B = dict(model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                 num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
-                 max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=False)
 
 
 @pytest.fixture(autouse=True)
@@ -121,13 +118,7 @@ def test_a_sharded_plan_counts_its_chunk_against_the_sharded_budget(monkeypatch)
 
 
 def _tiny(head_cls=None):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=False)
-    model = LlamaForCausalLM(cfg).float()
+    model = tiny_llama()
     if head_cls is not None:  # a head that is not a plain Linear: the loss recomputes each chunk in the backward
         head = head_cls(64, 128, bias=False)
         head.weight.data.copy_(model.lm_head.weight.data)

@@ -16,6 +16,7 @@ from jobs.trainer.fastpath import planning  # noqa: E402
 from jobs.trainer.fastpath.compiling import bnb_4bit_compiles  # noqa: E402
 from jobs.errors import OutOfMemory  # noqa: E402
 from jobs.spec import TrainingSpec  # noqa: E402
+from tiny_models import llama3_8b, tiny_llama  # noqa: E402
 
 
 def _rows(n, seed=0, lo=3, hi=40, vocab=128, prompt=True):
@@ -30,13 +31,7 @@ def _rows(n, seed=0, lo=3, hi=40, vocab=128, prompt=True):
 
 
 def _tiny(attn="sdpa", seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=False, attn_implementation=attn)
-    model = LlamaForCausalLM(cfg).float()
+    model = tiny_llama(seed=seed, attn_implementation=attn)
     model.config.use_cache = False
     return model
 
@@ -256,11 +251,7 @@ def test_training_steps_reduce_loss_with_dropout():
 # ----------------------------------------------------------------------------- plan
 
 
-def _llama8b():
-    from transformers import LlamaConfig
-
-    return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192)
+_llama8b = llama3_8b
 
 
 def test_plan_cpu_is_sane():

@@ -11,16 +11,13 @@ torch = pytest.importorskip("torch")
 from jobs.spec import TrainingSpec  # noqa: E402
 from jobs.trainer import fastpath  # noqa: E402
 from jobs.trainer.fastpath import planning  # noqa: E402
+from tiny_models import llama3_8b, tiny_llama  # noqa: E402
 
 pytestmark = pytest.mark.unit
 FREE = int(78.7 * 2**30)
 
 
-def _llama8b():
-    from transformers import LlamaConfig
-
-    return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192)
+_llama8b = llama3_8b
 
 
 @pytest.fixture(autouse=True)
@@ -72,13 +69,8 @@ def test_every_layer_when_asked_for_or_quantised_and_none_when_it_fits():
 
 def _tiny():
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=False)
-    model = get_peft_model(LlamaForCausalLM(cfg).float(), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    model = get_peft_model(tiny_llama(layers=4), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
